@@ -1,0 +1,1 @@
+"""Ingest assets: engagement_logs, entity_metadata (filled by the foundation issue)."""

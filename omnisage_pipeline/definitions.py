@@ -1,0 +1,30 @@
+"""The Dagster code location (workspace.yaml -> omnisage_pipeline.definitions:defs)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from omnisage_pipeline.settings import Settings, configure_process_scratch
+
+_settings = Settings.from_env()
+configure_process_scratch(_settings)
+
+import assets  # noqa: E402  (after the scratch dirs are set: numba reads NUMBA_CACHE_DIR at import)
+from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark  # noqa: E402
+
+_asset_modules = assets.ASSET_MODULES
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    return {
+        "storage": StorageResource.from_settings(settings),
+        "pyspark": lazy_pyspark(settings),
+        "mlflow": MlflowResource.from_settings(settings),
+    }
+
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules(_asset_modules),
+    asset_checks=dg.load_asset_checks_from_modules(_asset_modules),
+    resources=build_resources(_settings),
+)

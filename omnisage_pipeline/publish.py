@@ -1,0 +1,203 @@
+"""Atomic publishing of one partition of one dataset (contract: "Every output of a partition is published
+atomically").
+
+Layout of a dataset directory::
+
+    <dataset>/dt=D                 -> symlink to .versions/dt=D.<pid>.<token>   (what readers list and open)
+    <dataset>/.versions/dt=D.*     immutable published versions
+    <dataset>/.staging/dt=D.*      work in progress; no reader lists dot-directories (Spark, DuckDB and
+                                   our own globs skip them)
+
+A writer builds into a staging directory, renames it into ``.versions`` (same filesystem), then swaps
+the ``dt=D`` symlink with ``os.replace`` -- a single atomic rename(2). A plain rename onto a non-empty
+directory is not atomic (and fails), which is why the visible name is a symlink. A process killed at any
+moment leaves either the old symlink (old version intact) or the new one (new version complete).
+
+Fault injection for the kill tests: ``OMNISAGE_FAULT_PHASE=<phase>`` (optionally restricted by
+``OMNISAGE_FAULT_DATASET=<dataset dir name>``) makes the process SIGKILL itself when it reaches that phase.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: Publish phases, in order, at which the fault-injection hook can kill the process.
+#: begin     - the staging directory exists and is empty (the build has not started)
+#: staged    - the build finished in staging; nothing moved yet
+#: versioned - the staging directory was renamed into .versions; the symlink still points to the old one
+#: swapped   - the symlink points to the new version; old versions not yet cleaned up
+PUBLISH_PHASES = ("begin", "staged", "versioned", "swapped")
+
+FAULT_PHASE_ENV = "OMNISAGE_FAULT_PHASE"
+FAULT_DATASET_ENV = "OMNISAGE_FAULT_DATASET"
+
+_VERSIONS = ".versions"
+_STAGING = ".staging"
+_PARTITION_RE = re.compile(r"^[0-9A-Za-z_\-]+$")
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def fault_point(phase: str, dataset: str | None = None) -> None:
+    """SIGKILL this process when the fault-injection environment names this phase (and dataset)."""
+    wanted = os.environ.get(FAULT_PHASE_ENV)
+    if not wanted or wanted != phase:
+        return
+    wanted_dataset = os.environ.get(FAULT_DATASET_ENV)
+    if wanted_dataset and dataset is not None and wanted_dataset != dataset:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_key(partition_key: str) -> None:
+    if not _PARTITION_RE.match(partition_key):
+        raise PublishError(f"partition key {partition_key!r} is not a plain name")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
+    """Staging left behind by a killed writer of this partition (its pid is in the name) is garbage."""
+    staging_root = dataset_dir / _STAGING
+    if not staging_root.is_dir():
+        return
+    for entry in staging_root.glob(f"dt={partition_key}.*"):
+        try:
+            pid = int(entry.name.split(".")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def partition_link(dataset_dir: Path, partition_key: str) -> Path:
+    return Path(dataset_dir) / f"dt={partition_key}"
+
+
+def published_path(dataset_dir: Path, partition_key: str) -> Path | None:
+    """The published version directory of a partition, or None when it was never published."""
+    link = partition_link(dataset_dir, partition_key)
+    if not link.exists():
+        return None
+    return link.resolve()
+
+
+def require_published(dataset_dir: Path, partition_key: str) -> Path:
+    path = published_path(dataset_dir, partition_key)
+    if path is None:
+        raise FileNotFoundError(
+            f"partition dt={partition_key} of {dataset_dir} has not been published; materialize it first"
+        )
+    return path
+
+
+def list_published(dataset_dir: Path) -> list[str]:
+    """Partition keys with a published version, sorted."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        return []
+    keys = [p.name[3:] for p in dataset_dir.glob("dt=*") if p.exists()]
+    return sorted(keys)
+
+
+@contextmanager
+def publish_partition(dataset_dir: Path, partition_key: str, keep_previous: int = 1) -> Iterator[Path]:
+    """Yield an empty staging directory; on normal exit publish it atomically as ``dt=<partition_key>``.
+
+    On an exception the staging directory is removed and the previously published version stays.
+    ``keep_previous`` older versions are kept after the swap so a reader that opened one just before the
+    swap can finish; older ones are deleted.
+    """
+    _check_key(partition_key)
+    dataset_dir = Path(dataset_dir)
+    dataset = dataset_dir.name
+    (dataset_dir / _STAGING).mkdir(parents=True, exist_ok=True)
+    (dataset_dir / _VERSIONS).mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(dataset_dir, partition_key)
+
+    link = partition_link(dataset_dir, partition_key)
+    if link.exists() and not link.is_symlink():
+        raise PublishError(f"{link} is a real directory, not a published symlink: refusing to replace it")
+
+    token = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    staging = dataset_dir / _STAGING / f"dt={partition_key}.{token}"
+    staging.mkdir()
+    fault_point("begin", dataset)
+    try:
+        yield staging
+    except BaseException:
+        _remove(staging)
+        raise
+    fault_point("staged", dataset)
+
+    version = dataset_dir / _VERSIONS / f"dt={partition_key}.{token}"
+    os.rename(staging, version)
+    _fsync_dir(version.parent)
+    fault_point("versioned", dataset)
+
+    tmp_link = dataset_dir / _STAGING / f"link.{token}"
+    os.symlink(os.path.relpath(version, dataset_dir), tmp_link)
+    os.replace(tmp_link, link)
+    _fsync_dir(dataset_dir)
+    fault_point("swapped", dataset)
+
+    _cleanup_versions(dataset_dir, partition_key, current=version, keep_previous=keep_previous)
+
+
+def _cleanup_versions(dataset_dir: Path, partition_key: str, current: Path, keep_previous: int) -> None:
+    others = [
+        v for v in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*") if v.resolve() != current.resolve()
+    ]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in others[keep_previous:]:
+        _remove(stale)
+
+
+def remove_partition(dataset_dir: Path, partition_key: str) -> bool:
+    """Unpublish a partition (retention): drop the symlink first, then its versions. Returns True if removed."""
+    _check_key(partition_key)
+    dataset_dir = Path(dataset_dir)
+    link = partition_link(dataset_dir, partition_key)
+    existed = link.is_symlink()
+    if existed:
+        link.unlink()
+    for version in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*"):
+        _remove(version)
+    return existed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

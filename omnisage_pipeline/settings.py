@@ -1,0 +1,122 @@
+"""The contract's environment variables (shared/contract.md, "Environment"), read in one place.
+
+Dagster-free on purpose: the CLI, the benchmarks and the resources all read the same values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+# The synthetic demo data starts on this day unless OMNISAGE_START_DATE says otherwise.
+DEMO_START_DATE = "2026-01-01"
+DEFAULT_WINDOW_DAYS = 30
+ENGINES = ("spark", "duckdb")
+
+
+class SettingsError(ValueError):
+    """An environment variable of the contract holds a value the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    data_root: Path
+    data_root_is_default: bool
+    mlflow_tracking_uri: str
+    engine: str
+    spark_master: str
+    start_date: str
+    window_days: int
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        home = Path(env.get("OMNISAGE_HOME") or "./.omnisage").expanduser().absolute()
+        data_root_raw = env.get("OMNISAGE_DATA_ROOT")
+        data_root = Path(data_root_raw).expanduser().absolute() if data_root_raw else home / "synthetic"
+        engine = (env.get("OMNISAGE_ENGINE") or "spark").strip().lower()
+        if engine not in ENGINES:
+            raise SettingsError(f"OMNISAGE_ENGINE={engine!r}: expected one of {', '.join(ENGINES)}")
+        start_date = env.get("OMNISAGE_START_DATE") or DEMO_START_DATE
+        try:
+            date.fromisoformat(start_date)
+        except ValueError as exc:
+            raise SettingsError(f"OMNISAGE_START_DATE={start_date!r} is not YYYY-MM-DD") from exc
+        window_raw = env.get("OMNISAGE_WINDOW_DAYS") or str(DEFAULT_WINDOW_DAYS)
+        try:
+            window_days = int(window_raw)
+        except ValueError as exc:
+            raise SettingsError(f"OMNISAGE_WINDOW_DAYS={window_raw!r} is not an integer") from exc
+        if window_days < 1:
+            raise SettingsError(f"OMNISAGE_WINDOW_DAYS={window_days} must be >= 1")
+        return cls(
+            home=home,
+            data_root=data_root,
+            data_root_is_default=not data_root_raw,
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+            engine=engine,
+            spark_master=env.get("OMNISAGE_SPARK_MASTER") or "local[*]",
+            start_date=start_date,
+            window_days=window_days,
+        )
+
+    # Output layout (contract "Outputs"): every writer goes through these.
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse"
+
+    def warehouse_dataset(self, name: str) -> Path:
+        return self.warehouse / name
+
+    def quarantine_dataset(self, name: str) -> Path:
+        return self.warehouse / "quarantine" / name
+
+    @property
+    def graph_dir(self) -> Path:
+        return self.home / "graph"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.home / "features"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.home / "embeddings"
+
+    @property
+    def user_embeddings_dir(self) -> Path:
+        return self.home / "user_embeddings"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Spark local dirs, numba and matplotlib caches: kept under OMNISAGE_HOME, not the user's $HOME."""
+        return self.home / "scratch"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    def require_data_root(self) -> Path:
+        """A data root that does not exist is an error, never an empty input (contract)."""
+        if not self.data_root.is_dir():
+            hint = (
+                " (the default: run `omnisage generate` or `make demo` first, or set OMNISAGE_DATA_ROOT)"
+                if self.data_root_is_default
+                else ""
+            )
+            raise FileNotFoundError(f"OMNISAGE_DATA_ROOT {self.data_root} does not exist{hint}")
+        return self.data_root
+
+
+def configure_process_scratch(settings: Settings) -> None:
+    """Point numba's and matplotlib's caches under OMNISAGE_HOME before those libraries are imported."""
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(settings.scratch_dir / "numba"))
+    os.environ.setdefault("MPLCONFIGDIR", str(settings.scratch_dir / "matplotlib"))
