@@ -10,6 +10,7 @@ _settings = Settings.from_env()
 configure_process_scratch(_settings)
 
 import assets  # noqa: E402  (after the scratch dirs are set: numba reads NUMBA_CACHE_DIR at import)
+from omnisage_pipeline.jobs import build_daily_pipeline, build_daily_schedule  # noqa: E402
 from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark  # noqa: E402
 
 _asset_modules = assets.ASSET_MODULES
@@ -23,8 +24,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
     }
 
 
+_assets = dg.load_assets_from_modules(_asset_modules)
+daily_pipeline = build_daily_pipeline(_assets)
+daily_schedule = build_daily_schedule(daily_pipeline)
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(_asset_modules),
+    assets=_assets,
     asset_checks=dg.load_asset_checks_from_modules(_asset_modules),
+    jobs=[daily_pipeline],
+    schedules=[daily_schedule],
     resources=build_resources(_settings),
 )
