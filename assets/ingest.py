@@ -1,1 +1,160 @@
-"""Ingest assets: engagement_logs, entity_metadata (filled by the foundation issue)."""
+"""Ingest assets (contract "Input" -> warehouse): ``engagement_logs`` and ``entity_metadata``.
+
+Thin wrappers: ``omnisage_pipeline.contract`` reads and validates (rules, precedence of reasons and
+accepted widenings are documented there); these assets publish its output atomically and report counts.
+
+engagement_logs, partition D:
+    reads ``$OMNISAGE_DATA_ROOT/engagement_logs/dt=D/*.parquet`` (a missing day folder is a valid empty
+    partition: an empty, typed table is still published), writes valid rows to
+    ``warehouse/engagement_logs/dt=D/`` and bad rows (+ reason, source_file, source_row) to
+    ``warehouse/quarantine/engagement_logs/dt=D/`` (published even when empty).
+entity_metadata, partition D:
+    reads the metadata snapshot ``pins/*.parquet`` and ``boards/*.parquet`` (each folder's files form one
+    table; a missing pins/ or boards/ folder is an empty table - logs alone still make nodes - and is
+    reported as ``pins_folder_present=False``), writes ``warehouse/entity_metadata/dt=D/{pins,boards}/``
+    and the quarantine as two tables ``warehouse/quarantine/entity_metadata/dt=D/{pins,boards}/`` (pins
+    and boards have different columns, so one table per entity type rather than one with an entity column).
+
+Both assets carry a blocking asset check ``rows_accounted``: the row counts of the *published* files
+(recounted from their Parquet footers) must add up to the rows read from the input footers.
+A missing ``OMNISAGE_DATA_ROOT`` fails the run; a structurally unreadable input file fails it with a
+``ContractError`` naming the file and the column.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from omnisage_pipeline.contract import (
+    ValidationResult,
+    count_rows,
+    list_parquet_files,
+    validate_boards,
+    validate_engagement_logs,
+    validate_pins,
+    write_table,
+)
+from omnisage_pipeline.partitions import daily_partitions
+from omnisage_pipeline.publish import partition_link, publish_partition, require_published
+from omnisage_pipeline.resources import StorageResource
+
+ACCOUNTING_CHECK = "rows_accounted"
+
+
+def _counts_metadata(result: ValidationResult, prefix: str = "") -> dict:
+    meta: dict = {
+        f"{prefix}rows_read": result.rows_read,
+        f"{prefix}rows_kept": result.rows_kept,
+        f"{prefix}rows_quarantined": result.rows_quarantined,
+        f"{prefix}files_read": len(result.files),
+    }
+    for reason, count in result.reason_counts.items():
+        meta[f"{prefix}quarantined.{reason}"] = count
+    meta[f"{prefix}files"] = dg.MetadataValue.json(result.files)
+    return meta
+
+
+def _accounting_check(asset: str, rows_read: int, published: list[Path]) -> dg.AssetCheckResult:
+    on_disk = [count_rows(p) for p in published]
+    passed = rows_read == sum(on_disk)
+    return dg.AssetCheckResult(
+        check_name=ACCOUNTING_CHECK,
+        asset_key=asset,
+        passed=passed,
+        metadata={"rows_read": rows_read, "rows_published": sum(on_disk), "per_table": on_disk},
+        description="rows read == rows kept + rows quarantined (published files recounted)",
+    )
+
+
+def _check_spec(asset: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        ACCOUNTING_CHECK,
+        asset=asset,
+        blocking=True,
+        description="rows read from the input == rows kept + rows quarantined in the published partition",
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    check_specs=[_check_spec("engagement_logs")],
+    group_name="ingest",
+    kinds={"parquet"},
+    description="The day's engagement events, validated against the data contract; bad rows quarantined.",
+)
+def engagement_logs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    settings = storage.settings
+    root = settings.require_data_root()
+    day = context.partition_key
+    folder = root / "engagement_logs" / f"dt={day}"
+    files = list_parquet_files(folder)
+    if not folder.is_dir():
+        context.log.info(f"no day folder {folder}: publishing an empty partition")
+    result = validate_engagement_logs(files, day, root)
+
+    valid_ds = settings.warehouse_dataset("engagement_logs")
+    quarantine_ds = settings.quarantine_dataset("engagement_logs")
+    # Quarantine first: downstream assets read only the valid table, which is swapped last.
+    with publish_partition(quarantine_ds, day) as staging:
+        write_table(result.quarantine, staging)
+    with publish_partition(valid_ds, day) as staging:
+        write_table(result.valid, staging)
+
+    published = [require_published(valid_ds, day), require_published(quarantine_ds, day)]
+    if result.rows_quarantined:
+        nonzero = {r: c for r, c in result.reason_counts.items() if c}
+        context.log.warning(f"{result.rows_quarantined} log rows quarantined: {nonzero}")
+    metadata = _counts_metadata(result)
+    metadata["day_folder_present"] = folder.is_dir()
+    metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
+    metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[_accounting_check("engagement_logs", result.rows_read, published)],
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    check_specs=[_check_spec("entity_metadata")],
+    group_name="ingest",
+    kinds={"parquet"},
+    description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
+)
+def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    settings = storage.settings
+    root = settings.require_data_root()
+    day = context.partition_key
+    present = {kind: (root / kind).is_dir() for kind in ("pins", "boards")}
+    for kind, is_there in present.items():
+        if not is_there:
+            context.log.warning(f"no {root / kind} folder: no {kind} metadata (entities keep empty features)")
+    pins = validate_pins(list_parquet_files(root / "pins"), root)
+    boards = validate_boards(list_parquet_files(root / "boards"), root)
+
+    valid_ds = settings.warehouse_dataset("entity_metadata")
+    quarantine_ds = settings.quarantine_dataset("entity_metadata")
+    with publish_partition(quarantine_ds, day) as staging:
+        write_table(pins.quarantine, staging / "pins")
+        write_table(boards.quarantine, staging / "boards")
+    with publish_partition(valid_ds, day) as staging:
+        write_table(pins.valid, staging / "pins")
+        write_table(boards.valid, staging / "boards")
+
+    valid_dir, quarantine_dir = require_published(valid_ds, day), require_published(quarantine_ds, day)
+    metadata: dict = {}
+    metadata.update(_counts_metadata(pins, "pins."))
+    metadata.update(_counts_metadata(boards, "boards."))
+    metadata["rows_read"] = pins.rows_read + boards.rows_read
+    metadata["rows_kept"] = pins.rows_kept + boards.rows_kept
+    metadata["rows_quarantined"] = pins.rows_quarantined + boards.rows_quarantined
+    metadata["image_dim"] = int(pins.extra.get("image_dim", 0))
+    metadata["pins_folder_present"] = present["pins"]
+    metadata["boards_folder_present"] = present["boards"]
+    metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
+    metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
+    published = [valid_dir / "pins", valid_dir / "boards", quarantine_dir / "pins", quarantine_dir / "boards"]
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[_accounting_check("entity_metadata", pins.rows_read + boards.rows_read, published)],
+    )

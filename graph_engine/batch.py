@@ -47,7 +47,7 @@ class NeighborhoodLayout:
     blocks: tuple[NeighborBlock, ...]
 
     @classmethod
-    def paper_default(cls) -> "NeighborhoodLayout":
+    def paper_default(cls) -> NeighborhoodLayout:
         # Paper 4.1: top 25 pins and 75 boards on {pin-board}, top 50 pins on {pin-pin}.
         return cls(
             (
@@ -80,7 +80,7 @@ class NeighborhoodLayout:
             [b.k for b in self.blocks],
         )
 
-    def halved(self) -> "NeighborhoodLayout":
+    def halved(self) -> NeighborhoodLayout:
         """Table 13's ablation: every k_t halved."""
         return NeighborhoodLayout(tuple(NeighborBlock(b.subset, b.node_type, max(1, b.k // 2)) for b in self.blocks))
 
@@ -97,12 +97,12 @@ class FeatureArrays:
     def __len__(self) -> int:
         return int(self.token_lengths.shape[0])
 
-    def take(self, index: np.ndarray) -> "FeatureArrays":
+    def take(self, index: np.ndarray) -> FeatureArrays:
         """Rows by index; ``index`` may have any shape (the result gains that leading shape)."""
         return FeatureArrays(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @classmethod
-    def empty(cls, shape: tuple[int, ...], max_tokens: int, image_dim: int) -> "FeatureArrays":
+    def empty(cls, shape: tuple[int, ...], max_tokens: int, image_dim: int) -> FeatureArrays:
         return cls(
             token_ids=np.zeros(shape + (max_tokens,), dtype=np.int64),
             token_lengths=np.zeros(shape, dtype=np.int32),

@@ -14,7 +14,8 @@ directory is not atomic (and fails), which is why the visible name is a symlink.
 moment leaves either the old symlink (old version intact) or the new one (new version complete).
 
 Fault injection for the kill tests: ``OMNISAGE_FAULT_PHASE=<phase>`` (optionally restricted by
-``OMNISAGE_FAULT_DATASET=<dataset dir name>``) makes the process SIGKILL itself when it reaches that phase.
+``OMNISAGE_FAULT_DATASET=<dataset dir name>``, or ``quarantine/<name>`` for a
+quarantine table) makes the process SIGKILL itself when it reaches that phase.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def fault_point(phase: str, dataset: str | None = None) -> None:
     if wanted_dataset and dataset is not None and wanted_dataset != dataset:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dataset_label(dataset_dir: Path) -> str:
+    """The name the fault hook matches: the folder name, or ``quarantine/<name>`` for a quarantine table."""
+    dataset_dir = Path(dataset_dir)
+    if dataset_dir.parent.name == "quarantine":
+        return f"quarantine/{dataset_dir.name}"
+    return dataset_dir.name
 
 
 def _check_key(partition_key: str) -> None:
@@ -134,7 +143,7 @@ def publish_partition(dataset_dir: Path, partition_key: str, keep_previous: int 
     """
     _check_key(partition_key)
     dataset_dir = Path(dataset_dir)
-    dataset = dataset_dir.name
+    dataset = dataset_label(dataset_dir)
     (dataset_dir / _STAGING).mkdir(parents=True, exist_ok=True)
     (dataset_dir / _VERSIONS).mkdir(parents=True, exist_ok=True)
     _remove_dead_staging(dataset_dir, partition_key)

@@ -1,0 +1,282 @@
+"""Sampled softmax with logQ correction (paper section 3.3, eq. 1) and the shared entity key space.
+
+Score (eq. 1):  s(q, v) = lambda * q.v - log Q(v)
+
+* ``lambda`` (``scale``) is an inverse temperature. q and v are unit vectors, so q.v is a cosine in [-1, 1] and
+  lambda must be of order 10-30 for the softmax to be peaked enough to learn (0.07 as a *multiplier* would
+  flatten every logit). It may be a float or a tensor (e.g. a learned parameter that the caller clamps);
+  gradients flow into it in the naive and the chunked path alike.
+
+Candidates and the target
+-------------------------
+For a batch of B (query, positive) pairs and M random negatives the candidate list shared by all queries is
+
+    C = [P_0 .. P_{B-1}, N_0 .. N_{M-1}]          (in-batch positives, then random negatives)
+
+and the target of query i is candidate i (its own positive). Every other query's positive is an in-batch
+negative for query i.
+
+logQ correction - the option taken: ONE softmax with a per-sampler log Q
+------------------------------------------------------------------------
+Following ref [6] (Yi et al., "Sampling-bias-corrected neural modeling", RecSys'19) each candidate's log Q is
+the log-probability with which *its own sampler* put it into the candidate list:
+
+* in-batch candidates (the positives, including the query's own target) were drawn by the training-label
+  distribution. Their probability of being in a batch of size B is estimated from a streaming count-min sketch
+  of entities seen as positives: ``CountMinSketch.in_batch_log_q(keys, B) = log(B * est(key) / total)``
+  (see ``ml/count_min_sketch.py``) -> ``positive_log_q`` of shape [B].
+* random negatives were drawn by the random (e.g. uniform over the positive's type) sampler; their
+  probability is that sampler's, e.g. ``log(M / population_size)`` for M uniform draws -> ``negative_log_q``
+  (a float for a uniform sampler, or a tensor [M]).
+
+All B + M corrected logits then go through a single softmax (eq. 1 with N = in-batch + random negatives).
+The alternative NOT taken is Pinterest OmniSearchSage's ``MIXED_SUM``: two separate softmaxes (one over the
+in-batch candidates with the sketch correction, one over the random negatives without it) whose losses are
+summed. We keep one softmax because it is literally eq. 1 (one denominator over all of N) and because the
+chunked Algorithm 1 (section 3.4.2) is written for one cross-entropy per query.
+
+Accidental hits
+---------------
+For query i, every candidate j != i whose entity key equals ``positive_keys[i]`` (the same entity as the
+target, e.g. a popular pin that is also the positive of another query, or a random negative that happens to
+be the positive) gets logit -inf: it is not a negative. Masking of the random negatives needs
+``negative_keys``; masking at all needs ``positive_keys``.
+
+Loss
+----
+l_i = -log softmax_i(i) over the (masked) corrected logits and  loss = mean_i(w_i * l_i)  (w_i = 1 by default).
+The reduction divides by B (not by sum(w)) so that per-example weights are relative importances (eq. 2's pair
+source weights) and the chunked path can reproduce the value exactly.
+
+The softmax itself is computed in float32 (float64 if an input is float64) even under autocast: logsumexp and
+the tiny per-logit gradients (softmax / B) are not safe in fp16/bf16. With ``chunk_size`` only a
+[chunk_size, B + M] block of float32 logits exists at a time (``ml/chunked_softmax.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NUM_TYPE_CODES", "SoftmaxInputs", "entity_key", "prepare_inputs", "sampled_softmax_loss"]
+
+# entity_key reserves 2 bits for the type code: pin = 0, board = 1 (graph_engine.batch.NODE_TYPE_CODE),
+# leaving room for e.g. user = 2.
+NUM_TYPE_CODES = 4
+_MAX_ID = (1 << 61) - 1  # ids * 4 must stay inside int64
+_MIN_ID = -(1 << 61)
+
+
+def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
+    """One int64 key space for (entity_type, entity_id): ``ids * 4 + type_code``.
+
+    Used for accidental-hit masking and as the count-min-sketch key, so that sketch counts refer to the
+    entity itself and survive the daily re-indexing of the graph (dense node indices change every day).
+    ``type_code`` is an int or an array/tensor of codes in [0, 4) (graph_engine.batch.NODE_TYPE_CODE);
+    ``ids`` an int64 array/tensor (numpy or torch) or int. Returns a torch.int64 tensor shaped like the
+    broadcast of both (on ``ids``' device when it is a tensor).
+    """
+    ids_t = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids)
+    if ids_t.dtype.is_floating_point or ids_t.dtype == torch.bool or ids_t.is_complex():
+        raise TypeError(f"entity_key: ids must be integers, got dtype {ids_t.dtype}")
+    ids_t = ids_t.to(torch.int64)
+    tc = type_code
+    if isinstance(tc, torch.Tensor):
+        tc_t = tc.to(device=ids_t.device)
+    else:
+        tc_t = torch.as_tensor(np.asarray(tc), device=ids_t.device)
+    if tc_t.dtype.is_floating_point or tc_t.dtype == torch.bool:
+        raise TypeError(f"entity_key: type_code must be integers, got dtype {tc_t.dtype}")
+    tc_t = tc_t.to(torch.int64)
+    if tc_t.numel() and (int(tc_t.min()) < 0 or int(tc_t.max()) >= NUM_TYPE_CODES):
+        raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}")
+    if ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
+        raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
+    return ids_t * NUM_TYPE_CODES + tc_t
+
+
+class SoftmaxInputs:
+    """Validated, normalised inputs of the sampled softmax (shared by the naive and the chunked path).
+
+    Attributes: query [B,d], positive [B,d], negatives [M,d] (M may be 0), scale (0-dim tensor),
+    positive_log_q [B] | None, negative_log_q [M] | None, positive_keys [B] | None, negative_keys [M] | None,
+    weights [B] | None.
+    """
+
+    __slots__ = (
+        "negative_keys",
+        "negative_log_q",
+        "negatives",
+        "positive",
+        "positive_keys",
+        "positive_log_q",
+        "query",
+        "scale",
+        "weights",
+    )
+
+    def __init__(self, **kw: Any) -> None:
+        for k in self.__slots__:
+            setattr(self, k, kw[k])
+
+
+def _check_vec(name: str, t: Any, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = torch.as_tensor(t, device=device)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"sampled_softmax_loss: {name} must have shape [{n}], got {tuple(t.shape)}")
+    if integer:
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"sampled_softmax_loss: {name} must be an integer (int64) tensor, got {t.dtype}")
+        return t.to(torch.int64)
+    if not t.dtype.is_floating_point:
+        t = t.to(torch.float32)
+    return t
+
+
+def prepare_inputs(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor | None,
+    *,
+    scale: float | torch.Tensor,
+    positive_log_q: torch.Tensor | None = None,
+    negative_log_q: torch.Tensor | float | None = None,
+    positive_keys: torch.Tensor | None = None,
+    negative_keys: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> SoftmaxInputs:
+    """Validate shapes/dtypes and normalise optional arguments (clear errors naming the argument)."""
+    if not isinstance(query, torch.Tensor) or not isinstance(positive, torch.Tensor):
+        raise TypeError("sampled_softmax_loss: query and positive must be torch tensors")
+    if query.dim() != 2:
+        raise ValueError(f"sampled_softmax_loss: query must be [B, d], got shape {tuple(query.shape)}")
+    if positive.shape != query.shape:
+        raise ValueError(
+            f"sampled_softmax_loss: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}"
+        )
+    b, d = query.shape
+    dev = query.device
+    if negatives is None:
+        negatives = query.new_zeros((0, d))
+    if not isinstance(negatives, torch.Tensor) or negatives.dim() != 2 or negatives.shape[1] != d:
+        shape = tuple(negatives.shape) if isinstance(negatives, torch.Tensor) else type(negatives).__name__
+        raise ValueError(f"sampled_softmax_loss: negatives must be [M, {d}], got {shape}")
+    m = negatives.shape[0]
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"sampled_softmax_loss: scale (lambda) must be a scalar, got shape {tuple(scale.shape)}")
+        scale_t = scale.reshape(())
+    else:
+        scale_t = torch.tensor(float(scale), device=dev)
+    if isinstance(negative_log_q, (int, float)):
+        negative_log_q = torch.full((m,), float(negative_log_q), device=dev)
+    return SoftmaxInputs(
+        query=query,
+        positive=positive,
+        negatives=negatives,
+        scale=scale_t,
+        positive_log_q=_check_vec("positive_log_q", positive_log_q, b, dev),
+        negative_log_q=_check_vec("negative_log_q", negative_log_q, m, dev),
+        positive_keys=_check_vec("positive_keys", positive_keys, b, dev, integer=True),
+        negative_keys=_check_vec("negative_keys", negative_keys, m, dev, integer=True),
+        weights=_check_vec("weights", weights, b, dev),
+    )
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (never half: see module docstring)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def candidate_log_q(
+    positive_log_q: torch.Tensor | None, negative_log_q: torch.Tensor | None, b: int, m: int, like: torch.Tensor
+) -> torch.Tensor | None:
+    """log Q of the B + M candidates (None when neither sampler has a correction)."""
+    if positive_log_q is None and negative_log_q is None:
+        return None
+    pq = positive_log_q.to(like.dtype) if positive_log_q is not None else like.new_zeros(b)
+    nq = negative_log_q.to(like.dtype) if negative_log_q is not None else like.new_zeros(m)
+    return torch.cat([pq, nq])
+
+
+def accidental_hit_mask(
+    positive_keys: torch.Tensor | None, negative_keys: torch.Tensor | None, rows: slice, b: int, m: int
+) -> torch.Tensor | None:
+    """Bool [rows, B + M]: True where candidate j != i has the key of query i's positive (logit -> -inf)."""
+    if positive_keys is None:
+        return None
+    cand_keys = positive_keys
+    if m:
+        cand_keys = torch.cat(
+            [positive_keys, negative_keys if negative_keys is not None else positive_keys.new_full((m,), -1)]
+        )
+    row_keys = positive_keys[rows]
+    mask = row_keys[:, None] == cand_keys[None, :]
+    if negative_keys is None and m:
+        mask[:, b:] = False  # no keys for the random negatives: they cannot be recognised as hits
+    r = torch.arange(row_keys.shape[0], device=mask.device)
+    mask[r, r + rows.start] = False  # the target itself is never masked
+    return mask
+
+
+def _naive(x: SoftmaxInputs) -> torch.Tensor:
+    """Unchunked reference: materialises the full [B, B + M] logits and lets autograd differentiate."""
+    b, m = x.query.shape[0], x.negatives.shape[0]
+    dt = compute_dtype(x.query, x.positive, x.negatives)
+    dev_type = x.query.device.type
+    with torch.autocast(device_type=dev_type, enabled=False):
+        q = x.query.to(dt)
+        cand = torch.cat([x.positive.to(dt), x.negatives.to(dt)])
+        logits = x.scale.to(dt) * (q @ cand.T)
+        lq = candidate_log_q(x.positive_log_q, x.negative_log_q, b, m, logits)
+        if lq is not None:
+            logits = logits - lq[None, :]
+        mask = accidental_hit_mask(x.positive_keys, x.negative_keys, slice(0, b), b, m)
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
+        per_example = F.cross_entropy(logits, torch.arange(b, device=logits.device), reduction="none")
+        if x.weights is not None:
+            per_example = per_example * x.weights.to(dt)
+        return per_example.sum() / b
+
+
+def sampled_softmax_loss(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor | None,
+    *,
+    scale: float | torch.Tensor,
+    positive_log_q: torch.Tensor | None = None,
+    negative_log_q: torch.Tensor | float | None = None,
+    positive_keys: torch.Tensor | None = None,
+    negative_keys: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Eq. 1 averaged over the batch: mean_i(w_i * l_i), candidates = [in-batch positives, random negatives].
+
+    query, positive: [B, d]; negatives: [M, d] or None; scale: lambda (float or scalar tensor, may require grad);
+    positive_log_q: [B] log Q of the in-batch candidates (count-min sketch); negative_log_q: [M] or a float,
+    log Q of the random negatives; positive_keys / negative_keys: int64 entity keys (``entity_key``) for
+    accidental-hit masking; weights: [B] per-example weights; chunk_size: None = naive, else Algorithm 1
+    (``ml.chunked_softmax``) over query chunks of that size - same value and gradients.
+    Returns a float32 (float64 for float64 inputs) scalar.
+    """
+    x = prepare_inputs(
+        query, positive, negatives, scale=scale, positive_log_q=positive_log_q, negative_log_q=negative_log_q,
+        positive_keys=positive_keys, negative_keys=negative_keys, weights=weights,
+    )
+    b = x.query.shape[0]
+    if b == 0:
+        # An empty batch contributes nothing but stays connected to the graph (no None grads for callers).
+        return (x.query.sum() + x.positive.sum() + x.negatives.sum()) * 0.0 + x.scale * 0.0
+    if chunk_size is None:
+        return _naive(x)
+    from ml.chunked_softmax import chunked_softmax_loss
+
+    return chunked_softmax_loss(x, chunk_size=chunk_size)
