@@ -68,5 +68,22 @@ def generate(out: Path | None, start_date: str, days: int, scale: str, seed: int
     )
 
 
+@main.command()
+@click.option("--days", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Daily partitions to materialize, from OMNISAGE_START_DATE.")
+@click.option("--scale", type=click.Choice(["tiny", "small", "medium", "large"]), default="small",
+              show_default=True, help="Scale of the synthetic data generated when the default data root is empty.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+def demo(days: int, scale: str, seed: int) -> None:
+    """Run the whole pipeline on the embedded defaults and print where to look."""
+    from omnisage_pipeline.demo import run_demo, where_to_look
+    from omnisage_pipeline.settings import Settings
+
+    timings = run_demo(days=days, scale=scale, seed=seed, echo=click.echo)
+    for stage, seconds in timings.items():
+        click.echo(f"  {stage:<40} {seconds:8.1f}s")
+    click.echo(where_to_look(Settings.from_env()))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
