@@ -1,0 +1,126 @@
+"""Per-type embedder f_t (paper 3.2, A.3.1).
+
+Sequence fed to the transformer, one row per node u:
+
+    [CLS, text(u), image(u) (only when the data set has images), degree(u), v_1, ..., v_K]
+
+- own feature tokens: each feature vector projected to d_model plus a learned token-kind embedding;
+  a missing feature uses a learned "missing" vector (no record / no value, ml.encoders);
+- neighbour tokens: each neighbour's features (text, image, degree, proximity score) through an MLP
+  ("The neighbor features are then passed through an MLP"), plus learned embeddings of its block
+  (relation subset x node type), its node type and its rank inside the block. Blocks arrive in descending
+  proximity order (graph_engine.batch), so the rank embedding carries the paper's ordering Seq(u);
+- a transformer encoder with ``src_key_padding_mask`` (padding neighbours are never attended to) and no
+  causal mask (A.3.1: the CLS token must see everything); the CLS output -> MLP head -> L2 normalisation.
+
+There is no absolute position embedding: a padding column (mask False) is invisible, and adding padding
+columns after a block's real entries leaves every real token (and its rank) unchanged - so padding can
+never change an embedding.
+
+``aggregator="mean"`` replaces the transformer by a masked mean of the same own + neighbour tokens
+(PinSage-like baseline / A.2.4 ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ml.config import ModelConfig
+from ml.data import EntityTensors
+from ml.encoders import MLP, EntityFeatureEncoder, l2_normalize, score_features
+
+NUM_NODE_TYPES = 2
+
+
+class EntityEmbedder(nn.Module):
+    def __init__(self, cfg: ModelConfig, entity_type: str):
+        super().__init__()
+        e = cfg.embedder
+        d = e.d_model
+        self.entity_type = entity_type
+        self.cfg = cfg
+        self.aggregator = e.aggregator
+        self.features = EntityFeatureEncoder(cfg.text, cfg.image_dim, e.image_hidden, e.image_hidden)
+        self.has_image = cfg.image_dim > 0
+        # own tokens
+        self.text_proj = nn.Linear(self.features.text_dim, d)
+        self.image_proj = nn.Linear(e.image_hidden, d) if self.has_image else None
+        self.degree_proj = nn.Linear(2, d)
+        self.num_own = 3 if self.has_image else 2
+        self.own_kind = nn.Parameter(torch.randn(self.num_own, d) * 0.02)
+        # neighbour tokens
+        nb_in = self.features.text_dim + (e.image_hidden if self.has_image else 0) + 2 + 2
+        self.neighbor_mlp = MLP([nb_in, e.neighbor_hidden, d])
+        self.block_emb = nn.Embedding(e.max_blocks, d)
+        self.type_emb = nn.Embedding(NUM_NODE_TYPES, d)
+        self.rank_emb = nn.Embedding(e.max_rank, d)
+        for emb in (self.block_emb, self.type_emb, self.rank_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        if self.aggregator == "transformer":
+            self.cls = nn.Parameter(torch.randn(d) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                d,
+                e.n_heads,
+                e.ffn_dim,
+                dropout=e.dropout,
+                activation=e.activation,
+                batch_first=True,
+                norm_first=True,
+            )
+            # nested tensors off: the same kernels whatever the padding, and training == eval numerics
+            self.encoder = nn.TransformerEncoder(layer, e.n_layers, enable_nested_tensor=False)
+            self.final_norm = nn.LayerNorm(d)
+        else:
+            self.final_norm = nn.LayerNorm(d)
+        self.head = MLP([d, e.head_hidden, cfg.out_dim])
+
+    def tokens(self, x: EntityTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [B, num_own + K, d], valid [B, num_own + K])."""
+        if x.entity_type != self.entity_type:
+            raise ValueError(f"embedder for {self.entity_type!r} got a batch of {x.entity_type!r}")
+        nb = x.num_blocks
+        if nb > self.cfg.embedder.max_blocks:
+            raise ValueError(
+                f"EntityBatch.layout has {nb} neighbour blocks; EmbedderConfig.max_blocks is {self.cfg.embedder.max_blocks}"
+            )
+        own = self.features(x.features)
+        toks = [self.text_proj(own["text"])]
+        if self.has_image:
+            toks.append(self.image_proj(own["image"]))
+        toks.append(self.degree_proj(own["degree"]))
+        own_tok = torch.stack(toks, dim=1) + self.own_kind  # [B, n_own, d]
+
+        mask = x.neighbor_mask
+        nf = self.features(x.neighbor_features, valid=mask)
+        parts = (
+            [nf["text"]]
+            + ([nf["image"]] if self.has_image else [])
+            + [nf["degree"], score_features(x.neighbor_scores, mask)]
+        )
+        nb_in = torch.cat([p.to(parts[0].dtype) for p in parts], dim=-1)
+        rank = x.column_rank.clamp_max(self.cfg.embedder.max_rank - 1)
+        nb_tok = (
+            self.neighbor_mlp(nb_in)
+            + self.block_emb(x.column_block)[None]
+            + self.type_emb(x.column_node_type)[None]
+            + self.rank_emb(rank)[None]
+        )  # [B, K, d]
+        # zero padding tokens: with the key-padding mask they are unseen anyway; zeros keep the mean path exact
+        nb_tok = nb_tok * mask[..., None].to(nb_tok.dtype)
+        tokens = torch.cat([own_tok, nb_tok.to(own_tok.dtype)], dim=1)
+        valid = torch.cat([torch.ones(own_tok.shape[:2], dtype=torch.bool, device=mask.device), mask], dim=1)
+        return tokens, valid
+
+    def forward(self, x: EntityTensors) -> torch.Tensor:
+        """-> f_t(u): float32 [B, out_dim], unit L2 norm."""
+        tokens, valid = self.tokens(x)
+        if self.aggregator == "transformer":
+            b = tokens.shape[0]
+            seq = torch.cat([self.cls.to(tokens.dtype).expand(b, 1, -1), tokens], dim=1)
+            pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=valid.device), ~valid], dim=1)
+            h = self.encoder(seq, src_key_padding_mask=pad)[:, 0]
+        else:
+            w = valid.to(tokens.dtype)[..., None]
+            h = (tokens * w).sum(1) / w.sum(1)
+        return l2_normalize(self.head(self.final_norm(h)))

@@ -1,0 +1,362 @@
+"""OmniSageModel: per-type embedders f_t, the three tasks and eq. 6's total loss (paper 3.2-3.4.2).
+
+    L = lambda_p L_pair + lambda_f L_feat + lambda_s (L_next + L_fut)            (eq. 6)
+
+Every loss is ``ml.losses.sampled_softmax_loss`` (eq. 1, chunked per Algorithm 1 when
+``LossConfig.chunk_size`` is set) with score s(q, v) = lambda * q.v - log Q(v):
+
+- lambda is an inverse temperature on cosines (q, v unit vectors), ~20; optionally learned, clamped;
+- log Q of in-batch candidates (the positives of the batch) comes from a count-min sketch per loss,
+  keyed by (entity type, entity id) via ``ml.losses.entity_key`` so counts survive daily re-indexing; it is
+  updated with the batch's positives before the estimate, and only in training mode;
+- log Q of random negatives is their sampler's (``*.random_negative_log_q``; 0 when not given).
+
+Distributed (3.4.2 "we aggregate in-batch and random negatives from each device"): under
+torch.distributed every rank all-gathers the positives and random negatives of every task. The gather
+is an autograd function whose backward all-reduces (sums) the gradient and returns this rank's slice, so
+rank r's candidates receive the gradient of every rank's loss: the averaged DDP gradient is exactly the
+gradient of the mean loss over the global batch. Every rank must run the same tasks in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ml.config import ModelConfig
+from ml.count_min_sketch import CountMinSketch
+from ml.data import (
+    EntityTensors,
+    FeatureTaskBatch,
+    FeatureTensors,
+    PairBatch,
+    SequenceBatch,
+    as_entity_tensors,
+)
+from ml.embedder import EntityEmbedder
+from ml.losses import entity_key, sampled_softmax_loss
+from ml.tasks import EntityEntityTask, EntityFeatureTask, UserEntityTask
+
+TASK_OF_BATCH = {PairBatch: "entity_entity", FeatureTaskBatch: "entity_feature", SequenceBatch: "user_entity"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cross-rank gathering
+# ----------------------------------------------------------------------------------------------------------
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_sizes(n: int, device: torch.device, group) -> list[int]:
+    world = dist.get_world_size(group)
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t, group=group)
+    return [int(x.item()) for x in out]
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """all_gather of tensors whose first dims differ by rank (padded to the max, then trimmed)."""
+    m = max(sizes)
+    padded = x.new_zeros((m,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: concatenation of every rank's rows. Backward: the gradient w.r.t. the concatenation is
+    summed over ranks (each rank's loss saw every rank's rows) and this rank's slice is returned."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int, int]:
+    """-> (all ranks' rows, start of this rank's rows, number of this rank's rows)."""
+    sizes = _gather_sizes(x.shape[0], x.device, group)
+    rank = dist.get_rank(group)
+    return _GatherWithGrad.apply(x, sizes, rank, group), sum(sizes[:rank]), sizes[rank]
+
+
+def gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _gather_padded(x, _gather_sizes(x.shape[0], x.device, group), group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Candidates:
+    """Softmax candidates of one loss: this rank's positives (aligned with its queries) + the rest."""
+
+    positive: torch.Tensor  # [B, d]
+    positive_keys: torch.Tensor  # [B]
+    positive_log_q: torch.Tensor | None  # [B]
+    negatives: torch.Tensor | None  # [M, d]: other ranks' positives + every rank's random negatives
+    negative_keys: torch.Tensor | None  # [M]
+    negative_log_q: torch.Tensor | None  # [M]
+
+    @property
+    def num_candidates(self) -> int:
+        return self.positive.shape[0] + (0 if self.negatives is None else self.negatives.shape[0])
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor  # eq. 6 total
+    losses: dict[str, torch.Tensor]  # per-component (detached), e.g. "entity_entity", "user_entity/next"
+    examples: int  # queries-level examples in the step (pairs + nodes + sequences)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class OmniSageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedders = nn.ModuleDict({t: EntityEmbedder(config, t) for t in config.node_types})
+        tasks: dict[str, nn.Module] = {}
+        if "entity_entity" in config.tasks:
+            tasks["entity_entity"] = EntityEntityTask()
+        if "entity_feature" in config.tasks:
+            tasks["entity_feature"] = EntityFeatureTask(config)
+        if "user_entity" in config.tasks:
+            tasks["user_entity"] = UserEntityTask(config)
+        self.tasks = nn.ModuleDict(tasks)
+        lc = config.loss
+        if lc.learn_scale:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(lc.scale)))
+        else:
+            self.register_buffer("log_scale", torch.tensor(math.log(lc.scale)), persistent=False)
+        self.sketches: dict[str, CountMinSketch] = {}
+        self.last_stats: dict[str, float] = {}
+        self.gather_group = None  # a process group for the negatives gather (set by the trainer under DDP)
+
+    # -------------------------------------------------------------------------------------------- embedding
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed(self, x, where: str = "batch") -> torch.Tensor:
+        """EntityBatch | EntityTensors -> f_t(u), float32 [B, out_dim], unit norm."""
+        t = as_entity_tensors(x, self.device, where)
+        if t.entity_type not in self.embedders:
+            raise ValueError(
+                f"{where}: entity type {t.entity_type!r} has no embedder (node_types={self.config.node_types})"
+            )
+        return self.embedders[t.entity_type](t)
+
+    def embed_many(self, xs: list, where: str = "batch") -> tuple[list[torch.Tensor], list[EntityTensors]]:
+        """Embeds several batches; batches of one type and one shape go through their embedder in one call."""
+        ts = [as_entity_tensors(x, self.device, where) for x in xs]
+        out: list[torch.Tensor | None] = [None] * len(ts)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(ts):
+            sig = (
+                t.entity_type,
+                tuple(t.neighbor_mask.shape[1:]),
+                tuple(t.features.token_ids.shape[1:]),
+                tuple(t.neighbor_features.token_ids.shape[1:]),
+                tuple(t.features.image.shape[1:]),
+                t.layout_key,
+            )
+            groups.setdefault(sig, []).append(i)
+        for idx in groups.values():
+            if len(idx) == 1:
+                out[idx[0]] = self.embed(ts[idx[0]], where)
+                continue
+            emb = self.embed(_cat_tensors([ts[i] for i in idx]), where)
+            for i, part in zip(idx, torch.split(emb, [len(ts[i]) for i in idx])):
+                out[i] = part
+        return out, ts  # type: ignore[return-value]
+
+    def keys(self, t: EntityTensors) -> torch.Tensor:
+        return entity_key(t.type_code, t.entity_ids)
+
+    # --------------------------------------------------------------------------------------- softmax parts
+    def scale(self) -> torch.Tensor | float:
+        lc = self.config.loss
+        if lc.learn_scale:
+            return self.log_scale.exp().clamp(lc.scale_min, lc.scale_max)
+        return float(lc.scale)
+
+    def sketch(self, name: str) -> CountMinSketch:
+        if name not in self.sketches:
+            lc = self.config.loss
+            self.sketches[name] = CountMinSketch(
+                width=lc.sketch_width, depth=lc.sketch_depth, seed=lc.sketch_seed
+            )
+        return self.sketches[name]
+
+    def sketch_state_dict(self) -> dict[str, dict]:
+        return {name: s.state_dict() for name, s in self.sketches.items()}
+
+    def load_sketch_state_dict(self, state: Mapping[str, dict]) -> None:
+        for name, s in state.items():
+            self.sketch(name).load_state_dict(s)
+
+    def candidates(
+        self, name, *, positive, positive_keys, negatives=None, negative_keys=None, negative_log_q=None
+    ) -> Candidates:
+        """Builds one loss's candidates: gathers across ranks, updates the sketch, attaches log Q."""
+        dev = positive.device
+        b = positive.shape[0]
+        positive_keys = positive_keys.to(dev)
+        rnd_lq = None
+        if negatives is not None:
+            m = negatives.shape[0]
+            rnd_lq = (
+                torch.zeros(m, device=dev)
+                if negative_log_q is None
+                else torch.as_tensor(negative_log_q, dtype=torch.float32, device=dev).expand(m).clone()
+            )
+            negative_keys = negative_keys.to(dev)
+        if _dist_on():
+            g = self.gather_group
+            all_pos, start, _ = gather_with_grad(positive, g)
+            all_pos_keys = gather_no_grad(positive_keys, g)
+            others = torch.cat([all_pos[:start], all_pos[start + b :]])
+            others_keys = torch.cat([all_pos_keys[:start], all_pos_keys[start + b :]])
+            if negatives is not None:
+                all_neg, _, _ = gather_with_grad(negatives, g)
+                all_neg_keys, all_neg_lq = gather_no_grad(negative_keys, g), gather_no_grad(rnd_lq, g)
+            else:
+                all_neg = all_neg_keys = all_neg_lq = None
+        else:
+            all_pos_keys, start, others, others_keys = positive_keys, 0, None, None
+            all_neg, all_neg_keys, all_neg_lq = negatives, negative_keys, rnd_lq
+
+        pos_lq = others_lq = None
+        if self.config.loss.logq_correction:
+            sk = self.sketch(name)
+            cpu_keys = all_pos_keys.detach().cpu()
+            if self.training:
+                sk.update(cpu_keys)
+            lq = sk.in_batch_log_q(cpu_keys, cpu_keys.shape[0]).to(dev, torch.float32)
+            pos_lq = lq[start : start + b]
+            if others is not None:
+                others_lq = torch.cat([lq[:start], lq[start + b :]])
+        else:
+            all_neg_lq = None if all_neg_lq is None else torch.zeros_like(all_neg_lq)
+
+        neg_parts = [x for x in (others, all_neg) if x is not None and x.shape[0] > 0]
+        if neg_parts:
+            negs = torch.cat(neg_parts)
+            key_parts = [
+                x
+                for x, y in ((others_keys, others), (all_neg_keys, all_neg))
+                if y is not None and y.shape[0] > 0
+            ]
+            neg_keys = torch.cat(key_parts)
+            if self.config.loss.logq_correction:
+                lq_parts = [
+                    x
+                    for x, y in ((others_lq, others), (all_neg_lq, all_neg))
+                    if y is not None and y.shape[0] > 0
+                ]
+                neg_lq = torch.cat(lq_parts)
+            else:
+                neg_lq = None
+        else:
+            negs = neg_keys = neg_lq = None
+        return Candidates(positive, positive_keys, pos_lq, negs, neg_keys, neg_lq)
+
+    def softmax_loss(
+        self, query: torch.Tensor, c: Candidates, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if query.shape[0] == 0:  # no valid position on this rank: a zero that keeps the graph connected
+            return query.sum() * 0.0 + c.positive.sum() * 0.0
+        self.last_stats["num_candidates"] = float(c.num_candidates)
+        return sampled_softmax_loss(
+            query.float(),
+            c.positive.float(),
+            None if c.negatives is None else c.negatives.float(),
+            scale=self.scale(),
+            positive_log_q=c.positive_log_q,
+            negative_log_q=c.negative_log_q,
+            positive_keys=c.positive_keys,
+            negative_keys=c.negative_keys,
+            weights=weights,
+            chunk_size=self.config.loss.chunk_size,
+        )
+
+    # ----------------------------------------------------------------------------------------------- eq. 6
+    def forward(self, batches: Mapping[str, object]) -> ModelOutput:
+        """``batches``: {name: PairBatch | FeatureTaskBatch | SequenceBatch}; the batch's class picks its
+        task (several PairBatches, e.g. one per (t_q, t_p), are summed into L_pair). Batches of switched-off
+        tasks are skipped without being embedded."""
+        cfg = self.config
+        lam = {"entity_entity": cfg.lambda_p, "entity_feature": cfg.lambda_f, "user_entity": cfg.lambda_s}
+        total = None
+        losses: dict[str, torch.Tensor] = {}
+        examples = 0
+        stats: dict[str, float] = {}
+        for name, batch in batches.items():
+            task = TASK_OF_BATCH.get(type(batch))
+            if task is None:
+                raise TypeError(
+                    f"batch {name!r}: expected PairBatch, FeatureTaskBatch or SequenceBatch, got {type(batch).__name__}"
+                )
+            if task not in self.tasks:
+                continue
+            parts = self.tasks[task](self, batch)
+            examples += len(batch)
+            stats[f"{name}/num_candidates"] = self.last_stats.get("num_candidates", 0.0)
+            for suffix, value in parts.items():
+                losses[f"{name}/{suffix}" if suffix else name] = value.detach()
+                term = lam[task] * value
+                total = term if total is None else total + term
+        if total is None:
+            raise ValueError(f"no batch for an enabled task (tasks={cfg.tasks}, batches={list(batches)})")
+        s = self.scale()
+        stats["scale"] = float(s.detach()) if isinstance(s, torch.Tensor) else float(s)
+        return ModelOutput(total, losses, examples, stats)
+
+    # ------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def user_embeddings(self, batch: SequenceBatch) -> torch.Tensor:
+        """U_t at each user's last valid step (3.3.3): unit [U, d]."""
+        if "user_entity" not in self.tasks:
+            raise ValueError("user embeddings need the user_entity task")
+        p = self.embed(batch.entities, "SequenceBatch.entities")
+        seq = torch.as_tensor(batch.sequence_index, dtype=torch.int64, device=p.device)
+        valid = seq >= 0
+        states = self.tasks["user_entity"].user_states(p[seq.clamp_min(0)] * valid[..., None], valid)
+        last = (valid.sum(1) - 1).clamp_min(0)
+        return states[torch.arange(seq.shape[0], device=p.device), last]
+
+
+def _cat_tensors(ts: list[EntityTensors]) -> EntityTensors:
+    def cat_f(fs: list[FeatureTensors]) -> FeatureTensors:
+        return FeatureTensors(
+            **{f.name: torch.cat([getattr(x, f.name) for x in fs]) for f in fields(FeatureTensors)}
+        )
+
+    first = ts[0]
+    return EntityTensors(
+        entity_type=first.entity_type,
+        type_code=first.type_code,
+        entity_ids=torch.cat([t.entity_ids for t in ts]),
+        features=cat_f([t.features for t in ts]),
+        neighbor_ids=torch.cat([t.neighbor_ids for t in ts]),
+        neighbor_features=cat_f([t.neighbor_features for t in ts]),
+        neighbor_scores=torch.cat([t.neighbor_scores for t in ts]),
+        neighbor_mask=torch.cat([t.neighbor_mask for t in ts]),
+        column_block=first.column_block,
+        column_node_type=first.column_node_type,
+        column_rank=first.column_rank,
+        layout_key=first.layout_key,
+    )

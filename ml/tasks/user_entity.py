@@ -1,0 +1,108 @@
+"""User-entity task (paper 3.3.3, eqs. 4-5; A.3.2-A.3.3).
+
+A causal transformer T (4 layers, 4 heads, dim 512, GELU in the paper preset) reads the user's sequence
+[P_1..P_t] with P_t = f_{t_u}(u_t) computed WITH gradients through the embedders (A.3.2: "with gradients
+through the embedders producing the embedding"; the public code's no_grad would stop the sequence loss
+from training f). Each entity of a batch is embedded once (``SequenceBatch.entities``) and gathered into
+the sequences, so a pin repeated across users costs one embedder pass and receives all its gradients.
+
+- next action (eq. 4): query U_t, positive P_{t+1}, for every t whose t+1 is not padding;
+- future action (eq. 5): query U_t for every valid t, positive P_{t'} with t' drawn by the data path from
+  (t_max, t_max + Delta] (``future_index``; -1 = none).
+
+Candidates are the positives of all queries of the batch (in-batch negatives; repeated entities are
+masked as accidental hits by key) plus the random negatives. Each loss is the mean over its valid
+(user, t) positions - eq. 4's padding mask; PinnerFormer [26] averages the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ml.config import ModelConfig
+from ml.data import SequenceBatch
+from ml.encoders import l2_normalize
+
+
+class UserEntityTask(nn.Module):
+    name = "user_entity"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.sequence
+        self.cfg = cfg
+        self.max_len = s.max_len
+        self.in_proj = nn.Linear(cfg.out_dim, s.d_model)
+        self.pos_emb = nn.Embedding(s.max_len, s.d_model)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            s.d_model,
+            s.n_heads,
+            s.ffn_dim,
+            dropout=s.dropout,
+            activation=s.activation,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, s.n_layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(s.d_model)
+        self.out_proj = nn.Linear(s.d_model, cfg.out_dim)
+
+    def user_states(self, seq_emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[U, T, d] entity embeddings (zeros at padding) + valid [U, T] -> U_t, unit [U, T, d]."""
+        t = valid.shape[1]
+        if t > self.max_len:
+            raise ValueError(
+                f"SequenceBatch.sequence_index has {t} steps; SequenceConfig.max_len (t_max) is {self.max_len}"
+            )
+        h = self.in_proj(seq_emb) + self.pos_emb.weight[:t][None]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=valid.device), diagonal=1)
+        # step 0 always visible: an all-padding row would otherwise give NaN through softmax (its outputs
+        # are never used, but NaN * 0 would still poison the backward pass)
+        pad = ~valid
+        pad[:, 0] = False
+        h = self.encoder(h, mask=causal, src_key_padding_mask=pad)
+        return l2_normalize(self.out_proj(self.final_norm(h)))
+
+    def forward(self, model, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        entities = [batch.entities] + ([batch.random_negatives] if batch.random_negatives is not None else [])
+        embs, tensors = model.embed_many(entities, where="SequenceBatch")
+        p = embs[0]  # [E, d] each entity once, with gradients
+        n = embs[1] if len(embs) > 1 else None
+        keys = model.keys(tensors[0])
+        n_keys = None if n is None else model.keys(tensors[1])
+        dev = p.device
+        seq = torch.as_tensor(batch.sequence_index, dtype=torch.int64, device=dev)
+        valid = seq >= 0
+        seq_emb = p[seq.clamp_min(0)] * valid[..., None].to(p.dtype)
+        states = self.user_states(seq_emb, valid)  # [U, T, d]
+        out: dict[str, torch.Tensor] = {}
+        if model.config.next_action and seq.shape[1] > 1:
+            m = valid[:, :-1] & valid[:, 1:]
+            tgt = seq[:, 1:][m]
+            q = states[:, :-1][m]
+            cands = model.candidates(
+                f"{self.name}/next",
+                positive=p[tgt],
+                positive_keys=keys[tgt],
+                negatives=n,
+                negative_keys=n_keys,
+                negative_log_q=batch.random_negative_log_q,
+            )
+            out["next"] = model.softmax_loss(q, cands)
+        if model.config.future_action and batch.future_index is not None:
+            fut = torch.as_tensor(batch.future_index, dtype=torch.int64, device=dev)
+            m = valid & (fut >= 0)[:, None]
+            tgt = fut[:, None].expand_as(seq)[m]
+            q = states[m]
+            cands = model.candidates(
+                f"{self.name}/future",
+                positive=p[tgt],
+                positive_keys=keys[tgt],
+                negatives=n,
+                negative_keys=n_keys,
+                negative_log_q=batch.random_negative_log_q,
+            )
+            out["future"] = model.softmax_loss(q, cands)
+        return out

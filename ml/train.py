@@ -1,0 +1,370 @@
+"""Training loop (paper 3.4, A.3.3): AdamW, linear warm-up then cosine annealing, mixed precision, DDP.
+
+    trainer = Trainer(model_config, train_config, batch_factory, on_log=callback)
+    result = trainer.fit(resume="path/to/last.pt")        # or train(...)
+
+``batch_factory(epoch) -> iterable of {name: PairBatch | FeatureTaskBatch | SequenceBatch}`` (a factory
+without parameters is called without the epoch). It must be deterministic for a given epoch: a resumed run
+re-creates the epoch's iterator and skips the batches it had consumed, so it continues with exactly the
+batches the uninterrupted run would have seen. Under DDP every rank calls the factory; the factory shards
+(``dist_info()`` tells it its rank) and every rank must produce the same tasks in the same order per step.
+
+- device ``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU;
+- precision ``auto``: fp16 autocast + GradScaler on CUDA (A.3.3), fp32 on CPU; ``bf16`` optional;
+- gradient clipping on the global norm (after unscaling), seeded (python, numpy, torch);
+- checkpoints: model, optimizer, scheduler, scaler, sketches, position, RNG states (``ml.checkpoint``);
+- logging: ``on_log(step, metrics)`` with the total and per-task losses (mean over ranks), lr, lambda,
+  examples/s; a progress line through ``progress`` (default ``print``) on rank 0;
+- DDP when launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): ``init_process_group`` from
+  env (gloo on CPU, nccl on CUDA), ``DistributedDataParallel`` for the gradients, negatives of every task
+  gathered across ranks with gradient (``ml.model``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ml.config import ModelConfig, TrainConfig
+from ml.model import OmniSageModel
+
+BatchFactory = Callable[..., Iterable[Mapping[str, Any]]]
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank): from the process group when initialised, else from torchrun's env."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", str(dist.get_rank())))
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_info()[2] % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """-> autocast dtype (None = fp32)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    table = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise ValueError(f"TrainConfig.precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("TrainConfig.precision fp16 needs CUDA (GradScaler); use bf16 or fp32 on CPU")
+    return table[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine annealing to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No decay on biases, norms, embedding tables and learned tokens (decay there only shrinks rows that
+    a batch did not touch)."""
+    decay, no_decay = [], []
+    skip_modules = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm)
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, skip_modules):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in no_decay_ids or "missing" in name or "own_kind" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_completed: int
+    last_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        batch_factory: BatchFactory,
+        *,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        progress: Callable[[str], None] | None = print,
+    ):
+        self.model_config, self.config = model_config, train_config
+        self.batch_factory = batch_factory
+        self.on_log, self.progress = on_log, progress
+        self._owns_pg = False
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = resolve_device(train_config.device)
+        if world_env > 1 and dist.is_available() and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            self._owns_pg = True
+        self.rank, self.world, _ = dist_info()
+        self.distributed = self.world > 1
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp_dtype = resolve_precision(train_config.precision, self.device)
+
+        seed_everything(train_config.seed)  # same seed on every rank: identical initial parameters
+        self.model = OmniSageModel(model_config).to(self.device)
+        self.module: nn.Module = self.model
+        if self.distributed:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # a separate group so the negatives' collectives never interleave with DDP's gradient buckets
+            self.model.gather_group = dist.new_group(backend=backend)
+            self.module = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # switched-off tasks / a type absent from a step
+            )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, train_config.weight_decay),
+            lr=train_config.lr,
+            betas=tuple(train_config.betas),
+        )
+        tc = train_config
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, tc.warmup_steps, tc.total_steps, tc.min_lr_ratio)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, float]] = []
+        seed_everything(train_config.seed + 1000003 * self.rank)  # per-rank stream for dropout / sampling
+
+    # ------------------------------------------------------------------------------------------- one step
+    def train_step(self, batches: Mapping[str, Any]) -> dict[str, Any]:
+        """Forward (autocast), backward (scaled), unscale, clip, optimizer + scheduler step. Gradients stay
+        on the parameters until the next step (tests read them)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            out = self.module(batches)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if self.config.grad_clip
+            else None
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "loss": out.loss.detach(),
+            "losses": out.losses,
+            "examples": out.examples,
+            "grad_norm": None if grad_norm is None else grad_norm.detach(),
+            "stats": out.stats,
+        }
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def _iter_epoch(self, epoch: int):
+        f = self.batch_factory
+        try:
+            n_params = len(inspect.signature(f).parameters)
+        except (TypeError, ValueError):
+            n_params = 1
+        return iter(f(epoch) if n_params else f())
+
+    def fit(self, resume: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+        """Trains until ``total_steps`` (or ``epochs``); ``stop_after`` ends earlier at that step (the lr
+        schedule keeps its ``total_steps`` horizon - e.g. to checkpoint and resume later)."""
+        if resume is not None:
+            self.load(resume)
+        tc = self.config
+        end = tc.total_steps if stop_after is None else min(stop_after, tc.total_steps)
+        last: dict[str, float] = {}
+        window_examples, window_t0, window_losses, window_steps = 0, time.perf_counter(), {}, 0
+        while self.step < end and (tc.epochs is None or self.epoch < tc.epochs):
+            it = self._iter_epoch(self.epoch)
+            exhausted = False
+            for _ in range(self.batch_in_epoch):  # resume inside an epoch: skip what was consumed
+                if next(it, None) is None:
+                    exhausted = True
+                    break
+            got_any = self.batch_in_epoch > 0
+            if not exhausted:
+                for batches in it:
+                    got_any = True
+                    r = self.train_step(batches)
+                    self.batch_in_epoch += 1
+                    window_steps += 1
+                    window_examples += r["examples"]
+                    # detached tensors: no host sync per step on CUDA, only at log time
+                    window_losses["loss"] = window_losses.get("loss", 0.0) + r["loss"]
+                    for k, v in r["losses"].items():
+                        window_losses[k] = window_losses.get(k, 0.0) + v
+                    if self.step % tc.log_every == 0 or self.step == end:
+                        last = self._log(
+                            window_losses, window_steps, window_examples, time.perf_counter() - window_t0, r
+                        )
+                        window_examples, window_t0, window_losses, window_steps = (
+                            0,
+                            time.perf_counter(),
+                            {},
+                            0,
+                        )
+                    if tc.checkpoint_dir and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                        self.save(Path(tc.checkpoint_dir) / "last.pt")
+                    if self.step >= end:
+                        break
+                else:
+                    exhausted = True
+            if not got_any:
+                raise ValueError(f"batch factory yielded no batches for epoch {self.epoch}")
+            if exhausted:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        if window_steps:
+            last = self._log(
+                window_losses, window_steps, window_examples, time.perf_counter() - window_t0, None
+            )
+        ckpt = None
+        if tc.checkpoint_dir:
+            ckpt = str(self.save(Path(tc.checkpoint_dir) / "last.pt"))
+        return TrainResult(self.step, self.epoch, last, list(self.history), ckpt)
+
+    def _log(self, sums: dict[str, float], steps: int, examples: int, seconds: float, r) -> dict[str, float]:
+        names = sorted(sums)
+        vals = torch.tensor(
+            [float(sums[n]) / max(1, steps) for n in names] + [float(examples)], dtype=torch.float64
+        )
+        if self.distributed:  # mean losses over ranks, total examples
+            dist.all_reduce(vals)
+            vals[:-1] /= self.world
+        metrics = {n: float(v) for n, v in zip(names, vals[:-1])}
+        metrics["examples_per_s"] = float(vals[-1]) / max(seconds, 1e-9)
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        sc = self.model.scale()
+        metrics["scale"] = float(sc.detach()) if isinstance(sc, torch.Tensor) else float(sc)
+        metrics["step"] = float(self.step)
+        if r is not None and r["grad_norm"] is not None:
+            metrics["grad_norm"] = float(r["grad_norm"])
+        self.history.append(metrics)
+        if self.rank == 0:
+            if self.on_log is not None:
+                self.on_log(self.step, dict(metrics))
+            if self.progress is not None:
+                tasks = " ".join(f"{n} {metrics[n]:.4f}" for n in names if n != "loss")
+                self.progress(
+                    f"step {self.step}/{self.config.total_steps} epoch {self.epoch} loss {metrics['loss']:.4f} "
+                    f"[{tasks}] lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s"
+                )
+        return metrics
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sketches": self.model.sketch_state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": rng_state(),
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "world_size": self.world,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.model.load_sketch_state_dict(state.get("sketches", {}))
+        self.step, self.epoch, self.batch_in_epoch = (
+            int(state["step"]),
+            int(state["epoch"]),
+            int(state["batch_in_epoch"]),
+        )
+        if self.world == int(
+            state.get("world_size", 1)
+        ):  # per-rank RNG streams only mean something at equal world
+            set_rng_state(state["rng"])
+
+    def save(self, path: str | Path) -> Path:
+        """Rank 0 writes (all ranks hold the same state under DDP)."""
+        path = Path(path)
+        if self.rank == 0:
+            save_checkpoint(path, self.state_dict())
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+    def close(self) -> None:
+        if self._owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_pg = False
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    batch_factory: BatchFactory,
+    *,
+    resume: str | Path | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> tuple[OmniSageModel, TrainResult]:
+    trainer = Trainer(model_config, train_config, batch_factory, on_log=on_log, progress=progress)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+    return trainer.model, result
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> OmniSageModel:
+    """A trained model from a trainer checkpoint (for inference)."""
+    state = load_checkpoint(path, map_location=map_location)
+    model = OmniSageModel(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.load_sketch_state_dict(state.get("sketches", {}))
+    return model.to(map_location).eval()
