@@ -21,3 +21,16 @@ def window_mapping(window_days: int = WINDOW_DAYS) -> dg.TimeWindowPartitionMapp
     return dg.TimeWindowPartitionMapping(
         start_offset=-(window_days - 1), end_offset=0, allow_nonexistent_upstream_partitions=True
     )
+
+
+#: Every daily asset runs a backfill range as ONE run that handles its days in date order (the asset body
+#: loops over ``partition_keys(context)`` and publishes each day atomically). Why single-run: pruned_edges of
+#: day D reads daily_edges of the days before it, so a range must be built in date order, not as concurrent
+#: per-day runs; and ``dagster asset materialize --partition-range`` accepts only single-run policies, so
+#: the same range can be backfilled from the CLI without a daemon (see README, "Backfills").
+DAILY_BACKFILL_POLICY = dg.BackfillPolicy.single_run()
+
+
+def partition_keys(context) -> list[str]:
+    """The day(s) an asset invocation materializes, oldest first (one for a daily run, many for a backfill)."""
+    return sorted(context.partition_keys)
