@@ -1,6 +1,6 @@
 """Thin Dagster assets: read inputs, call the libraries (graph_engine, ml), publish, attach metadata."""
 
-from assets import ingest
+from assets import features, ingest
 
 #: Every module holding assets or asset checks; definitions.py loads them all.
-ASSET_MODULES = [ingest]
+ASSET_MODULES = [ingest, features]

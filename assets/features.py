@@ -12,7 +12,8 @@ from pydantic import Field
 
 from graph_engine.feature_store import STORE_MAX_TOKENS, build_feature_store
 from graph_engine.snapshot import GraphSnapshot
-from omnisage_pipeline.partitions import daily_partitions
+from assets.daily import DayResult, materialize_days
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -27,6 +28,7 @@ class FeatureStoreConfig(dg.Config):
 @dg.asset(
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("entity_metadata"), dg.AssetKey("graph_snapshot")],
+    backfill_policy=DAILY_BACKFILL_POLICY,
     group_name="graph",
     description="RocksDB key-value store of every pin's and board's binarised features (text token ids, "
     "float16 image vector, segment, graph degree), including entities outside the graph (paper 3.4.1).",
@@ -35,7 +37,10 @@ def feature_store(
     context: dg.AssetExecutionContext, config: FeatureStoreConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    day = context.partition_key
+    return materialize_days(context, lambda day: _build_day(context, config, settings, day))
+
+
+def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayResult:
     metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
     snapshot = GraphSnapshot.open(require_published(settings.graph_dir, day))
     with publish_partition(settings.features_dir, day) as staging:
@@ -64,4 +69,4 @@ def feature_store(
         f"feature_store dt={day}: {manifest['entities']} records ({manifest['entities_outside_graph']} outside "
         f"the graph), image_dim={manifest['image_dim']}, {manifest['db_bytes']} bytes in {seconds:.1f}s"
     )
-    return dg.MaterializeResult(metadata=meta)
+    return DayResult(meta)

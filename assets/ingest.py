@@ -34,7 +34,8 @@ from omnisage_pipeline.contract import (
     validate_pins,
     write_table,
 )
-from omnisage_pipeline.partitions import daily_partitions
+from assets.daily import DayResult, materialize_days
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -78,6 +79,7 @@ def _check_spec(asset: str) -> dg.AssetCheckSpec:
 @dg.asset(
     partitions_def=daily_partitions,
     check_specs=[_check_spec("engagement_logs")],
+    backfill_policy=DAILY_BACKFILL_POLICY,
     group_name="ingest",
     kinds={"parquet"},
     description="The day's engagement events, validated against the data contract; bad rows quarantined.",
@@ -85,7 +87,10 @@ def _check_spec(asset: str) -> dg.AssetCheckSpec:
 def engagement_logs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     settings = storage.settings
     root = settings.require_data_root()
-    day = context.partition_key
+    return materialize_days(context, lambda day: _ingest_logs_day(context, settings, root, day))
+
+
+def _ingest_logs_day(context, settings, root: Path, day: str) -> DayResult:
     folder = root / "engagement_logs" / f"dt={day}"
     files = list_parquet_files(folder)
     if not folder.is_dir():
@@ -108,15 +113,13 @@ def engagement_logs(context: dg.AssetExecutionContext, storage: StorageResource)
     metadata["day_folder_present"] = folder.is_dir()
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
-    return dg.MaterializeResult(
-        metadata=metadata,
-        check_results=[_accounting_check("engagement_logs", result.rows_read, published)],
-    )
+    return DayResult(metadata, [_accounting_check("engagement_logs", result.rows_read, published)])
 
 
 @dg.asset(
     partitions_def=daily_partitions,
     check_specs=[_check_spec("entity_metadata")],
+    backfill_policy=DAILY_BACKFILL_POLICY,
     group_name="ingest",
     kinds={"parquet"},
     description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
@@ -124,7 +127,10 @@ def engagement_logs(context: dg.AssetExecutionContext, storage: StorageResource)
 def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     settings = storage.settings
     root = settings.require_data_root()
-    day = context.partition_key
+    return materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day))
+
+
+def _ingest_metadata_day(context, settings, root: Path, day: str) -> DayResult:
     present = {kind: (root / kind).is_dir() for kind in ("pins", "boards")}
     for kind, is_there in present.items():
         if not is_there:
@@ -154,7 +160,6 @@ def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource)
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
     published = [valid_dir / "pins", valid_dir / "boards", quarantine_dir / "pins", quarantine_dir / "boards"]
-    return dg.MaterializeResult(
-        metadata=metadata,
-        check_results=[_accounting_check("entity_metadata", pins.rows_read + boards.rows_read, published)],
+    return DayResult(
+        metadata, [_accounting_check("entity_metadata", pins.rows_read + boards.rows_read, published)]
     )

@@ -1,0 +1,182 @@
+"""Graph construction assets (paper 4.1, appendix A.1): ``daily_edges`` and ``pruned_edges``.
+
+Thin wrappers around ``graph_engine.edge_engine``: the engine (``OMNISAGE_ENGINE``: spark by default,
+or duckdb) is picked by name and used through its interface only; Spark starts only when the Spark
+engine is used. Each asset publishes one partition atomically and carries three blocking checks computed
+on the files it is about to publish: no self loops, only the contract's edge types, weights positive.
+
+daily_edges, partition D: ``warehouse/engagement_logs/dt=D`` -> ``warehouse/daily_edges/dt=D``: the day's
+    canonical undirected edges weighted by the day's count (contract "Edges").
+pruned_edges, partition D: the published daily_edges partitions of the OMNISAGE_WINDOW_DAYS days ending
+    at D (the partition mapping gives the days; days never published are absent), weights summed per
+    undirected edge, then Algorithm 2 per adjacency list -> one row per kept directed entry.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_pyspark import LazyPySparkResource
+from pydantic import Field
+
+from graph_engine.edge_engine import EdgeEngine, get_engine
+from graph_engine.pruning import PruningParams
+from omnisage_pipeline.partitions import daily_partitions, window_mapping
+from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
+from omnisage_pipeline.resources import StorageResource
+
+#: check name -> (key in the engine's "checks" stats, description)
+EDGE_CHECKS = {
+    "no_self_loops": ("self_loops", "no edge joins a node to itself"),
+    "only_contract_edge_types": ("unknown_edge_types", "every edge_type is pin_board or pin_pin (contract)"),
+    "weights_positive": ("nonpositive_weights", "every weight is a finite number > 0"),
+}
+
+
+class PruningConfig(dg.Config):
+    """Algorithm 2's hyper-parameters (paper appendix A.1; values of A.1/A.3) and the sampling seed."""
+
+    alpha: float = Field(default=0.86, description="alpha of A.1: a node of degree d keeps ~d**alpha entries")
+    d_min: int = Field(default=10, description="d_min of A.1: lists this short or shorter are kept whole")
+    d_max: int = Field(default=10_000, description="d_max of A.1: no list keeps more entries than this")
+    seed: int = Field(default=0, description="seed of the portable sampling key (graph_engine.pruning)")
+
+    def params(self) -> PruningParams:
+        return PruningParams(alpha=self.alpha, d_min=self.d_min, d_max=self.d_max, seed=self.seed)
+
+
+def _engine(storage: StorageResource, pyspark: LazyPySparkResource) -> EdgeEngine:
+    settings = storage.settings
+    # The factory defers pyspark.spark_session: the DuckDB engine never starts a JVM.
+    return get_engine(settings.engine, spark_session_factory=lambda: pyspark.spark_session,
+                      scratch_dir=settings.scratch_dir)
+
+
+def _check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=desc)
+            for name, (_, desc) in EDGE_CHECKS.items()]
+
+
+def _check_results(asset: str, checks: dict[str, int]) -> list[dg.AssetCheckResult]:
+    return [
+        dg.AssetCheckResult(check_name=name, asset_key=asset, passed=int(checks[key]) == 0,
+                            metadata={"violating_rows": int(checks[key])}, description=desc)
+        for name, (key, desc) in EDGE_CHECKS.items()
+    ]
+
+
+def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None) -> str:
+    """The paper's Table 1 (4.1) as markdown: per node type |V_t| and average degree, per edge type |E_r|
+    (undirected edges before pruning; kept directed entries after)."""
+    lines = []
+    if after is None:
+        lines += ["| node type | nodes | avg degree |", "| --- | ---: | ---: |"]
+        for t, v in before["node_types"].items():
+            lines.append(f"| {t} | {v['nodes']:,} | {v['avg_degree']:.2f} |")
+        lines += ["", "| edge type | edges | weight |", "| --- | ---: | ---: |"]
+        for e, v in before["edge_types"].items():
+            lines.append(f"| {e} | {v['edges']:,} | {v['weight']:,.0f} |")
+        return "\n".join(lines)
+    lines += ["| node type | nodes before | avg degree before | nodes after | avg degree after |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for t in sorted(set(before["node_types"]) | set(after["node_types"])):
+        b = before["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
+        a = after["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
+        lines.append(f"| {t} | {b['nodes']:,} | {b['avg_degree']:.2f} | {a['nodes']:,} | {a['avg_degree']:.2f} |")
+    lines += ["", "| edge type | undirected edges before | entries before | entries kept |",
+              "| --- | ---: | ---: | ---: |"]
+    for e in sorted(set(before["edge_types"]) | set(after["edge_types"])):
+        b = before["edge_types"].get(e, {"edges": 0, "entries": 0})
+        a = after["edge_types"].get(e, {"entries": 0})
+        lines.append(f"| {e} | {b['edges']:,} | {b['entries']:,} | {a['entries']:,} |")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[dg.AssetDep("engagement_logs")],
+    check_specs=_check_specs("daily_edges"),
+    group_name="graph",
+    kinds={"parquet"},
+    description="The day's typed, weighted, undirected edges (paper 4.1): pin_board from saves, pin_pin from "
+    "related-pins saves/clicks; canonical orientation, weight = the day's count.",
+)
+def daily_edges(
+    context: dg.AssetExecutionContext, storage: StorageResource, pyspark: LazyPySparkResource
+) -> dg.MaterializeResult:
+    settings = storage.settings
+    day = context.partition_key
+    events = require_published(settings.warehouse_dataset("engagement_logs"), day)
+    engine = _engine(storage, pyspark)
+    dataset = settings.warehouse_dataset("daily_edges")
+    with publish_partition(dataset, day) as staging:
+        stats = engine.extract_daily_edges(events, staging)
+    table = stats["table1"]
+    return dg.MaterializeResult(
+        metadata={
+            "engine": engine.name,
+            "events": stats["events"],
+            "edges": sum(v["edges"] for v in table["edge_types"].values()),
+            "nodes": table["total_nodes"],
+            "table1": dg.MetadataValue.md(table1_markdown(table)),
+            "table1_json": dg.MetadataValue.json(table),
+            "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
+        },
+        check_results=_check_results("daily_edges", stats["checks"]),
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    # Nothing-typed input: nothing is loaded through an IO manager; the input only carries the window
+    # mapping, so Dagster's lineage and the days this asset reads come from one definition.
+    ins={"daily_edges": dg.AssetIn(partition_mapping=window_mapping(), dagster_type=dg.Nothing)},
+    check_specs=_check_specs("pruned_edges"),
+    group_name="graph",
+    kinds={"parquet"},
+    description="The graph of day D: daily edges of the OMNISAGE_WINDOW_DAYS days ending at D summed, then "
+    "degree-based pruning (paper appendix A.1, Algorithm 2); one row per kept directed adjacency entry.",
+)
+def pruned_edges(
+    context: dg.AssetExecutionContext, config: PruningConfig, storage: StorageResource,
+    pyspark: LazyPySparkResource,
+) -> dg.MaterializeResult:
+    settings = storage.settings
+    day = context.partition_key
+    params = config.params()
+    daily = settings.warehouse_dataset("daily_edges")
+    window = list(context.asset_partition_keys_for_input("daily_edges"))
+    present: list[str] = []
+    dirs: list[Path] = []
+    for key in window:
+        path = published_path(daily, key)
+        if path is not None:
+            present.append(key)
+            dirs.append(path)
+    missing = [k for k in window if k not in present]
+    if missing:
+        context.log.info(f"{len(missing)} day(s) of the window have no published daily_edges: {missing}")
+    engine = _engine(storage, pyspark)
+    dataset = settings.warehouse_dataset("pruned_edges")
+    with publish_partition(dataset, day) as staging:
+        stats = engine.prune_window(dirs, staging, params)
+    before, after = stats["before"], stats["after"]
+    return dg.MaterializeResult(
+        metadata={
+            "engine": engine.name,
+            "window_days": len(window),
+            "window": dg.MetadataValue.json({"first": window[0] if window else None,
+                                             "last": window[-1] if window else None,
+                                             "present": present, "missing": missing}),
+            "pruning_params": dg.MetadataValue.json(params.to_dict()),
+            "kept_fraction": float(stats["kept_fraction"]),
+            "entries_before": before["total_entries"],
+            "entries_after": after["total_entries"],
+            "nodes": after["total_nodes"],
+            "table1": dg.MetadataValue.md(table1_markdown(before, after)),
+            "table1_before": dg.MetadataValue.json(before),
+            "table1_after": dg.MetadataValue.json(after),
+            "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
+        },
+        check_results=_check_results("pruned_edges", stats["checks"]),
+    )
