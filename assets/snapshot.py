@@ -14,11 +14,12 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from assets.daily import DayResult, materialize_days
 from graph_engine.batch import NeighborBlock, NeighborhoodLayout
 from graph_engine.neighbor_sampler import NeighborSampler, build_neighborhood_cache
 from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
-from omnisage_pipeline.partitions import daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -57,6 +58,7 @@ def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
 @dg.asset(
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("pruned_edges")],
+    backfill_policy=DAILY_BACKFILL_POLICY,
     group_name="graph",
     description="Memory-mapped CSR snapshot of the day's pruned graph per relation subset, with every node's "
     "heterogeneous forward-push neighbourhood precomputed (paper 3.1.1, 3.4.1).",
@@ -65,7 +67,10 @@ def graph_snapshot(
     context: dg.AssetExecutionContext, config: GraphSnapshotConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    day = context.partition_key
+    return materialize_days(context, lambda day: _build_day(context, config, settings, day))
+
+
+def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayResult:
     layout = parse_blocks(config.blocks)
     subsets = {k: tuple(v) for k, v in config.subsets.items()}
     for block in layout.blocks:
@@ -104,4 +109,4 @@ def graph_snapshot(
         f"graph_snapshot dt={day}: {manifest['num_nodes']} nodes, {manifest['num_entries']} entries, "
         f"sampled every node in {sampling_seconds:.1f}s"
     )
-    return dg.MaterializeResult(metadata=meta)
+    return DayResult(meta)
