@@ -1,6 +1,6 @@
 """Thin Dagster assets: read inputs, call the libraries (graph_engine, ml), publish, attach metadata."""
 
-from assets import features, ingest, snapshot
+from assets import features, graph, ingest, snapshot
 
 #: Every module holding assets or asset checks; definitions.py loads them all.
-ASSET_MODULES = [ingest, snapshot, features]
+ASSET_MODULES = [ingest, graph, snapshot, features]

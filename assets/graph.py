@@ -19,9 +19,10 @@ import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 from pydantic import Field
 
+from assets.daily import DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.pruning import PruningParams
-from omnisage_pipeline.partitions import daily_partitions, window_mapping
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_mapping
 from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -92,9 +93,18 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     return "\n".join(lines)
 
 
+def window_keys(day: str) -> list[str]:
+    """The daily_edges partitions of day D's graph, oldest first: exactly what the asset's partition
+    mapping says (so lineage and the files read agree), one day at a time (a backfill range runs many)."""
+    result = window_mapping().get_upstream_mapped_partitions_result_for_partitions(
+        daily_partitions.subset_with_partition_keys([day]), daily_partitions, daily_partitions)
+    return sorted(result.partitions_subset.get_partition_keys())
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     deps=[dg.AssetDep("engagement_logs")],
+    backfill_policy=DAILY_BACKFILL_POLICY,
     check_specs=_check_specs("daily_edges"),
     group_name="graph",
     kinds={"parquet"},
@@ -105,14 +115,21 @@ def daily_edges(
     context: dg.AssetExecutionContext, storage: StorageResource, pyspark: LazyPySparkResource
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    day = context.partition_key
-    events = require_published(settings.warehouse_dataset("engagement_logs"), day)
     engine = _engine(storage, pyspark)
     dataset = settings.warehouse_dataset("daily_edges")
-    with publish_partition(dataset, day) as staging:
-        stats = engine.extract_daily_edges(events, staging)
+
+    def run_day(day: str) -> DayResult:
+        events = require_published(settings.warehouse_dataset("engagement_logs"), day)
+        with publish_partition(dataset, day) as staging:
+            stats = engine.extract_daily_edges(events, staging)
+        return _daily_result(engine, dataset, day, stats)
+
+    return materialize_days(context, run_day)
+
+
+def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, Any]) -> DayResult:
     table = stats["table1"]
-    return dg.MaterializeResult(
+    return DayResult(
         metadata={
             "engine": engine.name,
             "events": stats["events"],
@@ -132,6 +149,7 @@ def daily_edges(
     # mapping, so Dagster's lineage and the days this asset reads come from one definition.
     ins={"daily_edges": dg.AssetIn(partition_mapping=window_mapping(), dagster_type=dg.Nothing)},
     check_specs=_check_specs("pruned_edges"),
+    backfill_policy=DAILY_BACKFILL_POLICY,
     group_name="graph",
     kinds={"parquet"},
     description="The graph of day D: daily edges of the OMNISAGE_WINDOW_DAYS days ending at D summed, then "
@@ -142,41 +160,45 @@ def pruned_edges(
     pyspark: LazyPySparkResource,
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    day = context.partition_key
     params = config.params()
     daily = settings.warehouse_dataset("daily_edges")
-    window = list(context.asset_partition_keys_for_input("daily_edges"))
-    present: list[str] = []
-    dirs: list[Path] = []
-    for key in window:
-        path = published_path(daily, key)
-        if path is not None:
-            present.append(key)
-            dirs.append(path)
-    missing = [k for k in window if k not in present]
-    if missing:
-        context.log.info(f"{len(missing)} day(s) of the window have no published daily_edges: {missing}")
     engine = _engine(storage, pyspark)
     dataset = settings.warehouse_dataset("pruned_edges")
-    with publish_partition(dataset, day) as staging:
-        stats = engine.prune_window(dirs, staging, params)
-    before, after = stats["before"], stats["after"]
-    return dg.MaterializeResult(
-        metadata={
-            "engine": engine.name,
-            "window_days": len(window),
-            "window": dg.MetadataValue.json({"first": window[0] if window else None,
-                                             "last": window[-1] if window else None,
-                                             "present": present, "missing": missing}),
-            "pruning_params": dg.MetadataValue.json(params.to_dict()),
-            "kept_fraction": float(stats["kept_fraction"]),
-            "entries_before": before["total_entries"],
-            "entries_after": after["total_entries"],
-            "nodes": after["total_nodes"],
-            "table1": dg.MetadataValue.md(table1_markdown(before, after)),
-            "table1_before": dg.MetadataValue.json(before),
-            "table1_after": dg.MetadataValue.json(after),
-            "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
-        },
-        check_results=_check_results("pruned_edges", stats["checks"]),
-    )
+
+    def run_day(day: str) -> DayResult:
+        window = window_keys(day)
+        present: list[str] = []
+        dirs: list[Path] = []
+        for key in window:
+            path = published_path(daily, key)
+            if path is not None:
+                present.append(key)
+                dirs.append(path)
+        missing = [k for k in window if k not in present]
+        if missing:
+            context.log.info(f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: "
+                             f"{missing}")
+        with publish_partition(dataset, day) as staging:
+            stats = engine.prune_window(dirs, staging, params)
+        before, after = stats["before"], stats["after"]
+        return DayResult(
+            metadata={
+                "engine": engine.name,
+                "window_days": len(window),
+                "window": dg.MetadataValue.json({"first": window[0] if window else None,
+                                                 "last": window[-1] if window else None,
+                                                 "present": present, "missing": missing}),
+                "pruning_params": dg.MetadataValue.json(params.to_dict()),
+                "kept_fraction": float(stats["kept_fraction"]),
+                "entries_before": before["total_entries"],
+                "entries_after": after["total_entries"],
+                "nodes": after["total_nodes"],
+                "table1": dg.MetadataValue.md(table1_markdown(before, after)),
+                "table1_before": dg.MetadataValue.json(before),
+                "table1_after": dg.MetadataValue.json(after),
+                "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
+            },
+            check_results=_check_results("pruned_edges", stats["checks"]),
+        )
+
+    return materialize_days(context, run_day)
