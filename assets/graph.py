@@ -12,6 +12,8 @@ pruned_edges, partition D: the published daily_edges partitions of the OMNISAGE_
     undirected edge, then Algorithm 2 per adjacency list -> one row per kept directed entry.
 """
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,16 @@ from pydantic import Field
 
 from assets.daily import DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
+from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_mapping
 from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
 
 #: check name -> (key in the engine's "checks" stats, description)
+#: Written into every pruned_edges partition: the held-out pairs the graph leaves out.
+HOLDOUT_FILE = "_holdout.json"
+
 EDGE_CHECKS = {
     "no_self_loops": ("self_loops", "no edge joins a node to itself"),
     "only_contract_edge_types": ("unknown_edge_types", "every edge_type is pin_board or pin_pin (contract)"),
@@ -41,9 +47,18 @@ class PruningConfig(dg.Config):
     d_min: int = Field(default=10, description="d_min of A.1: lists this short or shorter are kept whole")
     d_max: int = Field(default=10_000, description="d_max of A.1: no list keeps more entries than this")
     seed: int = Field(default=0, description="seed of the portable sampling key (graph_engine.pruning)")
+    eval_fraction: float = Field(
+        default=DEFAULT_EVAL_FRACTION,
+        description="share of entity pairs held out for evaluation; their edges never enter the graph "
+        "(training_examples reads this choice from the partition's _holdout.json)",
+    )
+    holdout_seed: int = Field(default=DEFAULT_HOLDOUT_SEED, description="seed of the held-out hash")
 
     def params(self) -> PruningParams:
         return PruningParams(alpha=self.alpha, d_min=self.d_min, d_max=self.d_max, seed=self.seed)
+
+    def holdout(self) -> Holdout:
+        return Holdout(fraction=self.eval_fraction, seed=self.holdout_seed)
 
 
 def _engine(storage: StorageResource, pyspark: LazyPySparkResource) -> EdgeEngine:
@@ -178,8 +193,11 @@ def pruned_edges(
         if missing:
             context.log.info(f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: "
                              f"{missing}")
+        holdout = config.holdout()
         with publish_partition(dataset, day) as staging:
-            stats = engine.prune_window(dirs, staging, params)
+            stats = engine.prune_window(dirs, staging, params, holdout)
+            # Readers skip "_" files; training_examples reads it to hold out exactly these pairs.
+            (staging / HOLDOUT_FILE).write_text(json.dumps(asdict(holdout)))
         before, after = stats["before"], stats["after"]
         return DayResult(
             metadata={
@@ -190,6 +208,7 @@ def pruned_edges(
                                                  "present": present, "missing": missing}),
                 "pruning_params": dg.MetadataValue.json(params.to_dict()),
                 "kept_fraction": float(stats["kept_fraction"]),
+                "held_out_edges": int(stats["held_out_edges"]),
                 "entries_before": before["total_entries"],
                 "entries_after": after["total_entries"],
                 "nodes": after["total_nodes"],

@@ -25,6 +25,7 @@ from graph_engine.edge_engine import (
     table1,
     window_edge_types,
 )
+from graph_engine.holdout import Holdout
 from graph_engine.pruning import PruningParams, d_target, sampling_key_sql
 
 _SQL_TYPES = {"string": "VARCHAR", "int64": "BIGINT", "float64": "DOUBLE"}
@@ -117,7 +118,7 @@ class DuckDBEdgeEngine:
     # ---------------------------------------------------------------------------------- pruning
 
     def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams) -> dict[str, Any]:
+                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
         out_dir = Path(out_dir)
         dirs = [Path(d) for d in daily_edge_dirs]
         files = [f for d in dirs for f in parquet_files(d)]
@@ -147,6 +148,7 @@ class DuckDBEdgeEngine:
                 )
                 GROUP BY src_type, src_id, dst_type, dst_id, edge_type
             """)
+            held_out_edges = _drop_held_out(con, holdout)
             # One entry in each endpoint's adjacency list; d = entries in the node's own list.
             con.execute("""
                 CREATE TEMP TABLE deg AS
@@ -201,10 +203,27 @@ class DuckDBEdgeEngine:
             nodes_before, nodes_after = nodes_before_after(hist, params)
             con.execute(f"CREATE VIEW pruned AS SELECT * FROM read_parquet({_lit(str(out))})")
             edges_after, checks = summarize_edge_types(_edge_summary(con, "pruned"), undirected=False)
-            return prune_stats(len(dirs), table1(nodes_before, edges_before),
-                               table1(nodes_after, edges_after), checks)
+            stats = prune_stats(len(dirs), table1(nodes_before, edges_before),
+                                table1(nodes_after, edges_after), checks)
+            return {**stats, "held_out_edges": held_out_edges}
         finally:
             con.close()
+
+
+def _drop_held_out(con, holdout: Holdout | None) -> int:
+    """Remove the evaluation pairs from the window graph (graph_engine.holdout); returns how many."""
+    if holdout is None:
+        return 0
+    stages, flag = holdout.sql_stages("duckdb")
+    flagged = "SELECT * FROM und"
+    for col, expr in stages:
+        flagged = f"SELECT *, {expr} AS {col} FROM ({flagged})"
+    con.execute(f"CREATE TEMP TABLE und_flagged AS {flagged}")
+    held = int(con.execute(f"SELECT COUNT(*) FROM und_flagged WHERE {flag}").fetchone()[0])
+    con.execute("DROP TABLE und")
+    con.execute(f"CREATE TEMP TABLE und AS SELECT {_EDGE_COLS} FROM und_flagged WHERE NOT {flag}")
+    con.execute("DROP TABLE und_flagged")
+    return held
 
 
 def _undirected_table1(con, view: str) -> dict[str, Any]:

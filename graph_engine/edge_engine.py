@@ -177,8 +177,9 @@ class EdgeEngine(Protocol):
         ...
 
     def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams) -> dict[str, Any]:
-        """Sum the daily edges of the window per undirected edge, then Algorithm 2 per adjacency list.
+                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
+        """Sum the daily edges of the window per undirected edge, drop the held-out evaluation pairs
+        (``holdout``; graph_engine.holdout), then Algorithm 2 per adjacency list.
 
         Writes one row per kept directed entry (src = the node whose list it is). Returns
         ``{"days": n, "before": table1, "after": table1, "kept_fraction": x, "checks": {...}}``.

@@ -28,6 +28,7 @@ from graph_engine.edge_engine import (
     table1,
     window_edge_types,
 )
+from graph_engine.holdout import Holdout
 from graph_engine.pruning import EDGE_COLUMNS, PruningParams, d_target, sampling_key_sql
 
 
@@ -156,7 +157,7 @@ class SparkEdgeEngine:
     # ---------------------------------------------------------------------------------- pruning
 
     def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams) -> dict[str, Any]:
+                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
         from pyspark import StorageLevel
         from pyspark.sql import Window
         from pyspark.sql import functions as F
@@ -177,8 +178,18 @@ class SparkEdgeEngine:
                 "edge_type", "weight")
             .groupBy("src_type", "src_id", "dst_type", "dst_id", "edge_type")
             .agg(F.sum("weight").cast("double").alias("weight"))
-            .persist(StorageLevel.MEMORY_AND_DISK)
         )
+        held_out_edges, flagged = 0, None
+        if holdout is not None:
+            # Evaluation pairs never become graph edges (graph_engine.holdout).
+            stages, flag = holdout.sql_stages("spark")
+            for col, expr in stages:
+                und = und.withColumn(col, F.expr(expr))
+            und = und.persist(StorageLevel.MEMORY_AND_DISK)
+            held_out_edges = und.filter(F.col(flag)).count()
+            flagged = und
+            und = und.filter(~F.col(flag)).select(*EDGE_COLUMNS)
+        und = und.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             null_row = F.col("src_id").isNull() | F.col("dst_id").isNull() | F.col("weight").isNull()
             edges_before = window_edge_types(
@@ -225,11 +236,14 @@ class SparkEdgeEngine:
             write_parquet_flat(_cast_edges(kept), out_dir, edge_schema())
         finally:
             und.unpersist()
+            if flagged is not None:
+                flagged.unpersist()
 
         written = self._read_edges(parquet_files(out_dir))
         edges_after, checks = summarize_edge_types(_edge_summary(written), undirected=False)
-        return prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after),
-                           checks)
+        stats = prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after),
+                            checks)
+        return {**stats, "held_out_edges": held_out_edges}
 
 
 def _undirected_table1(df) -> dict[str, Any]:
