@@ -1,0 +1,135 @@
+"""Batch inference with a trained ``OmniSageModel`` (paper 3.5): entity embeddings f_t(u) and user
+embeddings U_t.
+
+- ``embed_entities(model, builder, entity_type, ids)`` -> float32 [n, d], unit rows: the day's cached
+  neighbourhoods and features through ``BatchBuilder``, forward in batches under ``torch.no_grad`` in eval
+  mode on the model's device. Entities outside the graph get all-padding neighbourhoods (3.5's zero
+  imputation, done by the BatchBuilder).
+- ``exclude_neighbor_ids`` (int64 [n], -1 = none): entity i is embedded as if ``exclude_neighbor_ids[i]``
+  were not in its neighbourhood (``exclude_neighbors``): the evaluator uses it so an evaluation query is never
+  embedded with the evaluation pair's own edge (contract "Evaluation protocol").
+- ``embed_users(model, builder, histories)`` -> the user-entity transformer's output U_t at each user's last
+  history step (3.3.3; ``OmniSageModel.user_embeddings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import numpy as np
+import torch
+
+from graph_engine.batch import EntityBatch, FeatureArrays
+
+
+def exclude_neighbors(batch: EntityBatch, exclude_ids) -> EntityBatch:
+    """``batch`` with entity ``exclude_ids[i]`` removed from row i's neighbourhood (any block it appears in;
+    -1 = nothing to remove). Each block is compacted afterwards - the remaining neighbours move up one
+    rank, real entries first then padding, as the batch layout requires - so the row looks like the
+    neighbourhood would without that node (up to the proximity scores of the others, which are kept).
+    Matching is by id: the layout's blocks hold one node type each and ids of different types are
+    assumed not to collide (true of the contract's data sets unless a pin and a board share an id, in which
+    case the other one is dropped too - harmless for evaluation)."""
+    ex = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+    b = len(batch)
+    if ex.shape[0] != b:
+        raise ValueError(f"exclude_neighbor_ids has {ex.shape[0]} entries for {b} entities")
+    hit = batch.neighbor_mask & (batch.neighbor_ids == ex[:, None]) & (ex[:, None] >= 0)
+    if not hit.any():
+        return batch
+    mask = batch.neighbor_mask & ~hit
+    # per-block stable compaction: order = (block, not real, column) inside each row
+    k = batch.layout.width
+    block = batch.layout.block_index().astype(np.int64)
+    col = np.arange(k)
+    sort_key = block[None, :] * (2 * k) + (~mask) * k + col[None, :]
+    perm = np.argsort(sort_key, axis=1, kind="stable")
+    rows = np.arange(b)[:, None]
+    new_mask = mask[rows, perm]
+
+    def take(a: np.ndarray, pad) -> np.ndarray:
+        out = a[rows, perm]
+        m = new_mask.reshape(new_mask.shape + (1,) * (out.ndim - 2))
+        return np.where(m, out, pad).astype(a.dtype, copy=False)
+
+    nf = batch.neighbor_features
+    new_nf = FeatureArrays(**{f.name: take(getattr(nf, f.name), 0) for f in fields(FeatureArrays)})
+    return replace(
+        batch,
+        neighbor_ids=take(batch.neighbor_ids, -1),
+        neighbor_features=new_nf,
+        neighbor_scores=take(batch.neighbor_scores, 0),
+        neighbor_mask=new_mask,
+    )
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _EvalMode:
+    """Eval mode for the duration, the previous mode restored after (inference inside a training run)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def embed_entities(
+    model,
+    builder,
+    entity_type: str,
+    ids,
+    *,
+    batch_size: int = 512,
+    exclude_neighbor_ids=None,
+) -> np.ndarray:
+    """f_t(u) of every id (any order, repeats allowed) -> float32 [n, out_dim]."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ex = None if exclude_neighbor_ids is None else np.asarray(exclude_neighbor_ids, np.int64).reshape(-1)
+    if ex is not None and ex.shape != ids.shape:
+        raise ValueError(f"embed_entities: exclude_neighbor_ids has {ex.shape[0]} entries for {ids.shape[0]} ids")
+    if batch_size < 1:
+        raise ValueError(f"embed_entities: batch_size must be >= 1, got {batch_size}")
+    out = np.zeros((ids.size, model.config.out_dim), dtype=np.float32)
+    with _EvalMode(model), torch.no_grad():
+        for lo in range(0, ids.size, batch_size):
+            hi = min(ids.size, lo + batch_size)
+            batch = builder.build(entity_type, ids[lo:hi])
+            if ex is not None:
+                batch = exclude_neighbors(batch, ex[lo:hi])
+            out[lo:hi] = model.embed(batch, f"embed_entities({entity_type})").float().cpu().numpy()
+    return out
+
+
+def embed_users(model, builder, histories, *, batch_size: int = 256, entity_type: str = "pin") -> np.ndarray:
+    """U_t at each user's last history step -> float32 [len(histories), out_dim].
+
+    ``histories``: one int64 array of engaged entity ids per user, oldest first; longer than the model's
+    t_max (``SequenceConfig.max_len``) keeps the most recent t_max. A user with an empty history gets a
+    zero vector (no state to read)."""
+    from ml.data import make_sequence_batch
+
+    if "user_entity" not in getattr(model, "tasks", {}):
+        raise ValueError("embed_users: the model has no user_entity task (no sequence transformer)")
+    t_max = int(model.config.sequence.max_len)
+    hist = [np.asarray(h, dtype=np.int64).reshape(-1)[-t_max:] for h in histories]
+    out = np.zeros((len(hist), model.config.out_dim), dtype=np.float32)
+    nonempty = np.flatnonzero([h.size > 0 for h in hist])
+    with _EvalMode(model), torch.no_grad():
+        for lo in range(0, nonempty.size, batch_size):
+            rows = nonempty[lo : lo + batch_size]
+            lengths = np.array([hist[r].size for r in rows])
+            seq = np.full((rows.size, int(lengths.max())), -1, dtype=np.int64)
+            valid = np.arange(seq.shape[1])[None, :] < lengths[:, None]
+            seq[valid] = np.concatenate([hist[r] for r in rows])
+            batch = make_sequence_batch(builder, entity_type, seq)
+            out[rows] = model.user_embeddings(batch).float().cpu().numpy()
+    return out

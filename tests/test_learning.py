@@ -1,0 +1,82 @@
+"""THE learning test (issue 6): on a small planted data set from the generator, about a CPU-minute of
+training with the ``small`` preset raises entity-entity recall@10 (the one evaluator, held-out pairs, full
+negative pool) to at least 5x the random-embedding level - and well above the untrained model, whose
+neighbourhood features alone already beat chance.
+
+Figures seen here (tiny scale, 3 days, 80 steps of 64 pairs + 32 random negatives per type pair, one torch
+thread; pools 500 pins / 200 boards): random 0.024, untrained 0.13, trained 0.48, oracle (planted latents)
+0.40. Training without masking the pair's own edge out of the neighbourhoods (``exclude_pair_edges=False``)
+reached only 0.34 in the same budget: graph pairs are drawn from the query's neighbourhood, so unmasked
+training rewards spotting the positive among one's neighbours, which evaluation (edge never in the graph)
+does not allow.
+
+One torch thread: on a loaded 2-core box, intra-op threads spin against each other (measured: 3.5 CPU-s
+per step with 2 threads vs 0.22 with 1).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import build_library_pipeline
+
+from ml.config import small
+from ml.evaluator import Evaluator, TableEmbedder, model_embedders, random_embedder
+from ml.example_loader import make_batch_iterator_factory
+from ml.train import Trainer
+
+STEPS = 80
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_raises_entity_entity_recall(tmp_path, one_thread):
+    t0 = time.perf_counter()
+    art = build_library_pipeline(tmp_path, scale="tiny", days=3, seed=0)
+    ev = Evaluator(art.data, art.universe, k=10, pool_size=10_000, seed=0)
+    assert ev.pairs["query_id"].size > 200
+
+    rand = float(np.mean([ev.evaluate(random_embedder(art.universe, seed=s)).recall("entity_entity") for s in range(5)]))
+    truth = art.truth
+    oracle = ev.evaluate(
+        TableEmbedder({"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)})
+    ).recall("entity_entity")
+
+    model_cfg, train_cfg = small(image_dim=art.image_dim)
+    model_cfg = model_cfg.replace(tasks=("entity_entity",))
+    train_cfg = train_cfg.replace(total_steps=STEPS, warmup_steps=10, lr=0.003, log_every=20, seed=0)
+    factory = make_batch_iterator_factory(
+        art.data, art.builder, tasks=("entity_entity",), batch_size=64, num_random_negatives=32, seed=0
+    )
+    trainer = Trainer(model_cfg, train_cfg, factory, progress=None)
+    ent, _ = model_embedders(trainer.model, art.builder)
+    untrained = ev.evaluate(ent, tasks=("entity_entity",)).recall("entity_entity")
+
+    t1 = time.perf_counter()
+    result = trainer.fit()
+    train_s = time.perf_counter() - t1
+    report = ev.evaluate(ent, tasks=("entity_entity",))
+    trained = report.recall("entity_entity")
+    ee = report.to_json()["entity_entity"]
+    print(
+        f"\nrecall@10 entity_entity: random {rand:.4f} untrained {untrained:.4f} trained {trained:.4f} "
+        f"oracle {oracle:.4f} (graph {ee['graph']['recall']:.3f}, engagement {ee['engagement']['recall']:.3f}); "
+        f"{result.steps} steps in {train_s:.1f}s, test {time.perf_counter() - t0:.1f}s"
+    )
+    assert result.steps == STEPS
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert rand < 0.04  # chance ~ k / (pool + 1) for 500 pins / 200 boards
+    assert trained >= 5 * rand
+    assert trained >= 2 * untrained
+    # both pair families learn, not only one
+    assert ee["graph"]["recall"] >= 5 * rand and ee["engagement"]["recall"] >= 5 * rand

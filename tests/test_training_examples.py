@@ -1,0 +1,243 @@
+"""Training examples and their held-out sets (paper 3.3, 4.2.1; contract "Evaluation protocol"), and the
+batch iterator the trainer consumes (ml.example_loader)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from pipeline_fixtures import build_library_pipeline
+
+from graph_engine.holdout import TYPE_CODE, held_out_pairs, held_out_users
+from ml.data import FeatureTaskBatch, PairBatch, SequenceBatch
+from ml.example_loader import allocate, load_training_examples, make_batch_iterator_factory
+from ml.inference import exclude_neighbors
+from ml.training_examples import (
+    ExampleConfig,
+    build_training_examples,
+    drop_held_out_edges,
+    held_out_pair_mask,
+)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return build_library_pipeline(tmp_path_factory.mktemp("pipe"), scale="tiny", days=3, seed=0)
+
+
+def _unordered(t: pa.Table, a=("query_type", "query_id"), b=("pos_type", "pos_id")) -> set:
+    ta, ia = t[a[0]].to_pylist(), t[a[1]].to_pylist()
+    tb, ib = t[b[0]].to_pylist(), t[b[1]].to_pylist()
+    return {tuple(sorted([(x, y), (z, w)])) for x, y, z, w in zip(ta, ia, tb, ib)}
+
+
+def test_every_output_is_written_and_has_examples(art):
+    counts = art.data.manifest["counts"]
+    for name in ("pairs", "eval_pairs", "sequences", "eval_sequences", "feature_nodes", "eval_feature_nodes"):
+        assert counts[name] > 0, name
+    sources = set(art.data.manifest["per_source"]["eval_pairs"])
+    assert {"engagement_pin_pin", "engagement_board_pin", "graph_pin_pin", "graph_pin_board"} <= sources
+    # the universe is graph nodes + metadata: the tiny scale's 500 pins and 200 boards
+    assert {k: len(v) for k, v in art.data.universe().items()} == {"pin": 500, "board": 200}
+    # eval share near the configured fraction (hash buckets)
+    share = counts["eval_pairs"] / (counts["pairs"] + counts["eval_pairs"])
+    assert 0.05 < share < 0.15
+
+
+def test_held_out_pairs_never_in_training_pairs(art):
+    train, held = _unordered(art.data.pairs), _unordered(art.data.eval_pairs)
+    assert held and not (train & held)
+    cfg = art.example_config
+    assert not held_out_pair_mask(art.data.pairs, cfg).any()
+    assert held_out_pair_mask(art.data.eval_pairs, cfg).all()
+
+
+def test_held_out_engagement_pairs_are_never_graph_edges(art):
+    pruned = pq.read_table(art.pruned_dir)
+    edges = _unordered(pruned, ("src_type", "src_id"), ("dst_type", "dst_id"))
+    ev = art.data.eval_pairs
+    engaged = ev.filter(pc.starts_with(ev["source"], "engagement_"))
+    assert engaged.num_rows > 0
+    assert not (_unordered(engaged) & edges)
+    # ... while the training engagement pairs are (mostly) edges: the filter is what keeps them apart
+    tr = art.data.pairs
+    tr_engaged = _unordered(tr.filter(pc.starts_with(tr["source"], "engagement_")))
+    assert len(tr_engaged & edges) > 0.5 * len(tr_engaged)
+
+
+def test_drop_held_out_edges_is_the_unordered_pair_hash():
+    cfg = ExampleConfig(eval_fraction=0.3)
+    rng = np.random.default_rng(0)
+    n = 2000
+    pins, boards = rng.integers(1, 10**9, n), rng.integers(1, 10**9, n)
+    edges = pa.table(
+        {
+            "src_type": ["pin"] * n,
+            "src_id": pins,
+            "dst_type": ["board"] * n,
+            "dst_id": boards,
+            "edge_type": ["pin_board"] * n,
+            "weight": np.ones(n),
+        }
+    )
+    kept = drop_held_out_edges(edges, cfg)
+    # the board -> pin orientation of the same pairs (how engagement pairs are written)
+    held = held_out_pairs(cfg.holdout_seed, cfg.eval_fraction, TYPE_CODE["board"], boards, TYPE_CODE["pin"], pins)
+    assert kept.num_rows == n - held.sum()
+    assert set(kept["src_id"].to_pylist()) == set(pins[~held].tolist())
+
+
+def test_held_out_users_sequences_not_in_training(art):
+    cfg = art.example_config
+    train_users = art.data.sequences["user_id"].to_numpy()
+    eval_users = art.data.eval_sequences["user_id"].to_numpy()
+    assert eval_users.size and train_users.size
+    assert not set(train_users) & set(eval_users)
+    assert not held_out_users(cfg.holdout_seed, cfg.eval_fraction, train_users).any()
+    assert held_out_users(cfg.holdout_seed, cfg.eval_fraction, eval_users).all()
+
+
+def test_user_eval_uses_engagement_after_the_cutoff(art):
+    cutoff = datetime.fromisoformat(art.data.manifest["user_eval_cutoff"])
+    assert cutoff.tzinfo is not None
+    logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
+    ts = logs["event_ts"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    cut_us = int(cutoff.astimezone(UTC).timestamp() * 1_000_000)
+    users, pins = logs["user_id"].to_numpy(), logs["pin_id"].to_numpy()
+    for row in art.data.eval_sequences.to_pylist():
+        mine = users == row["user_id"]
+        before = set(pins[mine & (ts < cut_us)].tolist())
+        after = set(pins[mine & (ts >= cut_us)].tolist())
+        assert row["history"] and row["future"]
+        assert set(row["history"]) <= before
+        assert set(row["future"]) <= after
+        assert len(row["history"]) <= art.example_config.t_max
+        assert len(row["future"]) <= art.example_config.future_delta
+
+
+def test_same_hash_on_every_day(art, tmp_path):
+    """Examples of an earlier window end: every pair (and user) seen on both days is on the same side."""
+    out = tmp_path / "day2"
+    out.mkdir()
+    day2 = art.days[-2]
+    logs = sorted(art.log_dirs[-2].glob("*.parquet")) + sorted(art.log_dirs[0].glob("*.parquet"))
+    build_training_examples(
+        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, art.example_config
+    )
+    d2 = load_training_examples(out)
+    d3 = art.data
+    tr2, ev2, tr3, ev3 = (_unordered(t) for t in (d2.pairs, d2.eval_pairs, d3.pairs, d3.eval_pairs))
+    both = (tr2 | ev2) & (tr3 | ev3)
+    assert len(both) > 100
+    assert (ev2 & both) == (ev3 & both)
+    assert not (tr2 & ev3) and not (ev2 & tr3)
+    u2 = set(d2.eval_sequences["user_id"].to_pylist()) | set(d2.sequences["user_id"].to_pylist())
+    assert not set(d2.sequences["user_id"].to_pylist()) & set(d3.eval_sequences["user_id"].to_pylist())
+    assert u2
+
+
+def test_allocate_is_proportional_and_exact():
+    assert allocate(10, np.array([1.0, 1.0, 2.0])).tolist() == [3, 2, 5]  # tie -> lower index
+    got = allocate(256, np.array([1.0, 0.0, 3.0]))
+    assert got.tolist() == [64, 0, 192]
+    assert allocate(7, np.array([1.0, 1.0, 1.0])).sum() == 7
+
+
+def test_batch_iterator_contract(art):
+    """Deterministic per epoch, the same batch names every step, eq. 2's per-source split, negatives of
+    the positive's type from the universe, held-out pairs never drawn."""
+    kw = {"batch_size": 32, "num_random_negatives": 8, "seed": 3, "max_sequence_length": 8, "steps_per_epoch": 3}
+    fac = make_batch_iterator_factory(art.data, art.builder, **kw)
+    a, b = list(fac(0)), list(fac(0))
+    assert len(a) == 3 and fac.steps_per_epoch == 3
+    names = [list(step) for step in a]
+    assert all(n == names[0] for n in names)
+    assert set(names[0]) >= {"entity_entity/pin_pin", "entity_entity/board_pin", "entity_entity/pin_board",
+                             "entity_feature/pin", "entity_feature/board", "user_entity"}
+    for x, y in zip(a, b):
+        for name in x:
+            ex, ey = x[name], y[name]
+            if isinstance(ex, PairBatch):
+                assert np.array_equal(ex.query.entity_ids, ey.query.entity_ids)
+    c = next(iter(fac(1)))
+    assert not np.array_equal(a[0]["entity_entity/pin_pin"].query.entity_ids,
+                              c["entity_entity/pin_pin"].query.entity_ids)
+
+    held = _unordered(art.data.eval_pairs)
+    universe = art.data.universe()
+    total = 0
+    for step in a:
+        for name, batch in step.items():
+            if isinstance(batch, PairBatch):
+                total += len(batch)
+                assert batch.random_negatives.entity_type == batch.positive.entity_type
+                assert np.isin(batch.random_negatives.entity_ids, universe[batch.positive.entity_type]).all()
+                assert batch.random_negative_log_q == pytest.approx(
+                    np.log(8 / len(universe[batch.positive.entity_type]))
+                )
+                pairs = {
+                    tuple(sorted([(batch.query.entity_type, int(q)), (batch.positive.entity_type, int(p))]))
+                    for q, p in zip(batch.query.entity_ids, batch.positive.entity_ids)
+                }
+                assert not pairs & held
+                # the pair's own edge is masked out of both neighbourhoods
+                assert not (batch.query.neighbor_mask
+                            & (batch.query.neighbor_ids == batch.positive.entity_ids[:, None])).any()
+                assert not (batch.positive.neighbor_mask
+                            & (batch.positive.neighbor_ids == batch.query.entity_ids[:, None])).any()
+                # weights B_g / B: the sum of the per-type-pair means is the mean over the step
+                assert np.allclose(batch.weights, len(batch) / 32)
+            elif isinstance(batch, FeatureTaskBatch):
+                assert batch.random_negatives.entity_type == batch.nodes.entity_type
+            elif isinstance(batch, SequenceBatch):
+                seq = np.asarray(batch.sequence_index)
+                assert seq.shape[1] <= 8
+                assert ((seq >= 0).sum(1) >= 2).all()
+        assert total % 32 == 0
+    # eq. 2 with equal weights: every source gets batch_size / n_sources pairs per step
+    fac_w = make_batch_iterator_factory(
+        art.data, art.builder, tasks=("entity_entity",), batch_size=60, num_random_negatives=0, steps_per_epoch=1,
+        source_weights={"engagement_pin_pin": 2.0, "graph_pin_pin": 1.0, "engagement_board_pin": 0.0,
+                        "graph_board_pin": 0.0, "graph_pin_board": 0.0, "graph_pin_board_pin": 0.0},
+    )
+    step = next(iter(fac_w(0)))
+    assert list(step) == ["entity_entity/pin_pin"]
+    q = step["entity_entity/pin_pin"].query.entity_ids
+    p = step["entity_entity/pin_pin"].positive.entity_ids
+    pairs = art.data.pairs
+    src_of = {}
+    for s, qi, pi in zip(pairs["source"].to_pylist(), pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()):
+        src_of.setdefault((qi, pi), set()).add(s)
+    n_eng = sum("engagement_pin_pin" in src_of[(int(a), int(b))] for a, b in zip(q, p))
+    assert n_eng >= 40  # 2/3 of 60 drawn from the weight-2 source
+
+
+def test_exclude_neighbors_compacts_blocks(art):
+    ids = art.universe["pin"][:64]
+    batch = art.builder.build("pin", ids)
+    rows, cols = np.nonzero(batch.neighbor_mask)
+    assert rows.size
+    # exclude one real neighbour of every row that has one (the first found)
+    first = np.full(len(ids), -1, np.int64)
+    seen = np.zeros(len(ids), bool)
+    for r, c in zip(rows, cols):
+        if not seen[r]:
+            first[r], seen[r] = batch.neighbor_ids[r, c], True
+    out = exclude_neighbors(batch, first)
+    assert not (out.neighbor_mask & (out.neighbor_ids == first[:, None]) & (first[:, None] >= 0)).any()
+    assert out.neighbor_mask.sum() == batch.neighbor_mask.sum() - (batch.neighbor_mask & (
+        batch.neighbor_ids == first[:, None])).sum()
+    for off, blk in zip(out.layout.offsets, out.layout.blocks):
+        m = out.neighbor_mask[:, off : off + blk.k]
+        # real entries first inside every block, padding zeroed
+        assert not (~m[:, :-1] & m[:, 1:]).any()
+        assert (out.neighbor_ids[:, off : off + blk.k][~m] == -1).all()
+        assert (out.neighbor_features.token_lengths[:, off : off + blk.k][~m] == 0).all()
+        s = out.neighbor_scores[:, off : off + blk.k]
+        assert (np.diff(np.where(m, s, -1e9), axis=1)[m[:, 1:]] <= 0).all()  # still score-descending
+    # nothing to exclude -> the same object
+    assert exclude_neighbors(batch, np.full(len(ids), -1)) is batch
