@@ -10,9 +10,9 @@ degree.
 import dagster as dg
 from pydantic import Field
 
+from assets.daily import DayResult, materialize_days
 from graph_engine.feature_store import STORE_MAX_TOKENS, build_feature_store
 from graph_engine.snapshot import GraphSnapshot
-from assets.daily import DayResult, materialize_days
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource

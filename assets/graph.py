@@ -25,7 +25,7 @@ from assets.daily import DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_mapping
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
 from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -106,14 +106,6 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
         a = after["edge_types"].get(e, {"entries": 0})
         lines.append(f"| {e} | {b['edges']:,} | {b['entries']:,} | {a['entries']:,} |")
     return "\n".join(lines)
-
-
-def window_keys(day: str) -> list[str]:
-    """The daily_edges partitions of day D's graph, oldest first: exactly what the asset's partition
-    mapping says (so lineage and the files read agree), one day at a time (a backfill range runs many)."""
-    result = window_mapping().get_upstream_mapped_partitions_result_for_partitions(
-        daily_partitions.subset_with_partition_keys([day]), daily_partitions, daily_partitions)
-    return sorted(result.partitions_subset.get_partition_keys())
 
 
 @dg.asset(

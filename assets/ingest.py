@@ -25,6 +25,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.daily import DayResult, materialize_days
 from omnisage_pipeline.contract import (
     ValidationResult,
     count_rows,
@@ -34,7 +35,6 @@ from omnisage_pipeline.contract import (
     validate_pins,
     write_table,
 )
-from assets.daily import DayResult, materialize_days
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource

@@ -42,7 +42,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,8 +53,14 @@ from assets.graph import HOLDOUT_FILE
 from assets.snapshot import NEIGHBORHOODS_DIR
 from ml.config import TASK_NAMES
 from ml.training_examples import ExampleConfig
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, WINDOW_DAYS, daily_partitions, window_mapping
-from omnisage_pipeline.publish import list_published, partition_link, publish_partition, published_path, require_published
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
+from omnisage_pipeline.publish import (
+    list_published,
+    partition_link,
+    publish_partition,
+    published_path,
+    require_published,
+)
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
 
@@ -92,12 +97,6 @@ class TrainingExamplesConfig(dg.Config):
             sample_seed=self.sample_seed,
             graph_pairs_per_node=self.graph_pairs_per_node,
         )
-
-
-def window_keys(day: str, window_days: int = WINDOW_DAYS) -> list[str]:
-    """The ``window_days`` days ending at ``day`` (the graph window of day D, ``window_mapping``), oldest first."""
-    end = date.fromisoformat(day)
-    return [(end - timedelta(days=i)).isoformat() for i in range(window_days - 1, -1, -1)]
 
 
 def build_examples_day(settings: Settings, day: str, example_config: ExampleConfig, log=None) -> DayResult:
@@ -317,8 +316,6 @@ def train_and_register(
     """Train, log, register and gate one model (module docstring). Dagster-free: the asset, the benchmark and
     the tests call it. ``stop_after`` (tests of the resume path) trains up to that step, keeps the checkpoint
     and returns None without registering - what a killed run leaves behind."""
-    import mlflow
-    import torch
     from mlflow.entities import Metric, Param, RunTag
 
     from graph_engine.batch_builder import BatchBuilder

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from graph_engine.holdout import Holdout
 from graph_engine.pruning import EDGE_COLUMNS, EDGE_TYPES, PruningParams
 
 ENGINE_NAMES = ("spark", "duckdb")

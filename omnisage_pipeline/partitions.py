@@ -23,6 +23,15 @@ def window_mapping(window_days: int = WINDOW_DAYS) -> dg.TimeWindowPartitionMapp
     )
 
 
+def window_keys(day: str) -> list[str]:
+    """The partitions of day D's window, oldest first: exactly what ``window_mapping`` says (so lineage and
+    the files read agree); days before the first partition are absent."""
+    result = window_mapping().get_upstream_mapped_partitions_result_for_partitions(
+        daily_partitions.subset_with_partition_keys([day]), daily_partitions, daily_partitions
+    )
+    return sorted(result.partitions_subset.get_partition_keys())
+
+
 #: Every daily asset runs a backfill range as ONE run that handles its days in date order (the asset body
 #: loops over ``partition_keys(context)`` and publishes each day atomically). Why single-run: pruned_edges of
 #: day D reads daily_edges of the days before it, so a range must be built in date order, not as concurrent

@@ -42,6 +42,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from omnisage_pipeline.contract import BOARD_SCHEMA as BOARDS_SCHEMA
+from omnisage_pipeline.contract import LOG_SCHEMA as ENGAGEMENT_SCHEMA
+from omnisage_pipeline.contract import PIN_SCHEMA as PINS_SCHEMA
+
 GENERATOR_VERSION = 1
 
 ACTIONS = ("closeup", "click", "save")
@@ -54,33 +58,6 @@ DAY_STREAM = 1
 
 # Contract schemas (shared/contract.md, "Input"). Every field is declared nullable, as a plain export would be:
 # "required" is a validation rule of the ingest, not a Parquet repetition level.
-ENGAGEMENT_SCHEMA = pa.schema(
-    [
-        pa.field("event_ts", pa.timestamp("us", tz="UTC")),
-        pa.field("user_id", pa.int64()),
-        pa.field("action", pa.string()),
-        pa.field("surface", pa.string()),
-        pa.field("pin_id", pa.int64()),
-        pa.field("board_id", pa.int64()),
-        pa.field("query_pin_id", pa.int64()),
-    ]
-)
-PINS_SCHEMA = pa.schema(
-    [
-        pa.field("pin_id", pa.int64()),
-        pa.field("title", pa.string()),
-        pa.field("description", pa.string()),
-        pa.field("image_embedding", pa.list_(pa.float32())),
-        pa.field("segment", pa.string()),
-    ]
-)
-BOARDS_SCHEMA = pa.schema(
-    [
-        pa.field("board_id", pa.int64()),
-        pa.field("name", pa.string()),
-        pa.field("description", pa.string()),
-    ]
-)
 
 # Id ranges: disjoint and offset so nothing downstream can assume dense ids that start at 0.
 PIN_ID_BASE = 1_000_000_000

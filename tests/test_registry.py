@@ -15,7 +15,7 @@ from ml.config import small
 from ml.data import random_entity_batch, small_layout, synthetic_task_batches
 from ml.model import OmniSageModel
 from ml.model_io import CONFIG_FILE, WEIGHTS_FILE, ModelFormatError, load_model_dir, save_model_dir
-from ml.registry import CHAMPION, CHALLENGER, ChampionMissingError, ModelRegistry
+from ml.registry import CHALLENGER, CHAMPION, ChampionMissingError, ModelRegistry
 
 IMAGE_DIM = 4
 MAX_TOKENS = 8

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -189,7 +188,12 @@ def test_training_job_and_weekly_schedule(omnisage_env):
     from datetime import datetime, timezone
 
     from assets.training import omnisage_model, training_examples
-    from omnisage_pipeline.training_jobs import TRAINING_JOB_NAME, build_training_schedule, training_job, training_schedule
+    from omnisage_pipeline.training_jobs import (
+        TRAINING_JOB_NAME,
+        build_training_schedule,
+        training_job,
+        training_schedule,
+    )
 
     defs = dg.Definitions(
         assets=[training_examples, omnisage_model],
