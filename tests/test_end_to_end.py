@@ -1,0 +1,136 @@
+"""The whole asset graph in one process on tiny synthetic data (DuckDB engine): ingest -> edges -> pruning ->
+snapshot -> features -> training examples -> omnisage_model (MLflow run, registry, champion gate) ->
+entity_embeddings; then the promises of issue 7 are checked on the published outputs."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import dagster as dg
+from omnisage_pipeline.publish import require_published
+from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.synthetic import generate
+
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+ENGAGEMENT_SOURCES = ("engagement_pin_pin", "engagement_board_pin")
+
+
+def _unordered(types_a, ids_a, types_b, ids_b) -> set[tuple]:
+    return {tuple(sorted([(ta, ia), (tb, ib)])) for ta, ia, tb, ib in zip(types_a, ids_a, types_b, ids_b)}
+
+
+@pytest.fixture
+def pipeline(tmp_path, omnisage_env, monkeypatch):
+    data_root = tmp_path / "data"
+    generate(data_root, start_date=DAYS[0], days=len(DAYS), scale="tiny", seed=0)
+    monkeypatch.setenv("OMNISAGE_DATA_ROOT", str(data_root))
+    from assets.training import OmniSageModelConfig
+    from omnisage_pipeline.definitions import build_resources, defs
+
+    settings = Settings.from_env()
+    assets = list(defs.assets)
+    resources = build_resources(settings)
+    daily = [a for a in assets if a.partitions_def is not None]
+    data_keys = [k for a in daily for k in a.keys if k.to_user_string() != "entity_embeddings"]
+    for day in DAYS:
+        result = dg.materialize(assets, selection=data_keys, partition_key=day, resources=resources)
+        assert result.success
+
+    def train(steps: int) -> dict:
+        config = OmniSageModelConfig(steps=steps, batch_size=32, num_random_negatives=32, pool_size=2000)
+        result = dg.materialize(
+            assets, selection=["omnisage_model"], resources=resources,
+            run_config=dg.RunConfig({"omnisage_model": config}),
+        )  # fmt: skip
+        assert result.success
+        return result.asset_materializations_for_node("omnisage_model")[-1].metadata
+
+    first = train(30)
+    second = train(0)  # deliberately worse: untrained weights
+    result = dg.materialize(assets, selection=["entity_embeddings"], partition_key=DAYS[-1], resources=resources)
+    assert result.success
+    return settings, first, second
+
+
+def test_whole_asset_graph_end_to_end(pipeline):
+    settings, first, second = pipeline
+    day = DAYS[-1]
+
+    # MLflow: one run per materialization with params and metrics, two registered versions.
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient()
+    run = client.get_run(first["mlflow_run_id"].value)
+    assert run.data.params["training_partition"] == day
+    assert "eval/mean_recall_at_10" in run.data.metrics
+    assert any(k.startswith("loss/") for k in run.data.metrics)
+    versions = client.search_model_versions("name='omnisage'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+    # The gate: champion on the first model, NOT moved by the worse second one.
+    assert first["alias"].value == "champion"
+    assert second["alias"].value == "challenger"
+    assert second["champion_mean_recall_at_10"].value > second["new_mean_recall_at_10"].value
+    assert str(client.get_model_version_by_alias("omnisage", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("omnisage", "challenger").version) == "2"
+
+    # Embeddings for exactly the day's pins and boards (metadata UNION graph), unit-norm, finite, versioned.
+    from graph_engine.snapshot import GraphSnapshot
+
+    emb = pq.read_table(require_published(settings.embeddings_dir, day))
+    graph = GraphSnapshot.open(require_published(settings.graph_dir, day))
+    meta_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
+    expected = {("pin", i) for i in pq.read_table(meta_dir / "pins").column("pin_id").to_pylist()}
+    expected |= {("board", i) for i in pq.read_table(meta_dir / "boards").column("board_id").to_pylist()}
+    names = np.where(np.asarray(graph.node_type) == 0, "pin", "board")
+    expected |= set(zip(names.tolist(), np.asarray(graph.node_id).tolist()))
+    got = list(zip(emb.column("entity_type").to_pylist(), emb.column("entity_id").to_pylist()))
+    assert len(got) == len(set(got)) and set(got) == expected
+    vectors = np.asarray(emb.column("embedding").to_pylist(), dtype=np.float32)
+    assert np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert set(emb.column("model_version").to_pylist()) == {"1"}
+
+    # The registered champion, loaded back from the registry, reproduces them.
+    from graph_engine.batch_builder import BatchBuilder
+    from graph_engine.featurizer import Featurizer
+    from graph_engine.neighbor_sampler import NeighborhoodCache
+    from ml.inference import embed_entities
+    from ml.registry import ModelRegistry
+
+    loaded = ModelRegistry(settings.mlflow_tracking_uri).load_champion()
+    cache = NeighborhoodCache.open(require_published(settings.graph_dir, day) / "neighborhoods", graph)
+    featurizer = Featurizer(require_published(settings.features_dir, day), max_tokens=loaded.max_tokens)
+    builder = BatchBuilder(graph, cache, featurizer, cache.layout)
+    for entity_type in ("pin", "board"):
+        rows = [i for i, (t, _) in enumerate(got) if t == entity_type][:50]
+        ids = np.asarray([got[i][1] for i in rows], dtype=np.int64)
+        again = embed_entities(loaded.model, builder, entity_type, ids, batch_size=16)
+        np.testing.assert_allclose(again, vectors[rows], atol=2e-5)
+
+    # No held-out pair is a training pair, and no held-out engagement pair is an edge of the graph that
+    # embedded its query (the day's pruned graph).
+    examples = require_published(settings.warehouse_dataset("training_examples"), day)
+    train_pairs = pq.read_table(examples / "pairs.parquet").to_pydict()
+    eval_pairs = pq.read_table(examples / "eval_pairs.parquet").to_pydict()
+    assert len(eval_pairs["query_id"]) > 0
+    held = _unordered(eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"])
+    trained = _unordered(
+        train_pairs["query_type"], train_pairs["query_id"], train_pairs["pos_type"], train_pairs["pos_id"]
+    )
+    assert not held & trained
+    edges = pq.read_table(require_published(settings.warehouse_dataset("pruned_edges"), day)).to_pydict()
+    graph_edges = _unordered(edges["src_type"], edges["src_id"], edges["dst_type"], edges["dst_id"])
+    engagement_held = {
+        pair
+        for pair, source in zip(
+            [tuple(sorted([(a, b), (c, d)])) for a, b, c, d in zip(
+                eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"])],
+            eval_pairs["source"],
+        )
+        if source in ENGAGEMENT_SOURCES
+    }  # fmt: skip
+    assert engagement_held, "the tiny data set should hold out some engagement pairs"
+    assert not engagement_held & graph_edges
