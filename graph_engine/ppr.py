@@ -139,6 +139,26 @@ def _worse(sa, ia, sb, ib):
     return sa < sb or (sa == sb and ia > ib)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(heap_s, heap_i, size, xs, xi):
+    """Put (xs, xi) at the root of the size-``size`` min-heap (worst at the root) and sift it down."""
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= size:
+            break
+        if c + 1 < size and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
+            c += 1
+        if _worse(heap_s[c], heap_i[c], xs, xi):
+            heap_s[j] = heap_s[c]
+            heap_i[j] = heap_i[c]
+            j = c
+        else:
+            break
+    heap_s[j] = xs
+    heap_i[j] = xi
+
+
 @njit(cache=True, nogil=True)
 def _select(p, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i):
     """Write the k best touched nodes (excluding s; of type want_type unless it is -1) into
@@ -172,22 +192,7 @@ def _select(p, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row
             heap_s[j] = pv
             heap_i[j] = v
         elif _worse(heap_s[0], heap_i[0], pv, v):
-            # replace the root, sift down
-            j = 0
-            while True:
-                c = 2 * j + 1
-                if c >= m:
-                    break
-                if c + 1 < m and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
-                    c += 1
-                if _worse(heap_s[c], heap_i[c], pv, v):
-                    heap_s[j] = heap_s[c]
-                    heap_i[j] = heap_i[c]
-                    j = c
-                else:
-                    break
-            heap_s[j] = pv
-            heap_i[j] = v
+            _sift_down(heap_s, heap_i, m, pv, v)  # replace the root
     # heap sort in place: repeatedly move the worst to the end -> best first
     for end in range(m - 1, 0, -1):
         ts = heap_s[0]
@@ -196,23 +201,7 @@ def _select(p, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row
         heap_i[0] = heap_i[end]
         heap_s[end] = ts
         heap_i[end] = ti
-        xs = heap_s[0]
-        xi = heap_i[0]
-        j = 0
-        while True:
-            c = 2 * j + 1
-            if c >= end:
-                break
-            if c + 1 < end and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
-                c += 1
-            if _worse(heap_s[c], heap_i[c], xs, xi):
-                heap_s[j] = heap_s[c]
-                heap_i[j] = heap_i[c]
-                j = c
-            else:
-                break
-        heap_s[j] = xs
-        heap_i[j] = xi
+        _sift_down(heap_s, heap_i, end, heap_s[0], heap_i[0])
     for i in range(m):
         out_ids[row, col0 + i] = heap_i[i]
         out_scores[row, col0 + i] = heap_s[i]
