@@ -47,7 +47,7 @@ import torch
 from graph_engine.batch import NODE_TYPE_CODE
 from ml.example_loader import TrainingData, list_column
 from ml.losses import entity_key
-from ml.metrics import recall_at_k
+from ml.metrics import recall_at_k, recall_at_k_sparse
 
 TASKS = ("entity_entity", "entity_feature", "user_entity")
 GRAPH_PREFIX = "graph_"
@@ -63,8 +63,9 @@ class EntityEmbedder(Protocol):
 
 @runtime_checkable
 class UserEmbedder(Protocol):
-    def embed_users(self, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 [len(histories), d] in the entity embedding space."""
+    def embed_users(self, histories: list[np.ndarray], user_ids: np.ndarray | None = None) -> np.ndarray:
+        """float32 [len(histories), d] in the entity embedding space (``user_ids``: the users, for embedders
+        that look users up rather than read their history, e.g. the oracle)."""
         ...
 
 
@@ -117,6 +118,10 @@ class EvaluationReport:
 
 def _summary(hits: np.ndarray) -> dict:
     return {"recall": float(hits.mean()) if hits.size else None, "n": int(hits.size)}
+
+
+def _is_sparse(x) -> bool:
+    return hasattr(x, "tocsr") and hasattr(x, "nnz")  # scipy.sparse, without importing scipy here
 
 
 def _mean_of(parts: Sequence[float | None]) -> float | None:
@@ -195,9 +200,14 @@ class Evaluator:
         self.future_ids = f_val[f_off[ok] + np.where(later > 0, draw, 0)] if ok.size else np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------------------------------------
-    def _recall(self, query: np.ndarray, positive: np.ndarray, pos_type: str, pool_emb: np.ndarray,
-                query_keys, positive_keys) -> np.ndarray:
+    def _recall(self, query, positive, pos_type: str, pool_emb, query_keys, positive_keys) -> np.ndarray:
         neg_keys = entity_key(NODE_TYPE_CODE[pos_type], torch.as_tensor(self.pools[pos_type]))
+        if _is_sparse(query):  # count-valued baselines (ml.baselines.CooccurrenceEmbedder)
+            r = recall_at_k_sparse(
+                query, positive, pool_emb, k=self.k, query_keys=query_keys, positive_keys=positive_keys,
+                negative_keys=neg_keys, chunk_size=self.chunk_size,
+            )
+            return r.hits.numpy().astype(bool)
         r = recall_at_k(
             torch.as_tensor(np.ascontiguousarray(query, dtype=np.float32)),
             torch.as_tensor(np.ascontiguousarray(positive, dtype=np.float32)),
@@ -212,7 +222,8 @@ class Evaluator:
 
     def _pool(self, embedder: EntityEmbedder, t: str, cache: dict) -> np.ndarray:
         if t not in cache:
-            cache[t] = np.asarray(embedder.embed(t, self.pools[t]), dtype=np.float32)
+            emb = embedder.embed(t, self.pools[t])
+            cache[t] = emb if _is_sparse(emb) else np.asarray(emb, dtype=np.float32)
         return cache[t]
 
     def evaluate(
@@ -305,7 +316,8 @@ class Evaluator:
             return TaskResult(None, 0, {"reason": "no user embedder" if user_embedder is None else "no evaluation users"})
         if self.pools.get("pin", np.zeros(0)).size == 0:
             return TaskResult(None, 0, {"reason": "no pins in the universe"})
-        users = np.asarray(user_embedder.embed_users(self.histories), dtype=np.float32)
+        users = user_embedder.embed_users(self.histories, user_ids=self.user_ids)
+        users = users if _is_sparse(users) else np.asarray(users, dtype=np.float32)
         pin_pool = self._pool(emb, "pin", cache)
         parts = {}
         for name, ids in (("next", self.next_ids), ("future", self.future_ids)):
@@ -362,7 +374,7 @@ class ModelUserEmbedder:
     def __init__(self, model, builder, batch_size: int = 256):
         self.model, self.builder, self.batch_size = model, builder, batch_size
 
-    def embed_users(self, histories) -> np.ndarray:
+    def embed_users(self, histories, user_ids=None) -> np.ndarray:
         from ml.inference import embed_users
 
         return embed_users(self.model, self.builder, histories, batch_size=self.batch_size)

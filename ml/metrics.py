@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["RecallResult", "recall_at_k"]
+__all__ = ["RecallResult", "recall_at_k", "recall_at_k_sparse"]
 
 _BLOCK_ELEMS = 1 << 22  # float64 scores per block: 32 MiB
 
@@ -112,3 +112,51 @@ def recall_at_k(
             outscored[qs:qe] += beats.sum(dim=1)
     hits = outscored < k
     return RecallResult(float(hits.double().mean()), int(nq), hits.cpu(), outscored.cpu())
+
+
+def recall_at_k_sparse(
+    query,
+    positive,
+    negatives,
+    *,
+    k: int = 10,
+    query_keys=None,
+    positive_keys=None,
+    negative_keys=None,
+    chunk_size: int = 1024,
+) -> RecallResult:
+    """``recall_at_k`` for ``scipy.sparse`` vectors (count-valued baselines such as item co-occurrence):
+    the same definition - ties count against the positive, the query and positive keys leave the pool - with
+    scores from sparse products, exact for the small integer counts these baselines hold."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    query, positive, negatives = (sp.csr_matrix(m) for m in (query, positive, negatives))
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"recall_at_k_sparse: k must be a positive int, got {k!r}")
+    nq = query.shape[0]
+    if positive.shape != query.shape or negatives.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"recall_at_k_sparse: shapes query {query.shape}, positive {positive.shape}, negatives {negatives.shape}"
+        )
+    keys = [None if t is None else np.asarray(torch.as_tensor(t).cpu(), dtype=np.int64)
+            for t in (query_keys, positive_keys, negative_keys)]
+    qk, pk, nk = keys
+    if nq == 0:
+        return RecallResult(None, 0, torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64))
+    negatives_t = negatives.T.tocsc()
+    outscored = np.zeros(nq, dtype=np.int64)
+    for qs in range(0, nq, chunk_size):
+        qe = min(qs + chunk_size, nq)
+        qc = query[qs:qe]
+        pos = np.asarray(qc.multiply(positive[qs:qe]).sum(axis=1), dtype=np.float64).reshape(-1)
+        scores = (qc @ negatives_t).toarray()
+        beats = scores >= pos[:, None]
+        if nk is not None:
+            if qk is not None:
+                beats &= nk[None, :] != qk[qs:qe, None]
+            if pk is not None:
+                beats &= nk[None, :] != pk[qs:qe, None]
+        outscored[qs:qe] = beats.sum(axis=1)
+    hits = outscored < k
+    return RecallResult(float(hits.mean()), int(nq), torch.from_numpy(hits), torch.from_numpy(outscored))

@@ -117,6 +117,22 @@ class ModelRegistry:
         loaded.run_id = mv.run_id
         return loaded
 
+    def load_run_model(self, run_id: str, artifact_path: str, map_location="cpu") -> LoadedModel | None:
+        """A model directory logged as an artifact of run ``run_id`` but not registered (the PinSage-like
+        baseline beside each model); None when the run has no such artifact."""
+        import mlflow
+
+        listed = self.client.list_artifacts(run_id, artifact_path)
+        if not listed:
+            return None
+        with tempfile.TemporaryDirectory(prefix="omnisage-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=self.tracking_uri
+            )
+            loaded = load_model_dir(local, map_location=map_location)
+        loaded.run_id = run_id
+        return loaded
+
     def load_alias(self, alias: str, map_location="cpu") -> LoadedModel | None:
         version = self.version_for_alias(alias)
         return None if version is None else self.load_version(version, map_location=map_location)

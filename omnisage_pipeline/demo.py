@@ -69,7 +69,12 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
         if needs_model:
             run(daily, f"embeddings [{key}]", partition_key=key, asset_selection=needs_model)
     materialization = trained.asset_materializations_for_node("omnisage_model")[-1]
-    return {"timings": timings, "model": {k: v.value for k, v in materialization.metadata.items()}}
+    report_md = settings.reports_dir / f"dt={keys[-1]}" / "recall.md"
+    return {
+        "timings": timings,
+        "model": {k: v.value for k, v in materialization.metadata.items()},
+        "report": report_md.read_text() if report_md.is_file() else None,
+    }
 
 
 #: Daily assets that read the champion model, so they run after omnisage_model in the demo.

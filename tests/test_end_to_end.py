@@ -34,7 +34,9 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
     assets = list(defs.assets)
     resources = build_resources(settings)
     daily = [a for a in assets if a.partitions_def is not None]
-    data_keys = [k for a in daily for k in a.keys if k.to_user_string() != "entity_embeddings"]
+    from omnisage_pipeline.demo import MODEL_CONSUMERS
+
+    data_keys = [k for a in daily for k in a.keys if k.to_user_string() not in MODEL_CONSUMERS]
     for day in DAYS:
         result = dg.materialize(assets, selection=data_keys, partition_key=day, resources=resources)
         assert result.success
@@ -50,13 +52,17 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
 
     first = train(30)
     second = train(0)  # deliberately worse: untrained weights
-    result = dg.materialize(assets, selection=["entity_embeddings"], partition_key=DAYS[-1], resources=resources)
+    result = dg.materialize(
+        assets, selection=["entity_embeddings", "recall_report"], partition_key=DAYS[-1], resources=resources
+    )
     assert result.success
-    return settings, first, second
+    report_meta = result.asset_materializations_for_node("recall_report")[-1].metadata
+    checks = result.get_asset_check_evaluations()
+    return settings, first, second, {"assets": assets, "resources": resources, "meta": report_meta, "checks": checks}
 
 
 def test_whole_asset_graph_end_to_end(pipeline):
-    settings, first, second = pipeline
+    settings, first, second, _ = pipeline
     day = DAYS[-1]
 
     # MLflow: one run per materialization with params and metrics, two registered versions.
@@ -134,3 +140,65 @@ def test_whole_asset_graph_end_to_end(pipeline):
     }  # fmt: skip
     assert engagement_held, "the tiny data set should hold out some engagement pairs"
     assert not engagement_held & graph_edges
+
+
+def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_check(pipeline):
+    """recall_report: contract shape, every baseline on the model's sets, logged to the champion's MLflow run,
+    markdown + PNG in the UI metadata; its check passes with no previous report and fires on a drop."""
+    import json
+
+    from assets.evaluation import REGRESSION_CHECK
+    from omnisage_pipeline.publish import publish_partition
+
+    settings, first, _, rr = pipeline
+    day = DAYS[-1]
+    report = json.loads((require_published(settings.reports_dir, day) / "recall.json").read_text())
+    assert report["partition"] == day and report["model_version"] == "1"
+    assert report["negatives"] == 10_000 and isinstance(report["negatives"], int)
+    assert set(report["tasks"]) == {"entity_entity", "entity_feature", "user_entity"}
+    for task, entry in report["tasks"].items():
+        assert set(entry) >= {"recall@10", "n"}, task
+        assert entry["n"] > 0 and 0.0 <= entry["recall@10"] <= 1.0, (task, entry)
+    assert list(report["baselines"]) == ["random", "popularity", "cooccurrence", "pinsage", "oracle"]
+    for name, tasks in report["baselines"].items():
+        ee = tasks["entity_entity"]
+        assert ee["n"] == report["tasks"]["entity_entity"]["n"], name  # the same evaluation pairs
+        assert ee["recall@10"] is not None, name
+        assert tasks["entity_feature"]["recall@10"] is None and tasks["entity_feature"]["n"] == 0, name
+    for name in ("random", "popularity", "cooccurrence", "oracle"):
+        assert report["baselines"][name]["user_entity"]["n"] == report["tasks"]["user_entity"]["n"], name
+    assert report["baselines"]["pinsage"]["user_entity"]["n"] == 0  # entity-entity task only (Table 2)
+    # per-source and per-segment breakdowns inside the task
+    assert {"graph", "engagement", "per_source", "per_segment"} <= set(report["tasks"]["entity_entity"])
+
+    published = require_published(settings.reports_dir, day)
+    assert (published / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = rr["meta"]
+    assert "| random |" in meta["report"].value and "data:image/png;base64," in meta["report"].value
+    assert meta["model_version"].value == "1"
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(first["mlflow_run_id"].value)
+    assert run.data.metrics["report/recall_at_10/entity_entity"] == pytest.approx(
+        report["tasks"]["entity_entity"]["recall@10"]
+    )
+    assert "report/oracle/recall_at_10/entity_entity" in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, f"reports/dt={day}")] == [
+        f"reports/dt={day}/recall.json", f"reports/dt={day}/recall.png",
+    ]  # fmt: skip
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "baselines")] == ["baselines/pinsage"]
+
+    first_check = [c for c in rr["checks"] if c.check_name == REGRESSION_CHECK]
+    assert len(first_check) == 1 and first_check[0].passed  # no previous report
+
+    # A previous report with a much higher entity-entity recall: the check fires (and names the task).
+    previous = dict(report, partition=DAYS[-2])
+    previous["tasks"] = dict(report["tasks"], entity_entity=dict(report["tasks"]["entity_entity"], **{"recall@10": 1.0}))
+    with publish_partition(settings.reports_dir, DAYS[-2]) as staging:
+        (staging / "recall.json").write_text(json.dumps(previous))
+    result = dg.materialize(rr["assets"], selection=["recall_report"], partition_key=day, resources=rr["resources"])
+    assert result.success  # a failed check flags; it does not fail the run
+    fired = [c for c in result.get_asset_check_evaluations() if c.check_name == REGRESSION_CHECK]
+    assert len(fired) == 1 and not fired[0].passed
+    assert "entity_entity" in fired[0].description
+    assert set(fired[0].metadata["drops"].value) == {"entity_entity"}
