@@ -16,6 +16,7 @@ lint:
 demo: install
 	omnisage demo --days 3 --scale small
 
+# The UI on 127.0.0.1 only; DAGSTER_HOME defaults to $(OMNISAGE_HOME)/dagster, created with one run at a time
+# and telemetry off (omnisage_pipeline.settings.DEFAULT_DAGSTER_YAML).
 dev:
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(OMNISAGE_HOME)/dagster} ; mkdir -p $$DAGSTER_HOME ; \
-	DAGSTER_HOME=$$DAGSTER_HOME dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(PYTHON) -m omnisage_pipeline.cli dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -22,18 +22,36 @@ def _plain(value):
     return value.value if isinstance(value, dg.MetadataValue) else value
 
 
-def materialize_days(context: dg.AssetExecutionContext, run_day: Callable[[str], DayResult]) -> dg.MaterializeResult:
+def materialize_days(
+    context: dg.AssetExecutionContext,
+    run_day: Callable[[str], DayResult],
+    *,
+    settings=None,
+    retain: Sequence[str] = (),
+) -> dg.MaterializeResult:
+    """``retain``: the heavy datasets this asset publishes (``graph``, ``features``, ``embeddings``,
+    ``user_embeddings``: folders under ``settings.home``); once every day is published, OMNISAGE_RETENTION_DAYS
+    retention (omnisage_pipeline.retention) removes their expired partitions, never one that a reader leased
+    or a running job reads, and reports what it removed in the metadata."""
+    if retain and settings is None:
+        raise ValueError("materialize_days: retain= needs settings= (OMNISAGE_RETENTION_DAYS, the dataset folders)")
     days = partition_keys(context)
     results = {}
     for day in days:
         context.log.info(f"{context.asset_key.to_user_string()}: dt={day}")
         results[day] = run_day(day)
     last = results[days[-1]]
+    retention = {}
+    if retain:
+        from omnisage_pipeline.retention import retention_metadata
+
+        retention = retention_metadata(context, settings, retain, days)
     if len(days) == 1:
-        return dg.MaterializeResult(metadata=last.metadata, check_results=last.check_results)
+        return dg.MaterializeResult(metadata={**last.metadata, **retention}, check_results=last.check_results)
 
     # A range: the last day's figures as they are, and every day's under "partitions".
     metadata = dict(last.metadata)
+    metadata.update(retention)
     metadata["partitions"] = dg.MetadataValue.json(
         {day: {k: _plain(v) for k, v in r.metadata.items()} for day, r in results.items()}
     )

@@ -16,6 +16,7 @@ from graph_engine.snapshot import GraphSnapshot
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
+from omnisage_pipeline.retention import read_lease
 
 
 class FeatureStoreConfig(dg.Config):
@@ -37,17 +38,19 @@ def feature_store(
     context: dg.AssetExecutionContext, config: FeatureStoreConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    return materialize_days(context, lambda day: _build_day(context, config, settings, day))
+    run_day = lambda day: _build_day(context, config, settings, day)
+    return materialize_days(context, run_day, settings=settings, retain=("features",))
 
 
 def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayResult:
     metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
-    snapshot = GraphSnapshot.open(require_published(settings.graph_dir, day))
-    with publish_partition(settings.features_dir, day) as staging:
-        manifest = build_feature_store(
-            metadata_dir, snapshot, staging, max_tokens=config.max_tokens, source_partition=day
-        )
-    del snapshot
+    with read_lease(settings.graph_dir, day) as graph_dir:  # retention never removes a graph being read
+        snapshot = GraphSnapshot.open(graph_dir)
+        with publish_partition(settings.features_dir, day) as staging:
+            manifest = build_feature_store(
+                metadata_dir, snapshot, staging, max_tokens=config.max_tokens, source_partition=day
+            )
+        del snapshot
     seconds = manifest["build_seconds"]
     meta = {
         "path": dg.MetadataValue.path(str(settings.features_dir / f"dt={day}")),

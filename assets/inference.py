@@ -638,4 +638,4 @@ def entity_embeddings(
         metadata["user_path"] = dg.MetadataValue.path(str(settings.user_embeddings_dir / f"dt={day}"))
         return DayResult(metadata)
 
-    return materialize_days(context, one_day)
+    return materialize_days(context, one_day, settings=settings, retain=("embeddings", "user_embeddings"))

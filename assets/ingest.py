@@ -94,7 +94,7 @@ def _ingest_logs_day(context, settings, root: Path, day: str) -> DayResult:
     folder = root / "engagement_logs" / f"dt={day}"
     files = list_parquet_files(folder)
     if not folder.is_dir():
-        context.log.info(f"no day folder {folder}: publishing an empty partition")
+        context.log.warning(f"no day folder {folder}: publishing an empty partition (check OMNISAGE_DATA_ROOT)")
     result = validate_engagement_logs(files, day, root)
 
     valid_ds = settings.warehouse_dataset("engagement_logs")

@@ -67,7 +67,8 @@ def graph_snapshot(
     context: dg.AssetExecutionContext, config: GraphSnapshotConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    return materialize_days(context, lambda day: _build_day(context, config, settings, day))
+    run_day = lambda day: _build_day(context, config, settings, day)
+    return materialize_days(context, run_day, settings=settings, retain=("graph",))
 
 
 def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayResult:

@@ -35,6 +35,7 @@ omnisage_model (one asset, many MLflow model versions):
 (No ``from __future__ import annotations``: Dagster resolves the Config types from the real annotations.)
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -61,11 +62,13 @@ from omnisage_pipeline.publish import (
     published_path,
     require_published,
 )
-from omnisage_pipeline.resources import MlflowResource, StorageResource
+from omnisage_pipeline.resources import MlflowResource, StorageResource, store_lock
 from omnisage_pipeline.settings import Settings
 
 _EXAMPLE_DEFAULTS = ExampleConfig()
 MODEL_ARTIFACT_PATH = "model"
+#: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
+PINSAGE_ARTIFACT_PATH = "baselines/pinsage"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -209,6 +212,17 @@ class OmniSageModelConfig(dg.Config):
     num_random_negatives: int = Field(default=128, description="uniform random negatives per task and step")
     lr: Optional[float] = Field(default=None, description="peak AdamW learning rate; default: the preset's")
     tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
+    aggregator: str = Field(
+        default="transformer", description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)"
+    )
+    lambda_p: float = Field(default=1.0, description="eq. 6 weight of the entity-entity loss")
+    lambda_f: float = Field(default=1.0, description="eq. 6 weight of the entity-feature loss")
+    lambda_s: float = Field(default=1.0, description="eq. 6 weight of the user-entity (sequence) loss")
+    pinsage_baseline: bool = Field(
+        default=True,
+        description="also train the PinSage-like baseline (Table 2: mean aggregation, entity-entity task only, "
+        "same steps) into the run's artifacts 'baselines/pinsage', for recall_report",
+    )
     device: str = Field(default="auto", description="'auto' = CUDA when present (fp16 autocast), else CPU")
     precision: str = Field(default="auto", description="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)")
     max_tokens: Optional[int] = Field(
@@ -304,7 +318,18 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_and_register(
+def train_and_register(settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs):
+    """``_train_and_register`` holding reader leases on the partition's graph and feature store for the whole
+    run, so retention (omnisage_pipeline.retention) never removes what training reads."""
+    from omnisage_pipeline.retention import read_lease
+
+    partition = resolve_training_partition(settings, config.training_partition)
+    config = config.model_copy(update={"training_partition": partition})
+    with read_lease(settings.graph_dir, partition), read_lease(settings.features_dir, partition):
+        return _train_and_register(settings, mlflow_resource, config, **kwargs)
+
+
+def _train_and_register(
     settings: Settings,
     mlflow_resource: MlflowResource,
     config: OmniSageModelConfig,
@@ -312,10 +337,15 @@ def train_and_register(
     log: Callable[[str], None] = print,
     dagster_run_id: Optional[str] = None,
     stop_after: Optional[int] = None,
+    register: bool = True,
+    experiment_name: Optional[str] = None,
+    run_tags: Optional[dict[str, str]] = None,
 ) -> Optional[TrainingOutcome]:
     """Train, log, register and gate one model (module docstring). Dagster-free: the asset, the benchmark and
     the tests call it. ``stop_after`` (tests of the resume path) trains up to that step, keeps the checkpoint
-    and returns None without registering - what a killed run leaves behind."""
+    and returns None without registering - what a killed run leaves behind. ``register=False`` (ablation
+    variants) logs the run and its model artifact in ``experiment_name`` but never touches the registry: no
+    version, no alias, no champion comparison."""
     from mlflow.entities import Metric, Param, RunTag
 
     from graph_engine.batch_builder import BatchBuilder
@@ -332,6 +362,8 @@ def train_and_register(
     bad = [t for t in config.tasks if t not in TASK_NAMES]
     if bad or not config.tasks:
         raise ValueError(f"omnisage_model config field 'tasks': {config.tasks} (known: {list(TASK_NAMES)})")
+    if config.aggregator not in ("transformer", "mean"):
+        raise ValueError(f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)")
     if config.steps is not None and config.steps < 0:
         raise ValueError(f"omnisage_model config field 'steps' = {config.steps}: need >= 0")
 
@@ -353,7 +385,13 @@ def train_and_register(
     if preset_name == "auto":
         preset_name = "paper" if device.type == "cuda" else "small"
     model_config, train_config = make_preset(preset_name, image_dim=featurizer.image_dim)
-    model_config = model_config.replace(tasks=tuple(config.tasks))
+    model_config = model_config.replace(
+        tasks=tuple(config.tasks),
+        embedder=dataclasses.replace(model_config.embedder, aggregator=config.aggregator),
+        lambda_p=config.lambda_p,
+        lambda_f=config.lambda_f,
+        lambda_s=config.lambda_s,
+    )
     if layout.width and len(layout.blocks) > model_config.embedder.max_blocks:
         raise ValueError(
             f"graph/dt={partition}: layout has {len(layout.blocks)} blocks, the preset's embedder holds "
@@ -403,12 +441,13 @@ def train_and_register(
 
     # ------------------------------------------------------------------------------------------ MLflow
     client = mlflow_resource.client()
-    experiment_id = mlflow_resource.experiment_id()
+    experiment_id = mlflow_resource.experiment_id(experiment_name)
     model_name = config.model_name or mlflow_resource.registered_model_name
     registry = ModelRegistry(mlflow_resource.tracking_uri, model_name=model_name)
     tags = {"training_partition": partition, "asset": "omnisage_model", "checkpoint_fingerprint": fingerprint}
     if dagster_run_id:
         tags["dagster_run_id"] = dagster_run_id
+    tags.update(run_tags or {})
     run = client.create_run(experiment_id, run_name=f"omnisage_model dt={partition}", tags=tags)
     run_id = run.info.run_id
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -486,7 +525,19 @@ def train_and_register(
         new_report = evaluator.evaluate(*model_embedders(model, builder), new_tasks)
         new_recall = task_recalls(new_report)
 
-        previous = registry.version_for_alias(CHAMPION)
+        # ------------------------------------------------- the PinSage-like baseline (Table 2), same data
+        pinsage = None
+        if config.pinsage_baseline and "entity_entity" in model_config.tasks and total_steps > 0:
+            pinsage = _train_pinsage_baseline(
+                model_config, train_config, data, builder, universe, evaluator, config, ckpt_dir, log
+            )
+
+        # The gate, from reading the champion to moving the alias, holds the store's lock: two trainings
+        # finishing together must not both see "no champion" (or the same old one) and both promote.
+        gate_lock = contextlib.ExitStack()
+        if register:
+            gate_lock.enter_context(store_lock(mlflow_resource.tracking_uri))
+        previous = registry.version_for_alias(CHAMPION) if register else None
         champion_recall: dict[str, Any] = {}
         champion_mean: Optional[float] = None
         gate_tasks = new_tasks
@@ -516,7 +567,9 @@ def train_and_register(
             del champ
         new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
 
-        if previous is None:
+        if not register:
+            promote, decision = False, "unregistered: ablation variant"
+        elif previous is None:
             promote, decision = True, "champion: no previous champion"
         elif champion_note:
             promote, decision = True, f"champion: {champion_note}"
@@ -533,7 +586,7 @@ def train_and_register(
             decision = (
                 f"challenger: mean recall@{config.eval_k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}"
             )
-        alias = CHAMPION if promote else CHALLENGER
+        alias = (CHAMPION if promote else CHALLENGER) if register else ""
 
         # --------------------------------------------------------------------- log, register, promote
         metrics = []
@@ -549,8 +602,15 @@ def train_and_register(
             metrics.append(Metric(f"gate/champion_mean_recall_at_{config.eval_k}", champion_mean, ts, final_step))
         metrics.append(Metric("train/seconds", train_seconds, ts, final_step))
         metrics.append(Metric("train/steps", float(final_step), ts, final_step))
+        if pinsage is not None and pinsage[1].recall("entity_entity") is not None:
+            metrics.append(Metric(
+                f"baseline/pinsage/recall_at_{config.eval_k}/entity_entity", pinsage[1].recall("entity_entity"),
+                ts, final_step,
+            ))
         client.log_batch(run_id, metrics=metrics)
         evaluation = {"new": _report_json(new_report), "gate_tasks": gate_tasks}
+        if pinsage is not None:
+            evaluation["pinsage_baseline"] = _report_json(pinsage[1])
         client.log_dict(run_id, evaluation, "evaluation/report.json")
 
         with tempfile.TemporaryDirectory(prefix="omnisage-model-", dir=_scratch(settings)) as tmp:
@@ -570,6 +630,16 @@ def train_and_register(
                 training_partition=partition,
             )
             client.log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_PATH)
+            if pinsage is not None:
+                baseline_dir = save_model_dir(
+                    pinsage[0],
+                    Path(tmp) / PINSAGE_ARTIFACT_PATH,
+                    {"steps": final_step, "mlflow_run_id": run_id, "baseline": "pinsage", "tasks": ["entity_entity"]},
+                    layout=layout,
+                    max_tokens=featurizer.max_tokens,
+                    training_partition=partition,
+                )
+                client.log_artifacts(run_id, str(baseline_dir), artifact_path=PINSAGE_ARTIFACT_PATH)
         gate_tags = {
             "gate.decision": decision,
             "gate.alias": alias,
@@ -578,13 +648,19 @@ def train_and_register(
             "gate.previous_champion": previous or "",
             "gate.tasks": ",".join(gate_tasks),
         }
-        version = registry.register(run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": partition})
-        registry.set_alias(alias, version)
+        if register:
+            version = registry.register(run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": partition})
+            registry.set_alias(alias, version)
+        else:
+            version = ""
+        gate_lock.close()
         client.log_batch(
             run_id, tags=[RunTag(k, v) for k, v in {**gate_tags, "model_version": version}.items()]
         )
         client.set_terminated(run_id, status="FINISHED")
     except BaseException:
+        if "gate_lock" in locals():
+            gate_lock.close()
         try:
             client.set_terminated(run_id, status="FAILED")
         except Exception:
@@ -613,6 +689,36 @@ def train_and_register(
         last_metrics=dict(result.last_metrics),
         evaluation=evaluation,
     )
+
+
+def _train_pinsage_baseline(model_config, train_config, data, builder, universe, evaluator, config, ckpt_dir, log):
+    """The paper's Table 2 PinSage-like baseline: the same pipeline (graph, neighbourhoods, features, data,
+    steps, optimiser) with mean-pooling aggregation and the entity-entity task only. Returns (model, report)."""
+    from ml.evaluator import model_embedders
+    from ml.example_loader import make_batch_iterator_factory
+    from ml.train import Trainer
+
+    baseline_config = model_config.replace(
+        tasks=("entity_entity",), embedder=dataclasses.replace(model_config.embedder, aggregator="mean")
+    )
+    factory = make_batch_iterator_factory(
+        data, builder, tasks=("entity_entity",), batch_size=config.batch_size,
+        num_random_negatives=config.num_random_negatives, seed=config.seed, universe=universe,
+        max_sequence_length=model_config.sequence.max_len,
+    )
+    checkpoint_dir = Path(ckpt_dir) / "pinsage"
+    trainer = Trainer(baseline_config, train_config.replace(checkpoint_dir=str(checkpoint_dir)), factory, progress=log)
+    try:
+        if config.resume and (checkpoint_dir / "last.pt").is_file():
+            log(f"pinsage baseline: resuming from {checkpoint_dir / 'last.pt'}")
+            trainer.load(checkpoint_dir / "last.pt")
+        trainer.fit()
+    finally:
+        trainer.close()
+    model = trainer.model.eval()
+    report = evaluator.evaluate(*model_embedders(model, builder), ["entity_entity"])
+    log(f"pinsage baseline: recall@{config.eval_k} entity_entity = {report.recall('entity_entity')}")
+    return model, report
 
 
 def _scratch(settings: Settings) -> str:

@@ -120,7 +120,7 @@ class EntityFeatureEncoder(nn.Module):
         lengths = torch.where(present, f.token_lengths, torch.zeros_like(f.token_lengths))
         ell = f.token_ids.shape[-1]
         vec, has_text = self.text(f.token_ids.reshape(-1, ell), lengths.reshape(-1))
-        vec = vec.reshape(*lead, -1)
+        vec = vec.reshape(*lead, vec.shape[-1])  # explicit width: lead may hold 0 entities
         has_text = has_text.reshape(lead)
         reason = torch.where(present, NO_VALUE, NO_RECORD)
         text = torch.where(has_text[..., None], vec, self.missing_text[reason].to(vec.dtype))

@@ -290,12 +290,23 @@ def _normalise(column: Column, arr: pa.Array) -> pa.Array:
 
 def list_parquet_files(folder: Path) -> list[Path]:
     """The contract's ``*.parquet`` files of a folder, sorted by name; hidden (``.``/``_``) names skipped.
-    A missing folder has no files (for a day folder: a valid empty partition)."""
+    A missing folder has no files (for a day folder: a valid empty partition); a folder (or one of its
+    parents) that exists but is not a directory, e.g. a day written as one file named ``dt=D``, raises
+    :class:`ContractError`."""
     folder = Path(folder)
     if not folder.is_dir():
+        # A file (or dangling link) where a folder belongs - the folder itself, e.g. a day written as one file
+        # named dt=D, or a parent such as engagement_logs/ - is not a missing folder: never an empty partition.
+        for p in (folder, *folder.parents):
+            if (p.exists() or p.is_symlink()) and not p.is_dir():
+                raise ContractError(p, "is not a directory (expected a folder of Parquet files)")
         return []
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise ContractError(folder, f"cannot be listed: {exc.strerror or exc}") from None
     files = sorted(
-        (p for p in folder.iterdir() if p.name.endswith(".parquet") and not p.name.startswith((".", "_"))),
+        (p for p in entries if p.name.endswith(".parquet") and not p.name.startswith((".", "_"))),
         key=lambda p: p.name,
     )
     for p in files:
@@ -343,6 +354,15 @@ def _read_file(path: Path, spec: Sequence[Column], day: date | None) -> _FileTab
             if not _accepts(col.kind, t):
                 raise ContractError(path, f"has type {t}, which is not {_EXPECTED[col.kind]}", col.name)
     wanted = [c.name for c in spec if c.name in names]
+    dict_text = [
+        c.name
+        for c in spec
+        if c.kind == "string" and c.name in names and pa.types.is_dictionary(schema.field(c.name).type)
+    ]
+    if dict_text:
+        # Without read_dictionary, Arrow validates UTF-8 while decoding a dictionary<string> column and fails
+        # the whole file; with it, invalid values come through and are quarantined like plain strings.
+        pf = pq.ParquetFile(path, memory_map=False, read_dictionary=dict_text)
     footer_rows = pf.metadata.num_rows
     try:
         table = pf.read(columns=wanted, use_threads=True)
@@ -428,10 +448,12 @@ def _read_all(
 
 def _relative(path: Path, root: Path | None) -> str:
     if root is not None:
-        try:
-            return path.resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            pass
+        # Lexical first: a symlinked file is named as it was listed, not by its target.
+        for p, r in ((Path(path).absolute(), Path(root).absolute()), (path.resolve(), Path(root).resolve())):
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                pass
     return str(path)
 
 
@@ -534,16 +556,20 @@ def vector_length(vectors: pa.ChunkedArray | pa.Array) -> int:
 
 
 def _nonfinite_vectors(vectors: pa.ChunkedArray) -> np.ndarray:
-    """Rows whose vector holds a NaN, an inf or a null element (per-row any() via list_parent_indices)."""
+    """Rows whose vector holds a NaN, an inf or a null element (per-row any() via list_parent_indices).
+
+    A null vector is never non-finite, even when its slot spans child values (a fixed_size_list null slot
+    cast to a list keeps them; list_flatten would skip them but list_parent_indices does not)."""
     out = []
     for chunk in vectors.chunks:
         n = len(chunk)
-        flat = pc.list_flatten(chunk)
+        offsets = chunk.offsets.to_numpy(zero_copy_only=False)
+        flat = chunk.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))  # aligned with parent
         parent = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)
         bad_value = ~_np_mask(pc.is_finite(flat))  # NaN, inf and null elements are all not-finite
         rows = np.zeros(n, dtype=bool)
         rows[parent[bad_value]] = True
-        out.append(rows)
+        out.append(rows & chunk.is_valid().to_numpy(zero_copy_only=False))
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 

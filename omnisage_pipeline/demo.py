@@ -8,7 +8,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.settings import Settings, prepare_dagster_home
 
 
 def demo_partitions(start_date: str, days: int) -> list[str]:
@@ -22,7 +22,9 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
     Returns wall seconds per stage and the model's held-out recall@10 per task."""
     settings = Settings.from_env()
     timings: dict[str, float] = {}
-    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
+    if not os.environ.get("DAGSTER_HOME"):
+        # The project's instance: telemetry off (nothing written to ~/.dagster), one run at a time.
+        os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(settings.dagster_home))
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
 
     if settings.data_root_is_default and not settings.data_root.is_dir():
@@ -102,7 +104,7 @@ def where_to_look(settings: Settings) -> str:
             f"  embeddings:  {settings.embeddings_dir}",
             f"  reports:     {settings.reports_dir}",
             "open the Dagster UI (runs of this demo included):",
-            f"  DAGSTER_HOME={settings.dagster_home} OMNISAGE_HOME={settings.home} dagster dev -h 127.0.0.1 -p 3000",
+            f"  OMNISAGE_HOME={settings.home} make dev   # = omnisage dagster dev -h 127.0.0.1 -p 3000",
             "open the MLflow UI:",
             f"  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --host 127.0.0.1 --port 5000",
         ]

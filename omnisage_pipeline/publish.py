@@ -72,28 +72,44 @@ def _check_key(partition_key: str) -> None:
         raise PublishError(f"partition key {partition_key!r} is not a plain name")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0; EPERM means it exists but is not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
     return True
 
 
+_pid_alive = pid_alive
+
+
 def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
-    """Staging left behind by a killed writer of this partition (its pid is in the name) is garbage."""
+    """Staging left behind by a killed writer of this partition (its pid is in the name) is garbage, and so
+    is a temporary ``link.<pid>.*`` of a writer killed between creating the new symlink and the swap."""
     staging_root = dataset_dir / _STAGING
     if not staging_root.is_dir():
         return
-    for entry in staging_root.glob(f"dt={partition_key}.*"):
+    for entry in [*staging_root.glob(f"dt={partition_key}.*"), *staging_root.glob("link.*")]:
         try:
             pid = int(entry.name.split(".")[1])
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _pid_alive(pid):
             _remove(entry)
+
+
+def _live_writer(entry: Path) -> bool:
+    """True when ``entry`` (``dt=D.<pid>.<token>``) belongs to another process that is still running."""
+    try:
+        pid = int(entry.name.split(".")[1])
+    except (IndexError, ValueError):
+        return False
+    return pid != os.getpid() and _pid_alive(pid)
 
 
 def _remove(path: Path) -> None:
@@ -168,22 +184,43 @@ def publish_partition(dataset_dir: Path, partition_key: str, keep_previous: int 
     _fsync_dir(version.parent)
     fault_point("versioned", dataset)
 
+    # The version readers may hold open right now: the one kept by the cleanup below.
+    previous = link.resolve() if link.is_symlink() and link.exists() else None
     tmp_link = dataset_dir / _STAGING / f"link.{token}"
     os.symlink(os.path.relpath(version, dataset_dir), tmp_link)
     os.replace(tmp_link, link)
     _fsync_dir(dataset_dir)
     fault_point("swapped", dataset)
 
-    _cleanup_versions(dataset_dir, partition_key, current=version, keep_previous=keep_previous)
+    _cleanup_versions(
+        dataset_dir, partition_key, current=version, previous=previous, keep_previous=keep_previous
+    )
 
 
-def _cleanup_versions(dataset_dir: Path, partition_key: str, current: Path, keep_previous: int) -> None:
+def _cleanup_versions(
+    dataset_dir: Path, partition_key: str, current: Path, previous: Path | None, keep_previous: int
+) -> None:
+    """Delete the partition's old versions except ``keep_previous`` of them, starting with ``previous`` (the
+    version the symlink pointed to until the swap). Ranking by age alone would keep the newest directory,
+    which after a writer killed in the phase ``versioned`` is its never-published orphan, and delete the
+    version a reader may have just opened. With no previous version no reader can hold any, so none is kept.
+    A version of another live writer (renamed into ``.versions``, its swap still to come) is never touched.
+    """
+    current = current.resolve()
     others = [
-        v for v in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*") if v.resolve() != current.resolve()
+        v
+        for v in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*")
+        if v.resolve() != current and not _live_writer(v)
     ]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in others[keep_previous:]:
-        _remove(stale)
+    keep: list[Path] = []
+    if previous is not None and previous != current:
+        keep = [v for v in others if v.resolve() == previous]
+        keep += [v for v in others if v not in keep][: max(keep_previous - len(keep), 0)]
+        keep = keep[:keep_previous]
+    for stale in others:
+        if stale not in keep:
+            _remove(stale)
 
 
 def remove_partition(dataset_dir: Path, partition_key: str) -> bool:

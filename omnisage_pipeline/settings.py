@@ -6,18 +6,35 @@ Dagster-free on purpose: the CLI, the benchmarks and the resources all read the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 # The synthetic demo data starts on this day unless OMNISAGE_START_DATE says otherwise.
 DEMO_START_DATE = "2026-01-01"
 DEFAULT_WINDOW_DAYS = 30
+#: Days of heavy per-day outputs (graph/, features/, embeddings/, user_embeddings/) kept by retention
+#: (omnisage_pipeline.retention); unset = OMNISAGE_WINDOW_DAYS. Must be >= OMNISAGE_WINDOW_DAYS.
+RETENTION_ENV = "OMNISAGE_RETENTION_DAYS"
 ENGINES = ("spark", "duckdb")
 
 
 class SettingsError(ValueError):
     """An environment variable of the contract holds a value the pipeline cannot use."""
+
+
+def parse_retention_days(raw: str | None) -> int | None:
+    """OMNISAGE_RETENTION_DAYS as an int, or None when unset/empty (then the default: the window)."""
+    if raw is None or not str(raw).strip():
+        return None
+    try:
+        return int(str(raw).strip())
+    except ValueError as exc:
+        raise SettingsError(f"{RETENTION_ENV}={raw!r} is not an integer (days of graph/features/embeddings kept)") from exc
+
+
+def _retention_from_environ() -> int | None:
+    return parse_retention_days(os.environ.get(RETENTION_ENV))
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,19 @@ class Settings:
     spark_master: str
     start_date: str
     window_days: int
+    #: OMNISAGE_RETENTION_DAYS (None or unset = window_days). Read from the process environment when the
+    #: caller does not pass it (StorageResource builds Settings field by field), validated >= window_days.
+    retention_days: int | None = field(default_factory=_retention_from_environ)
+
+    def __post_init__(self) -> None:
+        if self.retention_days is None:
+            object.__setattr__(self, "retention_days", self.window_days)
+        elif self.retention_days < self.window_days:
+            raise SettingsError(
+                f"{RETENTION_ENV}={self.retention_days} is less than OMNISAGE_WINDOW_DAYS={self.window_days}: "
+                f"retention must keep at least the graph window (set {RETENTION_ENV} >= {self.window_days}, "
+                "or leave it unset for the default, the window)"
+            )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -61,6 +91,7 @@ class Settings:
             spark_master=env.get("OMNISAGE_SPARK_MASTER") or "local[*]",
             start_date=start_date,
             window_days=window_days,
+            retention_days=parse_retention_days(env.get(RETENTION_ENV)),
         )
 
     # Output layout (contract "Outputs"): every writer goes through these.
@@ -120,3 +151,33 @@ def configure_process_scratch(settings: Settings) -> None:
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NUMBA_CACHE_DIR", str(settings.scratch_dir / "numba"))
     os.environ.setdefault("MPLCONFIGDIR", str(settings.scratch_dir / "matplotlib"))
+
+
+#: dagster.yaml of the instance the project creates under OMNISAGE_HOME (``prepare_dagster_home``):
+#: - one run at a time: the graph of day D reads the daily edges of the days before it, and a day that is not
+#:   published yet is skipped as missing, so runs of neighbouring days must not overlap (a backfill of a
+#:   range is already one run, see omnisage_pipeline.partitions); queued runs start in launch order;
+#: - telemetry off: Dagster's telemetry writes ``~/.dagster/.telemetry`` into the user's home directory
+#:   whatever DAGSTER_HOME says (and the webserver uploads usage data).
+DEFAULT_DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 1
+telemetry:
+  enabled: false
+"""
+
+
+def prepare_dagster_home(path: Path) -> Path:
+    """Create the project's Dagster instance directory (the contract's default, ``$OMNISAGE_HOME/dagster``)
+    with ``DEFAULT_DAGSTER_YAML`` when it has no dagster.yaml yet; an existing configuration is left alone."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "dagster.yaml"
+    if not config.exists():
+        tmp = path / f".dagster.yaml.{os.getpid()}"
+        tmp.write_text(DEFAULT_DAGSTER_YAML)
+        os.replace(tmp, config)
+    return path

@@ -39,7 +39,7 @@ def mlflow_template(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -143,7 +143,7 @@ def test_training_examples_model_and_gate(published):
     assert 0.0 < first_recall <= 1.0
     assert not list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))  # removed once registered
 
-    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     run = client.get_run(m1["mlflow_run_id"].value)
     assert run.info.status == "FINISHED"
     p = run.data.params

@@ -50,12 +50,12 @@ class EntityFeatureTask(nn.Module):
         # text of u and of its neighbours in one EmbeddingBag call
         ell = max(f.token_ids.shape[-1], nf.token_ids.shape[-1])
         pad = lambda t: torch.nn.functional.pad(t, (0, ell - t.shape[-1]))
-        ids = torch.cat([pad(f.token_ids), pad(nf.token_ids).reshape(b * k, -1)])
+        ids = torch.cat([pad(f.token_ids), pad(nf.token_ids).reshape(b * k, ell)])
         own_len = torch.where(f.present, f.token_lengths, 0)
         nb_len = torch.where(nf.present & mask, nf.token_lengths, 0)
         vec, has = self.text(ids, torch.cat([own_len, nb_len.reshape(-1)]))
         own_t, own_has = vec[:b], has[:b]
-        nb_t, nb_has = vec[b:].reshape(b, k, -1), has[b:].reshape(b, k)
+        nb_t, nb_has = vec[b:].reshape(b, k, vec.shape[-1]), has[b:].reshape(b, k)  # k may be 0
         out["text"] = self._encode("text", own_t, own_has, nb_t, nb_has, mask)
         if self.image_dim > 0:
             own_has = f.image_mask & f.present

@@ -1,0 +1,542 @@
+"""Retention of the heavy per-day outputs (``OMNISAGE_RETENTION_DAYS``).
+
+What is removed: the partitions of ``graph/`` (snapshots + neighbourhood caches), ``features/`` (RocksDB
+stores), ``embeddings/`` and ``user_embeddings/`` whose day is ``retention_days`` or more before the newest
+published partition of the same dataset, i.e. a dataset keeps the days ``(newest - retention, newest]``.
+``warehouse/`` (validated logs, edges, pruned edges, training examples: small, and what a snapshot is
+re-built from) and ``reports/`` are never touched. The default retention is ``OMNISAGE_WINDOW_DAYS``; a
+smaller value is an error naming the variable (nothing that is still read may expire: the graph, features
+and embeddings of day D are read only for day D, by runs of day D and by a model trained on D).
+
+Never removed, even when expired (reported in the metadata as ``kept``):
+
+- a partition with a live **reader lease** ``<dataset>/.leases/dt=D.<pid>.<token>``: ``read_lease()`` makes
+  one for the duration of a read (the process id, host and process start time are in the file). A lease
+  whose process is gone (or whose pid was reused: the start time differs) is stale and removed, so a killed
+  reader never blocks retention; a lease from another host cannot be checked and is honoured until it is
+  deleted.
+- a partition of a **running Dagster run**: the days of every run of the instance that has not finished
+  (tags ``dagster/partition`` and ``dagster/asset_partition_range_start/end``; for an unpartitioned
+  ``omnisage_model`` run, its ``training_partition`` or, when unset, the newest ``training_examples``), and
+  the days of the run doing the retention (a single-run backfill reads its whole range in later steps).
+
+How (readers never see half a partition): under the protocol "reader: lease, then resolve ``dt=D``;
+retention: check leases, unlink ``dt=D``, check leases again, then delete", the ``dt=D`` symlink goes first
+(one atomic unlink: from then on the partition is simply not published), and the version directory is
+claimed by one ``rename`` into ``.staging/retired.<pid>.*`` before it is deleted (two concurrent passes
+never both count it; a pass killed mid-delete leaves a ``retired.*`` entry that the next pass removes).
+A lease that appears between the two checks keeps the version directory; the next pass removes it.
+Orphans of an expired day (``.versions`` entries without a ``dt=D`` link, a dead writer's ``.staging``)
+go too. The embeddings' in-flight shard area (``embeddings/.shards``) is left to the inference asset.
+
+Where it runs: at the end of the assets that publish these datasets (graph_snapshot, feature_store,
+entity_embeddings; ``assets.daily.materialize_days(..., retain=...)``), after every day of the run was
+published; and by hand: ``python -m omnisage_pipeline.retention [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+from omnisage_pipeline.publish import partition_link, require_published
+from omnisage_pipeline.publish import pid_alive as _pid_alive
+from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
+
+#: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
+HEAVY_DATASETS = ("graph", "features", "embeddings", "user_embeddings")
+LEASES_DIR = ".leases"
+VERSIONS_DIR = ".versions"  # omnisage_pipeline.publish layout
+STAGING_DIR = ".staging"
+RETIRED_PREFIX = "retired."
+
+
+def heavy_dataset_dirs(settings: Settings) -> list[Path]:
+    return [settings.graph_dir, settings.features_dir, settings.embeddings_dir, settings.user_embeddings_dir]
+
+
+# ==========================================================================================================
+# Policy (pure)
+# ==========================================================================================================
+def check_retention(retention_days: int, window_days: int) -> int:
+    """``retention_days`` if usable, else a SettingsError naming OMNISAGE_RETENTION_DAYS."""
+    if isinstance(retention_days, bool) or not isinstance(retention_days, int):
+        raise SettingsError(f"{RETENTION_ENV}={retention_days!r} is not an integer number of days")
+    if retention_days < window_days:
+        raise SettingsError(
+            f"{RETENTION_ENV}={retention_days} is less than OMNISAGE_WINDOW_DAYS={window_days}: retention must "
+            f"keep at least the graph window (set {RETENTION_ENV} >= {window_days})"
+        )
+    if retention_days < 1:
+        raise SettingsError(f"{RETENTION_ENV}={retention_days} must be >= 1")
+    return retention_days
+
+
+def _as_day(key: str) -> date | None:
+    try:
+        return date.fromisoformat(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def expiry_cutoff(newest: str, retention_days: int) -> str:
+    """Partitions on or before this day are expired: a dataset keeps ``(newest - retention, newest]``."""
+    return (date.fromisoformat(newest) - timedelta(days=retention_days)).isoformat()
+
+
+def expired_partitions(
+    keys: Iterable[str],
+    retention_days: int,
+    window_days: int,
+    newest: str | None = None,
+    protected: Iterable[str] = (),
+) -> list[str]:
+    """The keys (YYYY-MM-DD) of one dataset that retention removes, oldest first.
+
+    ``newest``: the newest published partition (default: the newest of ``keys``). Keys that are not dates
+    are never expired; ``protected`` keys (leased, read by a running run) are left out.
+    """
+    check_retention(retention_days, window_days)
+    days = {k: _as_day(k) for k in keys}
+    dated = [k for k, d in days.items() if d is not None]
+    if newest is None:
+        newest = max(dated, key=lambda k: days[k], default=None)
+    if newest is None or _as_day(newest) is None:
+        return []
+    cutoff = date.fromisoformat(expiry_cutoff(newest, retention_days))
+    keep = set(protected)
+    return sorted((k for k in dated if days[k] <= cutoff and k not in keep), key=lambda k: days[k])
+
+
+def plan_retention(
+    published: Mapping[str, Iterable[str]],
+    retention_days: int,
+    window_days: int,
+    protected: Mapping[str, Iterable[str]] | Iterable[str] = (),
+) -> dict[str, list[str]]:
+    """Per dataset: its expired partitions. ``protected`` is one set for every dataset or one per dataset."""
+    out = {}
+    for dataset, keys in published.items():
+        prot = protected.get(dataset, ()) if isinstance(protected, Mapping) else protected
+        out[dataset] = expired_partitions(keys, retention_days, window_days, protected=prot)
+    return out
+
+
+# ==========================================================================================================
+# Reader leases
+# ==========================================================================================================
+def _process_start(pid: int) -> str | None:
+    """Start time of a process (Linux /proc, clock ticks since boot): tells a reused pid apart."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return raw[raw.rindex(")") + 2 :].split()[19]
+    except (ValueError, IndexError):
+        return None
+
+
+
+
+@dataclass(frozen=True)
+class Lease:
+    path: Path
+    partition: str
+    pid: int
+    host: str
+    start: str | None
+
+    def alive(self) -> bool:
+        if self.host != socket.gethostname():
+            return True  # cannot check a process on another machine: honoured until removed by hand
+        if not _pid_alive(self.pid):
+            return False
+        return self.start is None or _process_start(self.pid) in (None, self.start)
+
+
+def acquire_lease(dataset_dir: Path, partition_key: str) -> Path:
+    """Register this process as a reader of ``dataset/dt=partition_key``; returns the lease file."""
+    folder = Path(dataset_dir) / LEASES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    body = {
+        "partition": partition_key,
+        "pid": pid,
+        "host": socket.gethostname(),
+        "start": _process_start(pid),
+    }
+    path = folder / f"dt={partition_key}.{pid}.{uuid.uuid4().hex[:12]}"
+    tmp = folder / f".tmp.{path.name}"
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)  # a lease is never seen half-written
+    return path
+
+
+def release_lease(lease_path: Path) -> None:
+    Path(lease_path).unlink(missing_ok=True)
+
+
+@contextmanager
+def read_lease(dataset_dir: Path, partition_key: str) -> Iterator[Path]:
+    """Hold a reader lease on a published partition for the ``with`` block; yields the published version
+    directory (like ``require_published``, which raises when the partition is not published).
+
+    The lease is taken BEFORE the partition is resolved, so retention either removed the partition before
+    (FileNotFoundError here) or sees the lease and keeps the version this reader resolved."""
+    lease = acquire_lease(dataset_dir, partition_key)
+    try:
+        yield require_published(dataset_dir, partition_key)
+    finally:
+        release_lease(lease)
+
+
+def _read_lease_file(path: Path) -> Lease | None:
+    parts = path.name.split(".")
+    if not path.name.startswith("dt=") or len(parts) < 3:
+        return None
+    key = parts[0][3:]
+    try:
+        body = json.loads(path.read_text())
+        return Lease(path, key, int(body["pid"]), str(body.get("host", "")), body.get("start"))
+    except FileNotFoundError:
+        return None  # released meanwhile
+    except (OSError, ValueError, KeyError, TypeError):
+        # Unreadable body: fall back to the pid in the name, on this host.
+        try:
+            return Lease(path, key, int(parts[1]), socket.gethostname(), None)
+        except ValueError:
+            return None
+
+
+def live_leases(dataset_dir: Path, remove_stale: bool = True) -> tuple[dict[str, list[Lease]], int]:
+    """Live leases of a dataset by partition key, and how many stale ones were found (and removed)."""
+    folder = Path(dataset_dir) / LEASES_DIR
+    live: dict[str, list[Lease]] = {}
+    stale = 0
+    if not folder.is_dir():
+        return live, stale
+    for path in folder.glob("dt=*"):
+        lease = _read_lease_file(path)
+        if lease is None:
+            continue
+        if lease.alive():
+            live.setdefault(lease.partition, []).append(lease)
+        else:
+            stale += 1
+            if remove_stale:
+                release_lease(path)
+    return live, stale
+
+
+# ==========================================================================================================
+# Applying the policy to one dataset directory
+# ==========================================================================================================
+@dataclass
+class RetentionReport:
+    dataset: str
+    retention_days: int
+    newest: str | None = None
+    cutoff: str | None = None
+    removed: list[str] = field(default_factory=list)  # published partitions unpublished and deleted
+    orphans_removed: list[str] = field(default_factory=list)  # expired days with leftovers only (no dt= link)
+    bytes_freed: int = 0
+    kept: dict[str, str] = field(default_factory=dict)  # expired but kept: key -> reason
+    stale_leases_removed: int = 0
+    errors: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _delete_claimed(dataset_dir: Path, entry: Path) -> int:
+    """Claim ``entry`` with one rename into .staging/retired.* (atomic: only one pass gets it), then delete
+    it. Returns the bytes freed (0 when another pass claimed it first)."""
+    retired = dataset_dir / STAGING_DIR / f"{RETIRED_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}.{entry.name}"
+    retired.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(entry, retired)
+    except FileNotFoundError:
+        return 0
+    size = _tree_bytes(retired)
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired)
+    else:
+        retired.unlink()
+    return size
+
+
+def _entry_key(name: str) -> str | None:
+    """``dt=KEY.<pid>.<token>`` (a version or a staging entry) -> KEY."""
+    if not name.startswith("dt="):
+        return None
+    return name[3:].split(".", 1)[0]
+
+
+def _entry_pid(name: str) -> int | None:
+    try:
+        return int(name.split(".")[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _live_other(name: str) -> bool:
+    """``dt=D.<pid>.<token>`` was written by another process that is still running."""
+    pid = _entry_pid(name)
+    return pid is not None and pid != os.getpid() and _pid_alive(pid)
+
+
+def apply_retention(
+    dataset_dir: Path,
+    retention_days: int,
+    window_days: int,
+    protected: Mapping[str, str] | Iterable[str] = (),
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> RetentionReport:
+    """Remove the expired partitions of one dataset directory (module docstring).
+
+    ``protected``: keys that must stay (e.g. read by a running run), optionally key -> reason."""
+    check_retention(retention_days, window_days)
+    dataset_dir = Path(dataset_dir)
+    log = log or (lambda msg: None)
+    report = RetentionReport(dataset=dataset_dir.name, retention_days=retention_days, dry_run=dry_run)
+    if not dataset_dir.is_dir():
+        return report
+    protected = dict(protected) if isinstance(protected, Mapping) else {k: "running job" for k in protected}
+
+    links = {p.name[3:]: p for p in dataset_dir.glob("dt=*") if p.is_symlink() or p.is_dir()}
+    published = [k for k, p in links.items() if p.exists() and _as_day(k) is not None]
+    versions: dict[str, list[Path]] = {}
+    if (dataset_dir / VERSIONS_DIR).is_dir():
+        for v in (dataset_dir / VERSIONS_DIR).iterdir():
+            key = _entry_key(v.name)
+            if key is not None:
+                versions.setdefault(key, []).append(v)
+    staging: dict[str, list[Path]] = {}
+    if (dataset_dir / STAGING_DIR).is_dir():
+        for s in (dataset_dir / STAGING_DIR).iterdir():
+            key, pid = _entry_key(s.name), _entry_pid(s.name)
+            if key is not None and pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                staging.setdefault(key, []).append(s)  # a dead writer's leftovers (a live one's: untouched)
+
+    report.newest = max(published, default=None)
+    if report.newest is None:
+        return report
+    report.cutoff = expiry_cutoff(report.newest, retention_days)
+    candidates = set(links) | set(versions) | set(staging)
+    expired = expired_partitions(candidates, retention_days, window_days, newest=report.newest)
+    leases, report.stale_leases_removed = live_leases(dataset_dir, remove_stale=not dry_run)
+
+    for key in expired:
+        if key in protected:
+            report.kept[key] = protected[key]
+            continue
+        if key in leases:
+            report.kept[key] = f"leased by pid {', '.join(str(lease.pid) for lease in leases[key])}"
+            continue
+        link = partition_link(dataset_dir, key)
+        if link.exists() and not link.is_symlink():
+            report.errors.append(f"{link} is a real directory, not a published symlink: left alone")
+            continue
+        had_link = link.is_symlink()
+        target = link.resolve() if had_link else None
+        # A version that another live process renamed into .versions and has not swapped in yet is an
+        # in-flight publish (e.g. a backfill of this old day): left to that writer, removed by a later pass.
+        in_flight = [v for v in versions.get(key, []) if v.resolve() != target and _live_other(v.name)]
+        doomed = [v for v in versions.get(key, []) if v not in in_flight] + staging.get(key, [])
+        if dry_run:
+            report.bytes_freed += sum(_tree_bytes(v) for v in doomed)
+            (report.removed if had_link else report.orphans_removed).append(key)
+            continue
+        try:
+            if had_link:
+                link.unlink(missing_ok=True)  # unpublished in one atomic step: readers now see no dt=key
+            # A reader that took its lease before resolving the link may hold the version: keep it then.
+            again, _ = live_leases(dataset_dir, remove_stale=False)
+            if key in again:
+                report.kept[key] = "unpublished; version kept for a reader that leased it during removal"
+                continue
+            freed = 0
+            for entry in doomed:
+                freed += _delete_claimed(dataset_dir, entry)
+        except OSError as exc:
+            report.errors.append(f"{dataset_dir.name}/dt={key}: {exc}")
+            continue
+        report.bytes_freed += freed
+        (report.removed if had_link else report.orphans_removed).append(key)
+        log(f"retention: removed {dataset_dir.name}/dt={key} ({freed} bytes)")
+        for v in in_flight:
+            log(f"retention: left {dataset_dir.name}/{VERSIONS_DIR}/{v.name}: a live writer is publishing it")
+
+    # Deletions claimed by a pass that was killed before it finished.
+    if not dry_run and (dataset_dir / STAGING_DIR).is_dir():
+        for entry in (dataset_dir / STAGING_DIR).glob(f"{RETIRED_PREFIX}*"):
+            pid = _entry_pid(entry.name)
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                report.bytes_freed += _delete_claimed(dataset_dir, entry)
+    return report
+
+
+# ==========================================================================================================
+# Partitions read by running Dagster runs
+# ==========================================================================================================
+def _day_range(first: str, last: str) -> list[str]:
+    a, b = _as_day(first), _as_day(last)
+    if a is None or b is None or b < a:
+        return [k for k in (first, last) if k]
+    return [(a + timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
+
+
+def _config_training_partitions(run_config) -> set[str]:
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if k == "training_partition" and isinstance(v, str) and v:
+                    found.add(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(run_config or {})
+    return found
+
+
+def run_partitions(tags: Mapping[str, str], run_config=None, newest_training: str | None = None) -> set[str]:
+    """The days a run reads, from its tags (or, unpartitioned, its training partition)."""
+    if tags.get("dagster/partition"):
+        return {tags["dagster/partition"]}
+    first, last = (
+        tags.get("dagster/asset_partition_range_start"),
+        tags.get("dagster/asset_partition_range_end"),
+    )
+    if first and last:
+        return set(_day_range(first, last))
+    explicit = _config_training_partitions(run_config)
+    if explicit:
+        return explicit
+    return {newest_training} if newest_training else set()
+
+
+def running_partitions(instance, newest_training: str | None = None) -> dict[str, str]:
+    """Days read by every run of ``instance`` that has not finished -> 'running job <run id>'."""
+    import dagster as dg
+    from dagster._core.storage.dagster_run import FINISHED_STATUSES
+
+    statuses = [s for s in dg.DagsterRunStatus if s not in FINISHED_STATUSES]
+    out: dict[str, str] = {}
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
+        for key in run_partitions(run.tags, run.run_config, newest_training):
+            out.setdefault(key, f"read by running job {run.run_id[:8]}")
+    return out
+
+
+def _newest_training(settings: Settings) -> str | None:
+    from omnisage_pipeline.publish import list_published
+
+    keys = list_published(settings.warehouse_dataset("training_examples"))
+    return keys[-1] if keys else None
+
+
+def dataset_dir(settings: Settings, name: str) -> Path:
+    """The folder of a heavy dataset by name (one of HEAVY_DATASETS)."""
+    dirs = dict(zip(HEAVY_DATASETS, heavy_dataset_dirs(settings)))
+    if name not in dirs:
+        raise ValueError(f"retention manages {', '.join(HEAVY_DATASETS)}, not {name!r}")
+    return dirs[name]
+
+
+def retention_metadata(context, settings: Settings, datasets: Iterable[str], days: Iterable[str]) -> dict:
+    """Run retention on the heavy ``datasets`` (names) from an asset (``days``: the run's own partitions)
+    and return the materialization metadata (``retention_removed``, ``retention_bytes_freed``, ...)."""
+    import dagster as dg
+
+    dataset_dirs = [dataset_dir(settings, name) for name in datasets]
+
+    try:
+        protected = running_partitions(context.instance, _newest_training(settings))
+    except Exception as exc:  # noqa: BLE001 - without the list of running runs nothing is provably unread
+        context.log.warning(f"retention skipped: could not list the running runs ({exc})")
+        return {"retention_skipped": f"could not list the running runs: {exc}"}
+    protected.update({d: "read by this run" for d in days})
+    reports = [
+        apply_retention(d, settings.retention_days, settings.window_days, protected, log=context.log.info)
+        for d in dataset_dirs
+    ]
+    for r in reports:
+        for msg in r.errors:
+            context.log.warning(f"retention: {msg}")
+    meta = {
+        "retention_days": settings.retention_days,
+        "retention_removed": dg.MetadataValue.json({r.dataset: r.removed for r in reports}),
+        "retention_bytes_freed": sum(r.bytes_freed for r in reports),
+        "retention_kept": dg.MetadataValue.json({r.dataset: r.kept for r in reports if r.kept}),
+    }
+    orphans = {r.dataset: r.orphans_removed for r in reports if r.orphans_removed}
+    if orphans:
+        meta["retention_orphans_removed"] = dg.MetadataValue.json(orphans)
+    errors = [m for r in reports for m in r.errors]
+    if errors:
+        meta["retention_errors"] = dg.MetadataValue.json(errors)
+    return meta
+
+
+# ==========================================================================================================
+# By hand: python -m omnisage_pipeline.retention [--dry-run]
+# ==========================================================================================================
+def _instance_for(settings: Settings):
+    """The Dagster instance the pipeline's runs are recorded in (DAGSTER_HOME, else OMNISAGE_HOME/dagster),
+    or None when that folder does not exist (then no run of a persistent instance can be in progress)."""
+    import dagster as dg
+
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
+    return dg.DagsterInstance.from_config(str(home)) if home.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m omnisage_pipeline.retention",
+        description=f"Remove graph/features/embeddings partitions older than {RETENTION_ENV} days before the "
+        "newest (never a leased one, nor one a running Dagster run reads).",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    instance = _instance_for(settings)
+    protected = running_partitions(instance, _newest_training(settings)) if instance is not None else {}
+    reports = [
+        apply_retention(
+            d, settings.retention_days, settings.window_days, protected, dry_run=args.dry_run, log=print
+        )
+        for d in heavy_dataset_dirs(settings)
+    ]
+    print(json.dumps([asdict(r) for r in reports], indent=2))
+    return 1 if any(r.errors for r in reports) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
