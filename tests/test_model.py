@@ -404,3 +404,23 @@ def test_user_embeddings_at_the_last_valid_step():
         torch.as_tensor(seq >= 0),
     )
     torch.testing.assert_close(u_short[0], full_states[0, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
+    """"No graph" (Table 3's ablation): a layout without neighbour blocks must embed entities and give the
+    entity-feature queries, with finite outputs of the model's width (it crashed in a reshape before)."""
+    from ml.data import as_entity_tensors
+    from ml.model import OmniSageModel
+
+    cfg, _ = small(image_dim=0)
+    model = OmniSageModel(cfg).eval()
+    batch = EntityBatch(
+        "pin", np.arange(3, dtype=np.int64), FeatureArrays.empty((3,), 4, 0), np.zeros((3, 0), np.int64),
+        FeatureArrays.empty((3, 0), 4, 0), np.zeros((3, 0), np.float32), np.zeros((3, 0), bool),
+        NeighborhoodLayout(()),
+    )  # fmt: skip
+    with torch.no_grad():
+        emb = model.embed(batch)
+        queries = model.tasks["entity_feature"].queries(as_entity_tensors(batch, "cpu", "zero-width"))
+    assert emb.shape == (3, cfg.out_dim) and torch.isfinite(emb).all()
+    assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
