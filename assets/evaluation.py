@@ -19,8 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.daily import DayResult, materialize_days
-from assets.inference import champion_layout, champion_max_tokens, champion_version, load_champion, resolve_device
-from assets.snapshot import NEIGHBORHOODS_DIR
+from assets.inference import champion_builder, champion_version, load_champion, resolve_device
 from assets.training import PINSAGE_ARTIFACT_PATH
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.publish import list_published, publish_partition, published_path, require_published
@@ -52,22 +51,6 @@ class RecallReportConfig(dg.Config):
 
 
 # --------------------------------------------------------------------------------------------------------
-def _builder(loaded, graph_dir: Path, features_dir: Path):
-    """A BatchBuilder over day D's graph and features with the layout and token width ``loaded`` expects."""
-    from graph_engine.batch_builder import BatchBuilder
-    from graph_engine.featurizer import Featurizer
-    from graph_engine.neighbor_sampler import NeighborhoodCache, NeighborSampler
-    from graph_engine.snapshot import GraphSnapshot
-
-    snapshot = GraphSnapshot.open(graph_dir)
-    cache = NeighborhoodCache.open(graph_dir / NEIGHBORHOODS_DIR, snapshot)
-    layout = champion_layout(loaded, cache.layout)
-    hoods = cache if layout == cache.layout else NeighborSampler(
-        snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget
-    )
-    return BatchBuilder(snapshot, hoods, Featurizer(features_dir, max_tokens=champion_max_tokens(loaded)), layout)
-
-
 def previous_report(settings: Settings, day: str) -> dict | None:
     """The newest published report before ``day`` (the regression check's reference)."""
     earlier = [d for d in list_published(settings.reports_dir) if d < day]
@@ -102,7 +85,7 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
     evaluator = Evaluator(
         data, universe, k=config.k, pool_size=config.pool_size, seed=config.seed, max_queries=config.max_queries
     )
-    model = Candidate(*model_embedders(loaded.model, _builder(loaded, graph_dir, features_dir)),
+    model = Candidate(*model_embedders(loaded.model, champion_builder(loaded, graph_dir, features_dir, log)),
                       tasks=tuple(loaded.config.tasks))
     snapshot = GraphSnapshot.open(graph_dir)
     baselines: dict[str, Candidate] = {}
@@ -119,7 +102,7 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
             if pinsage is None:
                 baselines[name] = Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
             else:
-                entity, _ = model_embedders(pinsage.model, _builder(pinsage, graph_dir, features_dir))
+                entity, _ = model_embedders(pinsage.model, champion_builder(pinsage, graph_dir, features_dir, log))
                 baselines[name] = Candidate(entity, tasks=("entity_entity",))
         elif name == "oracle":
             if (settings.data_root / "_truth" / "meta.json").is_file():

@@ -313,6 +313,31 @@ class DayEmbeddings:
     stats: dict = field(default_factory=dict)
 
 
+def champion_builder(loaded, graph_dir: Path, features_dir: Path, log=None) -> BatchBuilder:
+    """A BatchBuilder over one day's graph snapshot and feature store with the neighbourhood layout and token
+    width ``loaded`` was trained with (embeddings, the recall report). Checks the image width."""
+    log = log or (lambda msg: None)
+    model = loaded.model
+    snapshot = GraphSnapshot.open(graph_dir)
+    cache = NeighborhoodCache.open(graph_dir / NEIGHBORHOODS_DIR, snapshot)
+    layout = champion_layout(loaded, cache.layout)
+    if layout == cache.layout:
+        neighborhoods = cache
+    else:
+        # The champion was trained with another layout: sample this day's neighbourhoods on the fly with the
+        # champion's layout and the cache's random-walk settings (slower, but the model sees what it expects).
+        log(f"champion layout {layout} differs from the cached {cache.layout}: sampling on the fly")
+        neighborhoods = NeighborSampler(snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget)
+    featurizer = Featurizer(features_dir, max_tokens=champion_max_tokens(loaded))
+    model_image_dim = int(getattr(getattr(model, "config", None), "image_dim", 0) or 0)
+    if model_image_dim and model_image_dim != featurizer.image_dim:
+        raise ValueError(
+            f"model version {champion_version(loaded)} expects image vectors of length {model_image_dim}, but "
+            f"the feature store {features_dir} holds field 'image_embedding' of length {featurizer.image_dim}"
+        )
+    return BatchBuilder(snapshot, neighborhoods, featurizer, layout)
+
+
 def embed_day(
     loaded,
     inputs: DayInputs,
@@ -332,24 +357,8 @@ def embed_day(
     log = log or (lambda msg: None)
     model = loaded.model
     version = champion_version(loaded)
-    snapshot = GraphSnapshot.open(inputs.graph_dir)
-    cache = NeighborhoodCache.open(inputs.graph_dir / NEIGHBORHOODS_DIR, snapshot)
-    layout = champion_layout(loaded, cache.layout)
-    if layout == cache.layout:
-        neighborhoods = cache
-    else:
-        # The champion was trained with another layout: sample this day's neighbourhoods on the fly with the
-        # champion's layout and the cache's random-walk settings (slower, but the model sees what it expects).
-        log(f"champion layout {layout} differs from the cached {cache.layout}: sampling on the fly")
-        neighborhoods = NeighborSampler(snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget)
-    featurizer = Featurizer(inputs.features_dir, max_tokens=champion_max_tokens(loaded))
-    model_image_dim = int(getattr(getattr(model, "config", None), "image_dim", 0) or 0)
-    if model_image_dim and model_image_dim != featurizer.image_dim:
-        raise ValueError(
-            f"champion version {version} expects image vectors of length {model_image_dim}, but the feature "
-            f"store {inputs.features_dir} holds field 'image_embedding' of length {featurizer.image_dim}"
-        )
-    builder = BatchBuilder(snapshot, neighborhoods, featurizer, layout)
+    builder = champion_builder(loaded, inputs.graph_dir, inputs.features_dir, log)
+    snapshot, featurizer = builder.snapshot, builder.featurizer
 
     entities = day_entities(inputs.metadata_dir, snapshot)
     stats = {"entities_total_day": int(sum(len(v) for v in entities.values()))}

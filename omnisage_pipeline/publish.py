@@ -85,8 +85,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_pid_alive = pid_alive
-
 
 def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
     """Staging left behind by a killed writer of this partition (its pid is in the name) is garbage, and so
@@ -99,7 +97,7 @@ def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
             pid = int(entry.name.split(".")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             _remove(entry)
 
 
@@ -109,7 +107,7 @@ def _live_writer(entry: Path) -> bool:
         pid = int(entry.name.split(".")[1])
     except (IndexError, ValueError):
         return False
-    return pid != os.getpid() and _pid_alive(pid)
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def _remove(path: Path) -> None:

@@ -48,8 +48,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from omnisage_pipeline.publish import partition_link, require_published
-from omnisage_pipeline.publish import pid_alive as _pid_alive
+from omnisage_pipeline.publish import partition_link, pid_alive, require_published
 from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
 
 #: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
@@ -159,7 +158,7 @@ class Lease:
     def alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # cannot check a process on another machine: honoured until removed by hand
-        if not _pid_alive(self.pid):
+        if not pid_alive(self.pid):
             return False
         return self.start is None or _process_start(self.pid) in (None, self.start)
 
@@ -303,7 +302,7 @@ def _entry_pid(name: str) -> int | None:
 def _live_other(name: str) -> bool:
     """``dt=D.<pid>.<token>`` was written by another process that is still running."""
     pid = _entry_pid(name)
-    return pid is not None and pid != os.getpid() and _pid_alive(pid)
+    return pid is not None and pid != os.getpid() and pid_alive(pid)
 
 
 def apply_retention(
@@ -337,7 +336,7 @@ def apply_retention(
     if (dataset_dir / STAGING_DIR).is_dir():
         for s in (dataset_dir / STAGING_DIR).iterdir():
             key, pid = _entry_key(s.name), _entry_pid(s.name)
-            if key is not None and pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            if key is not None and pid is not None and pid != os.getpid() and not pid_alive(pid):
                 staging.setdefault(key, []).append(s)  # a dead writer's leftovers (a live one's: untouched)
 
     report.newest = max(published, default=None)
@@ -393,7 +392,7 @@ def apply_retention(
     if not dry_run and (dataset_dir / STAGING_DIR).is_dir():
         for entry in (dataset_dir / STAGING_DIR).glob(f"{RETIRED_PREFIX}*"):
             pid = _entry_pid(entry.name)
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            if pid is not None and pid != os.getpid() and not pid_alive(pid):
                 report.bytes_freed += _delete_claimed(dataset_dir, entry)
     return report
 
