@@ -30,6 +30,18 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module: tiny tensors run faster that way, and on a loaded 2-core box
+    intra-op threads spin-wait against each other (a training step was 15x slower; see test_learning)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def omnisage_env(tmp_path: Path, monkeypatch) -> dict[str, str]:
     """A private OMNISAGE_HOME (and MLflow store) for one test; DuckDB engine unless a test says otherwise."""

@@ -202,3 +202,20 @@ def build_library_pipeline(
         truth=load_truth(data_root),
         stats=stats,
     )
+
+
+#: omnisage_model config of the training, resume and kill tests. Small but real training: 20 steps are enough
+#: for the trained model to clearly beat an untrained one (mean recall@10 ~0.11 vs ~0.07 in
+#: tests/test_training_assets.py); a step costs ~0.2 s on an idle 2-core box.
+TINY_TRAIN = {
+    "preset": "small",
+    "steps": 20,
+    "warmup_steps": 3,
+    "batch_size": 16,
+    "num_random_negatives": 16,
+    "lr": 0.003,
+    "pool_size": 400,
+    "log_every": 5,
+    "checkpoint_every": 5,
+    "device": "cpu",
+}

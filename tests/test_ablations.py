@@ -15,19 +15,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner
 
 from omnisage_pipeline import ablations as ab
 from omnisage_pipeline.settings import Settings
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ no training
@@ -168,7 +159,7 @@ def _registry_state(uri: str) -> dict:
     return out
 
 
-def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_thread):
+def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     import mlflow
 
     from assets.training import OmniSageModelConfig, train_and_register

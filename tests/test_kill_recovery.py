@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import TINY_TRAIN as TRAIN
 
 from omnisage_pipeline.publish import (
     FAULT_DATASET_ENV,
@@ -92,20 +93,7 @@ PARQUET_TABLES = {
     "user_embeddings",
 }
 
-#: Small but real training (tests/test_training_assets.py uses the same settings): a checkpoint every 5
-#: steps, so a kill lands with 5..15 steps to go.
-TRAIN = {
-    "preset": "small",
-    "steps": 20,
-    "warmup_steps": 3,
-    "batch_size": 16,
-    "num_random_negatives": 16,
-    "lr": 0.003,
-    "pool_size": 400,
-    "log_every": 5,
-    "checkpoint_every": 5,
-    "device": "cpu",
-}
+# TRAIN (tests/pipeline_fixtures.TINY_TRAIN) checkpoints every 5 steps, so a kill lands with 5..15 steps to go.
 
 CASES: list[tuple[str, str, str]] = []  # (asset, phase | "random", dataset)
 for _asset, _datasets in PUBLISHED.items():

@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
-import torch
 from pipeline_fixtures import build_library_pipeline
 
 from ml.config import small
@@ -31,15 +29,7 @@ from ml.train import Trainer
 STEPS = 80
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_training_raises_entity_entity_recall(tmp_path, one_thread):
+def test_training_raises_entity_entity_recall(tmp_path, one_torch_thread):
     t0 = time.perf_counter()
     art = build_library_pipeline(tmp_path, scale="tiny", days=3, seed=0)
     ev = Evaluator(art.data, art.universe, k=10, pool_size=10_000, seed=0)

@@ -26,13 +26,7 @@ from ml.model import OmniSageModel
 IMG = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spin-waiting on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(image_dim=IMG, **changes) -> OmniSageModel:

@@ -18,12 +18,7 @@ from ml.model import OmniSageModel
 from ml.recall_report import Candidate, build_report, markdown, plot_png, regressions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
