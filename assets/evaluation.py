@@ -1,6 +1,8 @@
 """recall_report (daily): the champion's recall@10 on day D's held-out sets (paper 4.2.1) beside its
-baselines - random, popularity, item co-occurrence, the PinSage-like model trained with it (Table 2) and,
-on generator input, the oracle - all scored by one evaluator on the same sets (``ml.recall_report``).
+baselines - random, popularity, item co-occurrence, ALS (implicit; fitted on the window's logs less the
+evaluation's pairs and users, tuned on a validation split carved from them), the PinSage-like model trained
+with it (Table 2) and, on generator input, the oracle - all scored by one evaluator on the same sets
+(``ml.recall_report``).
 
 Publishes ``reports/dt=D/{recall.json, recall.md, recall.png}``, logs them and the recall metrics to the
 champion's MLflow run, shows the table and the plot (recall per task over recent days) as markdown in the
@@ -40,8 +42,12 @@ class RecallReportConfig(dg.Config):
     seed: int = Field(default=0, description="seed of the negative pool (the training gate uses the same default)")
     max_queries: Optional[int] = Field(default=None, description="cap on queries per task (seeded subset); None = all")
     baselines: list[str] = Field(
-        default=["random", "popularity", "cooccurrence", "pinsage", "oracle"],
+        default=["random", "popularity", "cooccurrence", "als", "pinsage", "oracle"],
         description="baselines scored on the same sets (oracle only when the input came from the generator)",
+    )
+    als_grid: str = Field(
+        default="report",
+        description="ALS tuning grid: 'report' (ml.baselines.REPORT_ALS_GRID, 4 fits) or 'full' (DEFAULT_ALS_GRID)",
     )
     max_recall_drop: float = Field(
         default=0.05, description="the asset check fails when a task's recall@k falls by more than this (absolute)"
@@ -98,6 +104,8 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
         elif name == "cooccurrence":
             co = CooccurrenceEmbedder(snapshot)
             baselines[name] = Candidate(co, co)
+        elif name == "als":
+            baselines[name] = _als_candidate(settings, day, data, universe, config, log)
         elif name == "pinsage":
             if pinsage is None:
                 baselines[name] = Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
@@ -121,6 +129,35 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
         baselines,
         extra={"model_run_id": loaded.run_id, "training_partition": loaded.training_partition},
     )
+
+
+def _als_candidate(settings: Settings, day: str, data, universe, config: RecallReportConfig, log):
+    """ALS on the validated logs of day D's window, the evaluation pairs' events and the evaluation users left
+    out (they are embedded from their histories), tuned on a validation split of the rest (ml.baselines)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, fit_als_baseline
+    from ml.recall_report import Candidate
+    from omnisage_pipeline.partitions import window_keys
+
+    if config.als_grid not in ("report", "full"):
+        raise ValueError(f"recall_report config field 'als_grid': {config.als_grid!r} is not 'report' or 'full'")
+    logs_ds = settings.warehouse_dataset("engagement_logs")
+    tables = [pq.read_table(f) for key in window_keys(day) if (path := published_path(logs_ds, key)) is not None
+              for f in sorted(path.glob("*.parquet"))]  # fmt: skip
+    if not tables:
+        return Candidate(None, unavailable="no validated engagement logs in the window")
+    logs = pa.concat_tables(tables, promote_options="default")
+    als, tuning = fit_als_baseline(
+        logs, exclude_pairs=data.eval_pairs, exclude_users=data.eval_sequences["user_id"].to_numpy(),
+        universe=universe, grid=DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID, k=config.k,
+        seed=config.seed,
+    )  # fmt: skip
+    log(f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "
+        f"interactions; tuned on {tuning.validation_pairs} validation pairs: {tuning.best} "
+        f"(recall@{config.k} {tuning.best_recall})")
+    return Candidate(als, als, tasks=("entity_entity", "user_entity"))
 
 
 def publish_report(settings: Settings, day: str, report: dict, history_days: int) -> tuple[str, bytes]:
@@ -182,7 +219,7 @@ def log_to_mlflow(mlflow: MlflowResource, report: dict, day: str, published: Pat
     group_name="evaluation",
     kinds={"pytorch", "mlflow"},
     description="recall@10 of the champion per task on the day's held-out sets (4.2.1) and of the baselines "
-    "(random, popularity, co-occurrence, PinSage-like, oracle) on the same sets: reports/dt=D/recall.json.",
+    "(random, popularity, co-occurrence, ALS, PinSage-like, oracle) on the same sets: reports/dt=D/recall.json.",
 )
 def recall_report(
     context: dg.AssetExecutionContext, config: RecallReportConfig, storage: StorageResource, mlflow: MlflowResource

@@ -67,7 +67,8 @@ from assets.daily import DayResult, materialize_days
 from assets.snapshot import NEIGHBORHOODS_DIR, parse_blocks
 from graph_engine.batch import NODE_TYPE_CODE, NODE_TYPES, NeighborhoodLayout
 from graph_engine.batch_builder import BatchBuilder
-from graph_engine.featurizer import DEFAULT_MAX_TOKENS, Featurizer
+from graph_engine.feature_table import open_features
+from graph_engine.featurizer import DEFAULT_MAX_TOKENS
 from graph_engine.holdout import TYPE_CODE, entity_hash
 from graph_engine.neighbor_sampler import NeighborhoodCache, NeighborSampler, layout_from_json
 from graph_engine.snapshot import GraphSnapshot
@@ -160,11 +161,9 @@ def champion_training_partition(loaded) -> str | None:
 
 
 def resolve_device(name: str):
-    import torch
+    from ml.train import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve(name)
 
 
 def _read_ids(folder: Path, column: str) -> np.ndarray:
@@ -328,7 +327,8 @@ def champion_builder(loaded, graph_dir: Path, features_dir: Path, log=None) -> B
         # champion's layout and the cache's random-walk settings (slower, but the model sees what it expects).
         log(f"champion layout {layout} differs from the cached {cache.layout}: sampling on the fly")
         neighborhoods = NeighborSampler(snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget)
-    featurizer = Featurizer(features_dir, max_tokens=champion_max_tokens(loaded))
+    # in memory when the day's decoded features fit the default budget (graph_engine.feature_table)
+    featurizer = open_features(features_dir, max_tokens=champion_max_tokens(loaded), snapshot=snapshot)
     model_image_dim = int(getattr(getattr(model, "config", None), "image_dim", 0) or 0)
     if model_image_dim and model_image_dim != featurizer.image_dim:
         raise ValueError(

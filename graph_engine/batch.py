@@ -26,7 +26,7 @@ numpy-only (no torch) so the graph engine can be used and tested without the mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -160,3 +160,99 @@ class EntityBatch:
     @property
     def neighbor_node_type(self) -> np.ndarray:
         return self.layout.column_node_type()
+
+
+@dataclass
+class CompactEntityBatch:
+    """An ``EntityBatch`` whose features are stored once per distinct entity of the batch (the training and
+    inference form): a node's neighbourhoods overlap heavily, so B x K neighbour slots name far fewer
+    entities, and the model encodes each entity's raw features once (``ml.data.EntityTensors``).
+
+    ``table`` holds U rows; ``own_row`` [B] and ``neighbor_row`` [B, K] index it (-1 for padding slots,
+    whose features are never read). Every other field is as in ``EntityBatch``."""
+
+    entity_type: str
+    entity_ids: np.ndarray  # int64 [B]
+    table: FeatureArrays  # [U, ...]
+    own_row: np.ndarray  # int64 [B]
+    neighbor_row: np.ndarray  # int64 [B, K], -1 = padding
+    neighbor_ids: np.ndarray  # int64 [B, K], -1 for padding
+    neighbor_scores: np.ndarray  # float32 [B, K]
+    neighbor_mask: np.ndarray  # bool [B, K]
+    layout: NeighborhoodLayout = field(default_factory=NeighborhoodLayout.paper_default)
+    #: int64 [U, 2] (type code, entity id) of every table row, (-1, -1) for the padding row; lets several
+    #: batches of one step share one table (``share_tables``)
+    table_keys: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        b, k = self.entity_ids.shape[0], self.layout.width
+        if self.entity_type not in NODE_TYPES:
+            raise ValueError(f"entity_type {self.entity_type!r} not in {NODE_TYPES}")
+        for name, arr, shape in (
+            ("own_row", self.own_row, (b,)),
+            ("neighbor_row", self.neighbor_row, (b, k)),
+            ("neighbor_ids", self.neighbor_ids, (b, k)),
+            ("neighbor_scores", self.neighbor_scores, (b, k)),
+            ("neighbor_mask", self.neighbor_mask, (b, k)),
+        ):
+            if arr.shape != shape:
+                raise ValueError(f"CompactEntityBatch.{name} has shape {arr.shape}, expected {shape}")
+
+    def __len__(self) -> int:
+        return int(self.entity_ids.shape[0])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.table.token_ids.shape[-1])
+
+    @property
+    def image_dim(self) -> int:
+        return int(self.table.image.shape[-1])
+
+    def dense(self) -> EntityBatch:
+        """The same batch with one feature row per slot (padding slots zero, as ``EntityBatch`` requires)."""
+        empty = FeatureArrays.empty((1,), self.max_tokens, self.image_dim)
+        padded = FeatureArrays(
+            **{f.name: np.concatenate([getattr(self.table, f.name), getattr(empty, f.name)]) for f in fields(FeatureArrays)}
+        )
+        pad_row = len(self.table)
+        nb = np.where(self.neighbor_mask & (self.neighbor_row >= 0), self.neighbor_row, pad_row)
+        return EntityBatch(
+            entity_type=self.entity_type,
+            entity_ids=self.entity_ids,
+            features=padded.take(self.own_row),
+            neighbor_ids=self.neighbor_ids,
+            neighbor_features=padded.take(nb),
+            neighbor_scores=self.neighbor_scores,
+            neighbor_mask=self.neighbor_mask,
+            layout=self.layout,
+        )
+
+
+def share_tables(batches: list[CompactEntityBatch]) -> list[CompactEntityBatch]:
+    """The same batches over ONE table holding each distinct entity once (rows re-indexed): every batch of a
+    training step that one embedder f_t reads shares its table, so each entity's raw features are encoded
+    once per step (queries, positives, negatives and sequences overlap heavily). Needs ``table_keys``."""
+    if len(batches) < 2:
+        return list(batches)
+    keys = np.concatenate([b.table_keys for b in batches])
+    uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    stacked = FeatureArrays(
+        **{f.name: np.concatenate([getattr(b.table, f.name) for b in batches]) for f in fields(FeatureArrays)}
+    )
+    table = stacked.take(first)
+    out, offset = [], 0
+    for b in batches:
+        remap = inverse[offset : offset + len(b.table)]
+        offset += len(b.table)
+        out.append(
+            replace(
+                b,
+                table=table,
+                table_keys=uniq,
+                own_row=remap[b.own_row],
+                neighbor_row=np.where(b.neighbor_row >= 0, remap[np.maximum(b.neighbor_row, 0)], -1),
+            )
+        )
+    return out

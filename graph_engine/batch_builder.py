@@ -12,12 +12,21 @@ zeros for their neighbor features" (3.5).
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
-from graph_engine.batch import NODE_TYPE_CODE, EntityBatch, NeighborhoodLayout
+from graph_engine.batch import (
+    NODE_TYPE_CODE,
+    CompactEntityBatch,
+    EntityBatch,
+    FeatureArrays,
+    NeighborhoodLayout,
+)
 
 
 class BatchBuilder:
+    supports_compact = True  # build(..., compact=True) returns a CompactEntityBatch
     def __init__(self, snapshot, neighborhoods, featurizer, layout: NeighborhoodLayout | None = None):
         self.snapshot = snapshot
         self.neighborhoods = neighborhoods
@@ -33,7 +42,8 @@ class BatchBuilder:
         #: statistics of the last build (keys requested vs unique keys read), for benchmarks and logs
         self.last_stats: dict[str, int] = {}
 
-    def build(self, entity_type: str, entity_ids) -> EntityBatch:
+    def build(self, entity_type: str, entity_ids, compact: bool = False) -> EntityBatch | CompactEntityBatch:
+        """``compact``: a ``CompactEntityBatch`` (each distinct entity's features once, no B x K copy)."""
         if entity_type not in NODE_TYPE_CODE:
             raise ValueError(f"BatchBuilder.build: entity_type {entity_type!r} not in {list(NODE_TYPE_CODE)}")
         code = NODE_TYPE_CODE[entity_type]
@@ -69,13 +79,7 @@ class BatchBuilder:
         uniq, inv = np.unique(graph_keys, return_inverse=True)
         out_ids = ids[~in_graph]
         uniq_out, inv_out = np.unique(out_ids, return_inverse=True)
-        safe = np.maximum(uniq, 0)
-        fetch_codes = np.concatenate(
-            [node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)]
-        )
-        fetch_ids = np.concatenate([node_id[safe], uniq_out])
-        fetch_valid = np.concatenate([uniq >= 0, np.ones(uniq_out.size, dtype=bool)])
-        feats = self.featurizer.fetch(fetch_codes, fetch_ids, valid=fetch_valid)
+        feats = self._fetch(uniq, uniq_out, code, node_type, node_id)
 
         n_own_graph = int(in_graph.sum())
         own_row = np.empty(b, dtype=np.int64)
@@ -84,21 +88,43 @@ class BatchBuilder:
         nb_row = inv[n_own_graph:].reshape(b, k)
 
         safe_index = np.maximum(index, 0)
-        neighbor_ids = np.where(mask, node_id[safe_index], -1)
+        neighbor_ids = np.where(mask, node_id[safe_index], -1).astype(np.int64)
         self.last_stats = {
             "nodes": b,
             "nodes_outside_graph": int((~in_graph).sum()),
             "neighbor_slots": int(mask.sum()),
             "keys_requested": b + int(mask.sum()),
-            "keys_fetched": int(fetch_valid.sum()),
+            "keys_fetched": int((uniq >= 0).sum()) + int(uniq_out.size),
         }
-        return EntityBatch(
-            entity_type=entity_type,
-            entity_ids=ids,
-            features=feats.take(own_row),
-            neighbor_ids=neighbor_ids.astype(np.int64),
-            neighbor_features=feats.take(nb_row),
-            neighbor_scores=scores.astype(np.float32),
-            neighbor_mask=mask,
-            layout=self.layout,
-        )
+        common = {"entity_type": entity_type, "entity_ids": ids, "neighbor_ids": neighbor_ids,
+                      "neighbor_scores": scores.astype(np.float32), "neighbor_mask": mask, "layout": self.layout}
+        if compact:
+            safe = np.maximum(uniq, 0)
+            keys = np.stack([np.where(uniq >= 0, node_type[safe], -1), np.where(uniq >= 0, node_id[safe], -1)], 1)
+            out_keys = np.stack([np.full(uniq_out.size, code), uniq_out], 1)
+            return CompactEntityBatch(
+                table=feats,
+                own_row=own_row,
+                neighbor_row=np.where(mask, nb_row, -1),
+                table_keys=np.concatenate([keys, out_keys]).astype(np.int64),
+                **common,
+            )
+        return EntityBatch(features=feats.take(own_row), neighbor_features=feats.take(nb_row), **common)
+
+    def _fetch(self, uniq: np.ndarray, uniq_out: np.ndarray, code: int, node_type, node_id):
+        """Features of the distinct graph nodes ``uniq`` (dense index, -1 = padding: a zero row) followed by
+        the distinct ids ``uniq_out`` of type ``code`` outside the graph. An in-memory ``FeatureTable``
+        indexed by the snapshot gathers graph nodes by dense index; otherwise one keyed fetch."""
+        fetch_nodes = getattr(self.featurizer, "fetch_nodes", None)
+        if fetch_nodes is not None and getattr(self.featurizer, "node_row", None) is not None:
+            inside = fetch_nodes(uniq)
+            if uniq_out.size == 0:
+                return inside
+            outside = self.featurizer.fetch(code, uniq_out)
+            return FeatureArrays(**{f.name: np.concatenate([getattr(inside, f.name), getattr(outside, f.name)])
+                                    for f in fields(FeatureArrays)})
+        safe = np.maximum(uniq, 0)
+        fetch_codes = np.concatenate([node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)])
+        fetch_ids = np.concatenate([node_id[safe], uniq_out])
+        fetch_valid = np.concatenate([uniq >= 0, np.ones(uniq_out.size, dtype=bool)])
+        return self.featurizer.fetch(fetch_codes, fetch_ids, valid=fetch_valid)

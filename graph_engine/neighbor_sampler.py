@@ -9,9 +9,11 @@ all-padding row (3.5 imputes zeros for its neighbours).
 
 Each node is sampled once per snapshot: ``build_neighborhood_cache`` samples every node of the snapshot
 (batched; the kernel is parallel over sources) and stores memory-mappable ``.npy`` arrays next to it;
-``NeighborhoodCache`` serves training and inference from them. Both ``NeighborSampler`` and
-``NeighborhoodCache`` expose ``layout``, ``sample(dense_index)`` and ``get(dense_index)`` so a consumer
-(BatchBuilder) can take either.
+``NeighborhoodCache`` serves training and inference from them. Every O(n) or O(m) cost of a push (CSR
+validation, W(u), the per-worker scratch arrays) is paid once per snapshot and subset: the sampler keeps
+one ``PushGraph`` per subset, so a batch costs O(its pushes) and sampling every node is linear in n
+however small the batches. Both ``NeighborSampler`` and ``NeighborhoodCache`` expose ``layout``,
+``sample(dense_index)`` and ``get(dense_index)`` so a consumer (BatchBuilder) can take either.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from graph_engine.batch import NODE_TYPE_CODE, NeighborBlock, NeighborhoodLayout
-from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB, forward_push_typed
+from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB, PushGraph
 from graph_engine.snapshot import GraphSnapshot
 
 CACHE_FORMAT = "omnisage-neighborhood-cache"
@@ -114,10 +116,27 @@ class NeighborSampler:
             # output columns of these blocks in the layout (the kernel writes them side by side)
             cols = np.concatenate([np.arange(offsets[b], offsets[b] + self.layout.blocks[b].k) for b in blocks])
             self._plan.append((subset, types, ks, cols.astype(np.int64)))
+        self._graphs: dict[str, PushGraph] = {}  # built on first use: one per subset for the sampler's life
+        self._node_type: np.ndarray | None = None  # read per touched node: copied out of the mapping once
+
+    def push_graph(self, subset: str) -> PushGraph:
+        """H_R's CSR prepared for forward push (validated, W(u) from the snapshot's cache, scratch), once."""
+        graph = self._graphs.get(subset)
+        if graph is None:
+            indptr, indices, weights = self.snapshot.csr(subset)
+            graph = PushGraph(indptr, indices, weights, out_weight=self.snapshot.weighted_out_degree(subset))
+            self._graphs[subset] = graph
+        return graph
 
     @property
     def config(self) -> dict:
-        return {"layout": layout_to_json(self.layout), "restart_prob": self.restart_prob, "budget": self.budget}
+        return {
+            "layout": layout_to_json(self.layout),
+            "restart_prob": self.restart_prob,
+            "budget": self.budget,
+            # what the scores are (graph_engine.ppr): push while r(u) >= d(u) / B, score p + restart_prob * r
+            "estimator": "forward-push/degree-threshold/p-hat",
+        }
 
     def sample(self, dense_index) -> Neighborhoods:
         """Neighbourhoods of dense nodes (any shape; -1 = absent node). Result rows follow the flattened input."""
@@ -128,21 +147,11 @@ class NeighborSampler:
         n = self.snapshot.num_nodes
         if idx.size and (idx.max() >= n or idx.min() < -1):
             raise IndexError(f"dense index out of range [-1, {n}) for snapshot {self.snapshot.path}")
-        node_type = self.snapshot.node_type
+        if self._node_type is None:
+            self._node_type = np.array(self.snapshot.node_type, dtype=np.int8)
         for subset, types, ks, cols in self._plan:
-            indptr, indices, weights = self.snapshot.csr(subset)
-            ids, scores = forward_push_typed(
-                indptr,
-                indices,
-                weights,
-                idx,
-                self.restart_prob,
-                self.eps,
-                node_type,
-                types,
-                ks,
-                out_weight=self.snapshot.weighted_out_degree(subset),
-            )
+            graph = self.push_graph(subset)
+            ids, scores = graph.push_typed(idx, self.restart_prob, self.eps, self._node_type, types, ks)
             out.index[:, cols] = ids
             out.scores[:, cols] = scores.astype(np.float32)
         out.mask[:] = out.index >= 0

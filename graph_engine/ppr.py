@@ -4,41 +4,71 @@ Paper 3.1.1 scores neighbour v of source u by s(u, v, H_R), the visit probabilit
 restart (RWR) from u on the induced subgraph H_R, approximated by forward push with error threshold
 delta = 1/B (``eps`` here). The exact vector is
 
-    p_s = restart_prob * (I - (1 - restart_prob) P^T)^-1 e_s,   P[u, v] = w(u, v) / W(u),
+    pi_s = restart_prob * (I - (1 - restart_prob) P^T)^-1 e_s,   P[u, v] = w(u, v) / W(u),
 
-with W(u) the weighted out-degree of u. ``restart_prob`` is the walk's restart probability (called so to keep
-it apart from the pruning alpha of appendix A.1).
+with w(u, v) the entry's weight (an engagement count), W(u) = sum_v w(u, v) the weighted out-degree and
+d(u) the number of out-entries (unweighted out-degree). ``restart_prob`` (alpha below) is the walk's restart
+probability (named so to keep it apart from the pruning alpha of appendix A.1).
 
-Push rule (non-lazy ACL on a weighted directed graph). Every source keeps an estimate p and a residual r
-(r = e_s at the start). While some node u has r(u) >= eps * W(u):
+Push rule (ACL on a weighted directed graph: transitions row-normalised, threshold on d, not on W).
+Every source s keeps an estimate p and a residual r, r = e_s at the start. The source is pushed once; then,
+while some node u has r(u) >= eps * d(u):
 
-    p(u) += restart_prob * r(u);  r(v) += (1 - restart_prob) * r(u) * w(u, v) / W(u) for each out-entry;  r(u) = 0
+    p(u) += alpha * r(u);  r(v) += (1 - alpha) * r(u) * w(u, v) / W(u) for each out-entry;  r(u) = 0
 
-Invariant: p_s = p + sum_u r(u) p_u, so 0 <= p_s(v) - p(v) <= eps * sum_u W(u) p_u(v) once no node is
-pushable; on an undirected graph p_u(v) W(u) = p_v(u) W(v) and this is the classic bound eps * W(v).
-A node without out-entries (W = 0) is pushed whenever it holds residual: it keeps restart_prob of it and
-the rest leaves the walk, exactly as the zero row of P does in the formula above.
+The threshold must not grow with the counts: with eps * W(u) (W = summed counts) a node with W(u) > B is
+never pushed, even as the source, and popular pins/boards lose their neighbourhoods. With d(u) the walk is
+that of P, but scaling every count by a constant changes nothing, and on unit weights (d = W) the rule is
+the classic one, so B = 1/eps keeps the meaning of paper 3.1.1 / Table 4 (budget B/alpha edge visits).
+
+Proof sketch (pi_u = the exact vector of source u; R = sum_v r(v) the residual mass).
+- Invariant: pi_s = p + sum_u r(u) pi_u. It holds at the start and a push at u replaces r(u) pi_u by
+  alpha r(u) e_u + (1 - alpha) r(u) sum_v P[u, v] pi_v, which is the same vector (the RWR equation of pi_u).
+- Work: a push at u with d(u) > 0 lowers R by exactly alpha r(u) (the rest moves, as P's row sums to 1); at
+  a node without out-entries (a zero row of P) all of r(u) leaves. R starts at 1 and stays >= 0, and every
+  push but the source's first has r(u) >= eps d(u), so alpha eps sum_pushes d(u) <= 1: the edge visits of a
+  source are at most d(s) + 1/(eps alpha) = d(s) + B/alpha, whatever the counts (d(s) <= d_max of A.1).
+  A node is queued only during an edge visit (or as the source), so pops are bounded too: termination.
+- Error: at the end every node has r(u) < eps d(u) (a node reaching its threshold is queued and then
+  zeroed). With pi_v(v) >= alpha the invariant gives, per node v, for the reported score
+  p_hat(v) = p(v) + alpha r(v) and D(v) = sum_u d(u) pi_u(v):
+
+      0 <= pi_s(v) - p_hat(v) <= pi_s(v) - p(v) = sum_u r(u) pi_u(v) <= eps * D(v),
+
+  and in l1, sum_v (pi_s(v) - p(v)) <= R_end. On an undirected graph pi_u(v) W(u) = pi_v(u) W(v), so
+  D(v) = W(v) sum_u pi_v(u) d(u) / W(u) <= W(v) max_u d(u) / W(u): eps d(v) on unit weights (ACL's bound),
+  at most eps W(v) when counts are >= 1.
+Reporting p_hat (default; ``credit_residual=False`` gives ACL's / PyG's p over pushed nodes) is never
+further from pi_s than p, node by node, and keeps every touched node a candidate: a neighbour whose degree
+d(v) > (1-alpha)B is never pushed, yet p_hat(v) >= alpha r(v) > 0 ranks it by the mass that reached it (p
+would drop it: on power-law graphs hubs are exactly such nodes). With the source always pushed, every
+node with out-entries gets a non-empty neighbourhood.
 
 Kernel layout. ``prange`` over worker threads; each worker owns a dense float64 estimate array p, a
-residual+threshold array rt[n, 2] (r(v) beside eps * W(v), +inf while queued = the in-queue flag: one
-cache line per random access), a FIFO ring buffer and a touched-node list, and walks the sources w, w + T, w + 2T, ...
-(interleaved, so expensive sources spread over the workers). After each source only the touched
-entries are reset, so a source costs O(its pushes), not O(n). Top-k is a partial selection over
-the touched set (a size-k heap, one pass), giving the k winners by (score desc, dense index asc) -- ties
-go to the smaller dense index, so results never depend on the thread count. Only nodes that were pushed
-(p > 0) are candidates: a node merely touched has an estimate of 0 (its residual is below eps * W).
-Inputs are canonicalised to one dtype signature (``_ro``), so the on-disk numba cache (``cache=True``;
-NUMBA_CACHE_DIR when set, else ``__pycache__``) compiles the kernel once.
-Nothing here runs Python per edge or per source.
+residual+degree array rt[n, 2] (r(v) beside d(v), +inf while queued = the in-queue flag: one cache line per
+random access), a FIFO ring buffer and a touched-node list, and walks the sources w, w + T, w + 2T, ...
+(interleaved, so expensive sources spread over the workers). These per-worker scratch arrays belong to a
+``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and initialised once, and after each
+source only the entries it touched are reset, so a call costs O(its pushes + its sources), never O(n).
+Top-k is a partial selection over the touched set (a size-k heap, one pass per block), giving the k
+winners by (score desc, dense index asc) -- ties go to the smaller dense index, so results never depend on
+the thread count or on what earlier calls left in the scratch. Inputs are canonicalised to one dtype
+signature (``_ro``), so the on-disk numba cache (``cache=True``; NUMBA_CACHE_DIR when set, else
+``__pycache__``) compiles the kernel once. Nothing here runs Python per edge or per source.
 
-Two entry points:
+Entry points:
+- ``PushGraph``: a CSR validated once (weights, indices, W(u)) with its scratch; ``push`` / ``push_typed``;
 - ``forward_push``: top ``topk`` over all nodes (the benchmark and the homogeneous case);
 - ``forward_push_typed``: per-type top-k, the heterogeneous neighbourhood of 3.1.1 -- for blocks
   (type code t_b, k_b) it returns the k_b best nodes of type t_b, blocks side by side. One push per source
   serves every block of a relation subset.
+The two functions build a ``PushGraph`` per call (O(n + m)); callers with many calls keep a ``PushGraph``.
 """
 
 from __future__ import annotations
+
+import mmap
+import threading
 
 import numba
 import numpy as np
@@ -47,6 +77,12 @@ from numba import njit, prange
 #: Pipeline defaults (paper 3.1.1 / 4.1): restart probability of the RWR and the budget B (eps = delta = 1/B).
 DEFAULT_RESTART_PROB = 0.15
 DEFAULT_BUDGET = 10_000
+
+_INT32_MAX = np.iinfo(np.int32).max
+#: A memory-mapped CSR up to this size is copied into process memory once per ``PushGraph``: random row reads
+#: then hit anonymous memory (numpy asks for transparent huge pages) instead of 4 KiB file pages, whose TLB
+#: misses grow with the graph. Larger CSRs are pushed straight from the mapping (paper 3.4.1).
+COPY_MAPPED_CSR_BYTES = 2 << 30
 
 
 @njit(cache=True, nogil=True)
@@ -70,11 +106,11 @@ def weighted_out_degree(indptr: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt, queue, touched):
     """Forward push from source s. Returns (number of touched nodes, edge visits).
 
-    ``rt[v] = (r(v), threshold(v))`` side by side, so the hot loop's one random access per visited entry
-    reads one cache line. threshold(v) is eps * W(v), or +inf while v waits in the FIFO: that is the
-    in-queue flag (a node is queued at most once, no membership scans, no extra flag array). A node is new
-    (goes on the ``touched`` list) when r(v) = 0 and p(v) = 0. ``unit``: all weights 1 (``weights`` is not
-    read). Touched nodes (s first) keep their values until ``_reset``.
+    ``rt[v] = (r(v), d(v))`` side by side, so the hot loop's one random access per visited entry reads one
+    cache line; v is pushable when r(v) >= eps * d(v). d(v) reads +inf while v waits in the FIFO: that is
+    the in-queue flag (a node is queued at most once, no membership scans, no extra flag array). A node is
+    new (goes on the ``touched`` list) when r(v) = 0 and p(v) = 0. ``unit``: all weights 1 (``weights`` is
+    not read). Touched nodes (s first) keep their values until ``_reset``.
     """
     cap = queue.shape[0]
     keep = 1.0 - restart_prob
@@ -82,29 +118,27 @@ def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt,
     rt[s, 0] = 1.0
     touched[0] = s
     nt = 1
+    # the source is pushed once whatever d(s): its out-neighbours are always touched (non-empty result)
+    queue[0] = s
+    rt[s, 1] = inf
     head = 0
-    size = 0
+    size = 1
     visits = 0
-    if rt[s, 0] >= rt[s, 1]:
-        queue[0] = s
-        rt[s, 1] = inf
-        size = 1
     while size > 0:
         u = queue[head]
         head += 1
         if head == cap:
             head = 0
         size -= 1
-        wu = wdeg[u]
-        rt[u, 1] = eps * wu  # out of the queue: the real threshold again
+        lo = indptr[u]
+        hi = indptr[u + 1]
+        rt[u, 1] = hi - lo  # out of the queue: d(u) again
         ru = rt[u, 0]
         p[u] += restart_prob * ru
         rt[u, 0] = 0.0
-        if wu <= 0.0:
+        if hi == lo:
             continue  # no out-entries: the walk's remaining mass leaves (zero row of P)
-        c = keep * ru / wu
-        lo = indptr[u]
-        hi = indptr[u + 1]
+        c = keep * ru / wdeg[u]  # (1 - alpha) r(u) / W(u): the row of P = D_W^-1 A
         visits += hi - lo
         for e in range(lo, hi):
             v = indices[e]
@@ -114,7 +148,7 @@ def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt,
                 nt += 1
             rv = r0 + (c if unit else c * weights[e])
             rt[v, 0] = rv
-            if rv >= rt[v, 1]:
+            if rv >= eps * rt[v, 1]:  # eps * d(v), a threshold independent of the counts
                 tail = head + size
                 if tail >= cap:
                     tail -= cap
@@ -126,7 +160,7 @@ def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt,
 
 @njit(cache=True, nogil=True)
 def _reset(p, rt, touched, nt):
-    # thresholds are already restored: every queued node was popped
+    # d(v) is already restored (every queued node was popped): zero only what this source touched
     for i in range(nt):
         v = touched[i]
         p[v] = 0.0
@@ -160,22 +194,28 @@ def _sift_down(heap_s, heap_i, size, xs, xi):
 
 
 @njit(cache=True, nogil=True)
-def _select(p, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i):
+def _select(
+    p, rt, credit, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i
+):
     """Write the k best touched nodes (excluding s; of type want_type unless it is -1) into
     out_ids[row, col0:col0+k] / out_scores[...] by (score desc, index asc). Returns how many were written.
 
-    Partial selection with a size-k min-heap keyed on the rank order (worst at the root): one pass over the
-    touched set, O(T log k), and most candidates are rejected by one comparison with the root.
+    The score is p(v) + credit * r(v): credit = alpha gives p_hat (> 0 on every touched node), credit = 0
+    ACL's p (pushed nodes only; a node with p = 0 is no candidate). Partial selection with a size-k min-heap
+    keyed on the rank order (worst at the root): one pass over the touched set, O(T log k), most candidates
+    rejected by one comparison.
     """
     if k == 0:
         return 0
     m = 0
     for i in range(nt):
         v = touched[i]
-        pv = p[v]
-        if v == s or pv <= 0.0:
+        if v == s:
             continue
         if want_type >= 0 and node_type[v] != want_type:
+            continue
+        pv = p[v] + credit * rt[v, 0]
+        if pv <= 0.0:
             continue
         if m < k:
             # sift up
@@ -208,9 +248,24 @@ def _select(p, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row
     return m
 
 
+@njit(cache=True, nogil=True)
+def _init_scratch(indptr, p_all, rt_all):
+    # the clean state every source starts from (and _reset returns to): p = 0, r = 0, d(v) beside r(v)
+    n = indptr.shape[0] - 1
+    for w in range(rt_all.shape[0]):
+        for v in range(n):
+            p_all[w, v] = 0.0
+            rt_all[w, v, 0] = 0.0
+            rt_all[w, v, 1] = indptr[v + 1] - indptr[v]
+
+
 @njit(cache=True, parallel=True)
-def _forward_push_kernel(indptr, indices, weights, unit, wdeg, sources, restart_prob, eps, node_type, block_type, block_k, out_ids, out_scores, visits_out):
-    # one worker per entry of visits_out (= numba threads, passed in: get_num_threads() here blocks caching)
+def _forward_push_kernel(
+    indptr, indices, weights, unit, wdeg, sources, restart_prob, eps, credit, node_type, block_type, block_k,
+    p_all, rt_all, queue_all, touched_all, out_ids, out_scores, visits_out,
+):
+    # one worker per entry of visits_out (<= numba threads, passed in: get_num_threads() here blocks caching);
+    # worker w uses row w of the scratch arrays, which are clean on entry and left clean on exit
     n = indptr.shape[0] - 1
     S = sources.shape[0]
     nb = block_type.shape[0]
@@ -219,13 +274,10 @@ def _forward_push_kernel(indptr, indices, weights, unit, wdeg, sources, restart_
     for b in range(nb):
         kmax = max(kmax, block_k[b])
     for w in prange(nw):
-        p = np.zeros(n, dtype=np.float64)
-        rt = np.empty((n, 2), dtype=np.float64)
-        for v in range(n):
-            rt[v, 0] = 0.0
-            rt[v, 1] = eps * wdeg[v]
-        queue = np.empty(max(n, 1), dtype=np.int64)
-        touched = np.empty(max(n, 1), dtype=np.int64)
+        p = p_all[w]
+        rt = rt_all[w]
+        queue = queue_all[w]
+        touched = touched_all[w]
         heap_s = np.empty(kmax, dtype=np.float64)
         heap_i = np.empty(kmax, dtype=np.int64)
         visits = 0
@@ -234,17 +286,19 @@ def _forward_push_kernel(indptr, indices, weights, unit, wdeg, sources, restart_
             s = sources[i]
             if s < 0 or s >= n:
                 continue  # absent node: empty row (padding already in the outputs)
-            nt, vi = _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt, queue, touched)
+            nt, vi = _push_one(
+                indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt, queue, touched
+            )
             visits += vi
             col = 0
             for b in range(nb):
-                _select(p, touched, nt, s, node_type, block_type[b], block_k[b], out_ids, out_scores, i, col, heap_s, heap_i)
+                _select(
+                    p, rt, credit, touched, nt, s, node_type, block_type[b], block_k[b],
+                    out_ids, out_scores, i, col, heap_s, heap_i,
+                )
                 col += block_k[b]
             _reset(p, rt, touched, nt)
         visits_out[w] = visits
-
-
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 def _ro(a, dtype) -> np.ndarray:
@@ -261,33 +315,146 @@ def _ro(a, dtype) -> np.ndarray:
     return a
 
 
-def _check(indptr, indices, weights, sources, restart_prob, eps):
+_NO_TYPE = _ro(np.zeros(0, dtype=np.int8), np.int8)
+
+
+def _mapped(a) -> bool:
+    """``a`` (or an array it views) is backed by a file mapping."""
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def _canonical_csr(indptr, indices, weights):
+    """Validate a CSR once (O(n + m)) and return it in the kernel's dtypes: int64 indptr, int32 indices while
+    n fits (the snapshot's), float32 weights (empty when ``weights`` is None: unit weights)."""
     indptr = np.asarray(indptr)
     indices = np.asarray(indices)
     if indptr.ndim != 1 or indptr.shape[0] < 1:
         raise ValueError("forward_push: indptr must be a 1-d array of length n + 1")
     if indices.dtype.kind not in "iu":
         raise ValueError(f"forward_push: indices dtype {indices.dtype}, expected int32 or int64")
-    if int(indptr[-1]) != indices.shape[0]:
-        raise ValueError(f"forward_push: indptr[-1] = {int(indptr[-1])} != len(indices) = {indices.shape[0]}")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.shape[0]:
+        raise ValueError(f"forward_push: indptr must run from 0 to len(indices) = {indices.shape[0]}")
     n = indptr.shape[0] - 1
+    if n and np.any(np.diff(indptr) < 0):
+        raise ValueError("forward_push: indptr must be non-decreasing")
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"forward_push: indices must be dense node indices in [0, {n})")
     unit = weights is None
     weights = np.ones(0, dtype=np.float32) if unit else np.asarray(weights)
     if not unit and weights.shape != indices.shape:
         raise ValueError(f"forward_push: weights shape {weights.shape} != indices shape {indices.shape}")
     if not unit and weights.size and not (np.min(weights) > 0 and np.isfinite(np.max(weights))):
-        # the kernel relies on it: a touched node has r > 0 or p > 0
+        # the kernel relies on it: a touched node has r > 0 or p > 0, and W(u) > 0 when d(u) > 0
         raise ValueError("forward_push: weights must be finite and > 0")
-    if not 0.0 < restart_prob <= 1.0:
-        raise ValueError(f"forward_push: restart_prob={restart_prob} must be in (0, 1]")
-    if not eps > 0.0:
-        raise ValueError(f"forward_push: eps={eps} must be > 0 (eps = 1/B, paper 3.1.1)")
-    sources = np.array(sources, dtype=np.int64).reshape(-1)  # a private, writable copy
-    if sources.size and int(sources.max()) >= n:
-        raise ValueError(f"forward_push: source {int(sources.max())} out of range for a graph of {n} nodes")
-    # Canonical dtypes (the snapshot's): int64 indptr, int32 indices while n fits, float32 weights.
     idx_dtype = np.int32 if n <= _INT32_MAX else np.int64
-    return _ro(indptr, np.int64), _ro(indices, idx_dtype), _ro(weights, np.float32), unit, sources
+    return _ro(indptr, np.int64), _ro(indices, idx_dtype), _ro(weights, np.float32), unit
+
+
+class PushGraph:
+    """One CSR (a snapshot's relation subset H_R) prepared for forward push, once: validated, in the
+    kernel's dtypes, with W(u), and with per-worker scratch (p, rt, queue, touched: 40 bytes x n x threads)
+    allocated on the first call and kept clean between calls. A call then costs O(sources + pushes).
+
+    ``out_weight``: W(u) when the caller has it cached (``GraphSnapshot.weighted_out_degree``). Calls are
+    serialised by a lock (the scratch is shared); results never depend on earlier calls.
+    """
+
+    def __init__(self, indptr, indices, weights=None, out_weight=None):
+        self.indptr, self.indices, self.weights, self.unit = _canonical_csr(indptr, indices, weights)
+        csr = (self.indptr, self.indices, self.weights)
+        if any(_mapped(a) for a in csr) and sum(a.nbytes for a in csr) <= COPY_MAPPED_CSR_BYTES:
+            self.indptr, self.indices, self.weights = (_ro(np.array(a), a.dtype) for a in csr)
+        n = self.num_nodes
+        if out_weight is None:
+            unit_w = np.diff(self.indptr).astype(np.float64)
+            wdeg = unit_w if self.unit else weighted_out_degree(self.indptr, self.weights)
+        else:
+            wdeg = out_weight
+        self.out_weight = _ro(wdeg, np.float64)
+        if self.out_weight.shape != (n,):
+            raise ValueError(f"forward_push: out_weight has shape {self.out_weight.shape} for {n} nodes")
+        self._scratch: tuple[np.ndarray, ...] | None = None
+        self._lock = threading.Lock()
+        self.edge_visits = 0  # all calls together: the work, sum over pushes of d(u)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    def __getstate__(self) -> dict:
+        # a copy (e.g. to a spawned data-loader worker) gets its own lock and scratch, allocated on first use
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in ("indptr", "indices", "weights", "out_weight"):  # unpickled arrays are writable again
+            setattr(self, name, _ro(state[name], state[name].dtype))
+        self._scratch = None
+        self._lock = threading.Lock()
+
+    def _take_scratch(self, workers: int) -> tuple[np.ndarray, ...]:
+        """The clean scratch for ``workers`` workers; allocated (O(n x threads)) only on first use or when the
+        thread count grew. Taken out of ``self`` while a kernel runs: an exception drops it."""
+        scratch, self._scratch = self._scratch, None
+        if scratch is None or scratch[0].shape[0] < workers:
+            n, threads = max(self.num_nodes, 1), max(workers, numba.get_num_threads())
+            scratch = (
+                np.empty((threads, n), dtype=np.float64),  # p
+                np.empty((threads, n, 2), dtype=np.float64),  # rt = (r, d)
+                np.empty((threads, n), dtype=np.int64),  # FIFO ring buffer
+                np.empty((threads, n), dtype=np.int64),  # touched list
+            )
+            _init_scratch(self.indptr, scratch[0], scratch[1])
+        return scratch
+
+    def push_typed(
+        self, sources, restart_prob, eps, node_type, block_types, block_ks,
+        return_visits=False, credit_residual=True,
+    ):
+        """Per-type top-k of every source; see ``forward_push_typed``."""
+        if not 0.0 < restart_prob <= 1.0:
+            raise ValueError(f"forward_push: restart_prob={restart_prob} must be in (0, 1]")
+        if not eps > 0.0:
+            raise ValueError(f"forward_push: eps={eps} must be > 0 (eps = 1/B, paper 3.1.1)")
+        n = self.num_nodes
+        sources = np.array(sources, dtype=np.int64).reshape(-1)  # a private, writable copy
+        if sources.size and int(sources.max()) >= n:
+            raise ValueError(f"forward_push: source {int(sources.max())} out of range ({n} nodes)")
+        block_type = np.asarray(block_types, dtype=np.int64).reshape(-1)
+        block_k = np.asarray(block_ks, dtype=np.int64).reshape(-1)
+        if block_type.shape != block_k.shape or (block_k < 0).any():
+            raise ValueError("forward_push_typed: block_types and block_ks must have equal length, k >= 0")
+        node_type = _NO_TYPE if node_type is None else _ro(node_type, np.int8)
+        if (block_type >= 0).any() and node_type.shape[0] != n:
+            raise ValueError(f"forward_push_typed: node_type has {node_type.shape[0]} entries for {n} nodes")
+        width = int(block_k.sum())
+        ids = np.full((sources.shape[0], width), -1, dtype=np.int64)
+        scores = np.zeros((sources.shape[0], width), dtype=np.float64)
+        visits = np.zeros(max(1, min(numba.get_num_threads(), sources.shape[0])), dtype=np.int64)
+        if sources.size and n:
+            with self._lock:
+                scratch = self._take_scratch(visits.shape[0])
+                _forward_push_kernel(
+                    self.indptr, self.indices, self.weights, self.unit, self.out_weight, sources,
+                    float(restart_prob), float(eps), float(restart_prob) if credit_residual else 0.0,
+                    node_type, block_type, block_k, *scratch, ids, scores, visits,
+                )
+                self._scratch = scratch
+                self.edge_visits += int(visits.sum())
+        if return_visits:
+            return ids, scores, int(visits.sum())
+        return ids, scores
+
+    def push(self, sources, restart_prob, eps, topk, return_visits=False, credit_residual=True):
+        """Top ``topk`` over all nodes of every source; see ``forward_push``."""
+        # one block of "any type" (-1): node_type is never read
+        return self.push_typed(
+            sources, restart_prob, eps, None, [-1], [int(topk)], return_visits, credit_residual
+        )
 
 
 def forward_push_typed(
@@ -302,6 +469,7 @@ def forward_push_typed(
     block_ks,
     out_weight: np.ndarray | None = None,
     return_visits: bool = False,
+    credit_residual: bool = True,
 ):
     """Per-type top-k (paper 3.1.1, N(u, H_R) = union over t of the top k_t nodes of type t).
 
@@ -310,36 +478,17 @@ def forward_push_typed(
     [sum(k[:b]), sum(k[:b]) + k[b]), each block score-descending, padded with -1 / 0. A source of -1
     (node absent from the graph) gets an all-padding row. ``out_weight`` is W(u) when the caller has it
     cached (``weighted_out_degree``); ``return_visits`` also returns the number of edge visits.
+    ``credit_residual``: score p_hat = p + restart_prob * r over every touched node (default), or ACL's /
+    PyG's p over pushed nodes only (False; kept for like-for-like comparisons with other push kernels).
+    One-shot: validates the CSR and allocates scratch per call; repeated callers keep a ``PushGraph``.
     """
-    indptr, indices, weights, unit, sources = _check(indptr, indices, weights, sources, restart_prob, eps)
-    n = indptr.shape[0] - 1
-    node_type = _ro(node_type, np.int8)
-    if node_type.shape[0] != n:
-        raise ValueError(f"forward_push_typed: node_type has {node_type.shape[0]} entries for {n} nodes")
-    block_type = np.asarray(block_types, dtype=np.int64).reshape(-1)
-    block_k = np.asarray(block_ks, dtype=np.int64).reshape(-1)
-    if block_type.shape != block_k.shape or (block_k < 0).any():
-        raise ValueError("forward_push_typed: block_types and block_ks must have equal length, k >= 0")
-    if out_weight is None:
-        wdeg = np.diff(indptr).astype(np.float64) if unit else weighted_out_degree(indptr, weights)
-    else:
-        wdeg = out_weight
-    wdeg = _ro(wdeg, np.float64)
-    if wdeg.shape[0] != n:
-        raise ValueError(f"forward_push_typed: out_weight has {wdeg.shape[0]} entries for {n} nodes")
-    width = int(block_k.sum())
-    ids = np.full((sources.shape[0], width), -1, dtype=np.int64)
-    scores = np.zeros((sources.shape[0], width), dtype=np.float64)
-    visits = np.zeros(max(1, min(numba.get_num_threads(), sources.shape[0])), dtype=np.int64)
-    _forward_push_kernel(
-        indptr, indices, weights, unit, wdeg, sources, float(restart_prob), float(eps), node_type, block_type, block_k, ids, scores, visits
+    graph = PushGraph(indptr, indices, weights, out_weight)
+    nt = np.asarray(node_type).shape[0]
+    if nt != graph.num_nodes:
+        raise ValueError(f"forward_push_typed: node_type has {nt} entries for {graph.num_nodes} nodes")
+    return graph.push_typed(
+        sources, restart_prob, eps, node_type, block_types, block_ks, return_visits, credit_residual
     )
-    if return_visits:
-        return ids, scores, int(visits.sum())
-    return ids, scores
-
-
-_NO_TYPE = np.zeros(0, dtype=np.int8)
 
 
 def forward_push(
@@ -347,22 +496,19 @@ def forward_push(
     indices: np.ndarray,
     weights: np.ndarray | None,
     sources: np.ndarray,
-    restart_prob: float = DEFAULT_RESTART_PROB,
-    eps: float = 1.0 / DEFAULT_BUDGET,
-    topk: int = 100,
+    restart_prob: float,
+    eps: float,
+    topk: int,
     out_weight: np.ndarray | None = None,
     return_visits: bool = False,
+    credit_residual: bool = True,
 ):
     """Approximate personalised PageRank top-k of every source by forward push.
 
     Returns ``ids`` int64 [S, topk] (dense node indices; the source itself excluded) and ``scores``
-    float64 [S, topk], score-descending (ties by index), padded with -1 / 0. ``weights=None`` means unit
-    weights. See the module docstring for the push rule and error bound.
+    float64 [S, topk] (p_hat = p + restart_prob * r; p with ``credit_residual=False``), score-descending
+    (ties by index), padded with -1 / 0. ``weights=None`` means unit weights. See the module docstring for
+    the push rule and error bound.
     """
-    indptr_c = np.asarray(indptr)
-    n = indptr_c.shape[0] - 1
-    # The untyped case is the typed kernel with one block of "any type" (-1): node_type is never read.
-    node_type = np.zeros(n, dtype=np.int8)
-    return forward_push_typed(
-        indptr_c, indices, weights, sources, restart_prob, eps, node_type, [-1], [int(topk)], out_weight, return_visits
-    )
+    graph = PushGraph(indptr, indices, weights, out_weight)
+    return graph.push(sources, restart_prob, eps, topk, return_visits, credit_residual)

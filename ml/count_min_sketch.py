@@ -141,8 +141,8 @@ class CountMinSketch:
         if int(batch_size) < 1:
             raise ValueError(f"CountMinSketch.in_batch_log_q: batch_size must be >= 1, got {batch_size}")
         est = self.estimate(keys).clamp_min(1).to(torch.float64)
-        total = max(self.total, 1)
-        log_q = (torch.log(est) + math.log(int(batch_size)) - math.log(total)).clamp_max(0.0)
+        total = self._total.clamp_min(1).to(torch.float64)  # a tensor: no host sync on the device
+        log_q = (torch.log(est) + math.log(int(batch_size)) - torch.log(total)).clamp_max(0.0)
         out_device = keys.device if isinstance(keys, torch.Tensor) else self.device
         return log_q.to(device=out_device, dtype=torch.float32)
 

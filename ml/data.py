@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from graph_engine.batch import NODE_TYPE_CODE, EntityBatch, FeatureArrays, NeighborBlock, NeighborhoodLayout
+from graph_engine.batch import (
+    NODE_TYPE_CODE,
+    CompactEntityBatch,
+    EntityBatch,
+    FeatureArrays,
+    NeighborBlock,
+    NeighborhoodLayout,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,17 +69,37 @@ class FeatureTensors:
     def pin_memory(self) -> FeatureTensors:
         return FeatureTensors(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
+    def __len__(self) -> int:
+        return int(self.token_lengths.shape[0])
+
+    def take(self, index: torch.Tensor) -> FeatureTensors:
+        """Rows by index (any shape: the result gains it as leading shape). ``F.embedding``-style gathers
+        (index_select) whose backward accumulates with index_add, not the serialising indexing backward."""
+        flat = index.reshape(-1)
+        return FeatureTensors(
+            **{
+                f.name: getattr(self, f.name).index_select(0, flat).reshape(
+                    tuple(index.shape) + tuple(getattr(self, f.name).shape[1:])
+                )
+                for f in fields(self)
+            }
+        )
+
 
 @dataclass
 class EntityTensors:
-    """``EntityBatch`` as tensors, plus the per-column layout indices the embedder needs."""
+    """An entity batch as tensors in the compact form (``graph_engine.batch.CompactEntityBatch``): ``table``
+    holds each distinct entity's raw features once, ``own_row`` [B] and ``neighbor_row`` [B, K] index it, so
+    the model encodes text and images per distinct entity, not per neighbour slot. A dense ``EntityBatch``
+    converts with one table row per slot. Plus the per-column layout indices the embedder needs."""
 
     entity_type: str
     type_code: int
     entity_ids: torch.Tensor  # int64 [B]
-    features: FeatureTensors  # [B, ...]
+    table: FeatureTensors  # [U, ...]
+    own_row: torch.Tensor  # int64 [B]
+    neighbor_row: torch.Tensor  # int64 [B, K], -1 = padding
     neighbor_ids: torch.Tensor  # int64 [B, K]
-    neighbor_features: FeatureTensors  # [B, K, ...]
     neighbor_scores: torch.Tensor  # float32 [B, K]
     neighbor_mask: torch.Tensor  # bool [B, K]
     column_block: torch.Tensor  # int64 [K] block number of every neighbour column
@@ -87,60 +114,126 @@ class EntityTensors:
     def num_blocks(self) -> int:
         return len(self.layout_key)
 
+    @property
+    def features(self) -> FeatureTensors:
+        """Own raw features [B, ...] (gathered from the table)."""
+        return self.table.take(self.own_row)
+
+    @property
+    def neighbor_features(self) -> FeatureTensors:
+        """Neighbour raw features [B, K, ...]; padding slots hold some table row (never read unmasked)."""
+        return self.table.take(self.neighbor_row.clamp_min(0))
+
     @classmethod
-    def from_batch(cls, batch: EntityBatch, where: str = "EntityBatch") -> EntityTensors:
-        if not isinstance(batch, EntityBatch):
+    def from_batch(
+        cls, batch: EntityBatch | CompactEntityBatch, where: str = "EntityBatch", memo: dict | None = None
+    ) -> EntityTensors:
+        """``memo`` (id -> FeatureTensors): tables shared by several batches convert once and stay shared."""
+        if isinstance(batch, EntityBatch):
+            b, k = batch.neighbor_mask.shape
+            table = FeatureArrays(
+                **{
+                    f.name: np.concatenate(
+                        [getattr(batch.features, f.name), getattr(batch.neighbor_features, f.name).reshape(
+                            (b * k,) + getattr(batch.features, f.name).shape[1:])]
+                    )
+                    for f in fields(FeatureArrays)
+                }
+            )
+            own_row = np.arange(b, dtype=np.int64)
+            neighbor_row = np.where(batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1)
+        elif isinstance(batch, CompactEntityBatch):
+            table, own_row, neighbor_row = batch.table, batch.own_row, batch.neighbor_row
+        else:
             raise TypeError(f"{where}: expected graph_engine.batch.EntityBatch, got {type(batch).__name__}")
         layout = batch.layout
         ranks = (
-            np.concatenate([np.arange(b.k, dtype=np.int64) for b in layout.blocks])
+            np.concatenate([np.arange(blk.k, dtype=np.int64) for blk in layout.blocks])
             if layout.blocks
             else np.zeros(0, np.int64)
         )
+        as_long = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)
         return cls(
             entity_type=batch.entity_type,
             type_code=NODE_TYPE_CODE[batch.entity_type],
-            entity_ids=torch.as_tensor(np.ascontiguousarray(batch.entity_ids), dtype=torch.int64),
-            features=FeatureTensors.from_arrays(batch.features, f"{where}.features"),
-            neighbor_ids=torch.as_tensor(np.ascontiguousarray(batch.neighbor_ids), dtype=torch.int64),
-            neighbor_features=FeatureTensors.from_arrays(
-                batch.neighbor_features, f"{where}.neighbor_features"
-            ),
+            entity_ids=as_long(batch.entity_ids),
+            table=_memoized(memo, table, lambda: FeatureTensors.from_arrays(table, f"{where}.features")),
+            own_row=as_long(own_row),
+            neighbor_row=as_long(neighbor_row),
+            neighbor_ids=as_long(batch.neighbor_ids),
             neighbor_scores=torch.as_tensor(np.ascontiguousarray(batch.neighbor_scores), dtype=torch.float32),
             neighbor_mask=torch.as_tensor(np.ascontiguousarray(batch.neighbor_mask)).to(torch.bool),
             column_block=torch.as_tensor(layout.block_index().astype(np.int64)),
             column_node_type=torch.as_tensor(layout.column_node_type().astype(np.int64)),
             column_rank=torch.as_tensor(ranks),
-            layout_key=tuple((b.subset, b.node_type, b.k) for b in layout.blocks),
+            layout_key=tuple((blk.subset, blk.node_type, blk.k) for blk in layout.blocks),
         )
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> EntityTensors:
+    def _map(self, fn, memo: dict | None = None) -> EntityTensors:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (torch.Tensor, FeatureTensors)):
-                v = v.to(device, non_blocking=non_blocking)
+            if isinstance(v, FeatureTensors):
+                v = _memoized(memo, v, lambda v=v: fn(v))
+            elif isinstance(v, torch.Tensor):
+                v = fn(v)
             out[f.name] = v
         return EntityTensors(**out)
 
-    def pin_memory(self) -> EntityTensors:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (torch.Tensor, FeatureTensors)):
-                v = v.pin_memory()
-            out[f.name] = v
-        return EntityTensors(**out)
+    def to(self, device: torch.device | str, non_blocking: bool = False, memo: dict | None = None) -> EntityTensors:
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking), memo)
+
+    def pin_memory(self, memo: dict | None = None) -> EntityTensors:
+        return self._map(lambda v: v.pin_memory(), memo)
 
 
-EntityLike = EntityBatch | EntityTensors
+def _memoized(memo: dict | None, key_obj, make):
+    if memo is None:
+        return make()
+    if id(key_obj) not in memo:
+        memo[id(key_obj)] = (key_obj, make())  # the key object is kept alive: its id stays unique
+    return memo[id(key_obj)][1]
+
+
+def cat_entity_tensors(ts: list[EntityTensors]) -> EntityTensors:
+    """Row-wise concatenation of batches of one type and layout (tables stacked and row indices offset,
+    unless every batch already shares one table)."""
+    first = ts[0]
+    shared = all(t.table is first.table for t in ts)
+    offsets = [0] * len(ts) if shared else np.cumsum([0] + [len(t.table) for t in ts[:-1]]).tolist()
+    table = first.table if shared else FeatureTensors(
+        **{f.name: torch.cat([getattr(t.table, f.name) for t in ts]) for f in fields(FeatureTensors)}
+    )
+    return EntityTensors(
+        entity_type=first.entity_type,
+        type_code=first.type_code,
+        entity_ids=torch.cat([t.entity_ids for t in ts]),
+        table=table,
+        own_row=torch.cat([t.own_row + o for t, o in zip(ts, offsets)]),
+        # padding stays -1 whatever the offset
+        neighbor_row=torch.cat([torch.where(t.neighbor_row >= 0, t.neighbor_row + o, -1) for t, o in zip(ts, offsets)]),
+        neighbor_ids=torch.cat([t.neighbor_ids for t in ts]),
+        neighbor_scores=torch.cat([t.neighbor_scores for t in ts]),
+        neighbor_mask=torch.cat([t.neighbor_mask for t in ts]),
+        column_block=first.column_block,
+        column_node_type=first.column_node_type,
+        column_rank=first.column_rank,
+        layout_key=first.layout_key,
+    )
+
+
+EntityLike = EntityBatch | CompactEntityBatch | EntityTensors
 
 
 def as_entity_tensors(
     x: EntityLike, device: torch.device | str | None = None, where: str = "batch"
 ) -> EntityTensors:
+    """Tensors on ``device``; an ``EntityTensors`` already there is returned as is (identity matters: the
+    model embeds a batch object shared by several tasks once per step)."""
     t = x if isinstance(x, EntityTensors) else EntityTensors.from_batch(x, where)
-    return t.to(device, non_blocking=True) if device is not None else t
+    if device is None or t.entity_ids.device == torch.device(device):
+        return t
+    return t.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,17 +368,51 @@ def num_examples(batch: TrainingBatch) -> int:
     return len(batch)
 
 
-def tensorize(batch: TrainingBatch, pin_memory: bool = False) -> TrainingBatch:
-    """Converts every ``EntityBatch`` field to ``EntityTensors`` (e.g. inside a DataLoader worker)."""
+def tensorize(batch: TrainingBatch, memo: dict | None = None) -> TrainingBatch:
+    """Converts every entity-batch field to ``EntityTensors`` (e.g. inside a DataLoader worker). ``memo``
+    keeps objects shared between fields or batches (negatives, step tables) shared after conversion."""
+    memo = {} if memo is None else memo
     out = {}
     for f in fields(batch):
         v = getattr(batch, f.name)
-        if isinstance(v, EntityBatch):
-            v = EntityTensors.from_batch(v, f"{type(batch).__name__}.{f.name}")
-            if pin_memory:
-                v = v.pin_memory()
+        if isinstance(v, (EntityBatch, CompactEntityBatch)):
+            where = f"{type(batch).__name__}.{f.name}"
+            v = _memoized(memo, v, lambda v=v, where=where: EntityTensors.from_batch(v, where, memo))
         out[f.name] = v
     return replace(batch, **out)
+
+
+def tensorize_step(step: Mapping[str, TrainingBatch], pin_memory: bool = False) -> dict[str, TrainingBatch]:
+    """A training step ({task batch name: batch}) as tensors; shared objects converted once."""
+    memo: dict = {}
+    out = {name: tensorize(b, memo=memo) for name, b in step.items()}
+    return pin_step(out) if pin_memory else out
+
+
+def move_step(step: Mapping[str, TrainingBatch], device: torch.device, non_blocking: bool = True) -> dict:
+    """A tensorized step on ``device`` (asynchronous copies from pinned memory); shared objects stay shared."""
+    memo: dict = {}
+
+    def move(v):
+        if isinstance(v, EntityTensors):
+            return _memoized(memo, v, lambda: v.to(device, non_blocking=non_blocking, memo=memo))
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=non_blocking)
+        return v
+
+    return {name: replace(b, **{f.name: move(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
+
+
+def pin_step(step: Mapping[str, TrainingBatch]) -> dict:
+    """Page-locked copies of a tensorized step (the DataLoader's pin-memory thread calls this)."""
+    memo: dict = {}
+
+    def pin(v):
+        if isinstance(v, EntityTensors):
+            return _memoized(memo, v, lambda: v.pin_memory(memo))
+        return v.pin_memory() if isinstance(v, torch.Tensor) else v
+
+    return {name: replace(b, **{f.name: pin(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,6 +420,13 @@ def tensorize(batch: TrainingBatch, pin_memory: bool = False) -> TrainingBatch:
 # ----------------------------------------------------------------------------------------------------------
 class BuildsEntityBatches(Protocol):
     def build(self, entity_type: str, entity_ids: np.ndarray) -> EntityBatch: ...
+
+
+def build_entities(builder, entity_type: str, ids: np.ndarray, compact: bool = True):
+    """``builder.build``, in the compact form when the builder offers it (``supports_compact``)."""
+    if compact and getattr(builder, "supports_compact", False):
+        return builder.build(entity_type, ids, compact=True)
+    return builder.build(entity_type, ids)
 
 
 @dataclass

@@ -33,6 +33,19 @@ from ml.encoders import MLP, EntityFeatureEncoder, l2_normalize, score_features
 NUM_NODE_TYPES = 2
 
 
+def cls_only_layer(layer: nn.TransformerEncoderLayer, seq: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """The last (pre-norm) encoder layer evaluated for the CLS position only -> [B, d].
+
+    Only f_t's CLS output is read (A.3.1), and in the last layer no other position feeds it except through
+    keys and values, so the queries, the attention rows and the feed-forward of the 1 + n_own + K - 1 other
+    positions are skipped: the same function as ``layer(seq)[:, 0]`` at about 1/T of the query-side cost."""
+    h = layer.norm1(seq)
+    attn = layer.self_attn(h[:, :1], h, h, key_padding_mask=pad, need_weights=False)[0]
+    y = seq[:, :1] + layer.dropout1(attn)
+    z = layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(y)))))
+    return (y + layer.dropout2(z))[:, 0]
+
+
 class EntityEmbedder(nn.Module):
     def __init__(self, cfg: ModelConfig, entity_type: str):
         super().__init__()
@@ -84,7 +97,9 @@ class EntityEmbedder(nn.Module):
             raise ValueError(
                 f"EntityBatch.layout has {nb} neighbour blocks; EmbedderConfig.max_blocks is {self.cfg.embedder.max_blocks}"
             )
-        own = self.features(x.features)
+        # raw features are encoded once per distinct entity of the batch (the table), then gathered per slot
+        enc = self.features(x.table)
+        own = {name: enc[name].index_select(0, x.own_row) for name in ("text", "image", "degree") if name in enc}
         toks = [self.text_proj(own["text"])]
         if self.has_image:
             toks.append(self.image_proj(own["image"]))
@@ -92,11 +107,17 @@ class EntityEmbedder(nn.Module):
         own_tok = torch.stack(toks, dim=1) + self.own_kind  # [B, n_own, d]
 
         mask = x.neighbor_mask
-        nf = self.features(x.neighbor_features, valid=mask)
+        b, k = mask.shape
+        slot = x.neighbor_row.clamp_min(0).reshape(-1)
+        nf = {
+            name: enc[name].index_select(0, slot).reshape(b, k, enc[name].shape[-1])
+            for name in ("text", "image", "degree")
+            if name in enc
+        }
         parts = (
             [nf["text"]]
             + ([nf["image"]] if self.has_image else [])
-            + [nf["degree"], score_features(x.neighbor_scores, mask)]
+            + [nf["degree"] * mask[..., None].to(nf["degree"].dtype), score_features(x.neighbor_scores, mask)]
         )
         nb_in = torch.cat([p.to(parts[0].dtype) for p in parts], dim=-1)
         rank = x.column_rank.clamp_max(self.cfg.embedder.max_rank - 1)
@@ -119,7 +140,9 @@ class EntityEmbedder(nn.Module):
             b = tokens.shape[0]
             seq = torch.cat([self.cls.to(tokens.dtype).expand(b, 1, -1), tokens], dim=1)
             pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=valid.device), ~valid], dim=1)
-            h = self.encoder(seq, src_key_padding_mask=pad)[:, 0]
+            for layer in self.encoder.layers[:-1]:
+                seq = layer(seq, src_key_padding_mask=pad)
+            h = cls_only_layer(self.encoder.layers[-1], seq, pad)
         else:
             w = valid.to(tokens.dtype)[..., None]
             h = (tokens * w).sum(1) / w.sum(1)

@@ -93,6 +93,11 @@ class MLP(nn.Sequential):
 NO_RECORD, NO_VALUE = 0, 1
 
 
+def missing_vector(missing: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """missing[NO_VALUE] where the record is present, else missing[NO_RECORD] -> [..., dim]."""
+    return torch.where(present[..., None], missing[NO_VALUE], missing[NO_RECORD])
+
+
 class EntityFeatureEncoder(nn.Module):
     """Raw ``FeatureTensors`` of any leading shape -> per-feature vectors with learned "missing" vectors.
 
@@ -122,8 +127,10 @@ class EntityFeatureEncoder(nn.Module):
         vec, has_text = self.text(f.token_ids.reshape(-1, ell), lengths.reshape(-1))
         vec = vec.reshape(*lead, vec.shape[-1])  # explicit width: lead may hold 0 entities
         has_text = has_text.reshape(lead)
-        reason = torch.where(present, NO_VALUE, NO_RECORD)
-        text = torch.where(has_text[..., None], vec, self.missing_text[reason].to(vec.dtype))
+        # where over the two rows, not missing[reason]: an index with B x K duplicates of two values makes
+        # the indexing backward serialise on the GPU
+        no_text = missing_vector(self.missing_text, present).to(vec.dtype)
+        text = torch.where(has_text[..., None], vec, no_text)
         out = {"text": text, "has_text": has_text, "present": present}
         if self.image_dim > 0:
             if f.image.shape[-1] != self.image_dim:
@@ -136,7 +143,8 @@ class EntityFeatureEncoder(nn.Module):
                 has_image[..., None], f.image, torch.zeros_like(f.image)
             )  # NaN-safe for padding
             img = self.image(img_in)
-            out["image"] = torch.where(has_image[..., None], img, self.missing_image[reason].to(img.dtype))
+            no_image = missing_vector(self.missing_image, present).to(img.dtype)
+            out["image"] = torch.where(has_image[..., None], img, no_image)
             out["has_image"] = has_image
         deg = torch.where(valid, f.degree, torch.zeros_like(f.degree)) if valid is not None else f.degree
         out["degree"] = torch.stack([torch.log1p(deg.clamp_min(0)), present.to(deg.dtype)], dim=-1)

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dc_fields
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +47,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from graph_engine.batch import CompactEntityBatch, share_tables
 from ml.data import (
     FeatureTaskBatch,
     PairBatch,
+    SequenceBatch,
     UniformNegativeSampler,
-    make_sequence_batch,
+    build_entities,
+    dedupe_sequences,
 )
 from ml.training_examples import (
     NODE_SCHEMA,
@@ -244,8 +249,9 @@ def make_batch_iterator_factory(
     max_sequence_length: int = 16,
     steps_per_epoch: int | None = None,
     exclude_pair_edges: bool = True,
-) -> Callable[[int], Iterator[dict]]:
-    """-> ``factory(epoch)`` for ``ml.train.Trainer`` (module docstring).
+    compact: bool = True,
+) -> StepBatches:
+    """-> a ``StepBatches``: ``factory(epoch, start=0)`` iterates the epoch's batches for ``ml.train.Trainer``.
 
     ``builder``: a ``graph_engine.batch_builder.BatchBuilder`` of the partition's snapshot and features.
     ``universe``: entity ids per type for the random negatives (default: ``data.universe()``).
@@ -253,116 +259,231 @@ def make_batch_iterator_factory(
     (default ``batch_size``) and ``sequence_batch_size`` (users per step; default ``max(2, batch_size //
     max_sequence_length)``) size the other tasks. ``max_sequence_length`` must not exceed the model's
     ``SequenceConfig.max_len``. ``steps_per_epoch`` defaults to one pass over the training pairs (or the
-    largest other task when entity_entity is off).
+    largest other task when entity_entity is off). ``compact``: entity batches in the compact form
+    (``graph_engine.batch.CompactEntityBatch``).
     """
-    from ml.inference import exclude_neighbors  # local: inference imports this module's helpers
-
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"make_batch_iterator_factory: unknown task(s) {unknown}; known: {TASKS}")
     if batch_size < 1 or num_random_negatives < 0:
         raise ValueError("make_batch_iterator_factory: batch_size must be >= 1 and num_random_negatives >= 0")
     universe = universe if universe is not None else data.universe()
-    samplers = {t: UniformNegativeSampler(ids) for t, ids in universe.items() if len(ids)}
-
-    sources = _pair_sources(data.pairs, source_weights) if "entity_entity" in tasks else []
-    alloc = allocate(batch_size, np.array([s.weight for s in sources])) if sources else np.zeros(0, np.int64)
-    type_pairs: list[tuple[str, str]] = []
-    for s, n in zip(sources, alloc):
-        if n and (s.query_type, s.pos_type) not in type_pairs:
-            type_pairs.append((s.query_type, s.pos_type))
-
+    plan = _StepPlan(
+        samplers={t: UniformNegativeSampler(ids) for t, ids in universe.items() if len(ids)},
+        num_random_negatives=num_random_negatives,
+        batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
+        exclude_pair_edges=exclude_pair_edges,
+        compact=compact,
+    )
+    plan.add_pairs(_pair_sources(data.pairs, source_weights) if "entity_entity" in tasks else [])
     fnodes = data.feature_nodes if "entity_feature" in tasks else data.feature_nodes.slice(0, 0)
-    feat_ids = {
-        t: np.asarray(fnodes.filter(pc.equal(fnodes["entity_type"], t))["entity_id"].to_numpy(), np.int64)
-        for t in ("pin", "board")
-    }
-    feat_ids = {t: v for t, v in feat_ids.items() if v.size}
-    fb = feature_batch_size or batch_size
-    feat_alloc = dict(zip(feat_ids, allocate(fb, np.array([v.size for v in feat_ids.values()], np.float64))))
-    feat_alloc = {t: n for t, n in feat_alloc.items() if n}
-
+    plan.add_feature_nodes(fnodes, feature_batch_size or batch_size)
     seqs = data.sequences if "user_entity" in tasks else data.sequences.slice(0, 0)
-    if seqs.num_rows:
+    plan.add_sequences(seqs, sequence_batch_size or max(2, batch_size // max(1, max_sequence_length)))
+    if steps_per_epoch is None:
+        steps_per_epoch = plan.default_steps(data.pairs.num_rows)
+    where = f"{data.path or 'the training data'}"
+    return StepBatches(plan, builder, seed=seed, steps_per_epoch=steps_per_epoch, tasks=tuple(tasks), where=where)
+
+
+@dataclass
+class _StepPlan:
+    """What one step draws (sources, allocations, sequences); the draws themselves are in ``draw``."""
+
+    samplers: dict[str, UniformNegativeSampler]
+    num_random_negatives: int
+    batch_size: int
+    max_sequence_length: int
+    exclude_pair_edges: bool
+    compact: bool
+    sources: list = field(default_factory=list)
+    alloc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    type_pairs: list = field(default_factory=list)
+    feat_ids: dict = field(default_factory=dict)
+    feat_alloc: dict = field(default_factory=dict)
+    seq: tuple | None = None  # (history offsets, values, future offsets, values, kept rows, user ids, users/step)
+
+    def add_pairs(self, sources: list[_PairSource]) -> None:
+        self.sources = sources
+        if sources:
+            self.alloc = allocate(self.batch_size, np.array([s.weight for s in sources]))
+        for s, n in zip(sources, self.alloc):
+            if n and (s.query_type, s.pos_type) not in self.type_pairs:
+                self.type_pairs.append((s.query_type, s.pos_type))
+
+    def add_feature_nodes(self, fnodes: pa.Table, fb: int) -> None:
+        feat_ids = {
+            t: np.asarray(fnodes.filter(pc.equal(fnodes["entity_type"], t))["entity_id"].to_numpy(), np.int64)
+            for t in ("pin", "board")
+        }
+        self.feat_ids = {t: v for t, v in feat_ids.items() if v.size}
+        sizes = np.array([v.size for v in self.feat_ids.values()], np.float64)
+        self.feat_alloc = {t: int(n) for t, n in zip(self.feat_ids, allocate(fb, sizes)) if n}
+
+    def add_sequences(self, seqs: pa.Table, users_per_step: int) -> None:
+        if not seqs.num_rows:
+            return
         h_off, h_val = list_column(seqs, "history")
         f_off, f_val = list_column(seqs, "future")
         keep = np.flatnonzero(np.diff(h_off) >= 2)  # eq. 4 needs at least one (t, t+1) step
-    else:
-        keep = np.zeros(0, np.int64)
-    sb = sequence_batch_size or max(2, batch_size // max(1, max_sequence_length))
+        if keep.size:
+            user_ids = seqs["user_id"].to_numpy().astype(np.int64)
+            self.seq = (h_off, h_val, f_off, f_val, keep, user_ids, users_per_step)
 
-    if steps_per_epoch is None:
-        sizes = [math.ceil(data.pairs.num_rows / batch_size)] if sources else []
+    def default_steps(self, num_pairs: int) -> int:
+        sizes = [math.ceil(num_pairs / self.batch_size)] if self.sources else []
         if not sizes:
-            sizes = [math.ceil(v.size / max(1, feat_alloc.get(t, 1))) for t, v in feat_ids.items()]
-            sizes += [math.ceil(keep.size / sb)] if keep.size else []
-        steps_per_epoch = max([1, *sizes])
+            sizes = [math.ceil(v.size / max(1, self.feat_alloc.get(t, 1))) for t, v in self.feat_ids.items()]
+            sizes += [math.ceil(self.seq[4].size / self.seq[6])] if self.seq else []
+        return max([1, *sizes])
 
-    def negatives(rng, t: str):
-        if num_random_negatives == 0 or t not in samplers:
-            return None, None
-        ids, log_q = samplers[t].sample(num_random_negatives, rng)
-        return builder.build(t, ids), log_q
+    def batch_names(self) -> list[str]:
+        return (
+            [f"entity_entity/{qt}_{pt}" for qt, pt in self.type_pairs]
+            + [f"entity_feature/{t}" for t in self.feat_alloc]
+            + (["user_entity"] if self.seq else [])
+        )
 
-    def factory(epoch: int = 0) -> Iterator[dict]:
-        from ml.train import dist_info
 
-        rank = dist_info()[0]
-        rng = np.random.default_rng([seed, epoch, rank])
-        for _ in range(steps_per_epoch):
-            out: dict = {}
-            if type_pairs:
-                q_parts: dict[tuple, list] = {tp: [] for tp in type_pairs}
-                for s, n in zip(sources, alloc):
-                    if n:
-                        pick = rng.integers(0, s.query_ids.size, size=int(n))
-                        q_parts[(s.query_type, s.pos_type)].append((s.query_ids[pick], s.pos_ids[pick]))
-                for qt, pt in type_pairs:
-                    q = np.concatenate([a for a, _ in q_parts[(qt, pt)]])
-                    p = np.concatenate([b for _, b in q_parts[(qt, pt)]])
-                    qb, pb = builder.build(qt, q), builder.build(pt, p)
-                    if exclude_pair_edges:
-                        qb, pb = exclude_neighbors(qb, p), exclude_neighbors(pb, q)
-                    nb, log_q = negatives(rng, pt)
-                    out[f"entity_entity/{qt}_{pt}"] = PairBatch(
-                        query=qb,
-                        positive=pb,
-                        random_negatives=nb,
-                        weights=np.full(q.size, q.size / batch_size, dtype=np.float32),
-                        random_negative_log_q=log_q,
-                    )
-            for t, n in feat_alloc.items():
-                ids = feat_ids[t][rng.integers(0, feat_ids[t].size, size=int(n))]
-                nb, log_q = negatives(rng, t)
-                out[f"entity_feature/{t}"] = FeatureTaskBatch(
-                    nodes=builder.build(t, ids), random_negatives=nb, random_negative_log_q=log_q
-                )
-            if keep.size:
-                rows = keep[rng.integers(0, keep.size, size=min(sb, keep.size))]
-                hist = padded_histories(h_off, h_val, rows, max_sequence_length)
-                n_fut = f_off[rows + 1] - f_off[rows]
-                pick = f_off[rows] + (rng.random(rows.size) * np.maximum(n_fut, 1)).astype(np.int64)
-                fut = np.full(rows.size, -1, dtype=np.int64)
-                has = n_fut > 0
-                fut[has] = f_val[pick[has]]
-                neg_ids, log_q = (None, None)
-                if num_random_negatives and "pin" in samplers:
-                    neg_ids, log_q = samplers["pin"].sample(num_random_negatives, rng)
-                out["user_entity"] = make_sequence_batch(
-                    builder, "pin", hist, fut, neg_ids, negative_log_q=log_q,
-                    user_ids=seqs["user_id"].to_numpy()[rows],
-                )
-            if not out:
-                raise ValueError(
-                    f"make_batch_iterator_factory: no training examples for tasks {list(tasks)} in "
-                    f"{data.path or 'the training data'}"
-                )
-            yield out
+class StepBatches:
+    """The training batches of one partition, keyed: the batch of (seed, epoch, global step index) is drawn
+    from ``np.random.default_rng([seed, epoch, index])`` alone, so it is the same whichever process builds
+    it, in whatever order - loader workers and DDP ranks build disjoint step indices, and a resumed run
+    starts at its step without building the ones before it.
 
-    factory.steps_per_epoch = steps_per_epoch  # type: ignore[attr-defined]
-    factory.batch_names = (  # type: ignore[attr-defined]
-        [f"entity_entity/{qt}_{pt}" for qt, pt in type_pairs]
-        + [f"entity_feature/{t}" for t in feat_alloc]
-        + (["user_entity"] if keep.size else [])
-    )
-    return factory
+    Rank r of a world of W takes indices ``step * W + r`` of each epoch (``dist_info``)."""
+
+    resumable = True  # ml.train.Trainer passes ``start`` instead of skipping consumed batches
+
+    def __init__(self, plan: _StepPlan, builder, *, seed: int, steps_per_epoch: int, tasks, where: str):
+        self.plan, self.builder, self.seed = plan, builder, int(seed)
+        self.steps_per_epoch, self.tasks, self.where = int(steps_per_epoch), tasks, where
+        self.batch_names = plan.batch_names()
+
+    def shard(self) -> tuple[int, int]:
+        from ml.train import dist_info  # local: ml.train imports this module's users
+
+        rank, world, _ = dist_info()
+        return rank, world
+
+    def step_indices(self, start: int = 0) -> range:
+        rank, world = self.shard()
+        return range(start * world + rank, self.steps_per_epoch * world, world)
+
+    def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
+        for index in self.step_indices(start):
+            yield self.build_step(epoch, index)
+
+    def build_step(self, epoch: int, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        negatives = self._draw_negatives(rng)
+        out = self._pair_batches(rng, negatives)
+        out.update(self._feature_batches(rng, negatives))
+        if self.plan.seq is not None:
+            out["user_entity"] = self._sequence_batch(rng, negatives)
+        if not out:
+            raise ValueError(
+                f"make_batch_iterator_factory: no training examples for tasks {list(self.tasks)} in {self.where}"
+            )
+        return share_step_tables(out) if self.plan.compact else out
+
+    def _draw_negatives(self, rng) -> dict[str, tuple]:
+        """One pool of random negatives per entity type and step, shared by every task whose candidates are
+        of that type (embedded once; each loss still sees all of them)."""
+        p = self.plan
+        wanted = {pt for _, pt in p.type_pairs} | set(p.feat_alloc) | ({"pin"} if p.seq else set())
+        out = {}
+        for t in sorted(wanted):
+            if p.num_random_negatives and t in p.samplers:
+                ids, log_q = p.samplers[t].sample(p.num_random_negatives, rng)
+                out[t] = (self._build(t, ids), log_q)
+        return out
+
+    def _build(self, t: str, ids: np.ndarray):
+        return build_entities(self.builder, t, ids, self.plan.compact)
+
+    def _pair_batches(self, rng, negatives: dict) -> dict:
+        from ml.inference import exclude_neighbors  # local: inference imports this module's helpers
+
+        p, out = self.plan, {}
+        if not p.type_pairs:
+            return out
+        parts: dict[tuple, list] = {tp: [] for tp in p.type_pairs}
+        for s, n in zip(p.sources, p.alloc):
+            if n:
+                pick = rng.integers(0, s.query_ids.size, size=int(n))
+                parts[(s.query_type, s.pos_type)].append((s.query_ids[pick], s.pos_ids[pick]))
+        for qt, pt in p.type_pairs:
+            q = np.concatenate([a for a, _ in parts[(qt, pt)]])
+            pos = np.concatenate([b for _, b in parts[(qt, pt)]])
+            qb, pb = self._build(qt, q), self._build(pt, pos)
+            if p.exclude_pair_edges:
+                qb, pb = exclude_neighbors(qb, pos), exclude_neighbors(pb, q)
+            nb, log_q = negatives.get(pt, (None, None))
+            out[f"entity_entity/{qt}_{pt}"] = PairBatch(
+                query=qb,
+                positive=pb,
+                random_negatives=nb,
+                weights=np.full(q.size, q.size / p.batch_size, dtype=np.float32),
+                random_negative_log_q=log_q,
+            )
+        return out
+
+    def _feature_batches(self, rng, negatives: dict) -> dict:
+        p, out = self.plan, {}
+        for t, n in p.feat_alloc.items():
+            ids = p.feat_ids[t][rng.integers(0, p.feat_ids[t].size, size=int(n))]
+            nb, log_q = negatives.get(t, (None, None))
+            out[f"entity_feature/{t}"] = FeatureTaskBatch(
+                nodes=self._build(t, ids), random_negatives=nb, random_negative_log_q=log_q
+            )
+        return out
+
+    def _sequence_batch(self, rng, negatives: dict) -> SequenceBatch:
+        p = self.plan
+        h_off, h_val, f_off, f_val, keep, user_ids, users_per_step = p.seq
+        rows = keep[rng.integers(0, keep.size, size=min(users_per_step, keep.size))]
+        hist = padded_histories(h_off, h_val, rows, p.max_sequence_length)
+        n_fut = f_off[rows + 1] - f_off[rows]
+        pick = f_off[rows] + (rng.random(rows.size) * np.maximum(n_fut, 1)).astype(np.int64)
+        fut = np.full(rows.size, -1, dtype=np.int64)
+        has = n_fut > 0
+        fut[has] = f_val[pick[has]]
+        nb, log_q = negatives.get("pin", (None, None))
+        uniq, index, fut_index = dedupe_sequences(hist, fut)
+        return SequenceBatch(
+            entities=self._build("pin", uniq),
+            sequence_index=index,
+            future_index=fut_index,
+            random_negatives=nb,
+            random_negative_log_q=log_q,
+            user_ids=user_ids[rows],
+        )
+
+
+def share_step_tables(step: dict) -> dict:
+    """Every compact entity batch of one type in the step over one shared table (``share_tables``): the
+    embedder f_t then encodes each entity's raw features once per step. Identity is kept: a batch object
+    used by several tasks (the shared negatives) stays one object."""
+    by_type: dict[str, list] = {}
+    seen: set[int] = set()
+    for batch in step.values():
+        for f in dc_fields(batch):
+            v = getattr(batch, f.name)
+            if isinstance(v, CompactEntityBatch) and id(v) not in seen:
+                seen.add(id(v))
+                by_type.setdefault(v.entity_type, []).append(v)
+    new: dict[int, CompactEntityBatch] = {}
+    for group in by_type.values():
+        for old, shared in zip(group, share_tables(group)):
+            new[id(old)] = shared
+    out = {}
+    for name, batch in step.items():
+        changes = {
+            f.name: new[id(getattr(batch, f.name))]
+            for f in dc_fields(batch)
+            if id(getattr(batch, f.name)) in new
+        }
+        out[name] = dc_replace(batch, **changes)
+    return out

@@ -19,10 +19,11 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
-from graph_engine.batch import EntityBatch, FeatureArrays
+from graph_engine.batch import CompactEntityBatch, EntityBatch, FeatureArrays
+from ml.data import build_entities
 
 
-def exclude_neighbors(batch: EntityBatch, exclude_ids) -> EntityBatch:
+def exclude_neighbors(batch: EntityBatch | CompactEntityBatch, exclude_ids) -> EntityBatch | CompactEntityBatch:
     """``batch`` with entity ``exclude_ids[i]`` removed from row i's neighbourhood (any block it appears in;
     -1 = nothing to remove). Each block is compacted afterwards - the remaining neighbours move up one
     rank, real entries first then padding, as the batch layout requires - so the row looks like the
@@ -52,19 +53,27 @@ def exclude_neighbors(batch: EntityBatch, exclude_ids) -> EntityBatch:
         m = new_mask.reshape(new_mask.shape + (1,) * (out.ndim - 2))
         return np.where(m, out, pad).astype(a.dtype, copy=False)
 
+    common = {
+        "neighbor_ids": take(batch.neighbor_ids, -1),
+        "neighbor_scores": take(batch.neighbor_scores, 0),
+        "neighbor_mask": new_mask,
+    }
+    if isinstance(batch, CompactEntityBatch):
+        return replace(batch, neighbor_row=take(batch.neighbor_row, -1), **common)
     nf = batch.neighbor_features
     new_nf = FeatureArrays(**{f.name: take(getattr(nf, f.name), 0) for f in fields(FeatureArrays)})
-    return replace(
-        batch,
-        neighbor_ids=take(batch.neighbor_ids, -1),
-        neighbor_features=new_nf,
-        neighbor_scores=take(batch.neighbor_scores, 0),
-        neighbor_mask=new_mask,
-    )
+    return replace(batch, neighbor_features=new_nf, **common)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def inference_autocast(model):
+    """fp16 autocast on CUDA (A.3.3's mixed precision, here for inference too); a no-op on CPU. Embeddings
+    are L2-normalised in fp32 (``ml.encoders.l2_normalize``) whatever the autocast."""
+    device = _device(model)
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
 
 class _EvalMode:
@@ -99,10 +108,10 @@ def embed_entities(
     if batch_size < 1:
         raise ValueError(f"embed_entities: batch_size must be >= 1, got {batch_size}")
     out = np.zeros((ids.size, model.config.out_dim), dtype=np.float32)
-    with _EvalMode(model), torch.no_grad():
+    with _EvalMode(model), torch.no_grad(), inference_autocast(model):
         for lo in range(0, ids.size, batch_size):
             hi = min(ids.size, lo + batch_size)
-            batch = builder.build(entity_type, ids[lo:hi])
+            batch = build_entities(builder, entity_type, ids[lo:hi])
             if ex is not None:
                 batch = exclude_neighbors(batch, ex[lo:hi])
             out[lo:hi] = model.embed(batch, f"embed_entities({entity_type})").float().cpu().numpy()
@@ -123,7 +132,7 @@ def embed_users(model, builder, histories, *, batch_size: int = 256, entity_type
     hist = [np.asarray(h, dtype=np.int64).reshape(-1)[-t_max:] for h in histories]
     out = np.zeros((len(hist), model.config.out_dim), dtype=np.float32)
     nonempty = np.flatnonzero([h.size > 0 for h in hist])
-    with _EvalMode(model), torch.no_grad():
+    with _EvalMode(model), torch.no_grad(), inference_autocast(model):
         for lo in range(0, nonempty.size, batch_size):
             rows = nonempty[lo : lo + batch_size]
             lengths = np.array([hist[r].size for r in rows])

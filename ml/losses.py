@@ -84,6 +84,13 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
         raise TypeError(f"entity_key: ids must be integers, got dtype {ids_t.dtype}")
     ids_t = ids_t.to(torch.int64)
     tc = type_code
+    on_host = ids_t.device.type == "cpu"  # device tensors were checked on the host: no sync per step
+    if isinstance(tc, int) and not isinstance(tc, bool):
+        if not 0 <= tc < NUM_TYPE_CODES:
+            raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc}")
+        if on_host and ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
+            raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
+        return ids_t * NUM_TYPE_CODES + tc
     if isinstance(tc, torch.Tensor):
         tc_t = tc.to(device=ids_t.device)
     else:
@@ -91,9 +98,9 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
     if tc_t.dtype.is_floating_point or tc_t.dtype == torch.bool:
         raise TypeError(f"entity_key: type_code must be integers, got dtype {tc_t.dtype}")
     tc_t = tc_t.to(torch.int64)
-    if tc_t.numel() and (int(tc_t.min()) < 0 or int(tc_t.max()) >= NUM_TYPE_CODES):
+    if on_host and tc_t.numel() and (int(tc_t.min()) < 0 or int(tc_t.max()) >= NUM_TYPE_CODES):
         raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}")
-    if ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
+    if on_host and ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
         raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
     return ids_t * NUM_TYPE_CODES + tc_t
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,10 +33,10 @@ from ml.count_min_sketch import CountMinSketch
 from ml.data import (
     EntityTensors,
     FeatureTaskBatch,
-    FeatureTensors,
     PairBatch,
     SequenceBatch,
     as_entity_tensors,
+    cat_entity_tensors,
 )
 from ml.embedder import EntityEmbedder
 from ml.losses import entity_key, sampled_softmax_loss
@@ -144,6 +144,7 @@ class OmniSageModel(nn.Module):
         self.sketches: dict[str, CountMinSketch] = {}
         self.last_stats: dict[str, float] = {}
         self.gather_group = None  # a process group for the negatives gather (set by the trainer under DDP)
+        self._step_memo: dict | None = None  # embeddings of the current forward's batch objects, by id
 
     # -------------------------------------------------------------------------------------------- embedding
     @property
@@ -160,28 +161,30 @@ class OmniSageModel(nn.Module):
         return self.embedders[t.entity_type](t)
 
     def embed_many(self, xs: list, where: str = "batch") -> tuple[list[torch.Tensor], list[EntityTensors]]:
-        """Embeds several batches; batches of one type and one shape go through their embedder in one call."""
+        """Embeds several batches; batches of one type and one shape go through their embedder in one call.
+        Inside ``forward`` a batch object already embedded in this step is not embedded again."""
         ts = [as_entity_tensors(x, self.device, where) for x in xs]
-        out: list[torch.Tensor | None] = [None] * len(ts)
+        memo = self._step_memo if self._step_memo is not None else {}
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(ts):
+            if id(t) in memo:
+                continue
             sig = (
                 t.entity_type,
                 tuple(t.neighbor_mask.shape[1:]),
-                tuple(t.features.token_ids.shape[1:]),
-                tuple(t.neighbor_features.token_ids.shape[1:]),
-                tuple(t.features.image.shape[1:]),
+                tuple(t.table.token_ids.shape[1:]),
+                tuple(t.table.image.shape[1:]),
                 t.layout_key,
             )
-            groups.setdefault(sig, []).append(i)
+            groups.setdefault(sig, [])
+            if all(ts[j] is not t for j in groups[sig]):
+                groups[sig].append(i)
         for idx in groups.values():
-            if len(idx) == 1:
-                out[idx[0]] = self.embed(ts[idx[0]], where)
-                continue
-            emb = self.embed(_cat_tensors([ts[i] for i in idx]), where)
-            for i, part in zip(idx, torch.split(emb, [len(ts[i]) for i in idx])):
-                out[i] = part
-        return out, ts  # type: ignore[return-value]
+            parts = [ts[i] for i in idx]
+            emb = self.embed(parts[0] if len(parts) == 1 else cat_entity_tensors(parts), where)
+            for t, e in zip(parts, torch.split(emb, [len(t) for t in parts])):
+                memo[id(t)] = (t, e)  # the tensors object is kept alive so its id stays unique
+        return [memo[id(t)][1] for t in ts], ts
 
     def keys(self, t: EntityTensors) -> torch.Tensor:
         return entity_key(t.type_code, t.entity_ids)
@@ -194,11 +197,14 @@ class OmniSageModel(nn.Module):
         return float(lc.scale)
 
     def sketch(self, name: str) -> CountMinSketch:
+        """The count-min sketch of one loss, on the model's device (updates and estimates stay there)."""
         if name not in self.sketches:
             lc = self.config.loss
             self.sketches[name] = CountMinSketch(
-                width=lc.sketch_width, depth=lc.sketch_depth, seed=lc.sketch_seed
+                width=lc.sketch_width, depth=lc.sketch_depth, seed=lc.sketch_seed, device=self.device
             )
+        elif self.sketches[name].device != self.device:
+            self.sketches[name].to(self.device)
         return self.sketches[name]
 
     def sketch_state_dict(self) -> dict[str, dict]:
@@ -242,10 +248,10 @@ class OmniSageModel(nn.Module):
         pos_lq = others_lq = None
         if self.config.loss.logq_correction:
             sk = self.sketch(name)
-            cpu_keys = all_pos_keys.detach().cpu()
+            pos_keys = all_pos_keys.detach()
             if self.training:
-                sk.update(cpu_keys)
-            lq = sk.in_batch_log_q(cpu_keys, cpu_keys.shape[0]).to(dev, torch.float32)
+                sk.update(pos_keys)
+            lq = sk.in_batch_log_q(pos_keys, pos_keys.shape[0]).to(dev, torch.float32)
             pos_lq = lq[start : start + b]
             if others is not None:
                 others_lq = torch.cat([lq[:start], lq[start + b :]])
@@ -298,6 +304,28 @@ class OmniSageModel(nn.Module):
         """``batches``: {name: PairBatch | FeatureTaskBatch | SequenceBatch}; the batch's class picks its
         task (several PairBatches, e.g. one per (t_q, t_p), are summed into L_pair). Batches of switched-off
         tasks are skipped without being embedded."""
+        self._step_memo = {}
+        try:
+            self._embed_step(batches)
+            return self._losses(batches)
+        finally:
+            self._step_memo = None
+
+    def _embed_step(self, batches: Mapping[str, object]) -> None:
+        """Every entity batch of the enabled tasks, one embedder call per type: the batches of a step share
+        one feature table per type (``ml.example_loader.share_step_tables``) and random negatives, so each
+        entity is encoded once and each shared batch embedded once; the tasks then read the results."""
+        entities = []
+        for batch in batches.values():
+            if TASK_OF_BATCH.get(type(batch)) in self.tasks:
+                for f in ("query", "positive", "nodes", "entities", "random_negatives"):
+                    v = getattr(batch, f, None)
+                    if v is not None:
+                        entities.append(v)
+        if entities:
+            self.embed_many(entities, where="batch")
+
+    def _losses(self, batches: Mapping[str, object]) -> ModelOutput:
         cfg = self.config
         lam = {"entity_entity": cfg.lambda_p, "entity_feature": cfg.lambda_f, "user_entity": cfg.lambda_s}
         total = None
@@ -334,29 +362,7 @@ class OmniSageModel(nn.Module):
         p = self.embed(batch.entities, "SequenceBatch.entities")
         seq = torch.as_tensor(batch.sequence_index, dtype=torch.int64, device=p.device)
         valid = seq >= 0
-        states = self.tasks["user_entity"].user_states(p[seq.clamp_min(0)] * valid[..., None], valid)
+        rows = p.index_select(0, seq.clamp_min(0).reshape(-1)).reshape(*seq.shape, p.shape[-1])
+        states = self.tasks["user_entity"].user_states(rows * valid[..., None], valid)
         last = (valid.sum(1) - 1).clamp_min(0)
         return states[torch.arange(seq.shape[0], device=p.device), last]
-
-
-def _cat_tensors(ts: list[EntityTensors]) -> EntityTensors:
-    def cat_f(fs: list[FeatureTensors]) -> FeatureTensors:
-        return FeatureTensors(
-            **{f.name: torch.cat([getattr(x, f.name) for x in fs]) for f in fields(FeatureTensors)}
-        )
-
-    first = ts[0]
-    return EntityTensors(
-        entity_type=first.entity_type,
-        type_code=first.type_code,
-        entity_ids=torch.cat([t.entity_ids for t in ts]),
-        features=cat_f([t.features for t in ts]),
-        neighbor_ids=torch.cat([t.neighbor_ids for t in ts]),
-        neighbor_features=cat_f([t.neighbor_features for t in ts]),
-        neighbor_scores=torch.cat([t.neighbor_scores for t in ts]),
-        neighbor_mask=torch.cat([t.neighbor_mask for t in ts]),
-        column_block=first.column_block,
-        column_node_type=first.column_node_type,
-        column_rank=first.column_rank,
-        layout_key=first.layout_key,
-    )

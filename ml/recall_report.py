@@ -19,7 +19,7 @@ from typing import Any
 from ml.evaluator import TASKS, EvaluationReport, Evaluator
 
 #: Baselines in the order the report lists them (``ml.baselines`` and the PinSage-like model).
-BASELINE_ORDER = ("random", "popularity", "cooccurrence", "pinsage", "oracle")
+BASELINE_ORDER = ("random", "popularity", "cooccurrence", "als", "pinsage", "oracle")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from torch import nn
 
 from ml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ml.config import ModelConfig, TrainConfig
+from ml.data import move_step
 from ml.model import OmniSageModel
 
 BatchFactory = Callable[..., Iterable[Mapping[str, Any]]]
@@ -53,11 +54,21 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``auto`` and ``cuda``
+    take the GPU of this process's LOCAL_RANK (torchrun), so every rank of a node gets its own device."""
+    name = str(name).strip().lower()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info()[2] % max(1, torch.cuda.device_count()))
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
         return torch.device("cpu")
-    return torch.device(name)
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (use 'auto' or 'cpu')")
+        index = int(name.split(":", 1)[1]) if ":" in name else dist_info()[2] % torch.cuda.device_count()
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -173,6 +184,9 @@ class Trainer:
         """Forward (autocast), backward (scaled), unscale, clip, optimizer + scheduler step. Gradients stay
         on the parameters until the next step (tests read them)."""
         self.model.train()
+        batches = getattr(batches, "batches", batches)  # ml.loader.StepPayload
+        if self.device.type != "cpu":  # one asynchronous copy per step, shared objects copied once
+            batches = move_step(batches, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
@@ -200,6 +214,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- the loop
     def _iter_epoch(self, epoch: int):
         f = self.batch_factory
+        if getattr(f, "resumable", False):  # keyed batches: start at the step, build nothing before it
+            return iter(f(epoch, start=self.batch_in_epoch))
         try:
             n_params = len(inspect.signature(f).parameters)
         except (TypeError, ValueError):
@@ -218,7 +234,8 @@ class Trainer:
         while self.step < end and (tc.epochs is None or self.epoch < tc.epochs):
             it = self._iter_epoch(self.epoch)
             exhausted = False
-            for _ in range(self.batch_in_epoch):  # resume inside an epoch: skip what was consumed
+            skip = 0 if getattr(self.batch_factory, "resumable", False) else self.batch_in_epoch
+            for _ in range(skip):  # resume inside an epoch: skip what was consumed
                 if next(it, None) is None:
                     exhausted = True
                     break

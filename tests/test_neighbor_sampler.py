@@ -184,3 +184,42 @@ def test_default_layout_on_a_random_graph(tmp_path):
         for row in blk[:50]:
             real = row[row >= 0]
             assert len(set(real.tolist())) == real.size
+
+
+def test_count_weighted_hub_board_keeps_its_neighbourhood(tmp_path):
+    # board 900 saved by 300 pins with counts of 60 (W = 18,000 > B = 10,000), pins also on small boards:
+    # the hub board gets a full pin block and every pin still ranks it among its boards
+    rng = np.random.default_rng(1)
+    pins = np.arange(1, 301)
+    pb = [(int(p), 900, 60.0) for p in pins] + [(int(p), 1000 + int(p) % 30, 1.0) for p in pins]
+    pp = [(int(a), int(a) + 1, float(rng.integers(1, 5))) for a in pins[:-1]]
+    write_edges(tmp_path / "e", pb, pp)
+    build_snapshot(tmp_path / "e", tmp_path / "g", None, "d")
+    snap = GraphSnapshot.open(tmp_path / "g")
+    sampler = NeighborSampler(snap)
+    (hub,) = dense(snap, "board", [900])
+    assert snap.weighted_out_degree("pin_board")[hub] == 18_000.0
+    nb = sampler.sample(np.arange(snap.num_nodes))
+    assert nb.mask[hub, :25].all()  # 25 pins of the hub board
+    pin_rows = np.flatnonzero(np.asarray(snap.node_type) == PIN)
+    assert np.all(nb.index[pin_rows, 25] == hub)  # the hub board is every pin's first board
+    has_out = np.zeros(snap.num_nodes, dtype=bool)
+    for subset in ("pin_board", "pin_pin"):
+        has_out |= np.diff(snap.csr(subset)[0]) > 0
+    assert np.all(nb.mask[has_out].any(axis=1))  # every node with out-entries gets a neighbourhood
+
+
+def test_sampler_prepares_each_subset_once_and_batches_agree(snap):
+    sampler = NeighborSampler(snap, LAYOUT, restart_prob=RESTART, budget=1000)
+    every = np.arange(snap.num_nodes)
+    whole = sampler.sample(every)
+    graphs = {s: sampler.push_graph(s) for s in ("pin_board", "pin_pin")}
+    scratch = {s: g._scratch for s, g in graphs.items()}
+    for lo in range(snap.num_nodes):
+        part = sampler.sample(every[lo : lo + 1])
+        np.testing.assert_array_equal(part.index, whole.index[lo : lo + 1])
+        np.testing.assert_array_equal(part.scores, whole.scores[lo : lo + 1])
+    for s, g in graphs.items():
+        assert sampler.push_graph(s) is g and g._scratch is scratch[s]  # no per-call preparation
+    fresh = NeighborSampler(snap, LAYOUT, restart_prob=RESTART, budget=1000).sample(every[::-1])
+    np.testing.assert_array_equal(fresh.index[::-1], whole.index)

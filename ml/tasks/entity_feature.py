@@ -45,23 +45,22 @@ class EntityFeatureTask(nn.Module):
     def queries(self, x) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """EntityTensors -> {feature type: (g_x(u) unit [B, d], x in X_u bool [B])}."""
         out = {}
-        f, nf, mask = x.features, x.neighbor_features, x.neighbor_mask
+        t, mask = x.table, x.neighbor_mask
         b, k = mask.shape
-        # text of u and of its neighbours in one EmbeddingBag call
-        ell = max(f.token_ids.shape[-1], nf.token_ids.shape[-1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, ell - t.shape[-1]))
-        ids = torch.cat([pad(f.token_ids), pad(nf.token_ids).reshape(b * k, ell)])
-        own_len = torch.where(f.present, f.token_lengths, 0)
-        nb_len = torch.where(nf.present & mask, nf.token_lengths, 0)
-        vec, has = self.text(ids, torch.cat([own_len, nb_len.reshape(-1)]))
-        own_t, own_has = vec[:b], has[:b]
-        nb_t, nb_has = vec[b:].reshape(b, k, vec.shape[-1]), has[b:].reshape(b, k)  # k may be 0
+        slot = x.neighbor_row.clamp_min(0).reshape(-1)
+        # text of every distinct entity of the batch in one EmbeddingBag call, then gathered per slot
+        vec, has = self.text(t.token_ids, torch.where(t.present, t.token_lengths, 0))
+        own_t, own_has = vec.index_select(0, x.own_row), has.index_select(0, x.own_row)
+        nb_t = vec.index_select(0, slot).reshape(b, k, vec.shape[-1])  # k may be 0
+        nb_has = has.index_select(0, slot).reshape(b, k) & mask
         out["text"] = self._encode("text", own_t, own_has, nb_t, nb_has, mask)
         if self.image_dim > 0:
-            own_has = f.image_mask & f.present
-            nb_has = nf.image_mask & nf.present & mask
-            own_i = torch.where(own_has[:, None], f.image, 0)
-            nb_i = torch.where(nb_has[..., None], nf.image, 0)
+            has_img = t.image_mask & t.present
+            img = torch.where(has_img[:, None], t.image, 0)
+            own_has = has_img.index_select(0, x.own_row)
+            nb_has = has_img.index_select(0, slot).reshape(b, k) & mask
+            own_i = img.index_select(0, x.own_row)
+            nb_i = img.index_select(0, slot).reshape(b, k, img.shape[-1])
             out["image"] = self._encode("image", own_i, own_has, nb_i, nb_has, mask)
         return out
 

@@ -73,36 +73,46 @@ class UserEntityTask(nn.Module):
         keys = model.keys(tensors[0])
         n_keys = None if n is None else model.keys(tensors[1])
         dev = p.device
-        seq = torch.as_tensor(batch.sequence_index, dtype=torch.int64, device=dev)
+        # positions and targets are computed where the indices live (the host, for loader batches), then
+        # copied: boolean-mask indexing on the device would synchronise the host every step
+        seq_host = torch.as_tensor(batch.sequence_index, dtype=torch.int64)
+        fut_host = None if batch.future_index is None else torch.as_tensor(batch.future_index, dtype=torch.int64)
+        pos = loss_positions(seq_host, fut_host, model.config.next_action, model.config.future_action)
+        seq = seq_host.to(dev, non_blocking=True)
         valid = seq >= 0
-        seq_emb = p[seq.clamp_min(0)] * valid[..., None].to(p.dtype)
-        states = self.user_states(seq_emb, valid)  # [U, T, d]
+        u, t = seq.shape
+        seq_emb = p.index_select(0, seq.clamp_min(0).reshape(-1)).reshape(u, t, -1) * valid[..., None].to(p.dtype)
+        states = self.user_states(seq_emb, valid).reshape(u * t, -1)  # [U * T, d]
         out: dict[str, torch.Tensor] = {}
-        if model.config.next_action and seq.shape[1] > 1:
-            m = valid[:, :-1] & valid[:, 1:]
-            tgt = seq[:, 1:][m]
-            q = states[:, :-1][m]
+        for part, (where, target) in pos.items():
+            where, target = where.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
             cands = model.candidates(
-                f"{self.name}/next",
-                positive=p[tgt],
-                positive_keys=keys[tgt],
+                f"{self.name}/{part}",
+                positive=p.index_select(0, target),
+                positive_keys=keys.index_select(0, target),
                 negatives=n,
                 negative_keys=n_keys,
                 negative_log_q=batch.random_negative_log_q,
             )
-            out["next"] = model.softmax_loss(q, cands)
-        if model.config.future_action and batch.future_index is not None:
-            fut = torch.as_tensor(batch.future_index, dtype=torch.int64, device=dev)
-            m = valid & (fut >= 0)[:, None]
-            tgt = fut[:, None].expand_as(seq)[m]
-            q = states[m]
-            cands = model.candidates(
-                f"{self.name}/future",
-                positive=p[tgt],
-                positive_keys=keys[tgt],
-                negatives=n,
-                negative_keys=n_keys,
-                negative_log_q=batch.random_negative_log_q,
-            )
-            out["future"] = model.softmax_loss(q, cands)
+            out[part] = model.softmax_loss(states.index_select(0, where), cands)
         return out
+
+
+def loss_positions(
+    seq: torch.Tensor, fut: torch.Tensor | None, next_action: bool, future_action: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"next" | "future": (flat (u, t) positions u * T + t of the queries U_t, rows of their positives)}.
+
+    next (eq. 4): every t whose t + 1 is valid, positive P_{t+1}; future (eq. 5): every valid t of a user
+    with a future entity, positive P_{t'}."""
+    u, t = seq.shape
+    valid = seq >= 0
+    flat = torch.arange(u * t, dtype=torch.int64).reshape(u, t)
+    out = {}
+    if next_action and t > 1:
+        m = valid[:, :-1] & valid[:, 1:]
+        out["next"] = (flat[:, :-1][m], seq[:, 1:][m])
+    if future_action and fut is not None:
+        m = valid & (fut >= 0)[:, None]
+        out["future"] = (flat[m], fut[:, None].expand_as(seq)[m])
+    return out

@@ -1,0 +1,686 @@
+"""One training run of the OmniSage model (paper 3.3-3.4, A.3): train, log to MLflow, evaluate, register and
+gate. Dagster-free: the ``omnisage_model`` asset, the ``omnisage train`` command, the benchmarks and the tests
+call ``train_and_register``; under ``torchrun`` every rank runs it (``python -m ml.training_run REQUEST``).
+
+    outcome = train_and_register(inputs, MlflowTarget(...), TrainingRunConfig(steps=500))
+
+- inputs: one published partition's training examples, graph snapshot + neighbourhood cache and feature
+  store (``TrainingInputs``); the features are held in memory when they fit ``feature_memory_budget_mb``
+  (``graph_engine.feature_table``), batches are built by ``num_workers`` loader processes (``ml.loader``);
+- one MLflow run: every config value as params, per-task losses as step metrics, recall@k per task on the
+  held-out sets, the model directory (``ml.model_io``: JSON + safetensors) as artifacts, registered as a
+  new version; the PinSage-like baseline (Table 2) is trained beside it into ``baselines/pinsage``;
+- promotion gate: the new model and the current ``champion`` are evaluated now by one ``Evaluator``; the new
+  version becomes ``champion`` when its mean recall@k is >= the champion's, else ``challenger``;
+- checkpoints: ``checkpoint_root/<fingerprint>/last.pt`` every ``checkpoint_every`` steps; a killed run is
+  resumed by the next run with the same fingerprint (inputs' published versions, every setting that changes
+  the trajectory, the world size);
+- distributed: with WORLD_SIZE > 1 (torchrun) every rank trains (DDP, ``ml.train``) and rank 0 alone logs,
+  evaluates and registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml.config import TASK_NAMES
+from ml.tracking import MlflowTarget, store_lock
+
+MODEL_ARTIFACT_PATH = "model"
+#: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
+PINSAGE_ARTIFACT_PATH = "baselines/pinsage"
+CHAMPION, CHALLENGER = "champion", "challenger"
+NEIGHBORHOODS_DIR = "neighborhoods"
+
+
+@dataclass
+class TrainingRunConfig:
+    """The ``omnisage_model`` settings (the asset's pydantic config documents each field)."""
+
+    training_partition: str | None = None
+    preset: str = "auto"
+    steps: int | None = None
+    epochs: int | None = None
+    warmup_steps: int | None = None
+    batch_size: int = 128
+    num_random_negatives: int = 128
+    lr: float | None = None
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    aggregator: str = "transformer"
+    lambda_p: float = 1.0
+    lambda_f: float = 1.0
+    lambda_s: float = 1.0
+    pinsage_baseline: bool = True
+    device: str = "auto"
+    precision: str = "auto"
+    max_tokens: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    resume: bool = True
+    eval_k: int = 10
+    pool_size: int = 10_000
+    eval_seed: int = 0
+    model_name: str | None = None
+    num_workers: int | None = None  # None: ml.loader.default_num_workers(); 0 = synchronous
+    prefetch_factor: int = 4
+    feature_memory_budget_mb: float = 4096.0
+    nproc_per_node: int = 1
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> TrainingRunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class TrainingInputs:
+    """Resolved, published inputs of one run (the caller holds reader leases on them)."""
+
+    partition: str
+    examples_dir: Path
+    graph_dir: Path
+    features_dir: Path
+    checkpoint_root: Path  # <home>/checkpoints/omnisage_model
+    scratch_dir: Path
+
+    def to_json(self) -> dict:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainingInputs:
+        return cls(d["partition"], *(Path(d[k]) for k in ("examples_dir", "graph_dir", "features_dir",
+                                                           "checkpoint_root", "scratch_dir")))
+
+
+@dataclass
+class TrainingOutcome:
+    """What ``train_and_register`` did (the asset turns it into metadata)."""
+
+    run_id: str
+    version: str
+    alias: str
+    decision: str
+    new_mean_recall: float | None
+    champion_mean_recall: float | None
+    previous_champion: str | None
+    gate_tasks: list[str]
+    new_recall: dict[str, Any]
+    champion_recall: dict[str, Any]
+    training_partition: str
+    steps: int
+    resumed_from_step: int
+    train_seconds: float
+    device: str
+    preset: str
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------------
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def task_recalls(report) -> dict[str, dict[str, Any]]:
+    """{task: {"recall": float | None, "n": int}} from an ``ml.evaluator.EvaluationReport``."""
+    tasks = getattr(report, "tasks", None)
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(tasks, dict):
+        for name, t in tasks.items():
+            if isinstance(t, dict):
+                recall, n = t.get("recall", t.get("recall@10")), t.get("n", 0)
+            else:
+                recall, n = getattr(t, "recall", None), getattr(t, "n", 0)
+            out[name] = {"recall": None if recall is None else float(recall), "n": int(n or 0)}
+        return out
+    raw = _report_json(report)
+    for name, t in raw.get("tasks", {}).items():
+        recall = next((v for k, v in t.items() if k.startswith("recall")), None)
+        out[name] = {"recall": None if recall is None else float(recall), "n": int(t.get("n", 0))}
+    return out
+
+
+def _report_json(report) -> dict:
+    raw = report.to_json()
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs -> model config, batches, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    snapshot: Any
+    cache: Any
+    layout: Any
+    features: Any
+    builder: Any
+    data: Any
+    universe: dict
+    device: Any
+    preset_name: str
+    model_config: Any
+    train_config: Any
+    loader: Any
+    fingerprint: str
+    ckpt_dir: Path
+    resume: Path | None
+
+
+def _validate(config: TrainingRunConfig) -> None:
+    bad = [t for t in config.tasks if t not in TASK_NAMES]
+    if bad or not config.tasks:
+        raise ValueError(f"omnisage_model config field 'tasks': {config.tasks} (known: {list(TASK_NAMES)})")
+    if config.aggregator not in ("transformer", "mean"):
+        raise ValueError(f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)")
+    if config.steps is not None and config.steps < 0:
+        raise ValueError(f"omnisage_model config field 'steps' = {config.steps}: need >= 0")
+
+
+def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
+    from ml.config import preset as make_preset
+
+    preset_name = config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
+    model_config, train_config = make_preset(preset_name, image_dim=image_dim)
+    model_config = model_config.replace(
+        tasks=tuple(config.tasks),
+        embedder=dataclasses.replace(model_config.embedder, aggregator=config.aggregator),
+        lambda_p=config.lambda_p,
+        lambda_f=config.lambda_f,
+        lambda_s=config.lambda_s,
+    )
+    if layout.width and len(layout.blocks) > model_config.embedder.max_blocks:
+        raise ValueError(
+            f"layout has {len(layout.blocks)} blocks, the preset's embedder holds {model_config.embedder.max_blocks}"
+        )
+    total_steps = train_config.total_steps if config.steps is None else int(config.steps)
+    train_config = train_config.replace(
+        total_steps=total_steps,
+        epochs=config.epochs,
+        warmup_steps=min(
+            train_config.warmup_steps if config.warmup_steps is None else config.warmup_steps, max(total_steps, 0)
+        ),
+        lr=train_config.lr if config.lr is None else config.lr,
+        device=str(device),
+        precision=config.precision,
+        seed=config.seed,
+        log_every=max(1, config.log_every),
+        checkpoint_every=max(0, config.checkpoint_every),
+    )
+    return preset_name, model_config, train_config
+
+
+def make_loader(data, builder, config: TrainingRunConfig, tasks, max_len: int, device):
+    """The run's batches: keyed steps (``ml.example_loader``) built by ``num_workers`` processes."""
+    from ml.example_loader import make_batch_iterator_factory
+    from ml.loader import BatchLoader, default_num_workers
+
+    source = make_batch_iterator_factory(
+        data,
+        builder,
+        tasks=tuple(tasks),
+        batch_size=config.batch_size,
+        num_random_negatives=config.num_random_negatives,
+        seed=config.seed,
+        max_sequence_length=max_len,
+    )
+    workers = default_num_workers(config.nproc_per_node) if config.num_workers is None else config.num_workers
+    return BatchLoader(
+        source, num_workers=workers, prefetch_factor=config.prefetch_factor, pin_memory=device.type == "cuda"
+    )
+
+
+def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
+    from graph_engine.batch_builder import BatchBuilder
+    from graph_engine.feature_table import open_features
+    from graph_engine.neighbor_sampler import NeighborhoodCache
+    from graph_engine.snapshot import GraphSnapshot
+    from ml.example_loader import load_training_examples
+    from ml.train import resolve_device
+
+    _validate(config)
+    snapshot = GraphSnapshot.open(inputs.graph_dir)
+    cache = NeighborhoodCache.open(inputs.graph_dir / NEIGHBORHOODS_DIR, snapshot)
+    features = open_features(
+        inputs.features_dir,
+        max_tokens=config.max_tokens,
+        memory_budget_mb=config.feature_memory_budget_mb,
+        snapshot=snapshot,
+    )
+    builder = BatchBuilder(snapshot, cache, features, cache.layout)
+    data = load_training_examples(inputs.examples_dir)
+    device = resolve_device(config.device)
+    preset_name, model_config, train_config = _configs(config, device, features.image_dim, cache.layout)
+    loader = make_loader(data, builder, config, config.tasks, model_config.sequence.max_len, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A checkpoint belongs to exactly one training trajectory: the published version of the inputs, every
+    # setting that changes the batches or the optimisation, and the world size (ranks shard the steps).
+    fingerprint = _fingerprint(
+        {
+            "examples": str(inputs.examples_dir),
+            "graph": str(inputs.graph_dir),
+            "features": str(inputs.features_dir),
+            "model": model_config.to_dict(),
+            "train": {k: v for k, v in train_config.to_dict().items() if k not in ("log_every", "checkpoint_every", "checkpoint_dir")},
+            "batch_size": config.batch_size,
+            "negatives": config.num_random_negatives,
+            **({"world_size": world} if world > 1 else {}),
+        }
+    )
+    ckpt_dir = inputs.checkpoint_root / fingerprint
+    train_config = train_config.replace(checkpoint_dir=str(ckpt_dir))
+    ckpt = ckpt_dir / "last.pt"
+    resume = ckpt if (config.resume and ckpt.is_file()) else None
+    return _Prepared(snapshot, cache, cache.layout, features, builder, data, data.universe(), device, preset_name,
+                     model_config, train_config, loader, fingerprint, ckpt_dir, resume)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training (every rank)
+# ----------------------------------------------------------------------------------------------------------
+def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | None, log, on_log=None,
+         stop_after: int | None = None, loader=None):
+    """-> (Trainer, TrainResult, resumed-from step)."""
+    from ml.train import Trainer
+
+    train_config = prep.train_config.replace(checkpoint_dir=str(checkpoint_dir))
+    trainer = Trainer(model_config, train_config, loader or prep.loader, on_log=on_log, progress=log)
+    try:
+        if resume is not None:
+            log(f"resuming from checkpoint {resume}")
+            trainer.load(resume)
+        resumed_from = int(trainer.step)
+        result = trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
+    return trainer, result, resumed_from
+
+
+def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
+    """The paper's Table 2 PinSage-like baseline: the same pipeline (graph, neighbourhoods, features, data,
+    steps, optimiser) with mean-pooling aggregation and the entity-entity task only. -> the trained model."""
+    baseline_config = prep.model_config.replace(
+        tasks=("entity_entity",), embedder=dataclasses.replace(prep.model_config.embedder, aggregator="mean")
+    )
+    loader = make_loader(prep.data, prep.builder, config, ("entity_entity",), prep.model_config.sequence.max_len,
+                         prep.device)
+    checkpoint_dir = prep.ckpt_dir / "pinsage"
+    resume = checkpoint_dir / "last.pt" if config.resume and (checkpoint_dir / "last.pt").is_file() else None
+    try:
+        trainer, _, _ = _fit(prep, baseline_config, checkpoint_dir, resume, log, loader=loader)
+    finally:
+        loader.close()
+    return trainer.model.eval()
+
+
+@contextlib.contextmanager
+def distributed(device_type: str):
+    """One process group for the whole run under torchrun (the model's and the baseline's trainers share
+    it): NCCL on CUDA, gloo on CPU. A no-op in a single process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = world > 1 and dist.is_available() and not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+def train_and_register(
+    inputs: TrainingInputs,
+    target: MlflowTarget,
+    config: TrainingRunConfig,
+    *,
+    log: Callable[[str], None] = print,
+    dagster_run_id: str | None = None,
+    stop_after: int | None = None,
+    register: bool = True,
+    experiment_name: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> TrainingOutcome | None:
+    """Train, log, register and gate one model (module docstring). ``stop_after`` (tests of the resume path)
+    trains up to that step, keeps the checkpoint and returns None without registering - what a killed run
+    leaves behind. ``register=False`` (ablation variants) logs the run and its model artifact in
+    ``experiment_name`` but never touches the registry. Ranks other than 0 train and return None."""
+    prep = prepare(inputs, config)
+    with distributed(prep.device.type):
+        if _rank() != 0:
+            _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log=None, stop_after=stop_after)
+            if stop_after is None and config.pinsage_baseline and "entity_entity" in config.tasks \
+                    and prep.train_config.total_steps > 0:
+                train_pinsage_baseline(prep, config, log=None)
+            prep.loader.close()
+            return None
+        try:
+            return _run_rank0(prep, inputs, target, config, log=log, dagster_run_id=dagster_run_id,
+                              stop_after=stop_after, register=register, experiment_name=experiment_name,
+                              run_tags=run_tags)
+        finally:
+            prep.loader.close()
+
+
+def _start_run(prep: _Prepared, target: MlflowTarget, config, inputs, dagster_run_id, experiment_name, run_tags):
+    """-> (client, run id, previous run id of a resumed checkpoint)."""
+    client = target.client()
+    experiment_id = target.experiment_id(experiment_name)
+    tags = {"training_partition": inputs.partition, "asset": "omnisage_model", "checkpoint_fingerprint": prep.fingerprint}
+    if dagster_run_id:
+        tags["dagster_run_id"] = dagster_run_id
+    tags.update(run_tags or {})
+    run = client.create_run(experiment_id, run_name=f"omnisage_model dt={inputs.partition}", tags=tags)
+    prep.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run_file = prep.ckpt_dir / "mlflow_run.json"
+    previous_run = None
+    if prep.resume is not None and run_file.is_file():
+        previous_run = json.loads(run_file.read_text()).get("run_id")
+    run_file.write_text(json.dumps({"run_id": run.info.run_id}))
+    return client, run.info.run_id, previous_run
+
+
+def _log_params(client, run_id: str, prep: _Prepared, config: TrainingRunConfig, inputs: TrainingInputs) -> None:
+    from mlflow.entities import Param
+
+    params: dict[str, str] = {}
+    _flatten("config", asdict(config), params)
+    params["training_partition"] = inputs.partition
+    params["preset_resolved"] = prep.preset_name
+    params["device_resolved"] = str(prep.device)
+    params["world_size"] = os.environ.get("WORLD_SIZE", "1")
+    params["num_workers_resolved"] = str(prep.loader.num_workers)
+    params["features_in_memory"] = str(hasattr(prep.features, "fetch_nodes"))
+    _flatten("model", prep.model_config.to_dict(), params)
+    _flatten("train", {k: v for k, v in prep.train_config.to_dict().items() if k != "checkpoint_dir"}, params)
+    params["layout"] = json.dumps([asdict(b) for b in prep.layout.blocks])
+    params["max_tokens"] = str(prep.features.max_tokens)
+    params["image_dim"] = str(prep.features.image_dim)
+    params["steps_per_epoch"] = str(prep.loader.steps_per_epoch)
+    _flatten("examples", dict(prep.data.manifest.get("counts", {})), params)
+    _flatten("example_config", prep.data.manifest.get("config", {}), params)
+    items = [Param(k[:250], v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _metric_logger(client, run_id: str):
+    from mlflow.entities import Metric
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        out = []
+        for k, v in metrics.items():
+            if k == "step" or v is None:
+                continue
+            name = (
+                f"train/{k}"
+                if k in ("lr", "scale", "examples_per_s", "grad_norm")
+                else ("loss/total" if k == "loss" else f"loss/{k}")
+            )
+            out.append(Metric(name, float(v), ts, int(step)))
+        client.log_batch(run_id, metrics=out)
+
+    return on_log
+
+
+def _mark_resumed(client, run_id: str, resumed_from: int, previous_run: str | None) -> None:
+    from mlflow.entities import RunTag
+
+    tags = [RunTag("resumed_from_step", str(resumed_from))]
+    if previous_run:
+        tags.append(RunTag("resumed_from_run", previous_run))
+    client.log_batch(run_id, tags=tags)
+    if previous_run:
+        from mlflow.exceptions import MlflowException
+
+        # the old run may live in another store; the tag is enough then
+        with contextlib.suppress(MlflowException):
+            if client.get_run(previous_run).info.status == "RUNNING":
+                client.set_terminated(previous_run, status="KILLED")
+
+
+def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, config: TrainingRunConfig, *,
+               log, dagster_run_id, stop_after, register, experiment_name, run_tags) -> TrainingOutcome | None:
+    from ml.evaluator import Evaluator, model_embedders
+
+    client, run_id, previous_run = _start_run(prep, target, config, inputs, dagster_run_id, experiment_name,
+                                              run_tags)
+    gate_lock = contextlib.ExitStack()
+    try:
+        _log_params(client, run_id, prep, config, inputs)
+        t0 = time.perf_counter()
+        trainer, result, resumed_from = _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log,
+                                             on_log=_metric_logger(client, run_id), stop_after=stop_after)
+        if prep.resume is not None:
+            _mark_resumed(client, run_id, resumed_from, previous_run)
+        train_seconds = time.perf_counter() - t0
+        model = trainer.model.eval()
+        if stop_after is not None:
+            client.set_terminated(run_id, status="KILLED")
+            return None
+        pinsage = None
+        if config.pinsage_baseline and "entity_entity" in prep.model_config.tasks and prep.train_config.total_steps > 0:
+            pinsage = train_pinsage_baseline(prep, config, log)
+        evaluator = Evaluator(prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size,
+                              seed=config.eval_seed)
+        new_report = evaluator.evaluate(*model_embedders(model, prep.builder), list(prep.model_config.tasks))
+        pinsage_report = None
+        if pinsage is not None:
+            pinsage_report = evaluator.evaluate(*model_embedders(pinsage, prep.builder), ["entity_entity"])
+            log(f"pinsage baseline: recall@{config.eval_k} entity_entity = {pinsage_report.recall('entity_entity')}")
+        if register:  # from reading the champion to moving the alias: two trainings must not both promote
+            gate_lock.enter_context(store_lock(target.tracking_uri))
+        gate = _gate(prep, target, config, evaluator, new_report, register)
+        evaluation = _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report)
+        version = _log_models(client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register)
+        gate_lock.close()
+        client.set_terminated(run_id, status="FINISHED")
+    except BaseException:
+        gate_lock.close()
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    shutil.rmtree(prep.ckpt_dir, ignore_errors=True)  # registered: the checkpoint has no further use
+    log(f"omnisage_model: version {version} -> {gate['alias']} ({gate['decision']})")
+    return TrainingOutcome(
+        run_id=run_id, version=version, alias=gate["alias"], decision=gate["decision"],
+        new_mean_recall=gate["new_mean"], champion_mean_recall=gate["champion_mean"],
+        previous_champion=gate["previous"], gate_tasks=gate["tasks"], new_recall=gate["new_recall"],
+        champion_recall=gate["champion_recall"], training_partition=inputs.partition, steps=int(result.steps),
+        resumed_from_step=resumed_from, train_seconds=train_seconds, device=str(prep.device),
+        preset=prep.preset_name, last_metrics=dict(result.last_metrics), evaluation=evaluation,
+    )
+
+
+def _champion_recall(prep: _Prepared, evaluator, champ, version: str, gate_tasks: list[str]):
+    """-> (recall per task, note why the champion cannot embed this data or "")."""
+    from graph_engine.batch_builder import BatchBuilder
+    from graph_engine.featurizer import Featurizer
+    from graph_engine.neighbor_sampler import NeighborSampler
+    from ml.evaluator import model_embedders
+
+    if champ.config.image_dim and champ.config.image_dim != prep.features.image_dim:
+        return {}, (
+            f"champion v{version} expects image vectors of length {champ.config.image_dim}, the feature store of "
+            f"dt={prep.data.day} has {prep.features.image_dim}: it cannot embed this data"
+        )
+    champ_layout = champ.layout or prep.layout
+    hoods = prep.cache if champ_layout == prep.layout else NeighborSampler(
+        prep.snapshot, champ_layout, restart_prob=prep.cache.restart_prob, budget=prep.cache.budget
+    )
+    same_tokens = not champ.max_tokens or champ.max_tokens == prep.features.max_tokens
+    features = prep.features if same_tokens else Featurizer(prep.features.path, max_tokens=champ.max_tokens)
+    report = evaluator.evaluate(*model_embedders(champ.model, BatchBuilder(prep.snapshot, hoods, features, champ_layout)),
+                                gate_tasks)
+    return task_recalls(report), ""
+
+
+def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, evaluator, new_report, register) -> dict:
+    """The promotion decision (module docstring) as a dict of everything the run logs about it."""
+    from ml.registry import ModelRegistry
+
+    registry = ModelRegistry(target.tracking_uri, model_name=config.model_name or target.registered_model_name)
+    new_recall = task_recalls(new_report)
+    gate_tasks = list(prep.model_config.tasks)
+    previous = registry.version_for_alias(CHAMPION) if register else None
+    champion_recall, champion_note = {}, ""
+    if previous is not None:
+        champ = registry.load_version(previous, map_location=prep.device)
+        gate_tasks = [t for t in gate_tasks if t in champ.config.tasks]
+        champion_recall, champion_note = _champion_recall(prep, evaluator, champ, previous, gate_tasks)
+        del champ
+    champion_mean = _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
+    new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
+    k = config.eval_k
+    if not register:
+        promote, decision = False, "unregistered: ablation variant"
+    elif previous is None:
+        promote, decision = True, "champion: no previous champion"
+    elif champion_note:
+        promote, decision = True, f"champion: {champion_note}"
+    elif new_mean is None:
+        promote, decision = False, "challenger: no evaluation examples for the gate's tasks"
+    elif champion_mean is None or new_mean >= champion_mean:
+        promote = True
+        decision = (f"champion: mean recall@{k} {new_mean:.4f} >= champion v{previous}'s "
+                    f"{'n/a' if champion_mean is None else f'{champion_mean:.4f}'}")
+    else:
+        promote = False
+        decision = f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}"
+    return {
+        "registry": registry, "alias": (CHAMPION if promote else CHALLENGER) if register else "",
+        "decision": decision, "new_mean": new_mean, "champion_mean": champion_mean, "previous": previous,
+        "tasks": gate_tasks, "new_recall": new_recall, "champion_recall": champion_recall,
+    }
+
+
+def _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report) -> dict:
+    from mlflow.entities import Metric
+
+    k, ts, step = config.eval_k, int(time.time() * 1000), int(result.steps)
+    metrics = []
+    for name, r in gate["new_recall"].items():
+        if r["recall"] is not None:
+            metrics.append(Metric(f"eval/recall_at_{k}/{name}", r["recall"], ts, step))
+        metrics.append(Metric(f"eval/n/{name}", float(r["n"]), ts, step))
+    if gate["new_mean"] is not None:
+        metrics.append(Metric(f"eval/mean_recall_at_{k}", gate["new_mean"], ts, step))
+    if gate["champion_mean"] is not None:
+        metrics.append(Metric(f"gate/champion_mean_recall_at_{k}", gate["champion_mean"], ts, step))
+    metrics.append(Metric("train/seconds", train_seconds, ts, step))
+    metrics.append(Metric("train/steps", float(step), ts, step))
+    if pinsage_report is not None and pinsage_report.recall("entity_entity") is not None:
+        metrics.append(Metric(f"baseline/pinsage/recall_at_{k}/entity_entity",
+                              pinsage_report.recall("entity_entity"), ts, step))
+    client.log_batch(run_id, metrics=metrics)
+    evaluation = {"new": _report_json(new_report), "gate_tasks": gate["tasks"]}
+    if pinsage_report is not None:
+        evaluation["pinsage_baseline"] = _report_json(pinsage_report)
+    client.log_dict(run_id, evaluation, "evaluation/report.json")
+    return evaluation
+
+
+def _log_models(client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register) -> str:
+    """Model (and baseline) directories as artifacts; register and set the alias. -> version ("" if not)."""
+    from mlflow.entities import RunTag
+
+    from ml.model_io import save_model_dir
+
+    step = int(result.steps)
+    common = {"layout": prep.layout, "max_tokens": prep.features.max_tokens, "training_partition": inputs.partition}
+    inputs.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="omnisage-model-", dir=str(inputs.scratch_dir)) as tmp:
+        extra = {
+            "preset": prep.preset_name, "steps": step, "mlflow_run_id": run_id,
+            "example_config": prep.data.manifest.get("config", {}), "tasks": list(prep.model_config.tasks),
+            "eval": {"k": config.eval_k, "pool_size": config.pool_size, "seed": config.eval_seed},
+        }
+        local = save_model_dir(model, Path(tmp) / MODEL_ARTIFACT_PATH, extra, **common)
+        client.log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_PATH)
+        if pinsage is not None:
+            extra = {"steps": step, "mlflow_run_id": run_id, "baseline": "pinsage", "tasks": ["entity_entity"]}
+            baseline_dir = save_model_dir(pinsage, Path(tmp) / PINSAGE_ARTIFACT_PATH, extra, **common)
+            client.log_artifacts(run_id, str(baseline_dir), artifact_path=PINSAGE_ARTIFACT_PATH)
+    fmt = lambda x: "null" if x is None else f"{x:.6f}"
+    gate_tags = {
+        "gate.decision": gate["decision"], "gate.alias": gate["alias"], "gate.new_mean_recall": fmt(gate["new_mean"]),
+        "gate.champion_mean_recall": fmt(gate["champion_mean"]), "gate.previous_champion": gate["previous"] or "",
+        "gate.tasks": ",".join(gate["tasks"]),
+    }
+    version = ""
+    if register:
+        version = gate["registry"].register(run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": inputs.partition})
+        gate["registry"].set_alias(gate["alias"], version)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**gate_tags, "model_version": version}.items()])
+    return version
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun entry point: python -m ml.training_run REQUEST.json
+# ----------------------------------------------------------------------------------------------------------
+def write_request(path: Path, inputs: TrainingInputs, target: MlflowTarget, config: TrainingRunConfig,
+                  outcome_path: Path, dagster_run_id: str | None = None) -> Path:
+    path.write_text(json.dumps({
+        "inputs": inputs.to_json(), "target": asdict(target), "config": asdict(config),
+        "outcome": str(outcome_path), "dagster_run_id": dagster_run_id,
+    }))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a launched run: reads the request, trains; rank 0 writes the outcome JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m ml.training_run REQUEST.json", file=sys.stderr)
+        return 2
+    req = json.loads(Path(argv[0]).read_text())
+    rank = _rank()
+    log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+    outcome = train_and_register(
+        TrainingInputs.from_json(req["inputs"]), MlflowTarget(**req["target"]),
+        TrainingRunConfig.from_mapping(req["config"]), log=log, dagster_run_id=req.get("dagster_run_id"),
+    )
+    if outcome is not None:
+        Path(req["outcome"]).write_text(json.dumps(asdict(outcome), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

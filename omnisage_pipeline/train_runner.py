@@ -1,0 +1,89 @@
+"""Running ``ml.training_run`` against a pipeline home (Dagster-free): the ``omnisage_model`` asset and the
+``omnisage train`` command both call ``run_training``, so they train exactly alike.
+
+- the partition: ``training_partition`` or the newest published ``training_examples`` day;
+- reader leases on that day's graph and feature store for the whole run (retention never removes what
+  training reads);
+- ``nproc_per_node == 1`` trains in this process; ``> 1`` (or rendezvous options for several nodes) writes a
+  request file and launches torchrun (``ml.launch``), every rank's lines going to ``log``; rank 0's outcome
+  comes back through a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ml.launch import launch_training
+from ml.tracking import MlflowTarget
+from ml.training_run import (
+    NEIGHBORHOODS_DIR,
+    TrainingInputs,
+    TrainingOutcome,
+    TrainingRunConfig,
+    train_and_register,
+    write_request,
+)
+from omnisage_pipeline.publish import list_published, require_published
+from omnisage_pipeline.settings import Settings
+
+__all__ = ["NEIGHBORHOODS_DIR", "resolve_training_partition", "run_training", "training_inputs"]
+
+
+def resolve_training_partition(settings: Settings, requested: str | None) -> str:
+    dataset = settings.warehouse_dataset("training_examples")
+    if requested:
+        require_published(dataset, requested)
+        return requested
+    keys = list_published(dataset)
+    if not keys:
+        raise FileNotFoundError(
+            f"no published training_examples partition under {dataset}: materialize training_examples first"
+        )
+    return keys[-1]
+
+
+def training_inputs(settings: Settings, partition: str) -> TrainingInputs:
+    return TrainingInputs(
+        partition=partition,
+        examples_dir=require_published(settings.warehouse_dataset("training_examples"), partition),
+        graph_dir=require_published(settings.graph_dir, partition),
+        features_dir=require_published(settings.features_dir, partition),
+        checkpoint_root=settings.home / "checkpoints" / "omnisage_model",
+        scratch_dir=settings.scratch_dir,
+    )
+
+
+def run_training(
+    settings: Settings,
+    target: MlflowTarget,
+    config: TrainingRunConfig,
+    *,
+    log: Callable[[str], None] = print,
+    rdzv: Mapping[str, object] | None = None,
+    **kwargs,
+) -> TrainingOutcome | None:
+    """Trains on the resolved partition (module docstring); ``kwargs`` go to ``ml.training_run.train_and_register``
+    (in-process runs only: ``stop_after``, ``register``, ``experiment_name``, ``run_tags``, ``dagster_run_id``)."""
+    from omnisage_pipeline.retention import read_lease
+
+    partition = resolve_training_partition(settings, config.training_partition)
+    config.training_partition = partition
+    with read_lease(settings.graph_dir, partition), read_lease(settings.features_dir, partition):
+        inputs = training_inputs(settings, partition)
+        if config.nproc_per_node <= 1 and not rdzv:
+            return train_and_register(inputs, target, config, log=log, **kwargs)
+        unsupported = sorted(set(kwargs) - {"dagster_run_id"})
+        if unsupported:
+            raise ValueError(f"run_training: {unsupported} are only supported in-process (nproc_per_node=1)")
+        settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="omnisage-train-", dir=str(settings.scratch_dir)) as tmp:
+            outcome_path = Path(tmp) / "outcome.json"
+            request = write_request(Path(tmp) / "request.json", inputs, target, config, outcome_path,
+                                    kwargs.get("dagster_run_id"))
+            launch_training(request, config.nproc_per_node, rdzv=rdzv, log=log)
+            if not outcome_path.is_file():  # a worker node of a multi-node run: rank 0 registers elsewhere
+                return None
+            return TrainingOutcome(**json.loads(outcome_path.read_text()))
