@@ -29,7 +29,7 @@ import json
 import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ml/__init__.py does, before torch loads
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as ml/__init__.py does, before torch loads
 import tempfile
 import time
 from pathlib import Path
@@ -193,7 +193,7 @@ def main() -> None:
                 loader.close()
             print(f"{name}: {results[name]:.1f}", flush=True)
         source = source_for(table)
-        payloads = [StepPayload(tensorize_step(source.build_step(0, i))) for i in range(warmup + steps)]
+        payloads = [StepPayload(tensorize_step(source.build_step(0, i)), True) for i in range(warmup + steps)]
         if cuda:
             payloads = [p.pin_memory() for p in payloads]
         results["examples_per_s_prebuilt"], _ = timed_training(Prebuilt(payloads), mc, tc, warmup, steps)

@@ -359,7 +359,8 @@ class PushGraph:
     kernel's dtypes, with W(u), and with per-worker scratch (p, rt, queue, touched: 40 bytes x n x threads)
     allocated on the first call and kept clean between calls. A call then costs O(sources + pushes).
 
-    ``out_weight``: W(u) when the caller has it cached (``GraphSnapshot.weighted_out_degree``). Calls are
+    ``out_weight``: W(u) when the caller has it cached (``GraphSnapshot.weighted_out_degree``). A
+    memory-mapped CSR up to ``COPY_MAPPED_CSR_BYTES`` is copied into process memory here, once. Calls are
     serialised by a lock (the scratch is shared); results never depend on earlier calls.
     """
 

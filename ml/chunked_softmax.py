@@ -43,13 +43,15 @@ from ml.losses import (
     candidate_log_q,
     compute_dtype,
     prepare_inputs,
+    target_rows,
 )
 
 __all__ = ["ChunkedSoftmaxFunction", "chunked_sampled_softmax_loss", "chunked_softmax_loss"]
 
 
-def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, chunk_size):
-    b, m = q.shape[0], n.shape[0]
+def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size):
+    # nq queries (== b unless ``targets`` maps several queries onto one positive), b positives, m negatives
+    nq, b, m = q.shape[0], p.shape[0], n.shape[0]
     dt = compute_dtype(q, p, n)
     need = ctx.needs_input_grad
     need_q, need_p, need_n, need_s = need[0], need[1], need[2], need[3]
@@ -68,19 +70,21 @@ def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg
         gC_unscaled = torch.zeros_like(C) if (need_p or need_n) else None
         g_s = torch.zeros((), dtype=dt, device=Q.device)
         g_lq = torch.zeros(b + m, dtype=dt, device=Q.device) if need_lq else None
-        g_w = torch.zeros(b, dtype=dt, device=Q.device) if need_w else None
+        g_w = torch.zeros(nq, dtype=dt, device=Q.device) if need_w else None
         total = torch.zeros((), dtype=dt, device=Q.device)
 
-        for start in range(0, b, chunk_size):
-            end = min(start + chunk_size, b)
+        for start in range(0, nq, chunk_size):
+            end = min(start + chunk_size, nq)
             Qc = Q[start:end]
             rows = torch.arange(end - start, device=Q.device)
-            tgt = rows + start
+            tgt = target_rows(targets, slice(start, end), Q.device)
             logits = Qc @ C.T  # [c, B + M]: the only big buffer, freed at the end of the iteration
             logits.mul_(s)
             if lq is not None:
                 logits.sub_(lq[None, :])
-            mask = accidental_hit_mask(pos_keys, neg_keys, slice(start, end), b, m)
+            mask = accidental_hit_mask(
+                pos_keys, neg_keys, slice(start, end), b, m, query_keys=q_keys, targets=targets
+            )
             if mask is not None:
                 logits.masked_fill_(mask, float("-inf"))
                 del mask
@@ -93,7 +97,7 @@ def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg
             # G = dL/dlogits for this chunk, computed in place in the logits buffer.
             G = logits.sub_(lse[:, None]).exp_()
             G[rows, tgt] -= 1.0
-            coef = (w[start:end] / b) if w is not None else torch.full((end - start,), 1.0 / b, dtype=dt, device=Q.device)
+            coef = (w[start:end] / nq) if w is not None else torch.full((end - start,), 1.0 / nq, dtype=dt, device=Q.device)
             G.mul_(coef[:, None])
             if gQ_unscaled is not None:
                 GC = G @ C  # dL/dQ_chunk / lambda
@@ -103,10 +107,10 @@ def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg
             if g_lq is not None:
                 g_lq -= G.sum(dim=0)
             if g_w is not None:
-                g_w[start:end] = per_ex / b
+                g_w[start:end] = per_ex / nq
             del G, logits
 
-        loss = total / b
+        loss = total / nq
         grads = {}
         if need_s:
             g_s = (Q * gQ_unscaled).sum()
@@ -143,7 +147,7 @@ def _chunked_backward(ctx, grad_out):
     gs = out("scale")
     if gs is not None:
         gs = gs.reshape(ctx.scale_shape)
-    return out("q"), out("p"), out("n"), gs, out("pos_lq"), out("neg_lq"), out("w"), None, None, None
+    return out("q"), out("p"), out("n"), gs, out("pos_lq"), out("neg_lq"), out("w"), None, None, None, None, None
 
 
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
@@ -157,8 +161,10 @@ def _function_for(device_type: str) -> type[torch.autograd.Function]:
         class _ChunkedSoftmax(torch.autograd.Function):
             @staticmethod
             @torch.amp.custom_fwd(device_type=device_type, cast_inputs=torch.float32)
-            def forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, chunk_size):
-                return _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, chunk_size)
+            def forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size):
+                return _chunked_forward(
+                    ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+                )
 
             @staticmethod
             @once_differentiable
@@ -183,7 +189,7 @@ def chunked_softmax_loss(x: SoftmaxInputs, *, chunk_size: int) -> torch.Tensor:
     fn = _function_for(x.query.device.type)
     return fn.apply(
         x.query, x.positive, x.negatives, x.scale, x.positive_log_q, x.negative_log_q, x.weights,
-        x.positive_keys, x.negative_keys, chunk_size,
+        x.positive_keys, x.negative_keys, x.query_keys, x.targets, chunk_size,
     )
 
 

@@ -61,6 +61,10 @@ class FeatureTaskConfig:
     layers: int = 4
     hidden: int = 1024
     text_hash: TextHashConfig = field(default_factory=lambda: TextHashConfig(dim=256))
+    # eq. 3's queries g_x(v) per step come from at most this many of u's neighbours (the highest-proximity
+    # columns of each block, in proportion to its k_t; not in the paper): with the paper's 150 neighbours every
+    # node would otherwise cost 151 queries per feature type. None = every neighbour.
+    max_neighbor_queries: int | None = 16
 
 
 @dataclass

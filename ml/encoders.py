@@ -26,6 +26,8 @@ _P = (1 << 31) - 1
 class HashTextEncoder(nn.Module):
     """token_ids int64 [R, L] + lengths [R] -> (text vector float [R, dim], has_text bool [R])."""
 
+    dedupe_tokens = True  # the CPU path below; the same values and gradients either way
+
     def __init__(self, cfg: TextHashConfig):
         super().__init__()
         self.cfg = cfg
@@ -64,16 +66,32 @@ class HashTextEncoder(nn.Module):
         lengths = lengths.clamp(0, ell)
         keep = torch.arange(ell, device=token_ids.device)[None, :] < lengths[:, None]  # [R, L]
         tokens = token_ids[keep]  # row-major: tokens of row 0, then row 1, ...
+        inv_len = 1.0 / lengths.clamp_min(1).to(self.table.weight.dtype)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        if self.dedupe_tokens and tokens.device.type == "cpu":
+            # Token vectors once per DISTINCT token (n-grams repeat across a batch's texts, Zipf), then each
+            # text is the mean of its tokens' vectors: the hashed-table backward (sort + scatter of N * k
+            # rows) shrinks to the distinct tokens. On CUDA the direct path avoids unique()'s host sync.
+            uniq, inverse = torch.unique(tokens, return_inverse=True)
+            tok_vec = self.token_vectors(uniq)
+            row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)
+            vec = F.embedding_bag(inverse, tok_vec, offsets, mode="sum", per_sample_weights=inv_len[row_of_token])
+            return vec, lengths > 0
         rows, imp_rows = self._hash(tokens)  # [N, k], [N]
         row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)
-        inv_len = 1.0 / lengths.clamp_min(1).to(self.table.weight.dtype)
         psw = self.importance(imp_rows) * inv_len[row_of_token][:, None]  # [N, k] mean over tokens
-        counts = lengths * k
-        offsets = torch.cumsum(counts, 0) - counts
         vec = self.table(
-            rows.reshape(-1), offsets, per_sample_weights=psw.reshape(-1).to(self.table.weight.dtype)
+            rows.reshape(-1), offsets * k, per_sample_weights=psw.reshape(-1).to(self.table.weight.dtype)
         )
         return vec, lengths > 0
+
+    def token_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """sum_j p_j(token) E[h_j(token)] for each token id -> [N, dim]."""
+        rows, imp_rows = self._hash(tokens)
+        k = self.cfg.num_hashes
+        starts = torch.arange(0, rows.numel(), k, device=tokens.device)
+        psw = self.importance(imp_rows).reshape(-1).to(self.table.weight.dtype)
+        return self.table(rows.reshape(-1), starts, per_sample_weights=psw)
 
 
 class MLP(nn.Sequential):

@@ -22,8 +22,9 @@ Tasks:
   engagement based pairs"), or the one that exists; ``per_source`` and ``per_segment`` (the positive pin's
   segment) breakdowns alongside.
 - entity_feature (3.3.2): held-out feature nodes u; the queries are the entity-feature MLPs' encodings
-  g_x(u) of the raw features of u and its neighbours (one query per feature type x that u has), the
-  positive f(u). It needs the model's g_x, so an embedder without ``feature_queries`` reports None, n = 0.
+  g_x(u) of u's own raw x-features (one query per feature type x that u has; training also queries with
+  g_x(v) of every sampled neighbour v, each against f(u): ``ml.tasks.entity_feature``), the positive f(u).
+  It needs the model's g_x, so an embedder without ``feature_queries`` reports None, n = 0.
   recall = mean over the feature types; ``per_feature`` alongside.
 - user_entity (3.3.3): held-out users (disjoint from the training sequences), history before the cutoff,
   U_t at the last history step as the query: next action = the first engagement after the cutoff, future
@@ -74,7 +75,7 @@ class FeatureQueryEmbedder(Protocol):
     """Optional extra of an ``EntityEmbedder`` (the model): the entity-feature task's queries."""
 
     def feature_queries(self, entity_type: str, ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{feature type x: (g_x(u) float32 [n, d], x in X_u bool [n])}."""
+        """{feature type x: (g_x(u) of u's own x-features, float32 [n, d], u has x bool [n])}."""
         ...
 
 
@@ -352,6 +353,8 @@ class ModelEntityEmbedder:
         )
 
     def feature_queries(self, entity_type, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{x: (g_x(u) of u's own raw x-features, u has x)}: the per-node reading of eq. 3 that training
+        uses (``EntityFeatureTask.queries``); the neighbours' queries g_x(v) are training-only."""
         from ml.data import as_entity_tensors
         from ml.inference import _EvalMode
 

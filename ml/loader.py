@@ -12,8 +12,9 @@ The batch of (seed, epoch, global step index) depends on that key alone (``StepB
 - DDP ranks take disjoint indices (``StepBatches.step_indices``: step * world + rank), and a resumed run starts
   at its step without building the batches before it; 0, 1 or N workers give identical batches;
 - workers persist across epochs (``persistent_workers``), keep ``prefetch_factor`` steps each in flight, use
-  one torch / numba thread each (the training process keeps the cores it was given), and return tensors
-  (``ml.data.tensorize_step``), page-locked by the loader's pin thread when ``pin_memory`` (CUDA).
+  one torch / numba thread each (the training process keeps the cores it was given), and return numpy
+  batches that become tensors without a copy (``ml.data.tensorize_step``), page-locked by the loader's pin
+  thread when ``pin_memory`` (CUDA).
 
 ``num_workers=0`` is the synchronous path (same batches, built on the training thread): tests, debugging.
 """
@@ -38,14 +39,19 @@ def default_num_workers(processes_per_node: int = 1) -> int:
 
 
 class StepPayload:
-    """One built step. Not a Mapping, so the ``DataLoader``'s pin thread calls ``pin_memory`` here and
-    shared objects (step tables, negatives) stay shared when pinned."""
+    """One built step. Workers hand back numpy batches (one pickled message through the worker's pipe: far
+    cheaper than a shared-memory file per tensor); ``tensors()`` converts them without copying. Not a
+    Mapping, so the ``DataLoader``'s pin thread calls ``pin_memory`` here (convert + page-lock, off the
+    training thread) and shared objects (step tables, negatives) stay shared."""
 
-    def __init__(self, batches: dict):
-        self.batches = batches
+    def __init__(self, batches: dict, is_tensors: bool = False):
+        self.batches, self.is_tensors = batches, is_tensors
+
+    def tensors(self) -> StepPayload:
+        return self if self.is_tensors else StepPayload(tensorize_step(self.batches), True)
 
     def pin_memory(self) -> StepPayload:
-        return StepPayload(pin_step(self.batches))
+        return StepPayload(pin_step(self.tensors().batches), True)
 
 
 class _KeyedSteps(Dataset):
@@ -57,7 +63,7 @@ class _KeyedSteps(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> StepPayload:
         epoch, index = key
-        return StepPayload(tensorize_step(self.source.build_step(epoch, index)))
+        return StepPayload(self.source.build_step(epoch, index))
 
 
 class _EpochKeys(Sampler):
@@ -117,12 +123,12 @@ class BatchLoader:
         if self._loader is None:
             return self._synchronous(epoch, indices)
         self._keys.keys = [(int(epoch), int(i)) for i in indices]
-        return iter(self._loader)
+        return (payload.tensors() for payload in self._loader)
 
     def _synchronous(self, epoch: int, indices) -> Iterator[StepPayload]:
         for index in indices:
-            payload = StepPayload(tensorize_step(self.source.build_step(epoch, index)))
-            yield payload.pin_memory() if self.pin_memory else payload
+            payload = StepPayload(self.source.build_step(epoch, index))
+            yield payload.pin_memory() if self.pin_memory else payload.tensors()
 
     def close(self) -> None:
         """Stops the persistent workers."""

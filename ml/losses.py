@@ -42,6 +42,16 @@ target, e.g. a popular pin that is also the positive of another query, or a rand
 be the positive) gets logit -inf: it is not a negative. Masking of the random negatives needs
 ``negative_keys``; masking at all needs ``positive_keys``.
 
+With ``query_keys`` the query's own entity is masked too: when q and the candidates share a type (a pin
+query against pin positives), q can come back as another pair's positive or as a random negative, and
+s(q, q) = lambda * 1 - log Q(q) would be a "negative" the model can never beat. Its target stays unmasked.
+
+Several queries per positive
+----------------------------
+``targets`` [n] (default ``arange(B)``) names each query's target among the B positives, so that n != B
+queries can share one candidate list (eq. 3: the queries g_x(w) of every node w in {u} U N(u) all have
+f(u) as their positive). The loss is then mean over the n queries of w_i * l_i.
+
 Loss
 ----
 l_i = -log softmax_i(i) over the (masked) corrected logits and  loss = mean_i(w_i * l_i)  (w_i = 1 by default).
@@ -108,9 +118,10 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
 class SoftmaxInputs:
     """Validated, normalised inputs of the sampled softmax (shared by the naive and the chunked path).
 
-    Attributes: query [B,d], positive [B,d], negatives [M,d] (M may be 0), scale (0-dim tensor),
+    Attributes: query [n,d], positive [B,d], negatives [M,d] (M may be 0), scale (0-dim tensor),
     positive_log_q [B] | None, negative_log_q [M] | None, positive_keys [B] | None, negative_keys [M] | None,
-    weights [B] | None.
+    query_keys [n] | None, targets [n] | None (None: n == B and query i's target is positive i),
+    weights [n] | None.
     """
 
     __slots__ = (
@@ -121,7 +132,9 @@ class SoftmaxInputs:
         "positive_keys",
         "positive_log_q",
         "query",
+        "query_keys",
         "scale",
+        "targets",
         "weights",
     )
 
@@ -156,17 +169,24 @@ def prepare_inputs(
     positive_keys: torch.Tensor | None = None,
     negative_keys: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    query_keys: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> SoftmaxInputs:
     """Validate shapes/dtypes and normalise optional arguments (clear errors naming the argument)."""
     if not isinstance(query, torch.Tensor) or not isinstance(positive, torch.Tensor):
         raise TypeError("sampled_softmax_loss: query and positive must be torch tensors")
     if query.dim() != 2:
         raise ValueError(f"sampled_softmax_loss: query must be [B, d], got shape {tuple(query.shape)}")
-    if positive.shape != query.shape:
+    if targets is None and positive.shape != query.shape:
         raise ValueError(
             f"sampled_softmax_loss: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}"
         )
-    b, d = query.shape
+    if targets is not None and (positive.dim() != 2 or positive.shape[1] != query.shape[1]):
+        raise ValueError(f"sampled_softmax_loss: positive must be [B, {query.shape[1]}], got {tuple(positive.shape)}")
+    if query_keys is not None and positive_keys is None:
+        raise ValueError("sampled_softmax_loss: query_keys need positive_keys (the candidates' keys)")
+    n, d = query.shape
+    b = positive.shape[0]
     dev = query.device
     if negatives is None:
         negatives = query.new_zeros((0, d))
@@ -191,7 +211,9 @@ def prepare_inputs(
         negative_log_q=_check_vec("negative_log_q", negative_log_q, m, dev),
         positive_keys=_check_vec("positive_keys", positive_keys, b, dev, integer=True),
         negative_keys=_check_vec("negative_keys", negative_keys, m, dev, integer=True),
-        weights=_check_vec("weights", weights, b, dev),
+        query_keys=_check_vec("query_keys", query_keys, n, dev, integer=True),
+        targets=_check_vec("targets", targets, n, dev, integer=True),
+        weights=_check_vec("weights", weights, n, dev),
     )
 
 
@@ -211,10 +233,25 @@ def candidate_log_q(
     return torch.cat([pq, nq])
 
 
+def target_rows(targets: torch.Tensor | None, rows: slice, device: torch.device) -> torch.Tensor:
+    """Candidate index of the target of each query in ``rows`` (query i -> positive i without ``targets``)."""
+    if targets is not None:
+        return targets[rows]
+    return torch.arange(rows.start, rows.stop, device=device)
+
+
 def accidental_hit_mask(
-    positive_keys: torch.Tensor | None, negative_keys: torch.Tensor | None, rows: slice, b: int, m: int
+    positive_keys: torch.Tensor | None,
+    negative_keys: torch.Tensor | None,
+    rows: slice,
+    b: int,
+    m: int,
+    *,
+    query_keys: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Bool [rows, B + M]: True where candidate j != i has the key of query i's positive (logit -> -inf)."""
+    """Bool [rows, B + M]: True where candidate j is not query i's target but has the key of its positive
+    or (with ``query_keys``) of the query entity itself (logit -> -inf)."""
     if positive_keys is None:
         return None
     cand_keys = positive_keys
@@ -222,18 +259,20 @@ def accidental_hit_mask(
         cand_keys = torch.cat(
             [positive_keys, negative_keys if negative_keys is not None else positive_keys.new_full((m,), -1)]
         )
-    row_keys = positive_keys[rows]
-    mask = row_keys[:, None] == cand_keys[None, :]
+    tgt = target_rows(targets, rows, positive_keys.device)
+    mask = positive_keys[tgt][:, None] == cand_keys[None, :]
+    if query_keys is not None:
+        mask |= query_keys[rows][:, None] == cand_keys[None, :]
     if negative_keys is None and m:
         mask[:, b:] = False  # no keys for the random negatives: they cannot be recognised as hits
-    r = torch.arange(row_keys.shape[0], device=mask.device)
-    mask[r, r + rows.start] = False  # the target itself is never masked
+    r = torch.arange(tgt.shape[0], device=mask.device)
+    mask[r, tgt] = False  # the target itself is never masked
     return mask
 
 
 def _naive(x: SoftmaxInputs) -> torch.Tensor:
     """Unchunked reference: materialises the full [B, B + M] logits and lets autograd differentiate."""
-    b, m = x.query.shape[0], x.negatives.shape[0]
+    n, b, m = x.query.shape[0], x.positive.shape[0], x.negatives.shape[0]
     dt = compute_dtype(x.query, x.positive, x.negatives)
     dev_type = x.query.device.type
     with torch.autocast(device_type=dev_type, enabled=False):
@@ -243,13 +282,15 @@ def _naive(x: SoftmaxInputs) -> torch.Tensor:
         lq = candidate_log_q(x.positive_log_q, x.negative_log_q, b, m, logits)
         if lq is not None:
             logits = logits - lq[None, :]
-        mask = accidental_hit_mask(x.positive_keys, x.negative_keys, slice(0, b), b, m)
+        mask = accidental_hit_mask(
+            x.positive_keys, x.negative_keys, slice(0, n), b, m, query_keys=x.query_keys, targets=x.targets
+        )
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
-        per_example = F.cross_entropy(logits, torch.arange(b, device=logits.device), reduction="none")
+        per_example = F.cross_entropy(logits, target_rows(x.targets, slice(0, n), logits.device), reduction="none")
         if x.weights is not None:
             per_example = per_example * x.weights.to(dt)
-        return per_example.sum() / b
+        return per_example.sum() / n
 
 
 def sampled_softmax_loss(
@@ -264,19 +305,24 @@ def sampled_softmax_loss(
     negative_keys: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    query_keys: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 1 averaged over the batch: mean_i(w_i * l_i), candidates = [in-batch positives, random negatives].
 
     query, positive: [B, d]; negatives: [M, d] or None; scale: lambda (float or scalar tensor, may require grad);
     positive_log_q: [B] log Q of the in-batch candidates (count-min sketch); negative_log_q: [M] or a float,
     log Q of the random negatives; positive_keys / negative_keys: int64 entity keys (``entity_key``) for
-    accidental-hit masking; weights: [B] per-example weights; chunk_size: None = naive, else Algorithm 1
-    (``ml.chunked_softmax``) over query chunks of that size - same value and gradients.
+    accidental-hit masking; query_keys: [n] the queries' own entity keys, masked as candidates too;
+    targets: [n] each query's positive (default: query i -> positive i); weights: [n] per-query weights;
+    chunk_size: None = naive, else Algorithm 1 (``ml.chunked_softmax``) over query chunks of that size -
+    same value and gradients.
     Returns a float32 (float64 for float64 inputs) scalar.
     """
     x = prepare_inputs(
         query, positive, negatives, scale=scale, positive_log_q=positive_log_q, negative_log_q=negative_log_q,
         positive_keys=positive_keys, negative_keys=negative_keys, weights=weights,
+        query_keys=query_keys, targets=targets,
     )
     b = x.query.shape[0]
     if b == 0:

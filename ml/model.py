@@ -6,9 +6,13 @@ Every loss is ``ml.losses.sampled_softmax_loss`` (eq. 1, chunked per Algorithm 1
 ``LossConfig.chunk_size`` is set) with score s(q, v) = lambda * q.v - log Q(v):
 
 - lambda is an inverse temperature on cosines (q, v unit vectors), ~20; optionally learned, clamped;
-- log Q of in-batch candidates (the positives of the batch) comes from a count-min sketch per loss,
-  keyed by (entity type, entity id) via ``ml.losses.entity_key`` so counts survive daily re-indexing; it is
-  updated with the batch's positives before the estimate, and only in training mode;
+- log Q of in-batch candidates (the positives of the batch) comes from a count-min sketch per loss and
+  positive type t_p (``"{loss}/{t_p}"``, e.g. ``entity_entity/board``): est / total is then the share of
+  this sub-batch's positive stream, the probability its B draws are taken from (a sketch shared by pin and
+  board positives would divide by the total of both and be off by log(share of t_p)). Keys are (entity
+  type, entity id) via ``ml.losses.entity_key`` so counts survive daily re-indexing; the sketch is updated
+  with the batch's positives before the estimate, and only in training mode;
+- the query entity is masked as a candidate (``query_keys``) where it has one, besides accidental hits;
 - log Q of random negatives is their sampler's (``*.random_negative_log_q``; 0 when not given).
 
 Distributed (3.4.2 "we aggregate in-batch and random negatives from each device"): under
@@ -21,6 +25,7 @@ gradient of the mean loss over the global batch. Every rank must run the same ta
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -211,13 +216,33 @@ class OmniSageModel(nn.Module):
         return {name: s.state_dict() for name, s in self.sketches.items()}
 
     def load_sketch_state_dict(self, state: Mapping[str, dict]) -> None:
+        """Loads every ``"{loss}/{t_p}"`` sketch. Sketches of older checkpoints, one per loss over all
+        positive types (no type suffix), cannot be split by type: they are dropped with a warning and the
+        per-type sketches start empty (log Q = 0, no correction, until they have counts)."""
+        dropped = []
         for name, s in state.items():
-            self.sketch(name).load_state_dict(s)
+            if name.rsplit("/", 1)[-1] in self.config.node_types:
+                self.sketch(name).load_state_dict(s)
+            else:
+                dropped.append(name)
+        if dropped:
+            warnings.warn(
+                f"count-min sketches {sorted(dropped)} are not per positive type; not loaded", stacklevel=2
+            )
 
     def candidates(
-        self, name, *, positive, positive_keys, negatives=None, negative_keys=None, negative_log_q=None
+        self,
+        name,
+        *,
+        positive_type: str,
+        positive,
+        positive_keys,
+        negatives=None,
+        negative_keys=None,
+        negative_log_q=None,
     ) -> Candidates:
-        """Builds one loss's candidates: gathers across ranks, updates the sketch, attaches log Q."""
+        """Builds one loss's candidates: gathers across ranks, updates the sketch ``"{name}/{positive_type}"``
+        (one per loss and t_p: see the module docstring), attaches log Q."""
         dev = positive.device
         b = positive.shape[0]
         positive_keys = positive_keys.to(dev)
@@ -247,7 +272,7 @@ class OmniSageModel(nn.Module):
 
         pos_lq = others_lq = None
         if self.config.loss.logq_correction:
-            sk = self.sketch(name)
+            sk = self.sketch(f"{name}/{positive_type}")
             pos_keys = all_pos_keys.detach()
             if self.training:
                 sk.update(pos_keys)
@@ -281,8 +306,17 @@ class OmniSageModel(nn.Module):
         return Candidates(positive, positive_keys, pos_lq, negs, neg_keys, neg_lq)
 
     def softmax_loss(
-        self, query: torch.Tensor, c: Candidates, weights: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        c: Candidates,
+        weights: torch.Tensor | None = None,
+        *,
+        query_keys: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Eq. 1 over ``c``. query_keys: the query entities' keys, masked as candidates (a pin query must
+        not meet itself as a negative); targets: each query's row of ``c.positive`` when several queries
+        share one positive (default query i -> positive i)."""
         if query.shape[0] == 0:  # no valid position on this rank: a zero that keeps the graph connected
             return query.sum() * 0.0 + c.positive.sum() * 0.0
         self.last_stats["num_candidates"] = float(c.num_candidates)
@@ -297,6 +331,8 @@ class OmniSageModel(nn.Module):
             negative_keys=c.negative_keys,
             weights=weights,
             chunk_size=self.config.loss.chunk_size,
+            query_keys=None if query_keys is None else query_keys.to(query.device),
+            targets=None if targets is None else targets.to(query.device),
         )
 
     # ----------------------------------------------------------------------------------------------- eq. 6

@@ -34,7 +34,8 @@ from ml.config import ModelConfig
 from ml.model import OmniSageModel
 
 MODEL_FORMAT = "omnisage-model"
-MODEL_FORMAT_VERSION = 1
+# 2: g_x of the entity-feature task reads one node's features (eq. 3 per node), sketches per positive type
+MODEL_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: Keys of ``extra`` that are promoted to top-level fields of config.json.

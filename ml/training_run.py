@@ -562,10 +562,16 @@ def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, eval
     previous = registry.version_for_alias(CHAMPION) if register else None
     champion_recall, champion_note = {}, ""
     if previous is not None:
-        champ = registry.load_version(previous, map_location=prep.device)
-        gate_tasks = [t for t in gate_tasks if t in champ.config.tasks]
-        champion_recall, champion_note = _champion_recall(prep, evaluator, champ, previous, gate_tasks)
-        del champ
+        from ml.model_io import ModelFormatError
+
+        try:
+            champ = registry.load_version(previous, map_location=prep.device)
+        except ModelFormatError as exc:  # saved by an older release: it cannot be evaluated, so it cannot win
+            champ, champion_note = None, f"champion v{previous} cannot be loaded by this release ({exc})"
+        if champ is not None:
+            gate_tasks = [t for t in gate_tasks if t in champ.config.tasks]
+            champion_recall, champion_note = _champion_recall(prep, evaluator, champ, previous, gate_tasks)
+            del champ
     champion_mean = _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
     new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
     k = config.eval_k

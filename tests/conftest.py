@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ml/__init__.py, before anything loads torch
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as ml/__init__.py, before anything loads torch
 
 import pytest
 

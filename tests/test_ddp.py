@@ -103,7 +103,7 @@ def _run(trainer: Trainer, batches_of_step) -> dict:
                 n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None
             }
     out["params"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    out["sketch_total"] = trainer.model.sketch("entity_entity").total
+    out["sketch_total"] = trainer.model.sketch("entity_entity/board").total
     return out
 
 

@@ -214,3 +214,45 @@ def test_entity_key():
         entity_key(0, np.array([1.5]))
     with pytest.raises(ValueError, match="ids"):
         entity_key(0, np.array([2**62], dtype=np.int64))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_query_entity_is_masked_as_a_candidate(chunk_size):
+    # Pin 5 queries for pin 7; pin 5 is also pair 1's positive and random negative 0: both are the query
+    # itself (logit lambda * 1) and must leave query 0's softmax, while query 1 keeps P0 (its negative).
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    n = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    pk, nk, qk = torch.tensor([7, 5]), torch.tensor([5, 11]), torch.tensor([5, 9])
+    loss = sampled_softmax_loss(
+        q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, query_keys=qk, chunk_size=chunk_size
+    )
+    s = lambda a, b: 3.0 * float(torch.dot(a, b))
+    l0 = -s(q[0], p[0]) + math.log(sum(math.exp(s(q[0], c)) for c in (p[0], n[1])))
+    # query 1's positive is pin 5, so negative 0 (pin 5) is an accidental hit for it already
+    l1 = -s(q[1], p[1]) + math.log(sum(math.exp(s(q[1], c)) for c in (p[0], p[1], n[1])))
+    assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    unmasked = sampled_softmax_loss(q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, chunk_size=chunk_size)
+    assert unmasked.item() > loss.item() + 0.1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_targets_let_several_queries_share_one_positive(chunk_size):
+    # n = 5 queries onto B = 2 positives: query i's softmax runs over the B + M candidates with target
+    # tg[i]; candidates with the key of its positive or of the query entity (other than the target) leave it.
+    q, p, n = unit(5, 4, seed=7), unit(2, 4, seed=8), unit(3, 4, seed=9)
+    tg = torch.tensor([0, 0, 1, 1, 1])
+    pk, nk, qk = torch.tensor([1, 2]), torch.tensor([3, 4, 5]), torch.tensor([10, 11, 12, 13, 4])
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0])
+    got = sampled_softmax_loss(
+        q, p, n, scale=4.0, positive_keys=pk, negative_keys=nk, query_keys=qk, weights=w, targets=tg,
+        chunk_size=chunk_size,
+    )
+    cands, keys = torch.cat([p, n]), torch.cat([pk, nk]).tolist()
+    total = 0.0
+    for i in range(5):
+        t = int(tg[i])
+        kept = [j for j in range(5) if j == t or keys[j] not in (keys[t], int(qk[i]))]
+        logits = [4.0 * float(q[i] @ cands[j]) for j in kept]
+        total += float(w[i]) * (math.log(sum(math.exp(x) for x in logits)) - 4.0 * float(q[i] @ cands[t]))
+    assert got.item() == pytest.approx(total / 5, rel=1e-6)

@@ -286,10 +286,10 @@ def test_sketch_updates_in_training_only_and_corrects_logits():
     model.eval()
     with torch.no_grad():
         l_eval = model(batches).loss
-    assert model.sketch("entity_entity").total == 0
+    assert model.sketch("entity_entity/board").total == 0
     model.train()
     model(batches)
-    assert model.sketch("entity_entity").total == len(batches["entity_entity"])
+    assert model.sketch("entity_entity/board").total == len(batches["entity_entity"])
     # without the correction the loss differs (in-batch log Q is non-zero once the sketch has counts)
     no_corr = _model(
         tasks=("entity_entity",), loss=dataclasses.replace(model.config.loss, logq_correction=False)
@@ -418,3 +418,113 @@ def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
         queries = model.tasks["entity_feature"].queries(as_entity_tensors(batch, "cpu", "zero-width"))
     assert emb.shape == (3, cfg.out_dim) and torch.isfinite(emb).all()
     assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
+
+
+def test_the_query_entity_is_never_its_own_negative():
+    """Pin pairs 1 -> 2 and 2 -> 1 with random negatives pins 1 and 2: every candidate other than the target
+    is the query itself or its positive again, so eq. 1 has nothing left to contrast and the loss is 0."""
+    rng = np.random.default_rng(3)
+    model = _model(tasks=("entity_entity",)).eval()
+    pins = lambda ids: random_entity_batch(rng, "pin", len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
+    batch = PairBatch(query=pins([1, 2]), positive=pins([2, 1]), random_negatives=pins([1, 2]))
+    with torch.no_grad():
+        loss = model({"entity_entity": batch}).loss
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_log_q_comes_from_one_sketch_per_positive_type():
+    """A pin -> pin and a pin -> board sub-batch of 8 distinct positives each: each type's sketch has seen
+    its own 8, so every in-batch log Q = log(8 * 1 / 8) = 0 (one shared sketch gives the second sub-batch
+    log(8 / 16))."""
+    rng = np.random.default_rng(4)
+    model = _model(tasks=("entity_entity",)).train()
+    ent = lambda t, ids: random_entity_batch(rng, t, len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
+    batches = {
+        "pp": PairBatch(query=ent("pin", range(8)), positive=ent("pin", range(100, 108))),
+        "pb": PairBatch(query=ent("pin", range(8)), positive=ent("board", range(200, 208))),
+    }
+    seen = []
+    real = model.softmax_loss
+
+    def spy(query, c, *args, **kwargs):
+        seen.append(c.positive_log_q.detach().clone())
+        return real(query, c, *args, **kwargs)
+
+    model.softmax_loss = spy
+    model(batches)
+    assert len(seen) == 2 and all(torch.allclose(lq, torch.zeros(8)) for lq in seen)
+    assert model.sketch("entity_entity/pin").total == 8 and model.sketch("entity_entity/board").total == 8
+
+
+def test_sketches_of_old_checkpoints_are_dropped_with_a_warning():
+    from ml.count_min_sketch import CountMinSketch
+
+    model = _model(tasks=("entity_entity",))
+    cfg = model.config.loss
+    old = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, cfg.sketch_seed)
+    old.update(torch.arange(5))
+    typed = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, cfg.sketch_seed)
+    typed.update(torch.arange(3))
+    state = {"entity_entity": old.state_dict(), "entity_entity/board": typed.state_dict()}
+    with pytest.warns(UserWarning, match="not per positive type"):
+        model.load_sketch_state_dict(state)
+    assert set(model.sketch_state_dict()) == {"entity_entity/board"}
+    assert model.sketch("entity_entity/board").total == 3
+
+
+def test_entity_feature_queries_are_per_node_and_averaged_as_eq3():
+    """Eq. 3 read per node: g_x(w) of ONE node's raw x-features for w = u and every live neighbour v, each a
+    query against f(u) over the same candidates; mean over S_x(u), then over X_u, then over the batch."""
+    import math
+
+    from ml.data import FeatureTaskBatch
+    from ml.losses import entity_key
+
+    rng = np.random.default_rng(5)
+    model = _model(tasks=("entity_feature",)).eval()
+    batch = FeatureTaskBatch(
+        nodes=random_entity_batch(rng, "pin", 4, image_dim=IMG),
+        random_negatives=random_entity_batch(rng, "pin", 3, image_dim=IMG),
+        random_negative_log_q=-2.0,
+    )
+    task = model.tasks["entity_feature"]
+    with torch.no_grad():
+        got = model({"f": batch}).loss.item()
+        (pos, neg), (x, xn) = model.embed_many([batch.nodes, batch.random_negatives])
+        t = x.table
+        vec, has_text = task.text(t.token_ids, torch.where(t.present, t.token_lengths, 0))
+        has_img = t.image_mask & t.present
+        raw = {"text": (vec, has_text), "image": (torch.where(has_img[:, None], t.image, 0), has_img)}
+        cands = torch.cat([pos, neg])
+        keys = torch.cat([model.keys(x), model.keys(xn)]).tolist()
+        nb_keys = entity_key(x.column_node_type[None, :].expand_as(x.neighbor_ids), x.neighbor_ids)
+        lam, total, neighbour_queries = model.scale(), 0.0, 0
+        for u in range(len(x)):
+            slots = [(int(x.own_row[u]), keys[u])] + [
+                (int(x.neighbor_row[u, j]), int(nb_keys[u, j]))
+                for j in range(x.neighbor_mask.shape[1])
+                if x.neighbor_mask[u, j]
+            ]
+            per_x = []
+            for kind, (feat, has) in raw.items():
+                ls = []
+                for row, wkey in slots:
+                    if not has[row]:
+                        continue
+                    neighbour_queries += row != int(x.own_row[u])
+                    q = torch.nn.functional.normalize(task.g[kind](feat[row][None]), dim=-1)[0]
+                    kept = [j for j in range(len(keys)) if j == u or keys[j] not in (keys[u], wkey)]
+                    logits = [lam * float(q @ cands[j]) - (-2.0 if j >= len(x) else 0.0) for j in kept]
+                    ls.append(math.log(sum(math.exp(v) for v in logits)) - logits[kept.index(u)])
+                if ls:
+                    per_x.append(sum(ls) / len(ls))
+            total += sum(per_x) / len(per_x) if per_x else 0.0
+    assert neighbour_queries > 0 and got == pytest.approx(total / len(x), rel=1e-4)
+    # evaluation queries: g_x(u) of the node's own features, where u has x
+    with torch.no_grad():
+        q_eval = task.queries(x)
+    for kind, (feat, has) in raw.items():
+        q, avail = q_eval[kind]
+        assert torch.equal(avail, has[x.own_row])
+        want = torch.nn.functional.normalize(task.g[kind](feat[x.own_row]), dim=-1)
+        torch.testing.assert_close(q[avail], want[avail])

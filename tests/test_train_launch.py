@@ -87,3 +87,23 @@ def test_killing_the_launching_process_stops_every_rank(published, omnisage_env,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omnisage_env):  # noqa: F811
+    """After an upgrade of the model format the daily training still registers and promotes."""
+    import json
+
+    from assets.training import OmniSageModelConfig, train_and_register
+    from omnisage_pipeline.resources import MlflowResource
+
+    settings, art = published
+    _publish_examples(settings, art.day)
+    config = OmniSageModelConfig(steps=2, batch_size=16, num_random_negatives=8, pool_size=200, device="cpu",
+                                 pinsage_baseline=False, num_workers=0)
+    first = train_and_register(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
+    for path in (settings.home / "mlflow-artifacts").rglob("config.json"):  # as an older release wrote it
+        raw = json.loads(path.read_text())
+        path.write_text(json.dumps({**raw, "format_version": 1}))
+    second = train_and_register(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
+    assert (first.version, second.version) == ("1", "2")
+    assert second.alias == "champion" and "cannot be loaded by this release" in second.decision

@@ -6,7 +6,7 @@ A ``PairBatch`` mixes pairs of all sources of one (t_q, t_p) type pair; the per-
 is w_i of pair j's source, so the batch mean of w_i * L is a sample of the weighted sum of eq. 2. There is
 no task-specific architecture (A.3.2): the similarities go straight into the sampled softmax, whose
 candidates are the batch's positives (in-batch negatives, logQ from the count-min sketch) and random
-negatives of type t_p (logQ from their sampler).
+negatives of type t_p (logQ from their sampler). The query entity q itself is never a negative.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class EntityEntityTask(nn.Module):
         n = embs[2] if len(embs) > 2 else None
         cands = model.candidates(
             self.name,
+            positive_type=tensors[1].entity_type,
             positive=p,
             positive_keys=model.keys(tensors[1]),
             negatives=n,
@@ -38,4 +39,6 @@ class EntityEntityTask(nn.Module):
         w = None
         if batch.weights is not None:
             w = torch.as_tensor(batch.weights, dtype=torch.float32, device=q.device)
-        return {"": model.softmax_loss(q, cands, weights=w)}
+        # the query entity is masked as a candidate: for t_q == t_p it can be another pair's positive or a
+        # random negative, scored lambda * 1 against itself (keys carry the type, so t_q != t_p never hits)
+        return {"": model.softmax_loss(q, cands, weights=w, query_keys=model.keys(tensors[0]))}

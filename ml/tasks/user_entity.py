@@ -88,6 +88,7 @@ class UserEntityTask(nn.Module):
             where, target = where.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
             cands = model.candidates(
                 f"{self.name}/{part}",
+                positive_type=tensors[0].entity_type,
                 positive=p.index_select(0, target),
                 positive_keys=keys.index_select(0, target),
                 negatives=n,
