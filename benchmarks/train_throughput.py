@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--preset", default="small", choices=["small", "paper"])
     args = ap.parse_args()
-    steps = args.steps or (25 if args.quick else 100)
+    steps = args.steps or (40 if args.quick else 100)
     warmup = 5
     workers = default_num_workers() if args.workers is None else args.workers
     threads = torch.get_num_threads()

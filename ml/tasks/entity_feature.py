@@ -51,6 +51,11 @@ class EntityFeatureTask(nn.Module):
         t = x.table
         flat = rows.clamp_min(0).reshape(-1)
         live = (rows >= 0).reshape(-1)
+        if flat.device.type == "cpu" and flat.numel() < len(t):
+            # the step's shared table holds every entity of this type; encode only the rows queried here
+            # (on the host: unique() would synchronise a device)
+            needed, flat = torch.unique(flat, return_inverse=True)
+            t = t.take(needed)
         out = {}
         # text of every distinct entity of the table in one EmbeddingBag call, then gathered per slot
         vec, has = self.text(t.token_ids, torch.where(t.present, t.token_lengths, 0))
