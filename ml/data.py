@@ -389,30 +389,31 @@ def tensorize_step(step: Mapping[str, TrainingBatch], pin_memory: bool = False) 
     return pin_step(out) if pin_memory else out
 
 
-def move_step(step: Mapping[str, TrainingBatch], device: torch.device, non_blocking: bool = True) -> dict:
-    """A tensorized step on ``device`` (asynchronous copies from pinned memory); shared objects stay shared."""
+def _map_step(step: Mapping[str, TrainingBatch], entity_fn, tensor_fn) -> dict:
+    """Every tensor field of every batch of a step converted; an ``EntityTensors`` shared by several batches
+    (and a table shared by several of those) is converted once and stays shared."""
     memo: dict = {}
 
-    def move(v):
+    def one(v):
         if isinstance(v, EntityTensors):
-            return _memoized(memo, v, lambda: v.to(device, non_blocking=non_blocking, memo=memo))
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=non_blocking)
-        return v
+            return _memoized(memo, v, lambda: entity_fn(v, memo))
+        return tensor_fn(v) if isinstance(v, torch.Tensor) else v
 
-    return {name: replace(b, **{f.name: move(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
+    return {name: replace(b, **{f.name: one(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
+
+
+def move_step(step: Mapping[str, TrainingBatch], device: torch.device, non_blocking: bool = True) -> dict:
+    """A tensorized step on ``device`` (asynchronous copies from pinned memory)."""
+    return _map_step(
+        step,
+        lambda v, memo: v.to(device, non_blocking=non_blocking, memo=memo),
+        lambda t: t.to(device, non_blocking=non_blocking),
+    )
 
 
 def pin_step(step: Mapping[str, TrainingBatch]) -> dict:
     """Page-locked copies of a tensorized step (the DataLoader's pin-memory thread calls this)."""
-    memo: dict = {}
-
-    def pin(v):
-        if isinstance(v, EntityTensors):
-            return _memoized(memo, v, lambda: v.pin_memory(memo))
-        return v.pin_memory() if isinstance(v, torch.Tensor) else v
-
-    return {name: replace(b, **{f.name: pin(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
+    return _map_step(step, lambda v, memo: v.pin_memory(memo), lambda t: t.pin_memory())
 
 
 # ----------------------------------------------------------------------------------------------------------
