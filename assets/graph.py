@@ -40,25 +40,47 @@ EDGE_CHECKS = {
 }
 
 
-class PruningConfig(dg.Config):
+class HoldoutConfig(dg.Config):
+    """The evaluation hold-out (graph_engine.holdout): daily_edges drops held-out users' events, pruned_edges
+    held-out pairs, and training_examples follows pruned_edges' choice (its _holdout.json)."""
+
+    eval_fraction: float = Field(
+        default=DEFAULT_EVAL_FRACTION,
+        description="share of entity pairs and users held out for evaluation: their edges and events never "
+        "enter the graph (daily_edges and pruned_edges must agree; pruned_edges checks)",
+    )
+    holdout_seed: int = Field(default=DEFAULT_HOLDOUT_SEED, description="seed of the held-out hash")
+
+    def holdout(self) -> Holdout:
+        return Holdout(fraction=self.eval_fraction, seed=self.holdout_seed)
+
+
+class DailyEdgesConfig(HoldoutConfig):
+    """Whose engagement never becomes an edge: the user-entity evaluation's held-out users."""
+
+
+def check_daily_holdout(daily_dir: Path, day: str, holdout: Holdout) -> None:
+    """A daily_edges partition must have left out the same users pruned_edges' examples hold out."""
+    path = daily_dir / HOLDOUT_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if recorded != asdict(holdout):
+        raise ValueError(
+            f"daily_edges dt={day} ({path}): held-out users {recorded} differ from pruned_edges' "
+            f"eval_fraction/holdout_seed {asdict(holdout)}; re-materialize daily_edges with the same config "
+            "(a partition written before held-out users were dropped has no record)"
+        )
+
+
+class PruningConfig(HoldoutConfig):
     """Algorithm 2's hyper-parameters (paper appendix A.1; values of A.1/A.3) and the sampling seed."""
 
     alpha: float = Field(default=0.86, description="alpha of A.1: a node of degree d keeps ~d**alpha entries")
     d_min: int = Field(default=10, description="d_min of A.1: lists this short or shorter are kept whole")
     d_max: int = Field(default=10_000, description="d_max of A.1: no list keeps more entries than this")
     seed: int = Field(default=0, description="seed of the portable sampling key (graph_engine.pruning)")
-    eval_fraction: float = Field(
-        default=DEFAULT_EVAL_FRACTION,
-        description="share of entity pairs held out for evaluation; their edges never enter the graph "
-        "(training_examples reads this choice from the partition's _holdout.json)",
-    )
-    holdout_seed: int = Field(default=DEFAULT_HOLDOUT_SEED, description="seed of the held-out hash")
 
     def params(self) -> PruningParams:
         return PruningParams(alpha=self.alpha, d_min=self.d_min, d_max=self.d_max, seed=self.seed)
-
-    def holdout(self) -> Holdout:
-        return Holdout(fraction=self.eval_fraction, seed=self.holdout_seed)
 
 
 def _engine(storage: StorageResource, pyspark: LazyPySparkResource) -> EdgeEngine:
@@ -119,16 +141,19 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     "related-pins saves/clicks; canonical orientation, weight = the day's count.",
 )
 def daily_edges(
-    context: dg.AssetExecutionContext, storage: StorageResource, pyspark: LazyPySparkResource
+    context: dg.AssetExecutionContext, config: DailyEdgesConfig, storage: StorageResource,
+    pyspark: LazyPySparkResource,
 ) -> dg.MaterializeResult:
     settings = storage.settings
     engine = _engine(storage, pyspark)
     dataset = settings.warehouse_dataset("daily_edges")
+    holdout = config.holdout()
 
     def run_day(day: str) -> DayResult:
         events = require_published(settings.warehouse_dataset("engagement_logs"), day)
         with publish_partition(dataset, day) as staging:
-            stats = engine.extract_daily_edges(events, staging)
+            stats = engine.extract_daily_edges(events, staging, held_out_users=holdout)
+            (staging / HOLDOUT_FILE).write_text(json.dumps(asdict(holdout)))  # pruned_edges checks it
         return _daily_result(engine, dataset, day, stats)
 
     return materialize_days(context, run_day)
@@ -140,6 +165,7 @@ def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, 
         metadata={
             "engine": engine.name,
             "events": stats["events"],
+            "held_out_user_events": int(stats.get("held_out_user_events", 0)),
             "edges": sum(v["edges"] for v in table["edge_types"].values()),
             "nodes": table["total_nodes"],
             "table1": dg.MetadataValue.md(table1_markdown(table)),
@@ -179,6 +205,7 @@ def pruned_edges(
         for key in window:
             path = published_path(daily, key)
             if path is not None:
+                check_daily_holdout(path, key, config.holdout())
                 present.append(key)
                 dirs.append(path)
         missing = [k for k in window if k not in present]

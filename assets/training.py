@@ -39,7 +39,7 @@ import dataclasses
 import json
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -210,10 +210,25 @@ class OmniSageModelConfig(dg.Config):
     warmup_steps: int | None = Field(default=None, description="linear warm-up steps; default: the preset's")
     batch_size: int = Field(default=128, description="entity-entity pairs per step (other tasks scale with it)")
     num_random_negatives: int = Field(default=128, description="uniform random negatives per task and step")
+    source_weights: dict[str, float] | None = Field(
+        default=None,
+        description="eq. 2's w_i per pair source (engagement_pin_pin, engagement_board_pin, graph_pin_pin, "
+        "graph_pin_board_pin, graph_pin_board, graph_board_pin); unset = training_examples' weights",
+    )
     lr: float | None = Field(default=None, description="peak AdamW learning rate; default: the preset's")
     tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
     aggregator: str = Field(
         default="transformer", description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)"
+    )
+    pair_sampling: Literal["uniform", "count"] = Field(
+        default="uniform",
+        description="draws of a pair source: uniform over its distinct pairs, or in proportion to their "
+        "engagement count",
+    )
+    id_buckets: int | None = Field(
+        default=None, ge=0,
+        description="rows of the learned identity token's hash table (0 = content only, the paper's f_t); "
+        "unset = the preset's",
     )
     lambda_p: float = Field(default=1.0, description="eq. 6 weight of the entity-entity loss")
     lambda_f: float = Field(default=1.0, description="eq. 6 weight of the entity-feature loss")

@@ -76,7 +76,8 @@ class DuckDBEdgeEngine:
 
     # ------------------------------------------------------------------------------- daily edges
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
+                            held_out_users: Holdout | None = None) -> dict[str, Any]:
         out_dir = Path(out_dir)
         files = parquet_files(events_dir)
         con = self._connect()
@@ -89,6 +90,7 @@ class DuckDBEdgeEngine:
             else:
                 cols = ", ".join(f"CAST(NULL AS {_SQL_TYPES[t]}) AS {c}" for c, t in EVENT_COLUMNS.items())
                 con.execute(f"CREATE VIEW ev AS SELECT {cols} LIMIT 0")
+            dropped = _drop_held_out_users(con, held_out_users)
             # Paper 4.1 / contract "Edges":
             #  pin_board - every save (pin_id, board_id); src = the pin, dst = the board.
             #  pin_pin   - a save or click on related_pins whose query pin is known and differs from the
@@ -111,7 +113,7 @@ class DuckDBEdgeEngine:
             con.execute(f"COPY (SELECT {_EDGE_SELECT} FROM ({query}) ORDER BY edge_type, src_id, dst_id) "
                         f"TO {_lit(str(out))} (FORMAT parquet)")
             con.execute(f"CREATE VIEW e AS SELECT * FROM read_parquet({_lit(str(out))})")
-            return {"events": int(n_events), **_undirected_table1(con, "e")}
+            return {"events": int(n_events), "held_out_user_events": dropped, **_undirected_table1(con, "e")}
         finally:
             con.close()
 
@@ -208,6 +210,21 @@ class DuckDBEdgeEngine:
             return {**stats, "held_out_edges": held_out_edges}
         finally:
             con.close()
+
+
+def _drop_held_out_users(con, holdout: Holdout | None) -> int:
+    """Replace view ``ev`` by its events of users that are not held out; returns how many were dropped."""
+    if holdout is None:
+        return 0
+    stages, flag = holdout.user_sql_stages("duckdb", "_user_type", "user_id")
+    flagged = "SELECT *, 'user' AS _user_type FROM ev"
+    for col, expr in stages:
+        flagged = f"SELECT *, {expr} AS {col} FROM ({flagged})"
+    con.execute(f"CREATE TEMP TABLE ev_flagged AS {flagged}")
+    dropped = int(con.execute(f"SELECT COUNT(*) FROM ev_flagged WHERE coalesce({flag}, false)").fetchone()[0])
+    cols = ", ".join(EVENT_COLUMNS)
+    con.execute(f"CREATE OR REPLACE VIEW ev AS SELECT {cols} FROM ev_flagged WHERE NOT coalesce({flag}, false)")
+    return dropped
 
 
 def _drop_held_out(con, holdout: Holdout | None) -> int:

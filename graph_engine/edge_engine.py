@@ -32,7 +32,7 @@ EDGE_ARROW_TYPES = {
 }
 
 #: Columns of the validated engagement logs the edge rules read (warehouse layout).
-EVENT_COLUMNS = {"action": "string", "surface": "string", "pin_id": "int64", "board_id": "int64",
+EVENT_COLUMNS = {"user_id": "int64", "action": "string", "surface": "string", "pin_id": "int64", "board_id": "int64",
                  "query_pin_id": "int64"}
 
 
@@ -169,11 +169,14 @@ class EdgeEngine(Protocol):
 
     name: str
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
+                            held_out_users: Holdout | None = None) -> dict[str, Any]:
         """Validated events of one day -> canonical undirected edges with the day's count as weight.
 
         ``events_dir`` None or without parquet files is an empty day: an empty, typed edge table is
-        written. Returns ``{"events": rows read, "table1": ..., "checks": {...}}``.
+        written. ``held_out_users``: the events of the users it holds out (the user-entity evaluation's,
+        ``graph_engine.holdout.held_out_users``) are left out, so the graph never holds their engagement.
+        Returns ``{"events": rows read, "held_out_user_events": rows left out, "table1": ..., "checks": {...}}``.
         """
         ...
 

@@ -84,3 +84,11 @@ class Holdout:
         flag = f"{prefix}_held_out"
         stages.append((flag, f"(({stages[-1][0]} % {BUCKETS}) < {_threshold(self.fraction)})"))
         return stages, flag
+
+    def user_sql_stages(self, dialect: str, type_col: str, id_col: str, prefix: str = "_u") -> tuple[list[tuple[str, str]], str]:
+        """Projections flagging rows of held-out users (``held_out_users``): ``type_col`` must hold the
+        text 'user', ``id_col`` the user id. -> (projections, flag column); the flag is NULL for a NULL id."""
+        stages = sampling_key_sql(dialect, self.seed, type_col, id_col, type_col, id_col, prefix=prefix)
+        flag = f"{prefix}_held_out"
+        stages.append((flag, f"(({stages[-1][0]} % {BUCKETS}) < {_threshold(self.fraction)})"))
+        return stages, flag

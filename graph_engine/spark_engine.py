@@ -119,7 +119,8 @@ class SparkEdgeEngine:
 
     # ------------------------------------------------------------------------------- daily edges
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
+                            held_out_users: Holdout | None = None) -> dict[str, Any]:
         from pyspark.sql import functions as F
 
         files = parquet_files(events_dir)
@@ -129,6 +130,16 @@ class SparkEdgeEngine:
             ev = self.spark.read.schema(schema).parquet(*[str(f) for f in files])
         else:
             ev = self.spark.createDataFrame([], schema)
+        dropped = 0
+        if held_out_users is not None:
+            # Held-out users' engagement never becomes an edge (graph_engine.holdout, user-entity evaluation).
+            stages, flag = held_out_users.user_sql_stages("spark", "_user_type", "user_id")
+            flagged = ev.withColumn("_user_type", F.lit("user"))
+            for col, expr in stages:
+                flagged = flagged.withColumn(col, F.expr(expr))
+            held = F.coalesce(F.col(flag), F.lit(False))
+            dropped = flagged.where(held).count()
+            ev = flagged.where(~held).select(*schema.fieldNames())
         one = F.lit(1)
         # Paper 4.1 / contract "Edges": pin_board from every save (src = pin, dst = board); pin_pin from
         # a save or click on related_pins with a known query pin different from the engaged pin,
@@ -152,7 +163,7 @@ class SparkEdgeEngine:
         edges = _cast_edges(pin_board.unionByName(pin_pin))
         write_parquet_flat(edges, out_dir, edge_schema())
         written = self._read_edges(parquet_files(out_dir))
-        return {"events": int(n_events), **_undirected_table1(written)}
+        return {"events": int(n_events), "held_out_user_events": int(dropped), **_undirected_table1(written)}
 
     # ---------------------------------------------------------------------------------- pruning
 

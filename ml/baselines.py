@@ -432,7 +432,7 @@ def pair_recall(embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.n
     import torch
 
     from ml.losses import entity_key
-    from ml.metrics import recall_at_k
+    from ml.metrics import recall_at_k, recall_at_k_sparse
 
     if pairs.num_rows == 0:
         return None
@@ -444,9 +444,11 @@ def pair_recall(embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.n
         for q_type in np.unique(qt[pt == t]):
             rows = np.flatnonzero((pt == t) & (qt == q_type))
             q_ids, p_ids = qid[rows].astype(np.int64), pid[rows].astype(np.int64)
-            r = recall_at_k(
-                torch.as_tensor(embedder.embed(str(q_type), q_ids)), torch.as_tensor(embedder.embed(str(t), p_ids)),
-                torch.as_tensor(neg), k=k,
+            query, positive = embedder.embed(str(q_type), q_ids), embedder.embed(str(t), p_ids)
+            sparse = sp.issparse(query)  # count-valued baselines (co-occurrence)
+            r = (recall_at_k_sparse if sparse else recall_at_k)(
+                query if sparse else torch.as_tensor(query), positive if sparse else torch.as_tensor(positive),
+                neg if sparse else torch.as_tensor(neg), k=k,
                 query_keys=entity_key(NODE_TYPE_CODE[str(q_type)], torch.as_tensor(q_ids)),
                 positive_keys=entity_key(NODE_TYPE_CODE[str(t)], torch.as_tensor(p_ids)),
                 negative_keys=entity_key(NODE_TYPE_CODE[str(t)], torch.as_tensor(pool)),

@@ -52,6 +52,10 @@ class EmbedderConfig:
     max_rank: int = (
         128  # capacity of the within-block proximity-rank embedding (ranks beyond share the last row)
     )
+    # learned entity-identity token (ml.encoders.IdHashEncoder) for u and every neighbour; 0 = content only
+    # (the paper's f_t). Not in the paper: see the encoder's docstring for why.
+    id_buckets: int = 0
+    id_hashes: int = 2
 
 
 @dataclass

@@ -28,7 +28,8 @@ from torch import nn
 
 from ml.config import ModelConfig
 from ml.data import EntityTensors
-from ml.encoders import MLP, EntityFeatureEncoder, l2_normalize, score_features
+from ml.encoders import MLP, EntityFeatureEncoder, IdHashEncoder, l2_normalize, score_features
+from ml.losses import entity_key
 
 NUM_NODE_TYPES = 2
 
@@ -60,7 +61,12 @@ class EntityEmbedder(nn.Module):
         self.text_proj = nn.Linear(self.features.text_dim, d)
         self.image_proj = nn.Linear(e.image_hidden, d) if self.has_image else None
         self.degree_proj = nn.Linear(2, d)
-        self.num_own = 3 if self.has_image else 2
+        self.identity = IdHashEncoder(e.id_buckets, d, e.id_hashes) if e.id_buckets > 0 else None
+        self.num_own = (3 if self.has_image else 2) + (self.identity is not None)
+        # the identity also goes straight to the output (a skip past the aggregator): f_t(u) can then be as
+        # free per entity as an ID embedding where training supports it, and falls back to the aggregated
+        # content + neighbourhood elsewhere
+        self.identity_out = nn.Linear(d, cfg.out_dim, bias=False) if self.identity is not None else None
         self.own_kind = nn.Parameter(torch.randn(self.num_own, d) * 0.02)
         # neighbour tokens
         nb_in = self.features.text_dim + (e.image_hidden if self.has_image else 0) + 2 + 2
@@ -104,6 +110,8 @@ class EntityEmbedder(nn.Module):
         if self.has_image:
             toks.append(self.image_proj(own["image"]))
         toks.append(self.degree_proj(own["degree"]))
+        if self.identity is not None:
+            toks.append(self.identity(entity_key(x.type_code, x.entity_ids)))  # last own token: read by forward
         own_tok = torch.stack(toks, dim=1) + self.own_kind  # [B, n_own, d]
 
         mask = x.neighbor_mask
@@ -127,6 +135,8 @@ class EntityEmbedder(nn.Module):
             + self.type_emb(x.column_node_type)[None]
             + self.rank_emb(rank)[None]
         )  # [B, K, d]
+        if self.identity is not None:
+            nb_tok = nb_tok + self.identity(entity_key(x.column_node_type[None], x.neighbor_ids.clamp_min(0)))
         # zero padding tokens: with the key-padding mask they are unseen anyway; zeros keep the mean path exact
         nb_tok = nb_tok * mask[..., None].to(nb_tok.dtype)
         tokens = torch.cat([own_tok, nb_tok.to(own_tok.dtype)], dim=1)
@@ -146,4 +156,7 @@ class EntityEmbedder(nn.Module):
         else:
             w = valid.to(tokens.dtype)[..., None]
             h = (tokens * w).sum(1) / w.sum(1)
-        return l2_normalize(self.head(self.final_norm(h)))
+        out = self.head(self.final_norm(h))
+        if self.identity_out is not None:
+            out = out + self.identity_out(tokens[:, self.num_own - 1])
+        return l2_normalize(out)

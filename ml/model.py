@@ -13,7 +13,8 @@ Every loss is ``ml.losses.sampled_softmax_loss`` (eq. 1, chunked per Algorithm 1
   type, entity id) via ``ml.losses.entity_key`` so counts survive daily re-indexing; the sketch is updated
   with the batch's positives before the estimate, and only in training mode;
 - the query entity is masked as a candidate (``query_keys``) where it has one, besides accidental hits;
-- log Q of random negatives is their sampler's (``*.random_negative_log_q``; 0 when not given).
+- log Q of random negatives is their sampler's (``*.random_negative_log_q``; 0 when not given); under
+  torch.distributed, that of the pooled draw of every rank (+ log(global / local count)).
 
 Distributed (3.4.2 "we aggregate in-batch and random negatives from each device"): under
 torch.distributed every rank all-gathers the positives and random negatives of every task. The gather
@@ -264,6 +265,11 @@ class OmniSageModel(nn.Module):
             if negatives is not None:
                 all_neg, _, _ = gather_with_grad(negatives, g)
                 all_neg_keys, all_neg_lq = gather_no_grad(negative_keys, g), gather_no_grad(rnd_lq, g)
+                # Each rank's sampler gave log(M_r / N); the pooled draw holds sum_r M_r of them, so an
+                # entity's expected count in it is (sum_r M_r) / N: add log(sum_r M_r / M_r) (log world
+                # when every rank draws M).
+                if m:
+                    all_neg_lq = all_neg_lq + math.log(all_neg.shape[0] / m)
             else:
                 all_neg = all_neg_keys = all_neg_lq = None
         else:

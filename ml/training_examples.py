@@ -26,9 +26,10 @@ split hashes the UNORDERED pair, a pair is on the same side whatever its source 
 
 User-entity evaluation uses engagement after a cutoff (paper 4.2.1; here the last ``eval_horizon_days`` of
 the window): held-out users only (disjoint in users from the training sequences), history = their last
-t_max engagements before the cutoff, positives = their first Delta engagements after it. Known limitation:
-the graph of day D still holds the held-out users' edges after the cutoff (the window ends at D), so a
-history pin's neighbourhood may contain a future pin the same user saved to the same board.
+t_max engagements before the cutoff, positives = their first Delta engagements after it. No leak
+through time or the graph: training sequences end at the cutoff, and held-out users' engagement never
+becomes a graph edge (``daily_edges`` drops their events: ``Holdout.user_sql_stages``), so no pin that embeds
+a history holds the same user's future saves in its neighbourhood.
 """
 
 from __future__ import annotations
@@ -286,22 +287,24 @@ def _fetch(con, sql: str) -> pa.Table:
 
 
 def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.Table]:
-    """Training sequences (non-held-out users, the whole window) and evaluation sequences (held-out users:
-    history before ``cutoff_ts``, future after it)."""
+    """Training sequences (non-held-out users, engagement before ``cutoff_ts``: nothing of the evaluation
+    horizon is trained on) and evaluation sequences (held-out users: history before ``cutoff_ts``, future
+    after it)."""
     t_max, delta = config.t_max, config.future_delta
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP VIEW ordered AS
-        SELECT user_id, pin_id, event_ts,
-               row_number() OVER (PARTITION BY user_id ORDER BY event_ts, pin_id, action, surface) AS rn,
-               count(*) OVER (PARTITION BY user_id) AS n
-        FROM logs
-        """
-    )
+    for view, where in (("ordered", ""), ("ordered_train", f"WHERE event_ts < TIMESTAMPTZ '{cutoff_ts}'")):
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP VIEW {view} AS
+            SELECT user_id, pin_id, event_ts,
+                   row_number() OVER (PARTITION BY user_id ORDER BY event_ts, pin_id, action, surface) AS rn,
+                   count(*) OVER (PARTITION BY user_id) AS n
+            FROM logs {where}
+            """
+        )
     train = _fetch(con, 
         f"""
         WITH split AS (
-            SELECT *, n - least({delta}, greatest(n - 2, 0)) AS n_hist FROM ordered
+            SELECT *, n - least({delta}, greatest(n - 2, 0)) AS n_hist FROM ordered_train
         )
         SELECT user_id,
                list(pin_id ORDER BY rn) FILTER (WHERE rn <= n_hist AND rn > n_hist - {t_max}) AS history,

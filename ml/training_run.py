@@ -56,9 +56,12 @@ class TrainingRunConfig:
     warmup_steps: int | None = None
     batch_size: int = 128
     num_random_negatives: int = 128
+    source_weights: dict[str, float] | None = None  # eq. 2's w_i per pair source; None = training_examples'
+    pair_sampling: str = "uniform"  # "uniform" over a source's distinct pairs | "count": by engagement count
     lr: float | None = None
     tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
     aggregator: str = "transformer"
+    id_buckets: int | None = None  # identity token rows (EmbedderConfig.id_buckets); None = the preset's
     lambda_p: float = 1.0
     lambda_f: float = 1.0
     lambda_s: float = 1.0
@@ -216,7 +219,11 @@ def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
     model_config, train_config = make_preset(preset_name, image_dim=image_dim)
     model_config = model_config.replace(
         tasks=tuple(config.tasks),
-        embedder=dataclasses.replace(model_config.embedder, aggregator=config.aggregator),
+        embedder=dataclasses.replace(
+            model_config.embedder,
+            aggregator=config.aggregator,
+            id_buckets=model_config.embedder.id_buckets if config.id_buckets is None else config.id_buckets,
+        ),
         lambda_p=config.lambda_p,
         lambda_f=config.lambda_f,
         lambda_s=config.lambda_s,
@@ -253,6 +260,8 @@ def make_loader(data, builder, config: TrainingRunConfig, tasks, max_len: int, d
         tasks=tuple(tasks),
         batch_size=config.batch_size,
         num_random_negatives=config.num_random_negatives,
+        source_weights=config.source_weights,
+        pair_sampling=config.pair_sampling,
         seed=config.seed,
         max_sequence_length=max_len,
     )
@@ -296,6 +305,8 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
             "train": {k: v for k, v in train_config.to_dict().items() if k not in ("log_every", "checkpoint_every", "checkpoint_dir")},
             "batch_size": config.batch_size,
             "negatives": config.num_random_negatives,
+            **({"source_weights": config.source_weights} if config.source_weights else {}),
+            **({"pair_sampling": config.pair_sampling} if config.pair_sampling != "uniform" else {}),
             **({"world_size": world} if world > 1 else {}),
         }
     )
@@ -326,6 +337,13 @@ def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | Non
     finally:
         trainer.close()
     return trainer, result, resumed_from
+
+
+def train_model(prep: _Prepared, log, model_config=None, loader=None):
+    """Train ``model_config`` (default the run's) on the prepared inputs from scratch (or the run's checkpoint)
+    without MLflow: the benchmarks' entry point. -> the trained model in eval mode."""
+    trainer, _, _ = _fit(prep, model_config or prep.model_config, prep.ckpt_dir, prep.resume, log, loader=loader)
+    return trainer.model.eval()
 
 
 def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):

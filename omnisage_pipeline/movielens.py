@@ -613,6 +613,31 @@ def read_heldout_pairs(data_root: str | Path, unique: bool = False) -> pa.Table:
     return table.take(pa.array(np.sort(order[keep])))
 
 
+def heldout_sequences(data_root: str | Path, t_max: int = 32, future: int = 8) -> pa.Table:
+    """User-entity queries of the time split (``ml.training_examples.SEQUENCE_SCHEMA``): every user with a
+    rating in the held-out last days and one before them; history = the user's last ``t_max`` logged
+    engagements, future = the first ``future`` held-out ratings in time. Neither the graph nor training saw
+    the held-out ratings (``--test-period drop``), so no user needs to be held out entirely."""
+    root = Path(data_root)
+    test_path = root / EVAL_DIR / "test_ratings.parquet"
+    if not test_path.is_file():
+        raise MovieLensError(f"{test_path} not found: {data_root} is not a MovieLens import")
+    logs = pq.read_table(root / "engagement_logs", columns=["user_id", "pin_id", "event_ts"]).sort_by(
+        [("user_id", "ascending"), ("event_ts", "ascending")])
+    test = pq.read_table(test_path, columns=["user_id", "pin_id", "event_ts"]).sort_by(
+        [("user_id", "ascending"), ("event_ts", "ascending")])
+    users, rows = [], {"history": [], "future": []}
+    for name, table, take in (("history", logs, -t_max), ("future", test, future)):
+        uid, pin = table["user_id"].to_numpy(), table["pin_id"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
+        ends = np.r_[starts[1:], uid.size]
+        rows[name] = {int(uid[s]): (pin[s:e][take:] if take < 0 else pin[s:e][:take]) for s, e in zip(starts, ends)}
+    users = sorted(set(rows["history"]) & set(rows["future"]))
+    return pa.table({"user_id": pa.array(users, pa.int64()),
+                     "history": pa.array([rows["history"][u].tolist() for u in users], pa.list_(pa.int64())),
+                     "future": pa.array([rows["future"][u].tolist() for u in users], pa.list_(pa.int64()))})
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     """An output folder is empty, a previous MovieLens import (replaced), or - with ``force`` - anything
     holding contract input (its input folders are replaced). Input written by someone else is never

@@ -3,7 +3,8 @@
 A global batch is split in two halves, one per rank. Because every rank gathers the other rank's positives and
 random negatives (3.4.2) with gradient, the mean of the two ranks' losses and the averaged gradient must equal
 those of ONE process training on the whole global batch - which is what is asserted, together with both ranks
-ending with identical parameters.
+ending with identical parameters. Each rank's random negatives carry its own sampler's log Q (M / world draws);
+the pooled candidates must carry the global draw's, as the single process's do.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def _shard(g: dict, rank: int, world: int) -> dict:
     def half(n: int) -> np.ndarray:
         return np.array_split(np.arange(n), world)[rank]
 
+    def rank_log_q(log_q):
+        # this rank's sampler draws M / world negatives: log Q = log((M / world) / N)
+        return None if log_q is None else np.asarray(log_q) - np.log(world)
+
     p, f, s = g["entity_entity"], g["entity_feature"], g["user_entity"]
     qi, ni, ui = half(len(p)), half(len(p.random_negatives)), half(len(s))
     return {
@@ -73,12 +78,12 @@ def _shard(g: dict, rank: int, world: int) -> dict:
             _rows(p.positive, qi),
             _rows(p.random_negatives, ni),
             weights=p.weights[qi],
-            random_negative_log_q=p.random_negative_log_q,
+            random_negative_log_q=rank_log_q(p.random_negative_log_q),
         ),
         "entity_feature": FeatureTaskBatch(
             _rows(f.nodes, half(len(f))),
             _rows(f.random_negatives, half(len(f.random_negatives))),
-            random_negative_log_q=f.random_negative_log_q,
+            random_negative_log_q=rank_log_q(f.random_negative_log_q),
         ),
         # each rank embeds the entities its users reference (here: all of them, indices unchanged)
         "user_entity": SequenceBatch(
@@ -86,7 +91,7 @@ def _shard(g: dict, rank: int, world: int) -> dict:
             s.sequence_index[ui],
             s.future_index[ui],
             _rows(s.random_negatives, half(len(s.random_negatives))),
-            random_negative_log_q=s.random_negative_log_q,
+            random_negative_log_q=rank_log_q(s.random_negative_log_q),
         ),
     }
 

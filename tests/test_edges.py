@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -196,3 +197,29 @@ def test_missing_column_names_file_and_column(engine, request, tmp_path):
     out.mkdir()
     with pytest.raises(EdgeInputError, match=r"bad\.parquet.*query_pin_id"):
         make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(events, out)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_held_out_users_make_no_edges(engine, request, tmp_path):
+    """The user-entity evaluation's held-out users never put engagement into the graph that embeds them:
+    their saves and related-pins clicks are left out, everyone else's stay, and the count is reported."""
+    from graph_engine.holdout import Holdout, held_out_users
+
+    holdout = Holdout(fraction=0.3, seed=5)
+    users = np.arange(1, 61, dtype=np.int64) + BIG  # beyond 32 bits: the hash must read the whole id
+    held = held_out_users(holdout.seed, holdout.fraction, users)
+    assert 0 < held.sum() < users.size
+    rows = [("save", "homefeed", 1000 + i, 5000 + i, None) for i in range(users.size)]
+    rows += [("click", "related_pins", 1000 + i, None, 2000 + i) for i in range(users.size)]
+    table = events_table(rows).set_column(1, "user_id", pa.array(np.tile(users, 2), pa.int64()))
+    events = tmp_path / "events"
+    events.mkdir()
+    pq.write_table(table, events / "part-0.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(events, out, held_out_users=holdout)
+    kept = {i for i in range(users.size) if not held[i]}
+    expected = {("pin", 1000 + i, "board", 5000 + i, "pin_board", 1.0) for i in kept}
+    expected |= {("pin", 1000 + i, "pin", 2000 + i, "pin_pin", 1.0) for i in kept}
+    assert set(read_rows(out)) == expected
+    assert stats["held_out_user_events"] == 2 * int(held.sum())

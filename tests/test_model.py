@@ -420,6 +420,30 @@ def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
     assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
 
 
+def test_the_identity_token_tells_apart_entities_with_the_same_content():
+    """Two pins with the same features and neighbours are one point for a content-only f_t (the paper's),
+    two points with the identity token (``EmbedderConfig.id_buckets``); a neighbour's identity changes u's
+    embedding too. Without the token the neighbour ids are never read."""
+
+    def batch(ids, neighbour):
+        n = len(ids)
+        layout = NeighborhoodLayout((NeighborBlock("pin_pin", "pin", 1),))
+        return EntityBatch(
+            "pin", np.asarray(ids, np.int64), FeatureArrays.empty((n,), 4, 0), np.full((n, 1), neighbour, np.int64),
+            FeatureArrays.empty((n, 1), 4, 0), np.ones((n, 1), np.float32), np.ones((n, 1), bool), layout,
+        )  # fmt: skip
+
+    for buckets in (0, 64):
+        cfg, _ = small(image_dim=0)
+        torch.manual_seed(0)
+        model = OmniSageModel(cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))).eval()
+        with torch.no_grad():
+            a, b = model.embed(batch([11, 12], 7))
+            c = model.embed(batch([11], 8))[0]
+        assert torch.allclose(a, b) == (buckets == 0)
+        assert torch.allclose(a, c) == (buckets == 0)
+
+
 def test_the_query_entity_is_never_its_own_negative():
     """Pin pairs 1 -> 2 and 2 -> 1 with random negatives pins 1 and 2: every candidate other than the target
     is the query itself or its positive again, so eq. 1 has nothing left to contrast and the loss is 0."""

@@ -331,3 +331,17 @@ def test_cli_prints_what_to_run(grouplens, tmp_path):
     assert "heldout_pairs.parquet" in result.output
     bad = CliRunner().invoke(main, ["import", "movielens-100k", "--out", str(tmp_path / "o2"), "--source", str(tmp_path)])
     assert bad.exit_code != 0 and "no MovieLens-100k files" in bad.output
+
+
+def test_heldout_sequences_are_the_time_split_of_each_user(grouplens, tmp_path):
+    """User-entity queries of the time split: users with ratings on both sides; history = their last t_max
+    logged engagements in time order, future = their first held-out ratings in time order."""
+    out = tmp_path / "out"
+    ml.import_movielens(out, grouplens)
+    seqs = ml.heldout_sequences(out, t_max=2, future=1)
+    # user 1: logged 1, then 3 and 2 (tie, file order), held out 4 then 5; user 2: logged 2, 1, held out 6, 4;
+    # user 3 has nothing held out
+    assert seqs.to_pylist() == [
+        {"user_id": user(1), "history": [pin(3), pin(2)], "future": [pin(4)]},
+        {"user_id": user(2), "history": [pin(2), pin(1)], "future": [pin(6)]},
+    ]

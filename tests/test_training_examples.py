@@ -3,6 +3,7 @@ batch iterator the trainer consumes (ml.example_loader)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import numpy as np
@@ -101,6 +102,39 @@ def test_held_out_users_sequences_not_in_training(art):
     assert held_out_users(cfg.holdout_seed, cfg.eval_fraction, eval_users).all()
 
 
+def test_training_sequences_end_at_the_user_eval_cutoff(art):
+    """Nothing of the evaluation horizon is trained on: every training user's history and future come from
+    engagement before the cutoff (the held-out users' future lies after it)."""
+    cutoff = datetime.fromisoformat(art.data.manifest["user_eval_cutoff"])
+    logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
+    ts = logs["event_ts"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    cut_us = int(cutoff.astimezone(UTC).timestamp() * 1_000_000)
+    users, pins = logs["user_id"].to_numpy(), logs["pin_id"].to_numpy()
+    assert (ts >= cut_us).any(), "the fixture must have engagement after the cutoff"
+    for row in art.data.sequences.to_pylist():
+        before = set(pins[(users == row["user_id"]) & (ts < cut_us)].tolist())
+        assert set(row["history"]) | set(row["future"]) <= before
+
+
+def test_held_out_users_engagement_is_not_in_the_graph(art):
+    """The graph that embeds a held-out user's history holds none of that user's engagement, in particular
+    nothing after the cutoff (their future saves): edges of held-out users' events exist only where another
+    user made the same edge."""
+    cfg = art.example_config
+    logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
+    users = logs["user_id"].to_numpy()
+    held = held_out_users(cfg.holdout_seed, cfg.eval_fraction, users)
+    saves = (logs["action"].to_numpy(zero_copy_only=False) == "save") & ~pc.is_null(logs["board_id"]).to_numpy(zero_copy_only=False)
+    pin, board = logs["pin_id"].to_numpy(), np.nan_to_num(logs["board_id"].to_numpy(zero_copy_only=False)).astype(np.int64)
+    only_held = {(p, b) for p, b in zip(pin[saves & held], board[saves & held])} - {
+        (p, b) for p, b in zip(pin[saves & ~held], board[saves & ~held])
+    }
+    assert only_held, "the fixture must have pin_board edges that only held-out users made"
+    pruned = pq.read_table(art.pruned_dir)
+    edges = set(zip(pruned["src_id"].to_pylist(), pruned["dst_id"].to_pylist()))
+    assert not (only_held & edges)
+
+
 def test_user_eval_uses_engagement_after_the_cutoff(art):
     cutoff = datetime.fromisoformat(art.data.manifest["user_eval_cutoff"])
     assert cutoff.tzinfo is not None
@@ -125,9 +159,9 @@ def test_same_hash_on_every_day(art, tmp_path):
     out.mkdir()
     day2 = art.days[-2]
     logs = sorted(art.log_dirs[-2].glob("*.parquet")) + sorted(art.log_dirs[0].glob("*.parquet"))
-    build_training_examples(
-        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, art.example_config
-    )
+    # a 1-day horizon: a 2-day window ending at day2 with the default 2 would be all horizon, no training users
+    config = dataclasses.replace(art.example_config, eval_horizon_days=1)
+    build_training_examples(logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, config)
     d2 = load_training_examples(out)
     d3 = art.data
     tr2, ev2, tr3, ev3 = (_unordered(t) for t in (d2.pairs, d2.eval_pairs, d3.pairs, d3.eval_pairs))
@@ -184,11 +218,6 @@ def test_batch_iterator_contract(art):
                     for q, p in zip(batch.query.entity_ids, batch.positive.entity_ids)
                 }
                 assert not pairs & held
-                # the pair's own edge is masked out of both neighbourhoods
-                assert not (batch.query.neighbor_mask
-                            & (batch.query.neighbor_ids == batch.positive.entity_ids[:, None])).any()
-                assert not (batch.positive.neighbor_mask
-                            & (batch.positive.neighbor_ids == batch.query.entity_ids[:, None])).any()
                 # weights B_g / B: the sum of the per-type-pair means is the mean over the step
                 assert np.allclose(batch.weights, len(batch) / 32)
             elif isinstance(batch, FeatureTaskBatch):
@@ -214,6 +243,45 @@ def test_batch_iterator_contract(art):
         src_of.setdefault((qi, pi), set()).add(s)
     n_eng = sum("engagement_pin_pin" in src_of[(int(a), int(b))] for a, b in zip(q, p))
     assert n_eng >= 40  # 2/3 of 60 drawn from the weight-2 source
+
+
+SOURCES = ("engagement_pin_pin", "engagement_board_pin", "graph_pin_pin", "graph_pin_board_pin", "graph_pin_board",
+           "graph_board_pin")
+
+
+def _pin_pin_steps(art, source: str, steps: int = 3):
+    fac = make_batch_iterator_factory(
+        art.data, art.builder, tasks=("entity_entity",), batch_size=64, num_random_negatives=0,
+        steps_per_epoch=steps, source_weights={s: float(s == source) for s in SOURCES},
+    )  # fmt: skip
+    return [step["entity_entity/pin_pin"] for step in fac(0)]
+
+
+def _own_edge_seen(batch) -> int:
+    q, p = batch.query, batch.positive
+    return int((q.neighbor_mask & (q.neighbor_ids == p.entity_ids[:, None])).any(1).sum()
+               + (p.neighbor_mask & (p.neighbor_ids == q.entity_ids[:, None])).any(1).sum())
+
+
+def test_graph_pairs_mask_their_edge_and_engagement_pairs_keep_it(art):
+    """A graph pair is drawn from N(u), so its own edge is masked out of both neighbourhoods (no shortcut);
+    an engagement pair keeps the co-engagement edge it made, as a repeat engagement finds it at serving."""
+    assert all(_own_edge_seen(b) == 0 for b in _pin_pin_steps(art, "graph_pin_pin"))
+    assert sum(_own_edge_seen(b) for b in _pin_pin_steps(art, "engagement_pin_pin")) > 0
+
+
+def test_pairs_are_drawn_in_proportion_to_their_count(art):
+    """Each engagement is one example of eq. 2's D_pair: a pair engaged 9 times is drawn 9x as often as one
+    engaged once; ``pair_sampling="uniform"`` draws distinct pairs."""
+    from ml.example_loader import _pair_sources
+
+    pairs = pa.table({"query_type": ["pin", "pin"], "query_id": [1, 2], "pos_type": ["pin", "pin"],
+                      "pos_id": [3, 4], "source": ["engagement_pin_pin"] * 2, "segment": [None, None],
+                      "weight": pa.array([1.0, 1.0], pa.float32()), "count": [1, 9]})  # fmt: skip
+    rng = np.random.default_rng(0)
+    (by_count,), (uniform,) = _pair_sources(pairs, None), _pair_sources(pairs, None, by_count=False)
+    assert np.mean(by_count.draw(20_000, rng)[0] == 2) == pytest.approx(0.9, abs=0.01)
+    assert np.mean(uniform.draw(20_000, rng)[0] == 2) == pytest.approx(0.5, abs=0.02)
 
 
 def test_exclude_neighbors_compacts_blocks(art):
