@@ -396,7 +396,9 @@ def embed_day(
     stats["embedding_dim"] = dims.pop() if len(dims) == 1 else 0
 
     users = None
-    if with_users:
+    if with_users and "user_entity" not in getattr(model, "tasks", {}):
+        log("the champion has no user_entity task (no sequence transformer): no user embeddings this day")
+    elif with_users:
         user_ids, histories = read_user_histories(inputs.examples_dir)
         if num_shards > 1:
             keep = np.flatnonzero(shard_of("user", user_ids, num_shards) == shard_index)

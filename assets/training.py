@@ -18,9 +18,11 @@ omnisage_model (one asset, many MLflow model versions):
     as metrics, the model directory (``ml.model_io``: JSON + safetensors, no pickle) as artifacts,
     registered as a new version of the registered model.
 
-    Promotion gate: the new model AND the current ``champion`` are both evaluated now, by one
-    ``ml.evaluator.Evaluator`` (same held-out sets, same negative pool and seed) over the tasks both models
-    have; the new version gets alias ``champion`` when its mean recall@10 is >= the champion's, else
+    Model selection and promotion gate on a validation split carved from the training rows
+    (``validation_fraction``, ml.validation; the held-out test sets are reported, not selected on): the run
+    keeps the best of ``validation_checks`` evaluations, then the new model AND the current ``champion`` are
+    both evaluated now, by one ``ml.evaluator.Evaluator`` (same validation set, same negative pool and seed)
+    over the tasks both models have; the new version gets alias ``champion`` when its mean recall@10 is >= the champion's, else
     ``challenger``. A champion that cannot be evaluated on this partition (its image dimension differs from
     the feature store's: it could not embed this data at all) loses to a model that can. The decision and
     both numbers go to the materialization metadata, the run's tags and the version's tags.
@@ -262,6 +264,22 @@ class OmniSageModelConfig(dg.Config):
         description="hold the day's feature store in memory when its decoded arrays fit this budget (0 = never: "
         "RocksDB lookups per batch)",
     )
+    validation_fraction: float = Field(
+        default=0.05, ge=0.0, lt=1.0,
+        description="share of the training pairs, users and feature nodes carved out (stateless hash, the same "
+        "rows every day) for model selection and the promotion gate; never trained on (ml.validation)",
+    )
+    validation_checks: int = Field(
+        default=4, ge=0,
+        description="evaluations on the validation split at evenly spaced steps; the run keeps the best step's "
+        "weights (0: the last step only)",
+    )
+    validation_max_queries: int = Field(default=2000, ge=1, description="validation queries per task and evaluation")
+    warm_start: bool = Field(
+        default=False,
+        description="start from the registry champion's weights and count-min sketches when its tensors and "
+        "layout fit this configuration (else from scratch, and the run says why)",
+    )
     nproc_per_node: int = Field(
         default=1, ge=1,
         description="training processes (ranks) on this machine; > 1 launches torchrun (DDP: NCCL on GPUs, gloo "
@@ -311,6 +329,10 @@ def omnisage_model(
         "champion_mean_recall_at_10": num(outcome.champion_mean_recall),
         "previous_champion_version": outcome.previous_champion or "",
         "gate_tasks": dg.MetadataValue.json(outcome.gate_tasks),
+        "gate_split": outcome.gate_split,
+        "gate_new_recall": dg.MetadataValue.json(outcome.gate_new_recall),
+        "selected_step": outcome.selected_step if outcome.selected_step is not None else -1,
+        "warm_start": outcome.warm_start or "off",
         "new_recall": dg.MetadataValue.json(outcome.new_recall),
         "champion_recall": dg.MetadataValue.json(outcome.champion_recall),
         "training_partition": outcome.training_partition,

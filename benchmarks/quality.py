@@ -104,7 +104,7 @@ def train_systems(home: Path, day: str, config, log):
     prep = prepare(inputs, config)
     t0 = time.perf_counter()
     try:
-        model = train_model(prep, log)
+        model = train_model(prep, log, config=config)
     finally:
         prep.loader.close()
     seconds = time.perf_counter() - t0

@@ -14,8 +14,9 @@ place a model is loaded from by processes that did not write it. ``load_model_di
 
 Everything inference needs to rebuild the input batches travels with the weights: the neighbourhood layout
 (the embedder's block/rank columns are tied to it), the token width L (the feature store's records are
-truncated to it) and the image dimension D (the image MLP's input width). The count-min sketches (logQ
-correction, training only) are not part of the format; a fine-tune starts them fresh.
+truncated to it) and the image dimension D (the image MLP's input width). The count-min sketches of the
+logQ correction (eq. 1; training only) travel in the same safetensors file under ``sketch/<loss>/<type>/``
+(listed in config.json's ``sketches``): a warm start from a registered model continues their counts.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MODEL_FORMAT = "omnisage-model"
 MODEL_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+SKETCH_PREFIX = "sketch/"
 #: Keys of ``extra`` that are promoted to top-level fields of config.json.
 TOP_LEVEL_KEYS = ("layout", "max_tokens", "training_partition")
 
@@ -72,11 +74,29 @@ class LoadedModel:
     raw_config: dict[str, Any] = field(default_factory=dict)
     version: str | None = None  # registry version (set by ml.registry)
     run_id: str | None = None  # MLflow run that produced it (set by ml.registry)
+    sketches: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "{loss}/{type}" -> state
 
 
 def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses non-contiguous and shared storages: copy every tensor to its own contiguous buffer.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _sketch_tensors(model: OmniSageModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, state in model.sketch_state_dict().items():
+        for key, value in state.items():
+            out[f"{SKETCH_PREFIX}{name}/{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _split_sketches(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Removes the ``sketch/`` entries from ``state`` (in place) -> {"{loss}/{type}": sketch state}."""
+    sketches: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in state if k.startswith(SKETCH_PREFIX)]:
+        name, _, field_name = key[len(SKETCH_PREFIX):].rpartition("/")
+        sketches.setdefault(name, {})[field_name] = state.pop(key)
+    return sketches
 
 
 def save_model_dir(
@@ -113,6 +133,7 @@ def save_model_dir(
         layout_json = layout_to_json(layout_from_json(layout, "save_model_dir: extra['layout']"))
 
     state = _state_dict_cpu(model)
+    sketches = _sketch_tensors(model)
     config = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
@@ -122,6 +143,7 @@ def save_model_dir(
         "image_dim": int(model.config.image_dim),
         "training_partition": training_partition,
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in state.items()},
+        "sketches": sorted(model.sketches),
         "extra": extra,
     }
     try:
@@ -129,7 +151,7 @@ def save_model_dir(
     except TypeError as exc:
         raise TypeError(f"save_model_dir: extra is not JSON-serialisable: {exc}") from exc
     # Weights first, config last: a directory with config.json is complete (the loader checks both anyway).
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+    save_file({**state, **sketches}, str(directory / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
     tmp = directory / f".{CONFIG_FILE}.tmp{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, directory / CONFIG_FILE)
@@ -172,6 +194,7 @@ def load_model_dir(directory: str | Path, map_location: str | torch.device = "cp
         state = load_file(str(weights), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise ModelFormatError(f"{weights}: not a readable safetensors file: {exc}") from exc
+    sketches = _split_sketches(state)
     model = OmniSageModel(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -201,4 +224,5 @@ def load_model_dir(directory: str | Path, map_location: str | torch.device = "cp
         training_partition=raw.get("training_partition"),
         path=directory,
         raw_config=raw,
+        sketches=sketches,
     )

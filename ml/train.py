@@ -125,6 +125,48 @@ class TrainResult:
     checkpoint: str | None = None
 
 
+@dataclass
+class ModelSelection:
+    """Model selection on a validation split: ``score(model)`` (higher is better; None = no figure) at
+    ``checks`` evenly spaced steps of the run and at its end; ``fit`` ends with the best step's weights (the
+    latest of equal scores: it has trained longest). Rank 0 only: it is the rank that registers."""
+
+    score: Callable[[nn.Module], float | None]
+    checks: int = 4
+    best_step: int | None = None
+    best_score: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def planned(self, end: int) -> set[int]:
+        n = max(1, self.checks)
+        return {max(1, round(end * i / n)) for i in range(1, n + 1)} if end > 0 else set()
+
+    def consider(self, model: nn.Module, step: int) -> None:
+        if self.history and self.history[-1]["step"] == step:
+            return
+        was_training = model.training
+        value = self.score(model)
+        model.train(was_training)
+        self.history.append({"step": step, "score": value})
+        if value is not None and (self.best_score is None or value >= self.best_score):
+            self.best_step, self.best_score = step, float(value)
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module) -> None:
+        last = self.history[-1]["step"] if self.history else None
+        if self.best_state is not None and self.best_step != last:
+            model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "best_score": self.best_score, "best_state": self.best_state,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best_step, self.best_score = state.get("best_step"), state.get("best_score")
+        self.best_state, self.history = state.get("best_state"), list(state.get("history", []))
+
+
 class Trainer:
     def __init__(
         self,
@@ -134,8 +176,10 @@ class Trainer:
         *,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: Callable[[str], None] | None = print,
+        selection: ModelSelection | None = None,
     ):
         self.model_config, self.config = model_config, train_config
+        self.selection = selection
         self.batch_factory = batch_factory
         self.on_log, self.progress = on_log, progress
         self._owns_pg = False
@@ -229,6 +273,8 @@ class Trainer:
             self.load(resume)
         tc = self.config
         end = tc.total_steps if stop_after is None else min(stop_after, tc.total_steps)
+        selecting = self.selection is not None and self.rank == 0
+        checks = self.selection.planned(tc.total_steps) if selecting else set()
         last: dict[str, float] = {}
         window_examples, window_t0, window_losses, window_steps = 0, time.perf_counter(), {}, 0
         while self.step < end and (tc.epochs is None or self.epoch < tc.epochs):
@@ -261,6 +307,8 @@ class Trainer:
                             {},
                             0,
                         )
+                    if self.step in checks:
+                        self.selection.consider(self.model, self.step)
                     if tc.checkpoint_dir and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                         self.save(Path(tc.checkpoint_dir) / "last.pt")
                     if self.step >= end:
@@ -276,9 +324,14 @@ class Trainer:
             last = self._log(
                 window_losses, window_steps, window_examples, time.perf_counter() - window_t0, None
             )
+        finished = stop_after is None or stop_after >= tc.total_steps
+        if selecting and finished and self.step > 0:
+            self.selection.consider(self.model, self.step)
         ckpt = None
         if tc.checkpoint_dir:
             ckpt = str(self.save(Path(tc.checkpoint_dir) / "last.pt"))
+        if selecting and finished:
+            self.selection.restore(self.model)
         return TrainResult(self.step, self.epoch, last, list(self.history), ckpt)
 
     def _log(self, sums: dict[str, float], steps: int, examples: int, seconds: float, r) -> dict[str, float]:
@@ -324,6 +377,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
             "world_size": self.world,
+            **({"selection": self.selection.state_dict()} if self.selection is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -333,6 +387,8 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.model.load_sketch_state_dict(state.get("sketches", {}))
+        if self.selection is not None and state.get("selection"):
+            self.selection.load_state_dict(state["selection"])
         self.step, self.epoch, self.batch_in_epoch = (
             int(state["step"]),
             int(state["epoch"]),
@@ -342,6 +398,12 @@ class Trainer:
             state.get("world_size", 1)
         ):  # per-rank RNG streams only mean something at equal world
             set_rng_state(state["rng"])
+
+    def warm_start(self, weights: Mapping[str, torch.Tensor], sketches: Mapping[str, dict]) -> None:
+        """Start from another model's weights and count-min sketches (the champion's, for daily training);
+        the optimizer, the schedule and the step count start fresh."""
+        self.model.load_state_dict(weights)
+        self.model.load_sketch_state_dict(sketches)
 
     def save(self, path: str | Path) -> Path:
         """Rank 0 writes (all ranks hold the same state under DDP)."""

@@ -10,8 +10,15 @@ call ``train_and_register``; under ``torchrun`` every rank runs it (``python -m 
 - one MLflow run: every config value as params, per-task losses as step metrics, recall@k per task on the
   held-out sets, the model directory (``ml.model_io``: JSON + safetensors) as artifacts, registered as a
   new version; the PinSage-like baseline (Table 2) is trained beside it into ``baselines/pinsage``;
-- promotion gate: the new model and the current ``champion`` are evaluated now by one ``Evaluator``; the new
-  version becomes ``champion`` when its mean recall@k is >= the champion's, else ``challenger``;
+- validation split (``ml.validation``): ``validation_fraction`` of the training pairs, users and feature
+  nodes carved out by a stateless hash and never trained on; model selection keeps the weights of the best
+  of ``validation_checks`` evenly spaced evaluations on it (``ml.train.ModelSelection``);
+- promotion gate on the validation split: the new model and the current ``champion`` are evaluated now by
+  one ``Evaluator``; the new version becomes ``champion`` when its mean recall@k is >= the champion's, else
+  ``challenger``. The held-out test sets (4.2.1) are reported, never selected on; only when the validation
+  split has no example of the gate's tasks (``validation_fraction`` 0, tiny data) does the gate read them,
+  and its decision says so;
+- warm start (``warm_start``): the champion's weights and count-min sketches (``ml.warm_start``);
 - checkpoints: ``checkpoint_root/<fingerprint>/last.pt`` every ``checkpoint_every`` steps; a killed run is
   resumed by the next run with the same fingerprint (inputs' published versions, every setting that changes
   the trajectory, the world size);
@@ -37,6 +44,7 @@ from typing import Any
 
 from ml.config import TASK_NAMES
 from ml.tracking import MlflowTarget, store_lock
+from ml.validation import split_validation
 
 MODEL_ARTIFACT_PATH = "model"
 #: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
@@ -81,6 +89,10 @@ class TrainingRunConfig:
     prefetch_factor: int = 4
     feature_memory_budget_mb: float = 4096.0
     nproc_per_node: int = 1
+    validation_fraction: float = 0.05  # of training pairs / users / feature nodes (ml.validation)
+    validation_checks: int = 4  # evaluations on the validation split for model selection (0 = last step only)
+    validation_max_queries: int = 2000  # per task and evaluation
+    warm_start: bool = False  # start from the champion's weights and sketches (ml.warm_start)
 
     @classmethod
     def from_mapping(cls, values: dict) -> TrainingRunConfig:
@@ -120,8 +132,8 @@ class TrainingOutcome:
     champion_mean_recall: float | None
     previous_champion: str | None
     gate_tasks: list[str]
-    new_recall: dict[str, Any]
-    champion_recall: dict[str, Any]
+    new_recall: dict[str, Any]  # held-out test sets (4.2.1)
+    champion_recall: dict[str, Any]  # the gate's split
     training_partition: str
     steps: int
     resumed_from_step: int
@@ -130,6 +142,10 @@ class TrainingOutcome:
     preset: str
     last_metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    gate_split: str = "validation"
+    gate_new_recall: dict[str, Any] = field(default_factory=dict)  # the new model on the gate's split
+    selected_step: int | None = None
+    warm_start: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,6 +216,9 @@ class _Prepared:
     fingerprint: str
     ckpt_dir: Path
     resume: Path | None
+    validation: Any = None  # TrainingData whose eval_* tables are the validation split
+    warm: Any = None  # ml.warm_start.WarmStart
+    warm_note: str = ""
 
 
 def _validate(config: TrainingRunConfig) -> None:
@@ -210,6 +229,10 @@ def _validate(config: TrainingRunConfig) -> None:
         raise ValueError(f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)")
     if config.steps is not None and config.steps < 0:
         raise ValueError(f"omnisage_model config field 'steps' = {config.steps}: need >= 0")
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise ValueError(
+            f"omnisage_model config field 'validation_fraction' = {config.validation_fraction}: need 0 <= f < 1"
+        )
 
 
 def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
@@ -289,7 +312,9 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
         snapshot=snapshot,
     )
     builder = BatchBuilder(snapshot, cache, features, cache.layout)
-    data = load_training_examples(inputs.examples_dir)
+    data, validation = split_validation(
+        load_training_examples(inputs.examples_dir), config.validation_fraction, seed=config.eval_seed
+    )
     device = resolve_device(config.device)
     preset_name, model_config, train_config = _configs(config, device, features.image_dim, cache.layout)
     loader = make_loader(data, builder, config, config.tasks, model_config.sequence.max_len, device)
@@ -308,6 +333,7 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
             **({"source_weights": config.source_weights} if config.source_weights else {}),
             **({"pair_sampling": config.pair_sampling} if config.pair_sampling != "uniform" else {}),
             **({"world_size": world} if world > 1 else {}),
+            **({"validation": [config.validation_fraction, config.eval_seed]} if config.validation_fraction else {}),
         }
     )
     ckpt_dir = inputs.checkpoint_root / fingerprint
@@ -315,23 +341,46 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
     ckpt = ckpt_dir / "last.pt"
     resume = ckpt if (config.resume and ckpt.is_file()) else None
     return _Prepared(snapshot, cache, cache.layout, features, builder, data, data.universe(), device, preset_name,
-                     model_config, train_config, loader, fingerprint, ckpt_dir, resume)
+                     model_config, train_config, loader, fingerprint, ckpt_dir, resume, validation)
+
+
+def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTarget, log) -> _Prepared:
+    """Resolve ``warm_start`` against the registry: the champion's state goes to every rank's trainer, and
+    its version into the checkpoint fingerprint (a resumed run continues the same trajectory)."""
+    if not config.warm_start:
+        return prep
+    from ml.warm_start import champion_warm_start
+
+    warm, note = champion_warm_start(target.tracking_uri, config.model_name or target.registered_model_name,
+                                     prep.model_config, prep.layout)
+    if log is not None:
+        log(note)
+    prep.warm, prep.warm_note = warm, note
+    if warm is not None:
+        prep.fingerprint = _fingerprint({"run": prep.fingerprint, "warm_start": warm.version})
+        prep.ckpt_dir = prep.ckpt_dir.parent / prep.fingerprint
+        ckpt = prep.ckpt_dir / "last.pt"
+        prep.resume = ckpt if (config.resume and ckpt.is_file()) else None
+    return prep
 
 
 # ----------------------------------------------------------------------------------------------------------
 # training (every rank)
 # ----------------------------------------------------------------------------------------------------------
 def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | None, log, on_log=None,
-         stop_after: int | None = None, loader=None):
+         stop_after: int | None = None, loader=None, selection=None, warm=None):
     """-> (Trainer, TrainResult, resumed-from step)."""
     from ml.train import Trainer
 
     train_config = prep.train_config.replace(checkpoint_dir=str(checkpoint_dir))
-    trainer = Trainer(model_config, train_config, loader or prep.loader, on_log=on_log, progress=log)
+    trainer = Trainer(model_config, train_config, loader or prep.loader, on_log=on_log, progress=log,
+                      selection=selection)
     try:
         if resume is not None:
             log(f"resuming from checkpoint {resume}")
             trainer.load(resume)
+        elif warm is not None:
+            trainer.warm_start(warm.weights, warm.sketches)
         resumed_from = int(trainer.step)
         result = trainer.fit(stop_after=stop_after)
     finally:
@@ -339,10 +388,17 @@ def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | Non
     return trainer, result, resumed_from
 
 
-def train_model(prep: _Prepared, log, model_config=None, loader=None):
+def train_model(prep: _Prepared, log, model_config=None, loader=None, config: TrainingRunConfig | None = None):
     """Train ``model_config`` (default the run's) on the prepared inputs from scratch (or the run's checkpoint)
-    without MLflow: the benchmarks' entry point. -> the trained model in eval mode."""
-    trainer, _, _ = _fit(prep, model_config or prep.model_config, prep.ckpt_dir, prep.resume, log, loader=loader)
+    without MLflow: the benchmarks' entry point. With ``config``, model selection on the validation split as
+    in a registered run. -> the trained model in eval mode."""
+    selection = None
+    if config is not None:
+        selection = _selection(prep, config, _validation_evaluator(prep, config), log)
+    trainer, _, _ = _fit(prep, model_config or prep.model_config, prep.ckpt_dir, prep.resume, log, loader=loader,
+                         selection=selection)
+    if selection is not None and log is not None:
+        log(f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})")
     return trainer.model.eval()
 
 
@@ -356,8 +412,10 @@ def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
                          prep.device)
     checkpoint_dir = prep.ckpt_dir / "pinsage"
     resume = checkpoint_dir / "last.pt" if config.resume and (checkpoint_dir / "last.pt").is_file() else None
+    # the same model selection as the model's (validation entity-entity recall): a baseline on equal terms
+    selection = _selection(prep, config, _validation_evaluator(prep, config), log, tasks=("entity_entity",))
     try:
-        trainer, _, _ = _fit(prep, baseline_config, checkpoint_dir, resume, log, loader=loader)
+        trainer, _, _ = _fit(prep, baseline_config, checkpoint_dir, resume, log, loader=loader, selection=selection)
     finally:
         loader.close()
     return trainer.model.eval()
@@ -399,10 +457,11 @@ def train_and_register(
     trains up to that step, keeps the checkpoint and returns None without registering - what a killed run
     leaves behind. ``register=False`` (ablation variants) logs the run and its model artifact in
     ``experiment_name`` but never touches the registry. Ranks other than 0 train and return None."""
-    prep = prepare(inputs, config)
+    prep = with_warm_start(prepare(inputs, config), config, target, log if _rank() == 0 else None)
     with distributed(prep.device.type):
         if _rank() != 0:
-            _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log=None, stop_after=stop_after)
+            _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log=None, stop_after=stop_after,
+                 warm=prep.warm)
             if stop_after is None and config.pinsage_baseline and "entity_entity" in config.tasks \
                     and prep.train_config.total_steps > 0:
                 train_pinsage_baseline(prep, config, log=None)
@@ -504,8 +563,11 @@ def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, co
     try:
         _log_params(client, run_id, prep, config, inputs)
         t0 = time.perf_counter()
+        val_evaluator = _validation_evaluator(prep, config)
+        selection = _selection(prep, config, val_evaluator, log)
         trainer, result, resumed_from = _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log,
-                                             on_log=_metric_logger(client, run_id), stop_after=stop_after)
+                                             on_log=_metric_logger(client, run_id), stop_after=stop_after,
+                                             selection=selection, warm=prep.warm)
         if prep.resume is not None:
             _mark_resumed(client, run_id, resumed_from, previous_run)
         train_seconds = time.perf_counter() - t0
@@ -525,8 +587,12 @@ def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, co
             log(f"pinsage baseline: recall@{config.eval_k} entity_entity = {pinsage_report.recall('entity_entity')}")
         if register:  # from reading the champion to moving the alias: two trainings must not both promote
             gate_lock.enter_context(store_lock(target.tracking_uri))
-        gate = _gate(prep, target, config, evaluator, new_report, register)
-        evaluation = _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report)
+        gate_evaluator, gate_split = (val_evaluator, "validation") if val_evaluator is not None else (evaluator, "test")
+        gate_report = new_report if gate_split == "test" else gate_evaluator.evaluate(
+            *model_embedders(model, prep.builder), list(prep.model_config.tasks))
+        gate = _gate(prep, target, config, gate_evaluator, gate_report, register, gate_split)
+        evaluation = _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report,
+                                  selection)
         version = _log_models(client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register)
         gate_lock.close()
         client.set_terminated(run_id, status="FINISHED")
@@ -540,11 +606,45 @@ def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, co
     return TrainingOutcome(
         run_id=run_id, version=version, alias=gate["alias"], decision=gate["decision"],
         new_mean_recall=gate["new_mean"], champion_mean_recall=gate["champion_mean"],
-        previous_champion=gate["previous"], gate_tasks=gate["tasks"], new_recall=gate["new_recall"],
+        previous_champion=gate["previous"], gate_tasks=gate["tasks"], new_recall=task_recalls(new_report),
         champion_recall=gate["champion_recall"], training_partition=inputs.partition, steps=int(result.steps),
         resumed_from_step=resumed_from, train_seconds=train_seconds, device=str(prep.device),
         preset=prep.preset_name, last_metrics=dict(result.last_metrics), evaluation=evaluation,
+        gate_split=gate_split, gate_new_recall=gate["new_recall"],
+        selected_step=None if selection is None else selection.best_step, warm_start=prep.warm_note,
     )
+
+
+def _validation_evaluator(prep: _Prepared, config: TrainingRunConfig):
+    """The evaluator of the validation split, or None when it holds no example of the model's tasks."""
+    from ml.evaluator import Evaluator
+    from ml.validation import validation_counts
+
+    counts = validation_counts(prep.validation)
+    if not any(counts[t] for t in prep.model_config.tasks):
+        return None
+    return Evaluator(prep.validation, prep.universe, k=config.eval_k, pool_size=config.pool_size,
+                     seed=config.eval_seed, max_queries=config.validation_max_queries)
+
+
+def _selection(prep: _Prepared, config: TrainingRunConfig, val_evaluator, log, tasks=None):
+    """Model selection on the validation split (``ml.train.ModelSelection``): mean recall@k over ``tasks``
+    (default the model's)."""
+    from ml.evaluator import model_embedders
+    from ml.train import ModelSelection
+
+    tasks = list(tasks or prep.model_config.tasks)
+    if val_evaluator is None or prep.train_config.total_steps <= 0:
+        return None
+
+    def score(model) -> float | None:
+        report = val_evaluator.evaluate(*model_embedders(model.eval(), prep.builder), tasks)
+        value = report.mean_recall
+        if log is not None:
+            log(f"validation mean recall@{config.eval_k}: {value}")
+        return value
+
+    return ModelSelection(score, checks=config.validation_checks)
 
 
 def _champion_recall(prep: _Prepared, evaluator, champ, version: str, gate_tasks: list[str]):
@@ -570,8 +670,10 @@ def _champion_recall(prep: _Prepared, evaluator, champ, version: str, gate_tasks
     return task_recalls(report), ""
 
 
-def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, evaluator, new_report, register) -> dict:
-    """The promotion decision (module docstring) as a dict of everything the run logs about it."""
+def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, evaluator, new_report, register,
+          split: str = "validation") -> dict:
+    """The promotion decision (module docstring) on ``evaluator``'s split, as a dict of everything the run
+    logs about it."""
     from ml.registry import ModelRegistry
 
     registry = ModelRegistry(target.tracking_uri, model_name=config.model_name or target.registered_model_name)
@@ -593,6 +695,7 @@ def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, eval
     champion_mean = _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
     new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
     k = config.eval_k
+    on = "" if split == "validation" else " (held-out test sets: the validation split is empty)"
     if not register:
         promote, decision = False, "unregistered: ablation variant"
     elif previous is None:
@@ -604,37 +707,53 @@ def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, eval
     elif champion_mean is None or new_mean >= champion_mean:
         promote = True
         decision = (f"champion: mean recall@{k} {new_mean:.4f} >= champion v{previous}'s "
-                    f"{'n/a' if champion_mean is None else f'{champion_mean:.4f}'}")
+                    f"{'n/a' if champion_mean is None else f'{champion_mean:.4f}'}{on}")
     else:
         promote = False
-        decision = f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}"
-    return {
+        decision = f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}{on}"
+    return {"split": split,
         "registry": registry, "alias": (CHAMPION if promote else CHALLENGER) if register else "",
         "decision": decision, "new_mean": new_mean, "champion_mean": champion_mean, "previous": previous,
         "tasks": gate_tasks, "new_recall": new_recall, "champion_recall": champion_recall,
     }
 
 
-def _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report) -> dict:
+def _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report,
+                 selection=None) -> dict:
+    """Metrics: ``eval/*`` the held-out test sets (reported), ``gate/*`` the gate's split, ``validation/*``
+    the model-selection history."""
     from mlflow.entities import Metric
 
     k, ts, step = config.eval_k, int(time.time() * 1000), int(result.steps)
     metrics = []
-    for name, r in gate["new_recall"].items():
+    for name, r in task_recalls(new_report).items():
         if r["recall"] is not None:
             metrics.append(Metric(f"eval/recall_at_{k}/{name}", r["recall"], ts, step))
         metrics.append(Metric(f"eval/n/{name}", float(r["n"]), ts, step))
+    if new_report.mean_recall is not None:
+        metrics.append(Metric(f"eval/mean_recall_at_{k}", new_report.mean_recall, ts, step))
+    for name, r in gate["new_recall"].items():
+        if r["recall"] is not None:
+            metrics.append(Metric(f"gate/recall_at_{k}/{name}", r["recall"], ts, step))
     if gate["new_mean"] is not None:
-        metrics.append(Metric(f"eval/mean_recall_at_{k}", gate["new_mean"], ts, step))
+        metrics.append(Metric(f"gate/new_mean_recall_at_{k}", gate["new_mean"], ts, step))
     if gate["champion_mean"] is not None:
         metrics.append(Metric(f"gate/champion_mean_recall_at_{k}", gate["champion_mean"], ts, step))
+    for point in selection.history if selection is not None else []:
+        if point["score"] is not None:
+            metrics.append(Metric(f"validation/mean_recall_at_{k}", point["score"], ts, int(point["step"])))
     metrics.append(Metric("train/seconds", train_seconds, ts, step))
     metrics.append(Metric("train/steps", float(step), ts, step))
+    if selection is not None and selection.best_step is not None:
+        metrics.append(Metric("train/selected_step", float(selection.best_step), ts, step))
     if pinsage_report is not None and pinsage_report.recall("entity_entity") is not None:
         metrics.append(Metric(f"baseline/pinsage/recall_at_{k}/entity_entity",
                               pinsage_report.recall("entity_entity"), ts, step))
     client.log_batch(run_id, metrics=metrics)
-    evaluation = {"new": _report_json(new_report), "gate_tasks": gate["tasks"]}
+    evaluation = {"new": _report_json(new_report), "gate_tasks": gate["tasks"], "gate_split": gate["split"],
+                  "gate_new_recall": gate["new_recall"]}
+    if selection is not None:
+        evaluation["model_selection"] = {"selected_step": selection.best_step, "history": selection.history}
     if pinsage_report is not None:
         evaluation["pinsage_baseline"] = _report_json(pinsage_report)
     client.log_dict(run_id, evaluation, "evaluation/report.json")
@@ -666,7 +785,7 @@ def _log_models(client, run_id, prep, target, config, inputs, model, pinsage, ga
     gate_tags = {
         "gate.decision": gate["decision"], "gate.alias": gate["alias"], "gate.new_mean_recall": fmt(gate["new_mean"]),
         "gate.champion_mean_recall": fmt(gate["champion_mean"]), "gate.previous_champion": gate["previous"] or "",
-        "gate.tasks": ",".join(gate["tasks"]),
+        "gate.tasks": ",".join(gate["tasks"]), "gate.split": gate["split"],
     }
     version = ""
     if register:

@@ -306,3 +306,24 @@ def test_backfill_before_training_cutoff_is_flagged_and_bad_shard_config_fails(w
         run_day(Settings.from_env(), loaded, art.day, num_shards=2, shard_index=2)
     with pytest.raises(Exception, match="shard_index"):
         _materialize(art.day, _shard_config(2, 5))
+
+
+def test_a_champion_without_the_user_task_embeds_entities_only(world, home, tmp_path):
+    """A model trained without user_entity (e.g. an entity-feature or PinSage-like variant) can be champion:
+    the day's entities are still embedded, and no user embeddings are written instead of failing."""
+    art = world["art"]
+    config = small(image_dim=art.image_dim)[0].replace(tasks=("entity_entity",))
+    model = OmniSageModel(config).eval()
+    model_dir = save_model_dir(model, tmp_path / "m", layout=art.layout, max_tokens=art.featurizer.max_tokens)
+    res = MlflowResource(tracking_uri=world["uri"], artifact_root=str(world["root"] / "mlflow-artifacts"))
+    client = res.client()
+    run = client.create_run(res.experiment_id())
+    client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
+    registry = ModelRegistry(world["uri"], model_name="omnisage-no-user-task")
+    registry.set_alias(CHAMPION, registry.register(run.info.run_id, "model"))
+
+    result = _materialize(art.day, model_name="omnisage-no-user-task")
+    assert result.success
+    settings = Settings.from_env()
+    assert _read_sorted(settings.embeddings_dir, art.day, ["entity_type", "entity_id"]).num_rows > 0
+    assert published_path(settings.home / "user_embeddings", art.day) is None

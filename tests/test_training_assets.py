@@ -127,6 +127,10 @@ def test_training_examples_model_and_gate(published):
     assert m1["training_partition"].value == day
     first_recall = m1["new_mean_recall_at_10"].value
     assert 0.0 < first_recall <= 1.0
+    # selected and gated on the validation split carved from training rows, not on the held-out test sets
+    assert m1["gate_split"].value == "validation" and 1 <= m1["selected_step"].value <= TRAIN["steps"]
+    gate_recalls = [r["recall"] for r in m1["gate_new_recall"].value.values() if r["recall"] is not None]
+    assert first_recall == pytest.approx(sum(gate_recalls) / len(gate_recalls), abs=1e-6)
     assert not list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))  # removed once registered
 
     client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
@@ -136,6 +140,7 @@ def test_training_examples_model_and_gate(published):
     assert p["training_partition"] == day and p["config.steps"] == str(TRAIN["steps"]) and p["preset_resolved"] == "small"
     assert p["model.out_dim"] == "32" and "train.lr" in p and "layout" in p
     assert run.data.tags["resumed_from_step"] == "10" and run.data.tags["gate.alias"] == "champion"
+    assert run.data.tags["gate.split"] == "validation" and "validation/mean_recall_at_10" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "loss/total")
     assert [m.step for m in history] == list(range(15, TRAIN["steps"] + 1, 5))  # every log_every steps after the resume at 10
     assert any(k.startswith("loss/entity_entity") for k in run.data.metrics)
