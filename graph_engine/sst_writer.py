@@ -6,21 +6,21 @@ per-record work left is the SST writer's put (rocksdict has no multi-put). Recor
 key order, so each file's keys are sorted and the files cover disjoint key ranges: RocksDB ingests them
 into the bottom level side by side, with no compaction.
 
-Only numpy and rocksdict are imported here: a spawned writer process pays for nothing else.
+Only numpy and rocksdict are imported here: a writer process pays for nothing else.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from rocksdict import DBCompressionType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
-#: Below this many records per process a spawned writer (~0.3 s to start) costs more than it saves.
+#: Below this many records per process a writer process (~0.3 s to start) costs more than it saves.
 MIN_RECORDS_PER_PROCESS = 100_000
 
 
@@ -90,13 +90,24 @@ def write_sst(
     return Path(path).stat().st_size
 
 
-def _write_sst_from_files(array_dir: str, path: str, lo: int, hi: int, trailer) -> int:
-    """Writer process entry: the record arrays are memory-mapped from ``array_dir`` (never pickled)."""
-    arrays = {
-        name: np.load(Path(array_dir) / f"{name}.npy", mmap_mode="r")
-        for name in ("keys", "values", "offsets")
-    }
-    return write_sst(Path(path), arrays["keys"], arrays["values"], arrays["offsets"], lo, hi, trailer)
+def _write_sst_from_files(array_dir: Path, path: Path, lo: int, hi: int, with_trailer: bool) -> int:
+    """Writer process body: the record arrays (and the trailer) are memory-mapped from ``array_dir``."""
+    arrays = {n: np.load(array_dir / f"{n}.npy", mmap_mode="r") for n in ("keys", "values", "offsets")}
+    trailer = None
+    if with_trailer:
+        key_len = int((array_dir / "trailer.len").read_text())
+        raw = (array_dir / "trailer.bin").read_bytes()
+        trailer = (raw[:key_len], raw[key_len:])
+    return write_sst(path, arrays["keys"], arrays["values"], arrays["offsets"], lo, hi, trailer)
+
+
+def _save_arrays(array_dir: Path, keys, values, offsets, trailer: tuple[bytes, bytes] | None) -> None:
+    array_dir.mkdir()
+    for name, arr in (("keys", keys), ("values", values), ("offsets", offsets)):
+        np.save(array_dir / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+    if trailer is not None:
+        (array_dir / "trailer.len").write_text(str(len(trailer[0])))
+        (array_dir / "trailer.bin").write_bytes(trailer[0] + trailer[1])
 
 
 def write_ssts(
@@ -109,26 +120,49 @@ def write_ssts(
     min_records_per_process: int = MIN_RECORDS_PER_PROCESS,
 ) -> list[Path]:
     """Write the key-sorted records as one SST file per range of ``record_ranges`` (the trailer goes in the
-    last one), in parallel spawned processes when there is more than one range."""
+    last one); with more than one range, each file is written by its own writer process.
+
+    Writers are fresh interpreters running this module (``python -m graph_engine.sst_writer``): not fork (the
+    caller may hold threads, e.g. Dagster's or numba's, that a fork copies in a broken state) and not
+    multiprocessing's spawn (it re-imports the caller's main module, i.e. all of Dagster or torch)."""
     sst_dir = Path(sst_dir)
     ranges = record_ranges(keys.shape[0], processes, min_records_per_process)
     paths = [sst_dir / f"records-{i:03d}.sst" for i in range(len(ranges))]
-    trailers = [None] * (len(ranges) - 1) + [trailer]
     if len(ranges) == 1:
         write_sst(paths[0], keys, values, offsets, 0, keys.shape[0], trailer)
         return paths
     array_dir = sst_dir / "arrays"
-    array_dir.mkdir()
-    for name, arr in (("keys", keys), ("values", values), ("offsets", offsets)):
-        np.save(array_dir / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
-    # spawn, not fork: the caller may hold threads (Dagster, numba, a JVM) that a fork would copy broken.
-    with ProcessPoolExecutor(len(ranges), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_write_sst_from_files, str(array_dir), str(p), lo, hi, t)
-            for p, (lo, hi), t in zip(paths, ranges, trailers)
-        ]
-        for f in futures:
-            f.result()
+    _save_arrays(array_dir, keys, values, offsets, trailer)
+    package_root = str(Path(__file__).resolve().parents[1])  # this checkout, not another installed copy
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
+    )
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "graph_engine.sst_writer",
+                str(array_dir),
+                str(path),
+                str(lo),
+                str(hi),
+                "1" if i == len(ranges) - 1 and trailer is not None else "0",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for i, (path, (lo, hi)) in enumerate(zip(paths, ranges))
+    ]
+    failures = []
+    for path, proc in zip(paths, writers):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(
+                f"{path.name}: exit code {proc.returncode}: {err.decode(errors='replace')[-2000:]}"
+            )
+    if failures:
+        raise RuntimeError("SST writer process(es) failed: " + "; ".join(failures))
     return paths
 
 
@@ -142,3 +176,8 @@ def ingest(db_dir: Path, sst_files: list[Path]) -> None:
         db.flush()
     finally:
         db.close()
+
+
+if __name__ == "__main__":  # one writer process: ARRAY_DIR SST_PATH LO HI WITH_TRAILER
+    _dir, _path, _lo, _hi, _trailer = sys.argv[1:]
+    _write_sst_from_files(Path(_dir), Path(_path), int(_lo), int(_hi), _trailer == "1")
