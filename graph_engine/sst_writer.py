@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from rocksdict import DBCompressionType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
-#: Below this many records per process a writer process (~0.3 s to start) costs more than it saves.
-MIN_RECORDS_PER_PROCESS = 100_000
+#: Records per writer process at least: a writer costs an interpreter start (~0.25 s) and saving the records
+#: it reads, against ~1-2 us per put it takes over, so it pays only for large stores (benchmarks/builders.py).
+MIN_RECORDS_PER_PROCESS = 500_000
 
 
 def store_options() -> Options:
@@ -101,13 +102,31 @@ def _write_sst_from_files(array_dir: Path, path: Path, lo: int, hi: int, with_tr
     return write_sst(path, arrays["keys"], arrays["values"], arrays["offsets"], lo, hi, trailer)
 
 
-def _save_arrays(array_dir: Path, keys, values, offsets, trailer: tuple[bytes, bytes] | None) -> None:
+def _save_arrays(array_dir: Path, keys, values, offsets, first: int, trailer) -> None:
+    """Records [first, n) for the writer processes, rebased so their offsets start at 0."""
     array_dir.mkdir()
-    for name, arr in (("keys", keys), ("values", values), ("offsets", offsets)):
+    base = int(offsets[first])
+    parts = (
+        ("keys", keys[first:]),
+        ("values", values[base : int(offsets[-1])]),
+        ("offsets", offsets[first:] - base),
+    )
+    for name, arr in parts:
         np.save(array_dir / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
     if trailer is not None:
         (array_dir / "trailer.len").write_text(str(len(trailer[0])))
         (array_dir / "trailer.bin").write_bytes(trailer[0] + trailer[1])
+
+
+def _start_writer(array_dir: Path, path: Path, lo: int, hi: int, with_trailer: bool) -> subprocess.Popen:
+    package_root = str(Path(__file__).resolve().parents[1])  # this checkout, not another installed copy
+    pythonpath = os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
+    cmd = [sys.executable, "-m", "graph_engine.sst_writer", str(array_dir), str(path), str(lo), str(hi)]
+    return subprocess.Popen(
+        [*cmd, "1" if with_trailer else "0"],
+        env=dict(os.environ, PYTHONPATH=pythonpath),
+        stderr=subprocess.PIPE,
+    )
 
 
 def write_ssts(
@@ -120,47 +139,36 @@ def write_ssts(
     min_records_per_process: int = MIN_RECORDS_PER_PROCESS,
 ) -> list[Path]:
     """Write the key-sorted records as one SST file per range of ``record_ranges`` (the trailer goes in the
-    last one); with more than one range, each file is written by its own writer process.
+    last one). The first range is written here; each further one by its own writer process, started first.
 
-    Writers are fresh interpreters running this module (``python -m graph_engine.sst_writer``): not fork (the
-    caller may hold threads, e.g. Dagster's or numba's, that a fork copies in a broken state) and not
-    multiprocessing's spawn (it re-imports the caller's main module, i.e. all of Dagster or torch)."""
+    Writers are fresh interpreters running this module (``python -m graph_engine.sst_writer``) that
+    memory-map the records they need: not fork (the caller may hold threads, e.g. Dagster's or numba's,
+    that a fork copies in a broken state) and not multiprocessing's spawn (it re-imports the caller's main
+    module, i.e. all of Dagster or torch)."""
     sst_dir = Path(sst_dir)
     ranges = record_ranges(keys.shape[0], processes, min_records_per_process)
     paths = [sst_dir / f"records-{i:03d}.sst" for i in range(len(ranges))]
-    if len(ranges) == 1:
-        write_sst(paths[0], keys, values, offsets, 0, keys.shape[0], trailer)
-        return paths
-    array_dir = sst_dir / "arrays"
-    _save_arrays(array_dir, keys, values, offsets, trailer)
-    package_root = str(Path(__file__).resolve().parents[1])  # this checkout, not another installed copy
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
-    )
-    writers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "graph_engine.sst_writer",
-                str(array_dir),
-                str(path),
-                str(lo),
-                str(hi),
-                "1" if i == len(ranges) - 1 and trailer is not None else "0",
-            ],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-        for i, (path, (lo, hi)) in enumerate(zip(paths, ranges))
-    ]
-    failures = []
-    for path, proc in zip(paths, writers):
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            failures.append(
-                f"{path.name}: exit code {proc.returncode}: {err.decode(errors='replace')[-2000:]}"
+    last = len(ranges) - 1
+    writers = []
+    if last:
+        first = ranges[1][0]
+        _save_arrays(sst_dir / "arrays", keys, values, offsets, first, trailer)
+        writers = [
+            _start_writer(
+                sst_dir / "arrays", paths[i], lo - first, hi - first, i == last and trailer is not None
             )
+            for i, (lo, hi) in enumerate(ranges[1:], start=1)
+        ]
+    try:
+        write_sst(paths[0], keys, values, offsets, *ranges[0], trailer if not last else None)
+    finally:
+        failures = []
+        for path, proc in zip(paths[1:], writers):
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                failures.append(
+                    f"{path.name}: exit code {proc.returncode}: {err.decode(errors='replace')[-2000:]}"
+                )
     if failures:
         raise RuntimeError("SST writer process(es) failed: " + "; ".join(failures))
     return paths
