@@ -29,8 +29,9 @@ format, record version, image_dim, max_tokens, tokenizer version, segment vocabu
 build seconds.
 
 Bulk build: records are encoded with numpy into one byte buffer (no per-record packing), then written in
-key order with ``SstFileWriter`` and ingested with ``ingest_external_file`` (no memtable, WAL or compaction).
-rocksdict has no multi-put, so one C call per record to the SST writer remains; that is the batch API.
+key order as SST files of contiguous key ranges by parallel processes (``graph_engine.sst_writer``) and
+ingested together with ``ingest_external_file`` (no memtable, WAL or compaction). rocksdict has no
+multi-put, so one C call per record to the SST writer remains; that is the batch API.
 """
 
 from __future__ import annotations
@@ -44,9 +45,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rocksdict import AccessType, DBCompressionType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
+from rocksdict import AccessType, Rdict
 
 from graph_engine.batch import NODE_TYPE_CODE
+from graph_engine.sst_writer import (
+    MIN_RECORDS_PER_PROCESS,
+    default_processes,
+    ingest,
+    keys_strictly_increasing,
+    store_options,
+    write_ssts,
+)
 from graph_engine.tokenizer import TOKENIZER_VERSION, tokenize_batch
 
 FORMAT = "omnisage-feature-store"
@@ -79,16 +88,6 @@ assert HEADER_DTYPE.itemsize == HEADER_BYTES
 
 class FeatureStoreError(ValueError):
     """Bad input for the feature store build; the message names the file and field."""
-
-
-def store_options() -> Options:
-    """Options of writer and readers alike: raw byte keys/values; no block compression (float16 vectors
-    and hash ids barely compress and decompression would cost on every lookup); mmap reads (measured ~1.4x
-    faster batched point lookups than pread on the benchmark box)."""
-    opt = Options(raw_mode=True)
-    opt.set_compression_type(DBCompressionType.none())
-    opt.set_allow_mmap_reads(True)
-    return opt
 
 
 # ----------------------------------------------------------------------------------------------- keys
@@ -171,40 +170,43 @@ def encode_records(
 
 
 def write_store(
-    out_dir: Path, keys: np.ndarray, buf: np.ndarray, offsets: np.ndarray, manifest: dict
+    out_dir: Path,
+    keys: np.ndarray,
+    buf: np.ndarray,
+    offsets: np.ndarray,
+    manifest: dict,
+    processes: int | None = None,
+    min_records_per_process: int = MIN_RECORDS_PER_PROCESS,
 ) -> dict:
-    """Write (already key-sorted) records plus the manifest into a new RocksDB at ``out_dir`` via one SST
-    file and ``ingest_external_file``. Returns {"sst_bytes": ..., "db_bytes": ...}."""
+    """Write (already key-sorted) records plus the manifest into a new RocksDB at ``out_dir``: SST files of
+    contiguous key ranges written by up to ``processes`` processes (default min(2, cores); each writes at
+    least ``min_records_per_process`` records), ingested together. Returns {"sst_bytes": ..., "db_bytes": ...,
+    "sst_files": ...}."""
     out_dir = Path(out_dir)
+    if not keys_strictly_increasing(keys):
+        raise FeatureStoreError(f"feature store {out_dir}: record keys are not strictly increasing")
     out_dir.mkdir(parents=True, exist_ok=True)
     sst_dir = out_dir / "_ingest"  # inside the staging dir: a killed build leaves nothing elsewhere
     shutil.rmtree(sst_dir, ignore_errors=True)
     sst_dir.mkdir(parents=True)
     try:
-        sst = sst_dir / "records.sst"
-        writer = SstFileWriter(options=store_options())
-        writer.open(str(sst))
-        kbuf = keys.tobytes()
-        vbuf = buf.tobytes()
-        offs = offsets.tolist()
-        for i in range(keys.shape[0]):
-            writer[kbuf[KEY_BYTES * i : KEY_BYTES * (i + 1)]] = vbuf[offs[i] : offs[i + 1]]
         manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
-        writer[MANIFEST_KEY] = manifest_bytes  # 0xFF... sorts after every entity key
-        writer.finish()
-        sst_bytes = sst.stat().st_size
-        db = Rdict(str(out_dir), options=store_options())
-        try:
-            ingest = IngestExternalFileOptions()
-            ingest.set_move_files(True)  # hard-link the SST into the DB instead of copying it
-            db.ingest_external_file([str(sst)], ingest)
-            db.flush()
-        finally:
-            db.close()
+        # The manifest key (0xFF...) sorts after every entity key: it goes last, in the last file.
+        files = write_ssts(
+            sst_dir,
+            keys,
+            buf,
+            offsets,
+            (MANIFEST_KEY, manifest_bytes),
+            processes or default_processes(),
+            min_records_per_process,
+        )
+        sst_bytes = sum(p.stat().st_size for p in files)
+        ingest(out_dir, files)
     finally:
         shutil.rmtree(sst_dir, ignore_errors=True)
     db_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    return {"sst_bytes": int(sst_bytes), "db_bytes": int(db_bytes)}
+    return {"sst_bytes": int(sst_bytes), "db_bytes": int(db_bytes), "sst_files": len(files)}
 
 
 def open_store(path: Path) -> Rdict:
@@ -343,13 +345,17 @@ def build_feature_store(
     out_dir: Path,
     max_tokens: int = STORE_MAX_TOKENS,
     source_partition: str = "",
+    writer_processes: int | None = None,
+    min_records_per_process: int = MIN_RECORDS_PER_PROCESS,
 ) -> dict:
     """Build the store of one day into ``out_dir`` (a fresh directory the caller publishes).
 
     ``metadata_dir`` is ``warehouse/entity_metadata/dt=D`` (``pins/*.parquet``: pin_id, title, description,
     image_embedding, segment; ``boards/*.parquet``: board_id, name, description). ``snapshot`` is the day's
     ``GraphSnapshot`` (or None: no graph). Records: every pin and board of the metadata and every node of
-    the graph (a node without metadata gets empty features and its degree). Returns the manifest.
+    the graph (a node without metadata gets empty features and its degree). ``writer_processes`` and
+    ``min_records_per_process``: see ``write_store`` (the content does not depend on them). Returns the
+    manifest.
     """
     t0 = time.perf_counter()
     metadata_dir = Path(metadata_dir)
@@ -476,7 +482,9 @@ def build_feature_store(
         "metadata_rows": {"pins": n_pins, "boards": n_boards},
     }
     t_encode = time.perf_counter()
-    sizes = write_store(Path(out_dir), keys, buf, offsets, manifest)
+    sizes = write_store(
+        Path(out_dir), keys, buf, offsets, manifest, writer_processes, min_records_per_process
+    )
     t_write = time.perf_counter() - t_encode
     manifest.update(
         sizes,

@@ -105,7 +105,11 @@ def _read_edge_file(path: Path) -> dict[str, np.ndarray]:
         if not pa.types.is_integer(ids.type):
             raise SnapshotError(f"{path}: column '{side}_id' has type {ids.type}, expected int64")
         out[f"{side}_id"] = ids.to_numpy().astype(np.int64, copy=False)
-    out["edge_type"] = _string_column(table, "edge_type", path).to_numpy(zero_copy_only=False).astype(object)
+    # Edge types as integer codes into this file's distinct names (no Python object per entry).
+    edge_type = _string_column(table, "edge_type", path)
+    names = pc.unique(edge_type)
+    out["edge_type_names"] = np.array(names.to_pylist(), dtype=object)
+    out["edge_type_code"] = pc.index_in(edge_type, value_set=names).to_numpy().astype(np.int32, copy=False)
     weight = table.column("weight")
     if not (pa.types.is_floating(weight.type) or pa.types.is_integer(weight.type)):
         raise SnapshotError(f"{path}: column 'weight' has type {weight.type}, expected float64")
@@ -153,6 +157,18 @@ def _csr(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> tuple[np.nd
     return indptr, dst.astype(idx_dtype), w.astype(np.float32), merged
 
 
+def _global_edge_type_codes(parts: list[dict[str, np.ndarray]]) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct edge type names, int32 code per entry) from the files' local codes: only the
+    distinct names are Python strings; each file's codes are remapped by one lookup table."""
+    names = sorted({str(t) for d in parts for t in d["edge_type_names"]})
+    index = {t: i for i, t in enumerate(names)}
+    codes = [
+        np.array([index[str(t)] for t in d["edge_type_names"]], dtype=np.int32)[d["edge_type_code"]]
+        for d in parts
+    ]
+    return names, (np.concatenate(codes) if codes else np.zeros(0, np.int32))
+
+
 def build_snapshot(
     pruned_edges_dir: Path,
     out_dir: Path,
@@ -186,7 +202,7 @@ def build_snapshot(
     src_code, dst_code = cat("src_code", np.int8), cat("dst_code", np.int8)
     src_id, dst_id = cat("src_id", np.int64), cat("dst_id", np.int64)
     weight = cat("weight", np.float64)
-    edge_type = cat("edge_type", object)
+    edge_names, edge_codes = _global_edge_type_codes(parts)
     parts.clear()  # free the per-file arrays
 
     # Node index: every endpoint of a kept entry, dense ids sorted by (type code, id).
@@ -219,8 +235,6 @@ def build_snapshot(
     _save(out_dir, "nodes/node_id.npy", node_id, arrays)
     _save(out_dir, "nodes/degree.npy", degree, arrays)
 
-    # Edge types as small integer codes so the subset masks are vectorised (no Python per edge).
-    edge_names, edge_codes = np.unique(edge_type.astype(str), return_inverse=True) if edge_type.size else (np.array([], dtype=str), np.zeros(0, np.int64))
     entries_by_edge_type = {str(t): int(c) for t, c in zip(edge_names, np.bincount(edge_codes, minlength=len(edge_names)))}
     subset_meta = {}
     for name, types in subsets.items():

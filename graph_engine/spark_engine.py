@@ -8,13 +8,21 @@ partition on an executor, never collected. The driver only collects small things
 Spark 4 runs with ANSI mode: the sampling key is built so no product exceeds 2**62, and every column is
 cast explicitly. Inputs are read with an explicit schema (no inference, no schema merging); since Spark
 would read a column missing from a file as nulls, files are checked for their columns first.
+
+For a cluster: every path reaches Spark as an absolute ``file://`` URI (a scheme-less path would resolve
+against the cluster's default filesystem, e.g. HDFS, not the shared POSIX storage of the contract), and
+Spark's output committer writes the part files straight into the caller's staging directory (no
+driver-side listing or renaming). Inputs may be given as paths or ``file://`` URIs. The number of shuffle
+partitions of each job is the engine's ``shuffle_partitions``, else the session's launch configuration of
+``spark.sql.shuffle.partitions``, else derived from the input rows (``shuffle_partitions_for``).
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,43 +75,87 @@ def _cast_edges(df):
     )
 
 
-def write_parquet_flat(df, out_dir: Path, schema) -> None:
-    """Write ``df`` as ``out_dir/part-*.parquet``.
-
-    Spark writes into a fresh sub-folder (it wants a path that does not exist), then the part files are
-    moved up and the folder (with _SUCCESS and .crc files) removed; on a cluster ``out_dir`` is on the
-    shared POSIX storage, so the driver sees the executors' files. An empty DataFrame still gets one
-    typed file (via pyarrow) so every partition has a schema.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir / f"_spark-{uuid.uuid4().hex[:8]}"
-    df.write.mode("errorifexists").parquet(str(tmp))
-    for part in sorted(tmp.glob("*.parquet")):
-        part.rename(out_dir / part.name)
-    shutil.rmtree(tmp)
-    if not any(out_dir.glob("*.parquet")):
-        _write_empty(out_dir / "part-00000-empty.parquet", schema)
+#: Rows per shuffle partition when the partition count is derived from the input (~100-200 MB of edge rows
+#: in Spark's memory); adaptive execution coalesces partitions that turn out smaller.
+ROWS_PER_SHUFFLE_PARTITION = 2_000_000
+_FILE_SCHEME = "file://"
 
 
-def _write_empty(path: Path, schema) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def local_path(path: Path | str) -> Path:
+    """The POSIX path of a path or ``file://`` URI (the driver reads Parquet footers through it)."""
+    text = str(path)
+    if text.startswith(_FILE_SCHEME):
+        return Path(text[len(_FILE_SCHEME) :])
+    if "://" in text:
+        raise ValueError(f"{text}: only local paths and file:// URIs are supported (shared POSIX storage)")
+    return Path(text)
 
-    from graph_engine.edge_engine import EDGE_ARROW_TYPES
 
-    arrow = pa.schema([(f.name, pa.type_for_alias(EDGE_ARROW_TYPES[f.name])) for f in schema.fields])
-    pq.write_table(arrow.empty_table(), path)
+def spark_uri(path: Path | str) -> str:
+    """Absolute ``file://`` URI of a local path, unescaped: Hadoop's Path takes the characters literally
+    (``Path.as_uri`` would write ``dt=D`` as ``dt%3DD``)."""
+    return _FILE_SCHEME + os.path.abspath(local_path(path))
+
+
+def read_parquet(spark, uris: Sequence[str], schema):
+    return spark.read.schema(schema).parquet(*uris)
+
+
+def write_parquet(df, uri: str) -> None:
+    """Spark's committer writes ``part-*.parquet`` straight into ``uri``, an existing, empty staging
+    directory (mode append: nothing in it is deleted); no ``_SUCCESS`` marker. An empty DataFrame still
+    gets one typed part file (Spark writes the schema when there are no rows)."""
+    df.write.mode("append").option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(uri)
+
+
+def shuffle_partitions_for(
+    rows: int, parallelism: int, rows_per_partition: int = ROWS_PER_SHUFFLE_PARTITION
+) -> int:
+    """Shuffle partitions for ``rows`` input rows: enough that one holds about ``rows_per_partition`` rows,
+    and at least one per core (``parallelism``) so every executor core has work."""
+    if rows_per_partition < 1:
+        raise ValueError(f"rows_per_partition={rows_per_partition} must be >= 1")
+    return max(1, int(parallelism), math.ceil(max(0, rows) / rows_per_partition))
 
 
 class SparkEdgeEngine:
     name = "spark"
 
-    def __init__(self, spark_session_factory: Callable[[], Any], partitions: int | None = None):
+    def __init__(
+        self,
+        spark_session_factory: Callable[[], Any],
+        partitions: int | None = None,
+        shuffle_partitions: int | None = None,
+        rows_per_shuffle_partition: int = ROWS_PER_SHUFFLE_PARTITION,
+    ):
         """``partitions``: hash-partition the adjacency entries by node into this many partitions before
-        ranking (default: spark.sql.shuffle.partitions). The kept set does not depend on it."""
+        ranking (default: the shuffle partitions). ``shuffle_partitions``: spark.sql.shuffle.partitions of
+        every job (default: the session's launch setting, else ``shuffle_partitions_for`` the input rows
+        with ``rows_per_shuffle_partition``). The output does not depend on either."""
+        if shuffle_partitions is not None and shuffle_partitions < 1:
+            raise ValueError(f"shuffle_partitions={shuffle_partitions} must be >= 1")
         self._factory = spark_session_factory
         self._session = None
         self.partitions = partitions
+        self.shuffle_partitions = shuffle_partitions
+        self.rows_per_shuffle_partition = rows_per_shuffle_partition
+
+    @contextmanager
+    def _shuffle(self, input_rows: int) -> Iterator[int]:
+        """Set spark.sql.shuffle.partitions for one job (restored afterwards: the session may be shared)."""
+        conf = self.spark.conf
+        configured = self.spark.sparkContext.getConf().get("spark.sql.shuffle.partitions", None)
+        n = self.shuffle_partitions or (int(configured) if configured else None)
+        if n is None:
+            n = shuffle_partitions_for(
+                input_rows, self.spark.sparkContext.defaultParallelism, self.rows_per_shuffle_partition
+            )
+        before = conf.get("spark.sql.shuffle.partitions")
+        conf.set("spark.sql.shuffle.partitions", str(n))
+        try:
+            yield n
+        finally:
+            conf.set("spark.sql.shuffle.partitions", before)
 
     @property
     def spark(self):
@@ -115,19 +167,27 @@ class SparkEdgeEngine:
         schema = edge_schema()
         if not files:
             return self.spark.createDataFrame([], schema)
-        return _cast_edges(self.spark.read.schema(schema).parquet(*[str(f) for f in files]))
+        return _cast_edges(read_parquet(self.spark, [spark_uri(f) for f in files], schema))
+
+    def _read_written(self, out_uri: str):
+        """The engine's own output, listed by Spark (part files only; hidden .crc files are skipped)."""
+        return _cast_edges(read_parquet(self.spark, [out_uri], edge_schema()))
 
     # ------------------------------------------------------------------------------- daily edges
 
     def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
                             held_out_users: Holdout | None = None) -> dict[str, Any]:
+        files = parquet_files(None if events_dir is None else local_path(events_dir))
+        n_events = require_parquet_columns(files, EVENT_COLUMNS)
+        with self._shuffle(n_events):
+            return self._extract(files, n_events, spark_uri(out_dir), held_out_users)
+
+    def _extract(self, files: list[Path], n_events: int, out_uri: str, held_out_users: Holdout | None):
         from pyspark.sql import functions as F
 
-        files = parquet_files(events_dir)
-        n_events = require_parquet_columns(files, EVENT_COLUMNS)
         schema = event_schema()
         if files:
-            ev = self.spark.read.schema(schema).parquet(*[str(f) for f in files])
+            ev = read_parquet(self.spark, [spark_uri(f) for f in files], schema)
         else:
             ev = self.spark.createDataFrame([], schema)
         dropped = 0
@@ -160,22 +220,26 @@ class SparkEdgeEngine:
             .select(F.lit("pin").alias("src_type"), "src_id", F.lit("pin").alias("dst_type"), "dst_id",
                     F.lit("pin_pin").alias("edge_type"), "weight")
         )
-        edges = _cast_edges(pin_board.unionByName(pin_pin))
-        write_parquet_flat(edges, out_dir, edge_schema())
-        written = self._read_edges(parquet_files(out_dir))
+        write_parquet(_cast_edges(pin_board.unionByName(pin_pin)), out_uri)
+        written = self._read_written(out_uri)
         return {"events": int(n_events), "held_out_user_events": int(dropped), **_undirected_table1(written)}
 
     # ---------------------------------------------------------------------------------- pruning
 
     def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
                      params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
+        dirs = [local_path(d) for d in daily_edge_dirs]
+        files = [f for d in dirs for f in parquet_files(d)]
+        rows = require_parquet_columns(files, EDGE_COLUMNS)
+        with self._shuffle(2 * rows):  # each undirected edge is an entry in both endpoints' lists
+            return self._prune(dirs, files, spark_uri(out_dir), params, holdout)
+
+    def _prune(self, dirs: list[Path], files: list[Path], out_uri: str, params: PruningParams,
+               holdout: Holdout | None) -> dict[str, Any]:
         from pyspark import StorageLevel
         from pyspark.sql import Window
         from pyspark.sql import functions as F
 
-        dirs = [Path(d) for d in daily_edge_dirs]
-        files = [f for d in dirs for f in parquet_files(d)]
-        require_parquet_columns(files, EDGE_COLUMNS)
         raw = self._read_edges(files)
 
         # Window sum per undirected edge; same-type pairs re-canonicalised (src_id < dst_id).
@@ -244,13 +308,13 @@ class SparkEdgeEngine:
                 .alias("_d"),
             )
             kept = ranked.join(F.broadcast(dt_df), on="_d").where(F.col("_rn") <= F.col("_d_target"))
-            write_parquet_flat(_cast_edges(kept), out_dir, edge_schema())
+            write_parquet(_cast_edges(kept), out_uri)
         finally:
             und.unpersist()
             if flagged is not None:
                 flagged.unpersist()
 
-        written = self._read_edges(parquet_files(out_dir))
+        written = self._read_written(out_uri)
         edges_after, checks = summarize_edge_types(_edge_summary(written), undirected=False)
         stats = prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after),
                             checks)

@@ -22,10 +22,10 @@ Definition (versioned by ``TOKENIZER_VERSION``; the feature store records it in 
 5. Duplicate ids inside one entity are dropped (first occurrence kept), then the list is capped at
    ``max_tokens`` - so unigrams win over bigrams, and bigrams over trigrams, when text is long.
 
-``tokenize_batch`` is the vectorised path (pyarrow's RE2 splits every text in one call, words are
-dictionary-encoded so each distinct word is hashed once, and a numba kernel hashes and assembles the
-tokens); ``tokenize_reference`` is a slow pure-Python statement of the same definition that the tests
-compare it against.
+``tokenize_batch`` is the vectorised path (Arrow joins the fields, the UTF-8 buffer is normalised as a
+whole, and a numba kernel splits, hashes and assembles the tokens, one chunk of entities at a time);
+``tokenize_reference`` is a slow pure-Python statement of the same definition that the tests compare it
+against.
 """
 
 from __future__ import annotations
@@ -297,14 +297,70 @@ def word_char_table() -> np.ndarray:
     return _WORD_TABLE
 
 
-def _as_text_column(values) -> list[str]:
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        values = pc.fill_null(values.cast(pa.large_string()), "").to_pylist()
-    return [v if isinstance(v, str) else ("" if v is None else str(v)) for v in values]
+#: Entities per kernel call: bounds the joined text buffer and the kernel's output scratch.
+CHUNK_ROWS = 1 << 16
+
+
+def _as_text_column(values) -> pa.ChunkedArray:
+    """One text field as a large_string column with nulls as "" and NUL as a space (NUL is the kernel's
+    separator and not a word character, so the space is equivalent). Arrow input is never turned into
+    Python objects; a Python sequence is converted by Arrow in C (``str(v)`` only for non-text items)."""
+    if isinstance(values, pa.Array):
+        values = pa.chunked_array([values])
+    if not isinstance(values, pa.ChunkedArray):
+        try:
+            values = pa.chunked_array([pa.array(values, pa.large_string())])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+            # Non-text items, or lone surrogates (kept as bytes, as Python's "surrogatepass" writes them).
+            items = [None if v is None else str(v).encode("utf-8", "surrogatepass") for v in values]
+            values = pa.chunked_array([pa.array(items, pa.large_binary()).view(pa.large_string())])
+    text = pc.fill_null(values.cast(pa.large_string()), "")
+    return pc.replace_substring(text, "\x00", " ")
+
+
+def _normalized_bytes(joined: pa.Array) -> np.ndarray:
+    """Step 1 (casefold, NFKC) over the UTF-8 data buffer of one large_string array, as uint8.
+
+    ASCII text (the common case) is lower-cased in numpy: casefold of ASCII is ASCII lower case and NFKC
+    leaves ASCII alone. Otherwise the whole buffer is decoded once and normalised by two C calls (Arrow has
+    no case folding; its lower-casing differs, e.g. for "ß")."""
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[
+        joined.offset : joined.offset + len(joined) + 1
+    ]
+    data_buffer = joined.buffers()[2]
+    if data_buffer is None or offsets[-1] == offsets[0]:
+        return np.zeros(0, dtype=np.uint8)
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    if data.max() < 0x80:
+        upper = (data >= 0x41) & (data <= 0x5A)
+        return data + (upper.view(np.uint8) << 5)
+    text = data.tobytes().decode("utf-8", "surrogatepass")
+    return np.frombuffer(
+        unicodedata.normalize("NFKC", text.casefold()).encode("utf-8", "surrogatepass"), dtype=np.uint8
+    )
+
+
+def _tokenize_chunk(
+    columns: list[pa.ChunkedArray], lo: int, hi: int, max_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Entities [lo, hi): each entity's fields joined in Arrow as "f0 NUL f1 NUL ... NUL" (entity-major,
+    the kernel's input), normalised, then split and hashed by one numba pass."""
+    n_fields = len(columns)
+    parts = [c.slice(lo, hi - lo).combine_chunks() for c in columns]
+    joined = pc.binary_join_element_wise(
+        *parts, pa.scalar("", pa.large_string()), pa.scalar("\x00", pa.large_string())
+    )
+    data = _normalized_bytes(joined)
+    # Bytes of one entity's text (its n_fields segments and their NULs) bound the kernel's buffers.
+    bounds = np.concatenate(([-1], np.flatnonzero(data == 0)))[::n_fields]
+    max_entity_bytes = int(np.max(np.diff(bounds))) if bounds.shape[0] > 1 else 0
+    return _tokenize_kernel(data, word_char_table(), hi - lo, n_fields, int(max_tokens), max_entity_bytes)
 
 
 def tokenize_batch(
-    *fields: Sequence[str | None] | pa.Array | pa.ChunkedArray, max_tokens: int = DEFAULT_MAX_TOKENS
+    *fields: Sequence[str | None] | pa.Array | pa.ChunkedArray,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize n entities at once; each positional argument is one text field (length n), joined by a
     space per entity (pins: title, description; boards: name, description).
@@ -312,39 +368,28 @@ def tokenize_batch(
     Returns CSR ``(offsets int64[n+1], token_ids uint32[offsets[-1]])``: entity i has
     ``token_ids[offsets[i]:offsets[i+1]]`` (at most ``max_tokens``).
 
-    Vectorised: all texts are joined by NUL (a separator that casefold and NFKC leave alone and that never
-    composes with a neighbour, so normalising the join equals normalising each text), normalised by two
-    C calls, encoded to UTF-8 once, and split/hashed by one numba pass.
+    Vectorised, ``chunk_rows`` entities at a time: the fields are joined by NUL in Arrow (a separator that
+    casefold and NFKC leave alone and that never composes with a neighbour, so normalising the join equals
+    normalising each text), the join's UTF-8 buffer is normalised (numpy for ASCII, two C calls otherwise),
+    and one numba pass splits and hashes it. No Python object per text.
     """
     if not fields:
         raise ValueError("tokenize_batch needs at least one text field")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     columns = [_as_text_column(f) for f in fields]
     n = len(columns[0])
-    for c in columns[1:]:
-        if len(c) != n:
-            raise ValueError("tokenize_batch: text fields have different lengths")
-    if n == 0:
-        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint32)
-    n_fields = len(columns)
-    if n_fields == 1:
-        segments = columns[0]
-    else:
-        segments = [""] * (n * n_fields)
-        for f, col in enumerate(columns):
-            segments[f::n_fields] = col
-    joined = "\x00".join(segments)
-    if joined.count("\x00") != len(segments) - 1:
-        # A text holds NUL itself: NUL is not a word character, so a space is equivalent.
-        joined = "\x00".join(s.replace("\x00", " ") for s in segments)
-    data = np.frombuffer(
-        unicodedata.normalize("NFKC", joined.casefold()).encode("utf-8", "surrogatepass"), dtype=np.uint8
-    )
-    # Bytes of one entity's text (its n_fields segments and the NULs between them) bound its buffers.
-    bounds = np.concatenate(([-1], np.flatnonzero(data == 0), [data.shape[0]]))[::n_fields]
-    max_entity_bytes = int(np.max(np.diff(bounds))) if bounds.shape[0] > 1 else 0
-    return _tokenize_kernel(data, word_char_table(), n, n_fields, int(max_tokens), max_entity_bytes)
+    if any(len(c) != n for c in columns[1:]):
+        raise ValueError("tokenize_batch: text fields have different lengths")
+    offsets, tokens, total = [np.zeros(1, dtype=np.int64)], [np.zeros(0, dtype=np.uint32)], 0
+    for lo in range(0, n, chunk_rows):
+        chunk_off, chunk_tokens = _tokenize_chunk(columns, lo, min(n, lo + chunk_rows), max_tokens)
+        offsets.append(chunk_off[1:] + total)
+        tokens.append(chunk_tokens)
+        total += int(chunk_off[-1])
+    return np.concatenate(offsets), np.concatenate(tokens)
 
 
 def tokenize(*fields: str | None, max_tokens: int = DEFAULT_MAX_TOKENS) -> np.ndarray:

@@ -50,7 +50,11 @@ class StorageResource(dg.ConfigurableResource):
 
 def spark_config(settings: Settings) -> dict[str, str]:
     """Spark settings: master from OMNISAGE_SPARK_MASTER, scratch under OMNISAGE_HOME, UI off, and a
-    session time zone of UTC so timestamps mean the same thing on every machine."""
+    session time zone of UTC so timestamps mean the same thing on every machine.
+
+    No fixed ``spark.sql.shuffle.partitions``: the edge engine sizes each job's shuffle from its input rows
+    (``graph_engine.spark_engine.shuffle_partitions_for``) unless a cluster's launch configuration (e.g.
+    ``spark-submit --conf``) sets it; adaptive execution coalesces partitions that turn out small."""
     return {
         "spark.master": settings.spark_master,
         "spark.app.name": "omnisage",
@@ -59,7 +63,8 @@ def spark_config(settings: Settings) -> dict[str, str]:
         "spark.local.dir": str(settings.scratch_dir / "spark"),
         "spark.sql.warehouse.dir": str(settings.scratch_dir / "spark-warehouse"),
         "spark.driver.extraJavaOptions": f"-Dderby.system.home={settings.scratch_dir / 'derby'}",
-        "spark.sql.shuffle.partitions": "8",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
     }
 
 

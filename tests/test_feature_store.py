@@ -260,6 +260,70 @@ def test_rebuild_gives_same_keys_and_values(tmp_path, store):
     )
 
 
+def _all_items(path: Path) -> list[tuple[bytes, bytes]]:
+    db = open_store(path)
+    try:
+        return list(db.items())
+    finally:
+        db.close()
+
+
+def _many_entities(root: Path, n_pins: int, n_boards: int) -> Path:
+    """Metadata with enough rows that several writer ranges hold pins, boards or both."""
+    rng = np.random.default_rng(3)
+    pins = {
+        "pin_id": rng.choice(10**9, n_pins, replace=False).tolist(),
+        "title": [f"Pin {i} title" if i % 5 else None for i in range(n_pins)],
+        "description": [f"deskription Ü{i % 7}" for i in range(n_pins)],
+        "image_embedding": [[float(i), 1.0, -2.0, 0.5] if i % 3 else None for i in range(n_pins)],
+        "segment": [("organic", "video", None)[i % 3] for i in range(n_pins)],
+    }
+    boards = {
+        "board_id": rng.choice(10**9, n_boards, replace=False).tolist(),
+        "name": [f"Board {i}" for i in range(n_boards)],
+        "description": [None] * n_boards,
+    }
+    return write_metadata(root, pins, boards)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_parallel_sst_writers_give_the_single_process_store(tmp_path, processes):
+    meta = _many_entities(tmp_path / "meta", n_pins=250, n_boards=40)
+    build_snapshot(write_edges(tmp_path / "edges"), tmp_path / "graph", None, DAY)
+    snapshot = GraphSnapshot.open(tmp_path / "graph")
+    one = build_feature_store(meta, snapshot, tmp_path / "one", source_partition=DAY, writer_processes=1)
+    many = build_feature_store(
+        meta,
+        snapshot,
+        tmp_path / "many",
+        source_partition=DAY,
+        writer_processes=processes,
+        min_records_per_process=1,
+    )
+    assert one["sst_files"] == 1 and many["sst_files"] == processes
+    # Several files were really ingested side by side (disjoint ranges: no compaction merged them).
+    assert len(list((tmp_path / "many").glob("*.sst"))) == processes
+    items_one, items_many = _all_items(tmp_path / "one"), _all_items(tmp_path / "many")
+    assert len(items_one) == one["entities"] + 1 == 250 + 40 + 5 + 1  # + the 5 graph nodes, + the manifest
+    assert items_many == items_one
+
+
+def test_writer_ranges_are_contiguous_and_keys_must_increase(tmp_path):
+    from graph_engine.sst_writer import keys_strictly_increasing, record_ranges
+
+    assert record_ranges(10, 3, 1) == [(0, 3), (3, 6), (6, 10)]
+    assert record_ranges(10, 3, 4) == [(0, 5), (5, 10)]  # each range holds at least 4 records
+    assert record_ranges(0, 2, 100) == [(0, 0)]
+    keys = encode_keys(np.array([0, 0, 1, 1]), np.array([5, -1, 3, 7]))  # -1 sorts after 5 (unsigned)
+    assert keys_strictly_increasing(keys)
+    assert not keys_strictly_increasing(keys[[0, 2, 1, 3]])
+    assert not keys_strictly_increasing(keys[[0, 1, 1, 2]])  # a repeated key
+    from graph_engine.feature_store import write_store
+
+    with pytest.raises(FeatureStoreError, match="not strictly increasing"):
+        write_store(tmp_path / "bad", keys[[1, 0]], np.zeros(0, np.uint8), np.zeros(3, np.int64), {})
+
+
 def test_bad_input_names_file_and_field(tmp_path):
     meta = write_metadata(tmp_path / "meta")
     pq.write_table(

@@ -126,3 +126,48 @@ def test_fields_are_joined_by_a_space():
     np.testing.assert_array_equal(ids[off[0] : off[1]], tokenize("Red shoes for running", max_tokens=32))
     np.testing.assert_array_equal(ids[off[1] : off[2]], tokenize("desc", max_tokens=32))
     np.testing.assert_array_equal(ids[off[2] : off[3]], tokenize("board", max_tokens=32))
+
+
+def _reference_csr(*fields, max_tokens):
+    n = len(fields[0])
+    per_entity = [tokenize_reference(*[f[i] for f in fields], max_tokens=max_tokens) for i in range(n)]
+    offsets = np.concatenate(([0], np.cumsum([len(t) for t in per_entity]))).astype(np.int64)
+    return offsets, (np.concatenate(per_entity) if per_entity else np.zeros(0, np.uint32))
+
+
+def test_arrow_input_nulls_non_ascii_and_chunks_match_the_reference():
+    # Mixed ASCII-only and non-ASCII stretches so kernel chunks take both normalisation paths; the Arrow
+    # columns have several chunks (and a sliced one with a non-zero offset) that do not line up with
+    # each other nor with the kernel's chunk_rows.
+    titles = (
+        (["Plain ASCII title", None, "UPPER lower", ""] * 5) + UNICODE_TEXTS + ["ＡＢＣ Straße", None, "x"]
+    )
+    descs = [
+        None if i % 3 == 0 else f"Desc {i} café ΣΊΣΥΦΟΣ" if i % 4 == 0 else f"desc {i}"
+        for i in range(len(titles))
+    ]
+    cut = 7
+    title_col = pa.chunked_array(
+        [pa.array(titles[:cut], pa.large_string()), pa.array(titles[cut:], pa.large_string())]
+    )
+    padded = pa.array(["padding", *descs], pa.string()).slice(1)  # offset 1 into its buffers
+    desc_col = pa.chunked_array([padded.slice(0, 11), padded.slice(11, 2), padded.slice(13)])
+    want_off, want_ids = _reference_csr(titles, descs, max_tokens=24)
+    for chunk_rows in (1, 5, 64):
+        off, ids = tokenize_batch(title_col, desc_col, max_tokens=24, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(off, want_off, err_msg=f"chunk_rows={chunk_rows}")
+        np.testing.assert_array_equal(ids, want_ids, err_msg=f"chunk_rows={chunk_rows}")
+
+
+def test_dictionary_and_python_inputs_match_the_reference():
+    texts = ["Red SHOES", None, "Straße", "red shoes", "", "日本語"]
+    want_off, want_ids = _reference_csr(texts, max_tokens=16)
+    dictionary = pa.array(texts, pa.string()).dictionary_encode()
+    for values in (dictionary, texts, ["Red SHOES", None, "Straße", "red shoes", "", "日本語"]):
+        off, ids = tokenize_batch(values, max_tokens=16, chunk_rows=4)
+        np.testing.assert_array_equal(off, want_off)
+        np.testing.assert_array_equal(ids, want_ids)
+    # Non-text items are tokenized as their str(); a lone surrogate does not fail the batch.
+    off, ids = tokenize_batch([12, "a\ud800b"], max_tokens=8)
+    np.testing.assert_array_equal(ids[off[0] : off[1]], tokenize_reference("12", max_tokens=8))
+    np.testing.assert_array_equal(ids[off[1] : off[2]], tokenize_reference("a\ud800b", max_tokens=8))
