@@ -77,7 +77,7 @@ def materialize_days(
     if retain:
         from omnisage_pipeline.retention import refuse_expired_days
 
-        refuse_expired_days(settings, retain, days)
+        refuse_expired_days(settings, retain, days, log=context.log.warning)
     results: dict[str, DayResult] = {}
     for day in days:
         context.log.info(f"{context.asset_key.to_user_string()}: dt={day}")

@@ -58,9 +58,10 @@ def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayRe
     metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
     with read_lease(settings.graph_dir, day) as graph_dir:  # retention never removes a graph being read
         snapshot = GraphSnapshot.open(graph_dir)
-        entities = day_entities(metadata_dir, snapshot)
+        entities: dict = {}  # filled inside the publish (its start also clears a dead writer's staging)
         gate = StagedGate(day, lambda staged: [features_complete(staged, entities)])
         with publish_partition(settings.features_dir, day, validate=gate) as staging:
+            entities.update(day_entities(metadata_dir, snapshot))
             manifest = build_feature_store(
                 metadata_dir, snapshot, staging, max_tokens=config.max_tokens, source_partition=day
             )

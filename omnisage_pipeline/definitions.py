@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from omnisage_pipeline.settings import Settings, configure_process_scratch
+from omnisage_pipeline.settings import Settings, configure_process_scratch, load_settings
 
-_settings = Settings.from_env()
+_settings = load_settings()  # read once: partitions, schedules and resources are built from this object
 configure_process_scratch(_settings)
 
 import assets  # noqa: E402  (after the scratch dirs are set: numba reads NUMBA_CACHE_DIR at import)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.settings import load_settings
 
-_settings = Settings.from_env()
+_settings = load_settings()  # the code location's one read of the environment
 
 #: Every daily asset shares these partitions; the start date is read when the definitions load.
 daily_partitions = dg.DailyPartitionsDefinition(start_date=_settings.start_date, timezone="UTC")

@@ -1,12 +1,15 @@
-"""The contract's environment variables (shared/contract.md, "Environment"), read in one place.
+"""The contract's environment variables (README "Data contract" / "Environment"), read in one place.
 
-Dagster-free on purpose: the CLI, the benchmarks and the resources all read the same values.
+Dagster-free on purpose: the CLI, the benchmarks and the resources all read the same values. The Dagster
+code location reads them ONCE, when the definitions load (``load_settings``): the partitions, the graph
+window mapping, the schedules and every resource are built from that one ``Settings`` object, and nothing
+else in the pipeline reads the environment.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -33,10 +36,6 @@ def parse_retention_days(raw: str | None) -> int | None:
         raise SettingsError(f"{RETENTION_ENV}={raw!r} is not an integer (days of graph/features/embeddings kept)") from exc
 
 
-def _retention_from_environ() -> int | None:
-    return parse_retention_days(os.environ.get(RETENTION_ENV))
-
-
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -47,9 +46,10 @@ class Settings:
     spark_master: str
     start_date: str
     window_days: int
-    #: OMNISAGE_RETENTION_DAYS (None or unset = window_days). Read from the process environment when the
-    #: caller does not pass it (StorageResource builds Settings field by field), validated >= window_days.
-    retention_days: int | None = field(default_factory=_retention_from_environ)
+    #: OMNISAGE_RETENTION_DAYS (None = window_days), validated >= window_days.
+    retention_days: int | None = None
+    #: OMNISAGE_TRAIN_CRON: the weekly training schedule (None = omnisage_pipeline.training_jobs' default).
+    train_cron: str | None = None
 
     def __post_init__(self) -> None:
         if self.retention_days is None:
@@ -92,6 +92,7 @@ class Settings:
             start_date=start_date,
             window_days=window_days,
             retention_days=parse_retention_days(env.get(RETENTION_ENV)),
+            train_cron=env.get("OMNISAGE_TRAIN_CRON") or None,
         )
 
     # Output layout (contract "Outputs"): every writer goes through these.
@@ -144,6 +145,18 @@ class Settings:
             )
             raise FileNotFoundError(f"OMNISAGE_DATA_ROOT {self.data_root} does not exist{hint}")
         return self.data_root
+
+
+_loaded: Settings | None = None
+
+
+def load_settings() -> Settings:
+    """The code location's Settings: read from the environment on the first call (when the definitions
+    load), the same object afterwards. Partitions, schedules and resources are all built from it."""
+    global _loaded
+    if _loaded is None:
+        _loaded = Settings.from_env()
+    return _loaded
 
 
 def configure_process_scratch(settings: Settings) -> None:
