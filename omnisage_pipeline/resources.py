@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field
 from dagster_pyspark import LazyPySparkResource
+from pydantic import Field
 
 from ml.tracking import MlflowTarget, prepare_store, sqlite_store_path, store_lock  # noqa: F401 (re-exported)
 from omnisage_pipeline.settings import DEFAULT_WINDOW_DAYS, DEMO_START_DATE, Settings
