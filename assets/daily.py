@@ -15,7 +15,10 @@ Events (what the Dagster UI and the instance's event log show):
   a message naming the check, the day and the figure.
 
 A single-day run emits only the end-of-step materialization (nothing to record early: one day is all or
-nothing).
+nothing). A day the step did not publish (``DayResult.published=False``: a sharded ``entity_embeddings``
+worker whose shard waits for the others) is recorded as an ``AssetObservation`` with its figures, never as a
+materialization; a step that published none or only some of its days yields no output (the assets that can
+do this have ``output_required=False``), so Dagster skips what depends on it in the same run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ ROW_COUNT = "dagster/row_count"
 class DayResult:
     metadata: dict = field(default_factory=dict)
     check_results: list[dg.AssetCheckResult] = field(default_factory=list)
+    published: bool = True  # False: this step published nothing of the day (a shard waiting for others)
 
 
 class BlockingCheckFailed(Exception):
@@ -86,17 +90,26 @@ def materialize_days(
         except BlockingCheckFailed as exc:
             yield from merge_check_results({**results, day: DayResult(check_results=exc.results)})
             raise dg.Failure(description=f"{context.asset_key.to_user_string()}: {exc}") from exc
-        if len(days) > 1:
+        result = results[day]
+        if not result.published:
+            yield dg.AssetObservation(asset_key=context.asset_key, partition=day, metadata=result.metadata)
+        elif len(days) > 1:
             yield dg.AssetMaterialization(
-                asset_key=context.asset_key, partition=day, metadata=results[day].metadata
+                asset_key=context.asset_key, partition=day, metadata=result.metadata
             )
     if retain:
         from omnisage_pipeline.retention import retention_metadata
 
         results[days[-1]].metadata.update(retention_metadata(context, settings, retain, days))
+    checks = merge_check_results(results)
+    unpublished = [day for day, r in results.items() if not r.published]
+    if unpublished:
+        context.log.info(f"not materialized (nothing published by this step): dt={', dt='.join(unpublished)}")
+        yield from checks
+        return
     for day, result in results.items():
         context.add_asset_metadata(result.metadata, partition_key=day)
-    yield dg.MaterializeResult(check_results=merge_check_results(results))
+    yield dg.MaterializeResult(check_results=checks)
 
 
 def merge_check_results(results: dict[str, DayResult]) -> list[dg.AssetCheckResult]:

@@ -23,7 +23,7 @@ from pydantic import Field
 from assets.daily import DayResult, materialize_days
 from assets.inference import champion_builder, champion_version, load_champion, resolve_device
 from assets.training import PINSAGE_ARTIFACT_PATH
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import list_published, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
@@ -215,6 +215,7 @@ def baselines_markdown(report: dict, k: int) -> str:
 @dg.asset(
     partitions_def=daily_partitions,
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     deps=[
         dg.AssetDep("omnisage_model"),
         dg.AssetDep("training_examples"),

@@ -18,7 +18,7 @@ from assets.daily import ROW_COUNT, DayResult, materialize_days
 from assets.inference import day_entities
 from graph_engine.feature_store import STORE_MAX_TOKENS, build_feature_store
 from graph_engine.snapshot import GraphSnapshot
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 from omnisage_pipeline.retention import read_lease
@@ -35,6 +35,7 @@ class FeatureStoreConfig(dg.Config):
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("entity_metadata"), dg.AssetKey("graph_snapshot")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     check_specs=[
         blocking_spec("every_entity_has_features", "feature_store", "every metadata entity and graph node has a record")
     ],

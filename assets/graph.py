@@ -27,7 +27,13 @@ from assets.daily import ROW_COUNT, DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
+from omnisage_pipeline.partitions import (
+    DAILY_BACKFILL_POLICY,
+    DAILY_CHAIN_POOL,
+    daily_partitions,
+    window_keys,
+    window_mapping,
+)
 from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -117,6 +123,7 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     partitions_def=daily_partitions,
     deps=[dg.AssetDep("engagement_logs")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="graph",
     kinds={"parquet", "duckdb", "spark"},
     owners=OWNERS,
@@ -167,6 +174,7 @@ def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, 
     # mapping, so Dagster's lineage and the days this asset reads come from one definition.
     ins={"daily_edges": dg.AssetIn(partition_mapping=window_mapping(), dagster_type=dg.Nothing)},
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="graph",
     kinds={"parquet", "duckdb", "spark"},
     owners=OWNERS,

@@ -40,7 +40,8 @@ and checks whether all N shard files are there; the one that finds them all publ
 (``publish_partition`` of ``embeddings`` and of ``user_embeddings``, the shard files hard-linked in) and
 removes the shard files, still under the lock, so a second finishing worker finds its own shard gone
 (``publish: already_published``) and publishes nothing. A worker that finishes early reports ``publish:
-waiting``. Re-running a failed worker completes the set and triggers the publish; re-running all N workers
+waiting`` as an ``AssetObservation`` of the day, not a materialization (the step yields no output,
+so nothing downstream runs on a partial day). Re-running a failed worker completes the set and triggers the publish; re-running all N workers
 publishes the same content again. With ``num_shards = 1`` (the default) the asset simply publishes.
 
 (No ``from __future__ import annotations`` here: Dagster resolves the Config type from the real annotation.)
@@ -627,6 +628,8 @@ def _count_fields(stats: dict) -> dict:
             description="finite, unit-norm, one per entity of the day, all from the champion version the run resolved",
         )
     ],
+    # A shard that waits for the others publishes nothing: no output, no materialization (assets.daily).
+    output_required=False,
     group_name="inference",
     kinds={"pytorch", "parquet"},
     owners=["team:omnisage-ml"],
@@ -689,6 +692,6 @@ def entity_embeddings(
         metadata["user_path"] = dg.MetadataValue.path(str(settings.user_embeddings_dir / f"dt={day}"))
         if figures["partition_complete"]:
             metadata[ROW_COUNT] = int(figures["entities_total_day"])
-        return DayResult(metadata, checks)
+        return DayResult(metadata, checks, published=figures["partition_complete"])
 
     yield from materialize_days(context, one_day, settings=settings, retain=("embeddings", "user_embeddings"))

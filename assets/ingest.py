@@ -40,7 +40,7 @@ from omnisage_pipeline.contract import (
     validate_pins,
     write_table,
 )
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -94,6 +94,7 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
         blocking_spec(QUARANTINE_CHECK, "engagement_logs", "quarantined share of the day's rows <= max_quarantine_fraction"),
     ],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="ingest",
     kinds={"parquet"},
     owners=OWNERS,
@@ -143,6 +144,7 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     partitions_def=daily_partitions,
     check_specs=[_accounting_spec("entity_metadata")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="ingest",
     kinds={"parquet"},
     owners=OWNERS,

@@ -24,7 +24,7 @@ from graph_engine.batch import NeighborBlock, NeighborhoodLayout
 from graph_engine.neighbor_sampler import NeighborSampler, build_neighborhood_cache
 from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -68,6 +68,7 @@ def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("pruned_edges")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     check_specs=[
         blocking_spec("graph_coverage", "graph_snapshot", "share of nodes with a non-empty neighbourhood >= min_coverage")
     ],

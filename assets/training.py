@@ -59,7 +59,13 @@ from ml.training_run import (  # noqa: F401 (re-exported for the report and the 
     TrainingRunConfig,
     task_recalls,
 )
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
+from omnisage_pipeline.partitions import (
+    DAILY_BACKFILL_POLICY,
+    DAILY_CHAIN_POOL,
+    daily_partitions,
+    window_keys,
+    window_mapping,
+)
 from omnisage_pipeline.publish import (
     partition_link,
     publish_partition,
@@ -90,9 +96,11 @@ class TrainingExamplesConfig(dg.Config):
         default=_EXAMPLE_DEFAULTS.graph_pairs_per_node, description="graph-pair draws per (node, graph source)"
     )
     required_tasks: list[str] = Field(
-        default=list(TASK_NAMES),
-        description="blocking check examples_for_every_task: the tasks that must have training examples "
-        "(entity_entity: pairs, entity_feature: feature_nodes, user_entity: sequences)",
+        default=["entity_entity", "entity_feature"],
+        description="check examples_for_every_task: a task listed here without training examples blocks the "
+        "day (entity_entity: pairs, entity_feature: feature_nodes, user_entity: sequences); an empty task not "
+        "listed is a warning. user_entity is not required by default: its training sequences end before the "
+        "evaluation horizon, so the first days of a data set have none",
     )
 
     @field_validator("required_tasks")
@@ -117,7 +125,7 @@ class TrainingExamplesConfig(dg.Config):
 
 
 def build_examples_day(
-    settings: Settings, day: str, example_config: ExampleConfig, log=None, required_tasks=()
+    settings: Settings, day: str, example_config: ExampleConfig, log=None, required_tasks=("entity_entity",)
 ) -> DayResult:
     """One day of training_examples (Dagster-free apart from the metadata values and check results).
     ``required_tasks``: blocking check on the staged tables: each of these tasks has examples."""
@@ -147,7 +155,7 @@ def build_examples_day(
     cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
     dataset = settings.warehouse_dataset("training_examples")
     t0 = time.perf_counter()
-    gate = StagedGate(day, lambda staged: [examples_per_task(staged, required_tasks)] if required_tasks else [])
+    gate = StagedGate(day, lambda staged: [examples_per_task(staged, required_tasks)])
     with publish_partition(dataset, day, validate=gate) as staging:
         manifest = build_training_examples(
             files,
@@ -190,13 +198,14 @@ def build_examples_day(
 @dg.asset(
     partitions_def=daily_partitions,
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     deps=[
         dg.AssetDep("engagement_logs", partition_mapping=window_mapping()),
         dg.AssetDep("entity_metadata"),
         dg.AssetDep("graph_snapshot"),
     ],
     check_specs=[
-        blocking_spec("examples_for_every_task", "training_examples", "every required task has training examples")
+        blocking_spec("examples_for_every_task", "training_examples", "every task has training examples (a required one blocks)")
     ],
     group_name="training",
     kinds={"parquet"},

@@ -167,17 +167,21 @@ def configure_process_scratch(settings: Settings) -> None:
 
 
 #: dagster.yaml of the instance the project creates under OMNISAGE_HOME (``prepare_dagster_home``):
-#: - one run at a time: the graph of day D reads the daily edges of the days before it, and a day that is not
-#:   published yet is skipped as missing, so runs of neighbouring days must not overlap (a backfill of a
-#:   range is already one run, see omnisage_pipeline.partitions); queued runs start in launch order;
+#: - the daily chain one run at a time: its assets share the pool ``omnisage_daily_chain``
+#:   (omnisage_pipeline.partitions.DAILY_CHAIN_POOL), and pools are enforced per run with a default limit
+#:   of 1, so a run that touches the chain waits in the queue until no other such run is in progress (the
+#:   graph of day D reads the daily edges of the days before it, and a day not published yet is read as
+#:   missing); queued runs start in launch order. Runs outside the pool - entity_embeddings shard workers,
+#:   omnisage_model trainings - run beside it and beside each other, up to 8 runs in all;
 #: - telemetry off: Dagster's telemetry writes ``~/.dagster/.telemetry`` into the user's home directory
 #:   whatever DAGSTER_HOME says (and the webserver uploads usage data).
 DEFAULT_DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 1
+concurrency:
+  runs:
+    max_concurrent_runs: 8
+  pools:
+    granularity: run
+    default_limit: 1
 telemetry:
   enabled: false
 """

@@ -103,3 +103,21 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_path):
+    """The chain's assets share a pool enforced per run with limit 1 (runs touching it are serialised);
+    shard workers (entity_embeddings) and training (omnisage_model) are outside it and run beside it."""
+    from omnisage_pipeline.partitions import DAILY_CHAIN_POOL
+    from omnisage_pipeline.settings import prepare_dagster_home
+
+    graph = _defs().resolve_asset_graph()
+    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
+    outside = {"entity_embeddings", "omnisage_model"}
+    for name, asset_pools in pools.items():
+        assert asset_pools == (set() if name in outside else {DAILY_CHAIN_POOL}), (name, asset_pools)
+    with dg.DagsterInstance.from_config(str(prepare_dagster_home(tmp_path / "dagster"))) as instance:
+        config = instance.get_concurrency_config()
+        assert config.pool_config.pool_granularity.value == "run"
+        assert config.pool_config.default_pool_limit == 1
+        assert config.run_queue_config.max_concurrent_runs > 1  # shard runs and training beside the chain

@@ -165,10 +165,14 @@ def test_examples_per_task_fails_when_a_task_has_no_rows(tmp_path):
     pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "pairs.parquet")
     pq.write_table(pa.table({"x": pa.array([], pa.int64())}), tmp_path / "feature_nodes.parquet")
     pq.write_table(pa.table({"x": [1]}), tmp_path / "sequences.parquet")
-    assert examples_per_task(tmp_path, ["entity_entity", "user_entity"]).passed
     check = examples_per_task(tmp_path, ["entity_entity", "entity_feature", "user_entity"])
-    assert not check.passed and check.metadata["empty_tasks"].value == ["entity_feature"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR  # blocks the day
+    assert check.metadata["empty_tasks"].value == ["entity_feature"]
     assert "entity_feature (0 rows of feature_nodes)" in check.description
+    check = examples_per_task(tmp_path, ["entity_entity", "user_entity"])  # not required: a warning only
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    pq.write_table(pa.table({"x": [3]}), tmp_path / "feature_nodes.parquet")
+    assert examples_per_task(tmp_path, ["entity_entity", "entity_feature", "user_entity"]).passed
 
 
 def _embeddings(tmp_path, vectors, ids, versions):
