@@ -225,3 +225,16 @@ def test_publish_validate_hook_keeps_the_previous_version(tmp_path):
     assert published_path(tmp_path / "ds", DAY) == before
     assert (before / "a.txt").read_text() == "old"
     assert not list((tmp_path / "ds" / ".staging").glob("dt=*"))
+
+
+def test_rows_accounted_fails_when_published_rows_do_not_add_up(tmp_path):
+    from assets.ingest import _accounting_check
+
+    valid, quarantine = tmp_path / "valid", tmp_path / "quarantine"
+    valid.mkdir()
+    quarantine.mkdir()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), valid / "part-0.parquet")
+    pq.write_table(pa.table({"x": [4]}), quarantine / "part-0.parquet")
+    assert _accounting_check("engagement_logs", 4, [valid, quarantine]).passed
+    check = _accounting_check("engagement_logs", 5, [valid, quarantine])  # a row lost on the way
+    assert not check.passed and check.metadata["rows_published"].value == 4
