@@ -1,21 +1,58 @@
 """One helper for every daily asset: run the asset's per-day function for each day of the invocation
 (one for a scheduled run, a whole range for a single-run backfill; see
-``omnisage_pipeline.partitions.DAILY_BACKFILL_POLICY``), in date order, and merge what each day reports."""
+``omnisage_pipeline.partitions.DAILY_BACKFILL_POLICY``), in date order, and record each day on its own.
+
+Events (what the Dagster UI and the instance's event log show):
+
+- in a range, each day is recorded as materialized (``AssetMaterialization`` with ``partition=day`` and that
+  day's metadata) as soon as it is published, so a failure on day k leaves days before k recorded;
+- the step's own end-of-step materializations carry each day's own metadata
+  (``context.add_asset_metadata(md, partition_key=day)``; the ``MaterializeResult`` itself carries none,
+  since Dagster copies its metadata onto every partition of the range), so the newest materialization of
+  every day holds that day's figures only;
+- blocking checks run on the staged output before it is published (``assets.checks``): a failure leaves
+  the previous published version in place, records the failed ``AssetCheckResult`` and fails the step with
+  a message naming the check, the day and the figure.
+
+A single-day run emits only the end-of-step materialization (nothing to record early: one day is all or
+nothing). A day the step did not publish (``DayResult.published=False``: a sharded ``entity_embeddings``
+worker whose shard waits for the others) is recorded as an ``AssetObservation`` with its figures, never as a
+materialization; a step that published none or only some of its days yields no output (the assets that can
+do this have ``output_required=False``), so Dagster skips what depends on it in the same run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
 
 from omnisage_pipeline.partitions import partition_keys
 
+#: Dagster's standard metadata key for the rows of a table; the UI shows it as the asset's row count.
+ROW_COUNT = "dagster/row_count"
+
 
 @dataclass
 class DayResult:
     metadata: dict = field(default_factory=dict)
     check_results: list[dg.AssetCheckResult] = field(default_factory=list)
+    published: bool = True  # False: this step published nothing of the day (a shard waiting for others)
+
+
+class BlockingCheckFailed(Exception):
+    """A blocking check failed on a day's staged output (raised before publishing, so nothing was swapped).
+
+    ``results``: every check evaluated on that day (the failed ones included), recorded before the step
+    fails."""
+
+    def __init__(self, day: str, results: Sequence[dg.AssetCheckResult]):
+        self.day = day
+        self.results = list(results)
+        failed = [r for r in self.results if not r.passed and r.severity == dg.AssetCheckSeverity.ERROR]
+        self.failed = failed
+        super().__init__("; ".join(f"{r.check_name} failed for dt={day}: {r.description}" for r in failed))
 
 
 def _plain(value):
@@ -28,53 +65,80 @@ def materialize_days(
     *,
     settings=None,
     retain: Sequence[str] = (),
-) -> dg.MaterializeResult:
-    """``retain``: the heavy datasets this asset publishes (``graph``, ``features``, ``embeddings``,
-    ``user_embeddings``: folders under ``settings.home``); once every day is published, OMNISAGE_RETENTION_DAYS
-    retention (omnisage_pipeline.retention) removes their expired partitions, never one that a reader leased
-    or a running job reads, and reports what it removed in the metadata."""
+) -> Iterator:
+    """Generator: ``yield from materialize_days(...)`` in the asset body.
+
+    ``retain``: the heavy datasets this asset publishes (``graph``, ``features``, ``embeddings``,
+    ``user_embeddings``: folders under ``settings.home``). A day already outside their retention horizon
+    is refused before anything runs (``omnisage_pipeline.retention.refuse_expired_days``); once every day
+    is published, OMNISAGE_RETENTION_DAYS retention removes their expired partitions, never one that a
+    reader leased or a running job reads, and reports what it removed in the last day's metadata."""
     if retain and settings is None:
-        raise ValueError("materialize_days: retain= needs settings= (OMNISAGE_RETENTION_DAYS, the dataset folders)")
+        raise ValueError(
+            "materialize_days: retain= needs settings= (OMNISAGE_RETENTION_DAYS, the dataset folders)"
+        )
     days = partition_keys(context)
-    results = {}
+    if retain:
+        from omnisage_pipeline.retention import refuse_expired_days
+
+        refuse_expired_days(settings, retain, days, log=context.log.warning)
+    results: dict[str, DayResult] = {}
     for day in days:
         context.log.info(f"{context.asset_key.to_user_string()}: dt={day}")
-        results[day] = run_day(day)
-    last = results[days[-1]]
-    retention = {}
+        try:
+            results[day] = run_day(day)
+        except BlockingCheckFailed as exc:
+            yield from merge_check_results({**results, day: DayResult(check_results=exc.results)})
+            raise dg.Failure(description=f"{context.asset_key.to_user_string()}: {exc}") from exc
+        result = results[day]
+        if not result.published:
+            yield dg.AssetObservation(asset_key=context.asset_key, partition=day, metadata=result.metadata)
+        elif len(days) > 1:
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key, partition=day, metadata=result.metadata
+            )
     if retain:
         from omnisage_pipeline.retention import retention_metadata
 
-        retention = retention_metadata(context, settings, retain, days)
-    if len(days) == 1:
-        return dg.MaterializeResult(metadata={**last.metadata, **retention}, check_results=last.check_results)
+        results[days[-1]].metadata.update(retention_metadata(context, settings, retain, days))
+    checks = merge_check_results(results)
+    unpublished = [day for day, r in results.items() if not r.published]
+    if unpublished:
+        context.log.info(f"not materialized (nothing published by this step): dt={', dt='.join(unpublished)}")
+        yield from checks
+        return
+    for day, result in results.items():
+        context.add_asset_metadata(result.metadata, partition_key=day)
+    yield dg.MaterializeResult(check_results=checks)
 
-    # A range: the last day's figures as they are, and every day's under "partitions".
-    metadata = dict(last.metadata)
-    metadata.update(retention)
-    metadata["partitions"] = dg.MetadataValue.json(
-        {day: {k: _plain(v) for k, v in r.metadata.items()} for day, r in results.items()}
-    )
-    merged: dict[tuple, list[tuple[str, dg.AssetCheckResult]]] = {}
+
+def merge_check_results(results: dict[str, DayResult]) -> list[dg.AssetCheckResult]:
+    """One result per check (Dagster takes one per check and step): a single day's as it is; over a range,
+    failed if any day failed, with the failed days and every day's figures in the metadata."""
+    per_check: dict[tuple, list[tuple[str, dg.AssetCheckResult]]] = {}
     for day, r in results.items():
         for check in r.check_results:
-            merged.setdefault((check.asset_key, check.check_name), []).append((day, check))
-    checks = []
-    for (asset_key, name), per_day in merged.items():
-        failed = [day for day, c in per_day if not c.passed]
-        checks.append(
+            per_check.setdefault((check.asset_key, check.check_name), []).append((day, check))
+    merged = []
+    for per_day in per_check.values():
+        if len(per_day) == 1:
+            merged.append(per_day[0][1])
+            continue
+        failed = [(day, c) for day, c in per_day if not c.passed]
+        first = (failed or per_day)[0][1]
+        merged.append(
             dg.AssetCheckResult(
-                asset_key=asset_key,
-                check_name=name,
+                asset_key=first.asset_key,
+                check_name=first.check_name,
                 passed=not failed,
-                severity=per_day[0][1].severity,
+                severity=first.severity,
                 metadata={
-                    "failed_days": dg.MetadataValue.json(failed),
+                    "failed_days": dg.MetadataValue.json([day for day, _ in failed]),
                     "per_day": dg.MetadataValue.json(
                         {day: {k: _plain(v) for k, v in c.metadata.items()} for day, c in per_day}
                     ),
                 },
-                description=per_day[0][1].description,
+                description=first.description,
             )
         )
-    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+    return merged

@@ -23,7 +23,7 @@ from pydantic import Field
 from assets.daily import DayResult, materialize_days
 from assets.inference import champion_builder, champion_version, load_champion, resolve_device
 from assets.training import PINSAGE_ARTIFACT_PATH
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import list_published, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
@@ -199,9 +199,23 @@ def log_to_mlflow(mlflow: MlflowResource, report: dict, day: str, published: Pat
     client.log_artifact(run_id, str(published / PLOT_FILE), artifact_path=f"reports/dt={day}")
 
 
+def baselines_markdown(report: dict, k: int) -> str:
+    """recall@k of the model and every baseline per task, as a markdown table (null -> n/a)."""
+    from ml.recall_report import recall_of
+
+    systems = [("model", report["tasks"]), *report.get("baselines", {}).items()]
+    tasks = sorted({t for _, per_task in systems for t in per_task})
+    lines = [f"| system | {' | '.join(tasks)} |", "| --- |" + " ---: |" * len(tasks)]
+    for name, per_task in systems:
+        cells = [recall_of(per_task[t], k) if t in per_task else None for t in tasks]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     deps=[
         dg.AssetDep("omnisage_model"),
         dg.AssetDep("training_examples"),
@@ -218,12 +232,15 @@ def log_to_mlflow(mlflow: MlflowResource, report: dict, day: str, published: Pat
     ],
     group_name="evaluation",
     kinds={"pytorch", "mlflow"},
+    owners=["team:omnisage-ml"],
+    tags={"layer": "evaluation"},
+    code_version="recall-report-2",
     description="recall@10 of the champion per task on the day's held-out sets (4.2.1) and of the baselines "
     "(random, popularity, co-occurrence, ALS, PinSage-like, oracle) on the same sets: reports/dt=D/recall.json.",
 )
 def recall_report(
     context: dg.AssetExecutionContext, config: RecallReportConfig, storage: StorageResource, mlflow: MlflowResource
-) -> dg.MaterializeResult:
+):
     from ml.recall_report import recall_of, regressions
     from ml.registry import ModelRegistry
 
@@ -254,9 +271,7 @@ def recall_report(
                 else dg.MetadataValue.text("null")
                 for task, entry in report["tasks"].items()
             },
-            "baselines": dg.MetadataValue.json(
-                {name: {t: recall_of(e, k) for t, e in tasks.items()} for name, tasks in report["baselines"].items()}
-            ),
+            "baselines": dg.MetadataValue.md(baselines_markdown(report, k)),
             "report": dg.MetadataValue.md(
                 md + "\n\n![recall over recent days](data:image/png;base64," + base64.b64encode(png).decode() + ")"
             ),
@@ -281,4 +296,4 @@ def recall_report(
         )
         return DayResult(metadata, [check])
 
-    return materialize_days(context, one_day)
+    yield from materialize_days(context, one_day)

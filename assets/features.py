@@ -5,15 +5,20 @@ set and degrees), builds every record in a staging directory (graph_engine.featu
 atomically as ``features/dt=D``. Records exist for every entity with metadata AND every graph node, so
 entities outside the graph still get features (3.4.1) and graph nodes without metadata still get their
 degree.
+
+Blocking check ``every_entity_has_features`` (on the staged store, before publishing): every entity of the
+day - metadata ids UNION graph nodes, as the contract says - has a record.
 """
 
 import dagster as dg
 from pydantic import Field
 
-from assets.daily import DayResult, materialize_days
+from assets.checks import StagedGate, blocking_spec, features_complete
+from assets.daily import ROW_COUNT, DayResult, materialize_days
+from assets.inference import day_entities
 from graph_engine.feature_store import STORE_MAX_TOKENS, build_feature_store
 from graph_engine.snapshot import GraphSnapshot
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 from omnisage_pipeline.retention import read_lease
@@ -30,29 +35,41 @@ class FeatureStoreConfig(dg.Config):
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("entity_metadata"), dg.AssetKey("graph_snapshot")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
+    check_specs=[
+        blocking_spec("every_entity_has_features", "feature_store", "every metadata entity and graph node has a record")
+    ],
     group_name="graph",
+    kinds={"rocksdb"},
+    owners=["team:omnisage-graph"],
+    tags={"layer": "features"},
+    code_version="feature-store-2",
     description="RocksDB key-value store of every pin's and board's binarised features (text token ids, "
     "float16 image vector, segment, graph degree), including entities outside the graph (paper 3.4.1).",
 )
 def feature_store(
     context: dg.AssetExecutionContext, config: FeatureStoreConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+):
     settings = storage.settings
     run_day = lambda day: _build_day(context, config, settings, day)
-    return materialize_days(context, run_day, settings=settings, retain=("features",))
+    yield from materialize_days(context, run_day, settings=settings, retain=("features",))
 
 
 def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayResult:
     metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
     with read_lease(settings.graph_dir, day) as graph_dir:  # retention never removes a graph being read
         snapshot = GraphSnapshot.open(graph_dir)
-        with publish_partition(settings.features_dir, day) as staging:
+        entities: dict = {}  # filled inside the publish (its start also clears a dead writer's staging)
+        gate = StagedGate(day, lambda staged: [features_complete(staged, entities)])
+        with publish_partition(settings.features_dir, day, validate=gate) as staging:
+            entities.update(day_entities(metadata_dir, snapshot))
             manifest = build_feature_store(
                 metadata_dir, snapshot, staging, max_tokens=config.max_tokens, source_partition=day
             )
         del snapshot
     seconds = manifest["build_seconds"]
     meta = {
+        ROW_COUNT: manifest["entities"],
         "path": dg.MetadataValue.path(str(settings.features_dir / f"dt={day}")),
         "entities": manifest["entities"],
         **{f"entities_{t}": c for t, c in manifest["entities_by_type"].items()},
@@ -72,4 +89,4 @@ def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayRe
         f"feature_store dt={day}: {manifest['entities']} records ({manifest['entities_outside_graph']} outside "
         f"the graph), image_dim={manifest['image_dim']}, {manifest['db_bytes']} bytes in {seconds:.1f}s"
     )
-    return DayResult(meta)
+    return DayResult(meta, gate.results)

@@ -2,8 +2,9 @@
 
 Thin wrappers around ``graph_engine.edge_engine``: the engine (``OMNISAGE_ENGINE``: spark by default,
 or duckdb) is picked by name and used through its interface only; Spark starts only when the Spark
-engine is used. Each asset publishes one partition atomically and carries three blocking checks computed
-on the files it is about to publish: no self loops, only the contract's edge types, weights positive.
+engine is used. Each asset publishes one partition atomically. They carry no asset checks: the rules a
+check could test here hold by construction (the engines drop self loops, write literal edge types and
+weights that are counts >= 1); what can go wrong upstream is checked at ingest.
 
 daily_edges, partition D: ``warehouse/engagement_logs/dt=D`` -> ``warehouse/daily_edges/dt=D``: the day's
     canonical undirected edges weighted by the day's count (contract "Edges").
@@ -21,23 +22,24 @@ import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 from pydantic import Field
 
-from assets.daily import DayResult, materialize_days
+from assets.checks import parquet_rows
+from assets.daily import ROW_COUNT, DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
+from omnisage_pipeline.partitions import (
+    DAILY_BACKFILL_POLICY,
+    DAILY_CHAIN_POOL,
+    daily_partitions,
+    window_keys,
+    window_mapping,
+)
 from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
 
-#: check name -> (key in the engine's "checks" stats, description)
 #: Written into every pruned_edges partition: the held-out pairs the graph leaves out.
 HOLDOUT_FILE = "_holdout.json"
-
-EDGE_CHECKS = {
-    "no_self_loops": ("self_loops", "no edge joins a node to itself"),
-    "only_contract_edge_types": ("unknown_edge_types", "every edge_type is pin_board or pin_pin (contract)"),
-    "weights_positive": ("nonpositive_weights", "every weight is a finite number > 0"),
-}
+OWNERS = ["team:omnisage-graph"]
 
 
 class HoldoutConfig(dg.Config):
@@ -90,19 +92,6 @@ def _engine(storage: StorageResource, pyspark: LazyPySparkResource) -> EdgeEngin
                       scratch_dir=settings.scratch_dir)
 
 
-def _check_specs(asset: str) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=desc)
-            for name, (_, desc) in EDGE_CHECKS.items()]
-
-
-def _check_results(asset: str, checks: dict[str, int]) -> list[dg.AssetCheckResult]:
-    return [
-        dg.AssetCheckResult(check_name=name, asset_key=asset, passed=int(checks[key]) == 0,
-                            metadata={"violating_rows": int(checks[key])}, description=desc)
-        for name, (key, desc) in EDGE_CHECKS.items()
-    ]
-
-
 def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None) -> str:
     """The paper's Table 1 (4.1) as markdown: per node type |V_t| and average degree, per edge type |E_r|
     (undirected edges before pruning; kept directed entries after)."""
@@ -134,16 +123,19 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     partitions_def=daily_partitions,
     deps=[dg.AssetDep("engagement_logs")],
     backfill_policy=DAILY_BACKFILL_POLICY,
-    check_specs=_check_specs("daily_edges"),
+    pool=DAILY_CHAIN_POOL,
     group_name="graph",
-    kinds={"parquet"},
+    kinds={"parquet", "duckdb", "spark"},
+    owners=OWNERS,
+    tags={"layer": "graph"},
+    code_version="daily-edges-2",
     description="The day's typed, weighted, undirected edges (paper 4.1): pin_board from saves, pin_pin from "
     "related-pins saves/clicks; canonical orientation, weight = the day's count.",
 )
 def daily_edges(
     context: dg.AssetExecutionContext, config: DailyEdgesConfig, storage: StorageResource,
     pyspark: LazyPySparkResource,
-) -> dg.MaterializeResult:
+):
     settings = storage.settings
     engine = _engine(storage, pyspark)
     dataset = settings.warehouse_dataset("daily_edges")
@@ -156,13 +148,14 @@ def daily_edges(
             (staging / HOLDOUT_FILE).write_text(json.dumps(asdict(holdout)))  # pruned_edges checks it
         return _daily_result(engine, dataset, day, stats)
 
-    return materialize_days(context, run_day)
+    yield from materialize_days(context, run_day)
 
 
 def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, Any]) -> DayResult:
     table = stats["table1"]
     return DayResult(
         metadata={
+            ROW_COUNT: parquet_rows([partition_link(dataset, day)]),
             "engine": engine.name,
             "events": stats["events"],
             "held_out_user_events": int(stats.get("held_out_user_events", 0)),
@@ -172,7 +165,6 @@ def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, 
             "table1_json": dg.MetadataValue.json(table),
             "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
         },
-        check_results=_check_results("daily_edges", stats["checks"]),
     )
 
 
@@ -181,17 +173,20 @@ def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, 
     # Nothing-typed input: nothing is loaded through an IO manager; the input only carries the window
     # mapping, so Dagster's lineage and the days this asset reads come from one definition.
     ins={"daily_edges": dg.AssetIn(partition_mapping=window_mapping(), dagster_type=dg.Nothing)},
-    check_specs=_check_specs("pruned_edges"),
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="graph",
-    kinds={"parquet"},
+    kinds={"parquet", "duckdb", "spark"},
+    owners=OWNERS,
+    tags={"layer": "graph"},
+    code_version="pruned-edges-2",
     description="The graph of day D: daily edges of the OMNISAGE_WINDOW_DAYS days ending at D summed, then "
     "degree-based pruning (paper appendix A.1, Algorithm 2); one row per kept directed adjacency entry.",
 )
 def pruned_edges(
     context: dg.AssetExecutionContext, config: PruningConfig, storage: StorageResource,
     pyspark: LazyPySparkResource,
-) -> dg.MaterializeResult:
+):
     settings = storage.settings
     params = config.params()
     daily = settings.warehouse_dataset("daily_edges")
@@ -220,6 +215,7 @@ def pruned_edges(
         before, after = stats["before"], stats["after"]
         return DayResult(
             metadata={
+                ROW_COUNT: parquet_rows([partition_link(dataset, day)]),
                 "engine": engine.name,
                 "window_days": len(window),
                 "window": dg.MetadataValue.json({"first": window[0] if window else None,
@@ -236,7 +232,6 @@ def pruned_edges(
                 "table1_after": dg.MetadataValue.json(after),
                 "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
             },
-            check_results=_check_results("pruned_edges", stats["checks"]),
         )
 
-    return materialize_days(context, run_day)
+    yield from materialize_days(context, run_day)

@@ -40,7 +40,8 @@ and checks whether all N shard files are there; the one that finds them all publ
 (``publish_partition`` of ``embeddings`` and of ``user_embeddings``, the shard files hard-linked in) and
 removes the shard files, still under the lock, so a second finishing worker finds its own shard gone
 (``publish: already_published``) and publishes nothing. A worker that finishes early reports ``publish:
-waiting``. Re-running a failed worker completes the set and triggers the publish; re-running all N workers
+waiting`` as an ``AssetObservation`` of the day, not a materialization (the step yields no output,
+so nothing downstream runs on a partial day). Re-running a failed worker completes the set and triggers the publish; re-running all N workers
 publishes the same content again. With ``num_shards = 1`` (the default) the asset simply publishes.
 
 (No ``from __future__ import annotations`` here: Dagster resolves the Config type from the real annotation.)
@@ -63,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.daily import DayResult, materialize_days
+from assets.daily import ROW_COUNT, DayResult, materialize_days
 from assets.snapshot import NEIGHBORHOODS_DIR, parse_blocks
 from graph_engine.batch import NODE_TYPE_CODE, NODE_TYPES, NeighborhoodLayout
 from graph_engine.batch_builder import BatchBuilder
@@ -103,6 +104,10 @@ class EmbeddingsConfig(dg.Config):
     user_embeddings: bool = Field(default=True, description="also write user_embeddings/dt=D (beyond the paper)")
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
     log_every: int = Field(default=50_000, description="log progress (entities/s) every this many entities")
+    norm_tolerance: float = Field(
+        default=1e-3, gt=0.0,
+        description="blocking check embeddings_valid: largest allowed | ||e|| - 1 | of an entity embedding",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -443,16 +448,19 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def publish_unsharded(settings: Settings, day: str, result: DayEmbeddings, manifest: dict) -> None:
+def publish_unsharded(settings: Settings, day: str, result: DayEmbeddings, manifest: dict, validate=None) -> None:
     """num_shards = 1: publish both datasets directly (users first: the entity partition is the one that
-    marks the day as embedded)."""
-    if result.users is not None:
-        with publish_partition(settings.user_embeddings_dir, day) as staging:
-            pq.write_table(result.users, staging / part_name(0, 1))
-            _write_manifest(staging, manifest)
+    marks the day as embedded). ``validate(staged entities)`` runs before either is swapped in: when it
+    raises, neither dataset changes."""
     with publish_partition(settings.embeddings_dir, day) as staging:
         pq.write_table(result.entities, staging / part_name(0, 1))
         _write_manifest(staging, manifest)
+        if validate is not None:
+            validate(staging)
+        if result.users is not None:
+            with publish_partition(settings.user_embeddings_dir, day) as user_staging:
+                pq.write_table(result.users, user_staging / part_name(0, 1))
+                _write_manifest(user_staging, manifest)
 
 
 def shard_stage_dir(settings: Settings, day: str, stage_key: str) -> Path:
@@ -484,8 +492,10 @@ def publish_if_complete(
     shard_index: int,
     with_users: bool,
     manifest: dict,
+    validate=None,
 ) -> str:
-    """Under an exclusive lock: publish the partition when all shards are staged.
+    """Under an exclusive lock: publish the partition when all shards are staged (``validate``: the check
+    of the staged entity embeddings; when it raises, nothing is published and the shard files stay).
 
     Returns "published" (this worker published), "waiting" (shards missing) or "already_published" (this
     worker's own shard file is gone: another worker published the set, this shard included)."""
@@ -506,15 +516,18 @@ def publish_if_complete(
             }
             if with_users:
                 manifest["users"] = sum(pq.ParquetFile(stage / "users" / n).metadata.num_rows for n in names)
-            if with_users:
-                with publish_partition(settings.user_embeddings_dir, day) as staging:
-                    for i, n in enumerate(names):
-                        _link_or_copy(stage / "users" / n, staging / part_name(i, num_shards))
-                    _write_manifest(staging, manifest)
+            # Entities staged and checked first; users swapped in before them (see publish_unsharded).
             with publish_partition(settings.embeddings_dir, day) as staging:
                 for i, n in enumerate(names):
                     _link_or_copy(stage / "entities" / n, staging / part_name(i, num_shards))
                 _write_manifest(staging, manifest)
+                if validate is not None:
+                    validate(staging)
+                if with_users:
+                    with publish_partition(settings.user_embeddings_dir, day) as user_staging:
+                        for i, n in enumerate(names):
+                            _link_or_copy(stage / "users" / n, user_staging / part_name(i, num_shards))
+                        _write_manifest(user_staging, manifest)
             # Published: the shard files are garbage now. Removed while the lock is held, so a worker waiting
             # on the lock finds no complete set and does not publish again.
             for k in ("entities", "users"):
@@ -536,8 +549,13 @@ def run_day(
     with_users: bool = True,
     log=None,
     log_every: int = 50_000,
+    norm_tolerance: float = 1e-3,
 ) -> dict:
-    """Embed (this shard of) day D and publish (when complete). Returns the day's figures."""
+    """Embed (this shard of) day D and publish (when complete). Returns the day's figures and, under
+    ``check_results``, the blocking ``embeddings_valid`` check evaluated on the staged partition before it
+    was published (none when this shard waits for others)."""
+    from assets.checks import StagedGate, embeddings_valid
+
     check_shard_config(num_shards, shard_index)
     inputs = DayInputs.resolve(settings, day, with_users)
     version = champion_version(loaded)
@@ -566,14 +584,17 @@ def run_day(
         "inputs": {k: str(v) for k, v in vars(inputs).items() if v is not None},
         "embedding_dim": result.stats.get("embedding_dim", 0),
     }
+    expected = result.stats["entities_total_day"]
+    gate = StagedGate(day, lambda staged: [embeddings_valid(staged, expected, version, norm_tolerance)])
     if num_shards == 1:
-        publish_unsharded(settings, day, result, {**manifest, **_count_fields(result.stats)})
+        publish_unsharded(settings, day, result, {**manifest, **_count_fields(result.stats)}, validate=gate)
         outcome = "published"
     else:
         stage = shard_stage_dir(settings, day, stage_key)
         stage_shard(stage, result, shard_index, num_shards)
-        outcome = publish_if_complete(settings, day, stage, num_shards, shard_index, with_users, manifest)
+        outcome = publish_if_complete(settings, day, stage, num_shards, shard_index, with_users, manifest, gate)
     return {
+        "check_results": gate.results,
         **manifest,
         **result.stats,
         "shard_index": shard_index,
@@ -601,14 +622,27 @@ def _count_fields(stats: dict) -> dict:
         dg.AssetDep("entity_metadata"),
         dg.AssetDep("training_examples"),
     ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "embeddings_valid",
+            asset="entity_embeddings",
+            blocking=True,
+            description="finite, unit-norm, one per entity of the day, all from the champion version the run resolved",
+        )
+    ],
+    # A shard that waits for the others publishes nothing: no output, no materialization (assets.daily).
+    output_required=False,
     group_name="inference",
     kinds={"pytorch", "parquet"},
+    owners=["team:omnisage-ml"],
+    tags={"layer": "inference"},
+    code_version="entity-embeddings-2",
     description="Embeddings of every pin and board of the day (metadata + graph; zero-imputed neighbours "
     "outside the graph, paper 3.5) and of the window's active users, with the MLflow champion.",
 )
 def entity_embeddings(
     context: dg.AssetExecutionContext, config: EmbeddingsConfig, storage: StorageResource, mlflow: MlflowResource
-) -> dg.MaterializeResult:
+):
     check_shard_config(config.num_shards, config.shard_index)
     settings = storage.settings
     loaded = load_champion(mlflow.tracking_uri, mlflow.registered_model_name)
@@ -631,7 +665,18 @@ def entity_embeddings(
             with_users=config.user_embeddings,
             log=lambda msg: context.log.info(f"entity_embeddings dt={day}: {msg}"),
             log_every=config.log_every,
+            norm_tolerance=config.norm_tolerance,
         )
+        checks = figures.pop("check_results")
+        if figures["publish"] != "published":
+            # Nothing of this day was published by this worker, so there was nothing to check; Dagster
+            # still takes one result per check and step.
+            checks = [dg.AssetCheckResult(
+                asset_key="entity_embeddings", check_name="embeddings_valid", passed=True,
+                severity=dg.AssetCheckSeverity.WARN, metadata={"evaluated": False, "publish": figures["publish"]},
+                description=f"not evaluated: shard {config.shard_index} {figures['publish']}; the worker that "
+                "publishes the partition checks it",
+            )]  # fmt: skip
         if figures["before_training_cutoff"]:
             context.log.warning(
                 f"dt={day} is before the champion's training partition dt={figures['training_partition']}: "
@@ -647,6 +692,8 @@ def entity_embeddings(
         metadata["inputs"] = dg.MetadataValue.json(figures["inputs"])
         metadata["path"] = dg.MetadataValue.path(str(settings.embeddings_dir / f"dt={day}"))
         metadata["user_path"] = dg.MetadataValue.path(str(settings.user_embeddings_dir / f"dt={day}"))
-        return DayResult(metadata)
+        if figures["partition_complete"]:
+            metadata[ROW_COUNT] = int(figures["entities_total_day"])
+        return DayResult(metadata, checks, published=figures["partition_complete"])
 
-    return materialize_days(context, one_day, settings=settings, retain=("embeddings", "user_embeddings"))
+    yield from materialize_days(context, one_day, settings=settings, retain=("embeddings", "user_embeddings"))

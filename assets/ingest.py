@@ -15,8 +15,12 @@ entity_metadata, partition D:
     and the quarantine as two tables ``warehouse/quarantine/entity_metadata/dt=D/{pins,boards}/`` (pins
     and boards have different columns, so one table per entity type rather than one with an entity column).
 
-Both assets carry a blocking asset check ``rows_accounted``: the row counts of the *published* files
-(recounted from their Parquet footers) must add up to the rows read from the input footers.
+Blocking asset checks, evaluated on the staged valid table before it is published (``assets.checks``):
+``rows_accounted`` (both assets): the row counts of the files about to be published plus the quarantine
+(recounted from their Parquet footers) add up to the rows read from the input footers;
+``quarantine_share`` (engagement_logs): at most ``max_quarantine_fraction`` (config, default 0.2) of the
+day's rows are quarantined; an empty day passes. A refused day's quarantine table is still published (it is
+what explains the refusal); its valid table keeps the previous version.
 A missing ``OMNISAGE_DATA_ROOT`` fails the run; a structurally unreadable input file fails it with a
 ``ContractError`` naming the file and the column.
 """
@@ -24,22 +28,33 @@ A missing ``OMNISAGE_DATA_ROOT`` fails the run; a structurally unreadable input 
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
-from assets.daily import DayResult, materialize_days
+from assets.checks import StagedGate, blocking_spec, parquet_rows, quarantine_share
+from assets.daily import ROW_COUNT, DayResult, materialize_days
 from omnisage_pipeline.contract import (
     ValidationResult,
-    count_rows,
     list_parquet_files,
     validate_boards,
     validate_engagement_logs,
     validate_pins,
     write_table,
 )
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
 ACCOUNTING_CHECK = "rows_accounted"
+QUARANTINE_CHECK = "quarantine_share"
+OWNERS = ["team:omnisage-data"]
+INGEST_CODE_VERSION = "ingest-2"
+
+
+class EngagementLogsConfig(dg.Config):
+    max_quarantine_fraction: float = Field(
+        default=0.2, ge=0.0, le=1.0,
+        description="blocking check quarantine_share: refuse a day whose quarantined share of rows is above this",
+    )  # fmt: skip
 
 
 def _counts_metadata(result: ValidationResult, prefix: str = "") -> dict:
@@ -55,79 +70,92 @@ def _counts_metadata(result: ValidationResult, prefix: str = "") -> dict:
     return meta
 
 
-def _accounting_check(asset: str, rows_read: int, published: list[Path]) -> dg.AssetCheckResult:
-    on_disk = [count_rows(p) for p in published]
-    passed = rows_read == sum(on_disk)
+def _accounting_check(asset: str, rows_read: int, tables: list[Path]) -> dg.AssetCheckResult:
+    on_disk = [parquet_rows([p]) for p in tables]
     return dg.AssetCheckResult(
         check_name=ACCOUNTING_CHECK,
         asset_key=asset,
-        passed=passed,
+        passed=rows_read == sum(on_disk),
         metadata={"rows_read": rows_read, "rows_published": sum(on_disk), "per_table": on_disk},
-        description="rows read == rows kept + rows quarantined (published files recounted)",
+        description="rows read == rows kept + rows quarantined (staged files recounted)",
     )
 
 
-def _check_spec(asset: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(
-        ACCOUNTING_CHECK,
-        asset=asset,
-        blocking=True,
-        description="rows read from the input == rows kept + rows quarantined in the published partition",
+def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
+    return blocking_spec(
+        ACCOUNTING_CHECK, asset, "rows read from the input == rows kept + rows quarantined in the staged partition"
     )
 
 
 @dg.asset(
     partitions_def=daily_partitions,
-    check_specs=[_check_spec("engagement_logs")],
+    check_specs=[
+        _accounting_spec("engagement_logs"),
+        blocking_spec(QUARANTINE_CHECK, "engagement_logs", "quarantined share of the day's rows <= max_quarantine_fraction"),
+    ],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="ingest",
     kinds={"parquet"},
+    owners=OWNERS,
+    tags={"layer": "ingest"},
+    code_version=INGEST_CODE_VERSION,
     description="The day's engagement events, validated against the data contract; bad rows quarantined.",
 )
-def engagement_logs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def engagement_logs(context: dg.AssetExecutionContext, config: EngagementLogsConfig, storage: StorageResource):
     settings = storage.settings
     root = settings.require_data_root()
-    return materialize_days(context, lambda day: _ingest_logs_day(context, settings, root, day))
+    yield from materialize_days(context, lambda day: _ingest_logs_day(context, config, settings, root, day))
 
 
-def _ingest_logs_day(context, settings, root: Path, day: str) -> DayResult:
+def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path, day: str) -> DayResult:
     folder = root / "engagement_logs" / f"dt={day}"
     files = list_parquet_files(folder)
     if not folder.is_dir():
         context.log.warning(f"no day folder {folder}: publishing an empty partition (check OMNISAGE_DATA_ROOT)")
     result = validate_engagement_logs(files, day, root)
-
-    valid_ds = settings.warehouse_dataset("engagement_logs")
-    quarantine_ds = settings.quarantine_dataset("engagement_logs")
-    # Quarantine first: downstream assets read only the valid table, which is swapped last.
-    with publish_partition(quarantine_ds, day) as staging:
-        write_table(result.quarantine, staging)
-    with publish_partition(valid_ds, day) as staging:
-        write_table(result.valid, staging)
-
-    published = [require_published(valid_ds, day), require_published(quarantine_ds, day)]
     if result.rows_quarantined:
         nonzero = {r: c for r, c in result.reason_counts.items() if c}
         context.log.warning(f"{result.rows_quarantined} log rows quarantined: {nonzero}")
+
+    valid_ds = settings.warehouse_dataset("engagement_logs")
+    quarantine_ds = settings.quarantine_dataset("engagement_logs")
+    # Quarantine first and unconditionally (it explains a refused day); the valid table, which downstream
+    # assets read, is checked in staging and swapped last.
+    with publish_partition(quarantine_ds, day) as staging:
+        write_table(result.quarantine, staging)
+    quarantine_dir = require_published(quarantine_ds, day)
+    gate = StagedGate(day, lambda staged: [
+        _accounting_check("engagement_logs", result.rows_read, [staged, quarantine_dir]),
+        quarantine_share("engagement_logs", result.rows_read, result.rows_quarantined, config.max_quarantine_fraction),
+    ])  # fmt: skip
+    with publish_partition(valid_ds, day, validate=gate) as staging:
+        write_table(result.valid, staging)
+
     metadata = _counts_metadata(result)
+    metadata[ROW_COUNT] = result.rows_kept
     metadata["day_folder_present"] = folder.is_dir()
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
-    return DayResult(metadata, [_accounting_check("engagement_logs", result.rows_read, published)])
+    return DayResult(metadata, gate.results)
 
 
 @dg.asset(
     partitions_def=daily_partitions,
-    check_specs=[_check_spec("entity_metadata")],
+    check_specs=[_accounting_spec("entity_metadata")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     group_name="ingest",
     kinds={"parquet"},
+    owners=OWNERS,
+    tags={"layer": "ingest"},
+    code_version=INGEST_CODE_VERSION,
     description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
 )
-def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource):
     settings = storage.settings
     root = settings.require_data_root()
-    return materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day))
+    yield from materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day))
 
 
 def _ingest_metadata_day(context, settings, root: Path, day: str) -> DayResult:
@@ -143,23 +171,26 @@ def _ingest_metadata_day(context, settings, root: Path, day: str) -> DayResult:
     with publish_partition(quarantine_ds, day) as staging:
         write_table(pins.quarantine, staging / "pins")
         write_table(boards.quarantine, staging / "boards")
-    with publish_partition(valid_ds, day) as staging:
+    quarantine_dir = require_published(quarantine_ds, day)
+    rows_read = pins.rows_read + boards.rows_read
+    gate = StagedGate(day, lambda staged: [_accounting_check(
+        "entity_metadata", rows_read,
+        [staged / "pins", staged / "boards", quarantine_dir / "pins", quarantine_dir / "boards"],
+    )])  # fmt: skip
+    with publish_partition(valid_ds, day, validate=gate) as staging:
         write_table(pins.valid, staging / "pins")
         write_table(boards.valid, staging / "boards")
 
-    valid_dir, quarantine_dir = require_published(valid_ds, day), require_published(quarantine_ds, day)
     metadata: dict = {}
     metadata.update(_counts_metadata(pins, "pins."))
     metadata.update(_counts_metadata(boards, "boards."))
-    metadata["rows_read"] = pins.rows_read + boards.rows_read
+    metadata["rows_read"] = rows_read
     metadata["rows_kept"] = pins.rows_kept + boards.rows_kept
     metadata["rows_quarantined"] = pins.rows_quarantined + boards.rows_quarantined
+    metadata[ROW_COUNT] = pins.rows_kept + boards.rows_kept
     metadata["image_dim"] = int(pins.extra.get("image_dim", 0))
     metadata["pins_folder_present"] = present["pins"]
     metadata["boards_folder_present"] = present["boards"]
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
-    published = [valid_dir / "pins", valid_dir / "boards", quarantine_dir / "pins", quarantine_dir / "boards"]
-    return DayResult(
-        metadata, [_accounting_check("entity_metadata", pins.rows_read + boards.rows_read, published)]
-    )
+    return DayResult(metadata, gate.results)

@@ -5,6 +5,10 @@
 sampled once, graph_engine.neighbor_sampler), built together in one staging directory and published in
 one atomic step, so a reader never sees a snapshot without its matching cache.
 
+Blocking check ``graph_coverage`` (on the staged cache, before publishing): at least ``min_coverage`` of the
+graph's nodes have a non-empty neighbourhood N(u); a layout whose blocks miss most node types, or a
+restart probability / budget that leaves neighbourhoods empty, is refused and the previous day stays.
+
 (No `from __future__ import annotations` here: Dagster resolves the Config type from the real annotation.)
 """
 
@@ -14,12 +18,13 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from assets.checks import StagedGate, blocking_spec, graph_coverage
 from assets.daily import DayResult, materialize_days
 from graph_engine.batch import NeighborBlock, NeighborhoodLayout
 from graph_engine.neighbor_sampler import NeighborSampler, build_neighborhood_cache
 from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
+from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
 
@@ -43,6 +48,10 @@ class GraphSnapshotConfig(dg.Config):
         "on pin_board, 50 pins on pin_pin)",
     )
     batch_size: int = Field(default=8192, description="nodes per sampling batch while building the cache")
+    min_coverage: float = Field(
+        default=0.9, ge=0.0, le=1.0,
+        description="blocking check graph_coverage: least share of nodes with a non-empty neighbourhood",
+    )  # fmt: skip
 
 
 def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
@@ -59,16 +68,24 @@ def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
     partitions_def=daily_partitions,
     deps=[dg.AssetKey("pruned_edges")],
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
+    check_specs=[
+        blocking_spec("graph_coverage", "graph_snapshot", "share of nodes with a non-empty neighbourhood >= min_coverage")
+    ],
     group_name="graph",
+    kinds={"numpy"},
+    owners=["team:omnisage-graph"],
+    tags={"layer": "graph"},
+    code_version="graph-snapshot-2",
     description="Memory-mapped CSR snapshot of the day's pruned graph per relation subset, with every node's "
     "heterogeneous forward-push neighbourhood precomputed (paper 3.1.1, 3.4.1).",
 )
 def graph_snapshot(
     context: dg.AssetExecutionContext, config: GraphSnapshotConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+):
     settings = storage.settings
     run_day = lambda day: _build_day(context, config, settings, day)
-    return materialize_days(context, run_day, settings=settings, retain=("graph",))
+    yield from materialize_days(context, run_day, settings=settings, retain=("graph",))
 
 
 def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayResult:
@@ -82,7 +99,8 @@ def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayR
             )
     pruned = require_published(settings.warehouse_dataset("pruned_edges"), day)
 
-    with publish_partition(settings.graph_dir, day) as staging:
+    gate = StagedGate(day, lambda staged: [graph_coverage(staged / NEIGHBORHOODS_DIR, config.min_coverage)])
+    with publish_partition(settings.graph_dir, day, validate=gate) as staging:
         manifest = build_snapshot(pruned, staging, subsets, source_partition=day)
         snapshot = GraphSnapshot.open(staging)
         sampler = NeighborSampler(snapshot, layout, restart_prob=config.restart_prob, budget=config.budget)
@@ -110,4 +128,4 @@ def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayR
         f"graph_snapshot dt={day}: {manifest['num_nodes']} nodes, {manifest['num_entries']} entries, "
         f"sampled every node in {sampling_seconds:.1f}s"
     )
-    return DayResult(meta)
+    return DayResult(meta, gate.results)

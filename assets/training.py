@@ -44,9 +44,10 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from assets.daily import DayResult, materialize_days
+from assets.checks import StagedGate, blocking_spec, examples_per_task
+from assets.daily import ROW_COUNT, DayResult, materialize_days
 from assets.graph import HOLDOUT_FILE
 from assets.snapshot import NEIGHBORHOODS_DIR
 from ml.config import TASK_NAMES
@@ -60,7 +61,13 @@ from ml.training_run import (  # noqa: F401 (re-exported for the report and the 
     TrainingRunConfig,
     task_recalls,
 )
-from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions, window_keys, window_mapping
+from omnisage_pipeline.partitions import (
+    DAILY_BACKFILL_POLICY,
+    DAILY_CHAIN_POOL,
+    daily_partitions,
+    window_keys,
+    window_mapping,
+)
 from omnisage_pipeline.publish import (
     partition_link,
     publish_partition,
@@ -90,6 +97,21 @@ class TrainingExamplesConfig(dg.Config):
     graph_pairs_per_node: int = Field(
         default=_EXAMPLE_DEFAULTS.graph_pairs_per_node, description="graph-pair draws per (node, graph source)"
     )
+    required_tasks: list[str] = Field(
+        default=["entity_entity", "entity_feature"],
+        description="check examples_for_every_task: a task listed here without training examples blocks the "
+        "day (entity_entity: pairs, entity_feature: feature_nodes, user_entity: sequences); an empty task not "
+        "listed is a warning. user_entity is not required by default: its training sequences end before the "
+        "evaluation horizon, so the first days of a data set have none",
+    )
+
+    @field_validator("required_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = sorted(set(tasks) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"training_examples config field 'required_tasks': unknown {unknown}; tasks are {TASK_NAMES}")
+        return tasks
 
     def example_config(self) -> ExampleConfig:
         for name in ("t_max", "future_delta", "eval_horizon_days", "graph_pairs_per_node"):
@@ -104,8 +126,11 @@ class TrainingExamplesConfig(dg.Config):
         )
 
 
-def build_examples_day(settings: Settings, day: str, example_config: ExampleConfig, log=None) -> DayResult:
-    """One day of training_examples (Dagster-free apart from the metadata values)."""
+def build_examples_day(
+    settings: Settings, day: str, example_config: ExampleConfig, log=None, required_tasks=("entity_entity",)
+) -> DayResult:
+    """One day of training_examples (Dagster-free apart from the metadata values and check results).
+    ``required_tasks``: blocking check on the staged tables: each of these tasks has examples."""
     from graph_engine.neighbor_sampler import NeighborhoodCache
     from graph_engine.snapshot import GraphSnapshot
     from ml.training_examples import build_training_examples
@@ -132,7 +157,8 @@ def build_examples_day(settings: Settings, day: str, example_config: ExampleConf
     cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
     dataset = settings.warehouse_dataset("training_examples")
     t0 = time.perf_counter()
-    with publish_partition(dataset, day) as staging:
+    gate = StagedGate(day, lambda staged: [examples_per_task(staged, required_tasks)])
+    with publish_partition(dataset, day, validate=gate) as staging:
         manifest = build_training_examples(
             files,
             metadata_dir / "pins",
@@ -154,6 +180,7 @@ def build_examples_day(settings: Settings, day: str, example_config: ExampleConf
             f"{len(present)} day(s) in {seconds:.1f}s"
         )
     meta: dict[str, Any] = {
+        ROW_COUNT: int(counts.get("pairs", 0)),  # the main table: entity-entity training pairs
         "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
         **{f"rows_{name}": int(n) for name, n in counts.items()},
         "held_out_pairs": int(counts.get("eval_pairs", 0)),
@@ -167,30 +194,40 @@ def build_examples_day(settings: Settings, day: str, example_config: ExampleConf
         "example_config": dg.MetadataValue.json(asdict(example_config)),
         "build_seconds": round(seconds, 3),
     }
-    return DayResult(meta)
+    return DayResult(meta, gate.results)
 
 
 @dg.asset(
     partitions_def=daily_partitions,
     backfill_policy=DAILY_BACKFILL_POLICY,
+    pool=DAILY_CHAIN_POOL,
     deps=[
         dg.AssetDep("engagement_logs", partition_mapping=window_mapping()),
         dg.AssetDep("entity_metadata"),
         dg.AssetDep("graph_snapshot"),
     ],
+    check_specs=[
+        blocking_spec("examples_for_every_task", "training_examples", "every task has training examples (a required one blocks)")
+    ],
     group_name="training",
     kinds={"parquet"},
+    owners=["team:omnisage-ml"],
+    tags={"layer": "training"},
+    code_version="training-examples-2",
     description="Training and held-out examples of day D (paper 3.3, 4.2.1): entity-entity pairs from the graph "
     "and from engagement (tagged with source and segment, weights w_i of eq. 2), user sequences (t_max + Delta), "
     "entity-feature nodes, and the day's entity universe; held out by a stateless hash.",
 )
 def training_examples(
     context: dg.AssetExecutionContext, config: TrainingExamplesConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+):
     settings = storage.settings
     example_config = config.example_config()
-    return materialize_days(
-        context, lambda day: build_examples_day(settings, day, example_config, log=context.log.info)
+    yield from materialize_days(
+        context,
+        lambda day: build_examples_day(
+            settings, day, example_config, log=context.log.info, required_tasks=config.required_tasks
+        ),
     )
 
 
@@ -303,6 +340,9 @@ def train_and_register(settings: Settings, mlflow_resource: MlflowResource, conf
     deps=[dg.AssetDep("training_examples"), dg.AssetDep("graph_snapshot"), dg.AssetDep("feature_store")],
     group_name="training",
     kinds={"pytorch", "mlflow"},
+    owners=["team:omnisage-ml"],
+    tags={"layer": "training"},
+    code_version="omnisage-model-2",
     description="OmniSage model trained on one training_examples partition (paper 3.3-3.4, A.3): one MLflow run "
     "per materialization, registered; alias 'champion' only if its mean recall@10 on the held-out sets is at "
     "least the current champion's (both evaluated now), else 'challenger'.",

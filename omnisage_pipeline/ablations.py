@@ -180,11 +180,12 @@ def build_studies(empty_layout_ok: Optional[bool] = None, blocks: Optional[list[
     if empty_layout_ok is None:
         empty_layout_ok = empty_layout_supported()
     if empty_layout_ok:
-        no_graph = {"graph_snapshot": {"blocks": []}}
+        # min_coverage 0: empty neighbourhoods are this variant's point, not a broken graph.
+        no_graph = {"graph_snapshot": {"blocks": [], "min_coverage": 0.0}}
         no_graph_note = "layout without neighbour blocks"
     else:
         no_graph = {"graph_snapshot": {"subsets": {NO_EDGES_SUBSET: [NO_EDGES_SUBSET]},
-                                       "blocks": [f"{NO_EDGES_SUBSET}:pin:1"]}}  # fmt: skip
+                                       "blocks": [f"{NO_EDGES_SUBSET}:pin:1"], "min_coverage": 0.0}}  # fmt: skip
         no_graph_note = (
             "every neighbourhood empty: one all-padding column (mask False), because a zero-width layout "
             "crashes the model (reshape(..., -1) of 0 elements in ml/encoders.py and ml/tasks/entity_feature.py)"

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from omnisage_pipeline.settings import Settings, configure_process_scratch
+from omnisage_pipeline.settings import Settings, configure_process_scratch, load_settings
 
-_settings = Settings.from_env()
+_settings = load_settings()  # read once: partitions, schedules and resources are built from this object
 configure_process_scratch(_settings)
 
 import assets  # noqa: E402  (after the scratch dirs are set: numba reads NUMBA_CACHE_DIR at import)
 from omnisage_pipeline.jobs import build_daily_pipeline, build_daily_schedule  # noqa: E402
 from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark  # noqa: E402
+from omnisage_pipeline.sensors import champion_embeddings_sensor  # noqa: E402
 from omnisage_pipeline.training_jobs import training_job, training_schedule  # noqa: E402
 
 _asset_modules = assets.ASSET_MODULES
@@ -34,5 +35,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(_asset_modules),
     jobs=[daily_pipeline, training_job],
     schedules=[daily_schedule, training_schedule],
+    sensors=[champion_embeddings_sensor],
     resources=build_resources(_settings),
 )

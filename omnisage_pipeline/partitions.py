@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.settings import load_settings
 
-_settings = Settings.from_env()
+_settings = load_settings()  # the code location's one read of the environment
 
 #: Every daily asset shares these partitions; the start date is read when the definitions load.
 daily_partitions = dg.DailyPartitionsDefinition(start_date=_settings.start_date, timezone="UTC")
@@ -43,3 +43,11 @@ DAILY_BACKFILL_POLICY = dg.BackfillPolicy.single_run()
 def partition_keys(context) -> list[str]:
     """The day(s) an asset invocation materializes, oldest first (one for a daily run, many for a backfill)."""
     return sorted(context.partition_keys)
+
+
+#: Dagster pool of the daily chain (ingest -> ... -> training_examples, and recall_report, which compares
+#: against the previous day's report). The instance the project creates (settings.DEFAULT_DAGSTER_YAML)
+#: enforces pools per run with a limit of 1: runs that touch the chain run one at a time, in launch order,
+#: because day D's graph reads the days before it. entity_embeddings (shard workers) and omnisage_model
+#: are outside the pool and run beside the chain and beside each other.
+DAILY_CHAIN_POOL = "omnisage_daily_chain"

@@ -25,7 +25,7 @@ import re
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,9 +148,17 @@ def list_published(dataset_dir: Path) -> list[str]:
 
 
 @contextmanager
-def publish_partition(dataset_dir: Path, partition_key: str, keep_previous: int = 1) -> Iterator[Path]:
+def publish_partition(
+    dataset_dir: Path,
+    partition_key: str,
+    keep_previous: int = 1,
+    validate: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
     """Yield an empty staging directory; on normal exit publish it atomically as ``dt=<partition_key>``.
 
+    ``validate(staging)`` runs on the finished staging directory before anything moves (the blocking asset
+    checks, ``assets.checks``): when it raises, the staging is removed and the previous version stays
+    published, exactly as when the build itself fails.
     On an exception the staging directory is removed and the previously published version stays.
     ``keep_previous`` older versions are kept after the swap so a reader that opened one just before the
     swap can finish; older ones are deleted.
@@ -172,6 +180,8 @@ def publish_partition(dataset_dir: Path, partition_key: str, keep_previous: int 
     fault_point("begin", dataset)
     try:
         yield staging
+        if validate is not None:
+            validate(staging)
     except BaseException:
         _remove(staging)
         raise

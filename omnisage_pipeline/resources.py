@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
+from pydantic import Field
 
 from ml.tracking import MlflowTarget, prepare_store, sqlite_store_path, store_lock  # noqa: F401 (re-exported)
-from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.settings import DEFAULT_WINDOW_DAYS, DEMO_START_DATE, Settings
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where the pipeline reads input and writes everything (OMNISAGE_HOME / OMNISAGE_DATA_ROOT)."""
+    """Where the pipeline reads input and writes everything (OMNISAGE_HOME / OMNISAGE_DATA_ROOT), and the
+    other contract settings, copied from the code location's one Settings object (``from_settings``);
+    ``settings`` rebuilds it from these fields alone, never from the environment."""
 
     home: str
     data_root: str
     data_root_is_default: bool = False
-    engine: str = "spark"
-    window_days: int = 30
+    engine: Literal["spark", "duckdb"] = "spark"
+    window_days: int = Field(default=DEFAULT_WINDOW_DAYS, ge=1)
     retention_days: int | None = None  # None: OMNISAGE_WINDOW_DAYS (Settings)
+    mlflow_tracking_uri: str = ""  # "": sqlite under home (Settings.from_env's default)
+    spark_master: str = "local[*]"
+    start_date: str = DEMO_START_DATE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StorageResource:
@@ -30,19 +37,22 @@ class StorageResource(dg.ConfigurableResource):
             engine=settings.engine,
             window_days=settings.window_days,
             retention_days=settings.retention_days,
+            mlflow_tracking_uri=settings.mlflow_tracking_uri,
+            spark_master=settings.spark_master,
+            start_date=settings.start_date,
         )
 
     @property
     def settings(self) -> Settings:
-        base = Settings.from_env()
+        home = Path(self.home)
         return Settings(
-            home=Path(self.home),
+            home=home,
             data_root=Path(self.data_root),
             data_root_is_default=self.data_root_is_default,
-            mlflow_tracking_uri=base.mlflow_tracking_uri,
+            mlflow_tracking_uri=self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
             engine=self.engine,
-            spark_master=base.spark_master,
-            start_date=base.start_date,
+            spark_master=self.spark_master,
+            start_date=self.start_date,
             window_days=self.window_days,
             retention_days=self.retention_days,
         )

@@ -444,9 +444,9 @@ def run_partitions(tags: Mapping[str, str], run_config=None, newest_training: st
 def running_partitions(instance, newest_training: str | None = None) -> dict[str, str]:
     """Days read by every run of ``instance`` that has not finished -> 'running job <run id>'."""
     import dagster as dg
-    from dagster._core.storage.dagster_run import FINISHED_STATUSES
 
-    statuses = [s for s in dg.DagsterRunStatus if s not in FINISHED_STATUSES]
+    finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+    statuses = [s for s in dg.DagsterRunStatus if s not in finished]
     out: dict[str, str] = {}
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
         for key in run_partitions(run.tags, run.run_config, newest_training):
@@ -467,6 +467,38 @@ def dataset_dir(settings: Settings, name: str) -> Path:
     if name not in dirs:
         raise ValueError(f"retention manages {', '.join(HEAVY_DATASETS)}, not {name!r}")
     return dirs[name]
+
+
+class ExpiredBackfillError(ValueError):
+    """A run asked for days that retention would remove at its next pass."""
+
+
+def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Iterable[str], log=None) -> None:
+    """Refuse, before any work, days already outside the retention horizon of a heavy dataset: a dataset
+    keeps ``(newest - retention, newest]`` of its published days, so a backfill of an older day would be
+    published and then deleted by the next pass, silently. Days that only fall out of the horizon because
+    this run's own range is longer than the retention are allowed (they are what the range asked for, and
+    the next pass reports them under ``retention_removed``); ``log`` warns about them."""
+    from omnisage_pipeline.publish import list_published
+
+    days = sorted(days)
+    for name in datasets:
+        published = list_published(dataset_dir(settings, name))
+        newest = max(published, default=None)
+        if newest is not None:
+            cutoff = expiry_cutoff(newest, settings.retention_days)
+            expired = [d for d in days if d <= cutoff]
+            if expired:
+                raise ExpiredBackfillError(
+                    f"{name}/: dt={', dt='.join(expired)} is at or before the retention cutoff {cutoff} (newest "
+                    f"published day {newest}, {RETENTION_ENV}={settings.retention_days}): the next retention pass "
+                    f"would delete it. Backfill only days after {cutoff}, or raise {RETENTION_ENV} to keep older "
+                    "days (README, Retention)"
+                )
+        own_cutoff = expiry_cutoff(days[-1], settings.retention_days)
+        if log is not None and days[0] <= own_cutoff:
+            log(f"{name}/: this range is longer than {RETENTION_ENV}={settings.retention_days}: days up to "
+                f"{own_cutoff} are removed by the next retention pass")  # fmt: skip
 
 
 def retention_metadata(context, settings: Settings, datasets: Iterable[str], days: Iterable[str]) -> dict:

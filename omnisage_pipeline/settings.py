@@ -1,12 +1,15 @@
-"""The contract's environment variables (shared/contract.md, "Environment"), read in one place.
+"""The contract's environment variables (README "Data contract" / "Environment"), read in one place.
 
-Dagster-free on purpose: the CLI, the benchmarks and the resources all read the same values.
+Dagster-free on purpose: the CLI, the benchmarks and the resources all read the same values. The Dagster
+code location reads them ONCE, when the definitions load (``load_settings``): the partitions, the graph
+window mapping, the schedules and every resource are built from that one ``Settings`` object, and nothing
+else in the pipeline reads the environment.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -33,10 +36,6 @@ def parse_retention_days(raw: str | None) -> int | None:
         raise SettingsError(f"{RETENTION_ENV}={raw!r} is not an integer (days of graph/features/embeddings kept)") from exc
 
 
-def _retention_from_environ() -> int | None:
-    return parse_retention_days(os.environ.get(RETENTION_ENV))
-
-
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -47,9 +46,10 @@ class Settings:
     spark_master: str
     start_date: str
     window_days: int
-    #: OMNISAGE_RETENTION_DAYS (None or unset = window_days). Read from the process environment when the
-    #: caller does not pass it (StorageResource builds Settings field by field), validated >= window_days.
-    retention_days: int | None = field(default_factory=_retention_from_environ)
+    #: OMNISAGE_RETENTION_DAYS (None = window_days), validated >= window_days.
+    retention_days: int | None = None
+    #: OMNISAGE_TRAIN_CRON: the weekly training schedule (None = omnisage_pipeline.training_jobs' default).
+    train_cron: str | None = None
 
     def __post_init__(self) -> None:
         if self.retention_days is None:
@@ -92,6 +92,7 @@ class Settings:
             start_date=start_date,
             window_days=window_days,
             retention_days=parse_retention_days(env.get(RETENTION_ENV)),
+            train_cron=env.get("OMNISAGE_TRAIN_CRON") or None,
         )
 
     # Output layout (contract "Outputs"): every writer goes through these.
@@ -146,6 +147,18 @@ class Settings:
         return self.data_root
 
 
+_loaded: Settings | None = None
+
+
+def load_settings() -> Settings:
+    """The code location's Settings: read from the environment on the first call (when the definitions
+    load), the same object afterwards. Partitions, schedules and resources are all built from it."""
+    global _loaded
+    if _loaded is None:
+        _loaded = Settings.from_env()
+    return _loaded
+
+
 def configure_process_scratch(settings: Settings) -> None:
     """Point numba's and matplotlib's caches under OMNISAGE_HOME before those libraries are imported."""
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -154,17 +167,21 @@ def configure_process_scratch(settings: Settings) -> None:
 
 
 #: dagster.yaml of the instance the project creates under OMNISAGE_HOME (``prepare_dagster_home``):
-#: - one run at a time: the graph of day D reads the daily edges of the days before it, and a day that is not
-#:   published yet is skipped as missing, so runs of neighbouring days must not overlap (a backfill of a
-#:   range is already one run, see omnisage_pipeline.partitions); queued runs start in launch order;
+#: - the daily chain one run at a time: its assets share the pool ``omnisage_daily_chain``
+#:   (omnisage_pipeline.partitions.DAILY_CHAIN_POOL), and pools are enforced per run with a default limit
+#:   of 1, so a run that touches the chain waits in the queue until no other such run is in progress (the
+#:   graph of day D reads the daily edges of the days before it, and a day not published yet is read as
+#:   missing); queued runs start in launch order. Runs outside the pool - entity_embeddings shard workers,
+#:   omnisage_model trainings - run beside it and beside each other, up to 8 runs in all;
 #: - telemetry off: Dagster's telemetry writes ``~/.dagster/.telemetry`` into the user's home directory
 #:   whatever DAGSTER_HOME says (and the webserver uploads usage data).
 DEFAULT_DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 1
+concurrency:
+  runs:
+    max_concurrent_runs: 8
+  pools:
+    granularity: run
+    default_limit: 1
 telemetry:
   enabled: false
 """

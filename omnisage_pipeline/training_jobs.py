@@ -15,9 +15,9 @@ the definitions load.
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
+
+from omnisage_pipeline.settings import load_settings
 
 TRAINING_JOB_NAME = "train_omnisage_model"
 DEFAULT_TRAIN_CRON = "0 3 * * 1"  # Monday 03:00 UTC
@@ -34,7 +34,7 @@ training_job = dg.define_asset_job(
 def build_training_schedule(cron_schedule: str | None = None) -> dg.ScheduleDefinition:
     """Weekly by default; an invalid cron string fails here, when the definitions load (ScheduleDefinition
     validates it)."""
-    cron = cron_schedule or os.environ.get(TRAIN_CRON_ENV) or DEFAULT_TRAIN_CRON
+    cron = cron_schedule or load_settings().train_cron or DEFAULT_TRAIN_CRON
     return dg.ScheduleDefinition(
         name="weekly_training_schedule",
         job=training_job,

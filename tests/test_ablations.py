@@ -38,8 +38,9 @@ def test_catalogue_matches_the_cli_and_the_asset_defaults():
             assert all("/" not in v.id and v.id not in ("", ".", "..") for v in s.variants)
             assert all(v.paper is not None for v in s.variants), s.id
         no_graph = studies["graph_sources"].variant("no_graph").data["graph_snapshot"]
+        assert no_graph["min_coverage"] == 0.0  # empty neighbourhoods are the point: graph_coverage opened up
         if empty_ok:
-            assert no_graph == {"blocks": []}
+            assert no_graph == {"blocks": [], "min_coverage": 0.0}
         else:  # one padding column over a subset without edges: every neighbourhood is empty
             assert no_graph["subsets"] == {ab.NO_EDGES_SUBSET: [ab.NO_EDGES_SUBSET]}
             assert [b.k for b in parse_blocks(no_graph["blocks"]).blocks] == [1]

@@ -73,3 +73,51 @@ def test_daily_schedule_tick_targets_the_day_that_just_ended():
     with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
         requests = schedule.evaluate_tick(context).run_requests
     assert [r.partition_key for r in requests] == ["2026-03-04"]
+
+
+def test_settings_are_read_once_when_the_definitions_load(tmp_path):
+    """One Settings object: the window mapping, the schedule and every resource come from the environment as
+    it was when the definitions loaded; nothing re-reads it later."""
+    script = """
+import os, dagster as dg
+from omnisage_pipeline.definitions import defs
+from omnisage_pipeline import partitions
+resources = defs.resources
+os.environ.update(OMNISAGE_WINDOW_DAYS="9", OMNISAGE_ENGINE="spark", MLFLOW_TRACKING_URI="sqlite:////elsewhere.db",
+                  OMNISAGE_HOME="/elsewhere", OMNISAGE_SPARK_MASTER="spark://elsewhere:7077")
+settings = resources["storage"].settings
+assert partitions.WINDOW_DAYS == 3 and len(partitions.window_keys("2026-02-10")) == 3
+assert settings.window_days == 3 and settings.engine == "duckdb", settings
+assert settings.mlflow_tracking_uri == "sqlite:///" + os.path.join(os.environ["HOME_AT_LOAD"], "m.db")
+assert str(settings.home) == os.environ["HOME_AT_LOAD"] and settings.spark_master == "local[1]"
+assert resources["mlflow"].tracking_uri == settings.mlflow_tracking_uri
+assert defs.resolve_schedule_def("weekly_training_schedule").cron_schedule == "0 4 * * 2"
+print("ok")
+"""
+    home = tmp_path / "home"
+    env = dict(
+        os.environ, OMNISAGE_HOME=str(home), HOME_AT_LOAD=str(home), OMNISAGE_WINDOW_DAYS="3",
+        OMNISAGE_ENGINE="duckdb", MLFLOW_TRACKING_URI=f"sqlite:///{home / 'm.db'}", OMNISAGE_SPARK_MASTER="local[1]",
+        OMNISAGE_TRAIN_CRON="0 4 * * 2",
+    )  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_path):
+    """The chain's assets share a pool enforced per run with limit 1 (runs touching it are serialised);
+    shard workers (entity_embeddings) and training (omnisage_model) are outside it and run beside it."""
+    from omnisage_pipeline.partitions import DAILY_CHAIN_POOL
+    from omnisage_pipeline.settings import prepare_dagster_home
+
+    graph = _defs().resolve_asset_graph()
+    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
+    outside = {"entity_embeddings", "omnisage_model"}
+    for name, asset_pools in pools.items():
+        assert asset_pools == (set() if name in outside else {DAILY_CHAIN_POOL}), (name, asset_pools)
+    with dg.DagsterInstance.from_config(str(prepare_dagster_home(tmp_path / "dagster"))) as instance:
+        config = instance.get_concurrency_config()
+        assert config.pool_config.pool_granularity.value == "run"
+        assert config.pool_config.default_pool_limit == 1
+        assert config.run_queue_config.max_concurrent_runs > 1  # shard runs and training beside the chain

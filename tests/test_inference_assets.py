@@ -218,11 +218,20 @@ def test_two_shards_publish_once_with_the_unsharded_content(world, home):
     whole_users = _read_sorted(settings.user_embeddings_dir, day, ["user_id"])
     first_version = published_path(settings.embeddings_dir, day)
 
-    m0 = _metadata(_materialize(day, _shard_config(2, 0)))
+    waiting = _materialize(day, _shard_config(2, 0))
+    # A waiting shard published nothing: an observation of the day, no materialization, check not evaluated.
+    assert not waiting.asset_materializations_for_node("entity_embeddings")
+    (observation,) = waiting.asset_observations_for_node("entity_embeddings")
+    m0 = {k: getattr(v, "value", v) for k, v in observation.metadata.items()}
     assert m0["publish"] == "waiting" and m0["partition_complete"] is False
+    (check,) = waiting.get_asset_check_evaluations()
+    assert check.metadata["evaluated"].value is False and check.severity == dg.AssetCheckSeverity.WARN
     assert published_path(settings.embeddings_dir, day) == first_version  # nothing published by shard 0 alone
-    m1 = _metadata(_materialize(day, _shard_config(2, 1)))
-    assert m1["publish"] == "published"
+    completing = _materialize(day, _shard_config(2, 1))
+    m1 = _metadata(completing)
+    assert m1["publish"] == "published" and m1["dagster/row_count"] == whole.num_rows
+    (check,) = completing.get_asset_check_evaluations()
+    assert check.passed and check.metadata["rows"].value == whole.num_rows
     # Each shard embedded a disjoint, non-trivial part of the day.
     assert 0 < m0["entities"] < whole.num_rows and m0["entities"] + m1["entities"] == whole.num_rows
     assert m0["users"] + m1["users"] == whole_users.num_rows
@@ -327,3 +336,60 @@ def test_a_champion_without_the_user_task_embeds_entities_only(world, home, tmp_
     settings = Settings.from_env()
     assert _read_sorted(settings.embeddings_dir, art.day, ["entity_type", "entity_id"]).num_rows > 0
     assert published_path(settings.home / "user_embeddings", art.day) is None
+
+
+_SHARD_RUN = """
+import sys, dagster as dg
+from assets.inference import entity_embeddings
+from omnisage_pipeline.resources import MlflowResource, StorageResource
+from omnisage_pipeline.settings import Settings
+settings = Settings.from_env()
+with dg.DagsterInstance.from_config(sys.argv[1]) as instance:
+    result = dg.materialize(
+        [entity_embeddings], partition_key=sys.argv[2], instance=instance,
+        resources={"storage": StorageResource.from_settings(settings), "mlflow": MlflowResource.from_settings(settings)},
+        run_config={"ops": {"entity_embeddings": {"config": {"num_shards": 2, "shard_index": int(sys.argv[3])}}}},
+    )
+    print("ok" if result.success else "failed")
+"""
+
+
+def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, tmp_path):
+    """Two shard workers of one day running at the same time, recorded in one instance: the day is published
+    once with both shards, and no run records a materialization of an incomplete partition."""
+    import os
+    import subprocess
+    import sys
+
+    day = world["art"].day
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    dg.DagsterInstance.from_config(str(dagster_home)).dispose()  # create the storage before two processes share it
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SHARD_RUN, str(dagster_home), day, str(i)], env=dict(os.environ),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+
+    settings = Settings.from_env()
+    published = published_path(settings.embeddings_dir, day)
+    assert sorted(p.name for p in published.glob("*.parquet")) == [
+        "part-00000-of-00002.parquet", "part-00001-of-00002.parquet",
+    ]  # fmt: skip
+    table = pq.read_table(published)
+    keys = set(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))
+    assert len(keys) == table.num_rows > 0
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("entity_embeddings"), asset_partitions=[day]), limit=10
+        ).records
+        assert 1 <= len(records) <= 2
+        for record in records:
+            meta = record.asset_materialization.metadata
+            assert meta["partition_complete"].value is True
+            assert meta["dagster/row_count"].value == table.num_rows
+        runs = instance.get_runs()
+        assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)

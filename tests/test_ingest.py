@@ -505,9 +505,10 @@ def test_engagement_logs_asset_publishes_valid_and_quarantine_with_exact_counts(
         f"engagement_logs/dt={DAY}/part-0.parquet",
         f"engagement_logs/dt={DAY}/part-1.parquet",
     ]
-    (check,) = result.get_asset_check_evaluations()
-    assert check.check_name == "rows_accounted" and check.passed
-    assert check.metadata["rows_published"].value == 30
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    check = checks["rows_accounted"]
+    assert check.passed and check.metadata["rows_published"].value == 30
+    assert checks["quarantine_share"].passed  # 3 of 30 quarantined: 0.1 <= 0.2
     settings = Settings.from_env()
     valid = pq.read_table(published_path(settings.warehouse_dataset("engagement_logs"), DAY))
     quarantine = pq.read_table(published_path(settings.quarantine_dataset("engagement_logs"), DAY))

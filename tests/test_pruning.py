@@ -341,7 +341,7 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
         result = dg.materialize([daily_edges, pruned_edges], partition_key=key, resources=resources,
                                 selection=[daily_edges])
         assert result.success
-        assert all(c.passed for c in result.get_asset_check_evaluations())
+        assert not result.get_asset_check_evaluations()  # no check that could fail here (assets/graph.py)
     empty_dir = require_published(settings.warehouse_dataset("daily_edges"), empty)
     assert pq.read_table(sorted(empty_dir.glob("*.parquet"))).num_rows == 0
 
@@ -350,9 +350,6 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
                             tags={"dagster/asset_partition_range_start": "2026-02-09",
                                   "dagster/asset_partition_range_end": day})
     assert result.success
-    checks = result.get_asset_check_evaluations()
-    assert {c.check_name for c in checks} == {"no_self_loops", "only_contract_edge_types", "weights_positive"}
-    assert all(c.passed for c in checks)
     # 02-09's window is 01-11..02-09: the 02-10 day is not in it yet.
     assert set(read_rows(require_published(settings.warehouse_dataset("pruned_edges"), "2026-02-09"))) == {
         ("pin", 1, "board", 1, "pin_board", 2.0), ("board", 1, "pin", 1, "pin_board", 2.0),
@@ -364,10 +361,11 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
         ("pin", 2, "board", 1, "pin_board", 1.0), ("board", 1, "pin", 2, "pin_board", 1.0),
         ("pin", 2, "pin", 3, "pin_pin", 1.0), ("pin", 3, "pin", 2, "pin_pin", 1.0),
     }  # pin 9 / board 9 only on 01-01, outside the window
-    mat = result.asset_materializations_for_node("pruned_edges")[0]
-    meta = mat.metadata
+    per_day = {m.partition: m.metadata for m in result.asset_materializations_for_node("pruned_edges")}
+    meta = per_day[day]
     assert meta["kept_fraction"].value == 1.0
-    assert meta["window"].value["present"] == [inside, empty, day]  # the last day's figures
-    assert meta["partitions"].value["2026-02-09"]["window"]["present"] == [inside, empty]
+    assert meta["window"].value["present"] == [inside, empty, day]  # each day its own figures
+    assert per_day["2026-02-09"]["window"].value["present"] == [inside, empty]
+    assert meta["dagster/row_count"].value == 6 and per_day["2026-02-09"]["dagster/row_count"].value == 4
     assert meta["table1_after"].value["node_types"]["board"] == {"nodes": 1, "entries": 2, "avg_degree": 2.0}
     assert "| pin_board |" in meta["table1"].value

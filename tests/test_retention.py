@@ -343,3 +343,30 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
     release_lease(lease)
     assert retention.main([]) == 0
     assert list_published(settings.graph_dir) == five[3:]
+
+
+def test_backfill_older_than_the_horizon_is_refused_before_any_work(omnisage_env, monkeypatch):
+    """Retention keeps (newest - retention, newest] of the published days: an older day would be published
+    and deleted by the next pass, so the asset refuses it at launch, naming the cutoff and the variable."""
+    from assets.snapshot import graph_snapshot
+    from omnisage_pipeline.resources import StorageResource
+    from omnisage_pipeline.retention import ExpiredBackfillError, refuse_expired_days
+
+    monkeypatch.setenv("OMNISAGE_WINDOW_DAYS", "3")
+    monkeypatch.setenv("OMNISAGE_RETENTION_DAYS", "3")
+    settings = Settings.from_env()
+    publish_days(settings.graph_dir, TEN[5:])  # graph/ holds days 5..9: cutoff = day 6
+    with pytest.raises(ExpiredBackfillError, match=rf"dt={TEN[6]} is at or before the retention cutoff {TEN[6]}"):
+        refuse_expired_days(settings, ["graph"], [TEN[6], TEN[7]])
+    refuse_expired_days(settings, ["graph"], [TEN[7]])  # inside the horizon: allowed
+    refuse_expired_days(settings, ["features"], [TEN[0]])  # nothing published there yet: allowed
+
+    result = dg.materialize([graph_snapshot], partition_key=TEN[2], raise_on_error=False,
+                            resources={"storage": StorageResource.from_settings(settings)})  # fmt: skip
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message
+    assert "ExpiredBackfillError" in failure.step_failure_data.error.cause.cls_name
+    assert f"dt={TEN[2]}" in message and "OMNISAGE_RETENTION_DAYS=3" in message
+    assert list_published(settings.graph_dir) == TEN[5:]  # nothing built, nothing removed
+    assert not result.get_asset_materialization_events()

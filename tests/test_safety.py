@@ -336,8 +336,10 @@ def test_a_partition_writes_nothing_outside_omnisage_home_and_tmp(tmp_path):
         assert published_path(home / dataset, DAY) is not None, dataset
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         assert instance.get_materialized_partitions(dg.AssetKey("training_examples")) == {DAY}
-        # ... in the instance the project creates: one run at a time, no telemetry (~/.dagster stays unused).
-        assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs == 1
+        # ... in the instance the project creates: the daily chain one run at a time (its pool, enforced per
+        # run with limit 1), no telemetry (~/.dagster stays unused).
+        pools = instance.get_concurrency_config().pool_config
+        assert pools.pool_granularity.value == "run" and pools.default_pool_limit == 1
         assert not instance.telemetry_enabled
 
 
