@@ -44,7 +44,7 @@ from typing import Any
 
 from ml.config import TASK_NAMES
 from ml.tracking import MlflowTarget, store_lock
-from ml.validation import split_validation
+from ml.validation import keep_trained_sources, split_validation
 
 MODEL_ARTIFACT_PATH = "model"
 #: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
@@ -315,6 +315,7 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
     data, validation = split_validation(
         load_training_examples(inputs.examples_dir), config.validation_fraction, seed=config.eval_seed
     )
+    validation = keep_trained_sources(validation, config.source_weights)
     device = resolve_device(config.device)
     preset_name, model_config, train_config = _configs(config, device, features.image_dim, cache.layout)
     loader = make_loader(data, builder, config, config.tasks, model_config.sequence.max_len, device)

@@ -110,3 +110,17 @@ def validation_counts(validation: TrainingData) -> dict[str, int]:
         "entity_feature": validation.eval_feature_nodes.num_rows,
         "user_entity": users,
     }
+
+
+def keep_trained_sources(validation: TrainingData, source_weights: dict[str, float] | None) -> TrainingData:
+    """Validation pairs only of the pair sources the run trains on (eq. 2 weight w_i > 0; sources the
+    mapping does not name keep the partition's weights): a run that weighs only engagement pairs is selected
+    on engagement pairs, not on graph pairs it was told to ignore."""
+    if not source_weights:
+        return validation
+    off = [s for s, w in source_weights.items() if w <= 0]
+    if not off:
+        return validation
+    pairs = validation.eval_pairs
+    keep = pc.invert(pc.is_in(pairs["source"], value_set=pa.array(off, pa.string())))
+    return dataclasses.replace(validation, eval_pairs=pairs.filter(keep))

@@ -17,7 +17,7 @@ from ml.data import small_layout, synthetic_task_batches
 from ml.model import OmniSageModel
 from ml.model_io import load_model_dir, save_model_dir
 from ml.train import ModelSelection, Trainer
-from ml.validation import split_validation, validation_counts
+from ml.validation import keep_trained_sources, split_validation, validation_counts
 
 IMG = 4
 
@@ -154,3 +154,12 @@ def test_warm_start_loads_the_champions_weights_and_sketches(tmp_path, omnisage_
     other = model.config.replace(out_dim=16)
     miss, why = champion_warm_start(uri, "omnisage", other, small_layout())
     assert miss is None and "does not fit" in why and "from scratch" in why
+
+
+def test_validation_pairs_follow_the_sources_the_run_trains_on(data):
+    _, val = split_validation(data, 0.3, seed=0)
+    sources = set(val.eval_pairs["source"].to_pylist())
+    assert "engagement_pin_pin" in sources and len(sources) > 1
+    only = keep_trained_sources(val, {s: (1.0 if s == "engagement_pin_pin" else 0.0) for s in sources})
+    assert set(only.eval_pairs["source"].to_pylist()) == {"engagement_pin_pin"}
+    assert keep_trained_sources(val, None).eval_pairs.num_rows == val.eval_pairs.num_rows
