@@ -23,38 +23,56 @@ from omnisage_pipeline.serving.index import IndexParams
 
 class AnnIndexConfig(dg.Config):
     index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
-        default="auto",
+        default=IndexParams.index_type,
         description="'auto': flat up to flat_max_vectors, hnsw above, ivfpq under memory_budget_mb",
     )
     flat_max_vectors: int = Field(
-        default=20_000, ge=1, description="largest type indexed exactly (IndexFlatIP)"
+        default=IndexParams.flat_max_vectors, ge=1, description="largest type indexed exactly (IndexFlatIP)"
     )
-    hnsw_m: int = Field(default=32, ge=4, le=256, description="HNSW links per node (M)")
-    hnsw_ef_construction: int = Field(default=64, ge=8, description="HNSW efConstruction")
-    hnsw_ef_search: int = Field(default=64, ge=1, description="HNSW efSearch (the start of the tuning)")
-    ivf_nlist: int = Field(default=0, ge=0, description="IVF lists; 0 = 4 sqrt(n), at most n / 39")
-    ivf_nprobe: int = Field(default=16, ge=1, description="IVF lists probed (the start of the tuning)")
+    hnsw_m: int = Field(default=IndexParams.hnsw_m, ge=4, le=256, description="HNSW links per node (M)")
+    hnsw_ef_construction: int = Field(
+        default=IndexParams.hnsw_ef_construction, ge=8, description="HNSW efConstruction"
+    )
+    hnsw_ef_search: int = Field(
+        default=IndexParams.hnsw_ef_search, ge=1, description="HNSW efSearch (the start of the tuning)"
+    )
+    ivf_nlist: int = Field(
+        default=IndexParams.ivf_nlist, ge=0, description="IVF lists; 0 = 4 sqrt(n), at most n / 39"
+    )
+    ivf_nprobe: int = Field(
+        default=IndexParams.ivf_nprobe, ge=1, description="IVF lists probed (the start of the tuning)"
+    )
     pq_m: int = Field(
-        default=0, ge=0, description="PQ sub-quantizers (must divide d); 0 = the largest <= d / 4"
+        default=IndexParams.pq_m,
+        ge=0,
+        description="PQ sub-quantizers (must divide d); 0 = the largest <= d / 4",
     )
-    pq_nbits: int = Field(default=8, ge=4, le=12, description="bits per PQ code")
-    rerank_factor: int = Field(default=4, ge=1, description="ivfpq: k * this candidates re-ranked exactly")
+    pq_nbits: int = Field(default=IndexParams.pq_nbits, ge=4, le=12, description="bits per PQ code")
+    rerank_factor: int = Field(
+        default=IndexParams.rerank_factor, ge=1, description="ivfpq: k * this candidates re-ranked exactly"
+    )
     memory_budget_mb: float | None = Field(
-        default=None,
+        default=IndexParams.memory_budget_mb,
         gt=0,
         description="in-memory index budget (all types); over it the largest types use ivfpq",
     )
-    train_sample: int = Field(default=100_000, ge=256, description="ivfpq training vectors (seeded sample)")
+    train_sample: int = Field(
+        default=IndexParams.train_sample, ge=256, description="ivfpq training vectors (seeded sample)"
+    )
     check_queries: int = Field(
-        default=1000, ge=10, description="sampled query entities per type for the check"
+        default=CheckParams.queries, ge=10, description="sampled query entities per type for the check"
     )
-    min_recall: float = Field(default=0.95, ge=0.0, le=1.0, description="the check's minimum recall@10")
+    min_recall: float = Field(
+        default=CheckParams.min_recall, ge=0.0, le=1.0, description="the check's minimum recall@10"
+    )
     tune_search: bool = Field(
-        default=True, description="double efSearch / nprobe until the tuning sample passes"
+        default=CheckParams.tune, description="double efSearch / nprobe until the tuning sample passes"
     )
-    max_ef_search: int = Field(default=1024, ge=1, description="cap of the efSearch tuning")
+    max_ef_search: int = Field(
+        default=CheckParams.max_ef_search, ge=1, description="cap of the efSearch tuning"
+    )
     faiss_threads: int = Field(default=2, ge=1, description="OpenMP threads of FAISS while building")
-    seed: int = Field(default=0, description="seed of the samples (training, tuning, check)")
+    seed: int = Field(default=IndexParams.seed, description="seed of the samples (training, tuning, check)")
 
     def index_params(self) -> IndexParams:
         names = IndexParams.__dataclass_fields__

@@ -2,8 +2,8 @@
 
 Index type by size (``IndexParams``; the ``ann_index`` asset's config holds the same fields):
 
-- ``flat``  (``IndexFlatIP``): exact; chosen when a type has at most ``flat_max_vectors`` vectors (a scan of
-  20K x 256 floats is ~20 MB per query: still a few ms).
+- ``flat``  (``IndexFlatIP``): exact; chosen when a type has at most ``flat_max_vectors`` vectors (a query scans
+  all of them: 10K x 256 floats = 10 MB, ~2-3 ms on one core; 20K measured ~5 ms median).
 - ``hnsw``  (``IndexHNSWFlat``, M = ``hnsw_m``, efConstruction / efSearch): above that; ~(4 d + 8 M) bytes a
   vector in memory, sub-millisecond queries.
 - ``ivfpq`` (``IndexIVFPQ``: ``ivf_nlist`` lists, ``pq_m`` sub-quantizers of ``pq_nbits`` bits, ``ivf_nprobe``
@@ -37,7 +37,7 @@ METRIC = "inner_product"
 @dataclass(frozen=True)
 class IndexParams:
     index_type: str = "auto"  # auto | flat | hnsw | ivfpq (auto: by size and memory budget)
-    flat_max_vectors: int = 20_000
+    flat_max_vectors: int = 10_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 64

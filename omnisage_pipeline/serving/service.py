@@ -153,6 +153,7 @@ def create_app(holder: IndexHolder, start_polling: bool = True) -> FastAPI:
         if loaded is None:
             raise HTTPException(503, "no index loaded")
         return {"status": "ok", "partition": loaded.partition, "model_version": loaded.model_version,
+                "version": loaded.path.name,
                 "counts": loaded.manifest.get("counts", {})}  # fmt: skip
 
     return app
