@@ -299,6 +299,10 @@ def neighbors(source_type, entity_id, user_id, target_type, k, partition, as_jso
               help="OpenMP threads per search (concurrency comes from concurrent requests).")
 def serve(host: str, port: int, poll_seconds: float, faiss_threads: int) -> None:
     """Serve the newest published ann_index over HTTP (OpenAPI at /docs); switches days without downtime."""
+    import os
+
+    # Before FAISS (and its OpenMP runtime) is loaded: the default for every thread, not only this one.
+    os.environ["OMP_NUM_THREADS"] = str(faiss_threads)
     from omnisage_pipeline.serving.service import serve as run_server
     from omnisage_pipeline.settings import Settings
 

@@ -182,6 +182,22 @@ def publish_embeddings(home: Path, day: str, source: dict[str, Vectors], users: 
             )
 
 
+def test_user_embeddings_of_another_model_are_left_out(tmp_path):
+    from assets.inference import user_table
+
+    publish_embeddings(tmp_path, DAY, random_source(pins=500, boards=100), None, "5")
+    users = random_users()
+    with publish_partition(tmp_path / "user_embeddings", DAY) as staging:  # an older model's users
+        pq.write_table(user_table(users.ids, users.matrix, "4"), staging / "part-00000-of-00001.parquet")
+    logs: list[str] = []
+    manifest = build_day_index(tmp_path / "embeddings", tmp_path / "user_embeddings", tmp_path / "indexes", DAY,
+                               IndexParams(), CheckParams(), log=logs.append)  # fmt: skip
+    assert manifest["counts"]["user"] == 0 and "user_embeddings" not in manifest["inputs"]
+    assert any("model 4" in line for line in logs)
+    with pytest.raises(LookupError, match="no user embeddings"):
+        nearest(open_index(tmp_path / "indexes"), "user", int(users.ids[0]), "pin", 10)
+
+
 @pytest.fixture(scope="module")
 def served_home(tmp_path_factory) -> Path:
     """A home whose indexes/dt=DAY was built (HNSW pins, flat boards) from published embeddings."""

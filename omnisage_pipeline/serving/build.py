@@ -203,6 +203,12 @@ def build_day_index(
     users = None
     if published_path(user_embeddings_dir, day) is not None:
         with read_lease(user_embeddings_dir, day) as path:
-            users = read_user_vectors(path)
-            inputs["user_embeddings"] = os.fspath(path)
+            user_version = model_version_of(path)
+            if user_version == version:
+                users = read_user_vectors(path)
+                inputs["user_embeddings"] = os.fspath(path)
+            elif log is not None:  # e.g. entities re-embedded with user_embeddings off: another model's space
+                log(
+                    f"dt={day}: user embeddings are from model {user_version}, entities from {version}: no users"
+                )
     return publish_index(indexes_dir, day, source, users, params, check, version, {"inputs": inputs}, log)

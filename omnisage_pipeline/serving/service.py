@@ -13,7 +13,9 @@ Day switch: ``IndexHolder`` keeps one immutable ``LoadedIndex``; a background th
 ``poll_seconds`` at the newest ``indexes/dt=D`` link (a readlink, no file read) and, when it names another
 version, loads it completely and then replaces the holder's reference (one assignment, atomic in Python). A
 request takes the reference once and answers from that object, so a request in flight during a swap finishes
-on the old index, and the next one uses the new.
+on the old index, and the next one uses the new. The index files of an old version may be removed
+(retention, a re-publish) while it is still loaded: the index is in memory, and memory-mapped vectors stay
+readable after their file is unlinked (POSIX).
 """
 
 from __future__ import annotations
@@ -107,8 +109,15 @@ class IndexHolder:
             self._thread.join(timeout=5)
 
 
-def create_app(holder: IndexHolder, start_polling: bool = True) -> FastAPI:
-    """The FastAPI app over ``holder`` (``start_polling=False``: the caller refreshes, as the tests do)."""
+def create_app(holder: IndexHolder, start_polling: bool = True, faiss_threads: int = 1) -> FastAPI:
+    """The FastAPI app over ``holder`` (``start_polling=False``: the caller refreshes, as the tests do).
+
+    ``faiss_threads``: OpenMP threads per search. OpenMP keeps this setting per native thread, so each
+    worker thread of the pool sets it on its first request (otherwise it would use every core per query
+    and the concurrent requests would spin against each other)."""
+    import faiss
+
+    per_thread = threading.local()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,6 +129,9 @@ def create_app(holder: IndexHolder, start_polling: bool = True) -> FastAPI:
     app = FastAPI(title="OmniSage embeddings", version="1", lifespan=lifespan)
 
     def answer(route: str, entity_id: int, k: int) -> Answer:
+        if not getattr(per_thread, "threads_set", False):
+            faiss.omp_set_num_threads(faiss_threads)
+            per_thread.threads_set = True
         loaded = holder.current  # taken once: a swap during this request does not affect it
         if loaded is None:
             raise HTTPException(503, f"no published index under {holder.indexes_dir} yet")
@@ -168,4 +180,5 @@ def serve(indexes_dir: Path, host: str = "127.0.0.1", port: int = 8080, poll_sec
 
     # One thread per search: concurrency comes from concurrent requests, not from OpenMP inside one query.
     faiss.omp_set_num_threads(faiss_threads)
-    uvicorn.run(create_app(IndexHolder(indexes_dir, poll_seconds)), host=host, port=port, log_level="warning")
+    app = create_app(IndexHolder(indexes_dir, poll_seconds), faiss_threads=faiss_threads)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
