@@ -64,20 +64,33 @@ def sample_rows(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=min(n, count), replace=False))
 
 
+def exact_kth_scores(source: Vectors, rows: np.ndarray, k: int) -> np.ndarray:
+    """The exact k-th best inner product of each query row (k capped at the number of vectors)."""
+    queries = np.ascontiguousarray(source.matrix[rows])
+    exact, _ = faiss.knn(queries, source.matrix, min(k, len(source)), metric=faiss.METRIC_INNER_PRODUCT)
+    return exact[:, -1:]
+
+
 def recall_at_k(
-    index: TypeIndex, source: Vectors, rows: np.ndarray, k: int, tolerance: float = 1e-4
+    index: TypeIndex,
+    source: Vectors,
+    rows: np.ndarray,
+    k: int,
+    tolerance: float = 1e-4,
+    kth: np.ndarray | None = None,
 ) -> float:
-    """Tie-aware recall@k of ``index`` for the source vectors ``rows`` as queries (module docstring)."""
+    """Tie-aware recall@k of ``index`` for the source vectors ``rows`` as queries (module docstring);
+    ``kth``: ``exact_kth_scores`` of the same rows when already computed."""
     k = min(k, len(source))
     if k == 0 or len(rows) == 0:
         return 1.0
     queries = np.ascontiguousarray(source.matrix[rows])
     found_ids, _ = index.search(queries, k)
-    exact, _ = faiss.knn(queries, source.matrix, k, metric=faiss.METRIC_INNER_PRODUCT)
+    kth = exact_kth_scores(source, rows, k) if kth is None else kth
     pos = np.searchsorted(source.ids, found_ids).clip(0, len(source) - 1)
     known = (found_ids >= 0) & (source.ids[pos] == found_ids)
     true_scores = np.einsum("qkd,qd->qk", source.matrix[pos], queries)
-    hits = known & (true_scores >= exact[:, k - 1 : k] - tolerance)
+    hits = known & (true_scores >= kth - tolerance)
     # an id returned twice (a corrupted id array) counts once
     ordered = np.sort(np.where(hits, found_ids, -1), axis=1)
     repeats = (np.diff(ordered, axis=1) == 0) & (ordered[:, 1:] >= 0)
@@ -95,10 +108,11 @@ def tune_search(index: TypeIndex, source: Vectors, check: CheckParams) -> dict:
     if not caps or not check.tune:
         return settings
     rows = sample_rows(len(source), check.queries, check.seed + 1)
+    kth = exact_kth_scores(source, rows, check.k)
     while True:
         tuned = TypeIndex(index.entity_type, index.kind, index.index, index.ids, index.vectors, settings)
         apply_search_settings(index.index, index.kind, settings)
-        recall = recall_at_k(tuned, source, rows, check.k, check.tolerance)
+        recall = recall_at_k(tuned, source, rows, check.k, check.tolerance, kth)
         if recall >= check.min_recall or all(settings[key] >= cap for key, cap in caps.items()):
             return {**settings, "tuning_recall": round(recall, 4)}
         settings.update({key: min(int(settings[key]) * 2, int(cap)) for key, cap in caps.items()})
