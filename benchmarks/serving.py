@@ -70,7 +70,7 @@ def random_home(
         pq.write_table(user_table(np.arange(users), unit(users), "bench"), staging / "users.parquet")
     t0 = time.perf_counter()
     manifest = build_day_index(root / "embeddings", root / "user_embeddings", root / "indexes", DAY, IndexParams(),
-                               CheckParams(queries=200, min_recall=min_recall), log=print)  # fmt: skip
+                               CheckParams(queries=200, min_recall=min_recall, tune_target=0.95), log=print)  # fmt: skip
     manifest["bench_build_seconds"] = round(time.perf_counter() - t0, 1)
     return manifest
 
@@ -204,7 +204,8 @@ def main() -> None:
         "--min-recall",
         type=float,
         default=0.0,
-        help="the build's check (random vectors are ANN's worst case; the figure is reported)",
+        help="the build's check; the search parameters are tuned toward 0.95 whatever this is (random vectors "
+        "are ANN's worst case: the recall reached is reported)",
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

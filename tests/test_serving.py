@@ -98,6 +98,23 @@ def test_index_search_matches_exact_search(tmp_path, flat_max):
         )
 
 
+def test_search_parameters_are_tuned_up_to_the_check(tmp_path):
+    source = random_source(pins=3000, boards=0)
+    low = IndexParams(flat_max_vectors=1000, hnsw_ef_search=1)  # efSearch 1: far below 0.95 on random vectors
+    with pytest.raises(IndexCheckError, match="pin 0"):
+        publish_index(tmp_path, DAY, source, None, low, CheckParams(tune=False), "7")
+    manifest = publish_index(tmp_path, DAY, source, None, low, CheckParams(), "7")
+    tuned = manifest["types"]["pin"]["params"]
+    assert (
+        tuned["ef_search"] > 1
+        and tuned["tuning_recall"] >= 0.95
+        and manifest["check"]["recall"]["pin"] >= 0.95
+    )
+    assert (
+        LoadedIndex.open(published_path(tmp_path, DAY)).types["pin"].index.hnsw.efSearch == tuned["ef_search"]
+    )
+
+
 def test_ivfpq_reranks_candidates_exactly(tmp_path):
     source = random_source(pins=4000)
     params = IndexParams(index_type="ivfpq", ivf_nlist=32, rerank_factor=4)

@@ -53,7 +53,8 @@ class CheckParams:
     queries: int = 1000  # sampled query entities per type
     k: int = 10
     min_recall: float = 0.95
-    tune: bool = True  # raise ef_search / nprobe (doubling) until the tuning sample reaches min_recall
+    tune: bool = True  # raise ef_search / nprobe (doubling) until the tuning sample reaches the target
+    tune_target: float | None = None  # recall the tuning aims at; None = min_recall
     max_ef_search: int = 1024
     max_rerank_factor: int = 32
     tolerance: float = 1e-4
@@ -99,7 +100,8 @@ def recall_at_k(
 
 def tune_search(index: TypeIndex, source: Vectors, check: CheckParams) -> dict:
     """Double efSearch (hnsw), or nprobe and the re-ranked candidates (ivfpq), until the tuning sample (a
-    different seed from the check's) reaches ``min_recall`` or every cap; returns the search settings."""
+    different seed from the check's) reaches ``tune_target`` (default ``min_recall``) or every cap; returns
+    the search settings."""
     settings = dict(index.settings)
     caps = {
         "hnsw": {"ef_search": check.max_ef_search},
@@ -113,7 +115,8 @@ def tune_search(index: TypeIndex, source: Vectors, check: CheckParams) -> dict:
         tuned = TypeIndex(index.entity_type, index.kind, index.index, index.ids, index.vectors, settings)
         apply_search_settings(index.index, index.kind, settings)
         recall = recall_at_k(tuned, source, rows, check.k, check.tolerance, kth)
-        if recall >= check.min_recall or all(settings[key] >= cap for key, cap in caps.items()):
+        target = check.min_recall if check.tune_target is None else check.tune_target
+        if recall >= target or all(settings[key] >= cap for key, cap in caps.items()):
             return {**settings, "tuning_recall": round(recall, 4)}
         settings.update({key: min(int(settings[key]) * 2, int(cap)) for key, cap in caps.items()})
 
