@@ -43,9 +43,35 @@ ROUTE_MIX = (("/v1/related/pin/", "pin", 0.50), ("/v1/boards/pin/", "pin", 0.20)
              ("/v1/related/board/", "board", 0.15), ("/v1/homefeed/user/", "user", 0.15))  # fmt: skip
 
 
-def random_home(
-    root: Path, pins: int, boards: int, users: int, dim: int, seed: int, min_recall: float
-) -> dict:
+def random_vectors(kind: str, pins: int, boards: int, users: int, dim: int, noise: float, seed: int):
+    """Unit vectors [n, dim] for pins, boards and users.
+
+    ``planted``: the ``large`` synthetic universe's planted latent vectors (32-d, topic and sub-topic
+    clusters: what a perfect model would embed), lifted to ``dim`` by a random orthonormal map (inner
+    products kept) plus isotropic noise of norm ``noise`` (model error), re-normalised. ``uniform``: i.i.d.
+    on the sphere -- no structure at all, the worst case of any ANN index (HNSW needs a huge efSearch)."""
+    rng = np.random.default_rng(seed)
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        return (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+
+    if kind == "uniform":
+        return [unit(rng.standard_normal((n, dim), dtype=np.float32)) for n in (pins, boards, users)]
+    from omnisage_pipeline.synthetic import build_universe
+
+    universe = build_universe("large", seed)
+    latents = [universe.pin_latent[:pins], universe.board_latent[:boards], universe.user_latent[:users]]
+    lift, _ = np.linalg.qr(rng.standard_normal((dim, latents[0].shape[1])))  # orthonormal columns
+    return [
+        unit(
+            z @ lift.T.astype(np.float32)
+            + noise / np.sqrt(dim) * rng.standard_normal((len(z), dim), dtype=np.float32)
+        )
+        for z in latents
+    ]
+
+
+def random_home(root: Path, args) -> dict:
     """Publish random unit embeddings as entity_embeddings would, then build the index like ann_index."""
     import pyarrow.parquet as pq
 
@@ -54,23 +80,20 @@ def random_home(
     from omnisage_pipeline.serving.build import CheckParams, build_day_index
     from omnisage_pipeline.serving.index import IndexParams
 
-    rng = np.random.default_rng(seed)
-
-    def unit(n: int) -> np.ndarray:
-        m = rng.standard_normal((n, dim), dtype=np.float32)
-        return m / np.linalg.norm(m, axis=1, keepdims=True)
-
+    pins, boards, users = random_vectors(args.vectors, args.pins, args.boards, args.users, args.dim, args.noise,
+                                         args.seed)  # fmt: skip
     with publish_partition(root / "embeddings", DAY) as staging:
         pq.write_table(
-            entity_table("pin", 10**9 + np.arange(pins), unit(pins), "bench"), staging / "pins.parquet"
+            entity_table("pin", 10**9 + np.arange(len(pins)), pins, "bench"), staging / "pins.parquet"
         )
-        pq.write_table(entity_table("board", 2 * 10**9 + np.arange(boards), unit(boards), "bench"),
+        pq.write_table(entity_table("board", 2 * 10**9 + np.arange(len(boards)), boards, "bench"),
                        staging / "boards.parquet")  # fmt: skip
     with publish_partition(root / "user_embeddings", DAY) as staging:
-        pq.write_table(user_table(np.arange(users), unit(users), "bench"), staging / "users.parquet")
+        pq.write_table(user_table(np.arange(len(users)), users, "bench"), staging / "users.parquet")
     t0 = time.perf_counter()
+    check = CheckParams(queries=200, min_recall=args.min_recall, tune_target=0.95)
     manifest = build_day_index(root / "embeddings", root / "user_embeddings", root / "indexes", DAY, IndexParams(),
-                               CheckParams(queries=200, min_recall=min_recall, tune_target=0.95), log=print)  # fmt: skip
+                               check, log=print)  # fmt: skip
     manifest["bench_build_seconds"] = round(time.perf_counter() - t0, 1)
     return manifest
 
@@ -207,6 +230,13 @@ def main() -> None:
         help="the build's check; the search parameters are tuned toward 0.95 whatever this is (random vectors "
         "are ANN's worst case: the recall reached is reported)",
     )
+    ap.add_argument(
+        "--vectors",
+        choices=["planted", "uniform"],
+        default="planted",
+        help="planted: the large universe's clustered latents lifted to --dim; uniform: i.i.d.",
+    )
+    ap.add_argument("--noise", type=float, default=0.3, help="planted: norm of the isotropic noise added")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -215,7 +245,7 @@ def main() -> None:
     if args.home is None:
         scratch = Path(tempfile.mkdtemp(prefix="omnisage-serving-bench-"))
         home = scratch / "home"
-        manifest = random_home(home, args.pins, args.boards, args.users, args.dim, args.seed, args.min_recall)
+        manifest = random_home(home, args)
         print(f"built random index in {manifest['bench_build_seconds']} s: "
               f"{ {t: (e['index_type'], e['params']) for t, e in manifest['types'].items()} }, "
               f"check recall {manifest['check']['recall']}")  # fmt: skip
@@ -258,7 +288,8 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
     summary = {
         "benchmark": "serving", "clients": args.clients, "seconds": args.seconds, "target_qps": args.qps,
-        "home": str(args.home) if args.home else None, "counts": {t: len(v) for t, v in ids.items()},
+        "home": str(args.home) if args.home else None,
+        "vectors": None if args.home else args.vectors, "counts": {t: len(v) for t, v in ids.items()},
         "dim": manifest.get("dimension") or args.dim,
         "index": {t: {"index_type": e["index_type"], **e["params"]} for t, e in manifest.get("types", {}).items()},
         "check_recall": manifest.get("check", {}).get("recall"), "build_seconds": manifest.get("bench_build_seconds"),
