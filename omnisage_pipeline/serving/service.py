@@ -21,6 +21,7 @@ readable after their file is unlinked (POSIX).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -85,6 +86,10 @@ class IndexHolder:
         return True
 
     def _poll(self) -> None:
+        try:  # Linux: nice is per thread; loading a new day must not take CPU from the requests
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()
