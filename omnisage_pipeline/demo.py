@@ -79,8 +79,8 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
     }
 
 
-#: Daily assets that read the champion model, so they run after omnisage_model in the demo.
-MODEL_CONSUMERS = ("entity_embeddings", "recall_report")
+#: Daily assets that read the champion model (or its embeddings), so they run after omnisage_model in the demo.
+MODEL_CONSUMERS = ("entity_embeddings", "recall_report", "ann_index")
 
 
 def recall_table(model_metadata: dict) -> str:
@@ -103,6 +103,7 @@ def where_to_look(settings: Settings) -> str:
             f"  features:    {settings.features_dir}",
             f"  embeddings:  {settings.embeddings_dir}",
             f"  reports:     {settings.reports_dir}",
+            f"  indexes:     {settings.indexes_dir}   (omnisage neighbors --type pin --id ID; omnisage serve)",
             "open the Dagster UI (runs of this demo included):",
             f"  OMNISAGE_HOME={settings.home} make dev   # = omnisage dagster dev -h 127.0.0.1 -p 3000",
             "open the MLflow UI:",

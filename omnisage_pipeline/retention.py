@@ -1,8 +1,9 @@
 """Retention of the heavy per-day outputs (``OMNISAGE_RETENTION_DAYS``).
 
 What is removed: the partitions of ``graph/`` (snapshots + neighbourhood caches), ``features/`` (RocksDB
-stores), ``embeddings/`` and ``user_embeddings/`` whose day is ``retention_days`` or more before the newest
-published partition of the same dataset, i.e. a dataset keeps the days ``(newest - retention, newest]``.
+stores), ``embeddings/``, ``user_embeddings/`` and ``indexes/`` (ann_index) whose day is ``retention_days``
+or more before the newest published partition of the same dataset, i.e. a dataset keeps the days
+``(newest - retention, newest]``.
 ``warehouse/`` (validated logs, edges, pruned edges, training examples: small, and what a snapshot is
 re-built from) and ``reports/`` are never touched. The default retention is ``OMNISAGE_WINDOW_DAYS``; a
 smaller value is an error naming the variable (nothing that is still read may expire: the graph, features
@@ -52,7 +53,7 @@ from omnisage_pipeline.publish import partition_link, pid_alive, require_publish
 from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
 
 #: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
-HEAVY_DATASETS = ("graph", "features", "embeddings", "user_embeddings")
+HEAVY_DATASETS = ("graph", "features", "embeddings", "user_embeddings", "indexes")
 LEASES_DIR = ".leases"
 VERSIONS_DIR = ".versions"  # omnisage_pipeline.publish layout
 STAGING_DIR = ".staging"
@@ -60,7 +61,8 @@ RETIRED_PREFIX = "retired."
 
 
 def heavy_dataset_dirs(settings: Settings) -> list[Path]:
-    return [settings.graph_dir, settings.features_dir, settings.embeddings_dir, settings.user_embeddings_dir]
+    return [settings.graph_dir, settings.features_dir, settings.embeddings_dir, settings.user_embeddings_dir,
+            settings.indexes_dir]  # fmt: skip
 
 
 # ==========================================================================================================

@@ -123,6 +123,10 @@ class Settings:
         return self.home / "user_embeddings"
 
     @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
+    @property
     def reports_dir(self) -> Path:
         return self.home / "reports"
 

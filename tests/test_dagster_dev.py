@@ -43,7 +43,7 @@ SINGLE_DAY = DAYS[1]
 BACKFILL_DAYS = DAYS[2:]
 LOCATION = "omnisage"
 JOB = "daily_pipeline"
-MODEL_CONSUMERS = {"entity_embeddings", "recall_report"}
+MODEL_CONSUMERS = {"entity_embeddings", "recall_report", "ann_index"}  # ann_index: from the embeddings
 SECRET = "omnisage-dev-secret-5b1f0c2e"
 TINY_TRAIN = {
     "preset": "small", "steps": 4, "warmup_steps": 1, "batch_size": 16, "num_random_negatives": 16,
@@ -84,6 +84,7 @@ def _outputs(home: Path, asset: str, day: str) -> list[Path]:
         "feature_store": [home / "features"],
         "entity_embeddings": [home / "embeddings", home / "user_embeddings"],
         "recall_report": [home / "reports"],
+        "ann_index": [home / "indexes"],
     }
     assert asset in table, f"daily_pipeline has an asset the contract's Outputs table does not name: {asset}"
     dataset = table[asset]

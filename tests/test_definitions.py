@@ -23,6 +23,7 @@ CONTRACT_ASSET_KEYS = {
     "omnisage_model",
     "entity_embeddings",
     "recall_report",
+    "ann_index",
 }
 
 
