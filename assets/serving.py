@@ -14,10 +14,10 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from assets.daily import DayResult, materialize_days
+from assets.daily import BlockingCheckFailed, DayResult, materialize_days
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
 from omnisage_pipeline.resources import StorageResource
-from omnisage_pipeline.serving.build import CHECK_NAME, CheckParams, build_day_index
+from omnisage_pipeline.serving.build import CHECK_NAME, CheckParams, IndexCheckError, build_day_index
 from omnisage_pipeline.serving.index import IndexParams
 
 
@@ -98,12 +98,15 @@ class AnnIndexConfig(dg.Config):
     ],
     group_name="serving",
     kinds={"faiss"},
+    owners=["team:omnisage-ml"],
+    tags={"layer": "serving"},
+    code_version="ann-index-1",
     description="Per-type FAISS indexes (pin, board) of the day's embeddings plus the users' query vectors: "
     "indexes/dt=D, read by `omnisage neighbors` and `omnisage serve`.",
 )
 def ann_index(
     context: dg.AssetExecutionContext, config: AnnIndexConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+):
     import faiss
 
     settings = storage.settings
@@ -111,8 +114,14 @@ def ann_index(
     params, check = config.index_params(), config.check_params()
 
     def one_day(day: str) -> DayResult:
-        manifest = build_day_index(settings.embeddings_dir, settings.user_embeddings_dir, settings.indexes_dir, day,
-                                   params, check, log=lambda msg: context.log.info(f"ann_index {msg}"))  # fmt: skip
+        try:
+            manifest = build_day_index(settings.embeddings_dir, settings.user_embeddings_dir, settings.indexes_dir,
+                                       day, params, check, log=lambda msg: context.log.info(f"ann_index {msg}"))  # fmt: skip
+        except IndexCheckError as exc:  # recorded as a failed check, then the step fails (assets.daily)
+            failed = dg.AssetCheckResult(check_name=CHECK_NAME, asset_key=dg.AssetKey("ann_index"), passed=False,
+                                         metadata={"recall": dg.MetadataValue.json(exc.recall),
+                                                   "min_recall": check.min_recall}, description=str(exc))  # fmt: skip
+            raise BlockingCheckFailed(day, [failed]) from exc
         recall = manifest["check"]["recall"]
         types = manifest["types"]
         metadata = {
@@ -142,4 +151,4 @@ def ann_index(
         )
         return DayResult(metadata, [result])
 
-    return materialize_days(context, one_day, settings=settings, retain=("indexes",))
+    yield from materialize_days(context, one_day, settings=settings, retain=("indexes",))

@@ -408,3 +408,5 @@ def test_ann_index_asset_fails_the_step_when_the_check_fails(omnisage_env):
     message += failure.step_failure_data.error.message
     assert CHECK_NAME in message and f"dt={day}" in message
     assert published_path(home / "indexes", day) is None
+    evaluations = result.get_asset_check_evaluations()  # the failed check is recorded for the UI
+    assert [(e.check_name, e.passed) for e in evaluations] == [(CHECK_NAME, False)]

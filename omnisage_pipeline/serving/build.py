@@ -45,7 +45,11 @@ CHECK_NAME = "recall_at_10_vs_exact"
 
 
 class IndexCheckError(RuntimeError):
-    """The staged index failed the recall check; nothing was published."""
+    """The staged index failed the recall check; nothing was published. ``recall``: per type."""
+
+    def __init__(self, message: str, recall: dict[str, float] | None = None):
+        super().__init__(message)
+        self.recall = dict(recall or {})
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,8 @@ def publish_index(
             raise IndexCheckError(
                 f"ann_index check {CHECK_NAME!r} failed for dt={day}: recall@{check.k} against exact search "
                 + ", ".join(f"{t} {r:.4f}" for t, r in failing.items())
-                + f" < {check.min_recall}; the staged index was not published"
+                + f" < {check.min_recall}; the staged index was not published",
+                recall,
             )
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         write_manifest(staging, manifest)
