@@ -49,7 +49,7 @@ SYNTHETIC_START, SYNTHETIC_DAYS = "2026-01-01", 7
 #: lambda 0.1 on the synthetic data too: EE 0.131 -> 0.289, EF 0.031 -> 0.039, UE 0.121 -> 0.175 (README).
 PROFILES = {
     "movielens-100k": {
-        "batch_size": 512, "steps": 300, "lambda_f": 0.1, "lambda_s": 0.1, "id_buckets": 1 << 16, "pair_sampling": "count",
+        "batch_size": 512, "steps": 600, "lambda_f": 0.1, "lambda_s": 0.1, "id_buckets": 1 << 16, "pair_sampling": "count",
         "source_weights": {"engagement_pin_pin": 1.0, "engagement_board_pin": 0.0, "graph_pin_pin": 0.0,
                            "graph_pin_board_pin": 0.0, "graph_pin_board": 0.0, "graph_board_pin": 0.0},
     },
