@@ -230,11 +230,10 @@ def _cleanup_versions(
     A version of another live writer (renamed into ``.versions``, its swap still to come) is never touched.
     """
     current = current.resolve()
-    shared = referenced_versions(dataset_dir)  # versions other days link to (or keep as their previous)
     others = [
         v
         for v in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*")
-        if v.resolve() != current and v.resolve() not in shared and not _live_writer(v)
+        if v.resolve() != current and not _live_writer(v)
     ]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     keep: list[Path] = []
@@ -242,8 +241,9 @@ def _cleanup_versions(
         keep = [v for v in others if v.resolve() == previous]
         keep += [v for v in others if v not in keep][: max(keep_previous - len(keep), 0)]
         keep = keep[:keep_previous]
+    shared = referenced_versions(dataset_dir)  # versions other days link to (or keep as their previous)
     for stale in others:
-        if stale not in keep:
+        if stale not in keep and stale.resolve() not in shared:
             _remove(stale)
 
 

@@ -14,10 +14,10 @@ from test_ingest import DAY, board_table, materialization_metadata, pin_table, r
 
 from assets.daily import BlockingCheckFailed
 from assets.ingest import entity_metadata
-from omnisage_pipeline.publish import PREVIOUS_DIR, published_path, require_published
+from omnisage_pipeline.publish import PREVIOUS_DIR, published_path, remove_partition, require_published
 from omnisage_pipeline.retention import apply_retention
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.shared_versions import DIGEST_FILE, files_digest, publish_shared
+from omnisage_pipeline.shared_versions import DIGEST_FILE, _record_previous, files_digest, publish_shared
 
 DAYS = [(date.fromisoformat(DAY) + timedelta(days=i)).isoformat() for i in range(3)]
 
@@ -160,3 +160,24 @@ def test_content_digest_follows_bytes_names_and_code_version(tmp_path):
     assert digest != files_digest(tmp_path, {"pins": [pins / "p1.parquet"], "boards": []}, salt=["v1"])
     pq.write_table(pin_table([1, 3]), pins / "p0.parquet")
     assert digest != files_digest(tmp_path, {"pins": [pins / "p0.parquet"], "boards": []}, salt=["v1"])
+
+
+def test_remove_partition_deletes_a_shared_version_with_its_last_link(tmp_path):
+    ds = tmp_path / "dataset"
+    a = publish_shared(ds, DAYS[0], "A", _writer([1]))
+    publish_shared(ds, DAYS[1], "A", _writer([1]))
+    assert remove_partition(ds, DAYS[0])
+    assert a.version.is_dir() and _pin_ids(ds, DAYS[1]) == [1]
+    assert remove_partition(ds, DAYS[1])
+    assert not a.version.exists() and list((ds / ".versions").iterdir()) == []
+
+
+def test_a_writer_killed_after_recording_the_previous_version_leaves_one_previous(tmp_path):
+    """A writer records ``.previous/dt=D`` before its swap; killed then, the record already names the
+    version still visible. The next publish keeps exactly that one as previous and deletes the older."""
+    ds = tmp_path / "dataset"
+    a = publish_shared(ds, DAYS[0], "A", _writer([1]))
+    b = publish_shared(ds, DAYS[0], "B", _writer([2]))
+    _record_previous(ds, DAYS[0])  # what the killed writer did before dying
+    c = publish_shared(ds, DAYS[0], "C", _writer([3]))
+    assert set((ds / ".versions").iterdir()) == {b.version, c.version} and not a.version.exists()
