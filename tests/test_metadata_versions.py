@@ -181,3 +181,30 @@ def test_a_writer_killed_after_recording_the_previous_version_leaves_one_previou
     _record_previous(ds, DAYS[0])  # what the killed writer did before dying
     c = publish_shared(ds, DAYS[0], "C", _writer([3]))
     assert set((ds / ".versions").iterdir()) == {b.version, c.version} and not a.version.exists()
+
+
+_LINK_KILLED = """
+import sys
+from pathlib import Path
+from omnisage_pipeline.shared_versions import publish_shared
+publish_shared(Path(sys.argv[1]), sys.argv[2], "A", lambda staging: None)
+"""
+
+
+def test_a_writer_killed_right_after_linking_a_shared_version_leaves_a_consistent_dataset(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    ds = tmp_path / "dataset"
+    a = publish_shared(ds, DAYS[0], "A", _writer([1]))
+    b = publish_shared(ds, DAYS[1], "B", _writer([2]))
+    env = {**os.environ, "OMNISAGE_FAULT_PHASE": "swapped"}
+    child = subprocess.run([sys.executable, "-c", _LINK_KILLED, str(ds), DAYS[1]], env=env, check=False)
+    assert child.returncode == -signal.SIGKILL
+    assert require_published(ds, DAYS[1]) == a.version and _pin_ids(ds, DAYS[1]) == [1]
+    assert b.version.is_dir()  # the version visible before the swap, kept for its readers
+    # The next publish of day 2 finds the dataset consistent: B goes, A stays for day 1.
+    c = publish_shared(ds, DAYS[1], "C", _writer([3]))
+    assert set((ds / ".versions").iterdir()) == {a.version, c.version}
+    assert _pin_ids(ds, DAYS[0]) == [1] and _pin_ids(ds, DAYS[1]) == [3]
