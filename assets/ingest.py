@@ -14,6 +14,12 @@ entity_metadata, partition D:
     reported as ``pins_folder_present=False``), writes ``warehouse/entity_metadata/dt=D/{pins,boards}/``
     and the quarantine as two tables ``warehouse/quarantine/entity_metadata/dt=D/{pins,boards}/`` (pins
     and boards have different columns, so one table per entity type rather than one with an entity column).
+    Both are stored once per change, not once per day (``omnisage_pipeline.shared_versions``): the day's
+    content digest is taken over the input files' bytes (names, sizes, sha256) and the validation code
+    version (this module's INGEST_CODE_VERSION, the source of ``omnisage_pipeline.contract``, the pyarrow
+    writer's version); when a published version has that digest, ``dt=D`` links to it and no Parquet byte
+    is written (the checks run again on that version). Config ``reuse_identical_versions=False`` forces a
+    fresh copy.
 
 Blocking asset checks, evaluated on the staged valid table before it is published (``assets.checks``):
 ``rows_accounted`` (both assets): the row counts of the files about to be published plus the quarantine
@@ -25,13 +31,17 @@ A missing ``OMNISAGE_DATA_ROOT`` fails the run; a structurally unreadable input 
 ``ContractError`` naming the file and the column.
 """
 
+import hashlib
+from functools import cache
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 from pydantic import Field
 
 from assets.checks import StagedGate, blocking_spec, parquet_rows, quarantine_share
 from assets.daily import ROW_COUNT, DayResult, materialize_days
+from omnisage_pipeline import contract
 from omnisage_pipeline.contract import (
     ValidationResult,
     list_parquet_files,
@@ -43,6 +53,7 @@ from omnisage_pipeline.contract import (
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
+from omnisage_pipeline.shared_versions import files_digest, publish_shared
 
 ACCOUNTING_CHECK = "rows_accounted"
 QUARANTINE_CHECK = "quarantine_share"
@@ -55,6 +66,21 @@ class EngagementLogsConfig(dg.Config):
         default=0.2, ge=0.0, le=1.0,
         description="blocking check quarantine_share: refuse a day whose quarantined share of rows is above this",
     )  # fmt: skip
+
+
+class EntityMetadataConfig(dg.Config):
+    reuse_identical_versions: bool = Field(
+        default=True,
+        description="link the day to a published version with the same content digest instead of writing "
+        "a new copy; False writes a fresh copy (e.g. to replace a version damaged on disk)",
+    )
+
+
+@cache
+def _validation_code_version() -> tuple[str, ...]:
+    """What, besides the input bytes, decides the validated output's bytes (part of the content digest)."""
+    source = hashlib.sha256(Path(contract.__file__).read_bytes()).hexdigest()
+    return (INGEST_CODE_VERSION, f"contract.py:{source}", f"pyarrow:{pa.__version__}")
 
 
 def _counts_metadata(result: ValidationResult, prefix: str = "") -> dict:
@@ -152,34 +178,36 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     code_version=INGEST_CODE_VERSION,
     description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
 )
-def entity_metadata(context: dg.AssetExecutionContext, storage: StorageResource):
+def entity_metadata(context: dg.AssetExecutionContext, config: EntityMetadataConfig, storage: StorageResource):
     settings = storage.settings
     root = settings.require_data_root()
-    yield from materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day))
+    reuse = config.reuse_identical_versions
+    yield from materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day, reuse))
 
 
-def _ingest_metadata_day(context, settings, root: Path, day: str) -> DayResult:
+def _ingest_metadata_day(context, settings, root: Path, day: str, reuse: bool) -> DayResult:
     present = {kind: (root / kind).is_dir() for kind in ("pins", "boards")}
     for kind, is_there in present.items():
         if not is_there:
             context.log.warning(f"no {root / kind} folder: no {kind} metadata (entities keep empty features)")
-    pins = validate_pins(list_parquet_files(root / "pins"), root)
-    boards = validate_boards(list_parquet_files(root / "boards"), root)
+    files = {kind: list_parquet_files(root / kind) for kind in ("pins", "boards")}
+    pins = validate_pins(files["pins"], root)
+    boards = validate_boards(files["boards"], root)
+    digest = files_digest(root, files, salt=_validation_code_version())
 
     valid_ds = settings.warehouse_dataset("entity_metadata")
     quarantine_ds = settings.quarantine_dataset("entity_metadata")
-    with publish_partition(quarantine_ds, day) as staging:
-        write_table(pins.quarantine, staging / "pins")
-        write_table(boards.quarantine, staging / "boards")
-    quarantine_dir = require_published(quarantine_ds, day)
+    write_quarantine = _pins_and_boards_writer(pins.quarantine, boards.quarantine)
+    quarantine = publish_shared(quarantine_ds, day, digest, write_quarantine, reuse=reuse)
     rows_read = pins.rows_read + boards.rows_read
     gate = StagedGate(day, lambda staged: [_accounting_check(
         "entity_metadata", rows_read,
-        [staged / "pins", staged / "boards", quarantine_dir / "pins", quarantine_dir / "boards"],
+        [staged / "pins", staged / "boards", quarantine.version / "pins", quarantine.version / "boards"],
     )])  # fmt: skip
-    with publish_partition(valid_ds, day, validate=gate) as staging:
-        write_table(pins.valid, staging / "pins")
-        write_table(boards.valid, staging / "boards")
+    write_valid = _pins_and_boards_writer(pins.valid, boards.valid)
+    valid = publish_shared(valid_ds, day, digest, write_valid, validate=gate, reuse=reuse)
+    if valid.reused:
+        context.log.info(f"dt={day}: catalogue unchanged, linked to the published version {valid.version.name}")
 
     metadata: dict = {}
     metadata.update(_counts_metadata(pins, "pins."))
@@ -191,6 +219,26 @@ def _ingest_metadata_day(context, settings, root: Path, day: str) -> DayResult:
     metadata["image_dim"] = int(pins.extra.get("image_dim", 0))
     metadata["pins_folder_present"] = present["pins"]
     metadata["boards_folder_present"] = present["boards"]
+    metadata.update(_version_metadata(valid, quarantine))
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
     return DayResult(metadata, gate.results)
+
+
+def _pins_and_boards_writer(pins: pa.Table, boards: pa.Table):
+    def build(staging: Path) -> None:
+        write_table(pins, staging / "pins")
+        write_table(boards, staging / "boards")
+
+    return build
+
+
+def _version_metadata(valid, quarantine) -> dict:
+    """Which stored version the day shows, and what this run wrote for it (0 bytes when reused)."""
+    return {
+        "reused_version": valid.reused,
+        "version": valid.version.name,
+        "content_digest": valid.digest,
+        "bytes_written": valid.bytes_written + quarantine.bytes_written,
+        "quarantine_reused_version": quarantine.reused,
+    }

@@ -7,6 +7,11 @@ Layout of a dataset directory::
     <dataset>/.versions/dt=D.*     immutable published versions
     <dataset>/.staging/dt=D.*      work in progress; no reader lists dot-directories (Spark, DuckDB and
                                    our own globs skip them)
+    <dataset>/.previous/dt=P       -> the version dt=P showed before its last swap (datasets whose days
+                                   share versions, ``omnisage_pipeline.shared_versions``)
+
+A version may be the target of several ``dt=`` links (days with identical content share one version), so
+no cleanup here deletes a version that a ``dt=`` link or a ``.previous`` record still points to.
 
 A writer builds into a staging directory, renames it into ``.versions`` (same filesystem), then swaps
 the ``dt=D`` symlink with ``os.replace`` -- a single atomic rename(2). A plain rename onto a non-empty
@@ -25,7 +30,7 @@ import re
 import shutil
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +46,7 @@ FAULT_DATASET_ENV = "OMNISAGE_FAULT_DATASET"
 
 _VERSIONS = ".versions"
 _STAGING = ".staging"
+PREVIOUS_DIR = ".previous"
 _PARTITION_RE = re.compile(r"^[0-9A-Za-z_\-]+$")
 
 
@@ -205,6 +211,15 @@ def publish_partition(
     )
 
 
+def referenced_versions(dataset_dir: Path, exclude: Iterable[str] = ()) -> set[Path]:
+    """Resolved version directories that a ``dt=P`` link or a ``.previous/dt=P`` record points to, for
+    every partition P except those in ``exclude``."""
+    dataset_dir = Path(dataset_dir)
+    skip = {f"dt={key}" for key in exclude}
+    links = [*dataset_dir.glob("dt=*"), *(dataset_dir / PREVIOUS_DIR).glob("dt=*")]
+    return {link.resolve() for link in links if link.name not in skip and link.is_symlink() and link.exists()}
+
+
 def _cleanup_versions(
     dataset_dir: Path, partition_key: str, current: Path, previous: Path | None, keep_previous: int
 ) -> None:
@@ -226,21 +241,29 @@ def _cleanup_versions(
         keep = [v for v in others if v.resolve() == previous]
         keep += [v for v in others if v not in keep][: max(keep_previous - len(keep), 0)]
         keep = keep[:keep_previous]
+    shared = referenced_versions(dataset_dir)  # versions other days link to (or keep as their previous)
     for stale in others:
-        if stale not in keep:
+        if stale not in keep and stale.resolve() not in shared:
             _remove(stale)
 
 
 def remove_partition(dataset_dir: Path, partition_key: str) -> bool:
-    """Unpublish a partition (retention): drop the symlink first, then its versions. Returns True if removed."""
+    """Unpublish a partition (retention): drop the symlink first, then its versions (those built for it, and
+    the ones it linked to or kept as previous) that no other partition links to. Returns True if removed."""
     _check_key(partition_key)
     dataset_dir = Path(dataset_dir)
     link = partition_link(dataset_dir, partition_key)
+    previous = dataset_dir / PREVIOUS_DIR / f"dt={partition_key}"
     existed = link.is_symlink()
+    candidates = [p.resolve() for p in (link, previous) if p.is_symlink() and p.exists()]
     if existed:
         link.unlink()
-    for version in (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*"):
-        _remove(version)
+    previous.unlink(missing_ok=True)
+    candidates += (dataset_dir / _VERSIONS).glob(f"dt={partition_key}.*")
+    still_linked = referenced_versions(dataset_dir)
+    for version in candidates:
+        if version.resolve() not in still_linked:
+            _remove(version)
     return existed
 
 

@@ -28,7 +28,9 @@ claimed by one ``rename`` into ``.staging/retired.<pid>.*`` before it is deleted
 never both count it; a pass killed mid-delete leaves a ``retired.*`` entry that the next pass removes).
 A lease that appears between the two checks keeps the version directory; the next pass removes it.
 Orphans of an expired day (``.versions`` entries without a ``dt=D`` link, a dead writer's ``.staging``)
-go too. The embeddings' in-flight shard area (``embeddings/.shards``) is left to the inference asset.
+go too. A version that several days share (``omnisage_pipeline.shared_versions``: ``entity_metadata``)
+is deleted only with the last ``dt=`` link (or ``.previous`` record) pointing to it, whichever day's
+name it carries. The embeddings' in-flight shard area (``embeddings/.shards``) is left to the inference asset.
 
 Where it runs: at the end of the assets that publish these datasets (graph_snapshot, feature_store,
 entity_embeddings; ``assets.daily.materialize_days(..., retain=...)``), after every day of the run was
@@ -44,12 +46,18 @@ import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from omnisage_pipeline.publish import partition_link, pid_alive, require_published
+from omnisage_pipeline.publish import (
+    PREVIOUS_DIR,
+    partition_link,
+    pid_alive,
+    referenced_versions,
+    require_published,
+)
 from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
 
 #: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
@@ -307,6 +315,32 @@ def _live_other(name: str) -> bool:
     return pid is not None and pid != os.getpid() and pid_alive(pid)
 
 
+def _shared_targets(dataset_dir: Path, key: str) -> list[Path]:
+    """The versions ``dt=key`` links to and keeps as previous: in a dataset whose days share versions
+    (``omnisage_pipeline.shared_versions``) they may be named after another day."""
+    links = [partition_link(dataset_dir, key), dataset_dir / PREVIOUS_DIR / f"dt={key}"]
+    return [link.resolve() for link in links if link.is_symlink() and link.exists()]
+
+
+def _not_linked_elsewhere(dataset_dir: Path, key: str, candidates: Iterable[Path]) -> list[Path]:
+    """The candidates (once each) that no other day links to or keeps as previous: a version shared by
+    several days is deleted only with the last link to it."""
+    elsewhere = referenced_versions(dataset_dir, exclude=[key])
+    out: dict[Path, Path] = {}
+    for version in candidates:
+        resolved = version.resolve()
+        if resolved not in elsewhere and resolved not in out:
+            out[resolved] = version
+    return list(out.values())
+
+
+def _shared_versions_lock(dataset_dir: Path):
+    """The lock that orders deletions against a writer linking a day to an existing shared version."""
+    from omnisage_pipeline.shared_versions import references_lock
+
+    return references_lock(dataset_dir) if (dataset_dir / PREVIOUS_DIR).is_dir() else nullcontext()
+
+
 def apply_retention(
     dataset_dir: Path,
     retention_days: int,
@@ -365,22 +399,28 @@ def apply_retention(
         # A version that another live process renamed into .versions and has not swapped in yet is an
         # in-flight publish (e.g. a backfill of this old day): left to that writer, removed by a later pass.
         in_flight = [v for v in versions.get(key, []) if v.resolve() != target and _live_other(v.name)]
-        doomed = [v for v in versions.get(key, []) if v not in in_flight] + staging.get(key, [])
+        candidates = [v for v in versions.get(key, []) if v not in in_flight] + _shared_targets(dataset_dir, key)
         if dry_run:
+            doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + staging.get(key, [])
+            if not had_link and not doomed:
+                continue  # its only leftover is a version a later day still links to
             report.bytes_freed += sum(_tree_bytes(v) for v in doomed)
             (report.removed if had_link else report.orphans_removed).append(key)
             continue
         try:
-            if had_link:
-                link.unlink(missing_ok=True)  # unpublished in one atomic step: readers now see no dt=key
-            # A reader that took its lease before resolving the link may hold the version: keep it then.
-            again, _ = live_leases(dataset_dir, remove_stale=False)
-            if key in again:
-                report.kept[key] = "unpublished; version kept for a reader that leased it during removal"
-                continue
-            freed = 0
-            for entry in doomed:
-                freed += _delete_claimed(dataset_dir, entry)
+            with _shared_versions_lock(dataset_dir):
+                if had_link:
+                    link.unlink(missing_ok=True)  # unpublished in one atomic step: readers now see no dt=key
+                # A reader that took its lease before resolving the link may hold the version: keep it then.
+                again, _ = live_leases(dataset_dir, remove_stale=False)
+                if key in again:
+                    report.kept[key] = "unpublished; version kept for a reader that leased it during removal"
+                    continue
+                (dataset_dir / PREVIOUS_DIR / f"dt={key}").unlink(missing_ok=True)
+                doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + staging.get(key, [])
+                if not had_link and not doomed:
+                    continue  # its only leftover is a version a later day still links to
+                freed = sum(_delete_claimed(dataset_dir, entry) for entry in doomed)
         except OSError as exc:
             report.errors.append(f"{dataset_dir.name}/dt={key}: {exc}")
             continue
