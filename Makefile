@@ -13,7 +13,7 @@ endif
 export PATH := $(if $(VENV),$(VENV)/bin:,)$(PATH)
 export OMNISAGE_HOME ?= $(CURDIR)/.omnisage
 
-.PHONY: install test demo dev lint format-check
+.PHONY: install test demo dev lint
 
 install: $(VENV)
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -22,8 +22,9 @@ install: $(VENV)
 test: install
 	$(PYTHON) -m pytest -q --durations=15 tests
 
-lint:
+lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 demo: install
 	omnisage demo --days 3 --scale small

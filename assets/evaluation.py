@@ -9,13 +9,11 @@ champion's MLflow run, shows the table and the plot (recall per task over recent
 Dagster UI, and its asset check flags a drop of more than ``max_recall_drop`` against the previous report.
 """
 
-
 import base64
 import json
 import time
 from datetime import date
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 from pydantic import Field
@@ -37,10 +35,15 @@ REGRESSION_CHECK = "recall_no_regression"
 class RecallReportConfig(dg.Config):
     k: int = Field(default=10, description="k of recall@k (4.2.1)")
     pool_size: int = Field(
-        default=10_000, description="random negatives of the positive's type per query (all entities when fewer)"
+        default=10_000,
+        description="random negatives of the positive's type per query (all entities when fewer)",
     )
-    seed: int = Field(default=0, description="seed of the negative pool (the training gate uses the same default)")
-    max_queries: Optional[int] = Field(default=None, description="cap on queries per task (seeded subset); None = all")
+    seed: int = Field(
+        default=0, description="seed of the negative pool (the training gate uses the same default)"
+    )
+    max_queries: int | None = Field(
+        default=None, description="cap on queries per task (seeded subset); None = all"
+    )
     baselines: list[str] = Field(
         default=["random", "popularity", "cooccurrence", "als", "pinsage", "oracle"],
         description="baselines scored on the same sets (oracle only when the input came from the generator)",
@@ -50,7 +53,8 @@ class RecallReportConfig(dg.Config):
         description="ALS tuning grid: 'report' (ml.baselines.REPORT_ALS_GRID, 4 fits) or 'full' (DEFAULT_ALS_GRID)",
     )
     max_recall_drop: float = Field(
-        default=0.05, description="the asset check fails when a task's recall@k falls by more than this (absolute)"
+        default=0.05,
+        description="the asset check fails when a task's recall@k falls by more than this (absolute)",
     )
     history_days: int = Field(default=14, description="previous reports shown in the plot")
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
@@ -73,12 +77,23 @@ def build_day_report(settings: Settings, day: str, config: RecallReportConfig, l
     from omnisage_pipeline.retention import read_lease
 
     # Reader leases: retention never removes the graph or the feature store while they are scored.
-    with read_lease(settings.graph_dir, day) as graph_dir, read_lease(settings.features_dir, day) as features_dir:
+    with (
+        read_lease(settings.graph_dir, day) as graph_dir,
+        read_lease(settings.features_dir, day) as features_dir,
+    ):
         return _score_day(settings, day, config, loaded, pinsage, log, graph_dir, features_dir)
 
 
-def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded, pinsage, log, graph_dir: Path,
-               features_dir: Path) -> dict:
+def _score_day(
+    settings: Settings,
+    day: str,
+    config: RecallReportConfig,
+    loaded,
+    pinsage,
+    log,
+    graph_dir: Path,
+    features_dir: Path,
+) -> dict:
     from graph_engine.snapshot import GraphSnapshot
     from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, oracle_baseline, random_baseline
     from ml.evaluator import Evaluator, model_embedders
@@ -89,10 +104,17 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
     data = load_training_examples(examples_dir)
     universe = data.universe()
     evaluator = Evaluator(
-        data, universe, k=config.k, pool_size=config.pool_size, seed=config.seed, max_queries=config.max_queries
+        data,
+        universe,
+        k=config.k,
+        pool_size=config.pool_size,
+        seed=config.seed,
+        max_queries=config.max_queries,
     )
-    model = Candidate(*model_embedders(loaded.model, champion_builder(loaded, graph_dir, features_dir, log)),
-                      tasks=tuple(loaded.config.tasks))
+    model = Candidate(
+        *model_embedders(loaded.model, champion_builder(loaded, graph_dir, features_dir, log)),
+        tasks=tuple(loaded.config.tasks),
+    )
     snapshot = GraphSnapshot.open(graph_dir)
     baselines: dict[str, Candidate] = {}
     for name in config.baselines:
@@ -108,9 +130,13 @@ def _score_day(settings: Settings, day: str, config: RecallReportConfig, loaded,
             baselines[name] = _als_candidate(settings, day, data, universe, config, log)
         elif name == "pinsage":
             if pinsage is None:
-                baselines[name] = Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
+                baselines[name] = Candidate(
+                    None, unavailable="the champion's run has no PinSage-like baseline"
+                )
             else:
-                entity, _ = model_embedders(pinsage.model, champion_builder(pinsage, graph_dir, features_dir, log))
+                entity, _ = model_embedders(
+                    pinsage.model, champion_builder(pinsage, graph_dir, features_dir, log)
+                )
                 baselines[name] = Candidate(entity, tasks=("entity_entity",))
         elif name == "oracle":
             if (settings.data_root / "_truth" / "meta.json").is_file():
@@ -142,7 +168,9 @@ def _als_candidate(settings: Settings, day: str, data, universe, config: RecallR
     from omnisage_pipeline.partitions import window_keys
 
     if config.als_grid not in ("report", "full"):
-        raise ValueError(f"recall_report config field 'als_grid': {config.als_grid!r} is not 'report' or 'full'")
+        raise ValueError(
+            f"recall_report config field 'als_grid': {config.als_grid!r} is not 'report' or 'full'"
+        )
     logs_ds = settings.warehouse_dataset("engagement_logs")
     tables = [pq.read_table(f) for key in window_keys(day) if (path := published_path(logs_ds, key)) is not None
               for f in sorted(path.glob("*.parquet"))]  # fmt: skip
@@ -154,9 +182,11 @@ def _als_candidate(settings: Settings, day: str, data, universe, config: RecallR
         universe=universe, grid=DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID, k=config.k,
         seed=config.seed,
     )  # fmt: skip
-    log(f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "
+    log(
+        f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "
         f"interactions; tuned on {tuning.validation_pairs} validation pairs: {tuning.best} "
-        f"(recall@{config.k} {tuning.best_recall})")
+        f"(recall@{config.k} {tuning.best_recall})"
+    )
     return Candidate(als, als, tasks=("entity_entity", "user_entity"))
 
 
@@ -165,7 +195,7 @@ def publish_report(settings: Settings, day: str, report: dict, history_days: int
     from ml.recall_report import markdown, plot_png
 
     previous = previous_report(settings, day)
-    earlier = [d for d in list_published(settings.reports_dir) if d < day][-max(history_days - 1, 0):]
+    earlier = [d for d in list_published(settings.reports_dir) if d < day][-max(history_days - 1, 0) :]
     history = [r for r in (read_report(settings, d) for d in earlier) if r] + [report]
     md = markdown(report, previous)
     png = plot_png(history)
@@ -192,7 +222,11 @@ def log_to_mlflow(mlflow: MlflowResource, report: dict, day: str, published: Pat
         for task, entry in tasks.items():
             value = entry.get(f"recall@{k}")
             if value is not None:
-                name = f"report/recall_at_{k}/{task}" if system == "model" else f"report/{system}/recall_at_{k}/{task}"
+                name = (
+                    f"report/recall_at_{k}/{task}"
+                    if system == "model"
+                    else f"report/{system}/recall_at_{k}/{task}"
+                )
                 metrics.append(Metric(name, float(value), ts, step))
     client.log_batch(run_id, metrics=metrics)
     client.log_artifact(run_id, str(published / REPORT_FILE), artifact_path=f"reports/dt={day}")
@@ -239,7 +273,10 @@ def baselines_markdown(report: dict, k: int) -> str:
     "(random, popularity, co-occurrence, ALS, PinSage-like, oracle) on the same sets: reports/dt=D/recall.json.",
 )
 def recall_report(
-    context: dg.AssetExecutionContext, config: RecallReportConfig, storage: StorageResource, mlflow: MlflowResource
+    context: dg.AssetExecutionContext,
+    config: RecallReportConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
 ):
     from ml.recall_report import recall_of, regressions
     from ml.registry import ModelRegistry
@@ -253,7 +290,9 @@ def recall_report(
         pinsage = ModelRegistry(mlflow.tracking_uri, mlflow.registered_model_name).load_run_model(
             loaded.run_id, PINSAGE_ARTIFACT_PATH, map_location=device
         )
-    context.log.info(f"recall_report: champion v{champion_version(loaded)}; PinSage-like baseline: {pinsage is not None}")
+    context.log.info(
+        f"recall_report: champion v{champion_version(loaded)}; PinSage-like baseline: {pinsage is not None}"
+    )
 
     def one_day(day: str) -> DayResult:
         report = build_day_report(settings, day, config, loaded, pinsage, context.log.info)
@@ -267,13 +306,17 @@ def recall_report(
             "model_version": report["model_version"],
             "negatives": report["negatives"],
             **{
-                f"recall_at_{k}.{task}": dg.MetadataValue.float(v) if (v := recall_of(entry, k)) is not None
+                f"recall_at_{k}.{task}": dg.MetadataValue.float(v)
+                if (v := recall_of(entry, k)) is not None
                 else dg.MetadataValue.text("null")
                 for task, entry in report["tasks"].items()
             },
             "baselines": dg.MetadataValue.md(baselines_markdown(report, k)),
             "report": dg.MetadataValue.md(
-                md + "\n\n![recall over recent days](data:image/png;base64," + base64.b64encode(png).decode() + ")"
+                md
+                + "\n\n![recall over recent days](data:image/png;base64,"
+                + base64.b64encode(png).decode()
+                + ")"
             ),
             "path": dg.MetadataValue.path(str(published / REPORT_FILE)),
         }

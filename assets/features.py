@@ -37,7 +37,9 @@ class FeatureStoreConfig(dg.Config):
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
     check_specs=[
-        blocking_spec("every_entity_has_features", "feature_store", "every metadata entity and graph node has a record")
+        blocking_spec(
+            "every_entity_has_features", "feature_store", "every metadata entity and graph node has a record"
+        )
     ],
     group_name="graph",
     kinds={"rocksdb"},
@@ -47,9 +49,7 @@ class FeatureStoreConfig(dg.Config):
     description="RocksDB key-value store of every pin's and board's binarised features (text token ids, "
     "float16 image vector, segment, graph degree), including entities outside the graph (paper 3.4.1).",
 )
-def feature_store(
-    context: dg.AssetExecutionContext, config: FeatureStoreConfig, storage: StorageResource
-):
+def feature_store(context: dg.AssetExecutionContext, config: FeatureStoreConfig, storage: StorageResource):
     settings = storage.settings
     run_day = lambda day: _build_day(context, config, settings, day)
     yield from materialize_days(context, run_day, settings=settings, retain=("features",))

@@ -88,8 +88,9 @@ class PruningConfig(HoldoutConfig):
 def _engine(storage: StorageResource, pyspark: LazyPySparkResource) -> EdgeEngine:
     settings = storage.settings
     # The factory defers pyspark.spark_session: the DuckDB engine never starts a JVM.
-    return get_engine(settings.engine, spark_session_factory=lambda: pyspark.spark_session,
-                      scratch_dir=settings.scratch_dir)
+    return get_engine(
+        settings.engine, spark_session_factory=lambda: pyspark.spark_session, scratch_dir=settings.scratch_dir
+    )
 
 
 def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None) -> str:
@@ -104,14 +105,21 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
         for e, v in before["edge_types"].items():
             lines.append(f"| {e} | {v['edges']:,} | {v['weight']:,.0f} |")
         return "\n".join(lines)
-    lines += ["| node type | nodes before | avg degree before | nodes after | avg degree after |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "| node type | nodes before | avg degree before | nodes after | avg degree after |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for t in sorted(set(before["node_types"]) | set(after["node_types"])):
         b = before["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
         a = after["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
-        lines.append(f"| {t} | {b['nodes']:,} | {b['avg_degree']:.2f} | {a['nodes']:,} | {a['avg_degree']:.2f} |")
-    lines += ["", "| edge type | undirected edges before | entries before | entries kept |",
-              "| --- | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {t} | {b['nodes']:,} | {b['avg_degree']:.2f} | {a['nodes']:,} | {a['avg_degree']:.2f} |"
+        )
+    lines += [
+        "",
+        "| edge type | undirected edges before | entries before | entries kept |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for e in sorted(set(before["edge_types"]) | set(after["edge_types"])):
         b = before["edge_types"].get(e, {"edges": 0, "entries": 0})
         a = after["edge_types"].get(e, {"entries": 0})
@@ -133,7 +141,9 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     "related-pins saves/clicks; canonical orientation, weight = the day's count.",
 )
 def daily_edges(
-    context: dg.AssetExecutionContext, config: DailyEdgesConfig, storage: StorageResource,
+    context: dg.AssetExecutionContext,
+    config: DailyEdgesConfig,
+    storage: StorageResource,
     pyspark: LazyPySparkResource,
 ):
     settings = storage.settings
@@ -184,7 +194,9 @@ def _daily_result(engine: EdgeEngine, dataset: Path, day: str, stats: dict[str, 
     "degree-based pruning (paper appendix A.1, Algorithm 2); one row per kept directed adjacency entry.",
 )
 def pruned_edges(
-    context: dg.AssetExecutionContext, config: PruningConfig, storage: StorageResource,
+    context: dg.AssetExecutionContext,
+    config: PruningConfig,
+    storage: StorageResource,
     pyspark: LazyPySparkResource,
 ):
     settings = storage.settings
@@ -205,8 +217,9 @@ def pruned_edges(
                 dirs.append(path)
         missing = [k for k in window if k not in present]
         if missing:
-            context.log.info(f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: "
-                             f"{missing}")
+            context.log.info(
+                f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: {missing}"
+            )
         holdout = config.holdout()
         with publish_partition(dataset, day) as staging:
             stats = engine.prune_window(dirs, staging, params, holdout)
@@ -218,9 +231,14 @@ def pruned_edges(
                 ROW_COUNT: parquet_rows([partition_link(dataset, day)]),
                 "engine": engine.name,
                 "window_days": len(window),
-                "window": dg.MetadataValue.json({"first": window[0] if window else None,
-                                                 "last": window[-1] if window else None,
-                                                 "present": present, "missing": missing}),
+                "window": dg.MetadataValue.json(
+                    {
+                        "first": window[0] if window else None,
+                        "last": window[-1] if window else None,
+                        "present": present,
+                        "missing": missing,
+                    }
+                ),
                 "pruning_params": dg.MetadataValue.json(params.to_dict()),
                 "kept_fraction": float(stats["kept_fraction"]),
                 "held_out_edges": int(stats["held_out_edges"]),

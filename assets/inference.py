@@ -101,7 +101,9 @@ class EmbeddingsConfig(dg.Config):
     shard_index: int = Field(default=0, description="this worker's shard, 0 <= shard_index < num_shards")
     batch_size: int = Field(default=512, description="entities per forward pass")
     user_batch_size: int = Field(default=256, description="user sequences per forward pass")
-    user_embeddings: bool = Field(default=True, description="also write user_embeddings/dt=D (beyond the paper)")
+    user_embeddings: bool = Field(
+        default=True, description="also write user_embeddings/dt=D (beyond the paper)"
+    )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
     log_every: int = Field(default=50_000, description="log progress (entities/s) every this many entities")
     norm_tolerance: float = Field(
@@ -227,7 +229,9 @@ def read_user_histories(examples_dir: Path) -> tuple[np.ndarray, list[np.ndarray
         try:
             table = pq.read_table(path, columns=["user_id", "history"])
         except (pa.ArrowInvalid, KeyError) as exc:
-            raise ValueError(f"{path}: fields 'user_id' (int64) and 'history' (list<int64>) required: {exc}") from exc
+            raise ValueError(
+                f"{path}: fields 'user_id' (int64) and 'history' (list<int64>) required: {exc}"
+            ) from exc
         hist = table.column("history")
         if not (pa.types.is_list(hist.type) or pa.types.is_large_list(hist.type)):
             raise ValueError(f"{path}: field 'history' is {hist.type}, expected list<int64>")
@@ -306,7 +310,11 @@ class DayInputs:
 
     def fingerprint(self, with_users: bool) -> str:
         """Names of the published versions (each publish makes a new one) + the options that change content."""
-        parts = [str(p.name) for p in (self.metadata_dir, self.graph_dir, self.features_dir, self.examples_dir) if p]
+        parts = [
+            str(p.name)
+            for p in (self.metadata_dir, self.graph_dir, self.features_dir, self.examples_dir)
+            if p
+        ]
         return hashlib.sha1(json.dumps([parts, with_users]).encode()).hexdigest()[:12]
 
 
@@ -331,7 +339,9 @@ def champion_builder(loaded, graph_dir: Path, features_dir: Path, log=None) -> B
         # The champion was trained with another layout: sample this day's neighbourhoods on the fly with the
         # champion's layout and the cache's random-walk settings (slower, but the model sees what it expects).
         log(f"champion layout {layout} differs from the cached {cache.layout}: sampling on the fly")
-        neighborhoods = NeighborSampler(snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget)
+        neighborhoods = NeighborSampler(
+            snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget
+        )
     # in memory when the day's decoded features fit the default budget (graph_engine.feature_table)
     featurizer = open_features(features_dir, max_tokens=champion_max_tokens(loaded), snapshot=snapshot)
     model_image_dim = int(getattr(getattr(model, "config", None), "image_dim", 0) or 0)
@@ -410,7 +420,11 @@ def embed_day(
             user_ids, histories = user_ids[keep], [histories[i] for i in keep]
         t1 = time.perf_counter()
         emb = embed_users(model, builder, histories, batch_size=user_batch_size) if len(user_ids) else None
-        emb = _check_embeddings(emb, len(user_ids), "embed_users") if emb is not None else np.zeros((0, 0), np.float32)
+        emb = (
+            _check_embeddings(emb, len(user_ids), "embed_users")
+            if emb is not None
+            else np.zeros((0, 0), np.float32)
+        )
         user_seconds = time.perf_counter() - t1
         users = user_table(user_ids, emb, version)
         stats.update(
@@ -448,7 +462,9 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def publish_unsharded(settings: Settings, day: str, result: DayEmbeddings, manifest: dict, validate=None) -> None:
+def publish_unsharded(
+    settings: Settings, day: str, result: DayEmbeddings, manifest: dict, validate=None
+) -> None:
     """num_shards = 1: publish both datasets directly (users first: the entity partition is the one that
     marks the day as embedded). ``validate(staged entities)`` runs before either is swapped in: when it
     raises, neither dataset changes."""
@@ -592,7 +608,9 @@ def run_day(
     else:
         stage = shard_stage_dir(settings, day, stage_key)
         stage_shard(stage, result, shard_index, num_shards)
-        outcome = publish_if_complete(settings, day, stage, num_shards, shard_index, with_users, manifest, gate)
+        outcome = publish_if_complete(
+            settings, day, stage, num_shards, shard_index, with_users, manifest, gate
+        )
     return {
         "check_results": gate.results,
         **manifest,
@@ -605,7 +623,11 @@ def run_day(
 
 
 def _count_fields(stats: dict) -> dict:
-    return {k: stats[k] for k in ("entities", "entities_pin", "entities_board", "entities_outside_graph", "users") if k in stats}
+    return {
+        k: stats[k]
+        for k in ("entities", "entities_pin", "entities_board", "entities_outside_graph", "users")
+        if k in stats
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -641,7 +663,10 @@ def _count_fields(stats: dict) -> dict:
     "outside the graph, paper 3.5) and of the window's active users, with the MLflow champion.",
 )
 def entity_embeddings(
-    context: dg.AssetExecutionContext, config: EmbeddingsConfig, storage: StorageResource, mlflow: MlflowResource
+    context: dg.AssetExecutionContext,
+    config: EmbeddingsConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
 ):
     check_shard_config(config.num_shards, config.shard_index)
     settings = storage.settings

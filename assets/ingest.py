@@ -109,7 +109,9 @@ def _accounting_check(asset: str, rows_read: int, tables: list[Path]) -> dg.Asse
 
 def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
     return blocking_spec(
-        ACCOUNTING_CHECK, asset, "rows read from the input == rows kept + rows quarantined in the staged partition"
+        ACCOUNTING_CHECK,
+        asset,
+        "rows read from the input == rows kept + rows quarantined in the staged partition",
     )
 
 
@@ -117,7 +119,11 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
     partitions_def=daily_partitions,
     check_specs=[
         _accounting_spec("engagement_logs"),
-        blocking_spec(QUARANTINE_CHECK, "engagement_logs", "quarantined share of the day's rows <= max_quarantine_fraction"),
+        blocking_spec(
+            QUARANTINE_CHECK,
+            "engagement_logs",
+            "quarantined share of the day's rows <= max_quarantine_fraction",
+        ),
     ],
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
@@ -128,7 +134,9 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
     code_version=INGEST_CODE_VERSION,
     description="The day's engagement events, validated against the data contract; bad rows quarantined.",
 )
-def engagement_logs(context: dg.AssetExecutionContext, config: EngagementLogsConfig, storage: StorageResource):
+def engagement_logs(
+    context: dg.AssetExecutionContext, config: EngagementLogsConfig, storage: StorageResource
+):
     settings = storage.settings
     root = settings.require_data_root()
     yield from materialize_days(context, lambda day: _ingest_logs_day(context, config, settings, root, day))
@@ -138,7 +146,9 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     folder = root / "engagement_logs" / f"dt={day}"
     files = list_parquet_files(folder)
     if not folder.is_dir():
-        context.log.warning(f"no day folder {folder}: publishing an empty partition (check OMNISAGE_DATA_ROOT)")
+        context.log.warning(
+            f"no day folder {folder}: publishing an empty partition (check OMNISAGE_DATA_ROOT)"
+        )
     result = validate_engagement_logs(files, day, root)
     if result.rows_quarantined:
         nonzero = {r: c for r, c in result.reason_counts.items() if c}
@@ -178,11 +188,15 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     code_version=INGEST_CODE_VERSION,
     description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
 )
-def entity_metadata(context: dg.AssetExecutionContext, config: EntityMetadataConfig, storage: StorageResource):
+def entity_metadata(
+    context: dg.AssetExecutionContext, config: EntityMetadataConfig, storage: StorageResource
+):
     settings = storage.settings
     root = settings.require_data_root()
     reuse = config.reuse_identical_versions
-    yield from materialize_days(context, lambda day: _ingest_metadata_day(context, settings, root, day, reuse))
+    yield from materialize_days(
+        context, lambda day: _ingest_metadata_day(context, settings, root, day, reuse)
+    )
 
 
 def _ingest_metadata_day(context, settings, root: Path, day: str, reuse: bool) -> DayResult:
@@ -207,7 +221,9 @@ def _ingest_metadata_day(context, settings, root: Path, day: str, reuse: bool) -
     write_valid = _pins_and_boards_writer(pins.valid, boards.valid)
     valid = publish_shared(valid_ds, day, digest, write_valid, validate=gate, reuse=reuse)
     if valid.reused:
-        context.log.info(f"dt={day}: catalogue unchanged, linked to the published version {valid.version.name}")
+        context.log.info(
+            f"dt={day}: catalogue unchanged, linked to the published version {valid.version.name}"
+        )
 
     metadata: dict = {}
     metadata.update(_counts_metadata(pins, "pins."))

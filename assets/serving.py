@@ -104,9 +104,7 @@ class AnnIndexConfig(dg.Config):
     description="Per-type FAISS indexes (pin, board) of the day's embeddings plus the users' query vectors: "
     "indexes/dt=D, read by `omnisage neighbors` and `omnisage serve`.",
 )
-def ann_index(
-    context: dg.AssetExecutionContext, config: AnnIndexConfig, storage: StorageResource
-):
+def ann_index(context: dg.AssetExecutionContext, config: AnnIndexConfig, storage: StorageResource):
     import faiss
 
     settings = storage.settings

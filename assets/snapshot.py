@@ -12,7 +12,6 @@ restart probability / budget that leaves neighbourhoods empty, is refused and th
 (No `from __future__ import annotations` here: Dagster resolves the Config type from the real annotation.)
 """
 
-
 import time
 
 import dagster as dg
@@ -35,7 +34,8 @@ _DEFAULT_LAYOUT = NeighborhoodLayout.paper_default()
 
 class GraphSnapshotConfig(dg.Config):
     restart_prob: float = Field(
-        default=DEFAULT_RESTART_PROB, description="restart probability of the random walk with restart (3.1.1)"
+        default=DEFAULT_RESTART_PROB,
+        description="restart probability of the random walk with restart (3.1.1)",
     )
     budget: int = Field(default=DEFAULT_BUDGET, description="B of 3.1.1: forward-push threshold delta = 1/B")
     subsets: dict[str, list[str]] = Field(
@@ -70,7 +70,11 @@ def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
     check_specs=[
-        blocking_spec("graph_coverage", "graph_snapshot", "share of nodes with a non-empty neighbourhood >= min_coverage")
+        blocking_spec(
+            "graph_coverage",
+            "graph_snapshot",
+            "share of nodes with a non-empty neighbourhood >= min_coverage",
+        )
     ],
     group_name="graph",
     kinds={"numpy"},
@@ -80,9 +84,7 @@ def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
     description="Memory-mapped CSR snapshot of the day's pruned graph per relation subset, with every node's "
     "heterogeneous forward-push neighbourhood precomputed (paper 3.1.1, 3.4.1).",
 )
-def graph_snapshot(
-    context: dg.AssetExecutionContext, config: GraphSnapshotConfig, storage: StorageResource
-):
+def graph_snapshot(context: dg.AssetExecutionContext, config: GraphSnapshotConfig, storage: StorageResource):
     settings = storage.settings
     run_day = lambda day: _build_day(context, config, settings, day)
     yield from materialize_days(context, run_day, settings=settings, retain=("graph",))
@@ -105,7 +107,9 @@ def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayR
         snapshot = GraphSnapshot.open(staging)
         sampler = NeighborSampler(snapshot, layout, restart_prob=config.restart_prob, budget=config.budget)
         t0 = time.perf_counter()
-        cache = build_neighborhood_cache(snapshot, sampler, staging / NEIGHBORHOODS_DIR, batch_size=config.batch_size)
+        cache = build_neighborhood_cache(
+            snapshot, sampler, staging / NEIGHBORHOODS_DIR, batch_size=config.batch_size
+        )
         sampling_seconds = time.perf_counter() - t0
         del snapshot, sampler  # drop the maps before the directory moves
 

@@ -87,15 +87,19 @@ _EXAMPLE_DEFAULTS = ExampleConfig()
 class TrainingExamplesConfig(dg.Config):
     t_max: int = Field(default=_EXAMPLE_DEFAULTS.t_max, description="t_max of 3.3.3: history length per user")
     future_delta: int = Field(
-        default=_EXAMPLE_DEFAULTS.future_delta, description="Delta of eq. 5: future engagements kept after t_max"
+        default=_EXAMPLE_DEFAULTS.future_delta,
+        description="Delta of eq. 5: future engagements kept after t_max",
     )
     eval_horizon_days: int = Field(
         default=_EXAMPLE_DEFAULTS.eval_horizon_days,
         description="user-entity evaluation (4.2.1): engagement in the window's last N days is the future",
     )
-    sample_seed: int = Field(default=_EXAMPLE_DEFAULTS.sample_seed, description="seed of the graph-pair draws")
+    sample_seed: int = Field(
+        default=_EXAMPLE_DEFAULTS.sample_seed, description="seed of the graph-pair draws"
+    )
     graph_pairs_per_node: int = Field(
-        default=_EXAMPLE_DEFAULTS.graph_pairs_per_node, description="graph-pair draws per (node, graph source)"
+        default=_EXAMPLE_DEFAULTS.graph_pairs_per_node,
+        description="graph-pair draws per (node, graph source)",
     )
     required_tasks: list[str] = Field(
         default=["entity_entity", "entity_feature"],
@@ -110,13 +114,17 @@ class TrainingExamplesConfig(dg.Config):
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         unknown = sorted(set(tasks) - set(TASK_NAMES))
         if unknown:
-            raise ValueError(f"training_examples config field 'required_tasks': unknown {unknown}; tasks are {TASK_NAMES}")
+            raise ValueError(
+                f"training_examples config field 'required_tasks': unknown {unknown}; tasks are {TASK_NAMES}"
+            )
         return tasks
 
     def example_config(self) -> ExampleConfig:
         for name in ("t_max", "future_delta", "eval_horizon_days", "graph_pairs_per_node"):
             if getattr(self, name) < 1:
-                raise ValueError(f"training_examples config field '{name}' = {getattr(self, name)}: need >= 1")
+                raise ValueError(
+                    f"training_examples config field '{name}' = {getattr(self, name)}: need >= 1"
+                )
         return ExampleConfig(
             t_max=self.t_max,
             future_delta=self.future_delta,
@@ -148,7 +156,9 @@ def build_examples_day(
         require_published(logs_ds, day)  # the day itself must exist: raises with the dataset and key
     metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
     # Hold out exactly the pairs the day's graph left out (pruned_edges records its choice).
-    holdout = json.loads((require_published(settings.warehouse_dataset("pruned_edges"), day) / HOLDOUT_FILE).read_text())
+    holdout = json.loads(
+        (require_published(settings.warehouse_dataset("pruned_edges"), day) / HOLDOUT_FILE).read_text()
+    )
     example_config = dataclasses.replace(
         example_config, eval_fraction=float(holdout["fraction"]), holdout_seed=int(holdout["seed"])
     )
@@ -187,7 +197,9 @@ def build_examples_day(
         "held_out_users": int(counts.get("eval_sequences", 0)),
         "held_out_feature_nodes": int(counts.get("eval_feature_nodes", 0)),
         **{f"pairs.{src}": int(n) for src, n in manifest["per_source"].get("pairs", {}).items()},
-        **{f"held_out_pairs.{src}": int(n) for src, n in manifest["per_source"].get("eval_pairs", {}).items()},
+        **{
+            f"held_out_pairs.{src}": int(n) for src, n in manifest["per_source"].get("eval_pairs", {}).items()
+        },
         "user_eval_cutoff": manifest.get("user_eval_cutoff", ""),
         "window": dg.MetadataValue.json({"present": present, "missing": missing}),
         "log_files": len(files),
@@ -207,7 +219,11 @@ def build_examples_day(
         dg.AssetDep("graph_snapshot"),
     ],
     check_specs=[
-        blocking_spec("examples_for_every_task", "training_examples", "every task has training examples (a required one blocks)")
+        blocking_spec(
+            "examples_for_every_task",
+            "training_examples",
+            "every task has training examples (a required one blocks)",
+        )
     ],
     group_name="training",
     kinds={"parquet"},
@@ -236,18 +252,24 @@ def training_examples(
 # ==========================================================================================================
 class OmniSageModelConfig(dg.Config):
     training_partition: str | None = Field(
-        default=None, description="training_examples partition (YYYY-MM-DD) to train on; default: the newest published"
+        default=None,
+        description="training_examples partition (YYYY-MM-DD) to train on; default: the newest published",
     )
     preset: str = Field(
         default="auto",
         description="ml.config preset: 'paper' (A.3 hyper-parameters) or 'small'; 'auto' = paper on a GPU, small on CPU",
     )
     steps: int | None = Field(
-        default=None, description="optimizer steps (cosine horizon); default: the preset's total_steps; 0 = no training"
+        default=None,
+        description="optimizer steps (cosine horizon); default: the preset's total_steps; 0 = no training",
     )
-    epochs: int | None = Field(default=None, description="stop after this many passes over the training pairs")
+    epochs: int | None = Field(
+        default=None, description="stop after this many passes over the training pairs"
+    )
     warmup_steps: int | None = Field(default=None, description="linear warm-up steps; default: the preset's")
-    batch_size: int = Field(default=128, description="entity-entity pairs per step (other tasks scale with it)")
+    batch_size: int = Field(
+        default=128, description="entity-entity pairs per step (other tasks scale with it)"
+    )
     num_random_negatives: int = Field(default=128, description="uniform random negatives per task and step")
     source_weights: dict[str, float] | None = Field(
         default=None,
@@ -257,7 +279,8 @@ class OmniSageModelConfig(dg.Config):
     lr: float | None = Field(default=None, description="peak AdamW learning rate; default: the preset's")
     tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
     aggregator: str = Field(
-        default="transformer", description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)"
+        default="transformer",
+        description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)",
     )
     pair_sampling: Literal["uniform", "count"] = Field(
         default="uniform",
@@ -265,7 +288,8 @@ class OmniSageModelConfig(dg.Config):
         "engagement count",
     )
     id_buckets: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="rows of the learned identity token's hash table (0 = content only, the paper's f_t); "
         "unset = the preset's",
     )
@@ -278,47 +302,64 @@ class OmniSageModelConfig(dg.Config):
         "same steps) into the run's artifacts 'baselines/pinsage', for recall_report",
     )
     device: str = Field(default="auto", description="'auto' = CUDA when present (fp16 autocast), else CPU")
-    precision: str = Field(default="auto", description="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)")
+    precision: str = Field(
+        default="auto", description="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)"
+    )
     max_tokens: int | None = Field(
-        default=None, description="token ids per entity read from the feature store; default: the store's width"
+        default=None,
+        description="token ids per entity read from the feature store; default: the store's width",
     )
     seed: int = Field(default=0, description="seed of initialisation and batch sampling")
     log_every: int = Field(default=10, description="steps between logged (averaged) loss metrics")
-    checkpoint_every: int = Field(default=50, description="steps between resumable checkpoints (0 = end only)")
-    resume: bool = Field(default=True, description="resume from this config's checkpoint when a killed run left one")
+    checkpoint_every: int = Field(
+        default=50, description="steps between resumable checkpoints (0 = end only)"
+    )
+    resume: bool = Field(
+        default=True, description="resume from this config's checkpoint when a killed run left one"
+    )
     eval_k: int = Field(default=10, description="k of recall@k (4.2.1)")
     pool_size: int = Field(default=10_000, description="negative pool of the evaluator (gate and report)")
     eval_seed: int = Field(default=0, description="seed of the evaluator's negative pool")
-    model_name: str | None = Field(default=None, description="registered model name; default: the mlflow resource's")
+    model_name: str | None = Field(
+        default=None, description="registered model name; default: the mlflow resource's"
+    )
     num_workers: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="batch-building processes per rank (ml.loader); default: half of the rank's cores (>= 1); "
         "0 = build on the training thread",
     )
     prefetch_factor: int = Field(default=4, ge=1, description="steps each loader worker keeps in flight")
     feature_memory_budget_mb: float = Field(
-        default=4096.0, ge=0,
+        default=4096.0,
+        ge=0,
         description="hold the day's feature store in memory when its decoded arrays fit this budget (0 = never: "
         "RocksDB lookups per batch)",
     )
     validation_fraction: float = Field(
-        default=0.05, ge=0.0, lt=1.0,
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
         description="share of the training pairs, users and feature nodes carved out (stateless hash, the same "
         "rows every day) for model selection and the promotion gate; never trained on (ml.validation)",
     )
     validation_checks: int = Field(
-        default=4, ge=0,
+        default=4,
+        ge=0,
         description="evaluations on the validation split at evenly spaced steps; the run keeps the best step's "
         "weights (0: the last step only)",
     )
-    validation_max_queries: int = Field(default=2000, ge=1, description="validation queries per task and evaluation")
+    validation_max_queries: int = Field(
+        default=2000, ge=1, description="validation queries per task and evaluation"
+    )
     warm_start: bool = Field(
         default=False,
         description="start from the registry champion's weights and count-min sketches when its tensors and "
         "layout fit this configuration (else from scratch, and the run says why)",
     )
     nproc_per_node: int = Field(
-        default=1, ge=1,
+        default=1,
+        ge=1,
         description="training processes (ranks) on this machine; > 1 launches torchrun (DDP: NCCL on GPUs, gloo "
         "on CPU), rank 0 logs to MLflow and registers",
     )
@@ -328,7 +369,9 @@ def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
     return TrainingRunConfig.from_mapping(config.model_dump())
 
 
-def train_and_register(settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs):
+def train_and_register(
+    settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs
+):
     """``omnisage_pipeline.train_runner.run_training`` with this asset's config (Dagster-free apart from the
     config class): the partition, reader leases, in-process or torchrun (``nproc_per_node``)."""
     return run_training(settings, mlflow_resource.target(), to_run_config(config), **kwargs)
@@ -354,7 +397,9 @@ def omnisage_model(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    outcome = train_and_register(settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id)
+    outcome = train_and_register(
+        settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id
+    )
     assert outcome is not None
 
     def num(x: float | None) -> Any:

@@ -66,8 +66,16 @@ def _child(args: argparse.Namespace) -> None:
         chunk = None if args.mode == "naive" else args.chunk_size
         t0 = time.perf_counter()
         loss = sampled_softmax_loss(
-            q, p, n, scale=scale, positive_log_q=pos_log_q, negative_log_q=float(np.log(m / 1e6)),
-            positive_keys=pos_keys, negative_keys=neg_keys, weights=weights, chunk_size=chunk,
+            q,
+            p,
+            n,
+            scale=scale,
+            positive_log_q=pos_log_q,
+            negative_log_q=float(np.log(m / 1e6)),
+            positive_keys=pos_keys,
+            negative_keys=neg_keys,
+            weights=weights,
+            chunk_size=chunk,
         )
         loss.backward()
         if dev.type == "cuda":
@@ -87,9 +95,22 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_child(mode: str, args: argparse.Namespace, grad_dir: str) -> dict:
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--grad-dir", grad_dir,
-        "--b", str(args.b), "--n", str(args.n), "--d", str(args.d), "--chunk-size", str(args.chunk_size),
-        "--device", args.device,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--mode",
+        mode,
+        "--grad-dir",
+        grad_dir,
+        "--b",
+        str(args.b),
+        "--n",
+        str(args.n),
+        "--d",
+        str(args.d),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--device",
+        args.device,
     ]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ.copy())
     if res.returncode != 0:
@@ -127,18 +148,27 @@ def main() -> None:
     inc_naive = naive["max_rss_bytes"] - base["max_rss_bytes"]
     inc_chunked = chunked["max_rss_bytes"] - base["max_rss_bytes"]
     logits_mib = args.b * (args.b + args.n) * 4 / mib
-    print(f"machine: {os.cpu_count()} cores, device {args.device}; B={args.b} |N|={args.n} d={args.d} "
-          f"chunk_size={args.chunk_size}; one fp32 [B, B+|N|] logits matrix = {logits_mib:.0f} MiB")
+    print(
+        f"machine: {os.cpu_count()} cores, device {args.device}; B={args.b} |N|={args.n} d={args.d} "
+        f"chunk_size={args.chunk_size}; one fp32 [B, B+|N|] logits matrix = {logits_mib:.0f} MiB"
+    )
     for r in (base, naive, chunked):
         extra = f", time {r['time_s']:.3f} s" if "time_s" in r else ""
         print(f"  {r['mode']:8s} max RSS {r['max_rss_bytes'] / mib:8.1f} MiB{extra}")
-    print(f"  RSS increment over inputs-only child: naive {inc_naive / mib:.1f} MiB, chunked {inc_chunked / mib:.1f} MiB")
-    print(f"  max abs grad diff: {diffs}; loss naive {naive['loss']:.6f} chunked {chunked['loss']:.6f}; "
-          f"dL/dlambda naive {naive['scale_grad']:.6g} chunked {chunked['scale_grad']:.6g}")
+    print(
+        f"  RSS increment over inputs-only child: naive {inc_naive / mib:.1f} MiB, chunked {inc_chunked / mib:.1f} MiB"
+    )
+    print(
+        f"  max abs grad diff: {diffs}; loss naive {naive['loss']:.6f} chunked {chunked['loss']:.6f}; "
+        f"dL/dlambda naive {naive['scale_grad']:.6g} chunked {chunked['scale_grad']:.6g}"
+    )
     figures = {
         "machine_cores": os.cpu_count(),
         "device": args.device,
-        "B": args.b, "N": args.n, "d": args.d, "chunk_size": args.chunk_size,
+        "B": args.b,
+        "N": args.n,
+        "d": args.d,
+        "chunk_size": args.chunk_size,
         "rss_inputs_mib": round(base["max_rss_bytes"] / mib, 1),
         "rss_naive_mib": round(naive["max_rss_bytes"] / mib, 1),
         "rss_chunked_mib": round(chunked["max_rss_bytes"] / mib, 1),
@@ -154,12 +184,16 @@ def main() -> None:
     }
     if args.device.startswith("cuda"):
         cn, cc = naive["cuda_peak_allocated"], chunked["cuda_peak_allocated"]
-        figures.update({
-            "cuda_peak_naive_mib": round(cn / mib, 1),
-            "cuda_peak_chunked_mib": round(cc / mib, 1),
-            "cuda_peak_ratio": round(cc / cn, 4),
-            "cuda_peak_increment_ratio": round((cc - naive["cuda_base_allocated"]) / (cn - naive["cuda_base_allocated"]), 4),
-        })
+        figures.update(
+            {
+                "cuda_peak_naive_mib": round(cn / mib, 1),
+                "cuda_peak_chunked_mib": round(cc / mib, 1),
+                "cuda_peak_ratio": round(cc / cn, 4),
+                "cuda_peak_increment_ratio": round(
+                    (cc - naive["cuda_base_allocated"]) / (cn - naive["cuda_base_allocated"]), 4
+                ),
+            }
+        )
     print(json.dumps(figures))
 
 

@@ -62,8 +62,10 @@ def synthesize(n_edges: int, days: int, out_root: Path, seed: int = 0) -> tuple[
     n_pp = n_edges - n_pb
 
     def draw_pb(k):
-        return (pin_perm[power_law_ids(rng, n_pins, k, 1.15)],
-                board_perm[power_law_ids(rng, n_boards, k, 1.05)])
+        return (
+            pin_perm[power_law_ids(rng, n_pins, k, 1.15)],
+            board_perm[power_law_ids(rng, n_boards, k, 1.05)],
+        )
 
     def draw_pp(k):
         a = pin_perm[power_law_ids(rng, n_pins, k, 1.15)]
@@ -90,11 +92,20 @@ def synthesize(n_edges: int, days: int, out_root: Path, seed: int = 0) -> tuple[
             rows = np.concatenate([rows, extra])
         directory = out_root / f"dt=day{d}"
         directory.mkdir(parents=True)
-        pq.write_table(pa.table({
-            "src_type": pa.array(src_type[rows], pa.string()), "src_id": pa.array(src_id[rows], pa.int64()),
-            "dst_type": pa.array(dst_type[rows], pa.string()), "dst_id": pa.array(dst_id[rows], pa.int64()),
-            "edge_type": pa.array(edge_type[rows], pa.string()), "weight": pa.array(weight[rows], pa.float64()),
-        }), directory / "part-0.parquet", row_group_size=1 << 20)
+        pq.write_table(
+            pa.table(
+                {
+                    "src_type": pa.array(src_type[rows], pa.string()),
+                    "src_id": pa.array(src_id[rows], pa.int64()),
+                    "dst_type": pa.array(dst_type[rows], pa.string()),
+                    "dst_id": pa.array(dst_id[rows], pa.int64()),
+                    "edge_type": pa.array(edge_type[rows], pa.string()),
+                    "weight": pa.array(weight[rows], pa.float64()),
+                }
+            ),
+            directory / "part-0.parquet",
+            row_group_size=1 << 20,
+        )
         dirs.append(directory)
     return dirs, {"undirected_edges": n, "pins": n_pins, "boards": n_boards, "days": days}
 
@@ -105,8 +116,12 @@ def same_rows(a: Path, b: Path) -> dict:
     con = duckdb.connect()
     ra, rb = f"read_parquet('{a}/*.parquet')", f"read_parquet('{b}/*.parquet')"
     cols = "src_type, src_id, dst_type, dst_id, edge_type, weight"
-    only_a = con.execute(f"SELECT COUNT(*) FROM (SELECT {cols} FROM {ra} EXCEPT ALL SELECT {cols} FROM {rb})").fetchone()[0]
-    only_b = con.execute(f"SELECT COUNT(*) FROM (SELECT {cols} FROM {rb} EXCEPT ALL SELECT {cols} FROM {ra})").fetchone()[0]
+    only_a = con.execute(
+        f"SELECT COUNT(*) FROM (SELECT {cols} FROM {ra} EXCEPT ALL SELECT {cols} FROM {rb})"
+    ).fetchone()[0]
+    only_b = con.execute(
+        f"SELECT COUNT(*) FROM (SELECT {cols} FROM {rb} EXCEPT ALL SELECT {cols} FROM {ra})"
+    ).fetchone()[0]
     return {"rows_only_duckdb": int(only_a), "rows_only_spark": int(only_b)}
 
 
@@ -147,11 +162,15 @@ def main() -> None:
         from pyspark.sql import SparkSession
 
         spark = (
-            SparkSession.builder.master(args.spark_master).appName("omnisage-prune-bench")
-            .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-            .config("spark.sql.session.timeZone", "UTC").config("spark.driver.memory", args.driver_memory)
+            SparkSession.builder.master(args.spark_master)
+            .appName("omnisage-prune-bench")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.driver.memory", args.driver_memory)
             .config("spark.local.dir", str(work / "scratch" / "spark"))
-            .config("spark.sql.shuffle.partitions", "8").getOrCreate()
+            .config("spark.sql.shuffle.partitions", "8")
+            .getOrCreate()
         )
         spark.sparkContext.setLogLevel("ERROR")
         t1 = time.perf_counter()
@@ -161,7 +180,9 @@ def main() -> None:
         print(f"spark: start {t1 - t0:.1f} s, prune {t2 - t1:.1f} s", flush=True)
 
         diff = same_rows(out_duck, out_spark)
-        identical = diff["rows_only_duckdb"] == 0 and diff["rows_only_spark"] == 0 and duck_stats == spark_stats
+        identical = (
+            diff["rows_only_duckdb"] == 0 and diff["rows_only_spark"] == 0 and duck_stats == spark_stats
+        )
         result = {
             "benchmark": "pruning",
             "machine": f"{platform.node()} {os.cpu_count()} cores",

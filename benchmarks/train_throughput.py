@@ -66,9 +66,14 @@ def build_day(root: Path, scale: str):
     from tests.pipeline_fixtures import build_library_pipeline
 
     t0 = time.perf_counter()
-    art = build_library_pipeline(root, scale=scale, days=3, layout=NeighborhoodLayout.paper_default(), budget=10_000)
-    print(f"day built: {scale} scale in {time.perf_counter() - t0:.1f}s, {art.data.pairs.num_rows} training pairs, "
-          f"{len(art.universe['pin'])} pins, {len(art.universe['board'])} boards", flush=True)
+    art = build_library_pipeline(
+        root, scale=scale, days=3, layout=NeighborhoodLayout.paper_default(), budget=10_000
+    )
+    print(
+        f"day built: {scale} scale in {time.perf_counter() - t0:.1f}s, {art.data.pairs.num_rows} training pairs, "
+        f"{len(art.universe['pin'])} pins, {len(art.universe['board'])} boards",
+        flush=True,
+    )
     return art
 
 
@@ -80,7 +85,8 @@ class GpuUtilisation:
 
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         return self
 
@@ -133,8 +139,14 @@ def profile_step(source, model_config, train_config, top: int = 10) -> list[dict
     events = prof.key_averages()
     rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
     total = sum(getattr(e, attr) for e in events) or 1
-    return [{"op": e.key, "self_ms_per_step": round(getattr(e, attr) / 1e3 / 3, 2),
-             "share": round(getattr(e, attr) / total, 3)} for e in rows]
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": round(getattr(e, attr) / 1e3 / 3, 2),
+            "share": round(getattr(e, attr) / total, 3),
+        }
+        for e in rows
+    ]
 
 
 def main() -> None:
@@ -158,20 +170,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="omnisage-throughput-") as tmp:
         art = build_day(Path(tmp), args.scale)
         mc, tc = preset(args.preset, image_dim=art.image_dim)
-        tc = tc.replace(device=args.device, total_steps=10_000, warmup_steps=10, log_every=10_000, checkpoint_dir=None)
+        tc = tc.replace(
+            device=args.device, total_steps=10_000, warmup_steps=10, log_every=10_000, checkpoint_dir=None
+        )
         cuda = args.device.startswith("cuda")
         table = open_features(art.features_dir, snapshot=art.snapshot)
         rocks = open_features(art.features_dir, memory_budget_mb=0)
 
         def source_for(features):
             builder = BatchBuilder(art.snapshot, art.neighborhoods, features, art.layout)
-            return make_batch_iterator_factory(art.data, builder, batch_size=args.batch_size,
-                                               num_random_negatives=args.negatives, seed=0,
-                                               max_sequence_length=mc.sequence.max_len)
+            return make_batch_iterator_factory(
+                art.data,
+                builder,
+                batch_size=args.batch_size,
+                num_random_negatives=args.negatives,
+                seed=0,
+                max_sequence_length=mc.sequence.max_len,
+            )
 
-        results: dict = {"torch_threads": threads, "num_workers": workers, "steps": steps, "scale": args.scale,
-                         "batch_size": args.batch_size, "negatives": args.negatives, "device": args.device,
-                         "preset": args.preset}
+        results: dict = {
+            "torch_threads": threads,
+            "num_workers": workers,
+            "steps": steps,
+            "scale": args.scale,
+            "batch_size": args.batch_size,
+            "negatives": args.negatives,
+            "device": args.device,
+            "preset": args.preset,
+        }
         runs = {
             "examples_per_s": (source_for(table), workers),
             "examples_per_s_sync": (source_for(table), 0),

@@ -82,7 +82,9 @@ class NeighborhoodLayout:
 
     def halved(self) -> NeighborhoodLayout:
         """Table 13's ablation: every k_t halved."""
-        return NeighborhoodLayout(tuple(NeighborBlock(b.subset, b.node_type, max(1, b.k // 2)) for b in self.blocks))
+        return NeighborhoodLayout(
+            tuple(NeighborBlock(b.subset, b.node_type, max(1, b.k // 2)) for b in self.blocks)
+        )
 
 
 @dataclass
@@ -213,7 +215,10 @@ class CompactEntityBatch:
         """The same batch with one feature row per slot (padding slots zero, as ``EntityBatch`` requires)."""
         empty = FeatureArrays.empty((1,), self.max_tokens, self.image_dim)
         padded = FeatureArrays(
-            **{f.name: np.concatenate([getattr(self.table, f.name), getattr(empty, f.name)]) for f in fields(FeatureArrays)}
+            **{
+                f.name: np.concatenate([getattr(self.table, f.name), getattr(empty, f.name)])
+                for f in fields(FeatureArrays)
+            }
         )
         pad_row = len(self.table)
         nb = np.where(self.neighbor_mask & (self.neighbor_row >= 0), self.neighbor_row, pad_row)

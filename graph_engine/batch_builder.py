@@ -27,6 +27,7 @@ from graph_engine.batch import (
 
 class BatchBuilder:
     supports_compact = True  # build(..., compact=True) returns a CompactEntityBatch
+
     def __init__(self, snapshot, neighborhoods, featurizer, layout: NeighborhoodLayout | None = None):
         self.snapshot = snapshot
         self.neighborhoods = neighborhoods
@@ -96,11 +97,19 @@ class BatchBuilder:
             "keys_requested": b + int(mask.sum()),
             "keys_fetched": int((uniq >= 0).sum()) + int(uniq_out.size),
         }
-        common = {"entity_type": entity_type, "entity_ids": ids, "neighbor_ids": neighbor_ids,
-                      "neighbor_scores": scores.astype(np.float32), "neighbor_mask": mask, "layout": self.layout}
+        common = {
+            "entity_type": entity_type,
+            "entity_ids": ids,
+            "neighbor_ids": neighbor_ids,
+            "neighbor_scores": scores.astype(np.float32),
+            "neighbor_mask": mask,
+            "layout": self.layout,
+        }
         if compact:
             safe = np.maximum(uniq, 0)
-            keys = np.stack([np.where(uniq >= 0, node_type[safe], -1), np.where(uniq >= 0, node_id[safe], -1)], 1)
+            keys = np.stack(
+                [np.where(uniq >= 0, node_type[safe], -1), np.where(uniq >= 0, node_id[safe], -1)], 1
+            )
             out_keys = np.stack([np.full(uniq_out.size, code), uniq_out], 1)
             return CompactEntityBatch(
                 table=feats,
@@ -121,10 +130,16 @@ class BatchBuilder:
             if uniq_out.size == 0:
                 return inside
             outside = self.featurizer.fetch(code, uniq_out)
-            return FeatureArrays(**{f.name: np.concatenate([getattr(inside, f.name), getattr(outside, f.name)])
-                                    for f in fields(FeatureArrays)})
+            return FeatureArrays(
+                **{
+                    f.name: np.concatenate([getattr(inside, f.name), getattr(outside, f.name)])
+                    for f in fields(FeatureArrays)
+                }
+            )
         safe = np.maximum(uniq, 0)
-        fetch_codes = np.concatenate([node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)])
+        fetch_codes = np.concatenate(
+            [node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)]
+        )
         fetch_ids = np.concatenate([node_id[safe], uniq_out])
         fetch_valid = np.concatenate([uniq >= 0, np.ones(uniq_out.size, dtype=bool)])
         return self.featurizer.fetch(fetch_codes, fetch_ids, valid=fetch_valid)

@@ -53,8 +53,9 @@ def _file_list(files: Sequence[Path]) -> str:
 class DuckDBEdgeEngine:
     name = "duckdb"
 
-    def __init__(self, scratch_dir: Path | None = None, threads: int | None = None,
-                 memory_limit: str | None = None):
+    def __init__(
+        self, scratch_dir: Path | None = None, threads: int | None = None, memory_limit: str | None = None
+    ):
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self.threads = threads
         self.memory_limit = memory_limit
@@ -76,8 +77,9 @@ class DuckDBEdgeEngine:
 
     # ------------------------------------------------------------------------------- daily edges
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
-                            held_out_users: Holdout | None = None) -> dict[str, Any]:
+    def extract_daily_edges(
+        self, events_dir: Path | None, out_dir: Path, held_out_users: Holdout | None = None
+    ) -> dict[str, Any]:
         out_dir = Path(out_dir)
         files = parquet_files(events_dir)
         con = self._connect()
@@ -85,8 +87,10 @@ class DuckDBEdgeEngine:
             n_events = require_parquet_columns(files, EVENT_COLUMNS)
             if files:
                 cols = ", ".join(f"CAST({c} AS {_SQL_TYPES[t]}) AS {c}" for c, t in EVENT_COLUMNS.items())
-                con.execute(f"CREATE VIEW ev AS SELECT {cols} FROM read_parquet({_file_list(files)}, "
-                            "union_by_name = true)")
+                con.execute(
+                    f"CREATE VIEW ev AS SELECT {cols} FROM read_parquet({_file_list(files)}, "
+                    "union_by_name = true)"
+                )
             else:
                 cols = ", ".join(f"CAST(NULL AS {_SQL_TYPES[t]}) AS {c}" for c, t in EVENT_COLUMNS.items())
                 con.execute(f"CREATE VIEW ev AS SELECT {cols} LIMIT 0")
@@ -110,8 +114,10 @@ class DuckDBEdgeEngine:
                 GROUP BY LEAST(query_pin_id, pin_id), GREATEST(query_pin_id, pin_id)
             """
             out = out_dir / "part-0.parquet"
-            con.execute(f"COPY (SELECT {_EDGE_SELECT} FROM ({query}) ORDER BY edge_type, src_id, dst_id) "
-                        f"TO {_lit(str(out))} (FORMAT parquet)")
+            con.execute(
+                f"COPY (SELECT {_EDGE_SELECT} FROM ({query}) ORDER BY edge_type, src_id, dst_id) "
+                f"TO {_lit(str(out))} (FORMAT parquet)"
+            )
             con.execute(f"CREATE VIEW e AS SELECT * FROM read_parquet({_lit(str(out))})")
             return {"events": int(n_events), "held_out_user_events": dropped, **_undirected_table1(con, "e")}
         finally:
@@ -119,8 +125,13 @@ class DuckDBEdgeEngine:
 
     # ---------------------------------------------------------------------------------- pruning
 
-    def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
+    def prune_window(
+        self,
+        daily_edge_dirs: Sequence[Path],
+        out_dir: Path,
+        params: PruningParams,
+        holdout: Holdout | None = None,
+    ) -> dict[str, Any]:
         out_dir = Path(out_dir)
         dirs = [Path(d) for d in daily_edge_dirs]
         files = [f for d in dirs for f in parquet_files(d)]
@@ -128,8 +139,10 @@ class DuckDBEdgeEngine:
         try:
             if files:
                 require_parquet_columns(files, _EDGE_COLS.split(", "))
-                con.execute(f"CREATE VIEW raw AS SELECT {_EDGE_SELECT} FROM read_parquet("
-                            f"{_file_list(files)}, union_by_name = true)")
+                con.execute(
+                    f"CREATE VIEW raw AS SELECT {_EDGE_SELECT} FROM read_parquet("
+                    f"{_file_list(files)}, union_by_name = true)"
+                )
             else:
                 con.execute(f"CREATE VIEW raw AS {_EMPTY_EDGES}")
             # Window sum per undirected edge (contract: the graph of D sums the window's daily edges).
@@ -159,17 +172,28 @@ class DuckDBEdgeEngine:
                       UNION ALL SELECT dst_type, dst_id FROM und)
                 GROUP BY node_type, node_id
             """)
-            edges_before = window_edge_types(con.execute("""
+            edges_before = window_edge_types(
+                con.execute("""
                 SELECT edge_type, src_type, dst_type, COUNT(*), CAST(SUM(weight) AS DOUBLE),
                        COUNT(*) FILTER (WHERE src_id IS NULL OR dst_id IS NULL OR weight IS NULL)
                 FROM und GROUP BY ALL
-            """).fetchall(), dirs)
+            """).fetchall(),
+                dirs,
+            )
             hist = con.execute(
-                "SELECT node_type, d, CAST(COUNT(*) AS BIGINT) FROM deg GROUP BY node_type, d").fetchall()
+                "SELECT node_type, d, CAST(COUNT(*) AS BIGINT) FROM deg GROUP BY node_type, d"
+            ).fetchall()
             degrees = np.unique(np.asarray([h[1] for h in hist], dtype=np.int64))
             # d_target from the one numpy implementation (never DuckDB's own pow; see pruning.py).
-            con.register("d_targets", pa.table({"d": pa.array(degrees, pa.int64()),
-                                                "d_target": pa.array(d_target(degrees, params), pa.int64())}))
+            con.register(
+                "d_targets",
+                pa.table(
+                    {
+                        "d": pa.array(degrees, pa.int64()),
+                        "d_target": pa.array(d_target(degrees, params), pa.int64()),
+                    }
+                ),
+            )
             con.execute("""
                 CREATE TEMP TABLE node_target AS
                 SELECT deg.node_type, deg.node_id, deg.d, t.d_target
@@ -205,8 +229,9 @@ class DuckDBEdgeEngine:
             nodes_before, nodes_after = nodes_before_after(hist, params)
             con.execute(f"CREATE VIEW pruned AS SELECT * FROM read_parquet({_lit(str(out))})")
             edges_after, checks = summarize_edge_types(_edge_summary(con, "pruned"), undirected=False)
-            stats = prune_stats(len(dirs), table1(nodes_before, edges_before),
-                                table1(nodes_after, edges_after), checks)
+            stats = prune_stats(
+                len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks
+            )
             return {**stats, "held_out_edges": held_out_edges}
         finally:
             con.close()
@@ -223,7 +248,9 @@ def _drop_held_out_users(con, holdout: Holdout | None) -> int:
     con.execute(f"CREATE TEMP TABLE ev_flagged AS {flagged}")
     dropped = int(con.execute(f"SELECT COUNT(*) FROM ev_flagged WHERE coalesce({flag}, false)").fetchone()[0])
     cols = ", ".join(EVENT_COLUMNS)
-    con.execute(f"CREATE OR REPLACE VIEW ev AS SELECT {cols} FROM ev_flagged WHERE NOT coalesce({flag}, false)")
+    con.execute(
+        f"CREATE OR REPLACE VIEW ev AS SELECT {cols} FROM ev_flagged WHERE NOT coalesce({flag}, false)"
+    )
     return dropped
 
 

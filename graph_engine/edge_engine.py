@@ -32,8 +32,14 @@ EDGE_ARROW_TYPES = {
 }
 
 #: Columns of the validated engagement logs the edge rules read (warehouse layout).
-EVENT_COLUMNS = {"user_id": "int64", "action": "string", "surface": "string", "pin_id": "int64", "board_id": "int64",
-                 "query_pin_id": "int64"}
+EVENT_COLUMNS = {
+    "user_id": "int64",
+    "action": "string",
+    "surface": "string",
+    "pin_id": "int64",
+    "board_id": "int64",
+    "query_pin_id": "int64",
+}
 
 
 class EdgeInputError(ValueError):
@@ -106,12 +112,17 @@ def window_edge_types(rows, dirs) -> dict[str, dict]:
 
     edges: dict[str, dict] = {}
     for edge_type, src_type, dst_type, n, w, nulls in rows:
-        if edge_type not in EDGE_TYPES or src_type not in KEY_TYPE_CODE or dst_type not in KEY_TYPE_CODE \
-                or nulls:
+        if (
+            edge_type not in EDGE_TYPES
+            or src_type not in KEY_TYPE_CODE
+            or dst_type not in KEY_TYPE_CODE
+            or nulls
+        ):
             raise EdgeInputError(
                 f"daily edges in {[str(d) for d in dirs]}: {int(n)} row(s) with edge_type={edge_type!r}, "
                 f"src_type={src_type!r}, dst_type={dst_type!r} ({int(nulls or 0)} with a null id or "
-                f"weight): expected edge types {list(EDGE_TYPES)} between {sorted(KEY_TYPE_CODE)} nodes")
+                f"weight): expected edge types {list(EDGE_TYPES)} between {sorted(KEY_TYPE_CODE)} nodes"
+            )
         fig = edges.setdefault(edge_type, {"edges": 0, "entries": 0, "weight": 0.0})
         fig["edges"] += int(n)
         fig["entries"] += 2 * int(n)
@@ -121,8 +132,7 @@ def window_edge_types(rows, dirs) -> dict[str, dict]:
 
 def prune_stats(days: int, before: dict, after: dict, checks: dict) -> dict[str, Any]:
     kept = after["total_entries"] / before["total_entries"] if before["total_entries"] else 1.0
-    return {"days": days, "before": before, "after": after, "kept_fraction": round(kept, 6),
-            "checks": checks}
+    return {"days": days, "before": before, "after": after, "kept_fraction": round(kept, 6), "checks": checks}
 
 
 def table1(nodes: dict[str, tuple[int, int]], edges: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -130,12 +140,17 @@ def table1(nodes: dict[str, tuple[int, int]], edges: dict[str, dict[str, float]]
     node_types = {}
     for t in sorted(nodes):
         n, entries = nodes[t]
-        node_types[t] = {"nodes": int(n), "entries": int(entries),
-                         "avg_degree": round(entries / n, 4) if n else 0.0}
+        node_types[t] = {
+            "nodes": int(n),
+            "entries": int(entries),
+            "avg_degree": round(entries / n, 4) if n else 0.0,
+        }
     return {
         "node_types": node_types,
-        "edge_types": {e: {k: (int(v) if k != "weight" else float(v)) for k, v in edges[e].items()}
-                       for e in sorted(edges)},
+        "edge_types": {
+            e: {k: (int(v) if k != "weight" else float(v)) for k, v in edges[e].items()}
+            for e in sorted(edges)
+        },
         "total_nodes": int(sum(n for n, _ in nodes.values())),
         "total_entries": int(sum(e for _, e in nodes.values())),
     }
@@ -169,8 +184,9 @@ class EdgeEngine(Protocol):
 
     name: str
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
-                            held_out_users: Holdout | None = None) -> dict[str, Any]:
+    def extract_daily_edges(
+        self, events_dir: Path | None, out_dir: Path, held_out_users: Holdout | None = None
+    ) -> dict[str, Any]:
         """Validated events of one day -> canonical undirected edges with the day's count as weight.
 
         ``events_dir`` None or without parquet files is an empty day: an empty, typed edge table is
@@ -180,8 +196,13 @@ class EdgeEngine(Protocol):
         """
         ...
 
-    def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
+    def prune_window(
+        self,
+        daily_edge_dirs: Sequence[Path],
+        out_dir: Path,
+        params: PruningParams,
+        holdout: Holdout | None = None,
+    ) -> dict[str, Any]:
         """Sum the daily edges of the window per undirected edge, drop the held-out evaluation pairs
         (``holdout``; graph_engine.holdout), then Algorithm 2 per adjacency list.
 
@@ -191,8 +212,9 @@ class EdgeEngine(Protocol):
         ...
 
 
-def get_engine(name: str, spark_session_factory: Callable[[], Any] | None = None,
-               scratch_dir: Path | None = None) -> EdgeEngine:
+def get_engine(
+    name: str, spark_session_factory: Callable[[], Any] | None = None, scratch_dir: Path | None = None
+) -> EdgeEngine:
     """The engine named by ``OMNISAGE_ENGINE``. Spark is started (via the factory) only when first used."""
     if name == "duckdb":
         from graph_engine.duckdb_engine import DuckDBEdgeEngine

@@ -37,7 +37,7 @@ def _names(codes) -> np.ndarray:
 def _threshold(fraction: float) -> int:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction {fraction} must be in [0, 1)")
-    return int(round(fraction * BUCKETS))
+    return round(fraction * BUCKETS)
 
 
 def entity_hash(seed: int, type_codes, ids) -> np.ndarray:
@@ -80,12 +80,16 @@ class Holdout:
     def sql_stages(self, dialect: str, prefix: str = "_h") -> tuple[list[tuple[str, str]], str]:
         """Projections computing the held-out flag of canonical edge rows (columns src_type, src_id,
         dst_type, dst_id), and the name of the boolean flag column (the last projection)."""
-        stages = sampling_key_sql(dialect, self.seed, "src_type", "src_id", "dst_type", "dst_id", prefix=prefix)
+        stages = sampling_key_sql(
+            dialect, self.seed, "src_type", "src_id", "dst_type", "dst_id", prefix=prefix
+        )
         flag = f"{prefix}_held_out"
         stages.append((flag, f"(({stages[-1][0]} % {BUCKETS}) < {_threshold(self.fraction)})"))
         return stages, flag
 
-    def user_sql_stages(self, dialect: str, type_col: str, id_col: str, prefix: str = "_u") -> tuple[list[tuple[str, str]], str]:
+    def user_sql_stages(
+        self, dialect: str, type_col: str, id_col: str, prefix: str = "_u"
+    ) -> tuple[list[tuple[str, str]], str]:
         """Projections flagging rows of held-out users (``held_out_users``): ``type_col`` must hold the
         text 'user', ``id_col`` the user id. -> (projections, flag column); the flag is NULL for a NULL id."""
         stages = sampling_key_sql(dialect, self.seed, type_col, id_col, type_col, id_col, prefix=prefix)

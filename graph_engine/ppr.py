@@ -261,8 +261,25 @@ def _init_scratch(indptr, p_all, rt_all):
 
 @njit(cache=True, parallel=True)
 def _forward_push_kernel(
-    indptr, indices, weights, unit, wdeg, sources, restart_prob, eps, credit, node_type, block_type, block_k,
-    p_all, rt_all, queue_all, touched_all, out_ids, out_scores, visits_out,
+    indptr,
+    indices,
+    weights,
+    unit,
+    wdeg,
+    sources,
+    restart_prob,
+    eps,
+    credit,
+    node_type,
+    block_type,
+    block_k,
+    p_all,
+    rt_all,
+    queue_all,
+    touched_all,
+    out_ids,
+    out_scores,
+    visits_out,
 ):
     # one worker per entry of visits_out (<= numba threads, passed in: get_num_threads() here blocks caching);
     # worker w uses row w of the scratch arrays, which are clean on entry and left clean on exit
@@ -293,8 +310,21 @@ def _forward_push_kernel(
             col = 0
             for b in range(nb):
                 _select(
-                    p, rt, credit, touched, nt, s, node_type, block_type[b], block_k[b],
-                    out_ids, out_scores, i, col, heap_s, heap_i,
+                    p,
+                    rt,
+                    credit,
+                    touched,
+                    nt,
+                    s,
+                    node_type,
+                    block_type[b],
+                    block_k[b],
+                    out_ids,
+                    out_scores,
+                    i,
+                    col,
+                    heap_s,
+                    heap_i,
                 )
                 col += block_k[b]
             _reset(p, rt, touched, nt)
@@ -413,8 +443,15 @@ class PushGraph:
         return scratch
 
     def push_typed(
-        self, sources, restart_prob, eps, node_type, block_types, block_ks,
-        return_visits=False, credit_residual=True,
+        self,
+        sources,
+        restart_prob,
+        eps,
+        node_type,
+        block_types,
+        block_ks,
+        return_visits=False,
+        credit_residual=True,
     ):
         """Per-type top-k of every source; see ``forward_push_typed``."""
         if not 0.0 < restart_prob <= 1.0:
@@ -440,9 +477,22 @@ class PushGraph:
             with self._lock:
                 scratch = self._take_scratch(visits.shape[0])
                 _forward_push_kernel(
-                    self.indptr, self.indices, self.weights, self.unit, self.out_weight, sources,
-                    float(restart_prob), float(eps), float(restart_prob) if credit_residual else 0.0,
-                    node_type, block_type, block_k, *scratch, ids, scores, visits,
+                    self.indptr,
+                    self.indices,
+                    self.weights,
+                    self.unit,
+                    self.out_weight,
+                    sources,
+                    float(restart_prob),
+                    float(eps),
+                    float(restart_prob) if credit_residual else 0.0,
+                    node_type,
+                    block_type,
+                    block_k,
+                    *scratch,
+                    ids,
+                    scores,
+                    visits,
                 )
                 self._scratch = scratch
                 self.edge_visits += int(visits.sum())

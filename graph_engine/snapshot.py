@@ -88,7 +88,9 @@ def _read_edge_file(path: Path) -> dict[str, np.ndarray]:
         raise SnapshotError(f"{path}: required column(s) {missing} missing (have {table.column_names})")
     for name in EDGE_COLUMNS:
         if table.column(name).null_count:
-            raise SnapshotError(f"{path}: column {name!r} holds {table.column(name).null_count} null value(s)")
+            raise SnapshotError(
+                f"{path}: column {name!r} holds {table.column(name).null_count} null value(s)"
+            )
 
     out: dict[str, np.ndarray] = {}
     for side in ("src", "dst"):
@@ -139,7 +141,9 @@ def _save(out_dir: Path, rel: str, arr: np.ndarray, arrays: dict[str, dict]) -> 
     arrays[rel] = {"dtype": str(arr.dtype), "shape": list(arr.shape), "sha256": _sha256(path)}
 
 
-def _csr(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _csr(
+    src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """CSR rows sorted by (src, dst); repeated (src, dst) entries merged by summing weights."""
     order = np.lexsort((dst, src))
     src, dst, w = src[order], dst[order], w[order]
@@ -194,7 +198,9 @@ def build_snapshot(
 
     files = _edge_files(pruned_edges_dir)
     parts = [_read_edge_file(p) for p in files]
-    source_files = [{"file": str(p.relative_to(pruned_edges_dir)), "rows": len(d["weight"])} for p, d in zip(files, parts)]
+    source_files = [
+        {"file": str(p.relative_to(pruned_edges_dir)), "rows": len(d["weight"])} for p, d in zip(files, parts)
+    ]
 
     def cat(key: str, dtype) -> np.ndarray:
         return np.concatenate([d[key] for d in parts]) if parts else np.zeros(0, dtype=dtype)
@@ -235,7 +241,9 @@ def build_snapshot(
     _save(out_dir, "nodes/node_id.npy", node_id, arrays)
     _save(out_dir, "nodes/degree.npy", degree, arrays)
 
-    entries_by_edge_type = {str(t): int(c) for t, c in zip(edge_names, np.bincount(edge_codes, minlength=len(edge_names)))}
+    entries_by_edge_type = {
+        str(t): int(c) for t, c in zip(edge_names, np.bincount(edge_codes, minlength=len(edge_names)))
+    }
     subset_meta = {}
     for name, types in subsets.items():
         codes = [i for i, t in enumerate(edge_names) if t in types]
@@ -295,7 +303,9 @@ class GraphSnapshot:
         if manifest.get("format") != FORMAT:
             raise SnapshotError(f"{mpath}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise SnapshotError(f"{mpath}: field 'format_version' is {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise SnapshotError(
+                f"{mpath}: field 'format_version' is {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         arrays = {}
         for rel, meta in manifest["arrays"].items():
             file = path / rel
@@ -367,7 +377,9 @@ class GraphSnapshot:
     def csr(self, subset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(indptr int64 [n+1], indices int32|int64 [m], weights float32 [m]) of relation subset R_i."""
         if subset not in self.manifest["subsets"]:
-            raise KeyError(f"relation subset {subset!r} not in snapshot {self.path} (has {sorted(self.subsets)})")
+            raise KeyError(
+                f"relation subset {subset!r} not in snapshot {self.path} (has {sorted(self.subsets)})"
+            )
         base = f"csr/{subset}/"
         return (
             self._arrays[base + "indptr.npy"],

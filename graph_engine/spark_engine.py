@@ -175,8 +175,9 @@ class SparkEdgeEngine:
 
     # ------------------------------------------------------------------------------- daily edges
 
-    def extract_daily_edges(self, events_dir: Path | None, out_dir: Path,
-                            held_out_users: Holdout | None = None) -> dict[str, Any]:
+    def extract_daily_edges(
+        self, events_dir: Path | None, out_dir: Path, held_out_users: Holdout | None = None
+    ) -> dict[str, Any]:
         files = parquet_files(None if events_dir is None else local_path(events_dir))
         n_events = require_parquet_columns(files, EVENT_COLUMNS)
         with self._shuffle(n_events):
@@ -205,20 +206,39 @@ class SparkEdgeEngine:
         # a save or click on related_pins with a known query pin different from the engaged pin,
         # canonical src_id < dst_id so both orientations are one edge.
         pin_board = (
-            ev.where((F.col("action") == "save") & F.col("board_id").isNotNull() & F.col("pin_id").isNotNull())
+            ev.where(
+                (F.col("action") == "save") & F.col("board_id").isNotNull() & F.col("pin_id").isNotNull()
+            )
             .groupBy(F.col("pin_id").alias("src_id"), F.col("board_id").alias("dst_id"))
             .agg(F.count(one).cast("double").alias("weight"))
-            .select(F.lit("pin").alias("src_type"), "src_id", F.lit("board").alias("dst_type"), "dst_id",
-                    F.lit("pin_board").alias("edge_type"), "weight")
+            .select(
+                F.lit("pin").alias("src_type"),
+                "src_id",
+                F.lit("board").alias("dst_type"),
+                "dst_id",
+                F.lit("pin_board").alias("edge_type"),
+                "weight",
+            )
         )
         q, p = F.col("query_pin_id"), F.col("pin_id")
         pin_pin = (
-            ev.where((F.col("surface") == "related_pins") & F.col("action").isin("save", "click")
-                     & q.isNotNull() & p.isNotNull() & (q != p))
+            ev.where(
+                (F.col("surface") == "related_pins")
+                & F.col("action").isin("save", "click")
+                & q.isNotNull()
+                & p.isNotNull()
+                & (q != p)
+            )
             .groupBy(F.least(q, p).alias("src_id"), F.greatest(q, p).alias("dst_id"))
             .agg(F.count(one).cast("double").alias("weight"))
-            .select(F.lit("pin").alias("src_type"), "src_id", F.lit("pin").alias("dst_type"), "dst_id",
-                    F.lit("pin_pin").alias("edge_type"), "weight")
+            .select(
+                F.lit("pin").alias("src_type"),
+                "src_id",
+                F.lit("pin").alias("dst_type"),
+                "dst_id",
+                F.lit("pin_pin").alias("edge_type"),
+                "weight",
+            )
         )
         write_parquet(_cast_edges(pin_board.unionByName(pin_pin)), out_uri)
         written = self._read_written(out_uri)
@@ -226,16 +246,27 @@ class SparkEdgeEngine:
 
     # ---------------------------------------------------------------------------------- pruning
 
-    def prune_window(self, daily_edge_dirs: Sequence[Path], out_dir: Path,
-                     params: PruningParams, holdout: Holdout | None = None) -> dict[str, Any]:
+    def prune_window(
+        self,
+        daily_edge_dirs: Sequence[Path],
+        out_dir: Path,
+        params: PruningParams,
+        holdout: Holdout | None = None,
+    ) -> dict[str, Any]:
         dirs = [local_path(d) for d in daily_edge_dirs]
         files = [f for d in dirs for f in parquet_files(d)]
         rows = require_parquet_columns(files, EDGE_COLUMNS)
         with self._shuffle(2 * rows):  # each undirected edge is an entry in both endpoints' lists
             return self._prune(dirs, files, spark_uri(out_dir), params, holdout)
 
-    def _prune(self, dirs: list[Path], files: list[Path], out_uri: str, params: PruningParams,
-               holdout: Holdout | None) -> dict[str, Any]:
+    def _prune(
+        self,
+        dirs: list[Path],
+        files: list[Path],
+        out_uri: str,
+        params: PruningParams,
+        holdout: Holdout | None,
+    ) -> dict[str, Any]:
         from pyspark import StorageLevel
         from pyspark.sql import Window
         from pyspark.sql import functions as F
@@ -250,7 +281,9 @@ class SparkEdgeEngine:
                 F.when(swap, F.col("dst_id")).otherwise(F.col("src_id")).alias("src_id"),
                 "dst_type",
                 F.when(swap, F.col("src_id")).otherwise(F.col("dst_id")).alias("dst_id"),
-                "edge_type", "weight")
+                "edge_type",
+                "weight",
+            )
             .groupBy("src_type", "src_id", "dst_type", "dst_id", "edge_type")
             .agg(F.sum("weight").cast("double").alias("weight"))
         )
@@ -268,16 +301,26 @@ class SparkEdgeEngine:
         try:
             null_row = F.col("src_id").isNull() | F.col("dst_id").isNull() | F.col("weight").isNull()
             edges_before = window_edge_types(
-                [tuple(r) for r in und.groupBy("edge_type", "src_type", "dst_type").agg(
-                    F.count(F.lit(1)), F.sum("weight"), _count_where(null_row)).collect()], dirs)
+                [
+                    tuple(r)
+                    for r in und.groupBy("edge_type", "src_type", "dst_type")
+                    .agg(F.count(F.lit(1)), F.sum("weight"), _count_where(null_row))
+                    .collect()
+                ],
+                dirs,
+            )
             # Degree histogram: small (distinct degrees per node type), the only per-node figure the
             # driver sees.
-            endpoints = und.select(F.col("src_type").alias("node_type"), F.col("src_id").alias("node_id")) \
-                .unionByName(und.select(F.col("dst_type").alias("node_type"), F.col("dst_id").alias("node_id")))
+            endpoints = und.select(
+                F.col("src_type").alias("node_type"), F.col("src_id").alias("node_id")
+            ).unionByName(und.select(F.col("dst_type").alias("node_type"), F.col("dst_id").alias("node_id")))
             hist = [
                 (r[0], int(r[1]), int(r[2]))
-                for r in endpoints.groupBy("node_type", "node_id").agg(F.count(F.lit(1)).alias("d"))
-                .groupBy("node_type", "d").agg(F.count(F.lit(1))).collect()
+                for r in endpoints.groupBy("node_type", "node_id")
+                .agg(F.count(F.lit(1)).alias("d"))
+                .groupBy("node_type", "d")
+                .agg(F.count(F.lit(1)))
+                .collect()
             ]
             nodes_before, nodes_after = nodes_before_after(hist, params)
             degrees = sorted({h[1] for h in hist})
@@ -285,15 +328,25 @@ class SparkEdgeEngine:
             targets = d_target(degrees, params).tolist() if degrees else []
             from pyspark.sql import types as T
 
-            dt_schema = T.StructType([T.StructField("_d", T.LongType(), False),
-                                      T.StructField("_d_target", T.LongType(), False)])
+            dt_schema = T.StructType(
+                [T.StructField("_d", T.LongType(), False), T.StructField("_d_target", T.LongType(), False)]
+            )
             dt_df = self.spark.createDataFrame(list(zip(degrees, targets)), dt_schema)
 
             # Each undirected edge is one entry in each endpoint's adjacency list.
-            ent = und.select(*EDGE_COLUMNS).unionByName(und.select(
-                F.col("dst_type").alias("src_type"), F.col("dst_id").alias("src_id"),
-                F.col("src_type").alias("dst_type"), F.col("src_id").alias("dst_id"), "edge_type", "weight"))
-            for col, expr in sampling_key_sql("spark", params.seed, "src_type", "src_id", "dst_type", "dst_id"):
+            ent = und.select(*EDGE_COLUMNS).unionByName(
+                und.select(
+                    F.col("dst_type").alias("src_type"),
+                    F.col("dst_id").alias("src_id"),
+                    F.col("src_type").alias("dst_type"),
+                    F.col("src_id").alias("dst_id"),
+                    "edge_type",
+                    "weight",
+                )
+            )
+            for col, expr in sampling_key_sql(
+                "spark", params.seed, "src_type", "src_id", "dst_type", "dst_id"
+            ):
                 ent = ent.withColumn(col, F.expr(expr))
             key_col = "_k"
             if self.partitions:
@@ -304,7 +357,8 @@ class SparkEdgeEngine:
             ranked = ent.select(
                 *EDGE_COLUMNS,
                 F.row_number().over(w).alias("_rn"),
-                F.count(F.lit(1)).over(w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
+                F.count(F.lit(1))
+                .over(w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
                 .alias("_d"),
             )
             kept = ranked.join(F.broadcast(dt_df), on="_d").where(F.col("_rn") <= F.col("_d_target"))
@@ -316,18 +370,22 @@ class SparkEdgeEngine:
 
         written = self._read_written(out_uri)
         edges_after, checks = summarize_edge_types(_edge_summary(written), undirected=False)
-        stats = prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after),
-                            checks)
+        stats = prune_stats(
+            len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks
+        )
         return {**stats, "held_out_edges": held_out_edges}
 
 
 def _undirected_table1(df) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
-    endpoints = df.select(F.col("src_type").alias("t"), F.col("src_id").alias("i")) \
-        .unionByName(df.select(F.col("dst_type").alias("t"), F.col("dst_id").alias("i")))
-    nodes = {r[0]: (int(r[1]), int(r[2]))
-             for r in endpoints.groupBy("t").agg(F.countDistinct("i"), F.count(F.lit(1))).collect()}
+    endpoints = df.select(F.col("src_type").alias("t"), F.col("src_id").alias("i")).unionByName(
+        df.select(F.col("dst_type").alias("t"), F.col("dst_id").alias("i"))
+    )
+    nodes = {
+        r[0]: (int(r[1]), int(r[2]))
+        for r in endpoints.groupBy("t").agg(F.countDistinct("i"), F.count(F.lit(1))).collect()
+    }
     edges, checks = summarize_edge_types(_edge_summary(df), undirected=True)
     return {"table1": table1(nodes, edges), "checks": checks}
 
@@ -343,9 +401,14 @@ def _edge_summary(df) -> list[tuple]:
     from pyspark.sql import functions as F
 
     w = F.col("weight")
-    return [tuple(r) for r in df.groupBy("edge_type").agg(
-        F.count(F.lit(1)),
-        F.sum(w),
-        _count_where((F.col("src_type") == F.col("dst_type")) & (F.col("src_id") == F.col("dst_id"))),
-        _count_where(w.isNull() | F.isnan(w) | (w <= 0)),
-    ).collect()]
+    return [
+        tuple(r)
+        for r in df.groupBy("edge_type")
+        .agg(
+            F.count(F.lit(1)),
+            F.sum(w),
+            _count_where((F.col("src_type") == F.col("dst_type")) & (F.col("src_id") == F.col("dst_id"))),
+            _count_where(w.isNull() | F.isnan(w) | (w <= 0)),
+        )
+        .collect()
+    ]

@@ -80,9 +80,16 @@ class RandomUserEmbedder:
 
     def embed_users(self, histories, user_ids=None) -> np.ndarray:
         ids = np.arange(len(histories)) if user_ids is None else np.asarray(user_ids, dtype=np.int64)
-        return np.stack(
-            [np.random.default_rng([self.seed, int(u) & 0x7FFFFFFFFFFFFFFF]).standard_normal(self.dim) for u in ids]
-        ).astype(np.float32) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return (
+            np.stack(
+                [
+                    np.random.default_rng([self.seed, int(u) & 0x7FFFFFFFFFFFFFFF]).standard_normal(self.dim)
+                    for u in ids
+                ]
+            ).astype(np.float32)
+            if len(ids)
+            else np.zeros((0, self.dim), np.float32)
+        )
 
 
 def random_baseline(universe: dict[str, np.ndarray], dim: int = 32, seed: int = 0):
@@ -106,7 +113,9 @@ class TableUserEmbedder:
 
 def oracle_baseline(truth, day: str):
     """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``omnisage_pipeline.synthetic.Truth``)."""
-    entities = TableEmbedder({"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)})
+    entities = TableEmbedder(
+        {"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)}
+    )
     return entities, TableUserEmbedder(truth.user_id, truth.user_latents_on_day(day))
 
 
@@ -138,7 +147,11 @@ class CooccurrenceEmbedder:
         for subset in snapshot.subsets:
             indptr, indices, _ = snapshot.csr(subset)
             a = sp.csr_matrix(
-                (np.ones(len(indices), dtype=np.float32), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
+                (
+                    np.ones(len(indices), dtype=np.float32),
+                    np.asarray(indices, dtype=np.int64),
+                    np.asarray(indptr),
+                ),
                 shape=(n, n),
             )
             merged = a if merged is None else merged.maximum(a)
@@ -175,7 +188,11 @@ class CooccurrenceEmbedder:
 
     def embed_users(self, histories, user_ids=None) -> sp.csr_matrix:
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else np.zeros(0, np.int64)
+        flat = (
+            np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+            if len(histories)
+            else np.zeros(0, np.int64)
+        )
         rows = self._rows("pin", flat)
         owner = np.repeat(np.arange(len(histories)), lengths)
         found = rows >= 0
@@ -188,7 +205,9 @@ class CooccurrenceEmbedder:
 
 # ---------------------------------------------------------------------------------------------------------- ALS
 ALS_ITEM_TYPES = ("pin", "board")
-INTERACTION_SCHEMA = pa.schema([("user_id", pa.int64()), ("entity_type", pa.string()), ("entity_id", pa.int64())])
+INTERACTION_SCHEMA = pa.schema(
+    [("user_id", pa.int64()), ("entity_type", pa.string()), ("entity_id", pa.int64())]
+)
 PAIR_COLUMNS = ("query_type", "query_id", "pos_type", "pos_id")
 #: Searched by ``fit_als_baseline`` (every combination): the usual ranges for implicit ALS on data of
 #: MovieLens-100k's size (thousands of items, ~100k interactions).
@@ -200,7 +219,12 @@ DEFAULT_ALS_GRID: dict[str, list] = {
     "weighting": ["log"],
 }
 #: The daily recall report's smaller search (4 fits): a day's report should not spend minutes on a baseline.
-REPORT_ALS_GRID: dict[str, list] = {"factors": [32, 64], "regularization": [0.1, 1.0], "alpha": [10.0], "iterations": [15]}
+REPORT_ALS_GRID: dict[str, list] = {
+    "factors": [32, 64],
+    "regularization": [0.1, 1.0],
+    "alpha": [10.0],
+    "iterations": [15],
+}
 WEIGHTINGS = ("count", "log", "binary")
 
 
@@ -220,7 +244,7 @@ def _rows_in(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
         return np.zeros(keys.shape[0], dtype=bool)
     _, inverse = np.unique(np.concatenate([of, keys]), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
-    return np.isin(inverse[of.shape[0]:], inverse[: of.shape[0]])
+    return np.isin(inverse[of.shape[0] :], inverse[: of.shape[0]])
 
 
 def _table_pair_keys(pairs) -> np.ndarray:
@@ -257,16 +281,21 @@ def engagement_pairs_from_logs(logs: pa.Table) -> pa.Table:
     board_pin = np.unique(pb_key[pb], axis=0) if pb.any() else np.zeros((0, 4), np.int64)
     # canonical keys put the pin (code 0) first: a board -> pin pair is (board = end 2, pin = end 1)
     n_pp, n_pb = pin_pin.shape[0], board_pin.shape[0]
-    return pa.table({
-        "query_type": pa.array(["pin"] * n_pp + ["board"] * n_pb, pa.string()),
-        "query_id": pa.array(np.concatenate([pin_pin[:, 1], board_pin[:, 3]]), pa.int64()),
-        "pos_type": pa.array(["pin"] * (n_pp + n_pb), pa.string()),
-        "pos_id": pa.array(np.concatenate([pin_pin[:, 3], board_pin[:, 1]]), pa.int64()),
-    })
+    return pa.table(
+        {
+            "query_type": pa.array(["pin"] * n_pp + ["board"] * n_pb, pa.string()),
+            "query_id": pa.array(np.concatenate([pin_pin[:, 1], board_pin[:, 3]]), pa.int64()),
+            "pos_type": pa.array(["pin"] * (n_pp + n_pb), pa.string()),
+            "pos_id": pa.array(np.concatenate([pin_pin[:, 3], board_pin[:, 1]]), pa.int64()),
+        }
+    )
 
 
-def interactions_from_logs(logs: pa.Table, exclude_pairs: pa.Table | None = None,
-                           exclude_users: Sequence[int] | np.ndarray | None = None) -> pa.Table:
+def interactions_from_logs(
+    logs: pa.Table,
+    exclude_pairs: pa.Table | None = None,
+    exclude_users: Sequence[int] | np.ndarray | None = None,
+) -> pa.Table:
     """(user_id, entity_type, entity_id) rows: each event's pin, and its board when it is a save. An event whose
     pin-pin or pin-board edge is an excluded pair is dropped whole (its user row then holds the two ends only
     through other events), and so is every event of an excluded user (evaluation users are embedded from their
@@ -280,7 +309,9 @@ def interactions_from_logs(logs: pa.Table, exclude_pairs: pa.Table | None = None
     if exclude_users is not None and len(exclude_users):
         keep &= ~np.isin(user, np.asarray(exclude_users, dtype=np.int64))
     pin = logs.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)[keep]
-    board = np.asarray(pc.fill_null(logs.column("board_id"), -1).to_numpy(zero_copy_only=False), np.int64)[keep]
+    board = np.asarray(pc.fill_null(logs.column("board_id"), -1).to_numpy(zero_copy_only=False), np.int64)[
+        keep
+    ]
     is_save = np.asarray(logs.column("action").to_numpy(zero_copy_only=False), dtype=object)[keep] == "save"
     user = user[keep]
     saved = is_save & (board >= 0)
@@ -334,7 +365,9 @@ class InteractionMatrix:
                              shape=(1, self.matrix.shape[1]))  # fmt: skip
 
 
-def build_interaction_matrix(interactions: pa.Table, universe: Mapping[str, np.ndarray] | None = None) -> InteractionMatrix:
+def build_interaction_matrix(
+    interactions: pa.Table, universe: Mapping[str, np.ndarray] | None = None
+) -> InteractionMatrix:
     """Count matrix of ``interactions`` (INTERACTION_SCHEMA rows; repeats add up). ``universe``: extra pin and
     board ids that get a column even without interactions (they embed to the zero-interaction solution)."""
     types = np.asarray(interactions.column("entity_type").to_numpy(zero_copy_only=False), dtype=object)
@@ -342,7 +375,9 @@ def build_interaction_matrix(interactions: pa.Table, universe: Mapping[str, np.n
     users = interactions.column("user_id").to_numpy(zero_copy_only=False).astype(np.int64)
     unknown = set(np.unique(types).tolist()) - set(ALS_ITEM_TYPES)
     if unknown:
-        raise ValueError(f"build_interaction_matrix: entity types {sorted(unknown)}; expected {ALS_ITEM_TYPES}")
+        raise ValueError(
+            f"build_interaction_matrix: entity types {sorted(unknown)}; expected {ALS_ITEM_TYPES}"
+        )
     item_ids = {}
     for t in ALS_ITEM_TYPES:
         extra = np.asarray((universe or {}).get(t, np.zeros(0)), dtype=np.int64)
@@ -426,7 +461,9 @@ class AlsEmbedder:
         return np.asarray(users, dtype=np.float32).reshape(len(histories), self.dim)
 
 
-def pair_recall(embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.ndarray] | None = None) -> float | None:
+def pair_recall(
+    embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.ndarray] | None = None
+) -> float | None:
     """recall@k of ``pairs`` (pair columns) with ``ml.metrics.recall_at_k``, the evaluator's own rule: each
     positive against ``pools[pos_type]`` (default: every column of that type), query and positive left out."""
     import torch
@@ -439,7 +476,9 @@ def pair_recall(embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.n
     qt, qid, pt, pid = (np.asarray(pairs.column(c).to_numpy(zero_copy_only=False)) for c in PAIR_COLUMNS)
     hits = []
     for t in np.unique(pt):
-        pool = np.array(pools[t] if pools is not None else embedder.index.item_ids[t], dtype=np.int64)  # writable
+        pool = np.array(
+            pools[t] if pools is not None else embedder.index.item_ids[t], dtype=np.int64
+        )  # writable
         neg = embedder.embed(t, pool)
         for q_type in np.unique(qt[pt == t]):
             rows = np.flatnonzero((pt == t) & (qt == q_type))
@@ -472,8 +511,15 @@ def _grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
 
 
-def tune_als(train_matrix: InteractionMatrix, validation_pairs: pa.Table, grid: Mapping[str, Sequence] | None = None,
-             *, k: int = 10, seed: int = 0, num_threads: int | None = None) -> AlsTuning:
+def tune_als(
+    train_matrix: InteractionMatrix,
+    validation_pairs: pa.Table,
+    grid: Mapping[str, Sequence] | None = None,
+    *,
+    k: int = 10,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> AlsTuning:
     """Fit one ALS per grid point (every combination of ``grid``'s values; keys are ``AlsEmbedder``
     parameters) on ``train_matrix`` and keep the best recall@k on ``validation_pairs`` - pairs whose events
     are NOT in ``train_matrix`` (``carve_validation_pairs``), so the choice is made on unseen pairs, never on the
@@ -484,16 +530,23 @@ def tune_als(train_matrix: InteractionMatrix, validation_pairs: pa.Table, grid: 
     results, best, best_recall = [], points[0], None
     for params in points:
         t0 = time.perf_counter()
-        recall = pair_recall(AlsEmbedder(train_matrix, **params, num_threads=num_threads, seed=seed), validation_pairs, k)
+        recall = pair_recall(
+            AlsEmbedder(train_matrix, **params, num_threads=num_threads, seed=seed), validation_pairs, k
+        )
         results.append({**params, f"recall@{k}": recall, "seconds": round(time.perf_counter() - t0, 3)})
         if recall is not None and (best_recall is None or recall > best_recall):
             best, best_recall = params, recall
     return AlsTuning(dict(best), best_recall, results, validation_pairs.num_rows)
 
 
-def carve_validation_pairs(logs: pa.Table, fraction: float = 0.1, max_pairs: int = 2000, seed: int = 0,
-                           exclude_pairs: pa.Table | None = None,
-                           types: Sequence[tuple[str, str]] | None = None) -> pa.Table:
+def carve_validation_pairs(
+    logs: pa.Table,
+    fraction: float = 0.1,
+    max_pairs: int = 2000,
+    seed: int = 0,
+    exclude_pairs: pa.Table | None = None,
+    types: Sequence[tuple[str, str]] | None = None,
+) -> pa.Table:
     """A seeded ``fraction`` (at most ``max_pairs``) of the logs' distinct engagement pairs, excluded pairs
     (the evaluation's) left out: the validation split that ALS is tuned on, carved from training data.
     ``types``: keep only these (query type, positive type) pairs, to validate on the kind the test holds (the
@@ -510,20 +563,32 @@ def carve_validation_pairs(logs: pa.Table, fraction: float = 0.1, max_pairs: int
     if excluded.shape[0] and pairs.num_rows:
         pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), excluded)))
     n = min(round(fraction * pairs.num_rows), max_pairs)
-    rows = np.sort(np.random.default_rng([seed, 31]).choice(pairs.num_rows, size=n, replace=False)) if n else []
+    rows = (
+        np.sort(np.random.default_rng([seed, 31]).choice(pairs.num_rows, size=n, replace=False)) if n else []
+    )
     return pairs.take(pa.array(rows, pa.int64()))
 
 
-def fit_als_baseline(logs: pa.Table, *, exclude_pairs: pa.Table | None = None, exclude_users=None,
-                     universe: Mapping[str, np.ndarray] | None = None, grid: Mapping[str, Sequence] | None = None,
-                     validation_fraction: float = 0.1, max_validation_pairs: int = 2000,
-                     validation_types: Sequence[tuple[str, str]] | None = None, k: int = 10, seed: int = 0,
-                     num_threads: int | None = None) -> tuple[AlsEmbedder, AlsTuning]:
+def fit_als_baseline(
+    logs: pa.Table,
+    *,
+    exclude_pairs: pa.Table | None = None,
+    exclude_users=None,
+    universe: Mapping[str, np.ndarray] | None = None,
+    grid: Mapping[str, Sequence] | None = None,
+    validation_fraction: float = 0.1,
+    max_validation_pairs: int = 2000,
+    validation_types: Sequence[tuple[str, str]] | None = None,
+    k: int = 10,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> tuple[AlsEmbedder, AlsTuning]:
     """The ALS baseline of the recall report and the benchmark: training interactions = ``logs`` less the events
     of ``exclude_pairs`` and ``exclude_users`` (the evaluation's pairs and users); tuned on a validation split
     carved from them (its events removed too), then refitted with the best parameters on all of them."""
-    validation = carve_validation_pairs(logs, validation_fraction, max_validation_pairs, seed, exclude_pairs,
-                                        validation_types)
+    validation = carve_validation_pairs(
+        logs, validation_fraction, max_validation_pairs, seed, exclude_pairs, validation_types
+    )
     both = pa.concat_tables([t.select(list(PAIR_COLUMNS)).cast(validation.schema)
                              for t in (exclude_pairs, validation) if t is not None])  # fmt: skip
     tuning_matrix = build_interaction_matrix(interactions_from_logs(logs, both, exclude_users), universe)

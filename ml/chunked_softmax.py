@@ -49,7 +49,9 @@ from ml.losses import (
 __all__ = ["ChunkedSoftmaxFunction", "chunked_sampled_softmax_loss", "chunked_softmax_loss"]
 
 
-def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size):
+def _chunked_forward(
+    ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+):
     # nq queries (== b unless ``targets`` maps several queries onto one positive), b positives, m negatives
     nq, b, m = q.shape[0], p.shape[0], n.shape[0]
     dt = compute_dtype(q, p, n)
@@ -97,7 +99,11 @@ def _chunked_forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg
             # G = dL/dlogits for this chunk, computed in place in the logits buffer.
             G = logits.sub_(lse[:, None]).exp_()
             G[rows, tgt] -= 1.0
-            coef = (w[start:end] / nq) if w is not None else torch.full((end - start,), 1.0 / nq, dtype=dt, device=Q.device)
+            coef = (
+                (w[start:end] / nq)
+                if w is not None
+                else torch.full((end - start,), 1.0 / nq, dtype=dt, device=Q.device)
+            )
             G.mul_(coef[:, None])
             if gQ_unscaled is not None:
                 GC = G @ C  # dL/dQ_chunk / lambda
@@ -147,7 +153,20 @@ def _chunked_backward(ctx, grad_out):
     gs = out("scale")
     if gs is not None:
         gs = gs.reshape(ctx.scale_shape)
-    return out("q"), out("p"), out("n"), gs, out("pos_lq"), out("neg_lq"), out("w"), None, None, None, None, None
+    return (
+        out("q"),
+        out("p"),
+        out("n"),
+        gs,
+        out("pos_lq"),
+        out("neg_lq"),
+        out("w"),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
@@ -161,9 +180,23 @@ def _function_for(device_type: str) -> type[torch.autograd.Function]:
         class _ChunkedSoftmax(torch.autograd.Function):
             @staticmethod
             @torch.amp.custom_fwd(device_type=device_type, cast_inputs=torch.float32)
-            def forward(ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size):
+            def forward(
+                ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+            ):
                 return _chunked_forward(
-                    ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+                    ctx,
+                    q,
+                    p,
+                    n,
+                    scale,
+                    pos_lq,
+                    neg_lq,
+                    weights,
+                    pos_keys,
+                    neg_keys,
+                    q_keys,
+                    targets,
+                    chunk_size,
                 )
 
             @staticmethod
@@ -185,11 +218,23 @@ def ChunkedSoftmaxFunction(device_type: str = "cpu") -> type[torch.autograd.Func
 def chunked_softmax_loss(x: SoftmaxInputs, *, chunk_size: int) -> torch.Tensor:
     """Algorithm 1 on validated inputs (``ml.losses.prepare_inputs``); same value/grads as the naive loss."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"sampled_softmax_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(
+            f"sampled_softmax_loss: chunk_size must be a positive int or None, got {chunk_size!r}"
+        )
     fn = _function_for(x.query.device.type)
     return fn.apply(
-        x.query, x.positive, x.negatives, x.scale, x.positive_log_q, x.negative_log_q, x.weights,
-        x.positive_keys, x.negative_keys, x.query_keys, x.targets, chunk_size,
+        x.query,
+        x.positive,
+        x.negatives,
+        x.scale,
+        x.positive_log_q,
+        x.negative_log_q,
+        x.weights,
+        x.positive_keys,
+        x.negative_keys,
+        x.query_keys,
+        x.targets,
+        chunk_size,
     )
 
 

@@ -78,9 +78,9 @@ class FeatureTensors:
         flat = index.reshape(-1)
         return FeatureTensors(
             **{
-                f.name: getattr(self, f.name).index_select(0, flat).reshape(
-                    tuple(index.shape) + tuple(getattr(self, f.name).shape[1:])
-                )
+                f.name: getattr(self, f.name)
+                .index_select(0, flat)
+                .reshape(tuple(index.shape) + tuple(getattr(self, f.name).shape[1:]))
                 for f in fields(self)
             }
         )
@@ -134,14 +134,20 @@ class EntityTensors:
             table = FeatureArrays(
                 **{
                     f.name: np.concatenate(
-                        [getattr(batch.features, f.name), getattr(batch.neighbor_features, f.name).reshape(
-                            (b * k,) + getattr(batch.features, f.name).shape[1:])]
+                        [
+                            getattr(batch.features, f.name),
+                            getattr(batch.neighbor_features, f.name).reshape(
+                                (b * k,) + getattr(batch.features, f.name).shape[1:]
+                            ),
+                        ]
                     )
                     for f in fields(FeatureArrays)
                 }
             )
             own_row = np.arange(b, dtype=np.int64)
-            neighbor_row = np.where(batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1)
+            neighbor_row = np.where(
+                batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1
+            )
         elif isinstance(batch, CompactEntityBatch):
             table, own_row, neighbor_row = batch.table, batch.own_row, batch.neighbor_row
         else:
@@ -180,7 +186,9 @@ class EntityTensors:
             out[f.name] = v
         return EntityTensors(**out)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False, memo: dict | None = None) -> EntityTensors:
+    def to(
+        self, device: torch.device | str, non_blocking: bool = False, memo: dict | None = None
+    ) -> EntityTensors:
         return self._map(lambda v: v.to(device, non_blocking=non_blocking), memo)
 
     def pin_memory(self, memo: dict | None = None) -> EntityTensors:
@@ -201,8 +209,12 @@ def cat_entity_tensors(ts: list[EntityTensors]) -> EntityTensors:
     first = ts[0]
     shared = all(t.table is first.table for t in ts)
     offsets = [0] * len(ts) if shared else np.cumsum([0] + [len(t.table) for t in ts[:-1]]).tolist()
-    table = first.table if shared else FeatureTensors(
-        **{f.name: torch.cat([getattr(t.table, f.name) for t in ts]) for f in fields(FeatureTensors)}
+    table = (
+        first.table
+        if shared
+        else FeatureTensors(
+            **{f.name: torch.cat([getattr(t.table, f.name) for t in ts]) for f in fields(FeatureTensors)}
+        )
     )
     return EntityTensors(
         entity_type=first.entity_type,
@@ -211,7 +223,9 @@ def cat_entity_tensors(ts: list[EntityTensors]) -> EntityTensors:
         table=table,
         own_row=torch.cat([t.own_row + o for t, o in zip(ts, offsets)]),
         # padding stays -1 whatever the offset
-        neighbor_row=torch.cat([torch.where(t.neighbor_row >= 0, t.neighbor_row + o, -1) for t, o in zip(ts, offsets)]),
+        neighbor_row=torch.cat(
+            [torch.where(t.neighbor_row >= 0, t.neighbor_row + o, -1) for t, o in zip(ts, offsets)]
+        ),
         neighbor_ids=torch.cat([t.neighbor_ids for t in ts]),
         neighbor_scores=torch.cat([t.neighbor_scores for t in ts]),
         neighbor_mask=torch.cat([t.neighbor_mask for t in ts]),
@@ -399,7 +413,9 @@ def _map_step(step: Mapping[str, TrainingBatch], entity_fn, tensor_fn) -> dict:
             return _memoized(memo, v, lambda: entity_fn(v, memo))
         return tensor_fn(v) if isinstance(v, torch.Tensor) else v
 
-    return {name: replace(b, **{f.name: one(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
+    return {
+        name: replace(b, **{f.name: one(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()
+    }
 
 
 def move_step(step: Mapping[str, TrainingBatch], device: torch.device, non_blocking: bool = True) -> dict:

@@ -75,7 +75,9 @@ class HashTextEncoder(nn.Module):
             uniq, inverse = torch.unique(tokens, return_inverse=True)
             tok_vec = self.token_vectors(uniq)
             row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)
-            vec = F.embedding_bag(inverse, tok_vec, offsets, mode="sum", per_sample_weights=inv_len[row_of_token])
+            vec = F.embedding_bag(
+                inverse, tok_vec, offsets, mode="sum", per_sample_weights=inv_len[row_of_token]
+            )
             return vec, lengths > 0
         rows, imp_rows = self._hash(tokens)  # [N, k], [N]
         row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)

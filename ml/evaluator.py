@@ -57,7 +57,9 @@ ENGAGEMENT_PREFIX = "engagement_"
 
 @runtime_checkable
 class EntityEmbedder(Protocol):
-    def embed(self, entity_type: str, ids: np.ndarray, exclude_neighbor_ids: np.ndarray | None = None) -> np.ndarray:
+    def embed(
+        self, entity_type: str, ids: np.ndarray, exclude_neighbor_ids: np.ndarray | None = None
+    ) -> np.ndarray:
         """float32 [len(ids), d]; ``exclude_neighbor_ids[i]`` (if given) must not influence row i."""
         ...
 
@@ -159,7 +161,9 @@ class Evaluator:
         def cap(n: int, stream: int) -> np.ndarray:
             rows = np.arange(n)
             if max_queries is not None and n > max_queries:
-                rows = np.sort(np.random.default_rng([self.seed, stream]).choice(n, max_queries, replace=False))
+                rows = np.sort(
+                    np.random.default_rng([self.seed, stream]).choice(n, max_queries, replace=False)
+                )
             return rows
 
         # entity-entity pairs
@@ -197,16 +201,26 @@ class Evaluator:
         self.next_ids = f_val[f_off[ok]] if ok.size else np.zeros(0, np.int64)
         # future action: one of the later engagements (index >= 1) when there is one, else the only one
         later = np.maximum(n_fut - 1, 0)
-        draw = 1 + (np.random.default_rng([self.seed, 4]).random(ok.size) * np.maximum(later, 1)).astype(np.int64)
-        self.future_ids = f_val[f_off[ok] + np.where(later > 0, draw, 0)] if ok.size else np.zeros(0, np.int64)
+        draw = 1 + (np.random.default_rng([self.seed, 4]).random(ok.size) * np.maximum(later, 1)).astype(
+            np.int64
+        )
+        self.future_ids = (
+            f_val[f_off[ok] + np.where(later > 0, draw, 0)] if ok.size else np.zeros(0, np.int64)
+        )
 
     # ------------------------------------------------------------------------------------------------
     def _recall(self, query, positive, pos_type: str, pool_emb, query_keys, positive_keys) -> np.ndarray:
         neg_keys = entity_key(NODE_TYPE_CODE[pos_type], torch.as_tensor(self.pools[pos_type]))
         if _is_sparse(query):  # count-valued baselines (ml.baselines.CooccurrenceEmbedder)
             r = recall_at_k_sparse(
-                query, positive, pool_emb, k=self.k, query_keys=query_keys, positive_keys=positive_keys,
-                negative_keys=neg_keys, chunk_size=self.chunk_size,
+                query,
+                positive,
+                pool_emb,
+                k=self.k,
+                query_keys=query_keys,
+                positive_keys=positive_keys,
+                negative_keys=neg_keys,
+                chunk_size=self.chunk_size,
             )
             return r.hits.numpy().astype(bool)
         r = recall_at_k(
@@ -264,7 +278,10 @@ class Evaluator:
                 q = embedder.embed(qt, qid, exclude_neighbor_ids=pid)
                 pos = embedder.embed(pt, pid, exclude_neighbor_ids=qid)
                 hits[rows] = self._recall(
-                    q, pos, pt, self._pool(embedder, pt, cache),
+                    q,
+                    pos,
+                    pt,
+                    self._pool(embedder, pt, cache),
                     entity_key(NODE_TYPE_CODE[qt], torch.as_tensor(qid)),
                     entity_key(NODE_TYPE_CODE[pt], torch.as_tensor(pid)),
                 )
@@ -306,15 +323,21 @@ class Evaluator:
                 avail = np.asarray(avail, dtype=bool)
                 if not avail.any():
                     continue
-                h = self._recall(q[avail], pos[avail], t, self._pool(embedder, t, cache), keys[avail], keys[avail])
+                h = self._recall(
+                    q[avail], pos[avail], t, self._pool(embedder, t, cache), keys[avail], keys[avail]
+                )
                 per_feature.setdefault(x, []).append(h)
         details = {x: _summary(np.concatenate(h)) for x, h in per_feature.items()}
         n = int(sum(d["n"] for d in details.values()))
         return TaskResult(_mean_of([d["recall"] for d in details.values()]), n, {"per_feature": details})
 
-    def _user_entity(self, emb: EntityEmbedder, user_embedder: UserEmbedder | None, cache: dict) -> TaskResult:
+    def _user_entity(
+        self, emb: EntityEmbedder, user_embedder: UserEmbedder | None, cache: dict
+    ) -> TaskResult:
         if user_embedder is None or len(self.histories) == 0:
-            return TaskResult(None, 0, {"reason": "no user embedder" if user_embedder is None else "no evaluation users"})
+            return TaskResult(
+                None, 0, {"reason": "no user embedder" if user_embedder is None else "no evaluation users"}
+            )
         if self.pools.get("pin", np.zeros(0)).size == 0:
             return TaskResult(None, 0, {"reason": "no pins in the universe"})
         users = user_embedder.embed_users(self.histories, user_ids=self.user_ids)
@@ -323,7 +346,9 @@ class Evaluator:
         parts = {}
         for name, ids in (("next", self.next_ids), ("future", self.future_ids)):
             pos = emb.embed("pin", ids)
-            hits = self._recall(users, pos, "pin", pin_pool, None, entity_key(NODE_TYPE_CODE["pin"], torch.as_tensor(ids)))
+            hits = self._recall(
+                users, pos, "pin", pin_pool, None, entity_key(NODE_TYPE_CODE["pin"], torch.as_tensor(ids))
+            )
             parts[name] = _summary(hits)
         return TaskResult(_mean_of([v["recall"] for v in parts.values()]), len(self.histories), parts)
 
@@ -348,8 +373,12 @@ class ModelEntityEmbedder:
         from ml.inference import embed_entities
 
         return embed_entities(
-            self.model, self.builder, entity_type, ids,
-            batch_size=self.batch_size, exclude_neighbor_ids=exclude_neighbor_ids,
+            self.model,
+            self.builder,
+            entity_type,
+            ids,
+            batch_size=self.batch_size,
+            exclude_neighbor_ids=exclude_neighbor_ids,
         )
 
     def feature_queries(self, entity_type, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -365,7 +394,9 @@ class ModelEntityEmbedder:
         out: dict[str, tuple[list, list]] = {}
         with _EvalMode(self.model), torch.no_grad():
             for lo in range(0, ids.size, self.batch_size):
-                t = as_entity_tensors(self.builder.build(entity_type, ids[lo : lo + self.batch_size]), self.model.device)
+                t = as_entity_tensors(
+                    self.builder.build(entity_type, ids[lo : lo + self.batch_size]), self.model.device
+                )
                 for x, (q, avail) in task.queries(t).items():
                     qs, av = out.setdefault(x, ([], []))
                     qs.append(q.float().cpu().numpy())
@@ -383,7 +414,9 @@ class ModelUserEmbedder:
         return embed_users(self.model, self.builder, histories, batch_size=self.batch_size)
 
 
-def model_embedders(model, builder, batch_size: int = 512) -> tuple[ModelEntityEmbedder, ModelUserEmbedder | None]:
+def model_embedders(
+    model, builder, batch_size: int = 512
+) -> tuple[ModelEntityEmbedder, ModelUserEmbedder | None]:
     """(EntityEmbedder, UserEmbedder or None when the model has no user-entity task) of a trained model."""
     ent = ModelEntityEmbedder(model, builder, batch_size)
     usr = ModelUserEmbedder(model, builder, batch_size) if "user_entity" in model.tasks else None

@@ -106,7 +106,9 @@ class TrainingData:
                 pa.table({"entity_type": x["pos_type"], "entity_id": x["pos_id"]})
                 for x in (self.pairs, self.eval_pairs)
             ]
-            parts += [x.select(["entity_type", "entity_id"]) for x in (self.feature_nodes, self.eval_feature_nodes)]
+            parts += [
+                x.select(["entity_type", "entity_id"]) for x in (self.feature_nodes, self.eval_feature_nodes)
+            ]
             t = pa.concat_tables([p.cast(NODE_SCHEMA) for p in parts])
         out = {}
         for name in ("pin", "board"):
@@ -185,9 +187,7 @@ def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values[offsets[0] : offsets[-1]] if offsets.size else values
 
 
-def padded_histories(
-    offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int
-) -> np.ndarray:
+def padded_histories(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int) -> np.ndarray:
     """int64 [len(rows), T] of each row's LAST ``max_len`` entries, left-aligned, -1 padded (T = longest)."""
     lo, hi = offsets[rows], offsets[rows + 1]
     lo = np.maximum(lo, hi - max_len)
@@ -222,7 +222,9 @@ class _PairSource:
         if self.cumulative_counts is None:
             pick = rng.integers(0, self.query_ids.size, size=n)
         else:
-            pick = np.searchsorted(self.cumulative_counts, rng.random(n) * self.cumulative_counts[-1], side="right")
+            pick = np.searchsorted(
+                self.cumulative_counts, rng.random(n) * self.cumulative_counts[-1], side="right"
+            )
         return self.query_ids[pick], self.pos_ids[pick]
 
 
@@ -233,7 +235,9 @@ def _cumulative_counts(t: pa.Table) -> np.ndarray:
     return np.cumsum(np.maximum(counts, 0.0) if counts.sum() > 0 else np.ones_like(counts))
 
 
-def _pair_sources(pairs: pa.Table, weights: dict[str, float] | None, by_count: bool = True) -> list[_PairSource]:
+def _pair_sources(
+    pairs: pa.Table, weights: dict[str, float] | None, by_count: bool = True
+) -> list[_PairSource]:
     out = []
     if pairs.num_rows == 0:
         return out
@@ -251,9 +255,15 @@ def _pair_sources(pairs: pa.Table, weights: dict[str, float] | None, by_count: b
         if w <= 0:
             continue
         out.append(
-            _PairSource(name, qt[0], pt[0], t["query_id"].to_numpy().astype(np.int64),
-                        t["pos_id"].to_numpy().astype(np.int64), w,
-                        _cumulative_counts(t) if by_count and "count" in t.column_names else None)
+            _PairSource(
+                name,
+                qt[0],
+                pt[0],
+                t["query_id"].to_numpy().astype(np.int64),
+                t["pos_id"].to_numpy().astype(np.int64),
+                w,
+                _cumulative_counts(t) if by_count and "count" in t.column_names else None,
+            )
         )
     return out
 
@@ -294,7 +304,9 @@ def make_batch_iterator_factory(
     if batch_size < 1 or num_random_negatives < 0:
         raise ValueError("make_batch_iterator_factory: batch_size must be >= 1 and num_random_negatives >= 0")
     if pair_sampling not in ("count", "uniform"):
-        raise ValueError(f"make_batch_iterator_factory: pair_sampling must be 'count' or 'uniform', got {pair_sampling!r}")
+        raise ValueError(
+            f"make_batch_iterator_factory: pair_sampling must be 'count' or 'uniform', got {pair_sampling!r}"
+        )
     universe = universe if universe is not None else data.universe()
     plan = _StepPlan(
         samplers={t: UniformNegativeSampler(ids) for t, ids in universe.items() if len(ids)},
@@ -313,7 +325,9 @@ def make_batch_iterator_factory(
     if steps_per_epoch is None:
         steps_per_epoch = plan.default_steps(data.pairs.num_rows)
     where = f"{data.path or 'the training data'}"
-    return StepBatches(plan, builder, seed=seed, steps_per_epoch=steps_per_epoch, tasks=tuple(tasks), where=where)
+    return StepBatches(
+        plan, builder, seed=seed, steps_per_epoch=steps_per_epoch, tasks=tuple(tasks), where=where
+    )
 
 
 @dataclass
@@ -331,7 +345,9 @@ class _StepPlan:
     type_pairs: list = field(default_factory=list)
     feat_ids: dict = field(default_factory=dict)
     feat_alloc: dict = field(default_factory=dict)
-    seq: tuple | None = None  # (history offsets, values, future offsets, values, kept rows, user ids, users/step)
+    seq: tuple | None = (
+        None  # (history offsets, values, future offsets, values, kept rows, user ids, users/step)
+    )
 
     def add_pairs(self, sources: list[_PairSource]) -> None:
         self.sources = sources
@@ -448,7 +464,10 @@ class StepBatches:
             q, pos, masked = (np.concatenate(c) for c in zip(*parts[(qt, pt)]))
             qb, pb = self._build(qt, q), self._build(pt, pos)
             if masked.any():
-                qb, pb = exclude_neighbors(qb, np.where(masked, pos, -1)), exclude_neighbors(pb, np.where(masked, q, -1))
+                qb, pb = (
+                    exclude_neighbors(qb, np.where(masked, pos, -1)),
+                    exclude_neighbors(pb, np.where(masked, q, -1)),
+                )
             nb, log_q = negatives.get(pt, (None, None))
             out[f"entity_entity/{qt}_{pt}"] = PairBatch(
                 query=qb,

@@ -23,7 +23,9 @@ from graph_engine.batch import CompactEntityBatch, EntityBatch, FeatureArrays
 from ml.data import build_entities
 
 
-def exclude_neighbors(batch: EntityBatch | CompactEntityBatch, exclude_ids) -> EntityBatch | CompactEntityBatch:
+def exclude_neighbors(
+    batch: EntityBatch | CompactEntityBatch, exclude_ids
+) -> EntityBatch | CompactEntityBatch:
     """``batch`` with entity ``exclude_ids[i]`` removed from row i's neighbourhood (any block it appears in;
     -1 = nothing to remove). Each block is compacted afterwards - the remaining neighbours move up one
     rank, real entries first then padding, as the batch layout requires - so the row looks like the
@@ -104,7 +106,9 @@ def embed_entities(
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ex = None if exclude_neighbor_ids is None else np.asarray(exclude_neighbor_ids, np.int64).reshape(-1)
     if ex is not None and ex.shape != ids.shape:
-        raise ValueError(f"embed_entities: exclude_neighbor_ids has {ex.shape[0]} entries for {ids.shape[0]} ids")
+        raise ValueError(
+            f"embed_entities: exclude_neighbor_ids has {ex.shape[0]} entries for {ids.shape[0]} ids"
+        )
     if batch_size < 1:
         raise ValueError(f"embed_entities: batch_size must be >= 1, got {batch_size}")
     out = np.zeros((ids.size, model.config.out_dim), dtype=np.float32)

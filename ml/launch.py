@@ -22,11 +22,21 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 #: torchrun options that pass through (``--nnodes 2 --node-rank 0 --rdzv-endpoint host:port`` ...)
-RDZV_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port",
-                "max_restarts")
+RDZV_OPTIONS = (
+    "nnodes",
+    "node_rank",
+    "rdzv_backend",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "master_addr",
+    "master_port",
+    "max_restarts",
+)
 
 
-def torchrun_command(request: Path, nproc_per_node: int, rdzv: Mapping[str, object] | None = None) -> list[str]:
+def torchrun_command(
+    request: Path, nproc_per_node: int, rdzv: Mapping[str, object] | None = None
+) -> list[str]:
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     rdzv = {k: v for k, v in (rdzv or {}).items() if v is not None}
@@ -65,7 +75,11 @@ def launch_training(
     cmd = torchrun_command(request, nproc_per_node, rdzv)
     log("launching: " + " ".join(cmd))
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 (one prctl call through a preloaded libc)
         env=None if env is None else dict(env),
     )
@@ -85,5 +99,7 @@ def launch_training(
             proc.kill()
         raise
     if rc != 0:
-        raise RuntimeError(f"torchrun exited with status {rc} ({nproc_per_node} process(es) per node); last lines:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(
+            f"torchrun exited with status {rc} ({nproc_per_node} process(es) per node); last lines:\n"
+            + "\n".join(tail)
+        )

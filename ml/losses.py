@@ -109,7 +109,9 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
         raise TypeError(f"entity_key: type_code must be integers, got dtype {tc_t.dtype}")
     tc_t = tc_t.to(torch.int64)
     if on_host and tc_t.numel() and (int(tc_t.min()) < 0 or int(tc_t.max()) >= NUM_TYPE_CODES):
-        raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}")
+        raise ValueError(
+            f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}"
+        )
     if on_host and ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
         raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
     return ids_t * NUM_TYPE_CODES + tc_t
@@ -143,7 +145,9 @@ class SoftmaxInputs:
             setattr(self, k, kw[k])
 
 
-def _check_vec(name: str, t: Any, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor | None:
+def _check_vec(
+    name: str, t: Any, n: int, device: torch.device, *, integer: bool = False
+) -> torch.Tensor | None:
     if t is None:
         return None
     t = torch.as_tensor(t, device=device)
@@ -182,7 +186,9 @@ def prepare_inputs(
             f"sampled_softmax_loss: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}"
         )
     if targets is not None and (positive.dim() != 2 or positive.shape[1] != query.shape[1]):
-        raise ValueError(f"sampled_softmax_loss: positive must be [B, {query.shape[1]}], got {tuple(positive.shape)}")
+        raise ValueError(
+            f"sampled_softmax_loss: positive must be [B, {query.shape[1]}], got {tuple(positive.shape)}"
+        )
     if query_keys is not None and positive_keys is None:
         raise ValueError("sampled_softmax_loss: query_keys need positive_keys (the candidates' keys)")
     n, d = query.shape
@@ -196,7 +202,9 @@ def prepare_inputs(
     m = negatives.shape[0]
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
-            raise ValueError(f"sampled_softmax_loss: scale (lambda) must be a scalar, got shape {tuple(scale.shape)}")
+            raise ValueError(
+                f"sampled_softmax_loss: scale (lambda) must be a scalar, got shape {tuple(scale.shape)}"
+            )
         scale_t = scale.reshape(())
     else:
         scale_t = torch.tensor(float(scale), device=dev)
@@ -219,11 +227,17 @@ def prepare_inputs(
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (never half: see module docstring)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
 
 
 def candidate_log_q(
-    positive_log_q: torch.Tensor | None, negative_log_q: torch.Tensor | None, b: int, m: int, like: torch.Tensor
+    positive_log_q: torch.Tensor | None,
+    negative_log_q: torch.Tensor | None,
+    b: int,
+    m: int,
+    like: torch.Tensor,
 ) -> torch.Tensor | None:
     """log Q of the B + M candidates (None when neither sampler has a correction)."""
     if positive_log_q is None and negative_log_q is None:
@@ -287,7 +301,9 @@ def _naive(x: SoftmaxInputs) -> torch.Tensor:
         )
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
-        per_example = F.cross_entropy(logits, target_rows(x.targets, slice(0, n), logits.device), reduction="none")
+        per_example = F.cross_entropy(
+            logits, target_rows(x.targets, slice(0, n), logits.device), reduction="none"
+        )
         if x.weights is not None:
             per_example = per_example * x.weights.to(dt)
         return per_example.sum() / n
@@ -320,9 +336,17 @@ def sampled_softmax_loss(
     Returns a float32 (float64 for float64 inputs) scalar.
     """
     x = prepare_inputs(
-        query, positive, negatives, scale=scale, positive_log_q=positive_log_q, negative_log_q=negative_log_q,
-        positive_keys=positive_keys, negative_keys=negative_keys, weights=weights,
-        query_keys=query_keys, targets=targets,
+        query,
+        positive,
+        negatives,
+        scale=scale,
+        positive_log_q=positive_log_q,
+        negative_log_q=negative_log_q,
+        positive_keys=positive_keys,
+        negative_keys=negative_keys,
+        weights=weights,
+        query_keys=query_keys,
+        targets=targets,
     )
     b = x.query.shape[0]
     if b == 0:

@@ -76,7 +76,9 @@ def recall_at_k(
         raise ValueError(f"recall_at_k: query must be [|Q|, d], got shape {tuple(query.shape)}")
     nq, d = query.shape
     if positive.shape != query.shape:
-        raise ValueError(f"recall_at_k: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}")
+        raise ValueError(
+            f"recall_at_k: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}"
+        )
     if negatives.dim() != 2 or negatives.shape[1] != d:
         raise ValueError(f"recall_at_k: negatives must be [|N|, {d}], got shape {tuple(negatives.shape)}")
     dev = query.device
@@ -139,8 +141,10 @@ def recall_at_k_sparse(
         raise ValueError(
             f"recall_at_k_sparse: shapes query {query.shape}, positive {positive.shape}, negatives {negatives.shape}"
         )
-    keys = [None if t is None else np.asarray(torch.as_tensor(t).cpu(), dtype=np.int64)
-            for t in (query_keys, positive_keys, negative_keys)]
+    keys = [
+        None if t is None else np.asarray(torch.as_tensor(t).cpu(), dtype=np.int64)
+        for t in (query_keys, positive_keys, negative_keys)
+    ]
     qk, pk, nk = keys
     if nq == 0:
         return RecallResult(None, 0, torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64))

@@ -54,7 +54,9 @@ def layout_to_json(layout: NeighborhoodLayout) -> list[dict[str, Any]]:
 
 def layout_from_json(blocks: list[dict[str, Any]], where: str = "layout") -> NeighborhoodLayout:
     try:
-        return NeighborhoodLayout(tuple(NeighborBlock(str(b["subset"]), str(b["node_type"]), int(b["k"])) for b in blocks))
+        return NeighborhoodLayout(
+            tuple(NeighborBlock(str(b["subset"]), str(b["node_type"]), int(b["k"])) for b in blocks)
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"{where}: not a list of {{subset, node_type, k}} blocks: {exc}") from exc
 
@@ -86,7 +88,9 @@ def _sketch_tensors(model: OmniSageModel) -> dict[str, torch.Tensor]:
     out = {}
     for name, state in model.sketch_state_dict().items():
         for key, value in state.items():
-            out[f"{SKETCH_PREFIX}{name}/{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous().clone()
+            out[f"{SKETCH_PREFIX}{name}/{key}"] = (
+                torch.as_tensor(value).detach().to("cpu").contiguous().clone()
+            )
     return out
 
 
@@ -94,7 +98,7 @@ def _split_sketches(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     """Removes the ``sketch/`` entries from ``state`` (in place) -> {"{loss}/{type}": sketch state}."""
     sketches: dict[str, dict[str, torch.Tensor]] = {}
     for key in [k for k in state if k.startswith(SKETCH_PREFIX)]:
-        name, _, field_name = key[len(SKETCH_PREFIX):].rpartition("/")
+        name, _, field_name = key[len(SKETCH_PREFIX) :].rpartition("/")
         sketches.setdefault(name, {})[field_name] = state.pop(key)
     return sketches
 
@@ -142,7 +146,10 @@ def save_model_dir(
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "image_dim": int(model.config.image_dim),
         "training_partition": training_partition,
-        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in state.items()},
+        "tensors": {
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+            for k, v in state.items()
+        },
         "sketches": sorted(model.sketches),
         "extra": extra,
     }
@@ -213,7 +220,9 @@ def load_model_dir(directory: str | Path, map_location: str | torch.device = "cp
         )
     model.load_state_dict(state, strict=True)
     model = model.to(map_location).eval()
-    layout = None if raw.get("layout") is None else layout_from_json(raw["layout"], f"{cfg_path}: field 'layout'")
+    layout = (
+        None if raw.get("layout") is None else layout_from_json(raw["layout"], f"{cfg_path}: field 'layout'")
+    )
     return LoadedModel(
         model=model,
         config=config,

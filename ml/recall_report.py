@@ -125,8 +125,10 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
     rows += [(name, tasks) for name, tasks in report.get("baselines", {}).items()]
     head = "| system | " + " | ".join(f"{t} recall@{k} (n)" for t in TASKS) + " |"
     lines = [
-        f"### recall@{k} on dt={report['partition']} (negatives: {report['negatives']} per type, "
-        f"pools {report.get('pool_sizes', {})})",
+        (
+            f"### recall@{k} on dt={report['partition']} (negatives: {report['negatives']} per type, "
+            f"pools {report.get('pool_sizes', {})})"
+        ),
         "",
         head,
         "|" + " --- |" * (len(TASKS) + 1),
@@ -135,7 +137,10 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
         cells = [f"{_fmt(recall_of(tasks.get(t), k))} ({tasks.get(t, {}).get('n', 0)})" for t in TASKS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     oracle = report.get("baselines", {}).get("oracle", {})
-    ee_model, ee_oracle = recall_of(report["tasks"].get("entity_entity"), k), recall_of(oracle.get("entity_entity"), k)
+    ee_model, ee_oracle = (
+        recall_of(report["tasks"].get("entity_entity"), k),
+        recall_of(oracle.get("entity_entity"), k),
+    )
     if ee_model is not None and ee_oracle:
         lines += ["", f"entity_entity model / oracle = {ee_model / ee_oracle:.3f}"]
     if previous:
@@ -164,14 +169,22 @@ def plot_png(history: Sequence[Mapping]) -> bytes:
     for ax, task in zip(axes[0], TASKS):
         for name in systems:
             values = [
-                recall_of((h["tasks"] if name == "model" else h.get("baselines", {}).get(name, {})).get(task), k)
+                recall_of(
+                    (h["tasks"] if name == "model" else h.get("baselines", {}).get(name, {})).get(task), k
+                )
                 for h in history
             ]
             if all(v is None for v in values):
                 continue
             ys = [float("nan") if v is None else v for v in values]
-            ax.plot(days, ys, marker="o", linestyle="-" if name == "model" else "--",
-                    linewidth=2.2 if name == "model" else 1.2, label=name)
+            ax.plot(
+                days,
+                ys,
+                marker="o",
+                linestyle="-" if name == "model" else "--",
+                linewidth=2.2 if name == "model" else 1.2,
+                label=name,
+            )
         ax.set_title(task)
         ax.set_ylabel(f"recall@{k}")
         ax.set_ylim(bottom=0)

@@ -28,7 +28,11 @@ class ChampionMissingError(RuntimeError):
 
 def _is_missing(exc: Exception) -> bool:
     code = getattr(exc, "error_code", "") or ""
-    return "RESOURCE_DOES_NOT_EXIST" in str(code) or "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+    return (
+        "RESOURCE_DOES_NOT_EXIST" in str(code)
+        or "RESOURCE_DOES_NOT_EXIST" in str(exc)
+        or "not found" in str(exc).lower()
+    )
 
 
 class ModelRegistry:
@@ -96,7 +100,9 @@ class ModelRegistry:
     def model_version(self, version: str):
         return self.client.get_model_version(self.model_name, str(version))
 
-    def load_version(self, version: str, map_location="cpu", dst_dir: str | Path | None = None) -> LoadedModel:
+    def load_version(
+        self, version: str, map_location="cpu", dst_dir: str | Path | None = None
+    ) -> LoadedModel:
         """Download version ``version``'s model directory (into ``dst_dir`` or a temporary directory that is
         removed after loading: the weights are in memory by then) and load it."""
         import mlflow

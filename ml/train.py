@@ -159,8 +159,12 @@ class ModelSelection:
             model.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_step": self.best_step, "best_score": self.best_score, "best_state": self.best_state,
-                "history": list(self.history)}
+        return {
+            "best_step": self.best_step,
+            "best_score": self.best_score,
+            "best_state": self.best_state,
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best_step, self.best_score = state.get("best_step"), state.get("best_score")

@@ -76,7 +76,15 @@ SEQUENCE_SCHEMA = pa.schema(
     ]
 )
 NODE_SCHEMA = pa.schema([("entity_type", pa.string()), ("entity_id", pa.int64())])
-OUTPUT_TABLES = ("pairs", "eval_pairs", "sequences", "eval_sequences", "feature_nodes", "eval_feature_nodes", "universe")
+OUTPUT_TABLES = (
+    "pairs",
+    "eval_pairs",
+    "sequences",
+    "eval_sequences",
+    "feature_nodes",
+    "eval_feature_nodes",
+    "universe",
+)
 
 #: Pair sources, their query/positive types.
 ENGAGEMENT_SOURCES = {"engagement_pin_pin": ("pin", "pin"), "engagement_board_pin": ("board", "pin")}
@@ -301,7 +309,8 @@ def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.
             FROM logs {where}
             """
         )
-    train = _fetch(con, 
+    train = _fetch(
+        con,
         f"""
         WITH split AS (
             SELECT *, n - least({delta}, greatest(n - 2, 0)) AS n_hist FROM ordered_train
@@ -311,9 +320,10 @@ def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.
                coalesce(list(pin_id ORDER BY rn) FILTER (WHERE rn > n_hist), []) AS future
         FROM split WHERE n >= 2
         GROUP BY user_id ORDER BY user_id
-        """
+        """,
     )
-    evaluation = _fetch(con, 
+    evaluation = _fetch(
+        con,
         f"""
         WITH marked AS (
             SELECT *, event_ts < TIMESTAMPTZ '{cutoff_ts}' AS before FROM ordered
@@ -328,7 +338,7 @@ def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.
         FROM hist GROUP BY user_id
         HAVING count(*) FILTER (WHERE before) >= 1 AND count(*) FILTER (WHERE NOT before) >= 1
         ORDER BY user_id
-        """
+        """,
     )
     train, evaluation = train.cast(SEQUENCE_SCHEMA), evaluation.cast(SEQUENCE_SCHEMA)
     train_held = held_out_users(config.holdout_seed, config.eval_fraction, train["user_id"].to_numpy())
@@ -342,7 +352,8 @@ def feature_nodes(snapshot, config: ExampleConfig) -> tuple[pa.Table, pa.Table]:
     codes = np.where(node_type == NODE_TYPE_CODE["pin"], TYPE_CODE["pin"], TYPE_CODE["board"])
     held = held_out_entities(config.holdout_seed, config.eval_fraction, codes, node_id)
     table = pa.table(
-        {"entity_type": _type_names(node_type == NODE_TYPE_CODE["pin"]), "entity_id": node_id}, schema=NODE_SCHEMA
+        {"entity_type": _type_names(node_type == NODE_TYPE_CODE["pin"]), "entity_id": node_id},
+        schema=NODE_SCHEMA,
     )
     return table.filter(pa.array(~held)), table.filter(pa.array(held))
 
@@ -365,8 +376,12 @@ def universe_table(snapshot, pins_dir: Path | None, boards_dir: Path | None) -> 
             meta = pq.read_table(Path(folder), columns=[column])[column]
             ids.append(np.asarray(meta.drop_null().to_numpy(zero_copy_only=False), dtype=np.int64))
         uniq = np.unique(np.concatenate(ids))
-        parts.append(pa.table({"entity_type": _type_names(np.full(uniq.size, name == "pin")), "entity_id": uniq},
-                              schema=NODE_SCHEMA))
+        parts.append(
+            pa.table(
+                {"entity_type": _type_names(np.full(uniq.size, name == "pin")), "entity_id": uniq},
+                schema=NODE_SCHEMA,
+            )
+        )
     return pa.concat_tables(parts)
 
 

@@ -116,8 +116,13 @@ class TrainingInputs:
 
     @classmethod
     def from_json(cls, d: dict) -> TrainingInputs:
-        return cls(d["partition"], *(Path(d[k]) for k in ("examples_dir", "graph_dir", "features_dir",
-                                                           "checkpoint_root", "scratch_dir")))
+        return cls(
+            d["partition"],
+            *(
+                Path(d[k])
+                for k in ("examples_dir", "graph_dir", "features_dir", "checkpoint_root", "scratch_dir")
+            ),
+        )
 
 
 @dataclass
@@ -226,7 +231,9 @@ def _validate(config: TrainingRunConfig) -> None:
     if bad or not config.tasks:
         raise ValueError(f"omnisage_model config field 'tasks': {config.tasks} (known: {list(TASK_NAMES)})")
     if config.aggregator not in ("transformer", "mean"):
-        raise ValueError(f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)")
+        raise ValueError(
+            f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)"
+        )
     if config.steps is not None and config.steps < 0:
         raise ValueError(f"omnisage_model config field 'steps' = {config.steps}: need >= 0")
     if not 0.0 <= config.validation_fraction < 1.0:
@@ -238,7 +245,9 @@ def _validate(config: TrainingRunConfig) -> None:
 def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
     from ml.config import preset as make_preset
 
-    preset_name = config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
+    preset_name = (
+        config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
+    )
     model_config, train_config = make_preset(preset_name, image_dim=image_dim)
     model_config = model_config.replace(
         tasks=tuple(config.tasks),
@@ -260,7 +269,8 @@ def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
         total_steps=total_steps,
         epochs=config.epochs,
         warmup_steps=min(
-            train_config.warmup_steps if config.warmup_steps is None else config.warmup_steps, max(total_steps, 0)
+            train_config.warmup_steps if config.warmup_steps is None else config.warmup_steps,
+            max(total_steps, 0),
         ),
         lr=train_config.lr if config.lr is None else config.lr,
         device=str(device),
@@ -328,21 +338,45 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
             "graph": str(inputs.graph_dir),
             "features": str(inputs.features_dir),
             "model": model_config.to_dict(),
-            "train": {k: v for k, v in train_config.to_dict().items() if k not in ("log_every", "checkpoint_every", "checkpoint_dir")},
+            "train": {
+                k: v
+                for k, v in train_config.to_dict().items()
+                if k not in ("log_every", "checkpoint_every", "checkpoint_dir")
+            },
             "batch_size": config.batch_size,
             "negatives": config.num_random_negatives,
             **({"source_weights": config.source_weights} if config.source_weights else {}),
             **({"pair_sampling": config.pair_sampling} if config.pair_sampling != "uniform" else {}),
             **({"world_size": world} if world > 1 else {}),
-            **({"validation": [config.validation_fraction, config.eval_seed]} if config.validation_fraction else {}),
+            **(
+                {"validation": [config.validation_fraction, config.eval_seed]}
+                if config.validation_fraction
+                else {}
+            ),
         }
     )
     ckpt_dir = inputs.checkpoint_root / fingerprint
     train_config = train_config.replace(checkpoint_dir=str(ckpt_dir))
     ckpt = ckpt_dir / "last.pt"
     resume = ckpt if (config.resume and ckpt.is_file()) else None
-    return _Prepared(snapshot, cache, cache.layout, features, builder, data, data.universe(), device, preset_name,
-                     model_config, train_config, loader, fingerprint, ckpt_dir, resume, validation)
+    return _Prepared(
+        snapshot,
+        cache,
+        cache.layout,
+        features,
+        builder,
+        data,
+        data.universe(),
+        device,
+        preset_name,
+        model_config,
+        train_config,
+        loader,
+        fingerprint,
+        ckpt_dir,
+        resume,
+        validation,
+    )
 
 
 def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTarget, log) -> _Prepared:
@@ -352,8 +386,9 @@ def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTa
         return prep
     from ml.warm_start import champion_warm_start
 
-    warm, note = champion_warm_start(target.tracking_uri, config.model_name or target.registered_model_name,
-                                     prep.model_config, prep.layout)
+    warm, note = champion_warm_start(
+        target.tracking_uri, config.model_name or target.registered_model_name, prep.model_config, prep.layout
+    )
     if log is not None:
         log(note)
     prep.warm, prep.warm_note = warm, note
@@ -368,14 +403,25 @@ def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTa
 # ----------------------------------------------------------------------------------------------------------
 # training (every rank)
 # ----------------------------------------------------------------------------------------------------------
-def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | None, log, on_log=None,
-         stop_after: int | None = None, loader=None, selection=None, warm=None):
+def _fit(
+    prep: _Prepared,
+    model_config,
+    checkpoint_dir: Path,
+    resume: Path | None,
+    log,
+    on_log=None,
+    stop_after: int | None = None,
+    loader=None,
+    selection=None,
+    warm=None,
+):
     """-> (Trainer, TrainResult, resumed-from step)."""
     from ml.train import Trainer
 
     train_config = prep.train_config.replace(checkpoint_dir=str(checkpoint_dir))
-    trainer = Trainer(model_config, train_config, loader or prep.loader, on_log=on_log, progress=log,
-                      selection=selection)
+    trainer = Trainer(
+        model_config, train_config, loader or prep.loader, on_log=on_log, progress=log, selection=selection
+    )
     try:
         if resume is not None:
             log(f"resuming from checkpoint {resume}")
@@ -389,17 +435,28 @@ def _fit(prep: _Prepared, model_config, checkpoint_dir: Path, resume: Path | Non
     return trainer, result, resumed_from
 
 
-def train_model(prep: _Prepared, log, model_config=None, loader=None, config: TrainingRunConfig | None = None):
+def train_model(
+    prep: _Prepared, log, model_config=None, loader=None, config: TrainingRunConfig | None = None
+):
     """Train ``model_config`` (default the run's) on the prepared inputs from scratch (or the run's checkpoint)
     without MLflow: the benchmarks' entry point. With ``config``, model selection on the validation split as
     in a registered run. -> the trained model in eval mode."""
     selection = None
     if config is not None:
         selection = _selection(prep, config, _validation_evaluator(prep, config), log)
-    trainer, _, _ = _fit(prep, model_config or prep.model_config, prep.ckpt_dir, prep.resume, log, loader=loader,
-                         selection=selection)
+    trainer, _, _ = _fit(
+        prep,
+        model_config or prep.model_config,
+        prep.ckpt_dir,
+        prep.resume,
+        log,
+        loader=loader,
+        selection=selection,
+    )
     if selection is not None and log is not None:
-        log(f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})")
+        log(
+            f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})"
+        )
     return trainer.model.eval()
 
 
@@ -409,14 +466,17 @@ def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
     baseline_config = prep.model_config.replace(
         tasks=("entity_entity",), embedder=dataclasses.replace(prep.model_config.embedder, aggregator="mean")
     )
-    loader = make_loader(prep.data, prep.builder, config, ("entity_entity",), prep.model_config.sequence.max_len,
-                         prep.device)
+    loader = make_loader(
+        prep.data, prep.builder, config, ("entity_entity",), prep.model_config.sequence.max_len, prep.device
+    )
     checkpoint_dir = prep.ckpt_dir / "pinsage"
     resume = checkpoint_dir / "last.pt" if config.resume and (checkpoint_dir / "last.pt").is_file() else None
     # the same model selection as the model's (validation entity-entity recall): a baseline on equal terms
     selection = _selection(prep, config, _validation_evaluator(prep, config), log, tasks=("entity_entity",))
     try:
-        trainer, _, _ = _fit(prep, baseline_config, checkpoint_dir, resume, log, loader=loader, selection=selection)
+        trainer, _, _ = _fit(
+            prep, baseline_config, checkpoint_dir, resume, log, loader=loader, selection=selection
+        )
     finally:
         loader.close()
     return trainer.model.eval()
@@ -461,26 +521,52 @@ def train_and_register(
     prep = with_warm_start(prepare(inputs, config), config, target, log if _rank() == 0 else None)
     with distributed(prep.device.type):
         if _rank() != 0:
-            _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log=None, stop_after=stop_after,
-                 warm=prep.warm)
-            if stop_after is None and config.pinsage_baseline and "entity_entity" in config.tasks \
-                    and prep.train_config.total_steps > 0:
+            _fit(
+                prep,
+                prep.model_config,
+                prep.ckpt_dir,
+                prep.resume,
+                log=None,
+                stop_after=stop_after,
+                warm=prep.warm,
+            )
+            if (
+                stop_after is None
+                and config.pinsage_baseline
+                and "entity_entity" in config.tasks
+                and prep.train_config.total_steps > 0
+            ):
                 train_pinsage_baseline(prep, config, log=None)
             prep.loader.close()
             return None
         try:
-            return _run_rank0(prep, inputs, target, config, log=log, dagster_run_id=dagster_run_id,
-                              stop_after=stop_after, register=register, experiment_name=experiment_name,
-                              run_tags=run_tags)
+            return _run_rank0(
+                prep,
+                inputs,
+                target,
+                config,
+                log=log,
+                dagster_run_id=dagster_run_id,
+                stop_after=stop_after,
+                register=register,
+                experiment_name=experiment_name,
+                run_tags=run_tags,
+            )
         finally:
             prep.loader.close()
 
 
-def _start_run(prep: _Prepared, target: MlflowTarget, config, inputs, dagster_run_id, experiment_name, run_tags):
+def _start_run(
+    prep: _Prepared, target: MlflowTarget, config, inputs, dagster_run_id, experiment_name, run_tags
+):
     """-> (client, run id, previous run id of a resumed checkpoint)."""
     client = target.client()
     experiment_id = target.experiment_id(experiment_name)
-    tags = {"training_partition": inputs.partition, "asset": "omnisage_model", "checkpoint_fingerprint": prep.fingerprint}
+    tags = {
+        "training_partition": inputs.partition,
+        "asset": "omnisage_model",
+        "checkpoint_fingerprint": prep.fingerprint,
+    }
     if dagster_run_id:
         tags["dagster_run_id"] = dagster_run_id
     tags.update(run_tags or {})
@@ -494,7 +580,9 @@ def _start_run(prep: _Prepared, target: MlflowTarget, config, inputs, dagster_ru
     return client, run.info.run_id, previous_run
 
 
-def _log_params(client, run_id: str, prep: _Prepared, config: TrainingRunConfig, inputs: TrainingInputs) -> None:
+def _log_params(
+    client, run_id: str, prep: _Prepared, config: TrainingRunConfig, inputs: TrainingInputs
+) -> None:
     from mlflow.entities import Param
 
     params: dict[str, str] = {}
@@ -554,21 +642,41 @@ def _mark_resumed(client, run_id: str, resumed_from: int, previous_run: str | No
                 client.set_terminated(previous_run, status="KILLED")
 
 
-def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, config: TrainingRunConfig, *,
-               log, dagster_run_id, stop_after, register, experiment_name, run_tags) -> TrainingOutcome | None:
+def _run_rank0(
+    prep: _Prepared,
+    inputs: TrainingInputs,
+    target: MlflowTarget,
+    config: TrainingRunConfig,
+    *,
+    log,
+    dagster_run_id,
+    stop_after,
+    register,
+    experiment_name,
+    run_tags,
+) -> TrainingOutcome | None:
     from ml.evaluator import Evaluator, model_embedders
 
-    client, run_id, previous_run = _start_run(prep, target, config, inputs, dagster_run_id, experiment_name,
-                                              run_tags)
+    client, run_id, previous_run = _start_run(
+        prep, target, config, inputs, dagster_run_id, experiment_name, run_tags
+    )
     gate_lock = contextlib.ExitStack()
     try:
         _log_params(client, run_id, prep, config, inputs)
         t0 = time.perf_counter()
         val_evaluator = _validation_evaluator(prep, config)
         selection = _selection(prep, config, val_evaluator, log)
-        trainer, result, resumed_from = _fit(prep, prep.model_config, prep.ckpt_dir, prep.resume, log,
-                                             on_log=_metric_logger(client, run_id), stop_after=stop_after,
-                                             selection=selection, warm=prep.warm)
+        trainer, result, resumed_from = _fit(
+            prep,
+            prep.model_config,
+            prep.ckpt_dir,
+            prep.resume,
+            log,
+            on_log=_metric_logger(client, run_id),
+            stop_after=stop_after,
+            selection=selection,
+            warm=prep.warm,
+        )
         if prep.resume is not None:
             _mark_resumed(client, run_id, resumed_from, previous_run)
         train_seconds = time.perf_counter() - t0
@@ -577,24 +685,39 @@ def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, co
             client.set_terminated(run_id, status="KILLED")
             return None
         pinsage = None
-        if config.pinsage_baseline and "entity_entity" in prep.model_config.tasks and prep.train_config.total_steps > 0:
+        if (
+            config.pinsage_baseline
+            and "entity_entity" in prep.model_config.tasks
+            and prep.train_config.total_steps > 0
+        ):
             pinsage = train_pinsage_baseline(prep, config, log)
-        evaluator = Evaluator(prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size,
-                              seed=config.eval_seed)
+        evaluator = Evaluator(
+            prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size, seed=config.eval_seed
+        )
         new_report = evaluator.evaluate(*model_embedders(model, prep.builder), list(prep.model_config.tasks))
         pinsage_report = None
         if pinsage is not None:
             pinsage_report = evaluator.evaluate(*model_embedders(pinsage, prep.builder), ["entity_entity"])
-            log(f"pinsage baseline: recall@{config.eval_k} entity_entity = {pinsage_report.recall('entity_entity')}")
+            log(
+                f"pinsage baseline: recall@{config.eval_k} entity_entity = {pinsage_report.recall('entity_entity')}"
+            )
         if register:  # from reading the champion to moving the alias: two trainings must not both promote
             gate_lock.enter_context(store_lock(target.tracking_uri))
-        gate_evaluator, gate_split = (val_evaluator, "validation") if val_evaluator is not None else (evaluator, "test")
-        gate_report = new_report if gate_split == "test" else gate_evaluator.evaluate(
-            *model_embedders(model, prep.builder), list(prep.model_config.tasks))
+        gate_evaluator, gate_split = (
+            (val_evaluator, "validation") if val_evaluator is not None else (evaluator, "test")
+        )
+        gate_report = (
+            new_report
+            if gate_split == "test"
+            else gate_evaluator.evaluate(*model_embedders(model, prep.builder), list(prep.model_config.tasks))
+        )
         gate = _gate(prep, target, config, gate_evaluator, gate_report, register, gate_split)
-        evaluation = _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report,
-                                  selection)
-        version = _log_models(client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register)
+        evaluation = _log_results(
+            client, run_id, config, gate, result, train_seconds, new_report, pinsage_report, selection
+        )
+        version = _log_models(
+            client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register
+        )
         gate_lock.close()
         client.set_terminated(run_id, status="FINISHED")
     except BaseException:
@@ -605,14 +728,28 @@ def _run_rank0(prep: _Prepared, inputs: TrainingInputs, target: MlflowTarget, co
     shutil.rmtree(prep.ckpt_dir, ignore_errors=True)  # registered: the checkpoint has no further use
     log(f"omnisage_model: version {version} -> {gate['alias']} ({gate['decision']})")
     return TrainingOutcome(
-        run_id=run_id, version=version, alias=gate["alias"], decision=gate["decision"],
-        new_mean_recall=gate["new_mean"], champion_mean_recall=gate["champion_mean"],
-        previous_champion=gate["previous"], gate_tasks=gate["tasks"], new_recall=task_recalls(new_report),
-        champion_recall=gate["champion_recall"], training_partition=inputs.partition, steps=int(result.steps),
-        resumed_from_step=resumed_from, train_seconds=train_seconds, device=str(prep.device),
-        preset=prep.preset_name, last_metrics=dict(result.last_metrics), evaluation=evaluation,
-        gate_split=gate_split, gate_new_recall=gate["new_recall"],
-        selected_step=None if selection is None else selection.best_step, warm_start=prep.warm_note,
+        run_id=run_id,
+        version=version,
+        alias=gate["alias"],
+        decision=gate["decision"],
+        new_mean_recall=gate["new_mean"],
+        champion_mean_recall=gate["champion_mean"],
+        previous_champion=gate["previous"],
+        gate_tasks=gate["tasks"],
+        new_recall=task_recalls(new_report),
+        champion_recall=gate["champion_recall"],
+        training_partition=inputs.partition,
+        steps=int(result.steps),
+        resumed_from_step=resumed_from,
+        train_seconds=train_seconds,
+        device=str(prep.device),
+        preset=prep.preset_name,
+        last_metrics=dict(result.last_metrics),
+        evaluation=evaluation,
+        gate_split=gate_split,
+        gate_new_recall=gate["new_recall"],
+        selected_step=None if selection is None else selection.best_step,
+        warm_start=prep.warm_note,
     )
 
 
@@ -624,8 +761,14 @@ def _validation_evaluator(prep: _Prepared, config: TrainingRunConfig):
     counts = validation_counts(prep.validation)
     if not any(counts[t] for t in prep.model_config.tasks):
         return None
-    return Evaluator(prep.validation, prep.universe, k=config.eval_k, pool_size=config.pool_size,
-                     seed=config.eval_seed, max_queries=config.validation_max_queries)
+    return Evaluator(
+        prep.validation,
+        prep.universe,
+        k=config.eval_k,
+        pool_size=config.pool_size,
+        seed=config.eval_seed,
+        max_queries=config.validation_max_queries,
+    )
 
 
 def _selection(prep: _Prepared, config: TrainingRunConfig, val_evaluator, log, tasks=None):
@@ -661,23 +804,37 @@ def _champion_recall(prep: _Prepared, evaluator, champ, version: str, gate_tasks
             f"dt={prep.data.day} has {prep.features.image_dim}: it cannot embed this data"
         )
     champ_layout = champ.layout or prep.layout
-    hoods = prep.cache if champ_layout == prep.layout else NeighborSampler(
-        prep.snapshot, champ_layout, restart_prob=prep.cache.restart_prob, budget=prep.cache.budget
+    hoods = (
+        prep.cache
+        if champ_layout == prep.layout
+        else NeighborSampler(
+            prep.snapshot, champ_layout, restart_prob=prep.cache.restart_prob, budget=prep.cache.budget
+        )
     )
     same_tokens = not champ.max_tokens or champ.max_tokens == prep.features.max_tokens
     features = prep.features if same_tokens else Featurizer(prep.features.path, max_tokens=champ.max_tokens)
-    report = evaluator.evaluate(*model_embedders(champ.model, BatchBuilder(prep.snapshot, hoods, features, champ_layout)),
-                                gate_tasks)
+    report = evaluator.evaluate(
+        *model_embedders(champ.model, BatchBuilder(prep.snapshot, hoods, features, champ_layout)), gate_tasks
+    )
     return task_recalls(report), ""
 
 
-def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, evaluator, new_report, register,
-          split: str = "validation") -> dict:
+def _gate(
+    prep: _Prepared,
+    target: MlflowTarget,
+    config: TrainingRunConfig,
+    evaluator,
+    new_report,
+    register,
+    split: str = "validation",
+) -> dict:
     """The promotion decision (module docstring) on ``evaluator``'s split, as a dict of everything the run
     logs about it."""
     from ml.registry import ModelRegistry
 
-    registry = ModelRegistry(target.tracking_uri, model_name=config.model_name or target.registered_model_name)
+    registry = ModelRegistry(
+        target.tracking_uri, model_name=config.model_name or target.registered_model_name
+    )
     new_recall = task_recalls(new_report)
     gate_tasks = list(prep.model_config.tasks)
     previous = registry.version_for_alias(CHAMPION) if register else None
@@ -693,7 +850,9 @@ def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, eval
             gate_tasks = [t for t in gate_tasks if t in champ.config.tasks]
             champion_recall, champion_note = _champion_recall(prep, evaluator, champ, previous, gate_tasks)
             del champ
-    champion_mean = _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
+    champion_mean = (
+        _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
+    )
     new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
     k = config.eval_k
     on = "" if split == "validation" else " (held-out test sets: the validation split is empty)"
@@ -707,20 +866,32 @@ def _gate(prep: _Prepared, target: MlflowTarget, config: TrainingRunConfig, eval
         promote, decision = False, "challenger: no evaluation examples for the gate's tasks"
     elif champion_mean is None or new_mean >= champion_mean:
         promote = True
-        decision = (f"champion: mean recall@{k} {new_mean:.4f} >= champion v{previous}'s "
-                    f"{'n/a' if champion_mean is None else f'{champion_mean:.4f}'}{on}")
+        decision = (
+            f"champion: mean recall@{k} {new_mean:.4f} >= champion v{previous}'s "
+            f"{'n/a' if champion_mean is None else f'{champion_mean:.4f}'}{on}"
+        )
     else:
         promote = False
-        decision = f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}{on}"
-    return {"split": split,
-        "registry": registry, "alias": (CHAMPION if promote else CHALLENGER) if register else "",
-        "decision": decision, "new_mean": new_mean, "champion_mean": champion_mean, "previous": previous,
-        "tasks": gate_tasks, "new_recall": new_recall, "champion_recall": champion_recall,
+        decision = (
+            f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}{on}"
+        )
+    return {
+        "split": split,
+        "registry": registry,
+        "alias": (CHAMPION if promote else CHALLENGER) if register else "",
+        "decision": decision,
+        "new_mean": new_mean,
+        "champion_mean": champion_mean,
+        "previous": previous,
+        "tasks": gate_tasks,
+        "new_recall": new_recall,
+        "champion_recall": champion_recall,
     }
 
 
-def _log_results(client, run_id, config, gate, result, train_seconds, new_report, pinsage_report,
-                 selection=None) -> dict:
+def _log_results(
+    client, run_id, config, gate, result, train_seconds, new_report, pinsage_report, selection=None
+) -> dict:
     """Metrics: ``eval/*`` the held-out test sets (reported), ``gate/*`` the gate's split, ``validation/*``
     the model-selection history."""
     from mlflow.entities import Metric
@@ -748,11 +919,21 @@ def _log_results(client, run_id, config, gate, result, train_seconds, new_report
     if selection is not None and selection.best_step is not None:
         metrics.append(Metric("train/selected_step", float(selection.best_step), ts, step))
     if pinsage_report is not None and pinsage_report.recall("entity_entity") is not None:
-        metrics.append(Metric(f"baseline/pinsage/recall_at_{k}/entity_entity",
-                              pinsage_report.recall("entity_entity"), ts, step))
+        metrics.append(
+            Metric(
+                f"baseline/pinsage/recall_at_{k}/entity_entity",
+                pinsage_report.recall("entity_entity"),
+                ts,
+                step,
+            )
+        )
     client.log_batch(run_id, metrics=metrics)
-    evaluation = {"new": _report_json(new_report), "gate_tasks": gate["tasks"], "gate_split": gate["split"],
-                  "gate_new_recall": gate["new_recall"]}
+    evaluation = {
+        "new": _report_json(new_report),
+        "gate_tasks": gate["tasks"],
+        "gate_split": gate["split"],
+        "gate_new_recall": gate["new_recall"],
+    }
     if selection is not None:
         evaluation["model_selection"] = {"selected_step": selection.best_step, "history": selection.history}
     if pinsage_report is not None:
@@ -768,29 +949,47 @@ def _log_models(client, run_id, prep, target, config, inputs, model, pinsage, ga
     from ml.model_io import save_model_dir
 
     step = int(result.steps)
-    common = {"layout": prep.layout, "max_tokens": prep.features.max_tokens, "training_partition": inputs.partition}
+    common = {
+        "layout": prep.layout,
+        "max_tokens": prep.features.max_tokens,
+        "training_partition": inputs.partition,
+    }
     inputs.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="omnisage-model-", dir=str(inputs.scratch_dir)) as tmp:
         extra = {
-            "preset": prep.preset_name, "steps": step, "mlflow_run_id": run_id,
-            "example_config": prep.data.manifest.get("config", {}), "tasks": list(prep.model_config.tasks),
+            "preset": prep.preset_name,
+            "steps": step,
+            "mlflow_run_id": run_id,
+            "example_config": prep.data.manifest.get("config", {}),
+            "tasks": list(prep.model_config.tasks),
             "eval": {"k": config.eval_k, "pool_size": config.pool_size, "seed": config.eval_seed},
         }
         local = save_model_dir(model, Path(tmp) / MODEL_ARTIFACT_PATH, extra, **common)
         client.log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_PATH)
         if pinsage is not None:
-            extra = {"steps": step, "mlflow_run_id": run_id, "baseline": "pinsage", "tasks": ["entity_entity"]}
+            extra = {
+                "steps": step,
+                "mlflow_run_id": run_id,
+                "baseline": "pinsage",
+                "tasks": ["entity_entity"],
+            }
             baseline_dir = save_model_dir(pinsage, Path(tmp) / PINSAGE_ARTIFACT_PATH, extra, **common)
             client.log_artifacts(run_id, str(baseline_dir), artifact_path=PINSAGE_ARTIFACT_PATH)
     fmt = lambda x: "null" if x is None else f"{x:.6f}"
     gate_tags = {
-        "gate.decision": gate["decision"], "gate.alias": gate["alias"], "gate.new_mean_recall": fmt(gate["new_mean"]),
-        "gate.champion_mean_recall": fmt(gate["champion_mean"]), "gate.previous_champion": gate["previous"] or "",
-        "gate.tasks": ",".join(gate["tasks"]), "gate.split": gate["split"],
+        "gate.decision": gate["decision"],
+        "gate.alias": gate["alias"],
+        "gate.new_mean_recall": fmt(gate["new_mean"]),
+        "gate.champion_mean_recall": fmt(gate["champion_mean"]),
+        "gate.previous_champion": gate["previous"] or "",
+        "gate.tasks": ",".join(gate["tasks"]),
+        "gate.split": gate["split"],
     }
     version = ""
     if register:
-        version = gate["registry"].register(run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": inputs.partition})
+        version = gate["registry"].register(
+            run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": inputs.partition}
+        )
         gate["registry"].set_alias(gate["alias"], version)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**gate_tags, "model_version": version}.items()])
     return version
@@ -799,12 +998,25 @@ def _log_models(client, run_id, prep, target, config, inputs, model, pinsage, ga
 # ----------------------------------------------------------------------------------------------------------
 # torchrun entry point: python -m ml.training_run REQUEST.json
 # ----------------------------------------------------------------------------------------------------------
-def write_request(path: Path, inputs: TrainingInputs, target: MlflowTarget, config: TrainingRunConfig,
-                  outcome_path: Path, dagster_run_id: str | None = None) -> Path:
-    path.write_text(json.dumps({
-        "inputs": inputs.to_json(), "target": asdict(target), "config": asdict(config),
-        "outcome": str(outcome_path), "dagster_run_id": dagster_run_id,
-    }))
+def write_request(
+    path: Path,
+    inputs: TrainingInputs,
+    target: MlflowTarget,
+    config: TrainingRunConfig,
+    outcome_path: Path,
+    dagster_run_id: str | None = None,
+) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "inputs": inputs.to_json(),
+                "target": asdict(target),
+                "config": asdict(config),
+                "outcome": str(outcome_path),
+                "dagster_run_id": dagster_run_id,
+            }
+        )
+    )
     return path
 
 
@@ -818,8 +1030,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     outcome = train_and_register(
-        TrainingInputs.from_json(req["inputs"]), MlflowTarget(**req["target"]),
-        TrainingRunConfig.from_mapping(req["config"]), log=log, dagster_run_id=req.get("dagster_run_id"),
+        TrainingInputs.from_json(req["inputs"]),
+        MlflowTarget(**req["target"]),
+        TrainingRunConfig.from_mapping(req["config"]),
+        log=log,
+        dagster_run_id=req.get("dagster_run_id"),
     )
     if outcome is not None:
         Path(req["outcome"]).write_text(json.dumps(asdict(outcome), default=str))

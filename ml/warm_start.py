@@ -56,6 +56,9 @@ def champion_warm_start(
     weights = {k: v.detach().clone() for k, v in champ.model.state_dict().items()}
     mismatch = _shape_mismatch(weights, model_config)
     if mismatch:
-        return None, f"warm start: champion v{version} does not fit this configuration ({mismatch}), trained from scratch"
+        return (
+            None,
+            f"warm start: champion v{version} does not fit this configuration ({mismatch}), trained from scratch",
+        )
     note = f"warm start from champion v{version} ({len(champ.sketches)} count-min sketches)"
     return WarmStart(version, weights, champ.sketches), note

@@ -47,15 +47,17 @@ Dagster is imported only to materialize the data; everything else is plain Pytho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omnisage_pipeline.settings import Settings
 
@@ -111,7 +113,7 @@ class Variant:
     label: str
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset -> run config overrides
     model: dict[str, Any] = field(default_factory=dict)  # OmniSageModelConfig overrides
-    paper: Optional[PaperRow] = None
+    paper: PaperRow | None = None
     note: str = ""
 
 
@@ -155,7 +157,7 @@ def empty_layout_supported() -> bool:
         with torch.no_grad():
             model.embed(batch)
             model.tasks["entity_feature"].queries(as_entity_tensors(batch, "cpu", "probe"))
-    except Exception:  # any failure means: not supported (today a RuntimeError from a reshape)
+    except Exception:  # noqa: BLE001 (any failure means: not supported; today a RuntimeError from a reshape)
         return False
     return True
 
@@ -167,7 +169,7 @@ def empty_layout_supported() -> bool:
 NO_EDGES_SUBSET = "no_edges"
 
 
-def build_studies(empty_layout_ok: Optional[bool] = None, blocks: Optional[list[str]] = None) -> dict[str, Study]:
+def build_studies(empty_layout_ok: bool | None = None, blocks: list[str] | None = None) -> dict[str, Study]:
     """Every study, from the assets' own defaults (so the reference rows ARE the production configuration),
     except the neighbourhood layout when ``blocks`` ('subset:node_type:k' per block) replaces it for the run."""
     from assets.graph import PruningConfig
@@ -197,106 +199,185 @@ def build_studies(empty_layout_ok: Optional[bool] = None, blocks: Optional[list[
 
     studies = [
         Study(
-            "graph_sources", "Graph sources (paper Table 3)",
+            "graph_sources",
+            "Graph sources (paper Table 3)",
             "Pin-Pin edges add a significant boost over Pin-Board alone, and any graph beats no graph, on both "
             "EE and UE (no graph 0.440/0.375 < Pin-Board 0.529/0.564 < Pin-{Board,Pin} 0.609/0.580).",
-            "pin_board+pin_pin", graph_compare,
+            "pin_board+pin_pin",
+            graph_compare,
             (
-                Variant("no_graph", "no graph", no_graph, paper=PaperRow({"entity_entity": 0.440, "user_entity": 0.375}),
-                        note=no_graph_note),
-                Variant("pin_board", "pin_board", {"graph_snapshot": {"subsets": {"pin_board": ["pin_board"]},
-                                                                      "blocks": pb_blocks}},
-                        paper=PaperRow({"entity_entity": 0.529, "user_entity": 0.564}),
-                        note="neighbourhoods from {pin_board} only"),
-                Variant("pin_board+pin_pin", "pin_board + pin_pin (default)",
-                        paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580})),
+                Variant(
+                    "no_graph",
+                    "no graph",
+                    no_graph,
+                    paper=PaperRow({"entity_entity": 0.440, "user_entity": 0.375}),
+                    note=no_graph_note,
+                ),
+                Variant(
+                    "pin_board",
+                    "pin_board",
+                    {"graph_snapshot": {"subsets": {"pin_board": ["pin_board"]}, "blocks": pb_blocks}},
+                    paper=PaperRow({"entity_entity": 0.529, "user_entity": 0.564}),
+                    note="neighbourhoods from {pin_board} only",
+                ),
+                Variant(
+                    "pin_board+pin_pin",
+                    "pin_board + pin_pin (default)",
+                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
+                ),
             ),
             "data",
             note="Node degrees (a node feature) still count every edge type in every variant: only the "
             "neighbourhoods change.",
         ),
         Study(
-            "tasks", "Task combinations (paper Table 5)",
+            "tasks",
+            "Task combinations (paper Table 5)",
             "Each single task scores higher alone than in the full model except UE, which gains from the other "
             "tasks; EE and EF help each other (EE+EF beats EE alone and EF alone).",
-            "all", ("entity_entity", "entity_feature", "user_entity"),
+            "all",
+            ("entity_entity", "entity_feature", "user_entity"),
             (
-                Variant("EE", "EE", model={"tasks": ["entity_entity"]}, paper=PaperRow({"entity_entity": 0.623})),
-                Variant("EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})),
+                Variant(
+                    "EE", "EE", model={"tasks": ["entity_entity"]}, paper=PaperRow({"entity_entity": 0.623})
+                ),
+                Variant(
+                    "EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})
+                ),
                 Variant("UE", "UE", model={"tasks": ["user_entity"]}, paper=PaperRow({"user_entity": 0.564})),
-                Variant("EE+EF", "EE + EF", model={"tasks": ["entity_entity", "entity_feature"]},
-                        paper=PaperRow({"entity_entity": 0.628, "entity_feature": 0.379})),
-                Variant("all", "EE + EF + UE (default)",
-                        paper=PaperRow({"entity_entity": 0.609, "entity_feature": 0.338, "user_entity": 0.580})),
+                Variant(
+                    "EE+EF",
+                    "EE + EF",
+                    model={"tasks": ["entity_entity", "entity_feature"]},
+                    paper=PaperRow({"entity_entity": 0.628, "entity_feature": 0.379}),
+                ),
+                Variant(
+                    "all",
+                    "EE + EF + UE (default)",
+                    paper=PaperRow({"entity_entity": 0.609, "entity_feature": 0.338, "user_entity": 0.580}),
+                ),
             ),
             "model",
         ),
         Study(
-            "pruning_alpha", "Pruning alpha (paper Table 10)",
+            "pruning_alpha",
+            "Pruning alpha (paper Table 10)",
             "A larger graph (higher alpha) improves pair-level retrieval (EE 0.584 -> 0.592 -> 0.609) with a "
             "slight decrease in sequence-level retrieval (UE 0.584 -> 0.582 -> 0.576).",
-            f"{alpha:g}", graph_compare,
+            f"{alpha:g}",
+            graph_compare,
             (
-                Variant("0.5", "alpha 0.5", {"pruned_edges": {"alpha": 0.5}},
-                        paper=PaperRow({"entity_entity": 0.584, "user_entity": 0.584})),
-                Variant("0.7", "alpha 0.7", {"pruned_edges": {"alpha": 0.7}},
-                        paper=PaperRow({"entity_entity": 0.592, "user_entity": 0.582})),
-                Variant(f"{alpha:g}", f"alpha {alpha:g} (default)",
-                        paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576})),
+                Variant(
+                    "0.5",
+                    "alpha 0.5",
+                    {"pruned_edges": {"alpha": 0.5}},
+                    paper=PaperRow({"entity_entity": 0.584, "user_entity": 0.584}),
+                ),
+                Variant(
+                    "0.7",
+                    "alpha 0.7",
+                    {"pruned_edges": {"alpha": 0.7}},
+                    paper=PaperRow({"entity_entity": 0.592, "user_entity": 0.582}),
+                ),
+                Variant(
+                    f"{alpha:g}",
+                    f"alpha {alpha:g} (default)",
+                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
+                ),
             ),
             "data",
         ),
         Study(
-            "push_budget", "Forward-push budget B = 1/delta (paper Table 4)",
+            "push_budget",
+            "Forward-push budget B = 1/delta (paper Table 4)",
             "No significant gain from a budget beyond B: the method is robust to the random-walk budget "
             "(EE 0.609 / 0.609 / 0.612, UE 0.576 / 0.580 / 0.576 for B/2, B, 2B).",
-            "B", graph_compare,
+            "B",
+            graph_compare,
             (
-                Variant("B_half", f"B/2 = {budget // 2}", {"graph_snapshot": {"budget": budget // 2}},
-                        paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576})),
-                Variant("B", f"B = {budget} (default)", paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580})),
-                Variant("B_double", f"2B = {2 * budget}", {"graph_snapshot": {"budget": 2 * budget}},
-                        paper=PaperRow({"entity_entity": 0.612, "user_entity": 0.576})),
+                Variant(
+                    "B_half",
+                    f"B/2 = {budget // 2}",
+                    {"graph_snapshot": {"budget": budget // 2}},
+                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
+                ),
+                Variant(
+                    "B",
+                    f"B = {budget} (default)",
+                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
+                ),
+                Variant(
+                    "B_double",
+                    f"2B = {2 * budget}",
+                    {"graph_snapshot": {"budget": 2 * budget}},
+                    paper=PaperRow({"entity_entity": 0.612, "user_entity": 0.576}),
+                ),
             ),
             "data",
         ),
         Study(
-            "halved_kt", "Halved k_t (paper Table 13)",
+            "halved_kt",
+            "Halved k_t (paper Table 13)",
             "Halving every block's k_t is neutral for EE (-0.1%) and costs UE (-1.4%).",
-            "default", graph_compare,
+            "default",
+            graph_compare,
             (
-                Variant("default", f"default k_t ({default_blocks})", paper=PaperRow({}, "lift", "reference")),
-                Variant("halved", "every k_t halved (" + "+".join(
-                    f"{b.node_type}{b.k}@{b.subset}" for b in layout.halved().blocks) + ")",
-                        {"graph_snapshot": {"blocks": halved}},
-                        paper=PaperRow({"entity_entity": -0.001, "user_entity": -0.014}, "lift")),
+                Variant(
+                    "default", f"default k_t ({default_blocks})", paper=PaperRow({}, "lift", "reference")
+                ),
+                Variant(
+                    "halved",
+                    "every k_t halved ("
+                    + "+".join(f"{b.node_type}{b.k}@{b.subset}" for b in layout.halved().blocks)
+                    + ")",
+                    {"graph_snapshot": {"blocks": halved}},
+                    paper=PaperRow({"entity_entity": -0.001, "user_entity": -0.014}, "lift"),
+                ),
             ),
             "data",
         ),
         Study(
-            "aggregator", "Neighbour aggregator (paper A.2.4)",
+            "aggregator",
+            "Neighbour aggregator (paper A.2.4)",
             "The transformer aggregator beats simpler aggregation on EE: GAT is -6.0% (1-hop) and -8.5% (2-hop) "
             "below it (Table 11). Mean pooling itself is not in the paper; its PinSage baseline (Table 2) is "
             "0.461 vs 0.609.",
-            "transformer", (EE_ALL,),
+            "transformer",
+            (EE_ALL,),
             (
                 Variant("transformer", "transformer (default)", paper=PaperRow({}, "lift", "reference")),
-                Variant("mean", "mean pooling", model={"aggregator": "mean"},
-                        paper=PaperRow({"entity_entity": -0.06}, "lift", "GAT 1-hop EE -6.0% (no mean-pooling row)")),
+                Variant(
+                    "mean",
+                    "mean pooling",
+                    model={"aggregator": "mean"},
+                    paper=PaperRow(
+                        {"entity_entity": -0.06}, "lift", "GAT 1-hop EE -6.0% (no mean-pooling row)"
+                    ),
+                ),
             ),
             "model",
         ),
         Study(
-            "negatives", "Random negatives (paper Table 12)",
+            "negatives",
+            "Random negatives (paper Table 12)",
             "Random negatives are crucial for UE and more help, with a plateau: +31.2% (1K) and +43.5% (10K) over "
             "none.",
-            "0", ("user_entity",),
+            "0",
+            ("user_entity",),
             (
                 Variant("0", "0", model={"num_random_negatives": 0}, paper=PaperRow({}, "lift", "reference")),
-                Variant("1K", "1K", model={"num_random_negatives": 1_000},
-                        paper=PaperRow({"user_entity": 0.312}, "lift")),
-                Variant("10K", "10K", model={"num_random_negatives": 10_000},
-                        paper=PaperRow({"user_entity": 0.435}, "lift")),
+                Variant(
+                    "1K",
+                    "1K",
+                    model={"num_random_negatives": 1_000},
+                    paper=PaperRow({"user_entity": 0.312}, "lift"),
+                ),
+                Variant(
+                    "10K",
+                    "10K",
+                    model={"num_random_negatives": 10_000},
+                    paper=PaperRow({"user_entity": 0.435}, "lift"),
+                ),
             ),
             "model",
         ),
@@ -316,7 +397,9 @@ STUDY_IDS = ("graph_sources", "tasks", "pruning_alpha", "push_budget", "halved_k
 # ==========================================================================================================
 # Settings and homes
 # ==========================================================================================================
-def scratch_settings(production: Settings, home: Path, data_root: Path, engine: Optional[str] = None) -> Settings:
+def scratch_settings(
+    production: Settings, home: Path, data_root: Path, engine: str | None = None
+) -> Settings:
     """Settings of a scratch OMNISAGE_HOME: same engine (unless given), Spark master, start date, window and
     MLflow tracking URI as production; everything written goes under ``home``."""
     return dataclasses.replace(
@@ -359,8 +442,14 @@ def link_base_data(base: Settings, home: Path, datasets: tuple[str, ...] | None 
 # ==========================================================================================================
 # Materialization (the one place that uses Dagster)
 # ==========================================================================================================
-def materialize(settings: Settings, selection: tuple[str, ...], *, day: Optional[str] = None,
-                days: Optional[list[str]] = None, run_config: Optional[dict] = None) -> None:
+def materialize(
+    settings: Settings,
+    selection: tuple[str, ...],
+    *,
+    day: str | None = None,
+    days: list[str] | None = None,
+    run_config: dict | None = None,
+) -> None:
     """Materialize ``selection`` in process (ephemeral instance) for the scratch ``settings``: one
     partition ``day`` or a single run over ``days`` (the assets' single-run backfill policy)."""
     import dagster as dg
@@ -381,7 +470,7 @@ def materialize(settings: Settings, selection: tuple[str, ...], *, day: Optional
         raise AblationError(f"materializing {selection} for {settings.home} failed")
 
 
-def build_base_data(base: Settings, days: list[str], overrides: Optional[dict[str, dict]] = None) -> None:
+def build_base_data(base: Settings, days: list[str], overrides: dict[str, dict] | None = None) -> None:
     """The default data of an ablation (every daily data asset of the training day, the window's logs and
     edges) in the scratch home of ``base``; ``overrides``: run config of the day's assets."""
     materialize(base, RANGE_ASSETS, days=days)
@@ -476,7 +565,7 @@ def _sign(d: float, tol: float) -> int:
     return 0 if abs(d) <= tol else (1 if d > 0 else -1)
 
 
-def ours_sign(value: dict, ref: dict) -> Optional[int]:
+def ours_sign(value: dict, ref: dict) -> int | None:
     """+1 / -1 when the difference exceeds NOISE_SE binomial standard errors, else 0; None if missing."""
     if value.get("recall") is None or ref.get("recall") is None or not value.get("n") or not ref.get("n"):
         return None
@@ -487,7 +576,7 @@ def ours_sign(value: dict, ref: dict) -> Optional[int]:
     return _sign(p1 - p2, NOISE_SE * se)
 
 
-def paper_sign(row: Optional[PaperRow], ref: Optional[PaperRow], task: str) -> Optional[int]:
+def paper_sign(row: PaperRow | None, ref: PaperRow | None, task: str) -> int | None:
     if row is None:
         return None
     if row.kind == "lift":
@@ -530,7 +619,7 @@ def n_consistency(study: Study, rows: list[Row]) -> dict[str, Any]:
     return out
 
 
-def _fmt(v: Optional[float]) -> str:
+def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
@@ -544,8 +633,10 @@ def study_markdown(study: Study, rows: list[Row], consistency: dict[str, Any]) -
                  f"`{study.reference}`.")  # fmt: skip
     lines += [
         "",
-        "| variant | recall@10 EE | EE eng. | EF | UE | n (EE / eng. / EF / UE) | data s | train s "
-        "| paper | direction vs reference: paper / ours |",
+        (
+            "| variant | recall@10 EE | EE eng. | EF | UE | n (EE / eng. / EF / UE) | data s | train s "
+            "| paper | direction vs reference: paper / ours |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |",
     ]
     for r in rows:
@@ -563,7 +654,9 @@ def study_markdown(study: Study, rows: list[Row], consistency: dict[str, Any]) -
             )
         label = r.label + (f" (same run as {r.shared_with})" if r.shared_with else "")
         data_s = f"{r.data_seconds:.1f}" if r.data_seconds else "–"
-        lines.append(f"| {label} | {' | '.join(vals)} | {ns} | {data_s} | {r.train_seconds:.1f} | {r.paper} | {dirs} |")
+        lines.append(
+            f"| {label} | {' | '.join(vals)} | {ns} | {data_s} | {r.train_seconds:.1f} | {r.paper} | {dirs} |"
+        )
     lines.append("")
     bad = {m: c["n"] for m, c in consistency.items() if not c["consistent"]}
     if bad:
@@ -605,14 +698,24 @@ def report_markdown(summary: dict, sections: list[str]) -> str:
     head = [
         f"# OmniSage ablations ({s['stamp']})",
         "",
-        f"- data: `{s['scale']}` synthetic, {len(s['days'])} days ({s['days'][0]} .. {s['days'][-1]}), "
-        f"trained and evaluated on dt={s['days'][-1]}; input {s['data_root']}",
-        f"- training: {s['steps']} steps, batch {s['batch_size']}, {s['negatives']} random negatives (outside the "
-        f"negatives study), seed {s['seed']}, preset {s['preset']}, device {s['device']}; engine {s['engine']}",
+        (
+            f"- data: `{s['scale']}` synthetic, {len(s['days'])} days ({s['days'][0]} .. {s['days'][-1]}), "
+            f"trained and evaluated on dt={s['days'][-1]}; input {s['data_root']}"
+        ),
+        (
+            f"- training: {s['steps']} steps, batch {s['batch_size']}, {s['negatives']} random negatives (outside the "
+            f"negatives study), seed {s['seed']}, preset {s['preset']}, device {s['device']}; engine {s['engine']}"
+        ),
         f"- neighbourhood layout (subset:node_type:k_t): {', '.join(s['layout'])}"
-        + (" (--blocks; the graph_snapshot default is the paper's 25/75/50)" if s.get("blocks") else " (the default)"),
-        f"- universe: {s['universe'].get('pin', 0)} pins, {s['universe'].get('board', 0)} boards; MLflow experiment "
-        f"`{s['experiment']}`, parent run `{s['parent_run_id']}`",
+        + (
+            " (--blocks; the graph_snapshot default is the paper's 25/75/50)"
+            if s.get("blocks")
+            else " (the default)"
+        ),
+        (
+            f"- universe: {s['universe'].get('pin', 0)} pins, {s['universe'].get('board', 0)} boards; MLflow experiment "
+            f"`{s['experiment']}`, parent run `{s['parent_run_id']}`"
+        ),
         f"- {s['unique_runs']} trained runs for {s['rows']} rows; wall time {s['wall_seconds']:.0f} s"
         + (f"; **{len(s['failed'])} failed**" if s.get("failed") else ""),
         "",
@@ -635,7 +738,7 @@ class AblationResult:
     parent_run_id: str
 
 
-def parse_selection(studies: Optional[list[str]], variants: Optional[list[str]],
+def parse_selection(studies: list[str] | None, variants: list[str] | None,
                     catalogue: dict[str, Study]) -> list[tuple[Study, list[Variant]]]:  # fmt: skip
     """Studies in the catalogue's order; ``variants`` ("study:variant") keeps only those rows of a study
     (its reference row is always kept: directions are measured from it)."""
@@ -653,17 +756,16 @@ def parse_selection(studies: Optional[list[str]], variants: Optional[list[str]],
         if sid not in chosen:
             chosen.append(sid)
     out = []
-    for sid in catalogue:
+    for sid, study in catalogue.items():
         if sid not in chosen:
             continue
-        study = catalogue[sid]
         vs = [v for v in study.variants if sid not in keep or v.id in keep[sid] or v.id == study.reference]
         out.append((study, vs))
     return out
 
 
 def _train_variant(row: Row, study: Study, v: Variant, home: Path, base: Settings, production: Settings,
-                   data_root: Path, engine: Optional[str], day: str, cfg: dict, model_over: dict, mlflow_res,
+                   data_root: Path, engine: str | None, day: str, cfg: dict, model_over: dict, mlflow_res,
                    experiment: str, stamp: str, parent_id: str, echo: Callable[[str], None],
                    base_overrides: dict[str, dict]) -> None:  # fmt: skip
     """Materialize the variant's data (or link the default data) in its own scratch home and train it."""
@@ -697,9 +799,9 @@ def _train_variant(row: Row, study: Study, v: Variant, home: Path, base: Setting
 
 
 def run_ablations(
-    studies: Optional[list[str]] = None,
+    studies: list[str] | None = None,
     *,
-    variants: Optional[list[str]] = None,
+    variants: list[str] | None = None,
     scale: str = "tiny",
     days: int = 3,
     steps: int = 300,
@@ -708,13 +810,13 @@ def run_ablations(
     negatives: int = 64,
     preset: str = "auto",
     device: str = "auto",
-    data_root: Optional[Path] = None,
-    root: Optional[Path] = None,
+    data_root: Path | None = None,
+    root: Path | None = None,
     experiment: str = EXPERIMENT,
-    engine: Optional[str] = None,
-    torch_threads: Optional[int] = None,
-    blocks: Optional[list[str]] = None,
-    settings: Optional[Settings] = None,
+    engine: str | None = None,
+    torch_threads: int | None = None,
+    blocks: list[str] | None = None,
+    settings: Settings | None = None,
     echo: Callable[[str], None] = print,
 ) -> AblationResult:
     """Run the selected studies (module docstring) and return the tables."""
@@ -722,7 +824,7 @@ def run_ablations(
 
     t_start = time.perf_counter()
     production = settings or Settings.from_env()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     root = check_root(production, root or production.home / "ablations" / stamp)
     root.mkdir(parents=True, exist_ok=True)
     base_overrides: dict[str, dict] = {}
@@ -742,7 +844,9 @@ def run_ablations(
         from omnisage_pipeline.synthetic import generate
 
         data_root = root / "input"
-        echo(f"generating {days} days of '{scale}' synthetic data from {production.start_date} into {data_root}")
+        echo(
+            f"generating {days} days of '{scale}' synthetic data from {production.start_date} into {data_root}"
+        )
         summary = generate(data_root, start_date=production.start_date, days=days, scale=scale, seed=seed)
         day_keys = list(summary["days"])
     else:
@@ -795,8 +899,8 @@ def run_ablations(
                     notes.append(f"{model_over['num_random_negatives']:,} random negatives capped at the universe "
                                  f"size {negative_cap}")  # fmt: skip
                     model_over["num_random_negatives"] = negative_cap
-                cfg = dict(steps=steps, batch_size=batch_size, num_random_negatives=negatives, seed=seed,
-                           preset=preset, device=device, pinsage_baseline=False, training_partition=day)  # fmt: skip
+                cfg = {"steps": steps, "batch_size": batch_size, "num_random_negatives": negatives, "seed": seed,
+                           "preset": preset, "device": device, "pinsage_baseline": False, "training_partition": day}  # fmt: skip
                 cfg.update(model_over)
                 key = json.dumps({"data": v.data, "model": cfg}, sort_keys=True)
                 row = Row(study.id, v.id, v.label, key, config={"data": v.data, "model": cfg},
@@ -808,7 +912,9 @@ def run_ablations(
                     row.graph_entries = first.graph_entries
                     row.shared_with, row.error = f"{first.study}/{first.variant}", first.error
                     client.set_tag(row.run_id, f"ablation.member.{study.id}", v.id)
-                    echo(f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}")
+                    echo(
+                        f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}"
+                    )
                     rows.append(row)
                     continue
 
@@ -816,7 +922,7 @@ def run_ablations(
                 try:
                     _train_variant(row, study, v, home, base, production, data_root, engine, day, cfg, model_over,
                                    mlflow_res, experiment, stamp, parent_id, echo, base_overrides)  # fmt: skip
-                except Exception as exc:  # one broken variant must not lose the others' hours of training
+                except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' hours of training)
                     row.error = f"{type(exc).__name__}: {exc}"
                     echo(f"[{study.id}/{v.id}] FAILED: {row.error}")
                 runs[key] = row
@@ -855,10 +961,8 @@ def run_ablations(
         client.log_metric(parent_id, "wall_seconds", summary["wall_seconds"])
         client.set_terminated(parent_id, status="FINISHED")
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):  # the run's own failure is what must surface
             client.set_terminated(parent_id, status="FAILED")
-        except Exception:
-            pass
         raise
     finally:
         if threads_before is not None:

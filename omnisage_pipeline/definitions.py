@@ -9,11 +9,11 @@ from omnisage_pipeline.settings import Settings, configure_process_scratch, load
 _settings = load_settings()  # read once: partitions, schedules and resources are built from this object
 configure_process_scratch(_settings)
 
-import assets  # noqa: E402  (after the scratch dirs are set: numba reads NUMBA_CACHE_DIR at import)
-from omnisage_pipeline.jobs import build_daily_pipeline, build_daily_schedule  # noqa: E402
-from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark  # noqa: E402
-from omnisage_pipeline.sensors import champion_embeddings_sensor  # noqa: E402
-from omnisage_pipeline.training_jobs import training_job, training_schedule  # noqa: E402
+import assets
+from omnisage_pipeline.jobs import build_daily_pipeline, build_daily_schedule
+from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark
+from omnisage_pipeline.sensors import champion_embeddings_sensor
+from omnisage_pipeline.training_jobs import training_job, training_schedule
 
 _asset_modules = assets.ASSET_MODULES
 

@@ -56,14 +56,21 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
         return result
 
     for key in keys:
-        run(daily, f"data assets [{key}] (engine={settings.engine})", partition_key=key, asset_selection=data_keys)
+        run(
+            daily,
+            f"data assets [{key}] (engine={settings.engine})",
+            partition_key=key,
+            asset_selection=data_keys,
+        )
     trained = run(
         defs.resolve_job_def("train_omnisage_model"),
         "omnisage_model",
         # A CPU-sized run: the small preset's full 500 steps at batch 128 take ~30 min on 2 cores.
         run_config={
             "ops": {
-                "omnisage_model": {"config": {"steps": train_steps, "batch_size": 64, "num_random_negatives": 64}}
+                "omnisage_model": {
+                    "config": {"steps": train_steps, "batch_size": 64, "num_random_negatives": 64}
+                }
             }
         },
     )
@@ -89,8 +96,10 @@ def recall_table(model_metadata: dict) -> str:
     for task, r in recalls.items():
         value = "null" if r.get("recall") is None else f"{r['recall']:.4f}"
         lines.append(f"| {task} | {value} | {r.get('n', 0)} |")
-    lines.append(f"model version {model_metadata.get('model_version')} ({model_metadata.get('alias')}), "
-                 f"trained on {model_metadata.get('training_partition')}, {model_metadata.get('steps')} steps")
+    lines.append(
+        f"model version {model_metadata.get('model_version')} ({model_metadata.get('alias')}), "
+        f"trained on {model_metadata.get('training_partition')}, {model_metadata.get('steps')} steps"
+    )
     return "\n".join(lines)
 
 

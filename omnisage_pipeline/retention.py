@@ -155,8 +155,6 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-
-
 @dataclass(frozen=True)
 class Lease:
     path: Path
@@ -399,7 +397,9 @@ def apply_retention(
         # A version that another live process renamed into .versions and has not swapped in yet is an
         # in-flight publish (e.g. a backfill of this old day): left to that writer, removed by a later pass.
         in_flight = [v for v in versions.get(key, []) if v.resolve() != target and _live_other(v.name)]
-        candidates = [v for v in versions.get(key, []) if v not in in_flight] + _shared_targets(dataset_dir, key)
+        candidates = [v for v in versions.get(key, []) if v not in in_flight] + _shared_targets(
+            dataset_dir, key
+        )
         if dry_run:
             doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + staging.get(key, [])
             if not had_link and not doomed:

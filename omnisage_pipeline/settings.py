@@ -33,7 +33,9 @@ def parse_retention_days(raw: str | None) -> int | None:
     try:
         return int(str(raw).strip())
     except ValueError as exc:
-        raise SettingsError(f"{RETENTION_ENV}={raw!r} is not an integer (days of graph/features/embeddings kept)") from exc
+        raise SettingsError(
+            f"{RETENTION_ENV}={raw!r} is not an integer (days of graph/features/embeddings kept)"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Settings:
             )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("OMNISAGE_HOME") or "./.omnisage").expanduser().absolute()
         data_root_raw = env.get("OMNISAGE_DATA_ROOT")

@@ -77,9 +77,15 @@ class ScaleConfig:
 
 SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig(pins=500, boards=200, users=100, events_per_day=2_000, topics=8, subtopics=4),
-    "small": ScaleConfig(pins=5_000, boards=2_000, users=1_000, events_per_day=20_000, topics=16, subtopics=8),
-    "medium": ScaleConfig(pins=50_000, boards=25_000, users=12_500, events_per_day=200_000, topics=32, subtopics=8),
-    "large": ScaleConfig(pins=200_000, boards=100_000, users=50_000, events_per_day=1_000_000, topics=64, subtopics=16),
+    "small": ScaleConfig(
+        pins=5_000, boards=2_000, users=1_000, events_per_day=20_000, topics=16, subtopics=8
+    ),
+    "medium": ScaleConfig(
+        pins=50_000, boards=25_000, users=12_500, events_per_day=200_000, topics=32, subtopics=8
+    ),
+    "large": ScaleConfig(
+        pins=200_000, boards=100_000, users=50_000, events_per_day=1_000_000, topics=64, subtopics=16
+    ),
 }
 
 
@@ -159,11 +165,15 @@ def _make_vocab(rng: np.random.Generator, n: int) -> list[str]:
     while len(words) < n:  # vocabulary only (hundreds of words, once per universe), not a per-row loop
         k = int(rng.integers(2, 4))
         parts = [
-            _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] + _CODAS[rng.integers(len(_CODAS))]
+            _ONSETS[rng.integers(len(_ONSETS))]
+            + _VOWELS[rng.integers(len(_VOWELS))]
+            + _CODAS[rng.integers(len(_CODAS))]
             for _ in range(k)
         ]
         if rng.random() < 0.1:
-            parts.insert(int(rng.integers(0, k + 1)), _UNICODE_SYLLABLES[rng.integers(len(_UNICODE_SYLLABLES))])
+            parts.insert(
+                int(rng.integers(0, k + 1)), _UNICODE_SYLLABLES[rng.integers(len(_UNICODE_SYLLABLES))]
+            )
         word = "".join(parts)
         if word not in seen:
             seen.add(word)
@@ -229,7 +239,9 @@ class Universe:
     user_activity: np.ndarray
     image_projection: np.ndarray  # [D, image_dim]
     # derived samplers
-    pool_tickets: np.ndarray = field(repr=False, default=None)  # pool positions, repeated by exposure (_pin_pools)
+    pool_tickets: np.ndarray = field(
+        repr=False, default=None
+    )  # pool positions, repeated by exposure (_pin_pools)
     ticket_start: np.ndarray = field(repr=False, default=None)  # [K*S] first ticket of each cluster
     ticket_count: np.ndarray = field(repr=False, default=None)  # [K*S]
     pool_order: np.ndarray = field(repr=False, default=None)  # pool position -> pin index
@@ -253,8 +265,9 @@ class Universe:
         return USER_ID_BASE + np.arange(self.config.users, dtype=np.int64)
 
     def user_latents_on_day(self, day_index: int) -> np.ndarray:
-        return user_latents_on_day(self.user_latent, self.centroids[self.user_drift_topic], self.params.drift_rate,
-                                   day_index)
+        return user_latents_on_day(
+            self.user_latent, self.centroids[self.user_drift_topic], self.params.drift_rate, day_index
+        )
 
 
 def user_latents_on_day(latent0: np.ndarray, drift_direction: np.ndarray, drift_rate: float, day_index: int):
@@ -265,7 +278,11 @@ def user_latents_on_day(latent0: np.ndarray, drift_direction: np.ndarray, drift_
 def _mixture_latents(rng, centroids, primary, secondary, mix_a, mix_b, noise):
     n, d = len(primary), centroids.shape[1]
     w = rng.beta(mix_a, mix_b, n)[:, None]
-    x = (1 - w) * centroids[primary] + w * centroids[secondary] + noise / np.sqrt(d) * rng.standard_normal((n, d))
+    x = (
+        (1 - w) * centroids[primary]
+        + w * centroids[secondary]
+        + noise / np.sqrt(d) * rng.standard_normal((n, d))
+    )
     return _unit(x)
 
 
@@ -294,8 +311,10 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
 
     # Sub-topics (clusters): finer structure inside a topic, what related-pins engagement follows.
     n_sub = cfg.subtopics
-    subcentroids = _unit(np.repeat(centroids, n_sub, axis=0)
-                         + p.subtopic_spread / np.sqrt(d) * rng.standard_normal((k * n_sub, d)))
+    subcentroids = _unit(
+        np.repeat(centroids, n_sub, axis=0)
+        + p.subtopic_spread / np.sqrt(d) * rng.standard_normal((k * n_sub, d))
+    )
     pin_topic = topics(cfg.pins)
     pin_cluster = pin_topic * n_sub + rng.integers(0, n_sub, cfg.pins)
     pin_cluster[: min(cfg.pins, k * n_sub)] = np.arange(min(cfg.pins, k * n_sub))  # no empty cluster
@@ -303,10 +322,15 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
     pin_topic2 = _other_topic(rng, pin_topic, k)
     # A pin's latent vector: its sub-topic centroid mixed with a secondary topic, plus individual variation.
     w = rng.beta(1.0, 4.0, cfg.pins)[:, None]
-    pin_latent = _unit((1 - w) * subcentroids[pin_cluster] + w * centroids[pin_topic2]
-                       + p.pin_noise / np.sqrt(d) * rng.standard_normal((cfg.pins, d)))
+    pin_latent = _unit(
+        (1 - w) * subcentroids[pin_cluster]
+        + w * centroids[pin_topic2]
+        + p.pin_noise / np.sqrt(d) * rng.standard_normal((cfg.pins, d))
+    )
     pin_popularity = rng.lognormal(0.0, 1.2, cfg.pins)
-    pin_segment = rng.choice(len(SEGMENTS) + 1, size=cfg.pins, p=np.asarray(p.segment_probs) / sum(p.segment_probs))
+    pin_segment = rng.choice(
+        len(SEGMENTS) + 1, size=cfg.pins, p=np.asarray(p.segment_probs) / sum(p.segment_probs)
+    )
 
     user_topic = topics(cfg.users)
     user_topic2 = _other_topic(rng, user_topic, k)
@@ -320,8 +344,12 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
         raise GeneratorError(f"scale {scale}: needs at least one board per user")
     extra_owner = rng.choice(cfg.users, size=cfg.boards - cfg.users, p=user_activity / user_activity.sum())
     board_owner = np.concatenate([np.arange(cfg.users), extra_owner])
-    which = np.concatenate([np.zeros(cfg.users, np.int64), rng.choice(3, size=len(extra_owner), p=[0.45, 0.35, 0.20])])
-    board_topic = np.choose(which, [user_topic[board_owner], user_topic2[board_owner], user_drift_topic[board_owner]])
+    which = np.concatenate(
+        [np.zeros(cfg.users, np.int64), rng.choice(3, size=len(extra_owner), p=[0.45, 0.35, 0.20])]
+    )
+    board_topic = np.choose(
+        which, [user_topic[board_owner], user_topic2[board_owner], user_drift_topic[board_owner]]
+    )
     board_topic2 = _other_topic(rng, board_topic, k)
     board_latent = _mixture_latents(rng, centroids, board_topic, board_topic2, 1.0, 6.0, p.board_noise)
     # Shuffle board rows so board ids do not reveal the owner order.
@@ -331,13 +359,26 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
     image_projection = rng.standard_normal((d, p.image_dim)) / np.sqrt(d)
 
     u = Universe(
-        scale=scale, seed=seed, config=cfg, params=p, centroids=centroids,
-        pin_topic=pin_topic, pin_topic2=pin_topic2, pin_cluster=pin_cluster, subcentroids=subcentroids,
+        scale=scale,
+        seed=seed,
+        config=cfg,
+        params=p,
+        centroids=centroids,
+        pin_topic=pin_topic,
+        pin_topic2=pin_topic2,
+        pin_cluster=pin_cluster,
+        subcentroids=subcentroids,
         pin_latent=pin_latent.astype(np.float32),
-        pin_popularity=pin_popularity, pin_segment=pin_segment.astype(np.int8),
-        board_topic=board_topic, board_owner=board_owner, board_latent=board_latent.astype(np.float32),
-        user_topic=user_topic, user_topic2=user_topic2, user_drift_topic=user_drift_topic,
-        user_latent=user_latent.astype(np.float32), user_activity=user_activity,
+        pin_popularity=pin_popularity,
+        pin_segment=pin_segment.astype(np.int8),
+        board_topic=board_topic,
+        board_owner=board_owner,
+        board_latent=board_latent.astype(np.float32),
+        user_topic=user_topic,
+        user_topic2=user_topic2,
+        user_drift_topic=user_drift_topic,
+        user_latent=user_latent.astype(np.float32),
+        user_activity=user_activity,
         image_projection=image_projection,
     )
     _pin_pools(u)
@@ -389,8 +430,14 @@ def _draw_positions(u: Universe, rng, lo: np.ndarray, width: np.ndarray | int) -
     return u.pool_tickets.take(idx).astype(np.int64).reshape(lo.shape)
 
 
-def _gumbel_choice(rng, query: np.ndarray, pos: np.ndarray, pool_latent: np.ndarray, tau: float,
-                   exclude: np.ndarray | None = None) -> np.ndarray:
+def _gumbel_choice(
+    rng,
+    query: np.ndarray,
+    pos: np.ndarray,
+    pool_latent: np.ndarray,
+    tau: float,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
     """Per row, a pool position sampled from softmax(tau * query . latent[pos]) over its candidates
     (Gumbel-max), in fixed-size blocks. Latents are gathered from the topic-sorted copy (locality)."""
     out = np.empty(len(pos), dtype=np.int64)
@@ -472,8 +519,14 @@ def generate_day(u: Universe, day_index: int, day: date) -> pa.Table:
     rel_cand = _draw_positions(u, rng, rel_lo, np.where(own, 1, n_sub))
     query_pin = np.full(n, -1, dtype=np.int64)
     query_pin[rel] = qpin
-    chosen = _gumbel_choice(rng, u.pin_latent.take(qpin, axis=0), rel_cand, u.pool_latent, p.related_tau,
-                            exclude=u.pin_pool_pos[qpin])
+    chosen = _gumbel_choice(
+        rng,
+        u.pin_latent.take(qpin, axis=0),
+        rel_cand,
+        u.pool_latent,
+        p.related_tau,
+        exclude=u.pin_pool_pos[qpin],
+    )
     pin[rel] = u.pool_order.take(chosen)
 
     # Action: segment rate x surface multiplier.
@@ -507,7 +560,9 @@ def generate_day(u: Universe, day_index: int, day: date) -> pa.Table:
         return pa.array(base + idx, pa.int64(), mask=idx < 0)
 
     def names(values, codes):
-        return pa.DictionaryArray.from_arrays(pa.array(codes[order].astype(np.int32)), pa.array(values)).cast(pa.string())
+        return pa.DictionaryArray.from_arrays(pa.array(codes[order].astype(np.int32)), pa.array(values)).cast(
+            pa.string()
+        )
 
     return pa.Table.from_arrays(
         [
@@ -535,16 +590,30 @@ def metadata_tables(u: Universe) -> tuple[pa.Table, pa.Table]:
     noise_off = cfg.topics * words_per_topic
 
     def text(primary, secondary, lo, hi, pp, ps, null):
-        return _texts(rng, vocab, topic_off, words_per_topic, noise_off, noise_words, primary, secondary,
-                      lo, hi, pp, ps, null)
+        return _texts(
+            rng,
+            vocab,
+            topic_off,
+            words_per_topic,
+            noise_off,
+            noise_words,
+            primary,
+            secondary,
+            lo,
+            hi,
+            pp,
+            ps,
+            null,
+        )
 
     title = text(u.pin_topic, u.pin_topic2, 3, 7, 0.55, 0.15, 0.0)
     desc = text(u.pin_topic, u.pin_topic2, 6, 20, 0.40, 0.15, 0.05)
     # Image embedding: fixed random projection of the latent vector + noise (computed in float64 so the
     # float32 bytes do not depend on the BLAS kernel).
     if p.images:
-        img = (u.pin_latent.astype(np.float64) @ u.image_projection
-               + p.image_noise / np.sqrt(p.image_dim) * rng.standard_normal((cfg.pins, p.image_dim)))
+        img = u.pin_latent.astype(np.float64) @ u.image_projection + p.image_noise / np.sqrt(
+            p.image_dim
+        ) * rng.standard_normal((cfg.pins, p.image_dim))
         img_null = rng.random(cfg.pins) < p.image_null_fraction
         flat = pa.array(img.astype(np.float32).ravel(), pa.float32())
         offsets = pa.array(np.arange(cfg.pins + 1, dtype=np.int32) * p.image_dim, pa.int32())
@@ -568,28 +637,42 @@ def truth_tables(u: Universe) -> dict[str, pa.Table]:
     d = u.params.latent_dim
 
     def vecs(x):
-        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d).cast(pa.list_(pa.float32()))
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d).cast(
+            pa.list_(pa.float32())
+        )
 
     return {
-        "pins": pa.table({
-            "pin_id": pa.array(u.pin_ids), "topic": pa.array(u.pin_topic.astype(np.int32)),
-            "secondary_topic": pa.array(u.pin_topic2.astype(np.int32)),
-            "subtopic": pa.array(u.pin_cluster.astype(np.int32)),  # cluster id = topic * S + sub-topic
-            "latent": vecs(u.pin_latent),
-            "popularity": pa.array(u.pin_popularity),
-        }),
-        "boards": pa.table({
-            "board_id": pa.array(u.board_ids), "topic": pa.array(u.board_topic.astype(np.int32)),
-            "owner_user_id": pa.array(USER_ID_BASE + u.board_owner), "latent": vecs(u.board_latent),
-        }),
-        "users": pa.table({
-            "user_id": pa.array(u.user_ids), "topic": pa.array(u.user_topic.astype(np.int32)),
-            "secondary_topic": pa.array(u.user_topic2.astype(np.int32)),
-            "drift_topic": pa.array(u.user_drift_topic.astype(np.int32)),
-            "latent": vecs(u.user_latent),  # day 0; day d: user_latents_on_day (see meta.json drift_rate)
-            "activity": pa.array(u.user_activity),
-        }),
-        "topics": pa.table({"topic": pa.array(np.arange(u.config.topics, dtype=np.int32)), "centroid": vecs(u.centroids)}),
+        "pins": pa.table(
+            {
+                "pin_id": pa.array(u.pin_ids),
+                "topic": pa.array(u.pin_topic.astype(np.int32)),
+                "secondary_topic": pa.array(u.pin_topic2.astype(np.int32)),
+                "subtopic": pa.array(u.pin_cluster.astype(np.int32)),  # cluster id = topic * S + sub-topic
+                "latent": vecs(u.pin_latent),
+                "popularity": pa.array(u.pin_popularity),
+            }
+        ),
+        "boards": pa.table(
+            {
+                "board_id": pa.array(u.board_ids),
+                "topic": pa.array(u.board_topic.astype(np.int32)),
+                "owner_user_id": pa.array(USER_ID_BASE + u.board_owner),
+                "latent": vecs(u.board_latent),
+            }
+        ),
+        "users": pa.table(
+            {
+                "user_id": pa.array(u.user_ids),
+                "topic": pa.array(u.user_topic.astype(np.int32)),
+                "secondary_topic": pa.array(u.user_topic2.astype(np.int32)),
+                "drift_topic": pa.array(u.user_drift_topic.astype(np.int32)),
+                "latent": vecs(u.user_latent),  # day 0; day d: user_latents_on_day (see meta.json drift_rate)
+                "activity": pa.array(u.user_activity),
+            }
+        ),
+        "topics": pa.table(
+            {"topic": pa.array(np.arange(u.config.topics, dtype=np.int32)), "centroid": vecs(u.centroids)}
+        ),
     }
 
 
@@ -631,8 +714,17 @@ def _write_meta(meta: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-_IDENTITY_KEYS = ("generator_version", "scale", "seed", "start_date", "K", "latent_dim", "image_dim", "images",
-                  "params")
+_IDENTITY_KEYS = (
+    "generator_version",
+    "scale",
+    "seed",
+    "start_date",
+    "K",
+    "latent_dim",
+    "image_dim",
+    "images",
+    "params",
+)
 
 
 def generate(
@@ -671,15 +763,19 @@ def generate(
     meta_path = out / "_truth" / "meta.json"
     if not meta_path.exists() and any((out / sub).exists() for sub in ("engagement_logs", "pins", "boards")):
         # Never overwrite input that the generator did not write (a real export, a converted data set).
-        raise GeneratorError(f"{out} already holds input that is not a synthetic data set (no _truth/meta.json);"
-                             " choose another --out")
+        raise GeneratorError(
+            f"{out} already holds input that is not a synthetic data set (no _truth/meta.json);"
+            " choose another --out"
+        )
     done_days: list[str] = []
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         clash = {k: (old.get(k), meta[k]) for k in _IDENTITY_KEYS if old.get(k) != meta[k]}
         if clash and not force:
             detail = ", ".join(f"{k}: {a!r} there vs {b!r} asked" for k, (a, b) in clash.items())
-            raise GeneratorError(f"{out} holds another synthetic data set ({detail}); pass --force to replace it")
+            raise GeneratorError(
+                f"{out} holds another synthetic data set ({detail}); pass --force to replace it"
+            )
         if clash:
             for sub in ("engagement_logs", "pins", "boards", "_truth"):
                 shutil.rmtree(out / sub, ignore_errors=True)
@@ -749,7 +845,9 @@ class Truth:
 
     def user_latents_on_day(self, day: str | date) -> np.ndarray:
         d = (date.fromisoformat(str(day)) - date.fromisoformat(self.meta["start_date"])).days
-        return user_latents_on_day(self.user_latent, self.centroids[self.user_drift_topic], self.meta["drift_rate"], d)
+        return user_latents_on_day(
+            self.user_latent, self.centroids[self.user_drift_topic], self.meta["drift_rate"], d
+        )
 
 
 def load_truth(data_root: str | Path) -> Truth:
@@ -761,13 +859,22 @@ def load_truth(data_root: str | Path) -> Truth:
     def vec(t, col="latent"):
         return np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
 
-    pins, boards, users, topics = (pq.read_table(base / f"{n}.parquet") for n in ("pins", "boards", "users", "topics"))
+    pins, boards, users, topics = (
+        pq.read_table(base / f"{n}.parquet") for n in ("pins", "boards", "users", "topics")
+    )
     return Truth(
         meta=meta,
-        pin_id=pins["pin_id"].to_numpy(), pin_topic=pins["topic"].to_numpy(),
-        pin_subtopic=pins["subtopic"].to_numpy(), pin_latent=vec(pins),
-        board_id=boards["board_id"].to_numpy(), board_topic=boards["topic"].to_numpy(), board_latent=vec(boards),
+        pin_id=pins["pin_id"].to_numpy(),
+        pin_topic=pins["topic"].to_numpy(),
+        pin_subtopic=pins["subtopic"].to_numpy(),
+        pin_latent=vec(pins),
+        board_id=boards["board_id"].to_numpy(),
+        board_topic=boards["topic"].to_numpy(),
+        board_latent=vec(boards),
         board_owner=boards["owner_user_id"].to_numpy(),
-        user_id=users["user_id"].to_numpy(), user_topic=users["topic"].to_numpy(), user_latent=vec(users),
-        user_drift_topic=users["drift_topic"].to_numpy(), centroids=vec(topics, "centroid").astype(np.float64),
+        user_id=users["user_id"].to_numpy(),
+        user_topic=users["topic"].to_numpy(),
+        user_latent=vec(users),
+        user_drift_topic=users["drift_topic"].to_numpy(),
+        centroids=vec(topics, "centroid").astype(np.float64),
     )

@@ -81,8 +81,9 @@ def run_training(
         settings.scratch_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="omnisage-train-", dir=str(settings.scratch_dir)) as tmp:
             outcome_path = Path(tmp) / "outcome.json"
-            request = write_request(Path(tmp) / "request.json", inputs, target, config, outcome_path,
-                                    kwargs.get("dagster_run_id"))
+            request = write_request(
+                Path(tmp) / "request.json", inputs, target, config, outcome_path, kwargs.get("dagster_run_id")
+            )
             launch_training(request, config.nproc_per_node, rdzv=rdzv, log=log)
             if not outcome_path.is_file():  # a worker node of a multi-node run: rank 0 registers elsewhere
                 return None

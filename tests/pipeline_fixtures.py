@@ -91,7 +91,9 @@ def entity_universe(snapshot: GraphSnapshot, metadata_dir: Path) -> dict[str, np
     out = {}
     for name, column in (("pin", "pin_id"), ("board", "board_id")):
         meta = pq.read_table(Path(metadata_dir) / f"{name}s", columns=[column])[column].to_numpy()
-        out[name] = np.unique(np.concatenate([node_id[node_type == NODE_TYPE_CODE[name]], meta.astype(np.int64)]))
+        out[name] = np.unique(
+            np.concatenate([node_id[node_type == NODE_TYPE_CODE[name]], meta.astype(np.int64)])
+        )
     return out
 
 
@@ -136,9 +138,12 @@ def build_library_pipeline(
         write_table(result.valid, out)
         log_dirs.append(out)
     metadata_dir = wh / "entity_metadata" / f"dt={day}"
-    write_table(validate_pins(sorted((data_root / "pins").glob("*.parquet")), data_root).valid, metadata_dir / "pins")
     write_table(
-        validate_boards(sorted((data_root / "boards").glob("*.parquet")), data_root).valid, metadata_dir / "boards"
+        validate_pins(sorted((data_root / "pins").glob("*.parquet")), data_root).valid, metadata_dir / "pins"
+    )
+    write_table(
+        validate_boards(sorted((data_root / "boards").glob("*.parquet")), data_root).valid,
+        metadata_dir / "boards",
     )
 
     # Edges: daily extraction, then window + held-out filter + pruning (appendix A.1).
@@ -152,7 +157,10 @@ def build_library_pipeline(
     pruned_dir = wh / "pruned_edges" / f"dt={day}"
     pruned_dir.mkdir(parents=True, exist_ok=True)
     engine.prune_window(
-        daily_dirs, pruned_dir, pruning or PruningParams(), holdout=holdout_of(config) if drop_held_out else None
+        daily_dirs,
+        pruned_dir,
+        pruning or PruningParams(),
+        holdout=holdout_of(config) if drop_held_out else None,
     )
     stats["edges_s"] = time.perf_counter() - t0
 

@@ -122,7 +122,9 @@ def test_direction_arithmetic():
     # a variant's data overrides go on top of the run's (--blocks) per config field
     base = {"graph_snapshot": {"blocks": ["a:pin:1"]}}
     assert ab.merge_overrides(base, {"graph_snapshot": {"budget": 5}, "pruned_edges": {"alpha": 0.5}}) == {
-        "graph_snapshot": {"blocks": ["a:pin:1"], "budget": 5}, "pruned_edges": {"alpha": 0.5}}
+        "graph_snapshot": {"blocks": ["a:pin:1"], "budget": 5},
+        "pruned_edges": {"alpha": 0.5},
+    }
     assert ab.merge_overrides(base, {"graph_snapshot": {"blocks": []}}) == {"graph_snapshot": {"blocks": []}}
     assert base == {"graph_snapshot": {"blocks": ["a:pin:1"]}}  # not mutated
 
@@ -163,8 +165,8 @@ def _registry_state(uri: str) -> dict:
 def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     import mlflow
 
-    from assets.training import OmniSageModelConfig, train_and_register
     from assets.snapshot import parse_blocks
+    from assets.training import OmniSageModelConfig, train_and_register
     from graph_engine.neighbor_sampler import NeighborhoodCache
     from graph_engine.snapshot import GraphSnapshot
     from omnisage_pipeline.cli import main
@@ -205,7 +207,9 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     markdown = (root / "ablations.md").read_text()
     assert markdown.strip() in result.output  # printed at the end
     s = report["summary"]
-    assert s["experiment"] == "omnisage-ablations" and s["days"] == days and s["training_partition"] == days[-1]
+    assert (
+        s["experiment"] == "omnisage-ablations" and s["days"] == days and s["training_partition"] == days[-1]
+    )
     assert s["unique_runs"] == 3 and s["rows"] == 4 and s["failed"] == []
     assert Path(s["data_root"]) == root / "input" and (root / "input" / "engagement_logs").is_dir()
 
@@ -226,7 +230,10 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     assert rows[("aggregator", "transformer")]["shared_with"] == "pruning_alpha/0.86"
     assert rows[("aggregator", "transformer")]["run_id"] == rows[("pruning_alpha", "0.86")]["run_id"]
     assert rows[("pruning_alpha", "0.5")]["data_seconds"] > 0
-    assert "## Pruning alpha (paper Table 10)" in markdown and "## Neighbour aggregator (paper A.2.4)" in markdown
+    assert (
+        "## Pruning alpha (paper Table 10)" in markdown
+        and "## Neighbour aggregator (paper A.2.4)" in markdown
+    )
     assert markdown.count("| variant | recall@10 EE | EE eng. | EF | UE | n (EE / eng. / EF / UE) |") == 2
     assert "| alpha 0.5 |" in markdown and "EE 0.584, UE 0.584" in markdown
     assert "(same run as pruning_alpha/0.86)" in markdown
@@ -244,7 +251,10 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     assert (a05 / "warehouse" / "engagement_logs").is_symlink()
     assert os.path.realpath(a05 / "warehouse" / "engagement_logs") == str((root / "_base" / "warehouse" /
                                                                            "engagement_logs").resolve())  # fmt: skip
-    kept = {h: pq.read_table(require_published(h / "warehouse" / "pruned_edges", day)).num_rows for h in (a05, a086)}
+    kept = {
+        h: pq.read_table(require_published(h / "warehouse" / "pruned_edges", day)).num_rows
+        for h in (a05, a086)
+    }
     assert kept[a05] < kept[a086]
     assert rows[("pruning_alpha", "0.5")]["graph_entries"] == kept[a05]
     assert rows[("pruning_alpha", "0.86")]["graph_entries"] == kept[a086]

@@ -56,8 +56,15 @@ def planted_logs(seed: int = 0) -> tuple[pa.Table, np.ndarray]:
 def same_cluster_pairs(cluster_of: np.ndarray, n: int = 300, seed: int = 1) -> pa.Table:
     rng = np.random.default_rng(seed)
     q = rng.integers(cluster_of.size, size=n)
-    p = np.array([rng.choice(np.flatnonzero((cluster_of == cluster_of[i]) & (np.arange(cluster_of.size) != i))) for i in q])
-    return pa.table({"query_type": ["pin"] * n, "query_id": PIN0 + q, "pos_type": ["pin"] * n, "pos_id": PIN0 + p})
+    p = np.array(
+        [
+            rng.choice(np.flatnonzero((cluster_of == cluster_of[i]) & (np.arange(cluster_of.size) != i)))
+            for i in q
+        ]
+    )
+    return pa.table(
+        {"query_type": ["pin"] * n, "query_id": PIN0 + q, "pos_type": ["pin"] * n, "pos_id": PIN0 + p}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +129,13 @@ def test_heldout_pairs_and_users_are_kept_out_of_the_matrix(planted):
 
     pp = {first["query_pin_id"], first["pin_id"]}
     makes_pp = rows_of(lambda e: e["surface"] == "related_pins" and {e["query_pin_id"], e["pin_id"]} == pp)
-    makes_pb = rows_of(lambda e: e["action"] == "save" and (e["board_id"], e["pin_id"]) == (save["board_id"], save["pin_id"]))
+    makes_pb = rows_of(
+        lambda e: e["action"] == "save" and (e["board_id"], e["pin_id"]) == (save["board_id"], save["pin_id"])
+    )
     assert makes_pp >= 1 and makes_pb == 2
     reversed_pair = pin_pin.select(["pos_type", "pos_id", "query_type", "query_id"]).rename_columns(
-        ["query_type", "query_id", "pos_type", "pos_id"])  # an unordered pair: either direction
+        ["query_type", "query_id", "pos_type", "pos_id"]
+    )  # an unordered pair: either direction
     for excluded, lost in ((pin_pin, makes_pp), (reversed_pair, makes_pp), (board_pin, makes_pb)):
         assert full.num_rows - interactions_from_logs(logs, exclude_pairs=excluded).num_rows == lost
     no_user = interactions_from_logs(logs, exclude_users=[USER0])
@@ -195,7 +205,11 @@ def test_the_evaluator_scores_als_like_any_embedder(planted):
     universe = pa.table({"entity_type": ["pin"] * cluster_of.size + ["board"] * USERS,
                          "entity_id": np.concatenate([PIN0 + np.arange(cluster_of.size), BOARD0 + np.arange(USERS)])},
                         schema=NODE_SCHEMA)  # fmt: skip
-    empty_pairs, empty_seq, empty_nodes = PAIR_SCHEMA.empty_table(), SEQUENCE_SCHEMA.empty_table(), NODE_SCHEMA.empty_table()
+    empty_pairs, empty_seq, empty_nodes = (
+        PAIR_SCHEMA.empty_table(),
+        SEQUENCE_SCHEMA.empty_table(),
+        NODE_SCHEMA.empty_table(),
+    )
     data = TrainingData(pairs=empty_pairs, eval_pairs=eval_pairs, sequences=empty_seq, eval_sequences=sequences,
                         feature_nodes=empty_nodes, eval_feature_nodes=empty_nodes, universe_table=universe)  # fmt: skip
     report = Evaluator(data, k=10, pool_size=10_000).evaluate(als, als, ("entity_entity", "user_entity"))
@@ -219,9 +233,13 @@ def test_recall_report_als_row_on_the_pipeline_evaluation_sets(tmp_path, monkeyp
                         mlflow_tracking_uri="sqlite:///unused.db", engine="duckdb", spark_master="local[1]",
                         start_date=art.days[0], window_days=30)  # fmt: skip
     # the fixture's days precede the definitions' partitions (OMNISAGE_START_DATE): its window is its days
-    monkeypatch.setattr("omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day])
+    monkeypatch.setattr(
+        "omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day]
+    )
     messages: list[str] = []
-    candidate = _als_candidate(settings, art.day, art.data, art.universe, RecallReportConfig(), messages.append)
+    candidate = _als_candidate(
+        settings, art.day, art.data, art.universe, RecallReportConfig(), messages.append
+    )
     als = candidate.entity
     assert isinstance(als, AlsEmbedder) and candidate.user is als
     assert set(candidate.tasks) == {"entity_entity", "user_entity"}

@@ -93,7 +93,9 @@ say("done")
 def _env(tmp_path: Path, name: str, data_root: Path) -> dict[str, str]:
     home, dagster_home = tmp_path / name / "home", tmp_path / name / "dagster_home"
     prepare_dagster_home(dagster_home)  # the project's instance config: telemetry off (else ~/.dagster)
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_"))}
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_"))
+    }
     return {
         **inherited,
         # One numba cache for the three children: the sequential run compiles, the concurrent ones load.
@@ -224,7 +226,11 @@ def _content(version: Path, home: Path) -> dict:
             rows.update(tuple(_canon(v, h) for v in row.values()) for row in pq.read_table(path).to_pylist())
         elif path.suffix == ".npy":
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            out[rel] = (str(arr.dtype), arr.shape, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+            out[rel] = (
+                str(arr.dtype),
+                arr.shape,
+                hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
+            )
         elif path.suffix == ".json":
             out[rel] = _canon(json.loads(path.read_text()), h)
         elif not rocks:  # RocksDB's own files carry ids and times; its content was read above
@@ -307,7 +313,11 @@ def test_a_fresh_mlflow_store_opened_by_three_processes_at_once(tmp_path):
 
 def _gate(client, result: dict) -> dict:
     tags = client.get_run(result["mlflow_run_id"]).data.tags
-    return {"version": result["model_version"], "alias": tags["gate.alias"], "previous": tags["gate.previous_champion"]}
+    return {
+        "version": result["model_version"],
+        "alias": tags["gate.alias"],
+        "previous": tags["gate.previous_champion"],
+    }
 
 
 def test_two_partitions_at_the_same_time_equal_a_sequential_run(tmp_path):
@@ -326,7 +336,9 @@ def test_two_partitions_at_the_same_time_equal_a_sequential_run(tmp_path):
 
     # The sequential reference runs first, alone (and fills the numba cache); then the two children, which
     # imported everything meanwhile, are released together for the data assets, then for the training.
-    reference = Child.pipeline(sequential, [{"kind": "data", "days": DAYS}], sync=False, log=tmp_path / "seq.stderr")
+    reference = Child.pipeline(
+        sequential, [{"kind": "data", "days": DAYS}], sync=False, log=tmp_path / "seq.stderr"
+    )
     children = [
         Child.pipeline(concurrent, [{"kind": "data", "days": [DAYS[i]]}, {"kind": "train", "config": {
             **TINY_TRAIN, "training_partition": DAYS[i], "seed": i}}], sync=True, log=tmp_path / f"day{i + 1}.stderr")
@@ -357,9 +369,14 @@ def test_two_partitions_at_the_same_time_equal_a_sequential_run(tmp_path):
             assert set(instance.get_materialized_partitions(dg.AssetKey(asset))) == set(DAYS), asset
 
     # MLflow: the store both children created and wrote at the same time is readable and complete.
-    trained = sorted((r for c in children for r in c.results if r["kind"] == "train"), key=lambda r: r["training_partition"])
+    trained = sorted(
+        (r for c in children for r in c.results if r["kind"] == "train"),
+        key=lambda r: r["training_partition"],
+    )
     assert [r["training_partition"] for r in trained] == DAYS
-    client = mlflow.MlflowClient(tracking_uri=concurrent["MLFLOW_TRACKING_URI"], registry_uri=concurrent["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(
+        tracking_uri=concurrent["MLFLOW_TRACKING_URI"], registry_uri=concurrent["MLFLOW_TRACKING_URI"]
+    )
     for r in trained:
         run = client.get_run(r["mlflow_run_id"])
         assert run.info.status == "FINISHED", run.info
@@ -379,4 +396,7 @@ def test_two_partitions_at_the_same_time_equal_a_sequential_run(tmp_path):
     first, second = first[0], next(g for g in gates if g["previous"] != "")
     assert first["alias"] == "champion" and second["previous"] == first["version"], gates
     champion = str(client.get_model_version_by_alias("omnisage", "champion").version)
-    assert champion == (second["version"] if second["alias"] == "champion" else first["version"]), (gates, champion)
+    assert champion == (second["version"] if second["alias"] == "champion" else first["version"]), (
+        gates,
+        champion,
+    )

@@ -203,13 +203,18 @@ def champion_home(tmp_path, omnisage_env, monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("OMNISAGE_START_DATE", DAYS[0])
     settings = Settings.from_env()
     job = defs.resolve_job_def(JOB)
-    data_keys = [k for k in job.asset_layer.executable_asset_keys if k.to_user_string() not in MODEL_CONSUMERS]
+    data_keys = [
+        k for k in job.asset_layer.executable_asset_keys if k.to_user_string() not in MODEL_CONSUMERS
+    ]
     result = dg.materialize(
         list(defs.assets), selection=data_keys, partition_key=TRAIN_DAY, resources=build_resources(settings)
     )
     assert result.success
     outcome = train_and_register(
-        settings, MlflowResource.from_settings(settings), OmniSageModelConfig(**TINY_TRAIN), log=lambda m: None
+        settings,
+        MlflowResource.from_settings(settings),
+        OmniSageModelConfig(**TINY_TRAIN),
+        log=lambda m: None,
     )
     assert outcome is not None and outcome.alias == "champion"
     assert ModelRegistry(settings.mlflow_tracking_uri).version_for_alias("champion") == outcome.version
@@ -228,8 +233,11 @@ def dagster_dev(tmp_path, champion_home):
     env = {
         # (NUMBA_CACHE_DIR / MPLCONFIGDIR of this process may point into another test's home: the server's
         # processes derive their own from OMNISAGE_HOME.)
-        **{k: v for k, v in os.environ.items()
-           if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_", "NUMBA_CACHE_DIR", "MPLCONFIGDIR"))},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_", "NUMBA_CACHE_DIR", "MPLCONFIGDIR"))
+        },
         **champion_home,
         "DAGSTER_HOME": str(dagster_home),
         "OMNISAGE_TEST_SECRET": SECRET,
@@ -241,7 +249,9 @@ def dagster_dev(tmp_path, champion_home):
         "-h", "127.0.0.1", "-p", str(port),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield port, log_path, proc
         assert not any(cwd.iterdir()), f"dagster dev wrote into its working directory: {list(cwd.iterdir())}"
@@ -336,7 +346,10 @@ def _wait_until_ready(gql: GraphQL, port: int, proc, log_path: Path) -> None:
             if stage == "code location":
                 repos = gql(WORKSPACE_QUERY)["repositoriesOrError"]
                 jobs = [
-                    p["name"] for n in repos.get("nodes", []) if n["location"]["name"] == LOCATION for p in n["pipelines"]
+                    p["name"]
+                    for n in repos.get("nodes", [])
+                    if n["location"]["name"] == LOCATION
+                    for p in n["pipelines"]
                 ]
                 if JOB not in jobs:
                     raise ConnectionError("code location not loaded yet")
@@ -364,22 +377,31 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
     assert all(_is_loopback(addr) for addr, _ in listening), listening
 
     # The job's assets, as the server sees them.
-    repo = next(n for n in gql(WORKSPACE_QUERY)["repositoriesOrError"]["nodes"] if n["location"]["name"] == LOCATION)
+    repo = next(
+        n for n in gql(WORKSPACE_QUERY)["repositoriesOrError"]["nodes"] if n["location"]["name"] == LOCATION
+    )
     selector = {"pipelineName": JOB, "repositoryName": repo["name"], "repositoryLocationName": LOCATION}
-    assets = sorted("/".join(a["assetKey"]["path"]) for a in gql(JOB_ASSETS_QUERY, {"selector": selector})["assetNodes"])
+    assets = sorted(
+        "/".join(a["assetKey"]["path"]) for a in gql(JOB_ASSETS_QUERY, {"selector": selector})["assetNodes"]
+    )
     assert {"engagement_logs", "pruned_edges", "entity_embeddings"} <= set(assets), assets
 
     # One partition through the public client, then a two-day backfill of the same job. Both ask for the
     # in-process executor: on 2 cores a subprocess per step costs more than the tiny steps themselves.
     client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
-    single_run = client.submit_job_execution(JOB, run_config=IN_PROCESS, tags={"dagster/partition": SINGLE_DAY})
+    single_run = client.submit_job_execution(
+        JOB, run_config=IN_PROCESS, tags={"dagster/partition": SINGLE_DAY}
+    )
     launched = gql(
         BACKFILL_MUTATION,
         {
             "params": {
                 "selector": {
                     "partitionSetName": f"{JOB}_partition_set",
-                    "repositorySelector": {"repositoryName": repo["name"], "repositoryLocationName": LOCATION},
+                    "repositorySelector": {
+                        "repositoryName": repo["name"],
+                        "repositoryLocationName": LOCATION,
+                    },
                 },
                 "partitionNames": BACKFILL_DAYS,
                 "runConfigData": IN_PROCESS,
@@ -417,7 +439,10 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
     # The single run plus ONE backfill run for both days (the daily assets' single-run backfill policy).
     assert {r["runId"] for r in runs} == {single_run, backfill_runs[0]["runId"]}, runs
     tags = {t["key"]: t["value"] for t in backfill_runs[0]["tags"]}
-    assert (tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")) == (
+    assert (
+        tags.get("dagster/asset_partition_range_start"),
+        tags.get("dagster/asset_partition_range_end"),
+    ) == (
         BACKFILL_DAYS[0],
         BACKFILL_DAYS[-1],
     ), tags
@@ -432,16 +457,22 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
             for path in _outputs(home, asset, day):
                 assert path.exists(), f"{asset} dt={day}: {path} missing"
                 assert path.is_file() or any(path.iterdir()), f"{asset} dt={day}: {path} is empty"
-        assert pq_rows(_outputs(home, "entity_embeddings", day)[0]) > 0, f"entity_embeddings dt={day}: no rows"
+        assert pq_rows(_outputs(home, "entity_embeddings", day)[0]) > 0, (
+            f"entity_embeddings dt={day}: no rows"
+        )
 
     # Each run recorded one materialization per (asset, day) it covered; the secret in the server's
     # environment appears nowhere in the event logs (messages, metadata).
     for run in runs:
         events = _event_log(gql, run["runId"])
         # A range run records each day when it is published and again at the end of the step (assets/daily.py).
-        materialized = sorted({
-            ("/".join(e["assetKey"]["path"]), e["partition"]) for e in events if e["__typename"] == "MaterializationEvent"
-        })
+        materialized = sorted(
+            {
+                ("/".join(e["assetKey"]["path"]), e["partition"])
+                for e in events
+                if e["__typename"] == "MaterializationEvent"
+            }
+        )
         days = [SINGLE_DAY] if run["runId"] == single_run else BACKFILL_DAYS
         assert materialized == sorted((a, d) for a in assets for d in days), materialized
         assert SECRET not in json.dumps(events)

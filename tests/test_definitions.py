@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -61,6 +61,7 @@ def test_dagster_definitions_validate_cli(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Loading the definitions writes nothing into the working directory.
@@ -70,7 +71,7 @@ def test_dagster_definitions_validate_cli(tmp_path):
 def test_daily_schedule_tick_targets_the_day_that_just_ended():
     defs = _defs()
     schedule = defs.resolve_schedule_def("daily_pipeline_schedule")
-    tick_time = datetime(2026, 3, 5, 1, 0, tzinfo=timezone.utc)
+    tick_time = datetime(2026, 3, 5, 1, 0, tzinfo=UTC)
     with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
         requests = schedule.evaluate_tick(context).run_requests
     assert [r.partition_key for r in requests] == ["2026-03-04"]
@@ -102,8 +103,10 @@ print("ok")
         OMNISAGE_TRAIN_CRON="0 4 * * 2",
     )  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+                          timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
 
 
 def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_path):
@@ -113,8 +116,16 @@ def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_
     from omnisage_pipeline.settings import prepare_dagster_home
 
     graph = _defs().resolve_asset_graph()
-    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
-    outside = {"entity_embeddings", "omnisage_model", "ann_index"}  # read one day of their inputs: beside the chain
+    pools = {
+        k.to_user_string(): graph.get(k).pools
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).is_materializable
+    }
+    outside = {
+        "entity_embeddings",
+        "omnisage_model",
+        "ann_index",
+    }  # read one day of their inputs: beside the chain
     for name, asset_pools in pools.items():
         assert asset_pools == (set() if name in outside else {DAILY_CHAIN_POOL}), (name, asset_pools)
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(tmp_path / "dagster"))) as instance:

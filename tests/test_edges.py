@@ -45,24 +45,32 @@ EXPECTED = {
     ("pin", BIG, "pin", BIG + 1, "pin_pin", 1.0),
 }
 
-CONTRACT_SCHEMA = pa.schema([
-    ("src_type", pa.string()), ("src_id", pa.int64()), ("dst_type", pa.string()), ("dst_id", pa.int64()),
-    ("edge_type", pa.string()), ("weight", pa.float64()),
-])
+CONTRACT_SCHEMA = pa.schema(
+    [
+        ("src_type", pa.string()),
+        ("src_id", pa.int64()),
+        ("dst_type", pa.string()),
+        ("dst_id", pa.int64()),
+        ("edge_type", pa.string()),
+        ("weight", pa.float64()),
+    ]
+)
 
 
 def events_table(rows) -> pa.Table:
     """Validated engagement_logs layout (warehouse)."""
     n = len(rows)
-    return pa.table({
-        "event_ts": pa.array([1_767_225_600_000_000 + i for i in range(n)], pa.timestamp("us", tz="UTC")),
-        "user_id": pa.array([7] * n, pa.int64()),
-        "action": pa.array([r[0] for r in rows], pa.string()),
-        "surface": pa.array([r[1] for r in rows], pa.string()),
-        "pin_id": pa.array([r[2] for r in rows], pa.int64()),
-        "board_id": pa.array([r[3] for r in rows], pa.int64()),
-        "query_pin_id": pa.array([r[4] for r in rows], pa.int64()),
-    })
+    return pa.table(
+        {
+            "event_ts": pa.array([1_767_225_600_000_000 + i for i in range(n)], pa.timestamp("us", tz="UTC")),
+            "user_id": pa.array([7] * n, pa.int64()),
+            "action": pa.array([r[0] for r in rows], pa.string()),
+            "surface": pa.array([r[1] for r in rows], pa.string()),
+            "pin_id": pa.array([r[2] for r in rows], pa.int64()),
+            "board_id": pa.array([r[3] for r in rows], pa.int64()),
+            "query_pin_id": pa.array([r[4] for r in rows], pa.int64()),
+        }
+    )
 
 
 def make_engine(name: str, request, scratch: Path) -> EdgeEngine:
@@ -73,8 +81,11 @@ def make_engine(name: str, request, scratch: Path) -> EdgeEngine:
 
 
 def read_rows(directory: Path) -> list[tuple]:
-    table = pq.read_table(sorted(directory.glob("*.parquet")), schema=CONTRACT_SCHEMA) if list(
-        directory.glob("*.parquet")) else CONTRACT_SCHEMA.empty_table()
+    table = (
+        pq.read_table(sorted(directory.glob("*.parquet")), schema=CONTRACT_SCHEMA)
+        if list(directory.glob("*.parquet"))
+        else CONTRACT_SCHEMA.empty_table()
+    )
     return [tuple(r.values()) for r in table.to_pylist()]
 
 
@@ -217,7 +228,9 @@ def test_held_out_users_make_no_edges(engine, request, tmp_path):
     pq.write_table(table, events / "part-0.parquet")
     out = tmp_path / "out"
     out.mkdir()
-    stats = make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(events, out, held_out_users=holdout)
+    stats = make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(
+        events, out, held_out_users=holdout
+    )
     kept = {i for i in range(users.size) if not held[i]}
     expected = {("pin", 1000 + i, "board", 5000 + i, "pin_board", 1.0) for i in kept}
     expected |= {("pin", 1000 + i, "pin", 2000 + i, "pin_pin", 1.0) for i in kept}

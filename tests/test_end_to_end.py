@@ -4,12 +4,12 @@ entity_embeddings; then the promises of issue 7 are checked on the published out
 
 from __future__ import annotations
 
+import dagster as dg
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import dagster as dg
 from omnisage_pipeline.publish import require_published
 from omnisage_pipeline.settings import Settings
 from omnisage_pipeline.synthetic import generate
@@ -44,8 +44,14 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
     def train(steps: int, **extra) -> dict:
         # validation_fraction 0: a 5% validation split of this tiny set holds too few feature nodes for a stable
         # gate, which then falls back to the held-out sets (test_training_assets covers the validation gate)
-        config = OmniSageModelConfig(steps=steps, batch_size=32, num_random_negatives=32, pool_size=2000,
-                                     validation_fraction=0.0, **extra)
+        config = OmniSageModelConfig(
+            steps=steps,
+            batch_size=32,
+            num_random_negatives=32,
+            pool_size=2000,
+            validation_fraction=0.0,
+            **extra,
+        )
         result = dg.materialize(
             assets, selection=["omnisage_model"], resources=resources,
             run_config=dg.RunConfig({"omnisage_model": config}),
@@ -65,7 +71,12 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
     assert result.success
     report_meta = result.asset_materializations_for_node("recall_report")[-1].metadata
     checks = result.get_asset_check_evaluations()
-    return settings, first, second, {"assets": assets, "resources": resources, "meta": report_meta, "checks": checks}
+    return (
+        settings,
+        first,
+        second,
+        {"assets": assets, "resources": resources, "meta": report_meta, "checks": checks},
+    )
 
 
 def test_whole_asset_graph_end_to_end(pipeline):
@@ -129,7 +140,9 @@ def test_whole_asset_graph_end_to_end(pipeline):
     train_pairs = pq.read_table(examples / "pairs.parquet").to_pydict()
     eval_pairs = pq.read_table(examples / "eval_pairs.parquet").to_pydict()
     assert len(eval_pairs["query_id"]) > 0
-    held = _unordered(eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"])
+    held = _unordered(
+        eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"]
+    )
     trained = _unordered(
         train_pairs["query_type"], train_pairs["query_id"], train_pairs["pos_type"], train_pairs["pos_id"]
     )
@@ -200,10 +213,14 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
 
     # A previous report with a much higher entity-entity recall: the check fires (and names the task).
     previous = dict(report, partition=DAYS[-2])
-    previous["tasks"] = dict(report["tasks"], entity_entity=dict(report["tasks"]["entity_entity"], **{"recall@10": 1.0}))
+    previous["tasks"] = dict(
+        report["tasks"], entity_entity=dict(report["tasks"]["entity_entity"], **{"recall@10": 1.0})
+    )
     with publish_partition(settings.reports_dir, DAYS[-2]) as staging:
         (staging / "recall.json").write_text(json.dumps(previous))
-    result = dg.materialize(rr["assets"], selection=["recall_report"], partition_key=day, resources=rr["resources"])
+    result = dg.materialize(
+        rr["assets"], selection=["recall_report"], partition_key=day, resources=rr["resources"]
+    )
     assert result.success  # a failed check flags; it does not fail the run
     fired = [c for c in result.get_asset_check_evaluations() if c.check_name == REGRESSION_CHECK]
     assert len(fired) == 1 and not fired[0].passed

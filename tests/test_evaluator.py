@@ -15,7 +15,6 @@ from ml.example_loader import TrainingData
 from ml.inference import embed_entities, embed_users
 from ml.model import OmniSageModel
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -38,7 +37,13 @@ class Recording:
         self.inner, self.calls = inner, []
 
     def embed(self, entity_type, ids, exclude_neighbor_ids=None):
-        self.calls.append((entity_type, np.array(ids), None if exclude_neighbor_ids is None else np.array(exclude_neighbor_ids)))
+        self.calls.append(
+            (
+                entity_type,
+                np.array(ids),
+                None if exclude_neighbor_ids is None else np.array(exclude_neighbor_ids),
+            )
+        )
         return self.inner.embed(entity_type, ids, exclude_neighbor_ids)
 
 
@@ -46,7 +51,9 @@ def test_random_embeddings_score_at_chance(art):
     """Many random embedders: mean recall@k close to k / (pool + 1) for every pair type."""
     ev = Evaluator(art.data, art.universe, k=10, pool_size=150, seed=0)
     assert {t: v.size for t, v in ev.pools.items()} == {"pin": 150, "board": 150}
-    recalls = [ev.evaluate(random_embedder(art.universe, dim=16, seed=s)).recall("entity_entity") for s in range(20)]
+    recalls = [
+        ev.evaluate(random_embedder(art.universe, dim=16, seed=s)).recall("entity_entity") for s in range(20)
+    ]
     chance = 10 / 151  # query/positive are excluded from the pool by key, so the pool is ~150 for everyone
     assert abs(np.mean(recalls) - chance) < 0.02, (np.mean(recalls), chance)
 
@@ -116,7 +123,9 @@ def test_exclusion_masks_the_pair_from_both_neighbourhoods(art, model):
     assert np.allclose(np.linalg.norm(masked, axis=1), 1.0, atol=1e-5)
     # batching does not change an embedding
     np.testing.assert_allclose(
-        embed_entities(model, art.builder, "pin", q, batch_size=3, exclude_neighbor_ids=pos), masked, atol=1e-5
+        embed_entities(model, art.builder, "pin", q, batch_size=3, exclude_neighbor_ids=pos),
+        masked,
+        atol=1e-5,
     )
 
 

@@ -92,10 +92,14 @@ def home(world, omnisage_env, monkeypatch) -> Path:
     return home
 
 
-def _materialize(day: str, run_config: dict | None = None, raise_on_error: bool = True, model_name: str = "omnisage"):
+def _materialize(
+    day: str, run_config: dict | None = None, raise_on_error: bool = True, model_name: str = "omnisage"
+):
     settings = Settings.from_env()
     base = MlflowResource.from_settings(settings)
-    mlflow = MlflowResource(tracking_uri=base.tracking_uri, artifact_root=base.artifact_root, registered_model_name=model_name)
+    mlflow = MlflowResource(
+        tracking_uri=base.tracking_uri, artifact_root=base.artifact_root, registered_model_name=model_name
+    )
     return dg.materialize(
         [entity_embeddings],
         partition_key=day,
@@ -159,7 +163,9 @@ def test_embeds_exactly_the_days_entities_and_the_champion_reproduces_them(world
 
     assert meta["model_version"] == world["version"]
     assert meta["entities"] == len(expected)
-    assert meta["entities_pin"] == len(art.universe["pin"]) and meta["entities_board"] == len(art.universe["board"])
+    assert meta["entities_pin"] == len(art.universe["pin"]) and meta["entities_board"] == len(
+        art.universe["board"]
+    )
     assert meta["entities_per_second"] > 0
     assert meta["before_training_cutoff"] is False and meta["training_partition"] == day
     assert meta["publish"] == "published" and meta["partition_complete"] is True
@@ -181,7 +187,10 @@ def test_embeds_exactly_the_days_entities_and_the_champion_reproduces_them(world
     loaded = ModelRegistry(world["uri"]).load_champion()
     assert loaded.version == world["version"]
     builder = _fresh_builder(art)
-    rows = {(t, i): r for r, (t, i) in enumerate(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))}
+    rows = {
+        (t, i): r
+        for r, (t, i) in enumerate(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))
+    }
     for t in ("pin", "board"):
         inside = np.setdiff1d(art.universe[t], outside[t])
         ids = np.concatenate([inside[:6], outside[t][:3]])
@@ -249,7 +258,9 @@ def test_two_shards_publish_once_with_the_unsharded_content(world, home):
     # Shard membership is the stable hash, not an accident of the run.
     part0 = pq.read_table(published / "part-00000-of-00002.parquet")
     for t in ("pin", "board"):
-        ids = np.array([i for tt, i in zip(part0["entity_type"].to_pylist(), part0["entity_id"].to_pylist()) if tt == t])
+        ids = np.array(
+            [i for tt, i in zip(part0["entity_type"].to_pylist(), part0["entity_id"].to_pylist()) if tt == t]
+        )
         assert (shard_of(t, ids, 2) == 0).all()
     sharded_users = _read_sorted(settings.user_embeddings_dir, day, ["user_id"])
     assert sharded_users["user_id"].to_pylist() == whole_users["user_id"].to_pylist()
@@ -257,7 +268,6 @@ def test_two_shards_publish_once_with_the_unsharded_content(world, home):
     # The staging area is cleaned up after the publish.
     stage_root = settings.embeddings_dir / SHARDS_DIR / f"dt={day}"
     assert not list(stage_root.glob("*/entities/*.parquet"))
-
 
 
 def _race(args):
@@ -288,7 +298,10 @@ def test_two_finishing_workers_cannot_both_publish(tmp_path):
     assert len(list((settings.user_embeddings_dir / ".versions").iterdir())) == 1
     table = pq.read_table(published_path(settings.embeddings_dir, day))
     assert sorted(table["entity_id"].to_pylist()) == list(range(20))
-    assert json.loads((published_path(settings.embeddings_dir, day) / "_manifest.json").read_text())["entities"] == 20
+    assert (
+        json.loads((published_path(settings.embeddings_dir, day) / "_manifest.json").read_text())["entities"]
+        == 20
+    )
     # A late re-run of one shard restages it; alone it only waits (the published partition stays).
     stage_shard(stage, result, 1, 2)
     assert publish_if_complete(settings, day, stage, 2, 1, True, manifest) == "waiting"
@@ -296,7 +309,9 @@ def test_two_finishing_workers_cannot_both_publish(tmp_path):
     # Shard 0 alone (before shard 1 exists) only waits.
     stage2 = shard_stage_dir(settings, "2026-01-03", "v1-test")
     stage_shard(stage2, result, 0, 2)
-    outcome = publish_if_complete(settings, "2026-01-03", stage2, 2, 0, True, {**manifest, "partition": "2026-01-03"})
+    outcome = publish_if_complete(
+        settings, "2026-01-03", stage2, 2, 0, True, {**manifest, "partition": "2026-01-03"}
+    )
     assert outcome == "waiting"
     assert published_path(settings.embeddings_dir, "2026-01-03") is None
 
@@ -307,7 +322,9 @@ def test_backfill_before_training_cutoff_is_flagged_and_bad_shard_config_fails(w
     later = dataclasses.replace(loaded, training_partition="2999-01-01")
     figures = run_day(Settings.from_env(), later, art.day, with_users=False, batch_size=256)
     assert figures["before_training_cutoff"] is True and figures["training_partition"] == "2999-01-01"
-    manifest = json.loads((published_path(Settings.from_env().embeddings_dir, art.day) / "_manifest.json").read_text())
+    manifest = json.loads(
+        (published_path(Settings.from_env().embeddings_dir, art.day) / "_manifest.json").read_text()
+    )
     assert manifest["before_training_cutoff"] is True
     assert published_path(Settings.from_env().user_embeddings_dir, art.day) is None  # users switched off
 
@@ -364,7 +381,9 @@ def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, 
     day = world["art"].day
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
-    dg.DagsterInstance.from_config(str(dagster_home)).dispose()  # create the storage before two processes share it
+    dg.DagsterInstance.from_config(
+        str(dagster_home)
+    ).dispose()  # create the storage before two processes share it
     procs = [
         subprocess.Popen([sys.executable, "-c", _SHARD_RUN, str(dagster_home), day, str(i)], env=dict(os.environ),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -384,7 +403,8 @@ def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, 
     assert len(keys) == table.num_rows > 0
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("entity_embeddings"), asset_partitions=[day]), limit=10
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("entity_embeddings"), asset_partitions=[day]),
+            limit=10,
         ).records
         assert 1 <= len(records) <= 2
         for record in records:

@@ -257,7 +257,9 @@ class World:
 #: entity_metadata links a day whose catalogue did not change to the version already published (both days
 #: here have the same one), so a re-run would publish nothing new: the cases make it write a fresh copy, so
 #: that every publish phase is reached (the shared-version path: tests/test_metadata_versions.py).
-_RUN_CONFIG = {"entity_metadata": {"ops": {"entity_metadata": {"config": {"reuse_identical_versions": False}}}}}
+_RUN_CONFIG = {
+    "entity_metadata": {"ops": {"entity_metadata": {"config": {"reuse_identical_versions": False}}}}
+}
 
 
 def _asset_steps(asset: str, day: str = DAY) -> list:
@@ -555,7 +557,9 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(world):
     assert meta["alias"] == "champion" and meta["model_version"] == "1"
     assert t["checkpoints_after"] == 0  # removed once the model is registered
 
-    client = mlflow.MlflowClient(tracking_uri=world.env["MLFLOW_TRACKING_URI"], registry_uri=world.env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(
+        tracking_uri=world.env["MLFLOW_TRACKING_URI"], registry_uri=world.env["MLFLOW_TRACKING_URI"]
+    )
     run = client.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(step)
     killed = client.get_run(run.data.tags["resumed_from_run"])

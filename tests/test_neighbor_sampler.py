@@ -21,11 +21,23 @@ PIN, BOARD = NODE_TYPE_CODE["pin"], NODE_TYPE_CODE["board"]
 RESTART = 0.15
 
 # Hand-made heterogeneous graph: pins 101..107, boards 201..203.
-PIN_BOARD = [(101, 201, 3.0), (102, 201, 1.0), (103, 201, 1.0), (103, 202, 1.0), (104, 202, 2.0), (101, 203, 1.0), (106, 203, 1.0)]
+PIN_BOARD = [
+    (101, 201, 3.0),
+    (102, 201, 1.0),
+    (103, 201, 1.0),
+    (103, 202, 1.0),
+    (104, 202, 2.0),
+    (101, 203, 1.0),
+    (106, 203, 1.0),
+]
 PIN_PIN = [(101, 105, 2.0), (105, 106, 1.0), (101, 102, 1.0), (105, 107, 1.0)]
 
 LAYOUT = NeighborhoodLayout(
-    (NeighborBlock("pin_board", "pin", 3), NeighborBlock("pin_board", "board", 2), NeighborBlock("pin_pin", "pin", 2))
+    (
+        NeighborBlock("pin_board", "pin", 3),
+        NeighborBlock("pin_board", "board", 2),
+        NeighborBlock("pin_pin", "pin", 2),
+    )
 )
 
 
@@ -37,7 +49,9 @@ def write_edges(directory, pin_board, pin_pin) -> None:
         rows += [("pin", a, "pin", c, "pin_pin", w), ("pin", c, "pin", a, "pin_pin", w)]
     names = ("src_type", "src_id", "dst_type", "dst_id", "edge_type", "weight")
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(names)}), directory / "part-0.parquet")
+    pq.write_table(
+        pa.table({k: [r[i] for r in rows] for i, k in enumerate(names)}), directory / "part-0.parquet"
+    )
 
 
 @pytest.fixture
@@ -72,7 +86,11 @@ def test_per_type_topk_and_union_over_subsets(snap):
     pb_pins, pb_boards, pp_pins = nb.index[0, 0:3], nb.index[0, 3:5], nb.index[0, 5:7]
 
     # Each block is the exact top-k_t of its type in its subset's graph, score-descending.
-    for subset, block, t, k in (("pin_board", pb_pins, PIN, 3), ("pin_board", pb_boards, BOARD, 2), ("pin_pin", pp_pins, PIN, 2)):
+    for subset, block, t, k in (
+        ("pin_board", pb_pins, PIN, 3),
+        ("pin_board", pb_boards, BOARD, 2),
+        ("pin_pin", pp_pins, PIN, 2),
+    ):
         pi = exact_ppr(snap, subset)[:, p101].copy()
         pi[p101] = -1
         pi[np.asarray(snap.node_type) != t] = -1
@@ -109,7 +127,9 @@ def test_padding_absent_nodes_and_nodes_without_a_subset(snap):
         m = nb.mask[:, lo:hi].astype(int)
         assert np.all(np.diff(m, axis=1) <= 0)
     # board 202 in pin_board: only two pins (103, 104) within reach... and board 201 via 103
-    assert set(nb.index[2, 0:3][nb.mask[2, 0:3]].tolist()) <= set(dense(snap, "pin", [101, 102, 103, 104, 106]))
+    assert set(nb.index[2, 0:3][nb.mask[2, 0:3]].tolist()) <= set(
+        dense(snap, "pin", [101, 102, 103, 104, 106])
+    )
     assert nb.index[2, 0] == dense(snap, "pin", [104])[0]  # the weight-2 edge
 
 
@@ -125,7 +145,11 @@ def test_bad_layout_is_rejected(snap):
 def test_cache_serves_the_sampler_results(snap, tmp_path):
     sampler = NeighborSampler(snap, LAYOUT, restart_prob=RESTART, budget=1000)
     config = build_neighborhood_cache(snap, sampler, tmp_path / "nb", batch_size=4)  # several batches
-    assert config["restart_prob"] == RESTART and config["budget"] == 1000 and config["num_nodes"] == snap.num_nodes
+    assert (
+        config["restart_prob"] == RESTART
+        and config["budget"] == 1000
+        and config["num_nodes"] == snap.num_nodes
+    )
     cache = NeighborhoodCache.open(tmp_path / "nb", snapshot=snap)
     assert cache.layout == LAYOUT
     assert isinstance(cache._index, np.memmap) and isinstance(cache._scores, np.memmap)

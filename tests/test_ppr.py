@@ -173,7 +173,9 @@ def test_per_type_topk_matches_exact_ranking_within_each_type():
 
 def test_weighted_out_degree_and_bad_input():
     m = random_graph(30, 0.2, seed=7, undirected=False)
-    np.testing.assert_allclose(weighted_out_degree(m.indptr, m.data), np.asarray(m.sum(axis=1)).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(
+        weighted_out_degree(m.indptr, m.data), np.asarray(m.sum(axis=1)).ravel(), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="eps"):
         push(m, [0], 0.0, 5)
     with pytest.raises(ValueError, match="restart_prob"):

@@ -23,10 +23,16 @@ from graph_engine.pruning import (
 from graph_engine.spark_engine import SparkEdgeEngine
 
 ENGINES = ["duckdb", "spark"]
-CONTRACT_SCHEMA = pa.schema([
-    ("src_type", pa.string()), ("src_id", pa.int64()), ("dst_type", pa.string()), ("dst_id", pa.int64()),
-    ("edge_type", pa.string()), ("weight", pa.float64()),
-])
+CONTRACT_SCHEMA = pa.schema(
+    [
+        ("src_type", pa.string()),
+        ("src_id", pa.int64()),
+        ("dst_type", pa.string()),
+        ("dst_id", pa.int64()),
+        ("edge_type", pa.string()),
+        ("weight", pa.float64()),
+    ]
+)
 
 HUB, D_MIN_PIN, SMALL_PIN, D11_PIN, BIG_BOARD, MIXED_PIN = 1, 2, 3, 4, 5000, 6
 
@@ -71,7 +77,7 @@ def window_dirs(tmp_path_factory) -> list[Path]:
     cols = crafted_edges()
     n = len(cols["src_id"])
     day1 = {c: v[: n // 2] for c, v in cols.items()}
-    day2 = {c: v[n // 2:] for c, v in cols.items()}
+    day2 = {c: v[n // 2 :] for c, v in cols.items()}
     hub_again = {c: v[:1000] for c, v in cols.items()}
     day2 = {c: day2[c] + hub_again[c] for c in EDGE_COLUMNS}
     i = day2["src_id"].index(SMALL_PIN) if SMALL_PIN in day2["src_id"] else None
@@ -138,10 +144,12 @@ def test_params_are_validated():
 
 def _extreme_ids(n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    ids = np.concatenate([
-        np.array([0, 1, -1, 2**31 - 1, 2**31, 2**62, -(2**62), 2**63 - 1, -(2**63)], dtype=np.int64),
-        rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64, endpoint=True),
-    ])
+    ids = np.concatenate(
+        [
+            np.array([0, 1, -1, 2**31 - 1, 2**31, 2**62, -(2**62), 2**63 - 1, -(2**63)], dtype=np.int64),
+            rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64, endpoint=True),
+        ]
+    )
     dst = np.roll(ids, 1)
     types = np.array(["pin", "board", "user"])[rng.integers(0, 3, size=len(ids))]
     dtypes = np.roll(types, 2)
@@ -155,8 +163,9 @@ def test_sampling_key_sql_equals_numpy_without_overflow(engine, seed, request):
     types, ids, dtypes, dst = _extreme_ids()
     expected = sampling_key_numpy(seed, types, ids, dtypes, dst)
     assert expected.min() >= 0 and expected.max() < 2**31
-    table = pa.table({"src_type": types, "src_id": ids, "dst_type": dtypes, "dst_id": dst,
-                      "i": np.arange(len(ids))})
+    table = pa.table(
+        {"src_type": types, "src_id": ids, "dst_type": dtypes, "dst_id": dst, "i": np.arange(len(ids))}
+    )
     stages = sampling_key_sql(engine, seed, "src_type", "src_id", "dst_type", "dst_id")
     if engine == "duckdb":
         import duckdb
@@ -181,16 +190,26 @@ def test_sampling_key_sql_equals_numpy_without_overflow(engine, seed, request):
 
 def test_sampling_key_depends_on_every_field():
     base = sampling_key_numpy(0, "pin", 1, "board", 2)
-    for variant in (sampling_key_numpy(1, "pin", 1, "board", 2), sampling_key_numpy(0, "board", 1, "board", 2),
-                    sampling_key_numpy(0, "pin", 3, "board", 2), sampling_key_numpy(0, "pin", 1, "pin", 2),
-                    sampling_key_numpy(0, "pin", 1, "board", 2 + 2**31), sampling_key_numpy(0, "board", 2, "pin", 1)):
+    for variant in (
+        sampling_key_numpy(1, "pin", 1, "board", 2),
+        sampling_key_numpy(0, "board", 1, "board", 2),
+        sampling_key_numpy(0, "pin", 3, "board", 2),
+        sampling_key_numpy(0, "pin", 1, "pin", 2),
+        sampling_key_numpy(0, "pin", 1, "board", 2 + 2**31),
+        sampling_key_numpy(0, "board", 2, "pin", 1),
+    ):
         assert variant != base
 
 
 def test_sampling_key_is_a_uniform_order():
     """Keys of consecutive ids look uniform: the kept 380 of 1000 consecutive neighbours are spread."""
-    keys = sampling_key_numpy(0, np.full(1000, "pin"), np.ones(1000, np.int64), np.full(1000, "board"),
-                              np.arange(1000, dtype=np.int64))
+    keys = sampling_key_numpy(
+        0,
+        np.full(1000, "pin"),
+        np.ones(1000, np.int64),
+        np.full(1000, "board"),
+        np.arange(1000, dtype=np.int64),
+    )
     kept = np.sort(np.argsort(keys, kind="stable")[:380])
     per_quarter = np.bincount(kept // 250, minlength=4)
     assert per_quarter.min() > 70 and per_quarter.max() < 120, per_quarter
@@ -245,7 +264,11 @@ def test_d_max_cap_binds_and_seed_changes_the_kept_set(engine, pruned, window_di
     assert len(hub) == 50  # floor(1000 ** 0.86) = 380 capped by d_max
     assert len(kept_of(rows, "board", BIG_BOARD)) == 33  # below the cap: unchanged
     seed0 = prune_reference(edges, PruningParams(d_max=50, seed=0))
-    hub0 = {int(i) for t, s, i in zip(seed0["src_type"], seed0["src_id"], seed0["dst_id"]) if t == "pin" and s == HUB}
+    hub0 = {
+        int(i)
+        for t, s, i in zip(seed0["src_type"], seed0["src_id"], seed0["dst_id"])
+        if t == "pin" and s == HUB
+    }
     assert len(hub0) == 50 and hub0 != hub
 
 
@@ -282,8 +305,17 @@ def test_empty_window_gives_an_empty_typed_table(engine, request, tmp_path):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_unknown_edge_type_fails_naming_the_input(engine, request, tmp_path):
     bad = tmp_path / "dt=2026-01-01"
-    write_edges(bad, {"src_type": ["pin"], "src_id": [1], "dst_type": ["board"], "dst_id": [2],
-                      "edge_type": ["pin_user"], "weight": [1.0]})
+    write_edges(
+        bad,
+        {
+            "src_type": ["pin"],
+            "src_id": [1],
+            "dst_type": ["board"],
+            "dst_id": [2],
+            "edge_type": ["pin_user"],
+            "weight": [1.0],
+        },
+    )
     out = tmp_path / "out"
     out.mkdir()
     if engine == "spark":
@@ -301,15 +333,17 @@ def test_unknown_edge_type_fails_naming_the_input(engine, request, tmp_path):
 def events_table(rows) -> pa.Table:
     """Validated engagement_logs layout (warehouse); rows are (action, surface, pin, board, query pin)."""
     n = len(rows)
-    return pa.table({
-        "event_ts": pa.array([1_767_225_600_000_000] * n, pa.timestamp("us", tz="UTC")),
-        "user_id": pa.array([7] * n, pa.int64()),
-        "action": pa.array([r[0] for r in rows], pa.string()),
-        "surface": pa.array([r[1] for r in rows], pa.string()),
-        "pin_id": pa.array([r[2] for r in rows], pa.int64()),
-        "board_id": pa.array([r[3] for r in rows], pa.int64()),
-        "query_pin_id": pa.array([r[4] for r in rows], pa.int64()),
-    })
+    return pa.table(
+        {
+            "event_ts": pa.array([1_767_225_600_000_000] * n, pa.timestamp("us", tz="UTC")),
+            "user_id": pa.array([7] * n, pa.int64()),
+            "action": pa.array([r[0] for r in rows], pa.string()),
+            "surface": pa.array([r[1] for r in rows], pa.string()),
+            "pin_id": pa.array([r[2] for r in rows], pa.int64()),
+            "board_id": pa.array([r[3] for r in rows], pa.int64()),
+            "query_pin_id": pa.array([r[4] for r in rows], pa.int64()),
+        }
+    )
 
 
 def _publish_events(settings, day: str, rows) -> None:
@@ -332,34 +366,47 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
     settings = Settings.from_env()
     assert settings.engine == "duckdb" and WINDOW_DAYS == 30
     old, inside, empty, day = "2026-01-01", "2026-01-15", "2026-01-20", "2026-02-10"  # window: 01-12..02-10
-    _publish_events(settings, old, [("save", "homefeed", 1, 1, None)] * 5 + [("save", "homefeed", 9, 9, None)])
-    _publish_events(settings, inside, [("save", "homefeed", 1, 1, None)] * 2 + [("click", "related_pins", 3, None, 2)])
+    _publish_events(
+        settings, old, [("save", "homefeed", 1, 1, None)] * 5 + [("save", "homefeed", 9, 9, None)]
+    )
+    _publish_events(
+        settings, inside, [("save", "homefeed", 1, 1, None)] * 2 + [("click", "related_pins", 3, None, 2)]
+    )
     _publish_events(settings, empty, None)  # a published, empty day
     _publish_events(settings, day, [("save", "homefeed", 1, 1, None)] * 3 + [("save", "board", 2, 1, None)])
     resources = {"storage": StorageResource.from_settings(settings), "pyspark": lazy_pyspark(settings)}
     for key in (old, inside, empty, day):
-        result = dg.materialize([daily_edges, pruned_edges], partition_key=key, resources=resources,
-                                selection=[daily_edges])
+        result = dg.materialize(
+            [daily_edges, pruned_edges], partition_key=key, resources=resources, selection=[daily_edges]
+        )
         assert result.success
         assert not result.get_asset_check_evaluations()  # no check that could fail here (assets/graph.py)
     empty_dir = require_published(settings.warehouse_dataset("daily_edges"), empty)
     assert pq.read_table(sorted(empty_dir.glob("*.parquet"))).num_rows == 0
 
     # One run over the range 02-09..02-10 (single-run backfill): each day prunes its own window.
-    result = dg.materialize([daily_edges, pruned_edges], resources=resources, selection=[pruned_edges],
-                            tags={"dagster/asset_partition_range_start": "2026-02-09",
-                                  "dagster/asset_partition_range_end": day})
+    result = dg.materialize(
+        [daily_edges, pruned_edges],
+        resources=resources,
+        selection=[pruned_edges],
+        tags={"dagster/asset_partition_range_start": "2026-02-09", "dagster/asset_partition_range_end": day},
+    )
     assert result.success
     # 02-09's window is 01-11..02-09: the 02-10 day is not in it yet.
     assert set(read_rows(require_published(settings.warehouse_dataset("pruned_edges"), "2026-02-09"))) == {
-        ("pin", 1, "board", 1, "pin_board", 2.0), ("board", 1, "pin", 1, "pin_board", 2.0),
-        ("pin", 2, "pin", 3, "pin_pin", 1.0), ("pin", 3, "pin", 2, "pin_pin", 1.0),
+        ("pin", 1, "board", 1, "pin_board", 2.0),
+        ("board", 1, "pin", 1, "pin_board", 2.0),
+        ("pin", 2, "pin", 3, "pin_pin", 1.0),
+        ("pin", 3, "pin", 2, "pin_pin", 1.0),
     }
     rows = set(read_rows(require_published(settings.warehouse_dataset("pruned_edges"), day)))
     assert rows == {
-        ("pin", 1, "board", 1, "pin_board", 5.0), ("board", 1, "pin", 1, "pin_board", 5.0),  # 2 + 3, not + 5
-        ("pin", 2, "board", 1, "pin_board", 1.0), ("board", 1, "pin", 2, "pin_board", 1.0),
-        ("pin", 2, "pin", 3, "pin_pin", 1.0), ("pin", 3, "pin", 2, "pin_pin", 1.0),
+        ("pin", 1, "board", 1, "pin_board", 5.0),
+        ("board", 1, "pin", 1, "pin_board", 5.0),  # 2 + 3, not + 5
+        ("pin", 2, "board", 1, "pin_board", 1.0),
+        ("board", 1, "pin", 2, "pin_board", 1.0),
+        ("pin", 2, "pin", 3, "pin_pin", 1.0),
+        ("pin", 3, "pin", 2, "pin_pin", 1.0),
     }  # pin 9 / board 9 only on 01-01, outside the window
     per_day = {m.partition: m.metadata for m in result.asset_materializations_for_node("pruned_edges")}
     meta = per_day[day]

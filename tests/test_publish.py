@@ -63,10 +63,9 @@ def test_old_versions_are_cleaned_up_after_the_swap(tmp_path):
 def test_failed_build_keeps_previous_partition_and_removes_staging(tmp_path):
     dataset = tmp_path / "ds"
     _write_version(dataset, "v1")
-    with pytest.raises(RuntimeError, match="boom"):
-        with publish_partition(dataset, KEY) as staging:
-            (staging / "part-0.txt").write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), publish_partition(dataset, KEY) as staging:
+        (staging / "part-0.txt").write_text("half")
+        raise RuntimeError("boom")
     assert _read(dataset) == {"v1"}
     assert list((dataset / ".staging").iterdir()) == []
 
@@ -74,9 +73,8 @@ def test_failed_build_keeps_previous_partition_and_removes_staging(tmp_path):
 def test_refuses_to_replace_a_real_directory(tmp_path):
     dataset = tmp_path / "ds"
     (dataset / f"dt={KEY}").mkdir(parents=True)
-    with pytest.raises(PublishError, match="real directory"):
-        with publish_partition(dataset, KEY):
-            pass
+    with pytest.raises(PublishError, match="real directory"), publish_partition(dataset, KEY):
+        pass
 
 
 def test_remove_partition(tmp_path):
@@ -110,7 +108,11 @@ def _run_child(dataset: Path, content: str, phase: str | None, fault_dataset: st
     if fault_dataset:
         env["OMNISAGE_FAULT_DATASET"] = fault_dataset
     return subprocess.run(
-        [sys.executable, "-c", _CHILD, str(dataset), content], env=env, capture_output=True, text=True
+        [sys.executable, "-c", _CHILD, str(dataset), content],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 

@@ -17,7 +17,6 @@ from ml.metrics import recall_at_k, recall_at_k_sparse
 from ml.model import OmniSageModel
 from ml.recall_report import Candidate, build_report, markdown, plot_png, regressions
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -77,7 +76,11 @@ def test_report_has_the_contract_shape_and_every_baseline_uses_the_model_sets(re
         assert tasks["entity_feature"] == {"recall@10": None, "n": 0, "reason": "no g_x encoders"}
     assert all(v["recall@10"] is None and v["n"] == 0 for v in report["baselines"]["pinsage"].values())
     # the planted structure is recoverable: oracle and co-occurrence far above chance, popularity in between
-    ee = {name: report["baselines"][name]["entity_entity"]["recall@10"] for name in report["baselines"] if name != "pinsage"}
+    ee = {
+        name: report["baselines"][name]["entity_entity"]["recall@10"]
+        for name in report["baselines"]
+        if name != "pinsage"
+    }
     assert ee["oracle"] > 5 * ee["random"] and ee["cooccurrence"] > 5 * ee["random"]
     md = markdown(report)
     for name in ("**model** v7", "| random |", "| oracle |", "| pinsage |"):
@@ -107,16 +110,24 @@ def test_cooccurrence_scores_common_neighbours_and_drops_the_pair_edge(art):
 
 def test_sparse_recall_matches_dense_recall(art):
     co = CooccurrenceEmbedder(art.snapshot)
-    ids = np.asarray(art.snapshot.node_id)[: 200]
+    ids = np.asarray(art.snapshot.node_id)[:200]
     rng = np.random.default_rng(0)
     q = co.embed("pin", ids[:80])
     p = co.embed("pin", rng.permutation(ids[:80]))
     n = co.embed("pin", ids[80:200])
     keys = torch.arange(200)
-    sparse = recall_at_k_sparse(q, p, n, k=5, query_keys=keys[:80], positive_keys=keys[:80] + 1000,
-                                negative_keys=keys[80:])
-    dense = recall_at_k(torch.tensor(q.toarray()), torch.tensor(p.toarray()), torch.tensor(n.toarray()), k=5,
-                        query_keys=keys[:80], positive_keys=keys[:80] + 1000, negative_keys=keys[80:])
+    sparse = recall_at_k_sparse(
+        q, p, n, k=5, query_keys=keys[:80], positive_keys=keys[:80] + 1000, negative_keys=keys[80:]
+    )
+    dense = recall_at_k(
+        torch.tensor(q.toarray()),
+        torch.tensor(p.toarray()),
+        torch.tensor(n.toarray()),
+        k=5,
+        query_keys=keys[:80],
+        positive_keys=keys[:80] + 1000,
+        negative_keys=keys[80:],
+    )
     assert torch.equal(sparse.outscored, dense.outscored)
     assert sparse.recall == dense.recall
 
@@ -135,7 +146,9 @@ def test_random_weight_model_knows_nothing_about_the_positive(art):
         rows = ev.pairs["pos_type"] == t
         ev.pairs["pos_id"][rows] = rng.choice(art.universe[t], size=int(rows.sum()))
     n = ev.pairs["pos_id"].size
-    model_recall = ev.evaluate(*model_embedders(model, art.builder), ["entity_entity"]).recall("entity_entity")
+    model_recall = ev.evaluate(*model_embedders(model, art.builder), ["entity_entity"]).recall(
+        "entity_entity"
+    )
     random_recalls = [
         ev.evaluate(random_baseline(art.universe, seed=s)[0], tasks=["entity_entity"]).recall("entity_entity")
         for s in range(5)
@@ -148,9 +161,14 @@ def test_random_weight_model_knows_nothing_about_the_positive(art):
 
 def test_regression_rule_fires_only_on_a_drop_beyond_the_margin():
     def rep(ee, ue=None):
-        return {"k": 10, "tasks": {"entity_entity": {"recall@10": ee, "n": 5},
-                                   "entity_feature": {"recall@10": None, "n": 0},
-                                   "user_entity": {"recall@10": ue, "n": 0 if ue is None else 3}}}
+        return {
+            "k": 10,
+            "tasks": {
+                "entity_entity": {"recall@10": ee, "n": 5},
+                "entity_feature": {"recall@10": None, "n": 0},
+                "user_entity": {"recall@10": ue, "n": 0 if ue is None else 3},
+            },
+        }
 
     assert regressions(rep(0.30), None, 0.05) == []
     assert regressions(rep(0.30), rep(0.34), 0.05) == []  # within the margin

@@ -32,7 +32,9 @@ def _inputs():
     kw = {"layout": small_layout(), "max_tokens": MAX_TOKENS, "image_dim": IMAGE_DIM}
     pins = random_entity_batch(rng, "pin", 16, **kw)
     boards = random_entity_batch(rng, "board", 16, **kw)
-    seq = synthetic_task_batches(rng, image_dim=IMAGE_DIM, max_tokens=MAX_TOKENS, layout=small_layout())["user_entity"]
+    seq = synthetic_task_batches(rng, image_dim=IMAGE_DIM, max_tokens=MAX_TOKENS, layout=small_layout())[
+        "user_entity"
+    ]
     return pins, boards, seq
 
 
@@ -48,7 +50,9 @@ def mlflow_template(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_experiments()
+    mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}"
+    ).search_experiments()
     return path
 
 
@@ -67,14 +71,22 @@ def test_model_dir_round_trip_is_exact_and_pickle_free(tmp_path, monkeypatch):
     inputs = _inputs()
     before = _embeddings(model, inputs)
     out = save_model_dir(
-        model, tmp_path / "m", {"note": "x"}, layout=small_layout(), max_tokens=MAX_TOKENS, training_partition="2024-01-03"
+        model,
+        tmp_path / "m",
+        {"note": "x"},
+        layout=small_layout(),
+        max_tokens=MAX_TOKENS,
+        training_partition="2024-01-03",
     )
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     head = (out / WEIGHTS_FILE).read_bytes()[:9]
     assert head[:2] != b"PK" and head[0] != 0x80  # not torch.save's zip nor a raw pickle
     header_len = int.from_bytes(head[:8], "little")
     header = json.loads((out / WEIGHTS_FILE).read_bytes()[8 : 8 + header_len])  # safetensors: JSON header
-    assert any(k.startswith("embedders.pin.") for k in header) and header["__metadata__"]["format"] == "omnisage-model"
+    assert (
+        any(k.startswith("embedders.pin.") for k in header)
+        and header["__metadata__"]["format"] == "omnisage-model"
+    )
 
     _trap_pickle(monkeypatch)
     loaded = load_model_dir(out)
@@ -133,8 +145,14 @@ def test_registry_register_alias_load(tmp_path, omnisage_env, mlflow_template, m
         model = _model(seed)
         expected.append(_embeddings(model, inputs))
         run = client.create_run(exp)
-        local = save_model_dir(model, tmp_path / f"m{seed}", {}, layout=small_layout(), max_tokens=MAX_TOKENS,
-                               training_partition=f"2024-01-0{seed}")
+        local = save_model_dir(
+            model,
+            tmp_path / f"m{seed}",
+            {},
+            layout=small_layout(),
+            max_tokens=MAX_TOKENS,
+            training_partition=f"2024-01-0{seed}",
+        )
         client.log_artifacts(run.info.run_id, str(local), artifact_path="model")
         client.set_terminated(run.info.run_id)
         versions.append(registry.register(run.info.run_id, "model"))

@@ -356,7 +356,9 @@ def test_backfill_older_than_the_horizon_is_refused_before_any_work(omnisage_env
     monkeypatch.setenv("OMNISAGE_RETENTION_DAYS", "3")
     settings = Settings.from_env()
     publish_days(settings.graph_dir, TEN[5:])  # graph/ holds days 5..9: cutoff = day 6
-    with pytest.raises(ExpiredBackfillError, match=rf"dt={TEN[6]} is at or before the retention cutoff {TEN[6]}"):
+    with pytest.raises(
+        ExpiredBackfillError, match=rf"dt={TEN[6]} is at or before the retention cutoff {TEN[6]}"
+    ):
         refuse_expired_days(settings, ["graph"], [TEN[6], TEN[7]])
     refuse_expired_days(settings, ["graph"], [TEN[7]])  # inside the horizon: allowed
     refuse_expired_days(settings, ["features"], [TEN[0]])  # nothing published there yet: allowed

@@ -104,7 +104,11 @@ def pickle_violations(source: str, filename: str = "<source>") -> list[str]:
             owner = _dotted(node.func.value)
             if owner in aliases["torch"]:
                 weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                if not (weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True):
+                if not (
+                    weights_only
+                    and isinstance(weights_only[0].value, ast.Constant)
+                    and weights_only[0].value.value is True
+                ):
                     bad(node, "torch.load without weights_only=True")
     return found
 
@@ -191,9 +195,14 @@ def pipeline(tmp_path_factory):
             run_ids = []
             for selection, kwargs in (
                 (DATA_ASSETS, {"partition_key": DAY}),
-                (["omnisage_model"], {"run_config": dg.RunConfig({"omnisage_model": OmniSageModelConfig(**TINY_TRAIN)})}),
+                (
+                    ["omnisage_model"],
+                    {"run_config": dg.RunConfig({"omnisage_model": OmniSageModelConfig(**TINY_TRAIN)})},
+                ),
             ):
-                result = dg.materialize(assets, selection=selection, resources=resources, instance=instance, **kwargs)
+                result = dg.materialize(
+                    assets, selection=selection, resources=resources, instance=instance, **kwargs
+                )
                 assert result.success
                 run_ids.append(result.run_id)
             model_meta = result.asset_materializations_for_node("omnisage_model")[-1].metadata
@@ -248,7 +257,10 @@ def test_the_champion_loads_without_unpickling(pipeline, no_unpickling, monkeypa
     for key, value in pipeline["env"].items():
         monkeypatch.setenv(key, value)
     result = dg.materialize(
-        pipeline["assets"], selection=["entity_embeddings"], partition_key=DAY, resources=pipeline["resources"]
+        pipeline["assets"],
+        selection=["entity_embeddings"],
+        partition_key=DAY,
+        resources=pipeline["resources"],
     )
     assert result.success
     assert published_path(settings.embeddings_dir, DAY) is not None
@@ -328,11 +340,19 @@ def test_a_partition_writes_nothing_outside_omnisage_home_and_tmp(tmp_path):
 
     after = {name: _tree(folder) for name, folder in watched.items()}
     for name in watched:
-        changed = sorted(k for k in set(before[name]) | set(after[name]) if before[name].get(k) != after[name].get(k))
+        changed = sorted(
+            k for k in set(before[name]) | set(after[name]) if before[name].get(k) != after[name].get(k)
+        )
         assert changed == [], f"the run wrote into the {name}: {changed}"
 
     # Everything it wrote is under OMNISAGE_HOME: the outputs and, DAGSTER_HOME being unset, the Dagster run.
-    for dataset in ("warehouse/engagement_logs", "warehouse/pruned_edges", "graph", "features", "warehouse/training_examples"):
+    for dataset in (
+        "warehouse/engagement_logs",
+        "warehouse/pruned_edges",
+        "graph",
+        "features",
+        "warehouse/training_examples",
+    ):
         assert published_path(home / dataset, DAY) is not None, dataset
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         assert instance.get_materialized_partitions(dg.AssetKey("training_examples")) == {DAY}
@@ -373,7 +393,10 @@ def test_the_uis_bind_to_localhost(tmp_path):
         for command in commands:
             if command.startswith(("dagster dev", "DAGSTER_HOME")) or " dagster dev " in f" {command} ":
                 assert _binds_loopback(command.split("dagster dev", 1)[1], ("-h", "--host")), (name, command)
-    mlflow_commands = {name: _commands(text, "mlflow ui") + _commands(text, "mlflow server") for name, text in sources.items()}
+    mlflow_commands = {
+        name: _commands(text, "mlflow ui") + _commands(text, "mlflow server")
+        for name, text in sources.items()
+    }
     assert mlflow_commands["demo.where_to_look"], printed
     for name, commands in mlflow_commands.items():
         for command in commands:
@@ -403,7 +426,9 @@ def _mlflow_leaks(client, values: tuple[str, ...]) -> list[str]:
     found = []
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id]):
-            logged = json.dumps({"params": run.data.params, "tags": run.data.tags, "metrics": list(run.data.metrics)})
+            logged = json.dumps(
+                {"params": run.data.params, "tags": run.data.tags, "metrics": list(run.data.metrics)}
+            )
             found += [run.info.run_id] if any(v in logged for v in values) else []
     for version in client.search_model_versions("name='omnisage'"):
         found += [f"version {version.version}"] if any(v in json.dumps(version.tags) for v in values) else []
@@ -420,7 +445,9 @@ def test_no_secret_or_environment_in_logs_metadata_or_mlflow(pipeline, tmp_path)
         assert {r.run_id for r in instance.get_runs()} >= set(pipeline["run_ids"])
         assert _dagster_leaks(instance, values) == {}
 
-    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    )
     params = client.get_run(pipeline["model_run_id"]).data.params
     assert params["training_partition"] == DAY and len(params) > 20  # the whole configuration was logged ...
     assert _mlflow_leaks(client, values) == []  # ... and nothing of the environment

@@ -72,7 +72,11 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tmp_path):
     first.fit(stop_after=3)
     ckpt = first.save(tmp_path / "ck.pt")
     state = load_checkpoint(ckpt)  # weights_only=True
-    assert state["step"] == 3 and state["batch_in_epoch"] == 3 and any(k.startswith("entity_entity/") for k in state["sketches"])
+    assert (
+        state["step"] == 3
+        and state["batch_in_epoch"] == 3
+        and any(k.startswith("entity_entity/") for k in state["sketches"])
+    )
 
     torch.manual_seed(12345)  # a different process state: only the checkpoint may matter
     np.random.seed(7)

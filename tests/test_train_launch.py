@@ -22,13 +22,24 @@ def _publish_examples(settings, day: str) -> None:
 def _versions(settings) -> list[int]:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    )
     return sorted(int(v.version) for v in client.search_model_versions("name='omnisage'"))
 
 
 def test_torchrun_command_passes_rendezvous_options_through(tmp_path):
-    cmd = torchrun_command(tmp_path / "r.json", 8, {"nnodes": 2, "node_rank": 1, "rdzv_backend": "c10d",
-                                                      "rdzv_endpoint": "host0:29400", "rdzv_id": "job"})
+    cmd = torchrun_command(
+        tmp_path / "r.json",
+        8,
+        {
+            "nnodes": 2,
+            "node_rank": 1,
+            "rdzv_backend": "c10d",
+            "rdzv_endpoint": "host0:29400",
+            "rdzv_id": "job",
+        },
+    )
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=8"]
     assert "--standalone" not in cmd and "--rdzv-endpoint=host0:29400" in cmd and "--node-rank=1" in cmd
     assert cmd[-3:] == ["-m", "ml.training_run", str(tmp_path / "r.json")]
@@ -41,15 +52,33 @@ def test_train_command_on_two_gloo_ranks_registers_a_version(published, omnisage
     settings, art = published
     _publish_examples(settings, art.day)
     env = {**os.environ, **omnisage_env, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "omnisage_pipeline.cli", "train", "--nproc-per-node", "2", "--device", "cpu",
-           "--steps", "4", "--batch-size", "16", "--negatives", "8", "--num-workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnisage_pipeline.cli",
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--negatives",
+        "8",
+        "--num-workers",
+        "0",
+    ]
     out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "model version 1 -> champion" in out.stdout
     assert "step 4/4" in out.stdout  # rank 0's progress lines reach the launcher's log
     assert _versions(settings) == [1]
     # a second run with one process: the same function, a new version
-    out = subprocess.run(cmd[:5] + ["1"] + cmd[6:], check=False, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        cmd[:5] + ["1"] + cmd[6:], check=False, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _versions(settings) == [1, 2]
 
@@ -67,8 +96,24 @@ def test_killing_the_launching_process_stops_every_rank(published, omnisage_env,
     settings, art = published
     _publish_examples(settings, art.day)
     env = {**os.environ, **omnisage_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "omnisage_pipeline.cli", "train", "--nproc-per-node", "2", "--device", "cpu",
-           "--steps", "100000", "--batch-size", "16", "--negatives", "8", "--num-workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnisage_pipeline.cli",
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--device",
+        "cpu",
+        "--steps",
+        "100000",
+        "--batch-size",
+        "16",
+        "--negatives",
+        "8",
+        "--num-workers",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = str(settings.scratch_dir)  # the request file lives under this home's scratch folder
     try:
@@ -98,8 +143,15 @@ def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omn
 
     settings, art = published
     _publish_examples(settings, art.day)
-    config = OmniSageModelConfig(steps=2, batch_size=16, num_random_negatives=8, pool_size=200, device="cpu",
-                                 pinsage_baseline=False, num_workers=0)
+    config = OmniSageModelConfig(
+        steps=2,
+        batch_size=16,
+        num_random_negatives=8,
+        pool_size=200,
+        device="cpu",
+        pinsage_baseline=False,
+        num_workers=0,
+    )
     first = train_and_register(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
     for path in (settings.home / "mlflow-artifacts").rglob("config.json"):  # as an older release wrote it
         raw = json.loads(path.read_text())

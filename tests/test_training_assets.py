@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +26,9 @@ def mlflow_template(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_experiments()
+    mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}"
+    ).search_experiments()
     return path
 
 
@@ -66,12 +69,21 @@ def published(tmp_path, omnisage_env, mlflow_template, monkeypatch):
 def _resources(settings: Settings) -> dict:
     from omnisage_pipeline.resources import MlflowResource, StorageResource
 
-    return {"storage": StorageResource.from_settings(settings), "mlflow": MlflowResource.from_settings(settings)}
+    return {
+        "storage": StorageResource.from_settings(settings),
+        "mlflow": MlflowResource.from_settings(settings),
+    }
 
 
 def _pairs(table: pa.Table) -> set[tuple]:
-    return set(zip(table["query_type"].to_pylist(), table["query_id"].to_pylist(),
-                   table["pos_type"].to_pylist(), table["pos_id"].to_pylist()))
+    return set(
+        zip(
+            table["query_type"].to_pylist(),
+            table["query_id"].to_pylist(),
+            table["pos_type"].to_pylist(),
+            table["pos_id"].to_pylist(),
+        )
+    )
 
 
 def _materialize_model(settings, config: dict) -> dg.MaterializeResult:
@@ -106,7 +118,7 @@ def test_training_examples_model_and_gate(published):
     assert meta["rows_pairs"].value == train_pairs.num_rows > 0
     assert meta["held_out_pairs"].value == eval_pairs.num_rows > 0
     assert meta["held_out_users"].value > 0
-    by_source = {k[len("pairs."):]: v.value for k, v in meta.items() if k.startswith("pairs.")}
+    by_source = {k[len("pairs.") :]: v.value for k, v in meta.items() if k.startswith("pairs.")}
     assert sum(by_source.values()) == train_pairs.num_rows
     assert {"engagement_pin_pin", "engagement_board_pin"} <= set(by_source)
     assert any(s.startswith("graph_") for s in by_source)
@@ -115,7 +127,9 @@ def test_training_examples_model_and_gate(published):
 
     # ---- a killed training (stopped at step 10, checkpoint kept) ...
     mlflow_res = MlflowResource.from_settings(settings)
-    killed = train_and_register(settings, mlflow_res, OmniSageModelConfig(**TRAIN), log=lambda m: None, stop_after=10)
+    killed = train_and_register(
+        settings, mlflow_res, OmniSageModelConfig(**TRAIN), log=lambda m: None, stop_after=10
+    )
     assert killed is None
     ckpts = list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))
     assert len(ckpts) == 1
@@ -131,18 +145,28 @@ def test_training_examples_model_and_gate(published):
     assert m1["gate_split"].value == "validation" and 1 <= m1["selected_step"].value <= TRAIN["steps"]
     gate_recalls = [r["recall"] for r in m1["gate_new_recall"].value.values() if r["recall"] is not None]
     assert first_recall == pytest.approx(sum(gate_recalls) / len(gate_recalls), abs=1e-6)
-    assert not list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))  # removed once registered
+    assert not list(
+        (settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt")
+    )  # removed once registered
 
-    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    )
     run = client.get_run(m1["mlflow_run_id"].value)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["training_partition"] == day and p["config.steps"] == str(TRAIN["steps"]) and p["preset_resolved"] == "small"
+    assert (
+        p["training_partition"] == day
+        and p["config.steps"] == str(TRAIN["steps"])
+        and p["preset_resolved"] == "small"
+    )
     assert p["model.out_dim"] == "32" and "train.lr" in p and "layout" in p
     assert run.data.tags["resumed_from_step"] == "10" and run.data.tags["gate.alias"] == "champion"
     assert run.data.tags["gate.split"] == "validation" and "validation/mean_recall_at_10" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "loss/total")
-    assert [m.step for m in history] == list(range(15, TRAIN["steps"] + 1, 5))  # every log_every steps after the resume at 10
+    assert [m.step for m in history] == list(
+        range(15, TRAIN["steps"] + 1, 5)
+    )  # every log_every steps after the resume at 10
     assert any(k.startswith("loss/entity_entity") for k in run.data.metrics)
     assert any(k.startswith("loss/user_entity") for k in run.data.metrics)
     for task in ("entity_entity", "entity_feature", "user_entity"):
@@ -176,7 +200,7 @@ def test_training_examples_model_and_gate(published):
 
 
 def test_training_job_and_weekly_schedule(omnisage_env):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from assets.training import omnisage_model, training_examples
     from omnisage_pipeline.training_jobs import (
@@ -196,9 +220,9 @@ def test_training_job_and_weekly_schedule(omnisage_env):
     assert [k.to_user_string() for k in job.asset_layer.executable_asset_keys] == ["omnisage_model"]
     assert training_schedule.cron_schedule == "0 3 * * 1" and training_schedule.execution_timezone == "UTC"
     # A tick at Monday 2026-01-05 03:00 UTC asks for one run of the training job.
-    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 5, 3, 0, tzinfo=timezone.utc))
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 5, 3, 0, tzinfo=UTC))
     requests = training_schedule.evaluate_tick(ctx).run_requests
     assert len(requests) == 1 and requests[0].partition_key is None
     assert build_training_schedule("30 4 * * 0").cron_schedule == "30 4 * * 0"
-    with pytest.raises(Exception):
+    with pytest.raises(dg.DagsterInvalidDefinitionError):
         build_training_schedule("not a cron")

@@ -87,7 +87,9 @@ def test_drop_held_out_edges_is_the_unordered_pair_hash():
     )
     kept = drop_held_out_edges(edges, cfg)
     # the board -> pin orientation of the same pairs (how engagement pairs are written)
-    held = held_out_pairs(cfg.holdout_seed, cfg.eval_fraction, TYPE_CODE["board"], boards, TYPE_CODE["pin"], pins)
+    held = held_out_pairs(
+        cfg.holdout_seed, cfg.eval_fraction, TYPE_CODE["board"], boards, TYPE_CODE["pin"], pins
+    )
     assert kept.num_rows == n - held.sum()
     assert set(kept["src_id"].to_pylist()) == set(pins[~held].tolist())
 
@@ -124,8 +126,13 @@ def test_held_out_users_engagement_is_not_in_the_graph(art):
     logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
     users = logs["user_id"].to_numpy()
     held = held_out_users(cfg.holdout_seed, cfg.eval_fraction, users)
-    saves = (logs["action"].to_numpy(zero_copy_only=False) == "save") & ~pc.is_null(logs["board_id"]).to_numpy(zero_copy_only=False)
-    pin, board = logs["pin_id"].to_numpy(), np.nan_to_num(logs["board_id"].to_numpy(zero_copy_only=False)).astype(np.int64)
+    saves = (logs["action"].to_numpy(zero_copy_only=False) == "save") & ~pc.is_null(
+        logs["board_id"]
+    ).to_numpy(zero_copy_only=False)
+    pin, board = (
+        logs["pin_id"].to_numpy(),
+        np.nan_to_num(logs["board_id"].to_numpy(zero_copy_only=False)).astype(np.int64),
+    )
     only_held = {(p, b) for p, b in zip(pin[saves & held], board[saves & held])} - {
         (p, b) for p, b in zip(pin[saves & ~held], board[saves & ~held])
     }
@@ -161,7 +168,9 @@ def test_same_hash_on_every_day(art, tmp_path):
     logs = sorted(art.log_dirs[-2].glob("*.parquet")) + sorted(art.log_dirs[0].glob("*.parquet"))
     # a 1-day horizon: a 2-day window ending at day2 with the default 2 would be all horizon, no training users
     config = dataclasses.replace(art.example_config, eval_horizon_days=1)
-    build_training_examples(logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, config)
+    build_training_examples(
+        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, config
+    )
     d2 = load_training_examples(out)
     d3 = art.data
     tr2, ev2, tr3, ev3 = (_unordered(t) for t in (d2.pairs, d2.eval_pairs, d3.pairs, d3.eval_pairs))
@@ -184,22 +193,35 @@ def test_allocate_is_proportional_and_exact():
 def test_batch_iterator_contract(art):
     """Deterministic per epoch, the same batch names every step, eq. 2's per-source split, negatives of
     the positive's type from the universe, held-out pairs never drawn."""
-    kw = {"batch_size": 32, "num_random_negatives": 8, "seed": 3, "max_sequence_length": 8, "steps_per_epoch": 3}
+    kw = {
+        "batch_size": 32,
+        "num_random_negatives": 8,
+        "seed": 3,
+        "max_sequence_length": 8,
+        "steps_per_epoch": 3,
+    }
     fac = make_batch_iterator_factory(art.data, art.builder, **kw)
     a, b = list(fac(0)), list(fac(0))
     assert len(a) == 3 and fac.steps_per_epoch == 3
     names = [list(step) for step in a]
     assert all(n == names[0] for n in names)
-    assert set(names[0]) >= {"entity_entity/pin_pin", "entity_entity/board_pin", "entity_entity/pin_board",
-                             "entity_feature/pin", "entity_feature/board", "user_entity"}
+    assert set(names[0]) >= {
+        "entity_entity/pin_pin",
+        "entity_entity/board_pin",
+        "entity_entity/pin_board",
+        "entity_feature/pin",
+        "entity_feature/board",
+        "user_entity",
+    }
     for x, y in zip(a, b):
         for name in x:
             ex, ey = x[name], y[name]
             if isinstance(ex, PairBatch):
                 assert np.array_equal(ex.query.entity_ids, ey.query.entity_ids)
     c = next(iter(fac(1)))
-    assert not np.array_equal(a[0]["entity_entity/pin_pin"].query.entity_ids,
-                              c["entity_entity/pin_pin"].query.entity_ids)
+    assert not np.array_equal(
+        a[0]["entity_entity/pin_pin"].query.entity_ids, c["entity_entity/pin_pin"].query.entity_ids
+    )
 
     held = _unordered(art.data.eval_pairs)
     universe = art.data.universe()
@@ -229,9 +251,20 @@ def test_batch_iterator_contract(art):
         assert total % 32 == 0
     # eq. 2 with equal weights: every source gets batch_size / n_sources pairs per step
     fac_w = make_batch_iterator_factory(
-        art.data, art.builder, tasks=("entity_entity",), batch_size=60, num_random_negatives=0, steps_per_epoch=1,
-        source_weights={"engagement_pin_pin": 2.0, "graph_pin_pin": 1.0, "engagement_board_pin": 0.0,
-                        "graph_board_pin": 0.0, "graph_pin_board": 0.0, "graph_pin_board_pin": 0.0},
+        art.data,
+        art.builder,
+        tasks=("entity_entity",),
+        batch_size=60,
+        num_random_negatives=0,
+        steps_per_epoch=1,
+        source_weights={
+            "engagement_pin_pin": 2.0,
+            "graph_pin_pin": 1.0,
+            "engagement_board_pin": 0.0,
+            "graph_board_pin": 0.0,
+            "graph_pin_board": 0.0,
+            "graph_pin_board_pin": 0.0,
+        },
     )
     step = next(iter(fac_w(0)))
     assert list(step) == ["entity_entity/pin_pin"]
@@ -239,14 +272,22 @@ def test_batch_iterator_contract(art):
     p = step["entity_entity/pin_pin"].positive.entity_ids
     pairs = art.data.pairs
     src_of = {}
-    for s, qi, pi in zip(pairs["source"].to_pylist(), pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()):
+    for s, qi, pi in zip(
+        pairs["source"].to_pylist(), pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()
+    ):
         src_of.setdefault((qi, pi), set()).add(s)
     n_eng = sum("engagement_pin_pin" in src_of[(int(a), int(b))] for a, b in zip(q, p))
     assert n_eng >= 40  # 2/3 of 60 drawn from the weight-2 source
 
 
-SOURCES = ("engagement_pin_pin", "engagement_board_pin", "graph_pin_pin", "graph_pin_board_pin", "graph_pin_board",
-           "graph_board_pin")
+SOURCES = (
+    "engagement_pin_pin",
+    "engagement_board_pin",
+    "graph_pin_pin",
+    "graph_pin_board_pin",
+    "graph_pin_board",
+    "graph_board_pin",
+)
 
 
 def _pin_pin_steps(art, source: str, steps: int = 3):
@@ -259,8 +300,10 @@ def _pin_pin_steps(art, source: str, steps: int = 3):
 
 def _own_edge_seen(batch) -> int:
     q, p = batch.query, batch.positive
-    return int((q.neighbor_mask & (q.neighbor_ids == p.entity_ids[:, None])).any(1).sum()
-               + (p.neighbor_mask & (p.neighbor_ids == q.entity_ids[:, None])).any(1).sum())
+    return int(
+        (q.neighbor_mask & (q.neighbor_ids == p.entity_ids[:, None])).any(1).sum()
+        + (p.neighbor_mask & (p.neighbor_ids == q.entity_ids[:, None])).any(1).sum()
+    )
 
 
 def test_graph_pairs_mask_their_edge_and_engagement_pairs_keep_it(art):
@@ -297,8 +340,10 @@ def test_exclude_neighbors_compacts_blocks(art):
             first[r], seen[r] = batch.neighbor_ids[r, c], True
     out = exclude_neighbors(batch, first)
     assert not (out.neighbor_mask & (out.neighbor_ids == first[:, None]) & (first[:, None] >= 0)).any()
-    assert out.neighbor_mask.sum() == batch.neighbor_mask.sum() - (batch.neighbor_mask & (
-        batch.neighbor_ids == first[:, None])).sum()
+    assert (
+        out.neighbor_mask.sum()
+        == batch.neighbor_mask.sum() - (batch.neighbor_mask & (batch.neighbor_ids == first[:, None])).sum()
+    )
     for off, blk in zip(out.layout.offsets, out.layout.blocks):
         m = out.neighbor_mask[:, off : off + blk.k]
         # real entries first inside every block, padding zeroed

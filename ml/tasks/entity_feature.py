@@ -64,7 +64,10 @@ class EntityFeatureTask(nn.Module):
         if self.image_dim > 0:
             has_img = t.image_mask & t.present
             q = self._per_row("image", torch.where(has_img[:, None], t.image, 0), flat)
-            out["image"] = (q.reshape(*rows.shape, -1), (has_img.index_select(0, flat) & live).reshape(rows.shape))
+            out["image"] = (
+                q.reshape(*rows.shape, -1),
+                (has_img.index_select(0, flat) & live).reshape(rows.shape),
+            )
         return out
 
     def _per_row(self, kind: str, features: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -113,8 +116,10 @@ class EntityFeatureTask(nn.Module):
         b, k = mask.shape
         # slot 0 = u itself, slots 1..k = its sampled neighbours v (masked ones get no query)
         rows = torch.cat([x.own_row[:, None], torch.where(mask, nb_rows, -1)], dim=1)
-        nb_keys = entity_key(x.column_node_type.index_select(0, cols)[None, :].expand(b, k),
-                             x.neighbor_ids.index_select(1, cols))
+        nb_keys = entity_key(
+            x.column_node_type.index_select(0, cols)[None, :].expand(b, k),
+            x.neighbor_ids.index_select(1, cols),
+        )
         slot_keys = torch.cat([own_keys.to(nb_keys.device)[:, None], nb_keys], dim=1).reshape(-1)
         targets = torch.arange(b, device=pos.device).repeat_interleave(k + 1)  # every slot's positive: f(u)
         qs = self.slot_queries(x, rows)
@@ -132,8 +137,12 @@ class EntityFeatureTask(nn.Module):
                 # the loss divides by its number of queries
                 keep = torch.nonzero(wi > 0).squeeze(1)
                 scale = keep.numel() / max(1, wi.numel())
-                q, wi, keys, tg = q.index_select(0, keep), wi.index_select(0, keep) * scale, \
-                    keys.index_select(0, keep), tg.index_select(0, keep)
+                q, wi, keys, tg = (
+                    q.index_select(0, keep),
+                    wi.index_select(0, keep) * scale,
+                    keys.index_select(0, keep),
+                    tg.index_select(0, keep),
+                )
                 if keep.numel() == 0:
                     continue
             loss = loss + model.softmax_loss(q, cands, weights=wi, query_keys=keys, targets=tg)
