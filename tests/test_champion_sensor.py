@@ -50,5 +50,9 @@ def test_alias_change_requests_the_served_day_once(omnisage_env, monkeypatch):
     from omnisage_pipeline.definitions import defs
 
     target = sensors.TARGET.resolve(defs.resolve_asset_graph())
-    assert {k.to_user_string() for k in target} == {"entity_embeddings", "recall_report"}
+    assert {k.to_user_string() for k in target} == {
+        "entity_embeddings",
+        "recall_report",
+        "ann_index",
+    }  # the served index follows
     assert defs.resolve_sensor_def(sensors.SENSOR_NAME).default_status == dg.DefaultSensorStatus.STOPPED
