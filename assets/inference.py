@@ -386,6 +386,7 @@ def embed_day(
             (np.asarray(snapshot.lookup(np.int8(NODE_TYPE_CODE[t]), ids)) < 0).sum()
         )
     tables = []
+    pin_table = None
     t0 = time.perf_counter()
     done = 0
     step = max(int(log_every), int(batch_size))
@@ -400,6 +401,8 @@ def embed_day(
             log(f"embedded {done}/{shard_total} entities ({t}), {rate:.0f} entities/s")
         emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
         tables.append(entity_table(t, ids, emb, version))
+        if t == "pin":
+            pin_table = (ids, emb)  # history items of the user embeddings below: each pin embedded once
     entity_seconds = time.perf_counter() - t0
     stats.update(
         entities=int(shard_total),
@@ -419,7 +422,11 @@ def embed_day(
             keep = np.flatnonzero(shard_of("user", user_ids, num_shards) == shard_index)
             user_ids, histories = user_ids[keep], [histories[i] for i in keep]
         t1 = time.perf_counter()
-        emb = embed_users(model, builder, histories, batch_size=user_batch_size) if len(user_ids) else None
+        emb = (
+            embed_users(model, builder, histories, batch_size=user_batch_size, item_table=pin_table)
+            if len(user_ids)
+            else None
+        )
         emb = (
             _check_embeddings(emb, len(user_ids), "embed_users")
             if emb is not None

@@ -122,12 +122,16 @@ def embed_entities(
     return out
 
 
-def embed_users(model, builder, histories, *, batch_size: int = 256, entity_type: str = "pin") -> np.ndarray:
+def embed_users(
+    model, builder, histories, *, batch_size: int = 256, entity_type: str = "pin", item_table=None
+) -> np.ndarray:
     """U_t at each user's last history step -> float32 [len(histories), out_dim].
 
     ``histories``: one int64 array of engaged entity ids per user, oldest first; longer than the model's
     t_max (``SequenceConfig.max_len``) keeps the most recent t_max. A user with an empty history gets a
-    zero vector (no state to read)."""
+    zero vector (no state to read). ``item_table`` = (ids, vectors): f_t of the history items already
+    computed by this model (daily inference embeds every pin first); items missing from it are embedded
+    here once, so every history item is embedded once, not once per user who engaged with it."""
     from ml.data import make_sequence_batch
 
     if "user_entity" not in getattr(model, "tasks", {}):
@@ -136,6 +140,8 @@ def embed_users(model, builder, histories, *, batch_size: int = 256, entity_type
     hist = [np.asarray(h, dtype=np.int64).reshape(-1)[-t_max:] for h in histories]
     out = np.zeros((len(hist), model.config.out_dim), dtype=np.float32)
     nonempty = np.flatnonzero([h.size > 0 for h in hist])
+    if item_table is not None and nonempty.size:
+        item_ids, item_vectors = _complete_item_table(model, builder, entity_type, hist, item_table)
     with _EvalMode(model), torch.no_grad(), inference_autocast(model):
         for lo in range(0, nonempty.size, batch_size):
             rows = nonempty[lo : lo + batch_size]
@@ -143,6 +149,30 @@ def embed_users(model, builder, histories, *, batch_size: int = 256, entity_type
             seq = np.full((rows.size, int(lengths.max())), -1, dtype=np.int64)
             valid = np.arange(seq.shape[1])[None, :] < lengths[:, None]
             seq[valid] = np.concatenate([hist[r] for r in rows])
-            batch = make_sequence_batch(builder, entity_type, seq)
-            out[rows] = model.user_embeddings(batch).float().cpu().numpy()
+            if item_table is None:
+                batch = make_sequence_batch(builder, entity_type, seq)
+                out[rows] = model.user_embeddings(batch).float().cpu().numpy()
+                continue
+            device = _device(model)
+            items = torch.from_numpy(item_vectors[np.searchsorted(item_ids, seq) * valid]).to(device)
+            mask = torch.from_numpy(valid).to(device)
+            out[rows] = model.user_embeddings_from_items(items, mask).float().cpu().numpy()
     return out
+
+
+def _complete_item_table(model, builder, entity_type: str, hist, item_table) -> tuple[np.ndarray, np.ndarray]:
+    """-> (sorted ids, their vectors) covering every history item: the given table plus the missing ids."""
+    ids = np.asarray(item_table[0], dtype=np.int64)
+    vectors = np.asarray(item_table[1], dtype=np.float32).reshape(ids.size, -1)
+    if vectors.shape[1] != model.config.out_dim:  # an empty table
+        vectors = np.zeros((ids.size, model.config.out_dim), np.float32)
+    order = np.argsort(ids, kind="stable")
+    ids, vectors = ids[order], vectors[order]
+    wanted = np.unique(np.concatenate([h for h in hist if h.size]))
+    missing = wanted[~np.isin(wanted, ids)]
+    if missing.size:
+        ids = np.concatenate([ids, missing])
+        vectors = np.concatenate([vectors, embed_entities(model, builder, entity_type, missing)])
+        order = np.argsort(ids, kind="stable")
+        ids, vectors = ids[order], vectors[order]
+    return ids, vectors

@@ -405,6 +405,15 @@ class OmniSageModel(nn.Module):
         seq = torch.as_tensor(batch.sequence_index, dtype=torch.int64, device=p.device)
         valid = seq >= 0
         rows = p.index_select(0, seq.clamp_min(0).reshape(-1)).reshape(*seq.shape, p.shape[-1])
-        states = self.tasks["user_entity"].user_states(rows * valid[..., None], valid)
+        return self.user_embeddings_from_items(rows, valid)
+
+    @torch.no_grad()
+    def user_embeddings_from_items(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """U_t at each user's last valid step from the history items' f_t vectors ``items`` [U, T, d] and
+        their mask ``valid`` [U, T] (3.3.3): what ``user_embeddings`` computes after embedding the items, for
+        a caller that already holds them (daily inference embeds every pin once)."""
+        if "user_entity" not in self.tasks:
+            raise ValueError("user embeddings need the user_entity task")
+        states = self.tasks["user_entity"].user_states(items * valid[..., None], valid)
         last = (valid.sum(1) - 1).clamp_min(0)
-        return states[torch.arange(seq.shape[0], device=p.device), last]
+        return states[torch.arange(items.shape[0], device=items.device), last]

@@ -413,3 +413,23 @@ def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, 
             assert meta["dagster/row_count"].value == table.num_rows
         runs = instance.get_runs()
         assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+
+def test_user_embeddings_from_the_days_pin_vectors_equal_embedding_the_items_again(world):
+    """Daily inference embeds every pin once and reads users' history items from that table (items it lacks,
+    e.g. pins of another shard, are embedded on the spot): the same U_t as embedding each item per user."""
+    from ml.inference import embed_entities, embed_users
+
+    art = world["art"]
+    torch.manual_seed(1)
+    model = OmniSageModel(small(image_dim=art.image_dim)[0]).eval()
+    builder = _fresh_builder(art)
+    seqs = pq.read_table(art.examples_dir / "sequences.parquet", columns=["history"])
+    histories = [np.asarray(h, np.int64) for h in seqs["history"].to_pylist()][:40]
+    pins = np.unique(np.concatenate([h for h in histories if h.size]))
+    partial = pins[: pins.size // 2]  # half the items known: the rest goes through the fallback
+    table = (partial[::-1].copy(), embed_entities(model, builder, "pin", partial[::-1].copy()))
+    direct = embed_users(model, builder, histories, batch_size=16)
+    from_table = embed_users(model, builder, histories, batch_size=16, item_table=table)
+    assert np.abs(direct).sum() > 0
+    np.testing.assert_allclose(from_table, direct, atol=2e-5)
