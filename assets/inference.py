@@ -366,7 +366,7 @@ def embed_day(
     log_every: int = 50_000,
 ) -> DayEmbeddings:
     """Embed this shard's entities (and users) of one day with ``loaded.model``. Dagster-free."""
-    from ml.inference import embed_entities, embed_users
+    from ml.inference import embed_entities
 
     check_shard_config(num_shards, shard_index)
     log = log or (lambda msg: None)
@@ -417,31 +417,36 @@ def embed_day(
     if with_users and "user_entity" not in getattr(model, "tasks", {}):
         log("the champion has no user_entity task (no sequence transformer): no user embeddings this day")
     elif with_users:
-        user_ids, histories = read_user_histories(inputs.examples_dir)
-        if num_shards > 1:
-            keep = np.flatnonzero(shard_of("user", user_ids, num_shards) == shard_index)
-            user_ids, histories = user_ids[keep], [histories[i] for i in keep]
-        t1 = time.perf_counter()
-        emb = (
-            embed_users(model, builder, histories, batch_size=user_batch_size, item_table=pin_table)
-            if len(user_ids)
-            else None
+        shard = (num_shards, shard_index)
+        users = _embed_day_users(
+            model, builder, inputs, shard, pin_table, version, user_batch_size, stats, log
         )
-        emb = (
-            _check_embeddings(emb, len(user_ids), "embed_users")
-            if emb is not None
-            else np.zeros((0, 0), np.float32)
-        )
-        user_seconds = time.perf_counter() - t1
-        users = user_table(user_ids, emb, version)
-        stats.update(
-            users=len(user_ids),
-            user_seconds=round(user_seconds, 3),
-            users_per_second=round(len(user_ids) / user_seconds, 1) if user_seconds > 0 else 0.0,
-        )
-        log(f"embedded {len(user_ids)} users, {stats['users_per_second']:.0f} users/s")
     featurizer.close()
     return DayEmbeddings(pa.concat_tables(tables), users, stats)
+
+
+def _embed_day_users(model, builder, inputs: DayInputs, shard, pin_table, version, batch_size, stats, log):
+    """The window's active users of this shard (U_t from the day's pin table) -> their table; fills ``stats``."""
+    from ml.inference import embed_users
+
+    num_shards, shard_index = shard
+    user_ids, histories = read_user_histories(inputs.examples_dir)
+    if num_shards > 1:
+        keep = np.flatnonzero(shard_of("user", user_ids, num_shards) == shard_index)
+        user_ids, histories = user_ids[keep], [histories[i] for i in keep]
+    t1 = time.perf_counter()
+    emb = np.zeros((0, 0), np.float32)
+    if len(user_ids):
+        emb = embed_users(model, builder, histories, batch_size=batch_size, item_table=pin_table)
+        emb = _check_embeddings(emb, len(user_ids), "embed_users")
+    user_seconds = time.perf_counter() - t1
+    stats.update(
+        users=len(user_ids),
+        user_seconds=round(user_seconds, 3),
+        users_per_second=round(len(user_ids) / user_seconds, 1) if user_seconds > 0 else 0.0,
+    )
+    log(f"embedded {len(user_ids)} users, {stats['users_per_second']:.0f} users/s")
+    return user_table(user_ids, emb, version)
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
