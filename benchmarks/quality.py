@@ -168,14 +168,52 @@ def score_all(prep, systems: dict, data_root: Path, dataset: str, k: int, log) -
         out[name] = row
         log(f"{name}: {row}")
     pool = evaluator.pools.get("pin")
-    out["random"]["entity_feature"] = k / (len(pool) + 1) if pool is not None else None
+    if "random" in out:
+        out["random"]["entity_feature"] = k / (len(pool) + 1) if pool is not None else None
     return out
 
 
-def table(systems: dict) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+def train_seeds(home: Path, day: str, config, seeds: list[int], data_root: Path, dataset: str, k: int, log):
+    """The model and the PinSage-like baseline trained and scored once per seed (the same data and budget).
+    -> (the last seed's prepared inputs, [{system: {task: recall}} per seed], [model training s per seed])."""
+    from ml.evaluator import model_embedders
+
+    per_seed, seconds = [], []
+    for seed in seeds:
+        log(f"seed {seed}")
+        prep, model, pinsage, train_s = train_systems(home, day, dataclasses.replace(config, seed=seed), log)
+        systems = {"model": model_embedders(model, prep.builder),
+                   "pinsage": (model_embedders(pinsage, prep.builder)[0], None)}  # fmt: skip
+        per_seed.append(score_all(prep, systems, data_root, dataset, k, log))
+        seconds.append(round(train_s, 1))
+    return prep, per_seed, seconds
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """{system: {task: mean recall over the seeds | None}}."""
+    out = {}
+    for name in per_seed[0]:
+        out[name] = {}
+        for task in TASKS:
+            values = [run[name][task] for run in per_seed if run[name][task] is not None]
+            out[name][task] = sum(values) / len(values) if values else None
+    return out
+
+
+def table(systems: dict, per_seed: list[dict]) -> str:
+    """Markdown: the mean over seeds, with the range where a system was trained once per seed."""
+
+    def cell(name: str, task: str) -> str:
+        v = systems[name].get(task)
+        if v is None:
+            return "-"
+        if len(per_seed) > 1 and name in per_seed[0]:
+            runs = [run[name][task] for run in per_seed]
+            return f"{v:.4f} ({min(runs):.4f}-{max(runs):.4f})"
+        return f"{v:.4f}"
+
     lines = ["| system | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(fmt(r.get(t)) for t in TASKS) + " |" for name, r in systems.items()]
+    lines += [f"| {name} | " + " | ".join(cell(name, t) for t in TASKS) + " |" for name in systems]
     return "\n".join(lines)
 
 
@@ -194,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="training seeds of the model and the PinSage-like baseline (mean reported)",
+    )
+    ap.add_argument(
         "--config", default="{}", help="JSON of TrainingRunConfig fields over the data set's profile"
     )
     args = ap.parse_args(argv)
@@ -209,18 +252,14 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {"steps": args.steps} if args.steps is not None else {}
     profile = {**PROFILES[args.dataset], **steps, **json.loads(args.config)}
     config = TrainingRunConfig(device=args.device, resume=False, checkpoint_every=0, log_every=100, **profile)
-    prep, model, pinsage, train_s = train_systems(home, days[-1], config, log)
-    from ml.evaluator import model_embedders
-
-    systems = {
-        "model": model_embedders(model, prep.builder),
-        "pinsage": (model_embedders(pinsage, prep.builder)[0], None),
-    }
-    systems.update(baselines(prep, data_root, args.dataset, log))
-    scores = score_all(prep, systems, data_root, args.dataset, args.k, log)
-    print(table(scores))
-    result = {"dataset": args.dataset, "k": args.k, "systems": scores, "train_seconds": round(train_s, 1),
-              "device": str(prep.device), "preset": prep.preset_name, "profile": profile, "blocks": args.blocks, "pipeline_seconds": round(pipeline_s, 1),
+    seeds = [int(x) for x in args.seeds.split(",")]
+    prep, per_seed, train_s = train_seeds(home, days[-1], config, seeds, data_root, args.dataset, args.k, log)
+    scores = {**mean_over_seeds(per_seed), **score_all(prep, baselines(prep, data_root, args.dataset, log),
+                                                        data_root, args.dataset, args.k, log)}  # fmt: skip
+    print(table(scores, per_seed))
+    result = {"dataset": args.dataset, "k": args.k, "systems": scores, "seeds": seeds, "per_seed": per_seed,
+              "train_seconds": train_s, "device": str(prep.device), "preset": prep.preset_name, "profile": profile,
+              "blocks": args.blocks, "pipeline_seconds": round(pipeline_s, 1),
               "total_seconds": round(time.perf_counter() - t0, 1), "work": str(work)}  # fmt: skip
     print(json.dumps(result))
     return result

@@ -105,6 +105,9 @@ class ExampleConfig:
     holdout_seed: int = DEFAULT_HOLDOUT_SEED
     t_max: int = 32  # sequence length t_max (3.3.3)
     future_delta: int = 8  # Delta: future actions kept after t_max for eq. 5
+    # training windows end every ``sequence_stride`` engagements of a user's history (0: one window per user,
+    # the last t_max + Delta before the cutoff); half of t_max by default (not in the paper)
+    sequence_stride: int = 16
     eval_horizon_days: int = 2  # user-entity evaluation: engagement in the window's last days is "future"
     sample_seed: int = 0
     graph_pairs_per_node: int = 2  # draws per (graph node, graph source); repeated draws are merged
@@ -309,19 +312,7 @@ def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.
             FROM logs {where}
             """
         )
-    train = _fetch(
-        con,
-        f"""
-        WITH split AS (
-            SELECT *, n - least({delta}, greatest(n - 2, 0)) AS n_hist FROM ordered_train
-        )
-        SELECT user_id,
-               list(pin_id ORDER BY rn) FILTER (WHERE rn <= n_hist AND rn > n_hist - {t_max}) AS history,
-               coalesce(list(pin_id ORDER BY rn) FILTER (WHERE rn > n_hist), []) AS future
-        FROM split WHERE n >= 2
-        GROUP BY user_id ORDER BY user_id
-        """,
-    )
+    train = _fetch(con, _training_windows_sql(t_max, delta, config.sequence_stride))
     evaluation = _fetch(
         con,
         f"""
@@ -344,6 +335,29 @@ def user_sequences(con, config: ExampleConfig, cutoff_ts) -> tuple[pa.Table, pa.
     train_held = held_out_users(config.holdout_seed, config.eval_fraction, train["user_id"].to_numpy())
     eval_held = held_out_users(config.holdout_seed, config.eval_fraction, evaluation["user_id"].to_numpy())
     return train.filter(pa.array(~train_held)), evaluation.filter(pa.array(eval_held))
+
+
+def _training_windows_sql(t_max: int, delta: int, stride: int) -> str:
+    """Training sequences as windows over each user's engagement before the cutoff: the last window ends
+    Delta engagements before the user's last (those are its eq. 5 future), and earlier windows end every
+    ``stride`` engagements before it, each with the Delta engagements after it as its future. One window per
+    user (``stride`` 0) would train T on each user's last t_max + Delta engagements only, the same few
+    hundred sequences every epoch on a data set of long histories."""
+    ends = f"range(n_hist, 1, -{stride})" if stride > 0 else "[n_hist]"
+    return f"""
+        WITH users AS (
+            SELECT user_id, max(n) AS n, max(n) - least({delta}, greatest(max(n) - 2, 0)) AS n_hist
+            FROM ordered_train GROUP BY user_id HAVING max(n) >= 2
+        ), windows AS (
+            SELECT user_id, n, n_hist, unnest({ends}) AS window_end FROM users
+        )
+        SELECT w.user_id,
+               list(o.pin_id ORDER BY o.rn) FILTER (WHERE o.rn <= w.window_end) AS history,
+               coalesce(list(o.pin_id ORDER BY o.rn) FILTER (WHERE o.rn > w.window_end), []) AS future
+        FROM windows w JOIN ordered_train o
+          ON o.user_id = w.user_id AND o.rn > w.window_end - {t_max} AND o.rn <= w.window_end + {delta}
+        GROUP BY w.user_id, w.window_end ORDER BY w.user_id, w.window_end DESC
+        """
 
 
 def feature_nodes(snapshot, config: ExampleConfig) -> tuple[pa.Table, pa.Table]:

@@ -354,3 +354,40 @@ def test_exclude_neighbors_compacts_blocks(art):
         assert (np.diff(np.where(m, s, -1e9), axis=1)[m[:, 1:]] <= 0).all()  # still score-descending
     # nothing to exclude -> the same object
     assert exclude_neighbors(batch, np.full(len(ids), -1)) is batch
+
+
+def _training_user(config: ExampleConfig, n_events: int) -> tuple[int, pa.Table]:
+    """A user the hash keeps in training, with ``n_events`` engagements, one a minute, pins 1000.."""
+    users = np.arange(1, 200, dtype=np.int64)
+    user = int(users[~held_out_users(config.holdout_seed, config.eval_fraction, users)][0])
+    ts = pa.array((np.datetime64("2026-01-01T00:00") + np.arange(n_events).astype("timedelta64[m]")).astype("datetime64[us]"), pa.timestamp("us", tz="UTC"))
+    logs = pa.table({"user_id": pa.array([user] * n_events, pa.int64()), "pin_id": pa.array(1000 + np.arange(n_events), pa.int64()),
+                     "event_ts": ts, "action": pa.array(["save"] * n_events), "surface": pa.array(["home"] * n_events)})  # fmt: skip
+    return user, logs
+
+
+@pytest.mark.parametrize("stride", [4, 7])
+def test_training_sequences_are_windows_over_the_whole_history(stride):
+    """Every engagement before the cutoff is a training target: windows of at most t_max end every
+    ``stride`` engagements, each followed by at most Delta future engagements (one window per user would
+    keep only the last t_max + Delta engagements of a long history)."""
+    import duckdb
+
+    from ml.training_examples import user_sequences
+
+    config = ExampleConfig(t_max=8, future_delta=3, sequence_stride=stride)
+    user, logs = _training_user(config, 60)
+    con = duckdb.connect()
+    con.register("logs", logs)
+    train, _ = user_sequences(con, config, "2027-01-01 00:00:00+00")
+    rows = train.to_pylist()
+    assert {r["user_id"] for r in rows} == {user} and len(rows) > 1
+    ends = sorted(r["history"][-1] - 1000 + 1 for r in rows)  # 1-based window ends
+    assert ends[-1] == 60 - 3 and all(b - a == stride for a, b in zip(ends, ends[1:]))
+    assert ends[0] <= stride + 1
+    for r in rows:
+        end = r["history"][-1] - 1000 + 1
+        assert r["history"] == list(range(1000 + max(end - 8, 0), 1000 + end))
+        assert r["future"] == list(range(1000 + end, 1000 + min(end + 3, 60)))
+    covered = set().union(*(r["history"] for r in rows))
+    assert covered == set(range(1000, 1000 + 60 - 3))
