@@ -22,9 +22,14 @@ from assets.daily import DayResult, materialize_days
 from assets.inference import champion_builder, champion_version, load_champion, resolve_device
 from assets.training import PINSAGE_ARTIFACT_PATH
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
-from omnisage_pipeline.publish import list_published, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import (
+    list_published,
+    publish_partition,
+    published_path,
+    require_published,
+)
 
 REPORT_FILE = "recall.json"
 MARKDOWN_FILE = "recall.md"
@@ -74,7 +79,7 @@ def read_report(settings: Settings, day: str) -> dict | None:
 
 def build_day_report(settings: Settings, day: str, config: RecallReportConfig, loaded, pinsage, log) -> dict:
     """Score the champion and the baselines on day D's held-out sets. Dagster-free."""
-    from omnisage_pipeline.retention import read_lease
+    from omnisage_pipeline.storage.retention import read_lease
 
     # Reader leases: retention never removes the graph or the feature store while they are scored.
     with (
@@ -140,7 +145,7 @@ def _score_day(
                 baselines[name] = Candidate(entity, tasks=("entity_entity",))
         elif name == "oracle":
             if (settings.data_root / "_truth" / "meta.json").is_file():
-                from omnisage_pipeline.synthetic import load_truth
+                from omnisage_pipeline.tools.synthetic import load_truth
 
                 baselines[name] = Candidate(*oracle_baseline(load_truth(settings.data_root), day))
             else:

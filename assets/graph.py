@@ -34,8 +34,13 @@ from omnisage_pipeline.partitions import (
     window_keys,
     window_mapping,
 )
-from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
+from omnisage_pipeline.storage.publish import (
+    partition_link,
+    publish_partition,
+    published_path,
+    require_published,
+)
 
 #: Written into every pruned_edges partition: the held-out pairs the graph leaves out.
 HOLDOUT_FILE = "_holdout.json"

@@ -74,9 +74,9 @@ from graph_engine.holdout import TYPE_CODE, entity_hash
 from graph_engine.neighbor_sampler import NeighborhoodCache, NeighborSampler, layout_from_json
 from graph_engine.snapshot import GraphSnapshot
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, daily_partitions
-from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import publish_partition, require_published
 
 #: Seed of the shard hash. Fixed forever: changing it would move entities between shards of a running day.
 SHARD_SEED = 0x5EED

@@ -24,8 +24,8 @@ from graph_engine.neighbor_sampler import NeighborSampler, build_neighborhood_ca
 from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
-from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
+from omnisage_pipeline.storage.publish import publish_partition, require_published
 
 NEIGHBORHOODS_DIR = "neighborhoods"
 

@@ -68,15 +68,15 @@ from omnisage_pipeline.partitions import (
     window_keys,
     window_mapping,
 )
-from omnisage_pipeline.publish import (
+from omnisage_pipeline.resources import MlflowResource, StorageResource
+from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import (
     partition_link,
     publish_partition,
     published_path,
     require_published,
 )
-from omnisage_pipeline.resources import MlflowResource, StorageResource
-from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.train_runner import resolve_training_partition, run_training  # noqa: F401
+from omnisage_pipeline.training.runner import resolve_training_partition, run_training  # noqa: F401
 
 _EXAMPLE_DEFAULTS = ExampleConfig()
 
@@ -372,7 +372,7 @@ def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
 def train_and_register(
     settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs
 ):
-    """``omnisage_pipeline.train_runner.run_training`` with this asset's config (Dagster-free apart from the
+    """``omnisage_pipeline.training.runner.run_training`` with this asset's config (Dagster-free apart from the
     config class): the partition, reader leases, in-process or torchrun (``nproc_per_node``)."""
     return run_training(settings, mlflow_resource.target(), to_run_config(config), **kwargs)
 

@@ -61,7 +61,7 @@ def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> t
     """Contract input under ``work/input`` -> (the partitions to run, the input folder)."""
     data_root = work / "input"
     if dataset == "movielens-100k":
-        from omnisage_pipeline.movielens import import_movielens
+        from omnisage_pipeline.tools.movielens import import_movielens
 
         cache = Path(os.environ.get("OMNISAGE_HOME", Path.home() / ".omnisage")) / "cache" / "movielens"
         summary = import_movielens(data_root, source, cache_dir=cache, force=True)
@@ -70,7 +70,7 @@ def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> t
             date.fromisoformat(summary["last_partition"]),
         )
     else:
-        from omnisage_pipeline.synthetic import generate
+        from omnisage_pipeline.tools.synthetic import generate
 
         generate(data_root, SYNTHETIC_START, SYNTHETIC_DAYS, scale=scale, seed=0)
         first = date.fromisoformat(SYNTHETIC_START)
@@ -86,8 +86,8 @@ def run_pipeline(work: Path, data_root: Path, days: list[str], blocks: list[str]
     os.environ.update({"OMNISAGE_HOME": str(home), "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_ENGINE": "duckdb",
                        "OMNISAGE_START_DATE": days[0], "OMNISAGE_WINDOW_DAYS": str(len(days)),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})  # fmt: skip
-    from omnisage_pipeline.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
 
     settings = Settings.from_env()
     materialize(settings, RANGE_ASSETS, days=days)
@@ -144,7 +144,7 @@ def score_all(prep, systems: dict, data_root: Path, dataset: str, k: int, log) -
 
     data, heldout = prep.data, None
     if dataset == "movielens-100k":
-        from omnisage_pipeline.movielens import heldout_sequences, read_heldout_pairs
+        from omnisage_pipeline.tools.movielens import heldout_sequences, read_heldout_pairs
 
         heldout = read_heldout_pairs(data_root)
         # user-entity on the time split too: every user with held-out ratings, not the hash-held-out users

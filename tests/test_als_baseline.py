@@ -21,7 +21,7 @@ from ml.baselines import (
     pair_recall,
     tune_als,
 )
-from omnisage_pipeline.contract import LOG_SCHEMA
+from omnisage_pipeline.contract.validation import LOG_SCHEMA
 
 PIN0, BOARD0, USER0 = 1_000_000_000, 2_000_000_000, 3_000_000_000
 CLUSTERS, PINS_PER_CLUSTER, USERS, PER_USER = 10, 10, 200, 6  # 9 cluster mates < k: recall can reach 1

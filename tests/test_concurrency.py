@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.publish import list_published, published_path
 from omnisage_pipeline.resources import prepare_store
 from omnisage_pipeline.settings import prepare_dagster_home
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import list_published, published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02"]

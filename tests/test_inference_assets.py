@@ -41,9 +41,9 @@ from ml.model import OmniSageModel
 from ml.model_io import save_model_dir
 from ml.registry import CHAMPION, ChampionMissingError, ModelRegistry
 from omnisage_pipeline.partitions import daily_partitions
-from omnisage_pipeline.publish import published_path
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import published_path
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

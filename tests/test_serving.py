@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from omnisage_pipeline.publish import publish_partition, published_path
 from omnisage_pipeline.serving import build as build_mod
 from omnisage_pipeline.serving.build import (
     CHECK_NAME,
@@ -31,6 +30,7 @@ from omnisage_pipeline.serving.build import (
 from omnisage_pipeline.serving.index import IndexParams, LoadedIndex, plan_index_types
 from omnisage_pipeline.serving.neighbors import nearest, open_index
 from omnisage_pipeline.serving.vectors import EmbeddingsError, Vectors, read_entity_vectors
+from omnisage_pipeline.storage.publish import publish_partition, published_path
 
 DIM = 32
 PIN_BASE, BOARD_BASE = 10**12, 2 * 10**12

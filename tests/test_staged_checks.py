@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from omnisage_pipeline.publish import published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 DAY = "2026-03-01"
 
@@ -207,7 +207,7 @@ def test_embeddings_valid_fails_on_each_defect(tmp_path, vectors, ids, versions,
 
 
 def test_publish_validate_hook_keeps_the_previous_version(tmp_path):
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     with publish_partition(tmp_path / "ds", DAY) as staging:
         (staging / "a.txt").write_text("old")

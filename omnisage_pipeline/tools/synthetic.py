@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.contract import BOARD_SCHEMA as BOARDS_SCHEMA
-from omnisage_pipeline.contract import LOG_SCHEMA as ENGAGEMENT_SCHEMA
-from omnisage_pipeline.contract import PIN_SCHEMA as PINS_SCHEMA
+from omnisage_pipeline.contract.validation import BOARD_SCHEMA as BOARDS_SCHEMA
+from omnisage_pipeline.contract.validation import LOG_SCHEMA as ENGAGEMENT_SCHEMA
+from omnisage_pipeline.contract.validation import PIN_SCHEMA as PINS_SCHEMA
 
 GENERATOR_VERSION = 1
 

@@ -12,7 +12,7 @@ Where things go (never the production ``warehouse/``, ``graph/``, ``features/``,
 ``reports/``)::
 
     <root>/                          default $OMNISAGE_HOME/ablations/<UTC timestamp>/
-      input/                         synthetic input (omnisage_pipeline.synthetic.generate), unless --data-root
+      input/                         synthetic input (omnisage_pipeline.tools.synthetic.generate), unless --data-root
       _base/                         scratch OMNISAGE_HOME of the default data: every daily data asset
       <study>/<variant>/             scratch OMNISAGE_HOME of one trained variant:
                                        data variants: their own pruned_edges / graph / features /
@@ -489,7 +489,7 @@ def graph_entries(settings: Settings, day: str) -> int:
     """Rows of the day's published pruned_edges (one per kept directed adjacency entry)."""
     import pyarrow.dataset as pads
 
-    from omnisage_pipeline.publish import require_published
+    from omnisage_pipeline.storage.publish import require_published
 
     path = require_published(settings.warehouse_dataset("pruned_edges"), day)
     return int(pads.dataset(path, format="parquet", exclude_invalid_files=True).count_rows())
@@ -500,7 +500,7 @@ def universe_sizes(settings: Settings, day: str) -> dict[str, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from omnisage_pipeline.publish import require_published
+    from omnisage_pipeline.storage.publish import require_published
 
     table = pq.read_table(require_published(settings.warehouse_dataset("training_examples"), day) / "universe.parquet",
                           columns=["entity_type"])  # fmt: skip
@@ -841,7 +841,7 @@ def run_ablations(
 
     # ------------------------------------------------------------------------------------------ input
     if data_root is None:
-        from omnisage_pipeline.synthetic import generate
+        from omnisage_pipeline.tools.synthetic import generate
 
         data_root = root / "input"
         echo(
