@@ -27,6 +27,7 @@ from assets.daily import ROW_COUNT, DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
+from ml.layout import HOLDOUT_FILE
 from omnisage_pipeline.partitions import (
     DAILY_BACKFILL_POLICY,
     DAILY_CHAIN_POOL,
@@ -43,7 +44,6 @@ from omnisage_pipeline.storage.publish import (
 )
 
 #: Written into every pruned_edges partition: the held-out pairs the graph leaves out.
-HOLDOUT_FILE = "_holdout.json"
 OWNERS = ["team:omnisage-graph"]
 
 

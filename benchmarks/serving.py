@@ -75,7 +75,7 @@ def random_home(root: Path, args) -> dict:
     """Publish random unit embeddings as entity_embeddings would, then build the index like ann_index."""
     import pyarrow.parquet as pq
 
-    from assets.inference import entity_table, user_table
+    from omnisage_pipeline.embedding.day import entity_table, user_table
     from omnisage_pipeline.serving.build import CheckParams, build_day_index
     from omnisage_pipeline.serving.index import IndexParams
     from omnisage_pipeline.storage.publish import publish_partition

@@ -43,14 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import TASK_NAMES
+from ml.layout import MODEL_ARTIFACT_PATH, NEIGHBORHOODS_DIR, PINSAGE_ARTIFACT_PATH
 from ml.tracking import MlflowTarget, store_lock
 from ml.validation import keep_trained_sources, split_validation
 
-MODEL_ARTIFACT_PATH = "model"
-#: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
-PINSAGE_ARTIFACT_PATH = "baselines/pinsage"
 CHAMPION, CHALLENGER = "champion", "challenger"
-NEIGHBORHOODS_DIR = "neighborhoods"
 
 
 @dataclass

@@ -23,7 +23,8 @@ from omnisage_pipeline.tools import ablations as ab
 
 # ------------------------------------------------------------------------------------------ no training
 def test_catalogue_matches_the_cli_and_the_asset_defaults():
-    from assets.snapshot import GraphSnapshotConfig, parse_blocks
+    from assets.snapshot import GraphSnapshotConfig
+    from graph_engine.batch import parse_blocks
     from omnisage_pipeline.cli import _ABLATION_STUDIES
 
     for empty_ok in (False, True):
@@ -165,8 +166,8 @@ def _registry_state(uri: str) -> dict:
 def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     import mlflow
 
-    from assets.snapshot import parse_blocks
     from assets.training import OmniSageModelConfig, train_and_register
+    from graph_engine.batch import parse_blocks
     from graph_engine.neighbor_sampler import NeighborhoodCache
     from graph_engine.snapshot import GraphSnapshot
     from omnisage_pipeline.cli import main
