@@ -112,7 +112,7 @@ class TableUserEmbedder:
 
 
 def oracle_baseline(truth, day: str):
-    """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``omnisage_pipeline.tools.synthetic.Truth``)."""
+    """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``ml.truth.Truth``)."""
     entities = TableEmbedder(
         {"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)}
     )

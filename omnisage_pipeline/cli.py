@@ -255,15 +255,16 @@ def ablate(
     Every variant is one MLflow run (never registered) under one parent run of EXPERIMENT in the production
     tracking store; the tables go to ablations.md / ablations.json in the ablation root and to the parent run.
     """
-    from omnisage_pipeline.tools.ablations import AblationError, run_ablations
+    from omnisage_pipeline.tools.ablations import AblationConfig, AblationError, run_ablations
 
+    config = AblationConfig(
+        studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
+        negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
+        experiment=experiment, engine=engine, torch_threads=torch_threads,
+        blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
+    )  # fmt: skip
     try:
-        result = run_ablations(
-            studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
-            negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
-            experiment=experiment, engine=engine, torch_threads=torch_threads, echo=click.echo,
-            blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
-        )  # fmt: skip
+        result = run_ablations(config, echo=click.echo)
     except AblationError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")

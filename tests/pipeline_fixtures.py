@@ -37,13 +37,14 @@ from graph_engine.pruning import PruningParams
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
 from ml.example_loader import TrainingData, load_training_examples
 from ml.training_examples import ExampleConfig, build_training_examples, holdout_of
+from ml.truth import Truth, load_truth
 from omnisage_pipeline.contract.validation import (
     validate_boards,
     validate_engagement_logs,
     validate_pins,
     write_table,
 )
-from omnisage_pipeline.tools.synthetic import Truth, generate, load_truth
+from omnisage_pipeline.tools.synthetic import generate
 
 START_DATE = "2024-01-01"
 

@@ -115,6 +115,7 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
     from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, oracle_baseline, random_baseline
     from ml.evaluator import model_embedders
     from ml.recall_report import Candidate
+    from ml.truth import load_truth
 
     if name == "random":
         return Candidate(*random_baseline(d.universe, seed=d.config.seed))
@@ -134,8 +135,6 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
         return Candidate(entity, tasks=("entity_entity",))
     if name == "oracle":
         if (d.settings.data_root / "_truth" / "meta.json").is_file():
-            from omnisage_pipeline.tools.synthetic import load_truth
-
             return Candidate(*oracle_baseline(load_truth(d.settings.data_root), d.day))
         d.log("oracle skipped: the input has no _truth/ (not generator output)")
         return None
