@@ -1,4 +1,4 @@
-"""Feature store benchmark (issue 5): build entities/s, Featurizer vs raw rocksdict multi_get records/s
+"""Feature store benchmark: build entities/s, Featurizer vs raw rocksdict multi_get records/s
 (batch 4096, same keys, same run), and BatchBuilder nodes/s with full neighbourhoods (150 a node).
 
 Metadata: the synthetic generator's ``large`` scale (200K pins with short titles/descriptions, 32-d image

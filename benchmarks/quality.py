@@ -38,7 +38,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-TASKS = ("entity_entity", "entity_feature", "user_entity")
+from ml.config import TASK_NAMES as TASKS
+
 DEFAULT_BLOCKS = "pin_board:pin:10,pin_board:board:10,pin_pin:pin:20"
 SYNTHETIC_START, SYNTHETIC_DAYS = "2026-01-01", 7
 #: What the benchmark changes from the omnisage_model defaults, per data set (everything else is the

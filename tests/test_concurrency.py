@@ -1,4 +1,4 @@
-"""Two partitions materialized at the same time by two processes (issue 9 item 4).
+"""Two partitions materialized at the same time by two processes.
 
 Two child processes share one OMNISAGE_HOME, one DAGSTER_HOME (sqlite run storage) and one fresh MLflow sqlite
 store, as two runs of `dagster dev` with more than one concurrent run would. Each child imports everything,

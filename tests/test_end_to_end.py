@@ -1,6 +1,7 @@
 """The whole asset graph in one process on tiny synthetic data (DuckDB engine): ingest -> edges -> pruning ->
 snapshot -> features -> training examples -> omnisage_model (MLflow run, registry, champion gate) ->
-entity_embeddings; then the promises of issue 7 are checked on the published outputs."""
+entity_embeddings; then the promises of the model's outputs (registered pickle-free versions, a champion, the
+day's embeddings) are checked on the published outputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fuzzed input (issue 9 item 2): every kind of bad input the data contract (shared/contract.md, "Input")
+"""Fuzzed input: every kind of bad input the data contract (README, "Data contract", "Input")
 defines, one table-driven case each, with the outcome the contract prescribes for it.
 
 A case writes files under a fresh ``$OMNISAGE_DATA_ROOT`` and expects one of:

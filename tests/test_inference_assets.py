@@ -1,4 +1,4 @@
-"""entity_embeddings (issue 7 item 4): with a tiny model registered in MLflow as ``champion``, the asset embeds
+"""entity_embeddings: with a tiny model registered in MLflow as ``champion``, the asset embeds
 exactly the day's pins and boards (metadata UNION graph), unit-norm and finite, tagged with the model version;
 the registered model loaded back reproduces them; entities outside the graph get embeddings (zero-imputed
 neighbours, paper 3.5); active users get embeddings; no champion -> a clear error; a 2-shard run publishes

@@ -1,4 +1,4 @@
-"""Kill tests (issue 9 item 1): every asset that publishes is SIGKILLed while it re-materializes a partition
+"""Kill tests: every asset that publishes is SIGKILLed while it re-materializes a partition
 that is already published, at each publish phase (the fault hook of ``omnisage_pipeline.storage.publish``) and at a
 seeded random moment of its build, and afterwards
 
@@ -80,7 +80,7 @@ PUBLISHED: dict[str, list[str]] = {
     "training_examples": ["warehouse/training_examples"],
     "entity_embeddings": ["user_embeddings", "embeddings"],
 }
-if (Path(__file__).resolve().parents[1] / "assets" / "evaluation.py").is_file():  # recall_report (issue 9)
+if (Path(__file__).resolve().parents[1] / "assets" / "evaluation.py").is_file():  # recall_report
     PUBLISHED["recall_report"] = ["reports"]
 DATA_ASSETS = [a for a in PUBLISHED if a not in ("entity_embeddings", "recall_report")]
 #: Datasets whose version directory is one Parquet table (readers glob them with hive partitioning).

@@ -1,4 +1,4 @@
-"""Safety guarantees (issue 9 item 5).
+"""Safety guarantees (the README's "Safety guarantees (tested)").
 
 (a) No pickle on any load path: a static scan (AST) of every Python file of the project outside tests/ forbids
     pickle-family modules and identifiers (pickle, cloudpickle, dill, joblib, shelve, read_pickle, ...),

@@ -57,7 +57,7 @@ SEGMENTS = ("organic", "promoted", "shopping", "video")
 UNIVERSE_STREAM = 0
 DAY_STREAM = 1
 
-# Contract schemas (shared/contract.md, "Input"). Every field is declared nullable, as a plain export would be:
+# Contract schemas (README, "Data contract", "Input"). Every field is declared nullable, as a plain export would be:
 # "required" is a validation rule of the ingest, not a Parquet repetition level.
 
 # Id ranges: disjoint and offset so nothing downstream can assume dense ids that start at 0.
