@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.resources import prepare_store
+from ml.tracking import prepare_store
 from omnisage_pipeline.settings import prepare_dagster_home
 from omnisage_pipeline.storage.publish import list_published, published_path
 from omnisage_pipeline.tools.synthetic import generate

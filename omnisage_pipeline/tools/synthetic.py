@@ -182,22 +182,46 @@ def _make_vocab(rng: np.random.Generator, n: int) -> list[str]:
     return words
 
 
+@dataclass(frozen=True)
+class _Vocabulary:
+    """The words texts are drawn from: per topic a block of ``words_per_topic`` words from
+    ``topic_word_offset[k]``, then ``noise_words`` shared noise words from ``noise_offset``."""
+
+    words: pa.Array
+    topic_word_offset: np.ndarray  # [K] first vocab index of each topic's words
+    words_per_topic: int
+    noise_offset: int
+    noise_words: int
+
+
+@dataclass(frozen=True)
+class _TextShape:
+    """Length range of a text and the share of its words from the primary / secondary topic (rest: noise)."""
+
+    min_len: int
+    max_len: int
+    p_primary: float
+    p_secondary: float
+    null_fraction: float
+
+
 def _texts(
     rng: np.random.Generator,
-    vocab: pa.Array,
-    topic_word_offset: np.ndarray,  # [K] first vocab index of each topic's words
-    words_per_topic: int,
-    noise_offset: int,
-    noise_words: int,
+    vocab: _Vocabulary,
     primary: np.ndarray,
     secondary: np.ndarray,
-    min_len: int,
-    max_len: int,
-    p_primary: float,
-    p_secondary: float,
-    null_fraction: float,
+    shape: _TextShape,
 ) -> pa.Array:
     """One string per entity: words from its topics' vocabularies and shared noise words (vectorised)."""
+    min_len, max_len, p_primary, p_secondary = (
+        shape.min_len,
+        shape.max_len,
+        shape.p_primary,
+        shape.p_secondary,
+    )
+    null_fraction = shape.null_fraction
+    topic_word_offset, words_per_topic = vocab.topic_word_offset, vocab.words_per_topic
+    noise_offset, noise_words = vocab.noise_offset, vocab.noise_words
     n = len(primary)
     lengths = rng.integers(min_len, max_len + 1, n)
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -208,7 +232,7 @@ def _texts(
     topic_word = topic_word_offset[topic_of_word] + rng.integers(0, words_per_topic, len(owner))
     noise_word = noise_offset + rng.integers(0, noise_words, len(owner))
     word = np.where(kind < p_primary + p_secondary, topic_word, noise_word)
-    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), vocab.take(pa.array(word)))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), vocab.words.take(pa.array(word)))
     text = pc.binary_join(lists, " ")
     if null_fraction > 0:
         text = pc.if_else(pa.array(rng.random(n) < null_fraction), pa.nulls(n, pa.string()), text)
@@ -585,22 +609,10 @@ def metadata_tables(u: Universe) -> tuple[pa.Table, pa.Table]:
     topic_off = np.arange(cfg.topics) * words_per_topic
     noise_off = cfg.topics * words_per_topic
 
+    words = _Vocabulary(vocab, topic_off, words_per_topic, noise_off, noise_words)
+
     def text(primary, secondary, lo, hi, pp, ps, null):
-        return _texts(
-            rng,
-            vocab,
-            topic_off,
-            words_per_topic,
-            noise_off,
-            noise_words,
-            primary,
-            secondary,
-            lo,
-            hi,
-            pp,
-            ps,
-            null,
-        )
+        return _texts(rng, words, primary, secondary, _TextShape(lo, hi, pp, ps, null))
 
     title = text(u.pin_topic, u.pin_topic2, 3, 7, 0.55, 0.15, 0.0)
     desc = text(u.pin_topic, u.pin_topic2, 6, 20, 0.40, 0.15, 0.05)

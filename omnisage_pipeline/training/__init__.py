@@ -1,2 +1,2 @@
-"""Dagster-free training services: resolving a training day's published inputs and running (or launching)
-the training of one model version (``runner``)."""
+"""Dagster-free training services: one day of training examples from its published inputs (``examples``)
+and the training of one model version, in process or launched on N ranks (``runner``)."""
