@@ -1,5 +1,5 @@
-"""One day of embeddings (the ``entity_embeddings`` asset): daily batch inference with the registry's champion (paper 3.4.1 "Inference",
-3.5), plus user embeddings (beyond the paper).
+"""One day of embeddings, Dagster-free (the ``entity_embeddings`` asset's service): daily batch inference
+with the registry's champion (paper 3.4.1 "Inference", 3.5), plus user embeddings (beyond the paper).
 
 For day D, with the model version that holds the MLflow alias ``champion`` (ml.registry):
 
