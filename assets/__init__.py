@@ -1,4 +1,5 @@
-"""Thin Dagster assets: read inputs, call the libraries (graph_engine, ml), publish, attach metadata."""
+"""Dagster wiring only: each asset reads its inputs, calls one library function (graph_engine, ml or a
+Dagster-free omnisage_pipeline subpackage), publishes, and attaches metadata and check results."""
 
 from assets import evaluation, features, graph, inference, ingest, serving, snapshot, training
 

@@ -1,6 +1,6 @@
 """Blocking asset checks evaluated on a day's STAGED output, before it is published.
 
-Each asset passes a ``StagedGate`` as the ``validate`` hook of ``omnisage_pipeline.publish.publish_partition``:
+Each asset passes a ``StagedGate`` as the ``validate`` hook of ``omnisage_pipeline.storage.publish.publish_partition``:
 the gate evaluates the checks on the staging directory; when a blocking check fails it raises
 ``assets.daily.BlockingCheckFailed`` inside the publish, so the staging is thrown away and every reader keeps
 the previous version. ``assets.daily.materialize_days`` then records the results (failed ones included)

@@ -70,7 +70,7 @@ def materialize_days(
 
     ``retain``: the heavy datasets this asset publishes (``graph``, ``features``, ``embeddings``,
     ``user_embeddings``: folders under ``settings.home``). A day already outside their retention horizon
-    is refused before anything runs (``omnisage_pipeline.retention.refuse_expired_days``); once every day
+    is refused before anything runs (``omnisage_pipeline.storage.retention.refuse_expired_days``); once every day
     is published, OMNISAGE_RETENTION_DAYS retention removes their expired partitions, never one that a
     reader leased or a running job reads, and reports what it removed in the last day's metadata."""
     if retain and settings is None:
@@ -79,7 +79,7 @@ def materialize_days(
         )
     days = partition_keys(context)
     if retain:
-        from omnisage_pipeline.retention import refuse_expired_days
+        from omnisage_pipeline.storage.retention import refuse_expired_days
 
         refuse_expired_days(settings, retain, days, log=context.log.warning)
     results: dict[str, DayResult] = {}
@@ -98,7 +98,7 @@ def materialize_days(
                 asset_key=context.asset_key, partition=day, metadata=result.metadata
             )
     if retain:
-        from omnisage_pipeline.retention import retention_metadata
+        from omnisage_pipeline.storage.retention import retention_metadata
 
         results[days[-1]].metadata.update(retention_metadata(context, settings, retain, days))
     checks = merge_check_results(results)

@@ -15,13 +15,13 @@ from pydantic import Field
 
 from assets.checks import StagedGate, blocking_spec, features_complete
 from assets.daily import ROW_COUNT, DayResult, materialize_days
-from assets.inference import day_entities
 from graph_engine.feature_store import STORE_MAX_TOKENS, build_feature_store
 from graph_engine.snapshot import GraphSnapshot
+from omnisage_pipeline.embedding.day import day_entities
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
-from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
-from omnisage_pipeline.retention import read_lease
+from omnisage_pipeline.storage.publish import publish_partition, require_published
+from omnisage_pipeline.storage.retention import read_lease
 
 
 class FeatureStoreConfig(dg.Config):

@@ -27,6 +27,7 @@ from assets.daily import ROW_COUNT, DayResult, materialize_days
 from graph_engine.edge_engine import EdgeEngine, get_engine
 from graph_engine.holdout import DEFAULT_EVAL_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout
 from graph_engine.pruning import PruningParams
+from ml.layout import HOLDOUT_FILE
 from omnisage_pipeline.partitions import (
     DAILY_BACKFILL_POLICY,
     DAILY_CHAIN_POOL,
@@ -34,11 +35,15 @@ from omnisage_pipeline.partitions import (
     window_keys,
     window_mapping,
 )
-from omnisage_pipeline.publish import partition_link, publish_partition, published_path, require_published
 from omnisage_pipeline.resources import StorageResource
+from omnisage_pipeline.storage.publish import (
+    partition_link,
+    publish_partition,
+    published_path,
+    require_published,
+)
 
 #: Written into every pruned_edges partition: the held-out pairs the graph leaves out.
-HOLDOUT_FILE = "_holdout.json"
 OWNERS = ["team:omnisage-graph"]
 
 

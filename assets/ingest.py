@@ -1,6 +1,6 @@
 """Ingest assets (contract "Input" -> warehouse): ``engagement_logs`` and ``entity_metadata``.
 
-Thin wrappers: ``omnisage_pipeline.contract`` reads and validates (rules, precedence of reasons and
+Thin wrappers: ``omnisage_pipeline.contract.validation`` reads and validates (rules, precedence of reasons and
 accepted widenings are documented there); these assets publish its output atomically and report counts.
 
 engagement_logs, partition D:
@@ -14,9 +14,9 @@ entity_metadata, partition D:
     reported as ``pins_folder_present=False``), writes ``warehouse/entity_metadata/dt=D/{pins,boards}/``
     and the quarantine as two tables ``warehouse/quarantine/entity_metadata/dt=D/{pins,boards}/`` (pins
     and boards have different columns, so one table per entity type rather than one with an entity column).
-    Both are stored once per change, not once per day (``omnisage_pipeline.shared_versions``): the day's
+    Both are stored once per change, not once per day (``omnisage_pipeline.storage.shared_versions``): the day's
     content digest is taken over the input files' bytes (names, sizes, sha256) and the validation code
-    version (this module's INGEST_CODE_VERSION, the source of ``omnisage_pipeline.contract``, the pyarrow
+    version (this module's INGEST_CODE_VERSION, the source of ``omnisage_pipeline.contract.validation``, the pyarrow
     writer's version); when a published version has that digest, ``dt=D`` links to it and no Parquet byte
     is written (the checks run again on that version). Config ``reuse_identical_versions=False`` forces a
     fresh copy.
@@ -41,8 +41,8 @@ from pydantic import Field
 
 from assets.checks import StagedGate, blocking_spec, parquet_rows, quarantine_share
 from assets.daily import ROW_COUNT, DayResult, materialize_days
-from omnisage_pipeline import contract
-from omnisage_pipeline.contract import (
+from omnisage_pipeline.contract import validation as contract
+from omnisage_pipeline.contract.validation import (
     ValidationResult,
     list_parquet_files,
     validate_boards,
@@ -51,9 +51,9 @@ from omnisage_pipeline.contract import (
     write_table,
 )
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
-from omnisage_pipeline.publish import partition_link, publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
-from omnisage_pipeline.shared_versions import files_digest, publish_shared
+from omnisage_pipeline.storage.publish import partition_link, publish_partition, require_published
+from omnisage_pipeline.storage.shared_versions import files_digest, publish_shared
 
 ACCOUNTING_CHECK = "rows_accounted"
 QUARANTINE_CHECK = "quarantine_share"

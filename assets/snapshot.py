@@ -19,15 +19,14 @@ from pydantic import Field
 
 from assets.checks import StagedGate, blocking_spec, graph_coverage
 from assets.daily import DayResult, materialize_days
-from graph_engine.batch import NeighborBlock, NeighborhoodLayout
+from graph_engine.batch import NeighborhoodLayout, parse_blocks
 from graph_engine.neighbor_sampler import NeighborSampler, build_neighborhood_cache
 from graph_engine.ppr import DEFAULT_BUDGET, DEFAULT_RESTART_PROB
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
+from ml.layout import NEIGHBORHOODS_DIR
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
-from omnisage_pipeline.publish import publish_partition, require_published
 from omnisage_pipeline.resources import StorageResource
-
-NEIGHBORHOODS_DIR = "neighborhoods"
+from omnisage_pipeline.storage.publish import publish_partition, require_published
 
 _DEFAULT_LAYOUT = NeighborhoodLayout.paper_default()
 
@@ -52,16 +51,6 @@ class GraphSnapshotConfig(dg.Config):
         default=0.9, ge=0.0, le=1.0,
         description="blocking check graph_coverage: least share of nodes with a non-empty neighbourhood",
     )  # fmt: skip
-
-
-def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
-    out = []
-    for spec in blocks:
-        parts = spec.split(":")
-        if len(parts) != 3 or not parts[2].strip().isdigit():
-            raise ValueError(f"graph_snapshot config field 'blocks': {spec!r} is not 'subset:node_type:k'")
-        out.append(NeighborBlock(parts[0].strip(), parts[1].strip(), int(parts[2])))
-    return NeighborhoodLayout(tuple(out))
 
 
 @dg.asset(

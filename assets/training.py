@@ -37,9 +37,6 @@ omnisage_model (one asset, many MLflow model versions):
 (No ``from __future__ import annotations``: Dagster resolves the Config types from the real annotations.)
 """
 
-import dataclasses
-import json
-import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -48,19 +45,9 @@ from pydantic import Field, field_validator
 
 from assets.checks import StagedGate, blocking_spec, examples_per_task
 from assets.daily import ROW_COUNT, DayResult, materialize_days
-from assets.graph import HOLDOUT_FILE
-from assets.snapshot import NEIGHBORHOODS_DIR
 from ml.config import TASK_NAMES
 from ml.training_examples import ExampleConfig
-from ml.training_run import (  # noqa: F401 (re-exported for the report and the tests)
-    CHALLENGER,
-    CHAMPION,
-    MODEL_ARTIFACT_PATH,
-    PINSAGE_ARTIFACT_PATH,
-    TrainingOutcome,
-    TrainingRunConfig,
-    task_recalls,
-)
+from ml.training_run import CHAMPION, TrainingRunConfig
 from omnisage_pipeline.partitions import (
     DAILY_BACKFILL_POLICY,
     DAILY_CHAIN_POOL,
@@ -68,15 +55,11 @@ from omnisage_pipeline.partitions import (
     window_keys,
     window_mapping,
 )
-from omnisage_pipeline.publish import (
-    partition_link,
-    publish_partition,
-    published_path,
-    require_published,
-)
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.train_runner import resolve_training_partition, run_training  # noqa: F401
+from omnisage_pipeline.storage.publish import partition_link
+from omnisage_pipeline.training.examples import ExamplesDay, build_examples_day
+from omnisage_pipeline.training.runner import run_training
 
 _EXAMPLE_DEFAULTS = ExampleConfig()
 
@@ -85,13 +68,17 @@ _EXAMPLE_DEFAULTS = ExampleConfig()
 # training_examples
 # ==========================================================================================================
 class TrainingExamplesConfig(dg.Config):
-    t_max: int = Field(default=_EXAMPLE_DEFAULTS.t_max, description="t_max of 3.3.3: history length per user")
+    t_max: int = Field(
+        default=_EXAMPLE_DEFAULTS.t_max, ge=1, description="t_max of 3.3.3: history length per user"
+    )
     future_delta: int = Field(
         default=_EXAMPLE_DEFAULTS.future_delta,
+        ge=1,
         description="Delta of eq. 5: future engagements kept after t_max",
     )
     eval_horizon_days: int = Field(
         default=_EXAMPLE_DEFAULTS.eval_horizon_days,
+        ge=1,
         description="user-entity evaluation (4.2.1): engagement in the window's last N days is the future",
     )
     sample_seed: int = Field(
@@ -99,6 +86,7 @@ class TrainingExamplesConfig(dg.Config):
     )
     graph_pairs_per_node: int = Field(
         default=_EXAMPLE_DEFAULTS.graph_pairs_per_node,
+        ge=1,
         description="graph-pair draws per (node, graph source)",
     )
     required_tasks: list[str] = Field(
@@ -120,11 +108,6 @@ class TrainingExamplesConfig(dg.Config):
         return tasks
 
     def example_config(self) -> ExampleConfig:
-        for name in ("t_max", "future_delta", "eval_horizon_days", "graph_pairs_per_node"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"training_examples config field '{name}' = {getattr(self, name)}: need >= 1"
-                )
         return ExampleConfig(
             t_max=self.t_max,
             future_delta=self.future_delta,
@@ -134,79 +117,42 @@ class TrainingExamplesConfig(dg.Config):
         )
 
 
-def build_examples_day(
+def examples_day(
     settings: Settings, day: str, example_config: ExampleConfig, log=None, required_tasks=("entity_entity",)
 ) -> DayResult:
-    """One day of training_examples (Dagster-free apart from the metadata values and check results).
-    ``required_tasks``: blocking check on the staged tables: each of these tasks has examples."""
-    from graph_engine.neighbor_sampler import NeighborhoodCache
-    from graph_engine.snapshot import GraphSnapshot
-    from ml.training_examples import build_training_examples
-
-    logs_ds = settings.warehouse_dataset("engagement_logs")
-    present, missing, files = [], [], []
-    for key in window_keys(day):
-        path = published_path(logs_ds, key)
-        if path is None:
-            missing.append(key)
-            continue
-        present.append(key)
-        files.extend(sorted(path.glob("*.parquet")))
-    if day not in present:
-        require_published(logs_ds, day)  # the day itself must exist: raises with the dataset and key
-    metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
-    # Hold out exactly the pairs the day's graph left out (pruned_edges records its choice).
-    holdout = json.loads(
-        (require_published(settings.warehouse_dataset("pruned_edges"), day) / HOLDOUT_FILE).read_text()
-    )
-    example_config = dataclasses.replace(
-        example_config, eval_fraction=float(holdout["fraction"]), holdout_seed=int(holdout["seed"])
-    )
-    graph = require_published(settings.graph_dir, day)
-    snapshot = GraphSnapshot.open(graph)
-    cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
-    dataset = settings.warehouse_dataset("training_examples")
-    t0 = time.perf_counter()
+    """One day of training_examples with the blocking check ``examples_for_every_task`` on the staged
+    tables (each of ``required_tasks`` has examples) and the day's metadata."""
     gate = StagedGate(day, lambda staged: [examples_per_task(staged, required_tasks)])
-    with publish_partition(dataset, day, validate=gate) as staging:
-        manifest = build_training_examples(
-            files,
-            metadata_dir / "pins",
-            snapshot,
-            cache,
-            cache.layout,
-            staging,
-            day,
-            example_config,
-            boards_dir=metadata_dir / "boards",
-        )
-    seconds = time.perf_counter() - t0
-    del snapshot, cache
-    counts = manifest["counts"]
+    built = build_examples_day(settings, day, example_config, window_keys(day), validate=gate)
+    counts, logs = built.manifest["counts"], built.logs
     if log is not None:
         log(
             f"training_examples dt={day}: {counts.get('pairs', 0)} training pairs, {counts.get('eval_pairs', 0)} "
-            f"held out, {counts.get('sequences', 0)} sequences, from {len(files)} log files of "
-            f"{len(present)} day(s) in {seconds:.1f}s"
+            f"held out, {counts.get('sequences', 0)} sequences, from {len(logs.files)} log files of "
+            f"{len(logs.present)} day(s) in {built.seconds:.1f}s"
         )
-    meta: dict[str, Any] = {
+    return DayResult(_examples_metadata(settings, day, built), gate.results)
+
+
+def _examples_metadata(settings: Settings, day: str, built: ExamplesDay) -> dict[str, Any]:
+    counts, per_source = built.manifest["counts"], built.manifest["per_source"]
+    return {
         ROW_COUNT: int(counts.get("pairs", 0)),  # the main table: entity-entity training pairs
-        "path": dg.MetadataValue.path(str(partition_link(dataset, day))),
+        "path": dg.MetadataValue.path(
+            str(partition_link(settings.warehouse_dataset("training_examples"), day))
+        ),
         **{f"rows_{name}": int(n) for name, n in counts.items()},
         "held_out_pairs": int(counts.get("eval_pairs", 0)),
         "held_out_users": int(counts.get("eval_sequences", 0)),
         "held_out_feature_nodes": int(counts.get("eval_feature_nodes", 0)),
-        **{f"pairs.{src}": int(n) for src, n in manifest["per_source"].get("pairs", {}).items()},
-        **{
-            f"held_out_pairs.{src}": int(n) for src, n in manifest["per_source"].get("eval_pairs", {}).items()
-        },
-        "user_eval_cutoff": manifest.get("user_eval_cutoff", ""),
-        "window": dg.MetadataValue.json({"present": present, "missing": missing}),
-        "log_files": len(files),
-        "example_config": dg.MetadataValue.json(asdict(example_config)),
-        "build_seconds": round(seconds, 3),
+        **{f"pairs.{src}": int(n) for src, n in per_source.get("pairs", {}).items()},
+        **{f"held_out_pairs.{src}": int(n) for src, n in per_source.get("eval_pairs", {}).items()},
+        "user_eval_cutoff": built.manifest.get("user_eval_cutoff", ""),
+        "window": dg.MetadataValue.json({"present": built.logs.present, "missing": built.logs.missing}),
+        "log_files": len(built.logs.files),
+        "example_config": dg.MetadataValue.json(asdict(built.example_config)),
+        "build_seconds": round(built.seconds, 3),
     }
-    return DayResult(meta, gate.results)
 
 
 @dg.asset(
@@ -241,7 +187,7 @@ def training_examples(
     example_config = config.example_config()
     yield from materialize_days(
         context,
-        lambda day: build_examples_day(
+        lambda day: examples_day(
             settings, day, example_config, log=context.log.info, required_tasks=config.required_tasks
         ),
     )
@@ -255,7 +201,7 @@ class OmniSageModelConfig(dg.Config):
         default=None,
         description="training_examples partition (YYYY-MM-DD) to train on; default: the newest published",
     )
-    preset: str = Field(
+    preset: Literal["auto", "paper", "small"] = Field(
         default="auto",
         description="ml.config preset: 'paper' (A.3 hyper-parameters) or 'small'; 'auto' = paper on a GPU, small on CPU",
     )
@@ -278,7 +224,7 @@ class OmniSageModelConfig(dg.Config):
     )
     lr: float | None = Field(default=None, description="peak AdamW learning rate; default: the preset's")
     tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
-    aggregator: str = Field(
+    aggregator: Literal["transformer", "mean"] = Field(
         default="transformer",
         description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)",
     )
@@ -302,7 +248,7 @@ class OmniSageModelConfig(dg.Config):
         "same steps) into the run's artifacts 'baselines/pinsage', for recall_report",
     )
     device: str = Field(default="auto", description="'auto' = CUDA when present (fp16 autocast), else CPU")
-    precision: str = Field(
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)"
     )
     max_tokens: int | None = Field(
@@ -372,7 +318,7 @@ def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
 def train_and_register(
     settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs
 ):
-    """``omnisage_pipeline.train_runner.run_training`` with this asset's config (Dagster-free apart from the
+    """``omnisage_pipeline.training.runner.run_training`` with this asset's config (Dagster-free apart from the
     config class): the partition, reader leases, in-process or torchrun (``nproc_per_node``)."""
     return run_training(settings, mlflow_resource.target(), to_run_config(config), **kwargs)
 

@@ -1,4 +1,4 @@
-"""Feature store benchmark (issue 5): build entities/s, Featurizer vs raw rocksdict multi_get records/s
+"""Feature store benchmark: build entities/s, Featurizer vs raw rocksdict multi_get records/s
 (batch 4096, same keys, same run), and BatchBuilder nodes/s with full neighbourhoods (150 a node).
 
 Metadata: the synthetic generator's ``large`` scale (200K pins with short titles/descriptions, 32-d image
@@ -89,12 +89,12 @@ def write_metadata(root: Path, args) -> str:
     (root / "pins").mkdir(parents=True)
     (root / "boards").mkdir(parents=True)
     if args.scale != "inline":
-        from omnisage_pipeline.synthetic import build_universe, metadata_tables
+        from omnisage_pipeline.tools.synthetic import build_universe, metadata_tables
 
         pins, boards = metadata_tables(build_universe(args.scale, args.seed))
         pq.write_table(pins, root / "pins" / "part-0.parquet")
         pq.write_table(boards, root / "boards" / "part-0.parquet")
-        return f"omnisage_pipeline.synthetic scale={args.scale}"
+        return f"omnisage_pipeline.tools.synthetic scale={args.scale}"
     write_inline_metadata(root, args.pins, args.boards, args.dim, args.seed)
     return "inline numpy"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from omnisage_pipeline import synthetic as syn
+from omnisage_pipeline.tools import synthetic as syn
 
 
 def main() -> None:

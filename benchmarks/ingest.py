@@ -6,7 +6,7 @@
 ``inline`` (default) writes a contract-shaped day with numpy (4 files, mixed accepted widenings, a small
 fraction of bad rows of every kind) so the figure measures validation, not generation; ``synthetic``
 uses ``omnisage generate --scale large`` for one day instead. Timings: the pure library
-(``omnisage_pipeline.contract``) and the whole Dagster asset (read + validate + write + atomic publish).
+(``omnisage_pipeline.contract.validation``) and the whole Dagster asset (read + validate + write + atomic publish).
 The last line of output is one JSON object.
 """
 
@@ -133,7 +133,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.source == "synthetic":
-        from omnisage_pipeline.synthetic import generate
+        from omnisage_pipeline.tools.synthetic import generate
 
         generate(root, DAY, 1, scale="large", seed=args.seed)
     else:
@@ -144,7 +144,7 @@ def main() -> None:
     import dagster as dg
 
     from assets.ingest import engagement_logs, entity_metadata
-    from omnisage_pipeline import contract as C
+    from omnisage_pipeline.contract import validation as C
     from omnisage_pipeline.resources import StorageResource
     from omnisage_pipeline.settings import Settings
 

@@ -6,7 +6,7 @@ cost grows with the data, and inference on its own, at several scales.
 
 For each scale and engine, a child process (the partitions and the graph window are read from the
 environment when the definitions load) gets a private OMNISAGE_HOME, generates ``--days`` days of synthetic
-input (omnisage_pipeline.synthetic; ``large`` = 1M events a day, 200K pins + 100K boards), then materializes
+input (omnisage_pipeline.tools.synthetic; ``large`` = 1M events a day, 200K pins + 100K boards), then materializes
 the assets one at a time with ``dagster.materialize``, in dependency order: engagement_logs and daily_edges
 of every day (the graph window), then for the last day D entity_metadata, pruned_edges, graph_snapshot,
 feature_store, training_examples, omnisage_model (``--steps`` optimizer steps; the preset is the CPU/GPU
@@ -128,7 +128,7 @@ def _one_scale(scale: str, days: int, steps: int, work: Path, engine: str, engin
     from assets import features, graph, inference, ingest, snapshot, training
     from omnisage_pipeline.definitions import build_resources
     from omnisage_pipeline.settings import Settings
-    from omnisage_pipeline.synthetic import generate
+    from omnisage_pipeline.tools.synthetic import generate
 
     t0 = time.perf_counter()
     generate(work / "input", START_DATE, days, scale=scale, seed=0)

@@ -38,7 +38,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-TASKS = ("entity_entity", "entity_feature", "user_entity")
+from ml.config import TASK_NAMES as TASKS
+
 DEFAULT_BLOCKS = "pin_board:pin:10,pin_board:board:10,pin_pin:pin:20"
 SYNTHETIC_START, SYNTHETIC_DAYS = "2026-01-01", 7
 #: What the benchmark changes from the omnisage_model defaults, per data set (everything else is the
@@ -61,7 +62,7 @@ def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> t
     """Contract input under ``work/input`` -> (the partitions to run, the input folder)."""
     data_root = work / "input"
     if dataset == "movielens-100k":
-        from omnisage_pipeline.movielens import import_movielens
+        from omnisage_pipeline.tools.movielens import import_movielens
 
         cache = Path(os.environ.get("OMNISAGE_HOME", Path.home() / ".omnisage")) / "cache" / "movielens"
         summary = import_movielens(data_root, source, cache_dir=cache, force=True)
@@ -70,7 +71,7 @@ def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> t
             date.fromisoformat(summary["last_partition"]),
         )
     else:
-        from omnisage_pipeline.synthetic import generate
+        from omnisage_pipeline.tools.synthetic import generate
 
         generate(data_root, SYNTHETIC_START, SYNTHETIC_DAYS, scale=scale, seed=0)
         first = date.fromisoformat(SYNTHETIC_START)
@@ -86,8 +87,8 @@ def run_pipeline(work: Path, data_root: Path, days: list[str], blocks: list[str]
     os.environ.update({"OMNISAGE_HOME": str(home), "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_ENGINE": "duckdb",
                        "OMNISAGE_START_DATE": days[0], "OMNISAGE_WINDOW_DAYS": str(len(days)),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})  # fmt: skip
-    from omnisage_pipeline.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
 
     settings = Settings.from_env()
     materialize(settings, RANGE_ASSETS, days=days)
@@ -144,7 +145,7 @@ def score_all(prep, systems: dict, data_root: Path, dataset: str, k: int, log) -
 
     data, heldout = prep.data, None
     if dataset == "movielens-100k":
-        from omnisage_pipeline.movielens import heldout_sequences, read_heldout_pairs
+        from omnisage_pipeline.tools.movielens import heldout_sequences, read_heldout_pairs
 
         heldout = read_heldout_pairs(data_root)
         # user-entity on the time split too: every user with held-out ratings, not the hash-held-out users

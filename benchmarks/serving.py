@@ -57,7 +57,7 @@ def random_vectors(kind: str, pins: int, boards: int, users: int, dim: int, nois
 
     if kind == "uniform":
         return [unit(rng.standard_normal((n, dim), dtype=np.float32)) for n in (pins, boards, users)]
-    from omnisage_pipeline.synthetic import build_universe
+    from omnisage_pipeline.tools.synthetic import build_universe
 
     universe = build_universe("large", seed)
     latents = [universe.pin_latent[:pins], universe.board_latent[:boards], universe.user_latent[:users]]
@@ -75,10 +75,10 @@ def random_home(root: Path, args) -> dict:
     """Publish random unit embeddings as entity_embeddings would, then build the index like ann_index."""
     import pyarrow.parquet as pq
 
-    from assets.inference import entity_table, user_table
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.embedding.day import entity_table, user_table
     from omnisage_pipeline.serving.build import CheckParams, build_day_index
     from omnisage_pipeline.serving.index import IndexParams
+    from omnisage_pipeline.storage.publish import publish_partition
 
     pins, boards, users = random_vectors(args.vectors, args.pins, args.boards, args.users, args.dim, args.noise,
                                          args.seed)  # fmt: skip
@@ -100,7 +100,7 @@ def random_home(root: Path, args) -> dict:
 
 def republish(indexes_dir: Path, day: str) -> None:
     """The same files as a new version of ``day`` (hard links): the server sees a new link target and swaps."""
-    from omnisage_pipeline.publish import publish_partition, published_path
+    from omnisage_pipeline.storage.publish import publish_partition, published_path
 
     current = published_path(indexes_dir, day)
     with publish_partition(indexes_dir, day) as staging:
@@ -196,7 +196,7 @@ def run_load(port: int, paths: list[str], clients: int, qps: float, seconds: flo
 
 
 def index_ids(indexes_dir: Path) -> tuple[str, dict[str, np.ndarray]]:
-    from omnisage_pipeline.publish import list_published, published_path
+    from omnisage_pipeline.storage.publish import list_published, published_path
 
     day = list_published(indexes_dir)[-1]
     path = published_path(indexes_dir, day)
@@ -209,7 +209,7 @@ def index_ids(indexes_dir: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 def main() -> None:
     from ml.config import ModelConfig
-    from omnisage_pipeline.synthetic import SCALES
+    from omnisage_pipeline.tools.synthetic import SCALES
 
     large = SCALES["large"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

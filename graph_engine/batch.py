@@ -261,3 +261,14 @@ def share_tables(batches: list[CompactEntityBatch]) -> list[CompactEntityBatch]:
             )
         )
     return out
+
+
+def parse_blocks(blocks: list[str]) -> NeighborhoodLayout:
+    """A layout from its text form, one 'subset:node_type:k' per block (the graph_snapshot config)."""
+    out = []
+    for spec in blocks:
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[2].strip().isdigit():
+            raise ValueError(f"graph_snapshot config field 'blocks': {spec!r} is not 'subset:node_type:k'")
+        out.append(NeighborBlock(parts[0].strip(), parts[1].strip(), int(parts[2])))
+    return NeighborhoodLayout(tuple(out))

@@ -1,6 +1,6 @@
 """The one interface the graph assets use for edge extraction and pruning (paper 4.1, appendix A.1).
 
-Two engines implement it with the same semantics (shared/contract.md, "Edges"): Spark
+Two engines implement it with the same semantics (README, "Data contract", "Edges"): Spark
 (``graph_engine.spark_engine``, the default, runs on a cluster) and DuckDB (``graph_engine.duckdb_engine``,
 embedded, one machine). The assets only call :func:`get_engine` and the two methods below; for the same
 input and seed both engines write the same rows.

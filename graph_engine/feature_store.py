@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,180 @@ def _image_matrix(col: pa.ChunkedArray, folder: Path) -> tuple[np.ndarray, np.nd
 # ----------------------------------------------------------------------------------------------- build
 
 
+@dataclass
+class _MetadataFeatures:
+    """Features of the metadata rows (pins first, then boards), before the union with the graph's nodes."""
+
+    n_pins: int
+    n_boards: int
+    codes: np.ndarray  # int8 type code per row
+    ids: np.ndarray  # int64
+    tok_off: np.ndarray  # start of each row's tokens in ``tokens``
+    tok_len: np.ndarray
+    tokens: np.ndarray  # uint32, every row's tokens
+    image: np.ndarray  # float32 [pins, d]
+    has_image: np.ndarray  # bool [pins]
+    seg_vocab: list[str]
+    seg_code: np.ndarray  # uint16 per pin, 0 = no segment
+
+
+def _metadata_features(metadata_dir: Path, max_tokens: int) -> _MetadataFeatures:
+    """Read the day's pins and boards and compute their tokens, image vectors and segment codes."""
+    pins = _read_table(
+        metadata_dir / "pins", "pin_id", ("title", "description"), ("image_embedding", "segment")
+    )
+    boards = _read_table(metadata_dir / "boards", "board_id", ("name", "description"), ())
+    n_pins, n_boards = pins.num_rows, boards.num_rows
+
+    # Text tokens (vectorised over all pins, then all boards).
+    pin_off, pin_tok = tokenize_batch(pins.column("title"), pins.column("description"), max_tokens=max_tokens)
+    board_off, board_tok = tokenize_batch(
+        boards.column("name"), boards.column("description"), max_tokens=max_tokens
+    )
+    image_meta, has_image_meta = _image_matrix(pins.column("image_embedding"), metadata_dir / "pins")
+    segments_col = pins.column("segment")
+    seg_vocab = sorted(set(pc.unique(segments_col.drop_null()).to_pylist())) if n_pins else []
+    if len(seg_vocab) >= np.iinfo(np.uint16).max:
+        raise FeatureStoreError(
+            f"{metadata_dir / 'pins'}: column 'segment' holds {len(seg_vocab)} distinct values"
+        )
+    seg_code_meta = np.zeros(n_pins, dtype=np.uint16)
+    if seg_vocab:
+        idx = pc.index_in(segments_col, value_set=pa.array(seg_vocab, pa.large_string()))
+        seg_code_meta = (np.asarray(pc.fill_null(idx, -1), dtype=np.int64) + 1).astype(np.uint16)
+
+    # Metadata rows: codes, ids, and where their features live.
+    return _MetadataFeatures(
+        n_pins=n_pins,
+        n_boards=n_boards,
+        codes=np.concatenate(
+            [
+                np.full(n_pins, NODE_TYPE_CODE["pin"], np.int8),
+                np.full(n_boards, NODE_TYPE_CODE["board"], np.int8),
+            ]
+        ),
+        ids=np.concatenate(
+            [np.asarray(pins.column("pin_id"), np.int64), np.asarray(boards.column("board_id"), np.int64)]
+        ),
+        tok_off=(
+            np.concatenate([pin_off[:-1], board_off[:-1] + pin_off[-1]])
+            if n_pins + n_boards
+            else np.zeros(0, np.int64)
+        ),
+        tok_len=np.concatenate([np.diff(pin_off), np.diff(board_off)]),
+        tokens=np.concatenate([pin_tok, board_tok]),
+        image=image_meta,
+        has_image=has_image_meta,
+        seg_vocab=seg_vocab,
+        seg_code=seg_code_meta,
+    )
+
+
+def _graph_nodes(snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(type codes, ids, degrees) of the graph's pins and boards (the key space has no other types)."""
+    if snapshot is not None and snapshot.num_nodes:
+        g_codes = np.asarray(snapshot.node_type, dtype=np.int8)
+        g_ids = np.asarray(snapshot.node_id, dtype=np.int64)
+        g_deg = np.asarray(snapshot.degree(), dtype=np.int64)
+        keep = np.isin(g_codes, list(NODE_TYPE_CODE.values()))
+        return g_codes[keep], g_ids[keep], g_deg[keep]
+    return np.zeros(0, np.int8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def _union(meta: _MetadataFeatures, g_codes: np.ndarray, g_ids: np.ndarray):
+    """Union of (code, id), sorted by key bytes = (code, id as uint64 big-endian): (codes, ids, metadata row
+    or -1, graph row or -1) per record."""
+    all_codes = np.concatenate([meta.codes, g_codes])
+    all_ids = np.concatenate([meta.ids, g_ids])
+    source = np.concatenate([np.arange(meta.ids.size), np.full(g_ids.size, -1)])  # metadata row or -1
+    graph_row = np.concatenate([np.full(meta.ids.size, -1), np.arange(g_ids.size)])
+    order = np.lexsort((graph_row, all_ids.view(np.uint64), all_codes.astype(np.uint8)))
+    sc, si = all_codes[order], all_ids[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = (sc[1:] != sc[:-1]) | (si[1:] != si[:-1])
+    group = np.cumsum(first) - 1
+    n = int(first.sum())
+    meta_row = np.full(n, -1, dtype=np.int64)
+    g_row = np.full(n, -1, dtype=np.int64)
+    src_sorted, g_sorted = source[order], graph_row[order]
+    has_m = src_sorted >= 0
+    meta_row[group[has_m]] = src_sorted[has_m]
+    has_g = g_sorted >= 0
+    g_row[group[has_g]] = g_sorted[has_g]
+    return sc[first], si[first], meta_row, g_row
+
+
+@dataclass
+class _Records:
+    """Every record's fields, in key order (``encode_records``' inputs)."""
+
+    flags: np.ndarray
+    segment: np.ndarray
+    degree: np.ndarray
+    tok_off: np.ndarray
+    tokens: np.ndarray
+    image: np.ndarray
+
+
+def _records(meta: _MetadataFeatures, codes, meta_row, g_row, g_deg) -> _Records:
+    """Gather each record's features from its metadata row and graph node."""
+    n = codes.size
+    d = meta.image.shape[1]
+    in_meta = meta_row >= 0
+    in_graph = g_row >= 0
+    degree = np.where(in_graph, g_deg[np.maximum(g_row, 0)] if g_deg.size else 0, 0)
+    flags = (FLAG_METADATA * in_meta + FLAG_IN_GRAPH * in_graph).astype(np.uint8)
+    segment = np.zeros(n, dtype=np.uint16)
+    image = np.zeros((n, d), dtype=np.float32)
+    is_pin_meta = in_meta & (codes == NODE_TYPE_CODE["pin"])
+    pin_rows = meta_row[is_pin_meta]  # metadata row == pins row for pins (pins come first)
+    segment[is_pin_meta] = meta.seg_code[pin_rows]
+    if d:
+        img_present = np.zeros(n, dtype=bool)
+        img_present[is_pin_meta] = meta.has_image[pin_rows]
+        image[is_pin_meta] = meta.image[pin_rows]
+        flags |= (FLAG_IMAGE * img_present).astype(np.uint8)
+    # Tokens in record order (CSR gather).
+    tok_len = np.zeros(n, dtype=np.int64)
+    tok_len[in_meta] = meta.tok_len[meta_row[in_meta]]
+    tok_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(tok_len, out=tok_off[1:])
+    src_start = np.zeros(n, dtype=np.int64)
+    src_start[in_meta] = meta.tok_off[meta_row[in_meta]]
+    gather = np.repeat(src_start - tok_off[:-1], tok_len) + np.arange(tok_off[-1])
+    tokens = meta.tokens[gather] if gather.size else np.zeros(0, np.uint32)
+    return _Records(flags, segment, degree, tok_off, tokens, image)
+
+
+def _manifest(
+    meta: _MetadataFeatures, codes, meta_row, g_row, rec: _Records, buf, max_tokens, source_partition
+):
+    in_meta, in_graph = meta_row >= 0, g_row >= 0
+    names = {v: k for k, v in NODE_TYPE_CODE.items()}
+    count_by_type = {names[c]: int(np.count_nonzero(codes == c)) for c in NODE_TYPE_CODE.values()}
+    return {
+        "format": FORMAT,
+        "record_version": RECORD_VERSION,
+        "key_layout": "uint8 type code + big-endian int64 id",
+        "node_type_code": dict(NODE_TYPE_CODE),
+        "image_dim": int(meta.image.shape[1]),
+        "max_tokens": int(max_tokens),
+        "tokenizer_version": TOKENIZER_VERSION,
+        "segments": meta.seg_vocab,
+        "source_partition": source_partition,
+        "entities": int(codes.size),
+        "entities_by_type": count_by_type,
+        "entities_with_metadata": int(in_meta.sum()),
+        "entities_in_graph": int(in_graph.sum()),
+        "entities_without_metadata": int((~in_meta).sum()),
+        "entities_outside_graph": int((~in_graph).sum()),
+        "entities_with_image": int(((rec.flags & FLAG_IMAGE) != 0).sum()),
+        "tokens_total": int(rec.tok_off[-1]),
+        "record_bytes": int(buf.size),
+        "metadata_rows": {"pins": meta.n_pins, "boards": meta.n_boards},
+    }
+
+
 def build_feature_store(
     metadata_dir: Path,
     snapshot,
@@ -361,126 +536,15 @@ def build_feature_store(
     metadata_dir = Path(metadata_dir)
     if max_tokens < 1 or max_tokens > np.iinfo(np.uint16).max:
         raise ValueError(f"max_tokens={max_tokens} out of range [1, 65535]")
-    pins = _read_table(
-        metadata_dir / "pins", "pin_id", ("title", "description"), ("image_embedding", "segment")
-    )
-    boards = _read_table(metadata_dir / "boards", "board_id", ("name", "description"), ())
-    n_pins, n_boards = pins.num_rows, boards.num_rows
-
-    # Text tokens (vectorised over all pins, then all boards).
-    pin_off, pin_tok = tokenize_batch(pins.column("title"), pins.column("description"), max_tokens=max_tokens)
-    board_off, board_tok = tokenize_batch(
-        boards.column("name"), boards.column("description"), max_tokens=max_tokens
-    )
-    image_meta, has_image_meta = _image_matrix(pins.column("image_embedding"), metadata_dir / "pins")
-    d = image_meta.shape[1]
-    segments_col = pins.column("segment")
-    seg_vocab = sorted(set(pc.unique(segments_col.drop_null()).to_pylist())) if n_pins else []
-    if len(seg_vocab) >= np.iinfo(np.uint16).max:
-        raise FeatureStoreError(
-            f"{metadata_dir / 'pins'}: column 'segment' holds {len(seg_vocab)} distinct values"
-        )
-    seg_code_meta = np.zeros(n_pins, dtype=np.uint16)
-    if seg_vocab:
-        idx = pc.index_in(segments_col, value_set=pa.array(seg_vocab, pa.large_string()))
-        seg_code_meta = (np.asarray(pc.fill_null(idx, -1), dtype=np.int64) + 1).astype(np.uint16)
-
-    # Metadata rows: codes, ids, and where their features live.
-    meta_codes = np.concatenate(
-        [np.full(n_pins, NODE_TYPE_CODE["pin"], np.int8), np.full(n_boards, NODE_TYPE_CODE["board"], np.int8)]
-    )
-    meta_ids = np.concatenate(
-        [np.asarray(pins.column("pin_id"), np.int64), np.asarray(boards.column("board_id"), np.int64)]
-    )
-    meta_tok_off = (
-        np.concatenate([pin_off[:-1], board_off[:-1] + pin_off[-1]])
-        if n_pins + n_boards
-        else np.zeros(0, np.int64)
-    )
-    meta_tok_len = np.concatenate([np.diff(pin_off), np.diff(board_off)])
-    meta_tokens = np.concatenate([pin_tok, board_tok])
-
-    # Graph nodes (pins and boards only; the key space has no other types).
-    if snapshot is not None and snapshot.num_nodes:
-        g_codes = np.asarray(snapshot.node_type, dtype=np.int8)
-        g_ids = np.asarray(snapshot.node_id, dtype=np.int64)
-        g_deg = np.asarray(snapshot.degree(), dtype=np.int64)
-        keep = np.isin(g_codes, list(NODE_TYPE_CODE.values()))
-        g_codes, g_ids, g_deg = g_codes[keep], g_ids[keep], g_deg[keep]
-    else:
-        g_codes, g_ids, g_deg = np.zeros(0, np.int8), np.zeros(0, np.int64), np.zeros(0, np.int64)
-
-    # Union of (code, id), sorted by key bytes = (code, id as uint64 big-endian).
-    all_codes = np.concatenate([meta_codes, g_codes])
-    all_ids = np.concatenate([meta_ids, g_ids])
-    source = np.concatenate([np.arange(meta_ids.size), np.full(g_ids.size, -1)])  # metadata row or -1
-    graph_row = np.concatenate([np.full(meta_ids.size, -1), np.arange(g_ids.size)])
-    order = np.lexsort((graph_row, all_ids.view(np.uint64), all_codes.astype(np.uint8)))
-    sc, si = all_codes[order], all_ids[order]
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = (sc[1:] != sc[:-1]) | (si[1:] != si[:-1])
-    group = np.cumsum(first) - 1
-    n = int(first.sum())
-    codes = sc[first]
-    ids = si[first]
-    meta_row = np.full(n, -1, dtype=np.int64)
-    g_row = np.full(n, -1, dtype=np.int64)
-    src_sorted, g_sorted = source[order], graph_row[order]
-    has_m = src_sorted >= 0
-    meta_row[group[has_m]] = src_sorted[has_m]
-    has_g = g_sorted >= 0
-    g_row[group[has_g]] = g_sorted[has_g]
-
-    in_meta = meta_row >= 0
-    in_graph = g_row >= 0
-    degree = np.where(in_graph, g_deg[np.maximum(g_row, 0)] if g_deg.size else 0, 0)
-    flags = (FLAG_METADATA * in_meta + FLAG_IN_GRAPH * in_graph).astype(np.uint8)
-    segment = np.zeros(n, dtype=np.uint16)
-    image = np.zeros((n, d), dtype=np.float32)
-    is_pin_meta = in_meta & (codes == NODE_TYPE_CODE["pin"])
-    pin_rows = meta_row[is_pin_meta]  # metadata row == pins row for pins (pins come first)
-    segment[is_pin_meta] = seg_code_meta[pin_rows]
-    if d:
-        img_present = np.zeros(n, dtype=bool)
-        img_present[is_pin_meta] = has_image_meta[pin_rows]
-        image[is_pin_meta] = image_meta[pin_rows]
-        flags |= (FLAG_IMAGE * img_present).astype(np.uint8)
-    # Tokens in record order (CSR gather).
-    tok_len = np.zeros(n, dtype=np.int64)
-    tok_len[in_meta] = meta_tok_len[meta_row[in_meta]]
-    tok_off = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(tok_len, out=tok_off[1:])
-    src_start = np.zeros(n, dtype=np.int64)
-    src_start[in_meta] = meta_tok_off[meta_row[in_meta]]
-    gather = np.repeat(src_start - tok_off[:-1], tok_len) + np.arange(tok_off[-1])
-    tokens = meta_tokens[gather] if gather.size else np.zeros(0, np.uint32)
+    meta = _metadata_features(metadata_dir, max_tokens)
+    g_codes, g_ids, g_deg = _graph_nodes(snapshot)
+    codes, ids, meta_row, g_row = _union(meta, g_codes, g_ids)
+    rec = _records(meta, codes, meta_row, g_row, g_deg)
     t_features = time.perf_counter() - t0
 
-    buf, offsets = encode_records(flags, segment, degree, tok_off, tokens, image)
+    buf, offsets = encode_records(rec.flags, rec.segment, rec.degree, rec.tok_off, rec.tokens, rec.image)
     keys = encode_keys(codes, ids)
-    names = {v: k for k, v in NODE_TYPE_CODE.items()}
-    count_by_type = {names[c]: int(np.count_nonzero(codes == c)) for c in NODE_TYPE_CODE.values()}
-    manifest = {
-        "format": FORMAT,
-        "record_version": RECORD_VERSION,
-        "key_layout": "uint8 type code + big-endian int64 id",
-        "node_type_code": dict(NODE_TYPE_CODE),
-        "image_dim": int(d),
-        "max_tokens": int(max_tokens),
-        "tokenizer_version": TOKENIZER_VERSION,
-        "segments": seg_vocab,
-        "source_partition": source_partition,
-        "entities": n,
-        "entities_by_type": count_by_type,
-        "entities_with_metadata": int(in_meta.sum()),
-        "entities_in_graph": int(in_graph.sum()),
-        "entities_without_metadata": int((~in_meta).sum()),
-        "entities_outside_graph": int((~in_graph).sum()),
-        "entities_with_image": int(((flags & FLAG_IMAGE) != 0).sum()),
-        "tokens_total": int(tok_off[-1]),
-        "record_bytes": int(buf.size),
-        "metadata_rows": {"pins": n_pins, "boards": n_boards},
-    }
+    manifest = _manifest(meta, codes, meta_row, g_row, rec, buf, max_tokens, source_partition)
     t_encode = time.perf_counter()
     sizes = write_store(
         Path(out_dir), keys, buf, offsets, manifest, writer_processes, min_records_per_process

@@ -1,6 +1,6 @@
 """Degree-based graph pruning (paper appendix A.1, Algorithm 2) and its portable sampling key.
 
-Semantics (shared/contract.md, "Edges"), identical in every engine:
+Semantics (README, "Data contract", "Edges"), identical in every engine:
 
 * An undirected edge {u, v} is one entry in u's adjacency list and one in v's. ``d`` is the number of
   entries in a node's list (all edge types together).

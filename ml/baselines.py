@@ -15,7 +15,7 @@ the model's evaluation sets and negative pools.
   latent, users by their drifted interest on the evaluation day. The ceiling a model can approach on
   synthetic data; only defined when the input came from the generator.
 - The PinSage-like model (Table 2: the same pipeline with mean-pooling aggregation and the entity-entity task
-  only) is a trained ``OmniSageModel``; ``assets/training.py`` trains it beside the model and the report
+  only) is a trained ``OmniSageModel``; ``ml.training_run`` trains it beside the model and the report
   scores it through ``ml.evaluator.model_embedders``.
 - ``AlsEmbedder``: implicit-feedback matrix factorisation (Hu, Koren, Volinsky 2008; the ``implicit`` library)
   of a users x (pins and boards) matrix of training interactions - the classic strong collaborative-filtering
@@ -112,7 +112,7 @@ class TableUserEmbedder:
 
 
 def oracle_baseline(truth, day: str):
-    """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``omnisage_pipeline.synthetic.Truth``)."""
+    """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``ml.truth.Truth``)."""
     entities = TableEmbedder(
         {"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)}
     )

@@ -46,11 +46,11 @@ import pyarrow.compute as pc
 import torch
 
 from graph_engine.batch import NODE_TYPE_CODE
+from ml.config import TASK_NAMES
 from ml.example_loader import TrainingData, list_column
 from ml.losses import entity_key
 from ml.metrics import recall_at_k, recall_at_k_sparse
 
-TASKS = ("entity_entity", "entity_feature", "user_entity")
 GRAPH_PREFIX = "graph_"
 ENGAGEMENT_PREFIX = "engagement_"
 
@@ -245,11 +245,11 @@ class Evaluator:
         self,
         embedder: EntityEmbedder,
         user_embedder: UserEmbedder | None = None,
-        tasks: Sequence[str] = TASKS,
+        tasks: Sequence[str] = TASK_NAMES,
     ) -> EvaluationReport:
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in TASK_NAMES]
         if unknown:
-            raise ValueError(f"Evaluator.evaluate: unknown task(s) {unknown}; known: {TASKS}")
+            raise ValueError(f"Evaluator.evaluate: unknown task(s) {unknown}; known: {TASK_NAMES}")
         cache: dict[str, np.ndarray] = {}
         out: dict[str, TaskResult] = {}
         if "entity_entity" in tasks:
@@ -357,7 +357,7 @@ def evaluate(
     evaluator: Evaluator,
     embedder: EntityEmbedder,
     user_embedder: UserEmbedder | None = None,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = TASK_NAMES,
 ) -> EvaluationReport:
     return evaluator.evaluate(embedder, user_embedder, tasks)
 

@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graph_engine.batch import CompactEntityBatch, share_tables
+from ml.config import TASK_NAMES
 from ml.data import (
     FeatureTaskBatch,
     PairBatch,
@@ -67,7 +68,6 @@ from ml.training_examples import (
     SEQUENCE_SCHEMA,
 )
 
-TASKS = ("entity_entity", "entity_feature", "user_entity")
 _SCHEMAS = {
     "pairs": PAIR_SCHEMA,
     "eval_pairs": PAIR_SCHEMA,
@@ -272,7 +272,7 @@ def make_batch_iterator_factory(
     data: TrainingData,
     builder,
     *,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = TASK_NAMES,
     batch_size: int = 256,
     num_random_negatives: int = 256,
     seed: int = 0,
@@ -298,9 +298,9 @@ def make_batch_iterator_factory(
     (``graph_engine.batch.CompactEntityBatch``). ``pair_sampling``: "uniform" draws a source's distinct pairs
     uniformly, "count" in proportion to their ``count`` column (each engagement one example).
     """
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASK_NAMES]
     if unknown:
-        raise ValueError(f"make_batch_iterator_factory: unknown task(s) {unknown}; known: {TASKS}")
+        raise ValueError(f"make_batch_iterator_factory: unknown task(s) {unknown}; known: {TASK_NAMES}")
     if batch_size < 1 or num_random_negatives < 0:
         raise ValueError("make_batch_iterator_factory: batch_size must be >= 1 and num_random_negatives >= 0")
     if pair_sampling not in ("count", "uniform"):

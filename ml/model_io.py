@@ -1,4 +1,4 @@
-"""A pickle-free on-disk model format (issue 7: "the model in a format that loads without pickle").
+"""A pickle-free on-disk model format (the model loads without pickle).
 
 A model directory holds exactly two files:
 

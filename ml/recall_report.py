@@ -6,7 +6,8 @@ markdown table and the history plot the Dagster UI shows, and the regression rul
     report["tasks"]["entity_entity"]["recall@10"]          # the model
     report["baselines"]["cooccurrence"]["entity_entity"]    # a baseline, same shape
 
-Dagster-free: ``assets/evaluation.py`` publishes it, logs it to MLflow and attaches the markdown.
+Dagster-free: ``omnisage_pipeline.evaluation.report`` publishes it and logs it to MLflow; the asset
+attaches the markdown.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ml.evaluator import TASKS, EvaluationReport, Evaluator
+from ml.config import TASK_NAMES
+from ml.evaluator import EvaluationReport, Evaluator
 
 #: Baselines in the order the report lists them (``ml.baselines`` and the PinSage-like model).
 BASELINE_ORDER = ("random", "popularity", "cooccurrence", "als", "pinsage", "oracle")
@@ -29,7 +31,7 @@ class Candidate:
 
     entity: Any
     user: Any = None
-    tasks: Sequence[str] = TASKS
+    tasks: Sequence[str] = TASK_NAMES
     unavailable: str = ""  # when set, every task reports null with this reason (e.g. no PinSage model)
 
 
@@ -41,14 +43,14 @@ def score(evaluator: Evaluator, candidate: Candidate) -> dict[str, dict]:
     """{task: {"recall@k": x | None, "n": int, ...}} for every task of the evaluation protocol."""
     k = evaluator.k
     if candidate.unavailable:
-        return {t: _null(candidate.unavailable, k) for t in TASKS}
-    tasks = [t for t in TASKS if t in candidate.tasks]
+        return {t: _null(candidate.unavailable, k) for t in TASK_NAMES}
+    tasks = [t for t in TASK_NAMES if t in candidate.tasks]
     report: EvaluationReport = evaluator.evaluate(candidate.entity, candidate.user, tasks)
     out = report.to_json()
-    for t in TASKS:
+    for t in TASK_NAMES:
         if t not in out:
             out[t] = _null("not a task of this baseline", k)
-    return {t: out[t] for t in TASKS}
+    return {t: out[t] for t in TASK_NAMES}
 
 
 def build_report(
@@ -105,7 +107,7 @@ def regressions(current: Mapping, previous: Mapping | None, max_drop: float) -> 
         return []
     k = int(current.get("k", 10))
     out = []
-    for task in TASKS:
+    for task in TASK_NAMES:
         cur = recall_of(current.get("tasks", {}).get(task), k)
         prev = recall_of(previous.get("tasks", {}).get(task), k)
         if cur is not None and prev is not None and prev - cur > max_drop:
@@ -123,7 +125,7 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
     k = int(report.get("k", 10))
     rows = [("**model** v" + str(report.get("model_version", "")), report["tasks"])]
     rows += [(name, tasks) for name, tasks in report.get("baselines", {}).items()]
-    head = "| system | " + " | ".join(f"{t} recall@{k} (n)" for t in TASKS) + " |"
+    head = "| system | " + " | ".join(f"{t} recall@{k} (n)" for t in TASK_NAMES) + " |"
     lines = [
         (
             f"### recall@{k} on dt={report['partition']} (negatives: {report['negatives']} per type, "
@@ -131,10 +133,10 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
         ),
         "",
         head,
-        "|" + " --- |" * (len(TASKS) + 1),
+        "|" + " --- |" * (len(TASK_NAMES) + 1),
     ]
     for name, tasks in rows:
-        cells = [f"{_fmt(recall_of(tasks.get(t), k))} ({tasks.get(t, {}).get('n', 0)})" for t in TASKS]
+        cells = [f"{_fmt(recall_of(tasks.get(t), k))} ({tasks.get(t, {}).get('n', 0)})" for t in TASK_NAMES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     oracle = report.get("baselines", {}).get("oracle", {})
     ee_model, ee_oracle = (
@@ -145,7 +147,7 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
         lines += ["", f"entity_entity model / oracle = {ee_model / ee_oracle:.3f}"]
     if previous:
         deltas = []
-        for t in TASKS:
+        for t in TASK_NAMES:
             cur, prev = recall_of(report["tasks"].get(t), k), recall_of(previous.get("tasks", {}).get(t), k)
             if cur is not None and prev is not None:
                 deltas.append(f"{t} {cur - prev:+.4f}")
@@ -164,9 +166,9 @@ def plot_png(history: Sequence[Mapping]) -> bytes:
 
     k = int(history[-1].get("k", 10)) if history else 10
     days = [h["partition"] for h in history]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(TASK_NAMES), figsize=(4.2 * len(TASK_NAMES), 3.4), squeeze=False)
     systems = ["model"] + _ordered({n for h in history for n in h.get("baselines", {})})
-    for ax, task in zip(axes[0], TASKS):
+    for ax, task in zip(axes[0], TASK_NAMES):
         for name in systems:
             values = [
                 recall_of(

@@ -1,4 +1,4 @@
-"""The MLflow model registry for OmniSage models (issue 7: registered versions, ``champion`` / ``challenger``).
+"""The MLflow model registry for OmniSage models: registered versions, aliases ``champion`` / ``challenger``.
 
 Plain MLflow (no Dagster): the training asset registers and promotes, the inference asset loads the
 champion, a notebook can do either.

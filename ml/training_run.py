@@ -43,14 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import TASK_NAMES
+from ml.layout import MODEL_ARTIFACT_PATH, NEIGHBORHOODS_DIR, PINSAGE_ARTIFACT_PATH
 from ml.tracking import MlflowTarget, store_lock
 from ml.validation import keep_trained_sources, split_validation
 
-MODEL_ARTIFACT_PATH = "model"
-#: The PinSage-like baseline (Table 2) trained beside the model, in the same MLflow run (never registered).
-PINSAGE_ARTIFACT_PATH = "baselines/pinsage"
 CHAMPION, CHALLENGER = "champion", "challenger"
-NEIGHBORHOODS_DIR = "neighborhoods"
 
 
 @dataclass
@@ -403,33 +400,41 @@ def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTa
 # ----------------------------------------------------------------------------------------------------------
 # training (every rank)
 # ----------------------------------------------------------------------------------------------------------
-def _fit(
-    prep: _Prepared,
-    model_config,
-    checkpoint_dir: Path,
-    resume: Path | None,
-    log,
-    on_log=None,
-    stop_after: int | None = None,
-    loader=None,
-    selection=None,
-    warm=None,
-):
+@dataclass
+class _FitPlan:
+    """Where and how one Trainer runs: its checkpoint directory, the checkpoint it resumes (or the warm
+    start), its batches (default the run's loader), metric callback, model selection and early stop."""
+
+    checkpoint_dir: Path
+    resume: Path | None = None
+    loader: Any = None
+    on_log: Callable | None = None
+    selection: Any = None
+    warm: Any = None
+    stop_after: int | None = None
+
+
+def _fit(prep: _Prepared, model_config, log, plan: _FitPlan):
     """-> (Trainer, TrainResult, resumed-from step)."""
     from ml.train import Trainer
 
-    train_config = prep.train_config.replace(checkpoint_dir=str(checkpoint_dir))
+    train_config = prep.train_config.replace(checkpoint_dir=str(plan.checkpoint_dir))
     trainer = Trainer(
-        model_config, train_config, loader or prep.loader, on_log=on_log, progress=log, selection=selection
+        model_config,
+        train_config,
+        plan.loader or prep.loader,
+        on_log=plan.on_log,
+        progress=log,
+        selection=plan.selection,
     )
     try:
-        if resume is not None:
-            log(f"resuming from checkpoint {resume}")
-            trainer.load(resume)
-        elif warm is not None:
-            trainer.warm_start(warm.weights, warm.sketches)
+        if plan.resume is not None:
+            log(f"resuming from checkpoint {plan.resume}")
+            trainer.load(plan.resume)
+        elif plan.warm is not None:
+            trainer.warm_start(plan.warm.weights, plan.warm.sketches)
         resumed_from = int(trainer.step)
-        result = trainer.fit(stop_after=stop_after)
+        result = trainer.fit(stop_after=plan.stop_after)
     finally:
         trainer.close()
     return trainer, result, resumed_from
@@ -444,15 +449,8 @@ def train_model(
     selection = None
     if config is not None:
         selection = _selection(prep, config, _validation_evaluator(prep, config), log)
-    trainer, _, _ = _fit(
-        prep,
-        model_config or prep.model_config,
-        prep.ckpt_dir,
-        prep.resume,
-        log,
-        loader=loader,
-        selection=selection,
-    )
+    plan = _FitPlan(prep.ckpt_dir, prep.resume, loader=loader, selection=selection)
+    trainer, _, _ = _fit(prep, model_config or prep.model_config, log, plan)
     if selection is not None and log is not None:
         log(
             f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})"
@@ -474,9 +472,8 @@ def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
     # the same model selection as the model's (validation entity-entity recall): a baseline on equal terms
     selection = _selection(prep, config, _validation_evaluator(prep, config), log, tasks=("entity_entity",))
     try:
-        trainer, _, _ = _fit(
-            prep, baseline_config, checkpoint_dir, resume, log, loader=loader, selection=selection
-        )
+        plan = _FitPlan(checkpoint_dir, resume, loader=loader, selection=selection)
+        trainer, _, _ = _fit(prep, baseline_config, log, plan)
     finally:
         loader.close()
     return trainer.model.eval()
@@ -502,36 +499,38 @@ def distributed(device_type: str):
 # ----------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """How one training run is recorded. ``stop_after`` (tests of the resume path) trains up to that step,
+    keeps the checkpoint and returns None without registering - what a killed run leaves behind.
+    ``register=False`` (ablation variants) logs the run and its model artifact in ``experiment_name`` but
+    never touches the registry."""
+
+    dagster_run_id: str | None = None
+    stop_after: int | None = None
+    register: bool = True
+    experiment_name: str | None = None  # default: the target's experiment
+    run_tags: dict[str, str] | None = None
+
+
 def train_and_register(
     inputs: TrainingInputs,
     target: MlflowTarget,
     config: TrainingRunConfig,
     *,
     log: Callable[[str], None] = print,
-    dagster_run_id: str | None = None,
-    stop_after: int | None = None,
-    register: bool = True,
-    experiment_name: str | None = None,
-    run_tags: dict[str, str] | None = None,
+    **options,
 ) -> TrainingOutcome | None:
-    """Train, log, register and gate one model (module docstring). ``stop_after`` (tests of the resume path)
-    trains up to that step, keeps the checkpoint and returns None without registering - what a killed run
-    leaves behind. ``register=False`` (ablation variants) logs the run and its model artifact in
-    ``experiment_name`` but never touches the registry. Ranks other than 0 train and return None."""
+    """Train, log, register and gate one model (module docstring); ``options`` are ``RunOptions`` fields.
+    Ranks other than 0 train and return None."""
+    opts = RunOptions(**options)
     prep = with_warm_start(prepare(inputs, config), config, target, log if _rank() == 0 else None)
     with distributed(prep.device.type):
         if _rank() != 0:
-            _fit(
-                prep,
-                prep.model_config,
-                prep.ckpt_dir,
-                prep.resume,
-                log=None,
-                stop_after=stop_after,
-                warm=prep.warm,
-            )
+            plan = _FitPlan(prep.ckpt_dir, prep.resume, stop_after=opts.stop_after, warm=prep.warm)
+            _fit(prep, prep.model_config, None, plan)
             if (
-                stop_after is None
+                opts.stop_after is None
                 and config.pinsage_baseline
                 and "entity_entity" in config.tasks
                 and prep.train_config.total_steps > 0
@@ -540,28 +539,16 @@ def train_and_register(
             prep.loader.close()
             return None
         try:
-            return _run_rank0(
-                prep,
-                inputs,
-                target,
-                config,
-                log=log,
-                dagster_run_id=dagster_run_id,
-                stop_after=stop_after,
-                register=register,
-                experiment_name=experiment_name,
-                run_tags=run_tags,
-            )
+            return _run_rank0(prep, inputs, target, config, log=log, options=opts)
         finally:
             prep.loader.close()
 
 
-def _start_run(
-    prep: _Prepared, target: MlflowTarget, config, inputs, dagster_run_id, experiment_name, run_tags
-):
+def _start_run(prep: _Prepared, target: MlflowTarget, config, inputs, options: RunOptions):
     """-> (client, run id, previous run id of a resumed checkpoint)."""
+    dagster_run_id, run_tags = options.dagster_run_id, options.run_tags
     client = target.client()
-    experiment_id = target.experiment_id(experiment_name)
+    experiment_id = target.experiment_id(options.experiment_name)
     tags = {
         "training_partition": inputs.partition,
         "asset": "omnisage_model",
@@ -642,6 +629,55 @@ def _mark_resumed(client, run_id: str, resumed_from: int, previous_run: str | No
                 client.set_terminated(previous_run, status="KILLED")
 
 
+@dataclass
+class _Evaluated:
+    """A trained model (and its PinSage-like baseline) with their reports on the held-out test sets."""
+
+    result: Any  # ml.train.TrainResult
+    train_seconds: float
+    model: Any
+    selection: Any  # ml.train.ModelSelection or None
+    evaluator: Any  # the test sets' evaluator
+    new_report: Any
+    pinsage: Any = None
+    pinsage_report: Any = None
+
+
+def _evaluate(prep: _Prepared, config: TrainingRunConfig, ev: _Evaluated, log) -> None:
+    """Train the PinSage-like baseline when asked, then score both models on the held-out test sets."""
+    from ml.evaluator import Evaluator, model_embedders
+
+    if (
+        config.pinsage_baseline
+        and "entity_entity" in prep.model_config.tasks
+        and prep.train_config.total_steps > 0
+    ):
+        ev.pinsage = train_pinsage_baseline(prep, config, log)
+    ev.evaluator = Evaluator(
+        prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size, seed=config.eval_seed
+    )
+    ev.new_report = ev.evaluator.evaluate(
+        *model_embedders(ev.model, prep.builder), list(prep.model_config.tasks)
+    )
+    if ev.pinsage is not None:
+        ev.pinsage_report = ev.evaluator.evaluate(
+            *model_embedders(ev.pinsage, prep.builder), ["entity_entity"]
+        )
+        log(
+            f"pinsage baseline: recall@{config.eval_k} entity_entity = {ev.pinsage_report.recall('entity_entity')}"
+        )
+
+
+def _gate_on_best_split(prep, target, config, ev: _Evaluated, val_evaluator, register: bool) -> dict:
+    """The gate on the validation split, or on the test sets when the validation split is empty."""
+    from ml.evaluator import model_embedders
+
+    if val_evaluator is None:
+        return _gate(prep, target, config, ev.evaluator, ev.new_report, register, "test")
+    report = val_evaluator.evaluate(*model_embedders(ev.model, prep.builder), list(prep.model_config.tasks))
+    return _gate(prep, target, config, val_evaluator, report, register, "validation")
+
+
 def _run_rank0(
     prep: _Prepared,
     inputs: TrainingInputs,
@@ -649,75 +685,38 @@ def _run_rank0(
     config: TrainingRunConfig,
     *,
     log,
-    dagster_run_id,
-    stop_after,
-    register,
-    experiment_name,
-    run_tags,
+    options: RunOptions,
 ) -> TrainingOutcome | None:
-    from ml.evaluator import Evaluator, model_embedders
-
-    client, run_id, previous_run = _start_run(
-        prep, target, config, inputs, dagster_run_id, experiment_name, run_tags
-    )
+    client, run_id, previous_run = _start_run(prep, target, config, inputs, options)
     gate_lock = contextlib.ExitStack()
     try:
         _log_params(client, run_id, prep, config, inputs)
         t0 = time.perf_counter()
         val_evaluator = _validation_evaluator(prep, config)
         selection = _selection(prep, config, val_evaluator, log)
-        trainer, result, resumed_from = _fit(
-            prep,
-            prep.model_config,
+        plan = _FitPlan(
             prep.ckpt_dir,
             prep.resume,
-            log,
             on_log=_metric_logger(client, run_id),
-            stop_after=stop_after,
             selection=selection,
             warm=prep.warm,
+            stop_after=options.stop_after,
         )
+        trainer, result, resumed_from = _fit(prep, prep.model_config, log, plan)
         if prep.resume is not None:
             _mark_resumed(client, run_id, resumed_from, previous_run)
-        train_seconds = time.perf_counter() - t0
-        model = trainer.model.eval()
-        if stop_after is not None:
+        ev = _Evaluated(result, time.perf_counter() - t0, trainer.model.eval(), selection, None, None)
+        if options.stop_after is not None:
             client.set_terminated(run_id, status="KILLED")
             return None
-        pinsage = None
+        _evaluate(prep, config, ev, log)
         if (
-            config.pinsage_baseline
-            and "entity_entity" in prep.model_config.tasks
-            and prep.train_config.total_steps > 0
-        ):
-            pinsage = train_pinsage_baseline(prep, config, log)
-        evaluator = Evaluator(
-            prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size, seed=config.eval_seed
-        )
-        new_report = evaluator.evaluate(*model_embedders(model, prep.builder), list(prep.model_config.tasks))
-        pinsage_report = None
-        if pinsage is not None:
-            pinsage_report = evaluator.evaluate(*model_embedders(pinsage, prep.builder), ["entity_entity"])
-            log(
-                f"pinsage baseline: recall@{config.eval_k} entity_entity = {pinsage_report.recall('entity_entity')}"
-            )
-        if register:  # from reading the champion to moving the alias: two trainings must not both promote
+            options.register
+        ):  # from reading the champion to moving the alias: two trainings must not both promote
             gate_lock.enter_context(store_lock(target.tracking_uri))
-        gate_evaluator, gate_split = (
-            (val_evaluator, "validation") if val_evaluator is not None else (evaluator, "test")
-        )
-        gate_report = (
-            new_report
-            if gate_split == "test"
-            else gate_evaluator.evaluate(*model_embedders(model, prep.builder), list(prep.model_config.tasks))
-        )
-        gate = _gate(prep, target, config, gate_evaluator, gate_report, register, gate_split)
-        evaluation = _log_results(
-            client, run_id, config, gate, result, train_seconds, new_report, pinsage_report, selection
-        )
-        version = _log_models(
-            client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register
-        )
+        gate = _gate_on_best_split(prep, target, config, ev, val_evaluator, options.register)
+        evaluation = _log_results(client, run_id, config, gate, ev)
+        version = _log_models(client, run_id, prep, config, inputs, ev, gate, options.register)
         gate_lock.close()
         client.set_terminated(run_id, status="FINISHED")
     except BaseException:
@@ -736,17 +735,17 @@ def _run_rank0(
         champion_mean_recall=gate["champion_mean"],
         previous_champion=gate["previous"],
         gate_tasks=gate["tasks"],
-        new_recall=task_recalls(new_report),
+        new_recall=task_recalls(ev.new_report),
         champion_recall=gate["champion_recall"],
         training_partition=inputs.partition,
         steps=int(result.steps),
         resumed_from_step=resumed_from,
-        train_seconds=train_seconds,
+        train_seconds=ev.train_seconds,
         device=str(prep.device),
         preset=prep.preset_name,
         last_metrics=dict(result.last_metrics),
         evaluation=evaluation,
-        gate_split=gate_split,
+        gate_split=gate["split"],
         gate_new_recall=gate["new_recall"],
         selected_step=None if selection is None else selection.best_step,
         warm_start=prep.warm_note,
@@ -889,13 +888,13 @@ def _gate(
     }
 
 
-def _log_results(
-    client, run_id, config, gate, result, train_seconds, new_report, pinsage_report, selection=None
-) -> dict:
+def _log_results(client, run_id, config, gate, ev: _Evaluated) -> dict:
     """Metrics: ``eval/*`` the held-out test sets (reported), ``gate/*`` the gate's split, ``validation/*``
     the model-selection history."""
     from mlflow.entities import Metric
 
+    result, train_seconds, selection = ev.result, ev.train_seconds, ev.selection
+    new_report, pinsage_report = ev.new_report, ev.pinsage_report
     k, ts, step = config.eval_k, int(time.time() * 1000), int(result.steps)
     metrics = []
     for name, r in task_recalls(new_report).items():
@@ -942,12 +941,13 @@ def _log_results(
     return evaluation
 
 
-def _log_models(client, run_id, prep, target, config, inputs, model, pinsage, gate, result, register) -> str:
+def _log_models(client, run_id, prep, config, inputs, ev: _Evaluated, gate, register) -> str:
     """Model (and baseline) directories as artifacts; register and set the alias. -> version ("" if not)."""
     from mlflow.entities import RunTag
 
     from ml.model_io import save_model_dir
 
+    model, pinsage, result = ev.model, ev.pinsage, ev.result
     step = int(result.steps)
     common = {
         "layout": prep.layout,

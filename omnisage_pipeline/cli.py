@@ -60,8 +60,8 @@ def generate(
     out: Path | None, start_date: str, days: int, scale: str, seed: int, no_images: bool, force: bool
 ) -> None:
     """Write synthetic input in the data contract's format, with the planted truth under OUT/_truth/."""
-    from omnisage_pipeline import synthetic
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools import synthetic
 
     if out is None:
         out = Settings.from_env().data_root
@@ -107,8 +107,8 @@ def generate(
 )
 def demo(days: int, scale: str, seed: int, train_steps: int) -> None:
     """Run the whole pipeline on the embedded defaults and print where to look."""
-    from omnisage_pipeline.demo import recall_table, run_demo, where_to_look
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools.demo import recall_table, run_demo, where_to_look
 
     outcome = run_demo(days=days, scale=scale, seed=seed, train_steps=train_steps, echo=click.echo)
     click.echo("wall time per stage:")
@@ -255,15 +255,16 @@ def ablate(
     Every variant is one MLflow run (never registered) under one parent run of EXPERIMENT in the production
     tracking store; the tables go to ablations.md / ablations.json in the ablation root and to the parent run.
     """
-    from omnisage_pipeline.ablations import AblationError, run_ablations
+    from omnisage_pipeline.tools.ablations import AblationConfig, AblationError, run_ablations
 
+    config = AblationConfig(
+        studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
+        negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
+        experiment=experiment, engine=engine, torch_threads=torch_threads,
+        blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
+    )  # fmt: skip
     try:
-        result = run_ablations(
-            studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
-            negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
-            experiment=experiment, engine=engine, torch_threads=torch_threads, echo=click.echo,
-            blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
-        )  # fmt: skip
+        result = run_ablations(config, echo=click.echo)
     except AblationError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")
@@ -364,7 +365,7 @@ def train(
     from assets.training import OmniSageModelConfig, to_run_config
     from omnisage_pipeline.resources import MlflowResource
     from omnisage_pipeline.settings import Settings
-    from omnisage_pipeline.train_runner import run_training
+    from omnisage_pipeline.training.runner import run_training
 
     values = {}
     if config_file is not None:
@@ -566,8 +567,8 @@ def import_movielens_100k(
     force: bool,
 ) -> None:
     """MovieLens-100k -> contract input in OUT, the held-out pairs in OUT/_eval/; prints what to run next."""
-    from omnisage_pipeline import movielens
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools import movielens
 
     cache = cache or Settings.from_env().home / "cache" / "movielens"
     try:

@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 from pydantic import Field
 
-from ml.tracking import MlflowTarget, prepare_store, sqlite_store_path, store_lock  # noqa: F401 (re-exported)
+from ml.tracking import MlflowTarget
 from omnisage_pipeline.settings import DEFAULT_WINDOW_DAYS, DEMO_START_DATE, Settings
 
 
@@ -89,7 +89,7 @@ class MlflowResource(dg.ConfigurableResource):
     Artifacts go under OMNISAGE_HOME: with a sqlite tracking URI MLflow would otherwise write ``./mlruns``
     in the working directory, so every experiment is created with an explicit artifact location.
     Concurrent processes (runs of different partitions, two trainings) may share one sqlite store: the
-    schema is created once under a file lock (``prepare_store``) and so is a new experiment.
+    schema is created once under a file lock (``ml.tracking.prepare_store``) and so is a new experiment.
     """
 
     tracking_uri: str

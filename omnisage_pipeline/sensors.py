@@ -17,9 +17,9 @@ import json
 
 import dagster as dg
 
-from omnisage_pipeline.publish import list_published, published_path
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import list_published, published_path
 
 SENSOR_NAME = "champion_embeddings_sensor"
 #: What a champion change re-materializes: the day's embeddings and everything downstream of them.

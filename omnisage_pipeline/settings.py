@@ -17,7 +17,7 @@ from pathlib import Path
 DEMO_START_DATE = "2026-01-01"
 DEFAULT_WINDOW_DAYS = 30
 #: Days of heavy per-day outputs (graph/, features/, embeddings/, user_embeddings/) kept by retention
-#: (omnisage_pipeline.retention); unset = OMNISAGE_WINDOW_DAYS. Must be >= OMNISAGE_WINDOW_DAYS.
+#: (omnisage_pipeline.storage.retention); unset = OMNISAGE_WINDOW_DAYS. Must be >= OMNISAGE_WINDOW_DAYS.
 RETENTION_ENV = "OMNISAGE_RETENTION_DAYS"
 ENGINES = ("spark", "duckdb")
 

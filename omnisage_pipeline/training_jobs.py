@@ -1,4 +1,4 @@
-"""The training job and its weekly schedule (issue 7, item 3).
+"""The training job and its weekly schedule.
 
 ``train_omnisage_model`` materializes the unpartitioned ``omnisage_model`` asset: it trains on the newest
 published ``training_examples`` partition unless the run config names one, registers a new MLflow model

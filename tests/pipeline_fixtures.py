@@ -6,8 +6,8 @@
 
 Chain (the same libraries the assets wrap, in the same order, for the last day D of the generated range):
 
-    omnisage_pipeline.synthetic.generate            -> data_root/ (contract input + _truth/)
-    omnisage_pipeline.contract.validate_*           -> warehouse/engagement_logs/dt=*/, entity_metadata/dt=D/
+    omnisage_pipeline.tools.synthetic.generate            -> data_root/ (contract input + _truth/)
+    omnisage_pipeline.contract.validation.validate_*           -> warehouse/engagement_logs/dt=*/, entity_metadata/dt=D/
     graph_engine.duckdb_engine.extract_daily_edges  -> warehouse/daily_edges/dt=*/
     graph_engine.duckdb_engine.prune_window         -> warehouse/pruned_edges/dt=D/ (held-out pairs dropped:
                                                        holdout=ml.training_examples.holdout_of(config))
@@ -37,8 +37,14 @@ from graph_engine.pruning import PruningParams
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
 from ml.example_loader import TrainingData, load_training_examples
 from ml.training_examples import ExampleConfig, build_training_examples, holdout_of
-from omnisage_pipeline.contract import validate_boards, validate_engagement_logs, validate_pins, write_table
-from omnisage_pipeline.synthetic import Truth, generate, load_truth
+from ml.truth import Truth, load_truth
+from omnisage_pipeline.contract.validation import (
+    validate_boards,
+    validate_engagement_logs,
+    validate_pins,
+    write_table,
+)
+from omnisage_pipeline.tools.synthetic import generate
 
 START_DATE = "2024-01-01"
 

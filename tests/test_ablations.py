@@ -1,4 +1,4 @@
-"""The ablation runner (`omnisage ablate`, omnisage_pipeline/ablations.py).
+"""The ablation runner (`omnisage ablate`, omnisage_pipeline/tools/ablations.py).
 
 The integration test sets up a PRODUCTION home first (data assets + a registered champion), runs two small
 studies through the CLI (pruning alpha: 0.5 vs the default, a data variant; aggregator: transformer vs mean,
@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from omnisage_pipeline import ablations as ab
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.tools import ablations as ab
 
 
 # ------------------------------------------------------------------------------------------ no training
 def test_catalogue_matches_the_cli_and_the_asset_defaults():
-    from assets.snapshot import GraphSnapshotConfig, parse_blocks
+    from assets.snapshot import GraphSnapshotConfig
+    from graph_engine.batch import parse_blocks
     from omnisage_pipeline.cli import _ABLATION_STUDIES
 
     for empty_ok in (False, True):
@@ -165,15 +166,15 @@ def _registry_state(uri: str) -> dict:
 def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     import mlflow
 
-    from assets.snapshot import parse_blocks
     from assets.training import OmniSageModelConfig, train_and_register
+    from graph_engine.batch import parse_blocks
     from graph_engine.neighbor_sampler import NeighborhoodCache
     from graph_engine.snapshot import GraphSnapshot
     from omnisage_pipeline.cli import main
     from omnisage_pipeline.partitions import daily_partitions
-    from omnisage_pipeline.publish import require_published
     from omnisage_pipeline.resources import MlflowResource
-    from omnisage_pipeline.synthetic import generate
+    from omnisage_pipeline.storage.publish import require_published
+    from omnisage_pipeline.tools.synthetic import generate
 
     # ---- production: the daily data assets and a registered champion
     prod = Settings.from_env()

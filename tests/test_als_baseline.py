@@ -21,7 +21,7 @@ from ml.baselines import (
     pair_recall,
     tune_als,
 )
-from omnisage_pipeline.contract import LOG_SCHEMA
+from omnisage_pipeline.contract.validation import LOG_SCHEMA
 
 PIN0, BOARD0, USER0 = 1_000_000_000, 2_000_000_000, 3_000_000_000
 CLUSTERS, PINS_PER_CLUSTER, USERS, PER_USER = 10, 10, 200, 6  # 9 cluster mates < k: recall can reach 1
@@ -219,13 +219,14 @@ def test_the_evaluator_scores_als_like_any_embedder(planted):
 
 
 def test_recall_report_als_row_on_the_pipeline_evaluation_sets(tmp_path, monkeypatch):
-    """The recall report's ALS (assets.evaluation._als_candidate: the window's validated logs, evaluation pairs
+    """The recall report's ALS (omnisage_pipeline.evaluation.report.als_candidate: the window's validated logs, evaluation pairs
     and users left out, tuned on a carved split) on a tiny generated pipeline, scored by the one evaluator."""
     from pipeline_fixtures import build_library_pipeline
 
-    from assets.evaluation import RecallReportConfig, _als_candidate
+    from assets.evaluation import RecallReportConfig
     from ml.baselines import random_baseline
     from ml.evaluator import Evaluator
+    from omnisage_pipeline.evaluation.report import als_candidate as _als_candidate
     from omnisage_pipeline.settings import Settings
 
     art = build_library_pipeline(tmp_path, scale="tiny", days=3, seed=0)

@@ -8,9 +8,9 @@ import json
 import dagster as dg
 
 from omnisage_pipeline import sensors
-from omnisage_pipeline.publish import publish_partition
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import publish_partition
 
 
 def _publish(folder, day, manifest=None):

@@ -14,8 +14,8 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.publish import list_published, published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import list_published, published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]

@@ -1,4 +1,4 @@
-"""Two partitions materialized at the same time by two processes (issue 9 item 4).
+"""Two partitions materialized at the same time by two processes.
 
 Two child processes share one OMNISAGE_HOME, one DAGSTER_HOME (sqlite run storage) and one fresh MLflow sqlite
 store, as two runs of `dagster dev` with more than one concurrent run would. Each child imports everything,
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.publish import list_published, published_path
-from omnisage_pipeline.resources import prepare_store
+from ml.tracking import prepare_store
 from omnisage_pipeline.settings import prepare_dagster_home
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import list_published, published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02"]

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from omnisage_pipeline.publish import published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]

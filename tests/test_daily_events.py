@@ -10,8 +10,8 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from omnisage_pipeline.publish import published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
 

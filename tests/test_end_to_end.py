@@ -1,6 +1,7 @@
 """The whole asset graph in one process on tiny synthetic data (DuckDB engine): ingest -> edges -> pruning ->
 snapshot -> features -> training examples -> omnisage_model (MLflow run, registry, champion gate) ->
-entity_embeddings; then the promises of issue 7 are checked on the published outputs."""
+entity_embeddings; then the promises of the model's outputs (registered pickle-free versions, a champion, the
+day's embeddings) are checked on the published outputs."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from omnisage_pipeline.publish import require_published
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import require_published
+from omnisage_pipeline.tools.synthetic import generate
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
 ENGAGEMENT_SOURCES = ("engagement_pin_pin", "engagement_board_pin")
@@ -34,7 +35,7 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
     assets = list(defs.assets)
     resources = build_resources(settings)
     daily = [a for a in assets if a.partitions_def is not None]
-    from omnisage_pipeline.demo import MODEL_CONSUMERS
+    from omnisage_pipeline.tools.demo import MODEL_CONSUMERS
 
     data_keys = [k for a in daily for k in a.keys if k.to_user_string() not in MODEL_CONSUMERS]
     for day in DAYS:
@@ -168,7 +169,7 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     import json
 
     from assets.evaluation import REGRESSION_CHECK
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     settings, first, _, rr = pipeline
     day = DAYS[-1]

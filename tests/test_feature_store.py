@@ -361,7 +361,7 @@ def _materialize(day: str = DAY):
 
 
 def _write_inputs(settings, pins=PINS, edges=EDGES):
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     with publish_partition(settings.warehouse_dataset("entity_metadata"), DAY) as staging:
         write_metadata(staging, pins=pins)
@@ -373,8 +373,8 @@ def _write_inputs(settings, pins=PINS, edges=EDGES):
 
 
 def test_asset_publishes_atomically(omnisage_env):
-    from omnisage_pipeline.publish import published_path
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.storage.publish import published_path
 
     settings = Settings.from_env()
     _write_inputs(settings)
@@ -394,7 +394,7 @@ def test_asset_publishes_atomically(omnisage_env):
 
     # A re-run killed after the build finished but before the swap leaves the old partition intact.
     pins2 = dict(PINS, title=["changed"] * 5)
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     with publish_partition(settings.warehouse_dataset("entity_metadata"), DAY) as staging:
         write_metadata(staging, pins=pins2)

@@ -1,4 +1,4 @@
-"""Fuzzed input (issue 9 item 2): every kind of bad input the data contract (shared/contract.md, "Input")
+"""Fuzzed input: every kind of bad input the data contract (README, "Data contract", "Input")
 defines, one table-driven case each, with the outcome the contract prescribes for it.
 
 A case writes files under a fresh ``$OMNISAGE_DATA_ROOT`` and expects one of:
@@ -9,7 +9,7 @@ A case writes files under a fresh ``$OMNISAGE_DATA_ROOT`` and expects one of:
 * :class:`Rejected` - a ``ContractError`` whose message names the file (absolute path) and the column
   (where the contract has one: a zero-byte or non-Parquet file has no column).
 
-Every case runs the library validator (``omnisage_pipeline.contract``, as the ingest assets call it: list
+Every case runs the library validator (``omnisage_pipeline.contract.validation``, as the ingest assets call it: list
 the folder, validate). Cases marked ``asset=True`` also materialize the real ingest asset in-process
 (``engagement_logs`` or ``entity_metadata``) and check what it published under ``$OMNISAGE_HOME``
 (contract "Outputs"): valid and quarantine partitions, their row counts, the reasons, the materialization
@@ -35,12 +35,12 @@ import pytest
 from pyarrow import feather
 
 from assets.ingest import engagement_logs, entity_metadata
-from omnisage_pipeline import contract as C
-from omnisage_pipeline.contract import ContractError
+from omnisage_pipeline.contract import validation as C
+from omnisage_pipeline.contract.validation import ContractError
 from omnisage_pipeline.partitions import daily_partitions
-from omnisage_pipeline.publish import published_path
 from omnisage_pipeline.resources import StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import published_path
 
 DAY = daily_partitions.get_first_partition_key()
 D0 = datetime.fromisoformat(DAY).replace(tzinfo=UTC)

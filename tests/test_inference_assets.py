@@ -1,4 +1,4 @@
-"""entity_embeddings (issue 7 item 4): with a tiny model registered in MLflow as ``champion``, the asset embeds
+"""entity_embeddings: with a tiny model registered in MLflow as ``champion``, the asset embeds
 exactly the day's pins and boards (metadata UNION graph), unit-norm and finite, tagged with the model version;
 the registered model loaded back reproduces them; entities outside the graph get embeddings (zero-imputed
 neighbours, paper 3.5); active users get embeddings; no champion -> a clear error; a 2-shard run publishes
@@ -19,31 +19,23 @@ import pytest
 import torch
 
 import tests.pipeline_fixtures as pf
-from assets.inference import (
-    SHARDS_DIR,
-    DayEmbeddings,
-    entity_embeddings,
-    entity_table,
-    publish_if_complete,
-    run_day,
-    shard_of,
-    shard_stage_dir,
-    stage_shard,
-    user_table,
-)
+from assets.inference import entity_embeddings, run_day
 from graph_engine.batch import NODE_TYPE_CODE
 from graph_engine.batch_builder import BatchBuilder
 from graph_engine.featurizer import Featurizer
 from graph_engine.neighbor_sampler import NeighborhoodCache
 from graph_engine.snapshot import GraphSnapshot
 from ml.config import small
+from ml.layout import SHARDS_DIR
 from ml.model import OmniSageModel
 from ml.model_io import save_model_dir
 from ml.registry import CHAMPION, ChampionMissingError, ModelRegistry
+from omnisage_pipeline.embedding.day import DayEmbeddings, entity_table, shard_of, user_table
+from omnisage_pipeline.embedding.shards import publish_if_complete, shard_stage_dir, stage_shard
 from omnisage_pipeline.partitions import daily_partitions
-from omnisage_pipeline.publish import published_path
 from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import published_path
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

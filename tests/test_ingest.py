@@ -1,4 +1,4 @@
-"""Ingest: the data contract's rules (omnisage_pipeline.contract) and the two ingest assets.
+"""Ingest: the data contract's rules (omnisage_pipeline.contract.validation) and the two ingest assets.
 
 Every bad-row kind of the contract must end in the quarantine with its reason and exact counts; every
 structurally unreadable input must fail with a message naming file (and column).
@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.ingest import engagement_logs, entity_metadata
-from omnisage_pipeline import contract as C
-from omnisage_pipeline.contract import ContractError
+from omnisage_pipeline.contract import validation as C
+from omnisage_pipeline.contract.validation import ContractError
 from omnisage_pipeline.partitions import daily_partitions
-from omnisage_pipeline.publish import published_path
 from omnisage_pipeline.resources import StorageResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import published_path
 
 DAY = daily_partitions.get_first_partition_key()
 D0 = datetime.fromisoformat(DAY).replace(tzinfo=UTC)

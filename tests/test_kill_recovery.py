@@ -1,5 +1,5 @@
-"""Kill tests (issue 9 item 1): every asset that publishes is SIGKILLed while it re-materializes a partition
-that is already published, at each publish phase (the fault hook of ``omnisage_pipeline.publish``) and at a
+"""Kill tests: every asset that publishes is SIGKILLed while it re-materializes a partition
+that is already published, at each publish phase (the fault hook of ``omnisage_pipeline.storage.publish``) and at a
 seeded random moment of its build, and afterwards
 
 (a) the previously published partition is intact and readable: its version directory still holds the same
@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import TINY_TRAIN as TRAIN
 
-from omnisage_pipeline.publish import (
+from omnisage_pipeline.storage.publish import (
     FAULT_DATASET_ENV,
     FAULT_PHASE_ENV,
     PUBLISH_PHASES,
@@ -80,7 +80,7 @@ PUBLISHED: dict[str, list[str]] = {
     "training_examples": ["warehouse/training_examples"],
     "entity_embeddings": ["user_embeddings", "embeddings"],
 }
-if (Path(__file__).resolve().parents[1] / "assets" / "evaluation.py").is_file():  # recall_report (issue 9)
+if (Path(__file__).resolve().parents[1] / "assets" / "evaluation.py").is_file():  # recall_report
     PUBLISHED["recall_report"] = ["reports"]
 DATA_ASSETS = [a for a in PUBLISHED if a not in ("entity_embeddings", "recall_report")]
 #: Datasets whose version directory is one Parquet table (readers glob them with hive partitioning).
@@ -485,7 +485,7 @@ def _train_killed_then_resumed(world: World) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from omnisage_pipeline.synthetic import generate
+    from omnisage_pipeline.tools.synthetic import generate
 
     root = tmp_path_factory.mktemp("kill")
     home = root / "home"

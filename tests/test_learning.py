@@ -1,4 +1,4 @@
-"""THE learning test (issue 6): on a small planted data set from the generator, about a CPU-minute of
+"""THE learning test: on a small planted data set from the generator, about a CPU-minute of
 training with the ``small`` preset raises entity-entity recall@10 (the one evaluator, held-out pairs, full
 negative pool) to at least 5x the random-embedding level - and well above the untrained model, whose
 neighbourhood features alone already beat chance.

@@ -1,5 +1,5 @@
 """``entity_metadata`` stored once per change: days with the same catalogue share one published version
-(``omnisage_pipeline.shared_versions``), a changed catalogue gets a new one, and retention deletes a shared
+(``omnisage_pipeline.storage.shared_versions``), a changed catalogue gets a new one, and retention deletes a shared
 version only with the last ``dt=`` link to it."""
 
 from __future__ import annotations
@@ -14,10 +14,20 @@ from test_ingest import DAY, board_table, materialization_metadata, pin_table, r
 
 from assets.daily import BlockingCheckFailed
 from assets.ingest import entity_metadata
-from omnisage_pipeline.publish import PREVIOUS_DIR, published_path, remove_partition, require_published
-from omnisage_pipeline.retention import apply_retention
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.shared_versions import DIGEST_FILE, _record_previous, files_digest, publish_shared
+from omnisage_pipeline.storage.publish import (
+    PREVIOUS_DIR,
+    published_path,
+    remove_partition,
+    require_published,
+)
+from omnisage_pipeline.storage.retention import apply_retention
+from omnisage_pipeline.storage.shared_versions import (
+    DIGEST_FILE,
+    _record_previous,
+    files_digest,
+    publish_shared,
+)
 
 DAYS = [(date.fromisoformat(DAY) + timedelta(days=i)).isoformat() for i in range(3)]
 
@@ -186,7 +196,7 @@ def test_a_writer_killed_after_recording_the_previous_version_leaves_one_previou
 _LINK_KILLED = """
 import sys
 from pathlib import Path
-from omnisage_pipeline.shared_versions import publish_shared
+from omnisage_pipeline.storage.shared_versions import publish_shared
 publish_shared(Path(sys.argv[1]), sys.argv[2], "A", lambda staging: None)
 """
 

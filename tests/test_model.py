@@ -1,4 +1,4 @@
-"""Model tests (issue 6 items 1, 2, 5): encoders, embedders, tasks, eq. 6 - small preset, random batches."""
+"""Model tests: encoders, embedders, tasks, eq. 6 - small preset, random batches."""
 
 from __future__ import annotations
 

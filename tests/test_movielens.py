@@ -15,15 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from omnisage_pipeline import movielens as ml
 from omnisage_pipeline.cli import main
-from omnisage_pipeline.contract import (
+from omnisage_pipeline.contract.validation import (
     list_parquet_files,
     validate_boards,
     validate_engagement_logs,
     validate_pins,
 )
-from omnisage_pipeline.synthetic import BOARD_ID_BASE, PIN_ID_BASE, USER_ID_BASE
+from omnisage_pipeline.tools import movielens as ml
+from omnisage_pipeline.tools.synthetic import BOARD_ID_BASE, PIN_ID_BASE, USER_ID_BASE
 
 DAY = 86_400
 T0 = 880_000_000  # 1997-11-20 04:26:40 UTC

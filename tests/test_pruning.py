@@ -347,7 +347,7 @@ def events_table(rows) -> pa.Table:
 
 
 def _publish_events(settings, day: str, rows) -> None:
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     with publish_partition(settings.warehouse_dataset("engagement_logs"), day) as staging:
         if rows is not None:
@@ -359,9 +359,9 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
 
     from assets.graph import daily_edges, pruned_edges
     from omnisage_pipeline.partitions import WINDOW_DAYS
-    from omnisage_pipeline.publish import require_published
     from omnisage_pipeline.resources import StorageResource, lazy_pyspark
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.storage.publish import require_published
 
     settings = Settings.from_env()
     assert settings.engine == "duckdb" and WINDOW_DAYS == 30

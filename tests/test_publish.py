@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from omnisage_pipeline.publish import (
+from omnisage_pipeline.storage.publish import (
     PUBLISH_PHASES,
     PublishError,
     list_published,
@@ -89,7 +89,7 @@ _CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
     dataset, content = Path(sys.argv[1]), sys.argv[2]
     with publish_partition(dataset, "2026-01-01") as staging:
         for i in range(3):

@@ -11,8 +11,9 @@ import torch
 from pipeline_fixtures import build_library_pipeline
 
 from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, oracle_baseline, random_baseline
+from ml.config import TASK_NAMES as TASKS
 from ml.config import small
-from ml.evaluator import TASKS, Evaluator, model_embedders
+from ml.evaluator import Evaluator, model_embedders
 from ml.metrics import recall_at_k, recall_at_k_sparse
 from ml.model import OmniSageModel
 from ml.recall_report import Candidate, build_report, markdown, plot_png, regressions

@@ -1,4 +1,4 @@
-"""Retention of the heavy per-day outputs (OMNISAGE_RETENTION_DAYS, omnisage_pipeline.retention): the policy,
+"""Retention of the heavy per-day outputs (OMNISAGE_RETENTION_DAYS, omnisage_pipeline.storage.retention): the policy,
 reader leases (live, stale, taken during a removal), running-run protection, and the assets' hook."""
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from omnisage_pipeline import retention
-from omnisage_pipeline.publish import list_published, partition_link, publish_partition, require_published
-from omnisage_pipeline.retention import (
+from omnisage_pipeline.settings import Settings, SettingsError
+from omnisage_pipeline.storage import retention
+from omnisage_pipeline.storage.publish import (
+    list_published,
+    partition_link,
+    publish_partition,
+    require_published,
+)
+from omnisage_pipeline.storage.retention import (
     acquire_lease,
     apply_retention,
     expired_partitions,
@@ -26,7 +32,6 @@ from omnisage_pipeline.retention import (
     release_lease,
     run_partitions,
 )
-from omnisage_pipeline.settings import Settings, SettingsError
 
 
 def days(n: int, start: str = "2026-01-01") -> list[str]:
@@ -275,7 +280,7 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
     from graph_engine.featurizer import Featurizer
     from graph_engine.snapshot import GraphSnapshot
     from omnisage_pipeline.resources import StorageResource, lazy_pyspark
-    from omnisage_pipeline.synthetic import generate
+    from omnisage_pipeline.tools.synthetic import generate
 
     five = days(5)
     data_root = tmp_path / "data"
@@ -339,7 +344,7 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
             assert featurizer.fetch(NODE_TYPE_CODE["pin"], pins).present.all()
         del snapshot
 
-    # The lease released, the next pass (here by hand, as `python -m omnisage_pipeline.retention`) takes day 2.
+    # The lease released, the next pass (here by hand, as `python -m omnisage_pipeline.storage.retention`) takes day 2.
     release_lease(lease)
     assert retention.main([]) == 0
     assert list_published(settings.graph_dir) == five[3:]
@@ -350,7 +355,7 @@ def test_backfill_older_than_the_horizon_is_refused_before_any_work(omnisage_env
     and deleted by the next pass, so the asset refuses it at launch, naming the cutoff and the variable."""
     from assets.snapshot import graph_snapshot
     from omnisage_pipeline.resources import StorageResource
-    from omnisage_pipeline.retention import ExpiredBackfillError, refuse_expired_days
+    from omnisage_pipeline.storage.retention import ExpiredBackfillError, refuse_expired_days
 
     monkeypatch.setenv("OMNISAGE_WINDOW_DAYS", "3")
     monkeypatch.setenv("OMNISAGE_RETENTION_DAYS", "3")

@@ -1,4 +1,4 @@
-"""Safety guarantees (issue 9 item 5).
+"""Safety guarantees (the README's "Safety guarantees (tested)").
 
 (a) No pickle on any load path: a static scan (AST) of every Python file of the project outside tests/ forbids
     pickle-family modules and identifiers (pickle, cloudpickle, dill, joblib, shelve, read_pickle, ...),
@@ -10,7 +10,7 @@
     whose working directory and HOME are read-only empty directories and whose source tree is a read-only
     copy; the child succeeds, the three stay untouched, and the run is recorded under OMNISAGE_HOME/dagster.
 (c) The UIs bind to 127.0.0.1: the Makefile's `dev` target (as `make -n` expands it), the commands
-    ``omnisage_pipeline.demo.where_to_look`` prints and the README's commands.
+    ``omnisage_pipeline.tools.demo.where_to_look`` prints and the README's commands.
 (d) No secret and no whole environment is logged: with a secret-looking and an innocuous marker variable in
     the environment of a real run (data assets, training, embeddings), neither value appears in the Dagster
     event logs, run configs and tags, the MLflow params, tags and metrics, or any file under OMNISAGE_HOME.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from omnisage_pipeline.publish import published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = "2026-01-01"
@@ -375,8 +375,8 @@ def _binds_loopback(command: str, flag_names: tuple[str, ...]) -> bool:
 
 
 def test_the_uis_bind_to_localhost(tmp_path):
-    from omnisage_pipeline.demo import where_to_look
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.tools.demo import where_to_look
 
     made = subprocess.run(
         ["make", "-n", "dev"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False,

@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from omnisage_pipeline.publish import publish_partition, published_path
 from omnisage_pipeline.serving import build as build_mod
 from omnisage_pipeline.serving.build import (
     CHECK_NAME,
@@ -31,6 +30,7 @@ from omnisage_pipeline.serving.build import (
 from omnisage_pipeline.serving.index import IndexParams, LoadedIndex, plan_index_types
 from omnisage_pipeline.serving.neighbors import nearest, open_index
 from omnisage_pipeline.serving.vectors import EmbeddingsError, Vectors, read_entity_vectors
+from omnisage_pipeline.storage.publish import publish_partition, published_path
 
 DIM = 32
 PIN_BASE, BOARD_BASE = 10**12, 2 * 10**12
@@ -170,7 +170,7 @@ def test_check_refuses_to_publish_a_corrupted_index(tmp_path, monkeypatch, corru
 
 
 def test_bad_embeddings_name_the_file_and_field(tmp_path):
-    from assets.inference import entity_table
+    from omnisage_pipeline.embedding.day import entity_table
 
     matrix = unit(np.random.default_rng(0), 4)
     matrix[2, 3] = np.nan
@@ -186,7 +186,7 @@ def test_bad_embeddings_name_the_file_and_field(tmp_path):
 # --------------------------------------------------------------------------- a home with embeddings
 def publish_embeddings(home: Path, day: str, source: dict[str, Vectors], users: Vectors | None, version: str):
     """embeddings/dt=D and user_embeddings/dt=D as entity_embeddings writes them (its table helpers)."""
-    from assets.inference import entity_table, user_table
+    from omnisage_pipeline.embedding.day import entity_table, user_table
 
     with publish_partition(home / "embeddings", day) as staging:
         for t, v in source.items():
@@ -200,7 +200,7 @@ def publish_embeddings(home: Path, day: str, source: dict[str, Vectors], users: 
 
 
 def test_user_embeddings_of_another_model_are_left_out(tmp_path):
-    from assets.inference import user_table
+    from omnisage_pipeline.embedding.day import user_table
 
     publish_embeddings(tmp_path, DAY, random_source(pins=500, boards=100), None, "5")
     users = random_users()

@@ -231,8 +231,8 @@ def _materialize(day: str, config: dict | None = None, raise_on_error: bool = Tr
 
 def test_asset_publishes_snapshot_and_cache_atomically(omnisage_env, tmp_path):
     from graph_engine.neighbor_sampler import NeighborhoodCache
-    from omnisage_pipeline.publish import publish_partition
     from omnisage_pipeline.settings import Settings
+    from omnisage_pipeline.storage.publish import publish_partition
 
     settings = Settings.from_env()
     day = "2026-01-03"

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from omnisage_pipeline.publish import published_path
-from omnisage_pipeline.synthetic import generate
+from omnisage_pipeline.storage.publish import published_path
+from omnisage_pipeline.tools.synthetic import generate
 
 DAY = "2026-03-01"
 
@@ -138,10 +138,10 @@ def test_features_complete_fails_on_a_missing_entity(data_root):
     from assets.checks import features_complete
     from assets.features import feature_store
     from assets.graph import daily_edges, pruned_edges
-    from assets.inference import day_entities
     from assets.ingest import engagement_logs, entity_metadata
     from assets.snapshot import graph_snapshot
     from graph_engine.snapshot import GraphSnapshot
+    from omnisage_pipeline.embedding.day import day_entities
     from omnisage_pipeline.settings import Settings
 
     small = {"blocks": ["pin_board:pin:4", "pin_board:board:4", "pin_pin:pin:4"]}
@@ -176,7 +176,7 @@ def test_examples_per_task_fails_when_a_task_has_no_rows(tmp_path):
 
 
 def _embeddings(tmp_path, vectors, ids, versions):
-    from assets.inference import entity_table
+    from omnisage_pipeline.embedding.day import entity_table
 
     folder = tmp_path / "emb"
     folder.mkdir(exist_ok=True)
@@ -207,7 +207,7 @@ def test_embeddings_valid_fails_on_each_defect(tmp_path, vectors, ids, versions,
 
 
 def test_publish_validate_hook_keeps_the_previous_version(tmp_path):
-    from omnisage_pipeline.publish import publish_partition
+    from omnisage_pipeline.storage.publish import publish_partition
 
     with publish_partition(tmp_path / "ds", DAY) as staging:
         (staging / "a.txt").write_text("old")

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from omnisage_pipeline import synthetic as syn
 from omnisage_pipeline.cli import main
+from omnisage_pipeline.tools import synthetic as syn
 
 START = "2026-01-01"
 

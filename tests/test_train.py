@@ -1,4 +1,4 @@
-"""Training loop tests (issue 6 item 6): schedule, logging, exact checkpoint resume, a planted learning test."""
+"""Training loop tests: schedule, logging, exact checkpoint resume, a planted learning test."""
 
 from __future__ import annotations
 

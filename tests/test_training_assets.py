@@ -16,8 +16,8 @@ from pipeline_fixtures import TINY_TRAIN as TRAIN
 import tests.pipeline_fixtures as pf
 from assets.graph import HOLDOUT_FILE
 from ml.training_examples import ExampleConfig, holdout_of
-from omnisage_pipeline.publish import publish_partition, published_path
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import publish_partition, published_path
 
 
 @pytest.fixture(scope="module")

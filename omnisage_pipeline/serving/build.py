@@ -21,7 +21,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from omnisage_pipeline.publish import publish_partition, published_path
 from omnisage_pipeline.serving.index import (
     METRIC,
     IndexParams,
@@ -40,6 +39,7 @@ from omnisage_pipeline.serving.vectors import (
     read_entity_vectors,
     read_user_vectors,
 )
+from omnisage_pipeline.storage.publish import publish_partition, published_path
 
 CHECK_NAME = "recall_at_10_vs_exact"
 
@@ -216,7 +216,7 @@ def build_day_index(
 ) -> dict:
     """Index the published embeddings (and user embeddings, when published) of ``day``. Reader leases keep
     retention from removing them while they are read."""
-    from omnisage_pipeline.retention import read_lease
+    from omnisage_pipeline.storage.retention import read_lease
 
     with read_lease(embeddings_dir, day) as path:
         source = read_entity_vectors(path)

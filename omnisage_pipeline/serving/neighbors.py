@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from omnisage_pipeline.publish import list_published, partition_link
 from omnisage_pipeline.serving.index import LoadedIndex
 from omnisage_pipeline.serving.vectors import ENTITY_TYPES, USER
+from omnisage_pipeline.storage.publish import list_published, partition_link
 
 MAX_K = 1000
 
@@ -55,7 +55,7 @@ def published_target(indexes_dir: Path, day: str) -> str | None:
 
 def open_index(indexes_dir: Path, day: str | None = None) -> LoadedIndex:
     """Load the published index of ``day`` (default: the newest), under a reader lease while it is read."""
-    from omnisage_pipeline.retention import read_lease
+    from omnisage_pipeline.storage.retention import read_lease
 
     indexes_dir = Path(indexes_dir)
     day = day or newest_partition(indexes_dir)

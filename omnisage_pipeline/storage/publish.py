@@ -8,7 +8,7 @@ Layout of a dataset directory::
     <dataset>/.staging/dt=D.*      work in progress; no reader lists dot-directories (Spark, DuckDB and
                                    our own globs skip them)
     <dataset>/.previous/dt=P       -> the version dt=P showed before its last swap (datasets whose days
-                                   share versions, ``omnisage_pipeline.shared_versions``)
+                                   share versions, ``omnisage_pipeline.storage.shared_versions``)
 
 A version may be the target of several ``dt=`` links (days with identical content share one version), so
 no cleanup here deletes a version that a ``dt=`` link or a ``.previous`` record still points to.

@@ -26,8 +26,8 @@ from ml.training_run import (
     train_and_register,
     write_request,
 )
-from omnisage_pipeline.publish import list_published, require_published
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import list_published, require_published
 
 __all__ = ["NEIGHBORHOODS_DIR", "resolve_training_partition", "run_training", "training_inputs"]
 
@@ -67,7 +67,7 @@ def run_training(
 ) -> TrainingOutcome | None:
     """Trains on the resolved partition (module docstring); ``kwargs`` go to ``ml.training_run.train_and_register``
     (in-process runs only: ``stop_after``, ``register``, ``experiment_name``, ``run_tags``, ``dagster_run_id``)."""
-    from omnisage_pipeline.retention import read_lease
+    from omnisage_pipeline.storage.retention import read_lease
 
     partition = resolve_training_partition(settings, config.training_partition)
     config.training_partition = partition

@@ -5,7 +5,7 @@ image vectors included) would otherwise store a full copy per day. Here each day
 (computed by the caller before anything is written, e.g. over the input files and the code version), kept
 in the version directory as the dot-file ``.content-digest`` (readers list ``*.parquet`` only). When a
 published version already has that digest, ``dt=D`` becomes one more symlink to it: the same atomic
-``os.replace`` of the ``dt=D`` link that ``omnisage_pipeline.publish`` uses, and no byte is written.
+``os.replace`` of the ``dt=D`` link that ``omnisage_pipeline.storage.publish`` uses, and no byte is written.
 Otherwise the day is built and published by ``publish_partition`` as usual (staging, checks, rename, swap).
 
 The version a day showed before its last swap is recorded as ``.previous/dt=D`` (kept for readers that
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnisage_pipeline.publish import (
+from omnisage_pipeline.storage.publish import (
     PREVIOUS_DIR,
     _check_key,
     _fsync_dir,

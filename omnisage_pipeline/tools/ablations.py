@@ -1,4 +1,4 @@
-"""The ablation runner (issue 8): the paper's offline ablations (4.2.3-4.2.5, appendix A.2) re-run on our data.
+"""The ablation runner: the paper's offline ablations (4.2.3-4.2.5, appendix A.2) re-run on our data.
 
     omnisage ablate --studies graph_sources,pruning_alpha --scale tiny --steps 80
 
@@ -12,7 +12,7 @@ Where things go (never the production ``warehouse/``, ``graph/``, ``features/``,
 ``reports/``)::
 
     <root>/                          default $OMNISAGE_HOME/ablations/<UTC timestamp>/
-      input/                         synthetic input (omnisage_pipeline.synthetic.generate), unless --data-root
+      input/                         synthetic input (omnisage_pipeline.tools.synthetic.generate), unless --data-root
       _base/                         scratch OMNISAGE_HOME of the default data: every daily data asset
       <study>/<variant>/             scratch OMNISAGE_HOME of one trained variant:
                                        data variants: their own pruned_edges / graph / features /
@@ -42,7 +42,10 @@ graph studies the comparable entity-entity number is "EE eng." (engagement pairs
 same (4.2.3: graph-dependent evaluations are excluded from the graph-construction ablations). The table
 shows n of every number and flags a study whose compared n differ.
 
-Dagster is imported only to materialize the data; everything else is plain Python.
+Layering: this module sits above the assets and the definitions (``omnisage_pipeline.tools``; nothing below
+imports it). It reads the asset configs' defaults (the reference rows), trains through the asset's
+``train_and_register`` and materializes the data through ``omnisage_pipeline.definitions``; Dagster itself
+is used only for that materialization.
 """
 
 from __future__ import annotations
@@ -59,10 +62,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from assets.graph import PruningConfig
+from assets.snapshot import GraphSnapshotConfig
+from assets.training import OmniSageModelConfig, train_and_register
+from graph_engine.batch import NeighborhoodLayout, parse_blocks
+from ml.config import TASK_NAMES
+from omnisage_pipeline.resources import MlflowResource
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import require_published
 
 EXPERIMENT = "omnisage-ablations"
-TASKS = ("entity_entity", "entity_feature", "user_entity")
 TASK_SHORT = {"entity_entity": "EE", "entity_feature": "EF", "user_entity": "UE"}
 #: The compared entity-entity metric: every held-out pair, or the engagement pairs only (graph studies).
 EE_ALL, EE_ENGAGEMENT = "entity_entity", "entity_entity_engagement"
@@ -169,225 +178,278 @@ def empty_layout_supported() -> bool:
 NO_EDGES_SUBSET = "no_edges"
 
 
+#: The compared metrics of the graph studies: engagement pairs only (the same for every graph) and users.
+GRAPH_COMPARE = (EE_ENGAGEMENT, "user_entity")
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """What the studies' rows are built from: the asset defaults and the run's layout."""
+
+    budget: int
+    alpha: float
+    layout: NeighborhoodLayout
+    no_graph: dict[str, dict[str, Any]]  # data overrides of the "no graph" row
+    no_graph_note: str
+
+    @property
+    def pb_blocks(self) -> list[str]:
+        return [f"{b.subset}:{b.node_type}:{b.k}" for b in self.layout.blocks if b.subset == "pin_board"]
+
+    @property
+    def halved(self) -> list[str]:
+        return [f"{b.subset}:{b.node_type}:{b.k}" for b in self.layout.halved().blocks]
+
+    @property
+    def default_blocks(self) -> str:
+        return "+".join(f"{b.node_type}{b.k}@{b.subset}" for b in self.layout.blocks)
+
+
+def _no_graph_variant(empty_layout_ok: bool) -> tuple[dict[str, dict[str, Any]], str]:
+    """The "no graph" row's data overrides and note: a layout without blocks where the model takes one."""
+    if empty_layout_ok:
+        # min_coverage 0: empty neighbourhoods are this variant's point, not a broken graph.
+        return {"graph_snapshot": {"blocks": [], "min_coverage": 0.0}}, "layout without neighbour blocks"
+    no_graph = {"graph_snapshot": {"subsets": {NO_EDGES_SUBSET: [NO_EDGES_SUBSET]},
+                                   "blocks": [f"{NO_EDGES_SUBSET}:pin:1"], "min_coverage": 0.0}}  # fmt: skip
+    return no_graph, (
+        "every neighbourhood empty: one all-padding column (mask False), because a zero-width layout "
+        "crashes the model (reshape(..., -1) of 0 elements in ml/encoders.py and ml/tasks/entity_feature.py)"
+    )
+
+
 def build_studies(empty_layout_ok: bool | None = None, blocks: list[str] | None = None) -> dict[str, Study]:
     """Every study, from the assets' own defaults (so the reference rows ARE the production configuration),
     except the neighbourhood layout when ``blocks`` ('subset:node_type:k' per block) replaces it for the run."""
-    from assets.graph import PruningConfig
-    from assets.snapshot import GraphSnapshotConfig, parse_blocks
-
     snap = GraphSnapshotConfig()
-    budget = int(snap.budget)
-    layout = parse_blocks(list(blocks) if blocks else list(snap.blocks))
-    alpha = float(PruningConfig().alpha)
     if empty_layout_ok is None:
         empty_layout_ok = empty_layout_supported()
-    if empty_layout_ok:
-        # min_coverage 0: empty neighbourhoods are this variant's point, not a broken graph.
-        no_graph = {"graph_snapshot": {"blocks": [], "min_coverage": 0.0}}
-        no_graph_note = "layout without neighbour blocks"
-    else:
-        no_graph = {"graph_snapshot": {"subsets": {NO_EDGES_SUBSET: [NO_EDGES_SUBSET]},
-                                       "blocks": [f"{NO_EDGES_SUBSET}:pin:1"], "min_coverage": 0.0}}  # fmt: skip
-        no_graph_note = (
-            "every neighbourhood empty: one all-padding column (mask False), because a zero-width layout "
-            "crashes the model (reshape(..., -1) of 0 elements in ml/encoders.py and ml/tasks/entity_feature.py)"
-        )
-    pb_blocks = [f"{b.subset}:{b.node_type}:{b.k}" for b in layout.blocks if b.subset == "pin_board"]
-    halved = [f"{b.subset}:{b.node_type}:{b.k}" for b in layout.halved().blocks]
-    default_blocks = "+".join(f"{b.node_type}{b.k}@{b.subset}" for b in layout.blocks)
-    graph_compare = (EE_ENGAGEMENT, "user_entity")
-
+    no_graph, no_graph_note = _no_graph_variant(empty_layout_ok)
+    d = _Defaults(
+        budget=int(snap.budget),
+        alpha=float(PruningConfig().alpha),
+        layout=parse_blocks(list(blocks) if blocks else list(snap.blocks)),
+        no_graph=no_graph,
+        no_graph_note=no_graph_note,
+    )
     studies = [
-        Study(
-            "graph_sources",
-            "Graph sources (paper Table 3)",
-            "Pin-Pin edges add a significant boost over Pin-Board alone, and any graph beats no graph, on both "
-            "EE and UE (no graph 0.440/0.375 < Pin-Board 0.529/0.564 < Pin-{Board,Pin} 0.609/0.580).",
-            "pin_board+pin_pin",
-            graph_compare,
-            (
-                Variant(
-                    "no_graph",
-                    "no graph",
-                    no_graph,
-                    paper=PaperRow({"entity_entity": 0.440, "user_entity": 0.375}),
-                    note=no_graph_note,
-                ),
-                Variant(
-                    "pin_board",
-                    "pin_board",
-                    {"graph_snapshot": {"subsets": {"pin_board": ["pin_board"]}, "blocks": pb_blocks}},
-                    paper=PaperRow({"entity_entity": 0.529, "user_entity": 0.564}),
-                    note="neighbourhoods from {pin_board} only",
-                ),
-                Variant(
-                    "pin_board+pin_pin",
-                    "pin_board + pin_pin (default)",
-                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
-                ),
-            ),
-            "data",
-            note="Node degrees (a node feature) still count every edge type in every variant: only the "
-            "neighbourhoods change.",
-        ),
-        Study(
-            "tasks",
-            "Task combinations (paper Table 5)",
-            "Each single task scores higher alone than in the full model except UE, which gains from the other "
-            "tasks; EE and EF help each other (EE+EF beats EE alone and EF alone).",
-            "all",
-            ("entity_entity", "entity_feature", "user_entity"),
-            (
-                Variant(
-                    "EE", "EE", model={"tasks": ["entity_entity"]}, paper=PaperRow({"entity_entity": 0.623})
-                ),
-                Variant(
-                    "EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})
-                ),
-                Variant("UE", "UE", model={"tasks": ["user_entity"]}, paper=PaperRow({"user_entity": 0.564})),
-                Variant(
-                    "EE+EF",
-                    "EE + EF",
-                    model={"tasks": ["entity_entity", "entity_feature"]},
-                    paper=PaperRow({"entity_entity": 0.628, "entity_feature": 0.379}),
-                ),
-                Variant(
-                    "all",
-                    "EE + EF + UE (default)",
-                    paper=PaperRow({"entity_entity": 0.609, "entity_feature": 0.338, "user_entity": 0.580}),
-                ),
-            ),
-            "model",
-        ),
-        Study(
-            "pruning_alpha",
-            "Pruning alpha (paper Table 10)",
-            "A larger graph (higher alpha) improves pair-level retrieval (EE 0.584 -> 0.592 -> 0.609) with a "
-            "slight decrease in sequence-level retrieval (UE 0.584 -> 0.582 -> 0.576).",
-            f"{alpha:g}",
-            graph_compare,
-            (
-                Variant(
-                    "0.5",
-                    "alpha 0.5",
-                    {"pruned_edges": {"alpha": 0.5}},
-                    paper=PaperRow({"entity_entity": 0.584, "user_entity": 0.584}),
-                ),
-                Variant(
-                    "0.7",
-                    "alpha 0.7",
-                    {"pruned_edges": {"alpha": 0.7}},
-                    paper=PaperRow({"entity_entity": 0.592, "user_entity": 0.582}),
-                ),
-                Variant(
-                    f"{alpha:g}",
-                    f"alpha {alpha:g} (default)",
-                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
-                ),
-            ),
-            "data",
-        ),
-        Study(
-            "push_budget",
-            "Forward-push budget B = 1/delta (paper Table 4)",
-            "No significant gain from a budget beyond B: the method is robust to the random-walk budget "
-            "(EE 0.609 / 0.609 / 0.612, UE 0.576 / 0.580 / 0.576 for B/2, B, 2B).",
-            "B",
-            graph_compare,
-            (
-                Variant(
-                    "B_half",
-                    f"B/2 = {budget // 2}",
-                    {"graph_snapshot": {"budget": budget // 2}},
-                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
-                ),
-                Variant(
-                    "B",
-                    f"B = {budget} (default)",
-                    paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
-                ),
-                Variant(
-                    "B_double",
-                    f"2B = {2 * budget}",
-                    {"graph_snapshot": {"budget": 2 * budget}},
-                    paper=PaperRow({"entity_entity": 0.612, "user_entity": 0.576}),
-                ),
-            ),
-            "data",
-        ),
-        Study(
-            "halved_kt",
-            "Halved k_t (paper Table 13)",
-            "Halving every block's k_t is neutral for EE (-0.1%) and costs UE (-1.4%).",
-            "default",
-            graph_compare,
-            (
-                Variant(
-                    "default", f"default k_t ({default_blocks})", paper=PaperRow({}, "lift", "reference")
-                ),
-                Variant(
-                    "halved",
-                    "every k_t halved ("
-                    + "+".join(f"{b.node_type}{b.k}@{b.subset}" for b in layout.halved().blocks)
-                    + ")",
-                    {"graph_snapshot": {"blocks": halved}},
-                    paper=PaperRow({"entity_entity": -0.001, "user_entity": -0.014}, "lift"),
-                ),
-            ),
-            "data",
-        ),
-        Study(
-            "aggregator",
-            "Neighbour aggregator (paper A.2.4)",
-            "The transformer aggregator beats simpler aggregation on EE: GAT is -6.0% (1-hop) and -8.5% (2-hop) "
-            "below it (Table 11). Mean pooling itself is not in the paper; its PinSage baseline (Table 2) is "
-            "0.461 vs 0.609.",
-            "transformer",
-            (EE_ALL,),
-            (
-                Variant("transformer", "transformer (default)", paper=PaperRow({}, "lift", "reference")),
-                Variant(
-                    "mean",
-                    "mean pooling",
-                    model={"aggregator": "mean"},
-                    paper=PaperRow(
-                        {"entity_entity": -0.06}, "lift", "GAT 1-hop EE -6.0% (no mean-pooling row)"
-                    ),
-                ),
-            ),
-            "model",
-        ),
-        Study(
-            "negatives",
-            "Random negatives (paper Table 12)",
-            "Random negatives are crucial for UE and more help, with a plateau: +31.2% (1K) and +43.5% (10K) over "
-            "none.",
-            "0",
-            ("user_entity",),
-            (
-                Variant("0", "0", model={"num_random_negatives": 0}, paper=PaperRow({}, "lift", "reference")),
-                Variant(
-                    "1K",
-                    "1K",
-                    model={"num_random_negatives": 1_000},
-                    paper=PaperRow({"user_entity": 0.312}, "lift"),
-                ),
-                Variant(
-                    "10K",
-                    "10K",
-                    model={"num_random_negatives": 10_000},
-                    paper=PaperRow({"user_entity": 0.435}, "lift"),
-                ),
-            ),
-            "model",
-        ),
+        _graph_sources_study(d),
+        _tasks_study(),
+        _pruning_alpha_study(d),
+        _push_budget_study(d),
+        _halved_kt_study(d),
+        _aggregator_study(),
+        _negatives_study(),
     ]
     return {s.id: s for s in studies}
 
 
-def _default_blocks() -> list[str]:
-    from assets.snapshot import GraphSnapshotConfig
+def _graph_sources_study(d: _Defaults) -> Study:
+    """Paper Table 3: no graph, Pin-Board only, Pin-Board + Pin-Pin (data variants)."""
+    return Study(
+        "graph_sources",
+        "Graph sources (paper Table 3)",
+        "Pin-Pin edges add a significant boost over Pin-Board alone, and any graph beats no graph, on both "
+        "EE and UE (no graph 0.440/0.375 < Pin-Board 0.529/0.564 < Pin-{Board,Pin} 0.609/0.580).",
+        "pin_board+pin_pin",
+        GRAPH_COMPARE,
+        (
+            Variant(
+                "no_graph",
+                "no graph",
+                d.no_graph,
+                paper=PaperRow({"entity_entity": 0.440, "user_entity": 0.375}),
+                note=d.no_graph_note,
+            ),
+            Variant(
+                "pin_board",
+                "pin_board",
+                {"graph_snapshot": {"subsets": {"pin_board": ["pin_board"]}, "blocks": d.pb_blocks}},
+                paper=PaperRow({"entity_entity": 0.529, "user_entity": 0.564}),
+                note="neighbourhoods from {pin_board} only",
+            ),
+            Variant(
+                "pin_board+pin_pin",
+                "pin_board + pin_pin (default)",
+                paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
+            ),
+        ),
+        "data",
+        note="Node degrees (a node feature) still count every edge type in every variant: only the "
+        "neighbourhoods change.",
+    )
 
+
+def _tasks_study() -> Study:
+    """Paper Table 5: the task combinations (model variants)."""
+    return Study(
+        "tasks",
+        "Task combinations (paper Table 5)",
+        "Each single task scores higher alone than in the full model except UE, which gains from the other "
+        "tasks; EE and EF help each other (EE+EF beats EE alone and EF alone).",
+        "all",
+        ("entity_entity", "entity_feature", "user_entity"),
+        (
+            Variant("EE", "EE", model={"tasks": ["entity_entity"]}, paper=PaperRow({"entity_entity": 0.623})),
+            Variant(
+                "EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})
+            ),
+            Variant("UE", "UE", model={"tasks": ["user_entity"]}, paper=PaperRow({"user_entity": 0.564})),
+            Variant(
+                "EE+EF",
+                "EE + EF",
+                model={"tasks": ["entity_entity", "entity_feature"]},
+                paper=PaperRow({"entity_entity": 0.628, "entity_feature": 0.379}),
+            ),
+            Variant(
+                "all",
+                "EE + EF + UE (default)",
+                paper=PaperRow({"entity_entity": 0.609, "entity_feature": 0.338, "user_entity": 0.580}),
+            ),
+        ),
+        "model",
+    )
+
+
+def _pruning_alpha_study(d: _Defaults) -> Study:
+    """Paper Table 10: the pruning alpha (data variants)."""
+    return Study(
+        "pruning_alpha",
+        "Pruning alpha (paper Table 10)",
+        "A larger graph (higher alpha) improves pair-level retrieval (EE 0.584 -> 0.592 -> 0.609) with a "
+        "slight decrease in sequence-level retrieval (UE 0.584 -> 0.582 -> 0.576).",
+        f"{d.alpha:g}",
+        GRAPH_COMPARE,
+        (
+            Variant(
+                "0.5",
+                "alpha 0.5",
+                {"pruned_edges": {"alpha": 0.5}},
+                paper=PaperRow({"entity_entity": 0.584, "user_entity": 0.584}),
+            ),
+            Variant(
+                "0.7",
+                "alpha 0.7",
+                {"pruned_edges": {"alpha": 0.7}},
+                paper=PaperRow({"entity_entity": 0.592, "user_entity": 0.582}),
+            ),
+            Variant(
+                f"{d.alpha:g}",
+                f"alpha {d.alpha:g} (default)",
+                paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
+            ),
+        ),
+        "data",
+    )
+
+
+def _push_budget_study(d: _Defaults) -> Study:
+    """Paper Table 4: the forward-push budget B/2, B, 2B (data variants)."""
+    return Study(
+        "push_budget",
+        "Forward-push budget B = 1/delta (paper Table 4)",
+        "No significant gain from a budget beyond B: the method is robust to the random-walk budget "
+        "(EE 0.609 / 0.609 / 0.612, UE 0.576 / 0.580 / 0.576 for B/2, B, 2B).",
+        "B",
+        GRAPH_COMPARE,
+        (
+            Variant(
+                "B_half",
+                f"B/2 = {d.budget // 2}",
+                {"graph_snapshot": {"budget": d.budget // 2}},
+                paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.576}),
+            ),
+            Variant(
+                "B",
+                f"B = {d.budget} (default)",
+                paper=PaperRow({"entity_entity": 0.609, "user_entity": 0.580}),
+            ),
+            Variant(
+                "B_double",
+                f"2B = {2 * d.budget}",
+                {"graph_snapshot": {"budget": 2 * d.budget}},
+                paper=PaperRow({"entity_entity": 0.612, "user_entity": 0.576}),
+            ),
+        ),
+        "data",
+    )
+
+
+def _halved_kt_study(d: _Defaults) -> Study:
+    """Paper Table 13: every block's k_t halved (a data variant)."""
+    return Study(
+        "halved_kt",
+        "Halved k_t (paper Table 13)",
+        "Halving every block's k_t is neutral for EE (-0.1%) and costs UE (-1.4%).",
+        "default",
+        GRAPH_COMPARE,
+        (
+            Variant("default", f"default k_t ({d.default_blocks})", paper=PaperRow({}, "lift", "reference")),
+            Variant(
+                "halved",
+                "every k_t halved ("
+                + "+".join(f"{b.node_type}{b.k}@{b.subset}" for b in d.layout.halved().blocks)
+                + ")",
+                {"graph_snapshot": {"blocks": d.halved}},
+                paper=PaperRow({"entity_entity": -0.001, "user_entity": -0.014}, "lift"),
+            ),
+        ),
+        "data",
+    )
+
+
+def _aggregator_study() -> Study:
+    """Paper A.2.4: transformer vs mean aggregation (a model variant)."""
+    return Study(
+        "aggregator",
+        "Neighbour aggregator (paper A.2.4)",
+        "The transformer aggregator beats simpler aggregation on EE: GAT is -6.0% (1-hop) and -8.5% (2-hop) "
+        "below it (Table 11). Mean pooling itself is not in the paper; its PinSage baseline (Table 2) is "
+        "0.461 vs 0.609.",
+        "transformer",
+        (EE_ALL,),
+        (
+            Variant("transformer", "transformer (default)", paper=PaperRow({}, "lift", "reference")),
+            Variant(
+                "mean",
+                "mean pooling",
+                model={"aggregator": "mean"},
+                paper=PaperRow({"entity_entity": -0.06}, "lift", "GAT 1-hop EE -6.0% (no mean-pooling row)"),
+            ),
+        ),
+        "model",
+    )
+
+
+def _negatives_study() -> Study:
+    """Paper Table 12: 0, 1K, 10K random negatives (model variants)."""
+    return Study(
+        "negatives",
+        "Random negatives (paper Table 12)",
+        "Random negatives are crucial for UE and more help, with a plateau: +31.2% (1K) and +43.5% (10K) over "
+        "none.",
+        "0",
+        ("user_entity",),
+        (
+            Variant("0", "0", model={"num_random_negatives": 0}, paper=PaperRow({}, "lift", "reference")),
+            Variant(
+                "1K",
+                "1K",
+                model={"num_random_negatives": 1_000},
+                paper=PaperRow({"user_entity": 0.312}, "lift"),
+            ),
+            Variant(
+                "10K",
+                "10K",
+                model={"num_random_negatives": 10_000},
+                paper=PaperRow({"user_entity": 0.435}, "lift"),
+            ),
+        ),
+        "model",
+    )
+
+
+def _default_blocks() -> list[str]:
     return list(GraphSnapshotConfig().blocks)
 
 
@@ -454,6 +516,7 @@ def materialize(
     partition ``day`` or a single run over ``days`` (the assets' single-run backfill policy)."""
     import dagster as dg
 
+    # Loaded on first use: the definitions read the environment and set the process scratch when imported.
     from omnisage_pipeline.definitions import build_resources, defs
 
     tags = {}
@@ -489,8 +552,6 @@ def graph_entries(settings: Settings, day: str) -> int:
     """Rows of the day's published pruned_edges (one per kept directed adjacency entry)."""
     import pyarrow.dataset as pads
 
-    from omnisage_pipeline.publish import require_published
-
     path = require_published(settings.warehouse_dataset("pruned_edges"), day)
     return int(pads.dataset(path, format="parquet", exclude_invalid_files=True).count_rows())
 
@@ -499,8 +560,6 @@ def universe_sizes(settings: Settings, day: str) -> dict[str, int]:
     """Entities per type in the day's universe (training_examples' universe.parquet)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from omnisage_pipeline.publish import require_published
 
     table = pq.read_table(require_published(settings.warehouse_dataset("training_examples"), day) / "universe.parquet",
                           columns=["entity_type"])  # fmt: skip
@@ -554,7 +613,7 @@ def metric_label(metric: str) -> str:
 
 def recall_by_metric(outcome) -> dict[str, dict[str, Any]]:
     """{metric: {"recall", "n"}} from a TrainingOutcome: the three tasks and the engagement-pair EE."""
-    out = {t: dict(outcome.new_recall.get(t, {"recall": None, "n": 0})) for t in TASKS}
+    out = {t: dict(outcome.new_recall.get(t, {"recall": None, "n": 0})) for t in TASK_NAMES}
     ee = (outcome.evaluation or {}).get("new", {}).get("entity_entity", {})
     eng = ee.get("engagement") or {}
     out[EE_ENGAGEMENT] = {"recall": eng.get("recall"), "n": int(eng.get("n", 0) or 0)}
@@ -764,102 +823,245 @@ def parse_selection(studies: list[str] | None, variants: list[str] | None,
     return out
 
 
-def _train_variant(row: Row, study: Study, v: Variant, home: Path, base: Settings, production: Settings,
-                   data_root: Path, engine: str | None, day: str, cfg: dict, model_over: dict, mlflow_res,
-                   experiment: str, stamp: str, parent_id: str, echo: Callable[[str], None],
-                   base_overrides: dict[str, dict]) -> None:  # fmt: skip
-    """Materialize the variant's data (or link the default data) in its own scratch home and train it."""
-    from assets.training import OmniSageModelConfig, train_and_register
+@dataclass(frozen=True)
+class AblationConfig:
+    """What one ablation run does (the ``omnisage ablate`` flags; the module docstring explains each)."""
 
+    studies: list[str] | None = None  # study ids in catalogue order; None = every study
+    variants: list[str] | None = None  # "study:variant" rows to keep (the reference row is always kept)
+    scale: str = "tiny"  # synthetic scale when no data_root is given
+    days: int = 3
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 64
+    negatives: int = 64  # random negatives outside the negatives study
+    preset: str = "auto"
+    device: str = "auto"
+    data_root: Path | None = None  # contract input; None = generate synthetic input under the root
+    root: Path | None = None  # None = $OMNISAGE_HOME/ablations/<UTC timestamp>
+    experiment: str = EXPERIMENT
+    engine: str | None = None  # None = the production engine
+    torch_threads: int | None = None
+    blocks: list[str] | None = None  # the run's neighbourhood layout ('subset:node_type:k' per block)
+
+    def model_config(self, day: str) -> dict[str, Any]:
+        """The OmniSageModelConfig of a variant before its own overrides."""
+        return {"steps": self.steps, "batch_size": self.batch_size, "num_random_negatives": self.negatives,
+                "seed": self.seed, "preset": self.preset, "device": self.device, "pinsage_baseline": False,
+                "training_partition": day}  # fmt: skip
+
+    def base_overrides(self) -> dict[str, dict]:
+        """Run config of the default data: the --blocks layout, when given."""
+        if not self.blocks:
+            return {}
+        try:
+            parse_blocks(list(self.blocks))
+        except ValueError as exc:
+            raise AblationError(f"--blocks: {exc}") from exc
+        return {"graph_snapshot": {"blocks": list(self.blocks)}}
+
+
+@dataclass
+class _Run:
+    """The state every variant of one ablation run shares."""
+
+    config: AblationConfig
+    production: Settings
+    stamp: str
+    data_root: Path
+    day: str
+    base: Settings  # scratch settings of the default data (_base)
+    base_overrides: dict[str, dict]
+    mlflow: MlflowResource
+    client: Any  # the MLflow client of the parent run
+    parent_id: str
+    echo: Callable[[str], None]
+
+
+def _train_variant(
+    row: Row, study: Study, v: Variant, home: Path, cfg: dict, model_over: dict, run: _Run
+) -> None:
+    """Materialize the variant's data (or link the default data) in its own scratch home and train it."""
+    echo = run.echo
     home.mkdir(parents=True, exist_ok=False)
     row.home = str(home)
-    vs = scratch_settings(production, home, data_root, engine)
+    vs = scratch_settings(run.production, home, run.data_root, run.config.engine)
     t0 = time.perf_counter()
     if v.data:
         echo(f"[{study.id}/{v.id}] materializing its data ({json.dumps(v.data)}) in {home}")
-        build_variant_data(base, vs, day, merge_overrides(base_overrides, v.data))
+        build_variant_data(run.base, vs, run.day, merge_overrides(run.base_overrides, v.data))
         row.data_seconds = time.perf_counter() - t0
     else:
-        link_base_data(base, home)
+        link_base_data(run.base, home)
     what = json.dumps(model_over) if model_over else "default model"
     echo(f"[{study.id}/{v.id}] training {cfg['steps']} steps ({what})")
     tags = {
-        "ablation.study": study.id, "ablation.variant": v.id, "ablation.stamp": stamp,
-        f"ablation.member.{study.id}": v.id, "mlflow.parentRunId": parent_id, "ablation.home": str(home),
+        "ablation.study": study.id, "ablation.variant": v.id, "ablation.stamp": run.stamp,
+        f"ablation.member.{study.id}": v.id, "mlflow.parentRunId": run.parent_id, "ablation.home": str(home),
     }  # fmt: skip
-    outcome = train_and_register(vs, mlflow_res, OmniSageModelConfig(**cfg), log=lambda m: None, register=False,
-                                 experiment_name=experiment, run_tags=tags)  # fmt: skip
-    mlflow_res.client().set_tag(outcome.run_id, "mlflow.runName", f"{study.id}/{v.id}")
+    outcome = train_and_register(vs, run.mlflow, OmniSageModelConfig(**cfg), log=lambda m: None, register=False,
+                                 experiment_name=run.config.experiment, run_tags=tags)  # fmt: skip
+    run.mlflow.client().set_tag(outcome.run_id, "mlflow.runName", f"{study.id}/{v.id}")
     row.run_id = outcome.run_id
-    row.graph_entries = graph_entries(vs, day)
+    row.graph_entries = graph_entries(vs, run.day)
     row.recall = recall_by_metric(outcome)
     row.train_seconds = float(outcome.train_seconds)
     echo(f"[{study.id}/{v.id}] " + ", ".join(
         f"{metric_label(m)} {_fmt(r['recall'])} (n={r['n']})" for m, r in row.recall.items()))  # fmt: skip
 
 
+def _input_days(config: AblationConfig, production: Settings, root: Path, echo) -> tuple[Path, list[str]]:
+    """The run's contract input (generated under the root unless --data-root) and its last ``days`` days."""
+    if config.data_root is None:
+        from omnisage_pipeline.tools.synthetic import generate
+
+        data_root = root / "input"
+        echo(
+            f"generating {config.days} days of '{config.scale}' synthetic data from {production.start_date} "
+            f"into {data_root}"
+        )
+        summary = generate(
+            data_root,
+            start_date=production.start_date,
+            days=config.days,
+            scale=config.scale,
+            seed=config.seed,
+        )
+        return data_root, list(summary["days"])
+    data_root = Path(config.data_root).absolute()
+    found = sorted(p.name[3:] for p in (data_root / "engagement_logs").glob("dt=*") if p.is_dir())
+    day_keys = [d for d in found if d >= production.start_date][-config.days :]
+    if not day_keys:
+        raise AblationError(f"{data_root}/engagement_logs holds no dt=YYYY-MM-DD folder on or after "
+                            f"OMNISAGE_START_DATE={production.start_date}")  # fmt: skip
+    return data_root, day_keys
+
+
+def _open_parent_run(mlflow_res: MlflowResource, client, config: AblationConfig, stamp: str, params: dict):
+    """(experiment id, parent run id): the parent run that carries the tables, with the run's parameters."""
+    experiment_id = mlflow_res.experiment_id(config.experiment)
+    parent = client.create_run(experiment_id, run_name=f"ablations {stamp}",
+                               tags={"ablation.role": "parent", "ablation.stamp": stamp})  # fmt: skip
+    for k, v in params.items():
+        client.log_param(parent.info.run_id, k, str(v))
+    return experiment_id, parent.info.run_id
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for the block (unchanged when None), restored after."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _variant_row(study: Study, v: Variant, run: _Run, negative_cap: int) -> tuple[Row, dict, dict]:
+    """The row of a variant (notes, paper value), its model config and its own model overrides (random
+    negatives capped at the universe)."""
+    model_over = dict(v.model)
+    notes = [v.note] if v.note else []
+    if "num_random_negatives" in model_over and model_over["num_random_negatives"] > negative_cap:
+        notes.append(f"{model_over['num_random_negatives']:,} random negatives capped at the universe "
+                     f"size {negative_cap}")  # fmt: skip
+        model_over["num_random_negatives"] = negative_cap
+    cfg = run.config.model_config(run.day)
+    cfg.update(model_over)
+    key = json.dumps({"data": v.data, "model": cfg}, sort_keys=True)
+    row = Row(study.id, v.id, v.label, key, config={"data": v.data, "model": cfg},
+              paper=v.paper.describe() if v.paper else "", notes=notes)  # fmt: skip
+    return row, cfg, model_over
+
+
+def _reuse(row: Row, first: Row) -> None:
+    """``row`` stands for the same configuration as ``first``: it shares its run and numbers."""
+    row.run_id, row.home, row.recall = first.run_id, first.home, first.recall
+    row.train_seconds, row.data_seconds = first.train_seconds, first.data_seconds
+    row.graph_entries = first.graph_entries
+    row.shared_with, row.error = f"{first.study}/{first.variant}", first.error
+
+
+def _run_studies(run: _Run, selection, root: Path, negative_cap: int) -> tuple[dict[str, Row], list]:
+    """Train every selected variant once per distinct configuration; returns (runs by key, rows by study)."""
+    runs: dict[str, Row] = {}  # run key -> the row that trained it
+    rows_by_study: list[tuple[Study, list[Row]]] = []
+    for study, chosen in selection:
+        rows = []
+        for v in chosen:
+            row, cfg, model_over = _variant_row(study, v, run, negative_cap)
+            rows.append(row)
+            if row.run_key in runs:
+                _reuse(row, runs[row.run_key])
+                run.client.set_tag(row.run_id, f"ablation.member.{study.id}", v.id)
+                run.echo(
+                    f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}"
+                )
+                continue
+            try:
+                _train_variant(row, study, v, root / study.id / v.id, cfg, model_over, run)
+            except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' hours of training)
+                row.error = f"{type(exc).__name__}: {exc}"
+                run.echo(f"[{study.id}/{v.id}] FAILED: {row.error}")
+            runs[row.run_key] = row
+        directions(study, rows)
+        rows_by_study.append((study, rows))
+    return runs, rows_by_study
+
+
+def _studies_json(rows_by_study) -> tuple[list[str], list[dict]]:
+    sections, studies_json = [], []
+    for study, rows in rows_by_study:
+        consistency = n_consistency(study, rows)
+        sections.append(study_markdown(study, rows, consistency))
+        studies_json.append({
+            "id": study.id, "title": study.title, "paper": study.statement, "reference": study.reference,
+            "compare": list(study.compare), "n_consistency": consistency,
+            "variants": [dataclasses.asdict(r) for r in rows],
+        })  # fmt: skip
+    return sections, studies_json
+
+
+def _write_report(run: _Run, root: Path, summary: dict, rows_by_study) -> tuple[str, Path, Path]:
+    """ablations.md / ablations.json in the root and as artifacts of the parent run, which is then closed."""
+    sections, studies_json = _studies_json(rows_by_study)
+    markdown = report_markdown(summary, sections)
+    md_path, json_path = root / "ablations.md", root / "ablations.json"
+    md_path.write_text(markdown)
+    json_path.write_text(json.dumps({"summary": summary, "studies": studies_json}, indent=2, default=str))
+    client = run.client
+    client.log_artifact(run.parent_id, str(md_path))
+    client.log_artifact(run.parent_id, str(json_path))
+    client.log_metric(run.parent_id, "wall_seconds", summary["wall_seconds"])
+    client.set_terminated(run.parent_id, status="FINISHED")
+    return markdown, md_path, json_path
+
+
 def run_ablations(
-    studies: list[str] | None = None,
+    config: AblationConfig | None = None,
     *,
-    variants: list[str] | None = None,
-    scale: str = "tiny",
-    days: int = 3,
-    steps: int = 300,
-    seed: int = 0,
-    batch_size: int = 64,
-    negatives: int = 64,
-    preset: str = "auto",
-    device: str = "auto",
-    data_root: Path | None = None,
-    root: Path | None = None,
-    experiment: str = EXPERIMENT,
-    engine: str | None = None,
-    torch_threads: int | None = None,
-    blocks: list[str] | None = None,
     settings: Settings | None = None,
     echo: Callable[[str], None] = print,
 ) -> AblationResult:
     """Run the selected studies (module docstring) and return the tables."""
-    from omnisage_pipeline.resources import MlflowResource
-
+    config = config or AblationConfig()
     t_start = time.perf_counter()
     production = settings or Settings.from_env()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    root = check_root(production, root or production.home / "ablations" / stamp)
+    root = check_root(production, config.root or production.home / "ablations" / stamp)
     root.mkdir(parents=True, exist_ok=True)
-    base_overrides: dict[str, dict] = {}
-    if blocks:
-        from assets.snapshot import parse_blocks
-
-        try:
-            parse_blocks(list(blocks))
-        except ValueError as exc:
-            raise AblationError(f"--blocks: {exc}") from exc
-        base_overrides = {"graph_snapshot": {"blocks": list(blocks)}}
-    catalogue = build_studies(blocks=blocks)
-    selection = parse_selection(studies, variants, catalogue)
-
-    # ------------------------------------------------------------------------------------------ input
-    if data_root is None:
-        from omnisage_pipeline.synthetic import generate
-
-        data_root = root / "input"
-        echo(
-            f"generating {days} days of '{scale}' synthetic data from {production.start_date} into {data_root}"
-        )
-        summary = generate(data_root, start_date=production.start_date, days=days, scale=scale, seed=seed)
-        day_keys = list(summary["days"])
-    else:
-        data_root = Path(data_root).absolute()
-        found = sorted(p.name[3:] for p in (data_root / "engagement_logs").glob("dt=*") if p.is_dir())
-        day_keys = [d for d in found if d >= production.start_date][-days:]
-        if not day_keys:
-            raise AblationError(f"{data_root}/engagement_logs holds no dt=YYYY-MM-DD folder on or after "
-                                f"OMNISAGE_START_DATE={production.start_date}")  # fmt: skip
+    base_overrides = config.base_overrides()
+    selection = parse_selection(config.studies, config.variants, build_studies(blocks=config.blocks))
+    data_root, day_keys = _input_days(config, production, root, echo)
     day = day_keys[-1]
 
-    # ------------------------------------------------------------------------------------- base data
-    base = scratch_settings(production, root / "_base", data_root, engine)
+    base = scratch_settings(production, root / "_base", data_root, config.engine)
     t0 = time.perf_counter()
     echo(f"materializing the default data for {day_keys[0]} .. {day} in {base.home}")
     build_base_data(base, day_keys, base_overrides)
@@ -867,107 +1069,36 @@ def run_ablations(
     universe = universe_sizes(base, day)
     negative_cap = max(universe.values()) if universe else 0
 
-    # ------------------------------------------------------------------------------------------ MLflow
     mlflow_res = MlflowResource(tracking_uri=production.mlflow_tracking_uri,
                                 artifact_root=str(production.home / "mlflow-artifacts"))  # fmt: skip
+    c = config
+    params = {"scale": c.scale, "days": ",".join(day_keys), "steps": c.steps, "seed": c.seed,
+              "batch_size": c.batch_size, "negatives": c.negatives, "preset": c.preset, "device": c.device,
+              "root": str(root), "studies": ",".join(s.id for s, _ in selection)}  # fmt: skip
     client = mlflow_res.client()
-    experiment_id = mlflow_res.experiment_id(experiment)
-    parent = client.create_run(experiment_id, run_name=f"ablations {stamp}",
-                               tags={"ablation.role": "parent", "ablation.stamp": stamp})  # fmt: skip
-    parent_id = parent.info.run_id
-    for k, v in {"scale": scale, "days": ",".join(day_keys), "steps": steps, "seed": seed, "batch_size": batch_size,
-                 "negatives": negatives, "preset": preset, "device": device, "root": str(root),
-                 "studies": ",".join(s.id for s, _ in selection)}.items():  # fmt: skip
-        client.log_param(parent_id, k, str(v))
-
-    threads_before = None
-    if torch_threads:
-        import torch
-
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(int(torch_threads))
-
-    runs: dict[str, Row] = {}  # run key -> the row that trained it
-    rows_by_study: list[tuple[Study, list[Row]]] = []
+    experiment_id, parent_id = _open_parent_run(mlflow_res, client, config, stamp, params)
+    run = _Run(
+        config, production, stamp, data_root, day, base, base_overrides, mlflow_res, client, parent_id, echo
+    )
     try:
-        for study, chosen in selection:
-            rows = []
-            for v in chosen:
-                model_over = dict(v.model)
-                notes = [v.note] if v.note else []
-                if "num_random_negatives" in model_over and model_over["num_random_negatives"] > negative_cap:
-                    notes.append(f"{model_over['num_random_negatives']:,} random negatives capped at the universe "
-                                 f"size {negative_cap}")  # fmt: skip
-                    model_over["num_random_negatives"] = negative_cap
-                cfg = {"steps": steps, "batch_size": batch_size, "num_random_negatives": negatives, "seed": seed,
-                           "preset": preset, "device": device, "pinsage_baseline": False, "training_partition": day}  # fmt: skip
-                cfg.update(model_over)
-                key = json.dumps({"data": v.data, "model": cfg}, sort_keys=True)
-                row = Row(study.id, v.id, v.label, key, config={"data": v.data, "model": cfg},
-                          paper=v.paper.describe() if v.paper else "", notes=notes)  # fmt: skip
-                if key in runs:
-                    first = runs[key]
-                    row.run_id, row.home, row.recall = first.run_id, first.home, first.recall
-                    row.train_seconds, row.data_seconds = first.train_seconds, first.data_seconds
-                    row.graph_entries = first.graph_entries
-                    row.shared_with, row.error = f"{first.study}/{first.variant}", first.error
-                    client.set_tag(row.run_id, f"ablation.member.{study.id}", v.id)
-                    echo(
-                        f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}"
-                    )
-                    rows.append(row)
-                    continue
-
-                home = root / study.id / v.id
-                try:
-                    _train_variant(row, study, v, home, base, production, data_root, engine, day, cfg, model_over,
-                                   mlflow_res, experiment, stamp, parent_id, echo, base_overrides)  # fmt: skip
-                except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' hours of training)
-                    row.error = f"{type(exc).__name__}: {exc}"
-                    echo(f"[{study.id}/{v.id}] FAILED: {row.error}")
-                runs[key] = row
-                rows.append(row)
-            directions(study, rows)
-            rows_by_study.append((study, rows))
-
-        # --------------------------------------------------------------------------------- report
-        sections, studies_json = [], []
-        for study, rows in rows_by_study:
-            consistency = n_consistency(study, rows)
-            sections.append(study_markdown(study, rows, consistency))
-            studies_json.append({
-                "id": study.id, "title": study.title, "paper": study.statement, "reference": study.reference,
-                "compare": list(study.compare), "n_consistency": consistency,
-                "variants": [dataclasses.asdict(r) for r in rows],
-            })  # fmt: skip
-        summary = {
-            "stamp": stamp, "root": str(root), "data_root": str(data_root), "scale": scale, "days": day_keys,
-            "training_partition": day, "steps": steps, "batch_size": batch_size, "negatives": negatives,
-            "seed": seed, "preset": preset, "device": device, "engine": base.engine, "universe": universe,
-            "negative_cap": negative_cap, "experiment": experiment, "experiment_id": experiment_id,
-            "blocks": list(blocks) if blocks else None, "base_overrides": base_overrides,
-            "layout": list(blocks) if blocks else _default_blocks(),
-            "parent_run_id": parent_id, "tracking_uri": production.mlflow_tracking_uri,
-            "unique_runs": len(runs), "rows": sum(len(r) for _, r in rows_by_study),
-            "failed": [f"{r.study}/{r.variant}: {r.error}" for _, rows in rows_by_study for r in rows if r.error],
-            "base_data_seconds": base_seconds, "wall_seconds": time.perf_counter() - t_start,
-        }  # fmt: skip
-        markdown = report_markdown(summary, sections)
-        md_path, json_path = root / "ablations.md", root / "ablations.json"
-        md_path.write_text(markdown)
-        json_path.write_text(json.dumps({"summary": summary, "studies": studies_json}, indent=2, default=str))
-        client.log_artifact(parent_id, str(md_path))
-        client.log_artifact(parent_id, str(json_path))
-        client.log_metric(parent_id, "wall_seconds", summary["wall_seconds"])
-        client.set_terminated(parent_id, status="FINISHED")
+        with _torch_threads(config.torch_threads):
+            runs, rows_by_study = _run_studies(run, selection, root, negative_cap)
+            summary = {
+                "stamp": stamp, "root": str(root), "data_root": str(data_root), "scale": c.scale, "days": day_keys,
+                "training_partition": day, "steps": c.steps, "batch_size": c.batch_size, "negatives": c.negatives,
+                "seed": c.seed, "preset": c.preset, "device": c.device, "engine": base.engine, "universe": universe,
+                "negative_cap": negative_cap, "experiment": c.experiment, "experiment_id": experiment_id,
+                "blocks": list(c.blocks) if c.blocks else None, "base_overrides": base_overrides,
+                "layout": list(c.blocks) if c.blocks else _default_blocks(),
+                "parent_run_id": parent_id, "tracking_uri": production.mlflow_tracking_uri,
+                "unique_runs": len(runs), "rows": sum(len(r) for _, r in rows_by_study),
+                "failed": [f"{r.study}/{r.variant}: {r.error}" for _, rows in rows_by_study for r in rows if r.error],
+                "base_data_seconds": base_seconds, "wall_seconds": time.perf_counter() - t_start,
+            }  # fmt: skip
+            markdown, md_path, json_path = _write_report(run, root, summary, rows_by_study)
     except BaseException:
         with contextlib.suppress(Exception):  # the run's own failure is what must surface
             client.set_terminated(parent_id, status="FAILED")
         raise
-    finally:
-        if threads_before is not None:
-            import torch
-
-            torch.set_num_threads(threads_before)
     return AblationResult(root, md_path, json_path, markdown, summary,
                           [r for _, rows in rows_by_study for r in rows], parent_id)  # fmt: skip

@@ -88,8 +88,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.contract import BOARD_SCHEMA, LOG_SCHEMA, PIN_SCHEMA, TS_TYPE
-from omnisage_pipeline.synthetic import BOARD_ID_BASE, PIN_ID_BASE, USER_ID_BASE, write_parquet
+from omnisage_pipeline.contract.validation import BOARD_SCHEMA, LOG_SCHEMA, PIN_SCHEMA, TS_TYPE
+from omnisage_pipeline.tools.synthetic import BOARD_ID_BASE, PIN_ID_BASE, USER_ID_BASE, write_parquet
 
 IMPORTER = "movielens-100k"
 IMPORTER_VERSION = 1

@@ -28,13 +28,13 @@ claimed by one ``rename`` into ``.staging/retired.<pid>.*`` before it is deleted
 never both count it; a pass killed mid-delete leaves a ``retired.*`` entry that the next pass removes).
 A lease that appears between the two checks keeps the version directory; the next pass removes it.
 Orphans of an expired day (``.versions`` entries without a ``dt=D`` link, a dead writer's ``.staging``)
-go too. A version that several days share (``omnisage_pipeline.shared_versions``: ``entity_metadata``)
+go too. A version that several days share (``omnisage_pipeline.storage.shared_versions``: ``entity_metadata``)
 is deleted only with the last ``dt=`` link (or ``.previous`` record) pointing to it, whichever day's
 name it carries. The embeddings' in-flight shard area (``embeddings/.shards``) is left to the inference asset.
 
 Where it runs: at the end of the assets that publish these datasets (graph_snapshot, feature_store,
 entity_embeddings; ``assets.daily.materialize_days(..., retain=...)``), after every day of the run was
-published; and by hand: ``python -m omnisage_pipeline.retention [--dry-run]``.
+published; and by hand: ``python -m omnisage_pipeline.storage.retention [--dry-run]``.
 """
 
 from __future__ import annotations
@@ -51,19 +51,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-from omnisage_pipeline.publish import (
+from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
+from omnisage_pipeline.storage.publish import (
     PREVIOUS_DIR,
     partition_link,
     pid_alive,
     referenced_versions,
     require_published,
 )
-from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
 
 #: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
 HEAVY_DATASETS = ("graph", "features", "embeddings", "user_embeddings", "indexes")
 LEASES_DIR = ".leases"
-VERSIONS_DIR = ".versions"  # omnisage_pipeline.publish layout
+VERSIONS_DIR = ".versions"  # omnisage_pipeline.storage.publish layout
 STAGING_DIR = ".staging"
 RETIRED_PREFIX = "retired."
 
@@ -315,7 +315,7 @@ def _live_other(name: str) -> bool:
 
 def _shared_targets(dataset_dir: Path, key: str) -> list[Path]:
     """The versions ``dt=key`` links to and keeps as previous: in a dataset whose days share versions
-    (``omnisage_pipeline.shared_versions``) they may be named after another day."""
+    (``omnisage_pipeline.storage.shared_versions``) they may be named after another day."""
     links = [partition_link(dataset_dir, key), dataset_dir / PREVIOUS_DIR / f"dt={key}"]
     return [link.resolve() for link in links if link.is_symlink() and link.exists()]
 
@@ -334,7 +334,7 @@ def _not_linked_elsewhere(dataset_dir: Path, key: str, candidates: Iterable[Path
 
 def _shared_versions_lock(dataset_dir: Path):
     """The lock that orders deletions against a writer linking a day to an existing shared version."""
-    from omnisage_pipeline.shared_versions import references_lock
+    from omnisage_pipeline.storage.shared_versions import references_lock
 
     return references_lock(dataset_dir) if (dataset_dir / PREVIOUS_DIR).is_dir() else nullcontext()
 
@@ -497,7 +497,7 @@ def running_partitions(instance, newest_training: str | None = None) -> dict[str
 
 
 def _newest_training(settings: Settings) -> str | None:
-    from omnisage_pipeline.publish import list_published
+    from omnisage_pipeline.storage.publish import list_published
 
     keys = list_published(settings.warehouse_dataset("training_examples"))
     return keys[-1] if keys else None
@@ -521,7 +521,7 @@ def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Itera
     published and then deleted by the next pass, silently. Days that only fall out of the horizon because
     this run's own range is longer than the retention are allowed (they are what the range asked for, and
     the next pass reports them under ``retention_removed``); ``log`` warns about them."""
-    from omnisage_pipeline.publish import list_published
+    from omnisage_pipeline.storage.publish import list_published
 
     days = sorted(days)
     for name in datasets:
@@ -579,7 +579,7 @@ def retention_metadata(context, settings: Settings, datasets: Iterable[str], day
 
 
 # ==========================================================================================================
-# By hand: python -m omnisage_pipeline.retention [--dry-run]
+# By hand: python -m omnisage_pipeline.storage.retention [--dry-run]
 # ==========================================================================================================
 def _instance_for(settings: Settings):
     """The Dagster instance the pipeline's runs are recorded in (DAGSTER_HOME, else OMNISAGE_HOME/dagster),
@@ -592,7 +592,7 @@ def _instance_for(settings: Settings):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m omnisage_pipeline.retention",
+        prog="python -m omnisage_pipeline.storage.retention",
         description=f"Remove graph/features/embeddings partitions older than {RETENTION_ENV} days before the "
         "newest (never a leased one, nor one a running Dagster run reads).",
     )

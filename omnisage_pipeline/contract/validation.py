@@ -1,4 +1,4 @@
-"""The input data contract (shared/contract.md, "Input"): schemas, accepted widenings, row rules, quarantine.
+"""The input data contract (README, "Data contract", "Input"): schemas, accepted widenings, row rules, quarantine.
 
 Plain pyarrow / numpy library (no Dagster): the ingest assets call it and publish what it returns; the
 benchmarks and the fuzz tests call it directly.

@@ -42,9 +42,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from omnisage_pipeline.contract import BOARD_SCHEMA as BOARDS_SCHEMA
-from omnisage_pipeline.contract import LOG_SCHEMA as ENGAGEMENT_SCHEMA
-from omnisage_pipeline.contract import PIN_SCHEMA as PINS_SCHEMA
+from ml.truth import Truth, load_truth, user_latents_on_day  # noqa: F401 (Truth, load_truth: reading back what generate() writes)
+from omnisage_pipeline.contract.validation import BOARD_SCHEMA as BOARDS_SCHEMA
+from omnisage_pipeline.contract.validation import LOG_SCHEMA as ENGAGEMENT_SCHEMA
+from omnisage_pipeline.contract.validation import PIN_SCHEMA as PINS_SCHEMA
 
 GENERATOR_VERSION = 1
 
@@ -56,7 +57,7 @@ SEGMENTS = ("organic", "promoted", "shopping", "video")
 UNIVERSE_STREAM = 0
 DAY_STREAM = 1
 
-# Contract schemas (shared/contract.md, "Input"). Every field is declared nullable, as a plain export would be:
+# Contract schemas (README, "Data contract", "Input"). Every field is declared nullable, as a plain export would be:
 # "required" is a validation rule of the ingest, not a Parquet repetition level.
 
 # Id ranges: disjoint and offset so nothing downstream can assume dense ids that start at 0.
@@ -181,22 +182,46 @@ def _make_vocab(rng: np.random.Generator, n: int) -> list[str]:
     return words
 
 
+@dataclass(frozen=True)
+class _Vocabulary:
+    """The words texts are drawn from: per topic a block of ``words_per_topic`` words from
+    ``topic_word_offset[k]``, then ``noise_words`` shared noise words from ``noise_offset``."""
+
+    words: pa.Array
+    topic_word_offset: np.ndarray  # [K] first vocab index of each topic's words
+    words_per_topic: int
+    noise_offset: int
+    noise_words: int
+
+
+@dataclass(frozen=True)
+class _TextShape:
+    """Length range of a text and the share of its words from the primary / secondary topic (rest: noise)."""
+
+    min_len: int
+    max_len: int
+    p_primary: float
+    p_secondary: float
+    null_fraction: float
+
+
 def _texts(
     rng: np.random.Generator,
-    vocab: pa.Array,
-    topic_word_offset: np.ndarray,  # [K] first vocab index of each topic's words
-    words_per_topic: int,
-    noise_offset: int,
-    noise_words: int,
+    vocab: _Vocabulary,
     primary: np.ndarray,
     secondary: np.ndarray,
-    min_len: int,
-    max_len: int,
-    p_primary: float,
-    p_secondary: float,
-    null_fraction: float,
+    shape: _TextShape,
 ) -> pa.Array:
     """One string per entity: words from its topics' vocabularies and shared noise words (vectorised)."""
+    min_len, max_len, p_primary, p_secondary = (
+        shape.min_len,
+        shape.max_len,
+        shape.p_primary,
+        shape.p_secondary,
+    )
+    null_fraction = shape.null_fraction
+    topic_word_offset, words_per_topic = vocab.topic_word_offset, vocab.words_per_topic
+    noise_offset, noise_words = vocab.noise_offset, vocab.noise_words
     n = len(primary)
     lengths = rng.integers(min_len, max_len + 1, n)
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -207,7 +232,7 @@ def _texts(
     topic_word = topic_word_offset[topic_of_word] + rng.integers(0, words_per_topic, len(owner))
     noise_word = noise_offset + rng.integers(0, noise_words, len(owner))
     word = np.where(kind < p_primary + p_secondary, topic_word, noise_word)
-    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), vocab.take(pa.array(word)))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), vocab.words.take(pa.array(word)))
     text = pc.binary_join(lists, " ")
     if null_fraction > 0:
         text = pc.if_else(pa.array(rng.random(n) < null_fraction), pa.nulls(n, pa.string()), text)
@@ -268,11 +293,6 @@ class Universe:
         return user_latents_on_day(
             self.user_latent, self.centroids[self.user_drift_topic], self.params.drift_rate, day_index
         )
-
-
-def user_latents_on_day(latent0: np.ndarray, drift_direction: np.ndarray, drift_rate: float, day_index: int):
-    """Users' interests drift slowly: u_d = normalize(u_0 + drift_rate * d * centroid[drift_topic])."""
-    return _unit(latent0.astype(np.float64) + drift_rate * day_index * drift_direction).astype(np.float32)
 
 
 def _mixture_latents(rng, centroids, primary, secondary, mix_a, mix_b, noise):
@@ -589,22 +609,10 @@ def metadata_tables(u: Universe) -> tuple[pa.Table, pa.Table]:
     topic_off = np.arange(cfg.topics) * words_per_topic
     noise_off = cfg.topics * words_per_topic
 
+    words = _Vocabulary(vocab, topic_off, words_per_topic, noise_off, noise_words)
+
     def text(primary, secondary, lo, hi, pp, ps, null):
-        return _texts(
-            rng,
-            vocab,
-            topic_off,
-            words_per_topic,
-            noise_off,
-            noise_words,
-            primary,
-            secondary,
-            lo,
-            hi,
-            pp,
-            ps,
-            null,
-        )
+        return _texts(rng, words, primary, secondary, _TextShape(lo, hi, pp, ps, null))
 
     title = text(u.pin_topic, u.pin_topic2, 3, 7, 0.55, 0.15, 0.0)
     desc = text(u.pin_topic, u.pin_topic2, 6, 20, 0.40, 0.15, 0.05)
@@ -821,60 +829,3 @@ def generate(
         "day_seconds": day_seconds,
         "seconds": time.perf_counter() - t_start,
     }
-
-
-# ---------------------------------------------------------------------------------------------- truth access
-@dataclass
-class Truth:
-    """The planted truth, read back from ``DIR/_truth`` (for oracle recall and tests)."""
-
-    meta: dict
-    pin_id: np.ndarray
-    pin_topic: np.ndarray
-    pin_subtopic: np.ndarray  # cluster id = topic * subtopics_per_topic + sub-topic
-    pin_latent: np.ndarray
-    board_id: np.ndarray
-    board_topic: np.ndarray
-    board_latent: np.ndarray
-    board_owner: np.ndarray  # user_id of the board's owner
-    user_id: np.ndarray
-    user_topic: np.ndarray
-    user_latent: np.ndarray
-    user_drift_topic: np.ndarray
-    centroids: np.ndarray
-
-    def user_latents_on_day(self, day: str | date) -> np.ndarray:
-        d = (date.fromisoformat(str(day)) - date.fromisoformat(self.meta["start_date"])).days
-        return user_latents_on_day(
-            self.user_latent, self.centroids[self.user_drift_topic], self.meta["drift_rate"], d
-        )
-
-
-def load_truth(data_root: str | Path) -> Truth:
-    base = Path(data_root) / "_truth"
-    if not (base / "meta.json").is_file():
-        raise FileNotFoundError(f"{base / 'meta.json'} not found: {data_root} is not a synthetic data set")
-    meta = json.loads((base / "meta.json").read_text())
-
-    def vec(t, col="latent"):
-        return np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
-
-    pins, boards, users, topics = (
-        pq.read_table(base / f"{n}.parquet") for n in ("pins", "boards", "users", "topics")
-    )
-    return Truth(
-        meta=meta,
-        pin_id=pins["pin_id"].to_numpy(),
-        pin_topic=pins["topic"].to_numpy(),
-        pin_subtopic=pins["subtopic"].to_numpy(),
-        pin_latent=vec(pins),
-        board_id=boards["board_id"].to_numpy(),
-        board_topic=boards["topic"].to_numpy(),
-        board_latent=vec(boards),
-        board_owner=boards["owner_user_id"].to_numpy(),
-        user_id=users["user_id"].to_numpy(),
-        user_topic=users["topic"].to_numpy(),
-        user_latent=vec(users),
-        user_drift_topic=users["drift_topic"].to_numpy(),
-        centroids=vec(topics, "centroid").astype(np.float64),
-    )

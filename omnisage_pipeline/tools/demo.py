@@ -28,7 +28,7 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
 
     if settings.data_root_is_default and not settings.data_root.is_dir():
-        from omnisage_pipeline.synthetic import generate
+        from omnisage_pipeline.tools.synthetic import generate
 
         t0 = time.perf_counter()
         echo(f"generating {days} days of synthetic '{scale}' data into {settings.data_root}")

@@ -1,0 +1,1 @@
+"""Evaluation services, Dagster-free: the daily recall report (``report``)."""

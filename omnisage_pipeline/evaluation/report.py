@@ -1,0 +1,225 @@
+"""The recall report of day D, Dagster-free: the champion's recall@10 on the day's held-out sets (paper
+4.2.1) beside its baselines - random, popularity, item co-occurrence, ALS (implicit; fitted on the window's
+logs less the evaluation's pairs and users, tuned on a validation split carved from them), the PinSage-like
+model trained with it (Table 2) and, on generator input, the oracle - all scored by one evaluator on the same
+sets (``ml.recall_report``); published as ``reports/dt=D/{recall.json, recall.md, recall.png}`` and logged
+to the champion's MLflow run. ``config`` is the ``recall_report`` asset's config (k, pool_size, seed,
+max_queries, baselines, als_grid)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from ml.layout import MARKDOWN_FILE, PLOT_FILE, REPORT_FILE
+from omnisage_pipeline.embedding.champion import champion_builder, champion_version
+from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.publish import (
+    list_published,
+    publish_partition,
+    published_path,
+    require_published,
+)
+
+
+def previous_report(settings: Settings, day: str) -> dict | None:
+    """The newest published report before ``day`` (the regression check's reference)."""
+    earlier = [d for d in list_published(settings.reports_dir) if d < day]
+    return read_report(settings, earlier[-1]) if earlier else None
+
+
+def read_report(settings: Settings, day: str) -> dict | None:
+    path = published_path(settings.reports_dir, day)
+    return json.loads((path / REPORT_FILE).read_text()) if path and (path / REPORT_FILE).is_file() else None
+
+
+def build_day_report(settings: Settings, day: str, config, loaded, pinsage, log) -> dict:
+    """Score the champion and the baselines on day D's held-out sets. Dagster-free."""
+    from omnisage_pipeline.storage.retention import read_lease
+
+    # Reader leases: retention never removes the graph or the feature store while they are scored.
+    with (
+        read_lease(settings.graph_dir, day) as graph_dir,
+        read_lease(settings.features_dir, day) as features_dir,
+    ):
+        return _score_day(settings, day, config, loaded, pinsage, log, graph_dir, features_dir)
+
+
+def _score_day(
+    settings: Settings,
+    day: str,
+    config,
+    loaded,
+    pinsage,
+    log,
+    graph_dir: Path,
+    features_dir: Path,
+) -> dict:
+    from ml.evaluator import Evaluator, model_embedders
+    from ml.example_loader import load_training_examples
+    from ml.recall_report import Candidate, build_report
+
+    examples_dir = require_published(settings.warehouse_dataset("training_examples"), day)
+    data = load_training_examples(examples_dir)
+    universe = data.universe()
+    evaluator = Evaluator(
+        data,
+        universe,
+        k=config.k,
+        pool_size=config.pool_size,
+        seed=config.seed,
+        max_queries=config.max_queries,
+    )
+    model = Candidate(
+        *model_embedders(loaded.model, champion_builder(loaded, graph_dir, features_dir, log)),
+        tasks=tuple(loaded.config.tasks),
+    )
+    day_data = _ScoredDay(settings, day, config, data, universe, graph_dir, features_dir, log)
+    baselines = {}
+    for name in config.baselines:
+        candidate = _baseline(name, day_data, pinsage)
+        if candidate is not None:
+            baselines[name] = candidate
+    return build_report(
+        day,
+        champion_version(loaded),
+        evaluator,
+        model,
+        baselines,
+        extra={"model_run_id": loaded.run_id, "training_partition": loaded.training_partition},
+    )
+
+
+@dataclass
+class _ScoredDay:
+    """What a baseline of day D is built from."""
+
+    settings: Settings
+    day: str
+    config: Any
+    data: Any  # ml.example_loader.TrainingExamples
+    universe: Any
+    graph_dir: Path
+    features_dir: Path
+    log: Callable[[str], None]
+
+
+def _baseline(name: str, d: _ScoredDay, pinsage):
+    """One baseline as a ``Candidate`` (None: skipped, and logged why)."""
+    from graph_engine.snapshot import GraphSnapshot
+    from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, oracle_baseline, random_baseline
+    from ml.evaluator import model_embedders
+    from ml.recall_report import Candidate
+    from ml.truth import load_truth
+
+    if name == "random":
+        return Candidate(*random_baseline(d.universe, seed=d.config.seed))
+    if name in ("popularity", "cooccurrence"):
+        embedder = (PopularityEmbedder if name == "popularity" else CooccurrenceEmbedder)(
+            GraphSnapshot.open(d.graph_dir)
+        )
+        return Candidate(embedder, embedder)
+    if name == "als":
+        return als_candidate(d.settings, d.day, d.data, d.universe, d.config, d.log)
+    if name == "pinsage":
+        if pinsage is None:
+            return Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
+        entity, _ = model_embedders(
+            pinsage.model, champion_builder(pinsage, d.graph_dir, d.features_dir, d.log)
+        )
+        return Candidate(entity, tasks=("entity_entity",))
+    if name == "oracle":
+        if (d.settings.data_root / "_truth" / "meta.json").is_file():
+            return Candidate(*oracle_baseline(load_truth(d.settings.data_root), d.day))
+        d.log("oracle skipped: the input has no _truth/ (not generator output)")
+        return None
+    raise ValueError(f"recall_report config field 'baselines': unknown baseline {name!r}")
+
+
+def als_candidate(settings: Settings, day: str, data, universe, config, log):
+    """ALS on the validated logs of day D's window, the evaluation pairs' events and the evaluation users left
+    out (they are embedded from their histories), tuned on a validation split of the rest (ml.baselines)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, fit_als_baseline
+    from ml.recall_report import Candidate
+    from omnisage_pipeline.partitions import window_keys
+
+    logs_ds = settings.warehouse_dataset("engagement_logs")
+    tables = [pq.read_table(f) for key in window_keys(day) if (path := published_path(logs_ds, key)) is not None
+              for f in sorted(path.glob("*.parquet"))]  # fmt: skip
+    if not tables:
+        return Candidate(None, unavailable="no validated engagement logs in the window")
+    logs = pa.concat_tables(tables, promote_options="default")
+    als, tuning = fit_als_baseline(
+        logs, exclude_pairs=data.eval_pairs, exclude_users=data.eval_sequences["user_id"].to_numpy(),
+        universe=universe, grid=DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID, k=config.k,
+        seed=config.seed,
+    )  # fmt: skip
+    log(
+        f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "
+        f"interactions; tuned on {tuning.validation_pairs} validation pairs: {tuning.best} "
+        f"(recall@{config.k} {tuning.best_recall})"
+    )
+    return Candidate(als, als, tasks=("entity_entity", "user_entity"))
+
+
+def publish_report(settings: Settings, day: str, report: dict, history_days: int) -> tuple[str, bytes]:
+    """Write recall.json / recall.md / recall.png atomically; returns (markdown, png)."""
+    from ml.recall_report import markdown, plot_png
+
+    previous = previous_report(settings, day)
+    earlier = [d for d in list_published(settings.reports_dir) if d < day][-max(history_days - 1, 0) :]
+    history = [r for r in (read_report(settings, d) for d in earlier) if r] + [report]
+    md = markdown(report, previous)
+    png = plot_png(history)
+    with publish_partition(settings.reports_dir, day) as staging:
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=False))
+        (staging / MARKDOWN_FILE).write_text(md + "\n")
+        (staging / PLOT_FILE).write_bytes(png)
+    return md, png
+
+
+def log_to_mlflow(client, report: dict, day: str, published: Path) -> None:
+    """recall.json and the plot as artifacts of the champion's run, the recalls as metrics (step = the day)."""
+    from mlflow.entities import Metric
+
+    run_id = report.get("model_run_id")
+    if not run_id:
+        return
+    k = report.get("k", 10)
+    step = (date.fromisoformat(day) - date(1970, 1, 1)).days
+    ts = int(time.time() * 1000)
+    metrics = []
+    for system, tasks in [("model", report["tasks"]), *report.get("baselines", {}).items()]:
+        for task, entry in tasks.items():
+            value = entry.get(f"recall@{k}")
+            if value is not None:
+                name = (
+                    f"report/recall_at_{k}/{task}"
+                    if system == "model"
+                    else f"report/{system}/recall_at_{k}/{task}"
+                )
+                metrics.append(Metric(name, float(value), ts, step))
+    client.log_batch(run_id, metrics=metrics)
+    client.log_artifact(run_id, str(published / REPORT_FILE), artifact_path=f"reports/dt={day}")
+    client.log_artifact(run_id, str(published / PLOT_FILE), artifact_path=f"reports/dt={day}")
+
+
+def baselines_markdown(report: dict, k: int) -> str:
+    """recall@k of the model and every baseline per task, as a markdown table (null -> n/a)."""
+    from ml.recall_report import recall_of
+
+    systems = [("model", report["tasks"]), *report.get("baselines", {}).items()]
+    tasks = sorted({t for _, per_task in systems for t in per_task})
+    lines = [f"| system | {' | '.join(tasks)} |", "| --- |" + " ---: |" * len(tasks)]
+    for name, per_task in systems:
+        cells = [recall_of(per_task[t], k) if t in per_task else None for t in tasks]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells) + " |")
+    return "\n".join(lines)
