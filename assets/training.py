@@ -76,6 +76,12 @@ class TrainingExamplesConfig(dg.Config):
         ge=1,
         description="Delta of eq. 5: future engagements kept after t_max",
     )
+    sequence_stride: int = Field(
+        default=_EXAMPLE_DEFAULTS.sequence_stride,
+        ge=0,
+        description="training sequences are windows of t_max ending every N engagements of a user's history "
+        "before the cutoff (0: one window per user, the last t_max + Delta)",
+    )
     eval_horizon_days: int = Field(
         default=_EXAMPLE_DEFAULTS.eval_horizon_days,
         ge=1,
@@ -111,6 +117,7 @@ class TrainingExamplesConfig(dg.Config):
         return ExampleConfig(
             t_max=self.t_max,
             future_delta=self.future_delta,
+            sequence_stride=self.sequence_stride,
             eval_horizon_days=self.eval_horizon_days,
             sample_seed=self.sample_seed,
             graph_pairs_per_node=self.graph_pairs_per_node,

@@ -4,6 +4,7 @@ batch iterator the trainer consumes (ml.example_loader)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from datetime import UTC, datetime
 
 import numpy as np
@@ -360,7 +361,12 @@ def _training_user(config: ExampleConfig, n_events: int) -> tuple[int, pa.Table]
     """A user the hash keeps in training, with ``n_events`` engagements, one a minute, pins 1000.."""
     users = np.arange(1, 200, dtype=np.int64)
     user = int(users[~held_out_users(config.holdout_seed, config.eval_fraction, users)][0])
-    ts = pa.array((np.datetime64("2026-01-01T00:00") + np.arange(n_events).astype("timedelta64[m]")).astype("datetime64[us]"), pa.timestamp("us", tz="UTC"))
+    ts = pa.array(
+        (np.datetime64("2026-01-01T00:00") + np.arange(n_events).astype("timedelta64[m]")).astype(
+            "datetime64[us]"
+        ),
+        pa.timestamp("us", tz="UTC"),
+    )
     logs = pa.table({"user_id": pa.array([user] * n_events, pa.int64()), "pin_id": pa.array(1000 + np.arange(n_events), pa.int64()),
                      "event_ts": ts, "action": pa.array(["save"] * n_events), "surface": pa.array(["home"] * n_events)})  # fmt: skip
     return user, logs
@@ -383,7 +389,7 @@ def test_training_sequences_are_windows_over_the_whole_history(stride):
     rows = train.to_pylist()
     assert {r["user_id"] for r in rows} == {user} and len(rows) > 1
     ends = sorted(r["history"][-1] - 1000 + 1 for r in rows)  # 1-based window ends
-    assert ends[-1] == 60 - 3 and all(b - a == stride for a, b in zip(ends, ends[1:]))
+    assert ends[-1] == 60 - 3 and all(b - a == stride for a, b in itertools.pairwise(ends))
     assert ends[0] <= stride + 1
     for r in rows:
         end = r["history"][-1] - 1000 + 1
