@@ -42,6 +42,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ml.config import TASK_NAMES as TASKS
 
 DEFAULT_BLOCKS = "pin_board:pin:10,pin_board:board:10,pin_pin:pin:20"
