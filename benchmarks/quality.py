@@ -127,13 +127,19 @@ def read_logs(data_root: Path):
 
 def baselines(prep, data_root: Path, dataset: str, log) -> dict:
     """{name: (EntityEmbedder, UserEmbedder | None)} of the counting and factorisation baselines."""
-    from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, fit_als_baseline, random_baseline
+    from ml.baselines import (
+        AlsFitConfig,
+        CooccurrenceEmbedder,
+        PopularityEmbedder,
+        fit_als_baseline,
+        random_baseline,
+    )
 
     data = prep.data
     types = [("pin", "pin")] if dataset == "movielens-100k" else None
     als, tuning = fit_als_baseline(read_logs(data_root), exclude_pairs=data.eval_pairs,
                                    exclude_users=data.eval_sequences["user_id"].to_numpy(), universe=prep.universe,
-                                   validation_types=types)  # fmt: skip
+                                   config=AlsFitConfig(validation_types=types))  # fmt: skip
     log(
         f"als tuned on {tuning.validation_pairs} validation pairs: {tuning.best} (recall {tuning.best_recall})"
     )

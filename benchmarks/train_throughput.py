@@ -44,7 +44,7 @@ from graph_engine.batch_builder import BatchBuilder
 from graph_engine.feature_table import open_features
 from ml.config import preset
 from ml.data import tensorize_step
-from ml.example_loader import make_batch_iterator_factory
+from ml.example_loader import BatchConfig, make_batch_iterator_factory
 from ml.inference import embed_entities
 from ml.loader import BatchLoader, StepPayload, default_num_workers
 from ml.train import Trainer
@@ -179,14 +179,13 @@ def main() -> None:
 
         def source_for(features):
             builder = BatchBuilder(art.snapshot, art.neighborhoods, features, art.layout)
-            return make_batch_iterator_factory(
-                art.data,
-                builder,
+            batches = BatchConfig(
                 batch_size=args.batch_size,
                 num_random_negatives=args.negatives,
                 seed=0,
                 max_sequence_length=mc.sequence.max_len,
             )
+            return make_batch_iterator_factory(art.data, builder, batches)
 
         results: dict = {
             "torch_threads": threads,

@@ -40,7 +40,7 @@ import itertools
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,8 @@ __all__ = [
     "DEFAULT_ALS_GRID",
     "REPORT_ALS_GRID",
     "AlsEmbedder",
+    "AlsFitConfig",
+    "AlsParams",
     "AlsTuning",
     "CooccurrenceEmbedder",
     "InteractionMatrix",
@@ -414,29 +416,48 @@ def default_als_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+@dataclass(frozen=True)
+class AlsParams:
+    """One ALS fit's hyper-parameters (the keys of ``DEFAULT_ALS_GRID``). ``weighting``: counts -> r_ui as
+    raw counts, log(1 + count) or 1; ``normalize``: unit-length item vectors (cosine between entities,
+    popularity taken out of the ranking)."""
+
+    factors: int = 64
+    regularization: float = 0.1
+    alpha: float = 10.0
+    iterations: int = 15
+    weighting: str = "log"
+    normalize: bool = False
+
+
 class AlsEmbedder:
-    """Item factors for entities, least-squares user vectors of histories for users (module docstring).
-    ``normalize``: unit-length item vectors (cosine between entities, popularity taken out of the ranking).
+    """Item factors for entities, least-squares user vectors of histories for users (module docstring),
+    fitted with ``params`` (an ``AlsParams``; default its defaults).
     ``exclude_neighbor_ids`` is ignored: held-out pairs were removed from the matrix before fitting."""
 
-    def __init__(self, interactions: InteractionMatrix, *, factors: int = 64, regularization: float = 0.1,
-                 alpha: float = 10.0, iterations: int = 15, weighting: str = "log", normalize: bool = False,
-                 num_threads: int | None = None, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        interactions: InteractionMatrix,
+        params: AlsParams | None = None,
+        *,
+        num_threads: int | None = None,
+        seed: int = 0,
+    ):
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        self.index, self.weighting, self.normalize = interactions, weighting, normalize
-        self.params = {"factors": factors, "regularization": regularization, "alpha": alpha,
-                       "iterations": iterations, "weighting": weighting, "normalize": normalize}  # fmt: skip
+        p = params or AlsParams()
+        self.index, self.weighting, self.normalize = interactions, p.weighting, p.normalize
+        self.params = asdict(p)
         threads = default_als_threads() if num_threads is None else int(num_threads)
         with threadpool_limits(1, "blas"):
             self.model = AlternatingLeastSquares(
-                factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
+                factors=p.factors, regularization=p.regularization, alpha=p.alpha, iterations=p.iterations,
                 num_threads=threads, random_state=seed, calculate_training_loss=False,
             )  # fmt: skip
-            self.model.fit(_confidence(interactions.matrix, weighting), show_progress=False)
+            self.model.fit(_confidence(interactions.matrix, p.weighting), show_progress=False)
         items = np.asarray(self.model.item_factors, dtype=np.float32)
-        if normalize:
+        if p.normalize:
             items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
         self.item_vectors = items
         self.dim = items.shape[1]
@@ -520,7 +541,7 @@ def tune_als(
     seed: int = 0,
     num_threads: int | None = None,
 ) -> AlsTuning:
-    """Fit one ALS per grid point (every combination of ``grid``'s values; keys are ``AlsEmbedder``
+    """Fit one ALS per grid point (every combination of ``grid``'s values; keys are ``AlsParams``
     parameters) on ``train_matrix`` and keep the best recall@k on ``validation_pairs`` - pairs whose events
     are NOT in ``train_matrix`` (``carve_validation_pairs``), so the choice is made on unseen pairs, never on the
     test set. Ties keep the earlier grid point."""
@@ -531,7 +552,9 @@ def tune_als(
     for params in points:
         t0 = time.perf_counter()
         recall = pair_recall(
-            AlsEmbedder(train_matrix, **params, num_threads=num_threads, seed=seed), validation_pairs, k
+            AlsEmbedder(train_matrix, AlsParams(**params), num_threads=num_threads, seed=seed),
+            validation_pairs,
+            k,
         )
         results.append({**params, f"recall@{k}": recall, "seconds": round(time.perf_counter() - t0, 3)})
         if recall is not None and (best_recall is None or recall > best_recall):
@@ -569,29 +592,39 @@ def carve_validation_pairs(
     return pairs.take(pa.array(rows, pa.int64()))
 
 
+@dataclass(frozen=True)
+class AlsFitConfig:
+    """How ``fit_als_baseline`` tunes: the ``grid`` searched (default ``DEFAULT_ALS_GRID``), the validation
+    split carved from the training pairs (``carve_validation_pairs``), recall@``k``, seed and BLAS threads."""
+
+    grid: Mapping[str, Sequence] | None = None
+    validation_fraction: float = 0.1
+    max_validation_pairs: int = 2000
+    validation_types: Sequence[tuple[str, str]] | None = None
+    k: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+
+
 def fit_als_baseline(
     logs: pa.Table,
     *,
     exclude_pairs: pa.Table | None = None,
     exclude_users=None,
     universe: Mapping[str, np.ndarray] | None = None,
-    grid: Mapping[str, Sequence] | None = None,
-    validation_fraction: float = 0.1,
-    max_validation_pairs: int = 2000,
-    validation_types: Sequence[tuple[str, str]] | None = None,
-    k: int = 10,
-    seed: int = 0,
-    num_threads: int | None = None,
+    config: AlsFitConfig | None = None,
 ) -> tuple[AlsEmbedder, AlsTuning]:
     """The ALS baseline of the recall report and the benchmark: training interactions = ``logs`` less the events
     of ``exclude_pairs`` and ``exclude_users`` (the evaluation's pairs and users); tuned on a validation split
     carved from them (its events removed too), then refitted with the best parameters on all of them."""
+    c = config or AlsFitConfig()
     validation = carve_validation_pairs(
-        logs, validation_fraction, max_validation_pairs, seed, exclude_pairs, validation_types
+        logs, c.validation_fraction, c.max_validation_pairs, c.seed, exclude_pairs, c.validation_types
     )
     both = pa.concat_tables([t.select(list(PAIR_COLUMNS)).cast(validation.schema)
                              for t in (exclude_pairs, validation) if t is not None])  # fmt: skip
     tuning_matrix = build_interaction_matrix(interactions_from_logs(logs, both, exclude_users), universe)
-    tuning = tune_als(tuning_matrix, validation, grid, k=k, seed=seed, num_threads=num_threads)
+    tuning = tune_als(tuning_matrix, validation, c.grid, k=c.k, seed=c.seed, num_threads=c.num_threads)
     matrix = build_interaction_matrix(interactions_from_logs(logs, exclude_pairs, exclude_users), universe)
-    return AlsEmbedder(matrix, **tuning.best, num_threads=num_threads, seed=seed), tuning
+    als = AlsEmbedder(matrix, AlsParams(**tuning.best), num_threads=c.num_threads, seed=c.seed)
+    return als, tuning

@@ -478,7 +478,6 @@ def make_pair_batch(
     *,
     negative_log_q: float | np.ndarray | None = None,
     weights: np.ndarray | None = None,
-    source_ids: np.ndarray | None = None,
 ) -> PairBatch:
     return PairBatch(
         query=builder.build(query_type, np.asarray(query_ids, dtype=np.int64)),
@@ -487,7 +486,6 @@ def make_pair_batch(
         if negative_ids is None
         else builder.build(positive_type, np.asarray(negative_ids, np.int64)),
         weights=None if weights is None else np.asarray(weights, dtype=np.float32),
-        source_ids=None if source_ids is None else np.asarray(source_ids),
         random_negative_log_q=negative_log_q,
     )
 
@@ -592,6 +590,9 @@ def small_layout() -> NeighborhoodLayout:
     )
 
 
+_RANDOM_VOCAB, _RANDOM_FILL = 1 << 32, 0.7  # random_entity_batch's token id range and real-slot rate
+
+
 def random_entity_batch(
     rng: np.random.Generator,
     entity_type: str,
@@ -600,11 +601,10 @@ def random_entity_batch(
     layout: NeighborhoodLayout | None = None,
     max_tokens: int = 8,
     image_dim: int = 0,
-    vocab: int = 1 << 32,
     entity_ids: np.ndarray | None = None,
-    fill: float = 0.7,
 ) -> EntityBatch:
-    """A valid random ``EntityBatch`` (real neighbours first in each block, in descending score)."""
+    """A valid random ``EntityBatch`` (real neighbours first in each block, in descending score; about
+    ``_RANDOM_FILL`` of each block's slots real, token ids below ``_RANDOM_VOCAB``)."""
     layout = layout or small_layout()
     b, k, ell, d = batch_size, layout.width, max_tokens, image_dim
 
@@ -612,7 +612,7 @@ def random_entity_batch(
         f = FeatureArrays.empty(shape, ell, d)
         f.present[...] = live & (rng.random(shape) < 0.9)
         f.token_lengths[...] = np.where(f.present, rng.integers(0, ell + 1, size=shape), 0)
-        ids = rng.integers(1, vocab, size=shape + (ell,), dtype=np.int64)
+        ids = rng.integers(1, _RANDOM_VOCAB, size=shape + (ell,), dtype=np.int64)
         f.token_ids[...] = np.where(np.arange(ell) < f.token_lengths[..., None], ids, 0)
         if d:
             f.image_mask[...] = f.present & (rng.random(shape) < 0.8)
@@ -625,7 +625,7 @@ def random_entity_batch(
     mask = np.zeros((b, k), dtype=bool)
     scores = np.zeros((b, k), dtype=np.float32)
     for off, blk in zip(layout.offsets, layout.blocks):
-        n_real = rng.binomial(blk.k, fill, size=b)
+        n_real = rng.binomial(blk.k, _RANDOM_FILL, size=b)
         mask[:, off : off + blk.k] = np.arange(blk.k) < n_real[:, None]
         s = -np.sort(-rng.random((b, blk.k)).astype(np.float32), axis=1)
         scores[:, off : off + blk.k] = np.where(mask[:, off : off + blk.k], s, 0)

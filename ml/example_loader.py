@@ -1,7 +1,7 @@
 """Training examples (``ml.training_examples`` output) -> training batches for ``ml.train.Trainer``.
 
     data = load_training_examples(published_dir)
-    factory = make_batch_iterator_factory(data, builder, batch_size=256, num_random_negatives=256)
+    factory = make_batch_iterator_factory(data, builder, BatchConfig(batch_size=256, num_random_negatives=256))
     model, result = ml.train.train(model_config, train_config, factory)
 
 ``factory(epoch)`` is deterministic for a given (seed, epoch, rank) - the trainer's resume contract - and
@@ -268,28 +268,10 @@ def _pair_sources(
     return out
 
 
-def make_batch_iterator_factory(
-    data: TrainingData,
-    builder,
-    *,
-    tasks: Sequence[str] = TASK_NAMES,
-    batch_size: int = 256,
-    num_random_negatives: int = 256,
-    seed: int = 0,
-    universe: dict[str, np.ndarray] | None = None,
-    source_weights: dict[str, float] | None = None,
-    feature_batch_size: int | None = None,
-    sequence_batch_size: int | None = None,
-    max_sequence_length: int = 16,
-    steps_per_epoch: int | None = None,
-    exclude_pair_edges: bool = True,
-    compact: bool = True,
-    pair_sampling: str = "uniform",
-) -> StepBatches:
-    """-> a ``StepBatches``: ``factory(epoch, start=0)`` iterates the epoch's batches for ``ml.train.Trainer``.
+@dataclass(frozen=True)
+class BatchConfig:
+    """What a step draws: the options of ``make_batch_iterator_factory``.
 
-    ``builder``: a ``graph_engine.batch_builder.BatchBuilder`` of the partition's snapshot and features.
-    ``universe``: entity ids per type for the random negatives (default: ``data.universe()``).
     ``source_weights``: w_i per pair source (default: the ``weight`` column). ``feature_batch_size``
     (default ``batch_size``) and ``sequence_batch_size`` (users per step; default ``max(2, batch_size //
     max_sequence_length)``) size the other tasks. ``max_sequence_length`` must not exceed the model's
@@ -298,36 +280,65 @@ def make_batch_iterator_factory(
     (``graph_engine.batch.CompactEntityBatch``). ``pair_sampling``: "uniform" draws a source's distinct pairs
     uniformly, "count" in proportion to their ``count`` column (each engagement one example).
     """
-    unknown = [t for t in tasks if t not in TASK_NAMES]
-    if unknown:
-        raise ValueError(f"make_batch_iterator_factory: unknown task(s) {unknown}; known: {TASK_NAMES}")
-    if batch_size < 1 or num_random_negatives < 0:
-        raise ValueError("make_batch_iterator_factory: batch_size must be >= 1 and num_random_negatives >= 0")
-    if pair_sampling not in ("count", "uniform"):
-        raise ValueError(
-            f"make_batch_iterator_factory: pair_sampling must be 'count' or 'uniform', got {pair_sampling!r}"
-        )
+
+    tasks: Sequence[str] = TASK_NAMES
+    batch_size: int = 256
+    num_random_negatives: int = 256
+    seed: int = 0
+    source_weights: dict[str, float] | None = None
+    feature_batch_size: int | None = None
+    sequence_batch_size: int | None = None
+    max_sequence_length: int = 16
+    steps_per_epoch: int | None = None
+    exclude_pair_edges: bool = True
+    compact: bool = True
+    pair_sampling: str = "uniform"
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"BatchConfig: unknown task(s) {unknown}; known: {TASK_NAMES}")
+        if self.batch_size < 1 or self.num_random_negatives < 0:
+            raise ValueError("BatchConfig: batch_size must be >= 1 and num_random_negatives >= 0")
+        if self.pair_sampling not in ("count", "uniform"):
+            raise ValueError(
+                f"BatchConfig: pair_sampling must be 'count' or 'uniform', got {self.pair_sampling!r}"
+            )
+
+
+def make_batch_iterator_factory(
+    data: TrainingData,
+    builder,
+    config: BatchConfig | None = None,
+    universe: dict[str, np.ndarray] | None = None,
+) -> StepBatches:
+    """-> a ``StepBatches``: ``factory(epoch, start=0)`` iterates the epoch's batches for ``ml.train.Trainer``.
+
+    ``builder``: a ``graph_engine.batch_builder.BatchBuilder`` of the partition's snapshot and features.
+    ``config``: a ``BatchConfig`` (default: its defaults). ``universe``: entity ids per type for the random
+    negatives (default: ``data.universe()``).
+    """
+    c = config or BatchConfig()
     universe = universe if universe is not None else data.universe()
     plan = _StepPlan(
         samplers={t: UniformNegativeSampler(ids) for t, ids in universe.items() if len(ids)},
-        num_random_negatives=num_random_negatives,
-        batch_size=batch_size,
-        max_sequence_length=max_sequence_length,
-        exclude_pair_edges=exclude_pair_edges,
-        compact=compact,
+        num_random_negatives=c.num_random_negatives,
+        batch_size=c.batch_size,
+        max_sequence_length=c.max_sequence_length,
+        exclude_pair_edges=c.exclude_pair_edges,
+        compact=c.compact,
     )
-    by_count = pair_sampling == "count"
-    plan.add_pairs(_pair_sources(data.pairs, source_weights, by_count) if "entity_entity" in tasks else [])
-    fnodes = data.feature_nodes if "entity_feature" in tasks else data.feature_nodes.slice(0, 0)
-    plan.add_feature_nodes(fnodes, feature_batch_size or batch_size)
-    seqs = data.sequences if "user_entity" in tasks else data.sequences.slice(0, 0)
-    plan.add_sequences(seqs, sequence_batch_size or max(2, batch_size // max(1, max_sequence_length)))
-    if steps_per_epoch is None:
-        steps_per_epoch = plan.default_steps(data.pairs.num_rows)
+    by_count = c.pair_sampling == "count"
+    plan.add_pairs(
+        _pair_sources(data.pairs, c.source_weights, by_count) if "entity_entity" in c.tasks else []
+    )
+    fnodes = data.feature_nodes if "entity_feature" in c.tasks else data.feature_nodes.slice(0, 0)
+    plan.add_feature_nodes(fnodes, c.feature_batch_size or c.batch_size)
+    seqs = data.sequences if "user_entity" in c.tasks else data.sequences.slice(0, 0)
+    plan.add_sequences(seqs, c.sequence_batch_size or max(2, c.batch_size // max(1, c.max_sequence_length)))
+    steps = plan.default_steps(data.pairs.num_rows) if c.steps_per_epoch is None else c.steps_per_epoch
     where = f"{data.path or 'the training data'}"
-    return StepBatches(
-        plan, builder, seed=seed, steps_per_epoch=steps_per_epoch, tasks=tuple(tasks), where=where
-    )
+    return StepBatches(plan, builder, seed=c.seed, steps_per_epoch=steps, tasks=tuple(c.tasks), where=where)
 
 
 @dataclass

@@ -404,7 +404,6 @@ def build_training_examples(
     pins_dir: Path | None,
     snapshot,
     neighborhoods,
-    layout,
     out_dir: Path,
     window_end: str,
     config: ExampleConfig = ExampleConfig(),
@@ -414,7 +413,8 @@ def build_training_examples(
     (``OUTPUT_TABLES``; read back with ``ml.example_loader.load_training_examples``); return the manifest.
 
     ``log_files``: the validated logs of the window ending at ``window_end``; ``pins_dir`` / ``boards_dir``:
-    the day's validated metadata (``boards_dir`` defaults to ``pins_dir``'s sibling ``boards``)."""
+    the day's validated metadata (``boards_dir`` defaults to ``pins_dir``'s sibling ``boards``);
+    ``neighborhoods``: a ``NeighborSampler`` or ``NeighborhoodCache`` (its ``layout`` names the blocks)."""
     from datetime import date, datetime, timedelta
 
     out_dir = Path(out_dir)
@@ -434,7 +434,10 @@ def build_training_examples(
 
     partition_seed = date.fromisoformat(window_end).toordinal()
     pairs = pa.concat_tables(
-        [engagement_pairs(con, config), graph_pairs(snapshot, neighborhoods, layout, config, partition_seed)]
+        [
+            engagement_pairs(con, config),
+            graph_pairs(snapshot, neighborhoods, neighborhoods.layout, config, partition_seed),
+        ]
     )
     pairs = _attach_segments(pairs, pin_segments)
     train_pairs, eval_pairs = _split_pairs(pairs, config)

@@ -281,12 +281,10 @@ def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
 
 def make_loader(data, builder, config: TrainingRunConfig, tasks, max_len: int, device):
     """The run's batches: keyed steps (``ml.example_loader``) built by ``num_workers`` processes."""
-    from ml.example_loader import make_batch_iterator_factory
+    from ml.example_loader import BatchConfig, make_batch_iterator_factory
     from ml.loader import BatchLoader, default_num_workers
 
-    source = make_batch_iterator_factory(
-        data,
-        builder,
+    batches = BatchConfig(
         tasks=tuple(tasks),
         batch_size=config.batch_size,
         num_random_negatives=config.num_random_negatives,
@@ -295,6 +293,7 @@ def make_loader(data, builder, config: TrainingRunConfig, tasks, max_len: int, d
         seed=config.seed,
         max_sequence_length=max_len,
     )
+    source = make_batch_iterator_factory(data, builder, batches)
     workers = default_num_workers(config.nproc_per_node) if config.num_workers is None else config.num_workers
     return BatchLoader(
         source, num_workers=workers, prefetch_factor=config.prefetch_factor, pin_memory=device.type == "cuda"

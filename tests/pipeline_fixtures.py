@@ -188,7 +188,7 @@ def build_library_pipeline(
     examples_dir.mkdir(parents=True, exist_ok=True)
     log_files = [p for d in log_dirs for p in sorted(d.glob("*.parquet"))]
     build_training_examples(
-        log_files, metadata_dir / "pins", snapshot, neighborhoods, layout, examples_dir, day, config
+        log_files, metadata_dir / "pins", snapshot, neighborhoods, examples_dir, day, config
     )
     data = load_training_examples(examples_dir)
     stats["total_s"] = time.perf_counter() - t0

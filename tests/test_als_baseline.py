@@ -12,6 +12,8 @@ import pytest
 
 from ml.baselines import (
     AlsEmbedder,
+    AlsFitConfig,
+    AlsParams,
     build_interaction_matrix,
     carve_validation_pairs,
     engagement_pairs_from_logs,
@@ -25,7 +27,7 @@ from omnisage_pipeline.contract.validation import LOG_SCHEMA
 
 PIN0, BOARD0, USER0 = 1_000_000_000, 2_000_000_000, 3_000_000_000
 CLUSTERS, PINS_PER_CLUSTER, USERS, PER_USER = 10, 10, 200, 6  # 9 cluster mates < k: recall can reach 1
-FAST = {"factors": 16, "regularization": 0.1, "alpha": 10.0, "iterations": 10, "num_threads": 1}
+FAST = AlsParams(factors=16, regularization=0.1, alpha=10.0, iterations=10)
 
 
 def planted_logs(seed: int = 0) -> tuple[pa.Table, np.ndarray]:
@@ -75,7 +77,7 @@ def planted():
 
 def test_als_recovers_planted_co_engagement(planted):
     _, cluster_of, matrix = planted
-    als = AlsEmbedder(matrix, **FAST)
+    als = AlsEmbedder(matrix, FAST, num_threads=1)
     pairs = same_cluster_pairs(cluster_of)
     recall = pair_recall(als, pairs, k=10)
     chance = 10 / (cluster_of.size - 1)
@@ -90,7 +92,7 @@ def test_als_recovers_planted_co_engagement(planted):
 
 def test_embedder_api_shapes_ids_and_unknowns(planted):
     _, cluster_of, matrix = planted
-    als = AlsEmbedder(matrix, **FAST)
+    als = AlsEmbedder(matrix, FAST, num_threads=1)
     pins = als.embed("pin", [PIN0 + 3, PIN0 + 999_999, PIN0 + 3])
     assert pins.shape == (3, 16) and pins.dtype == np.float32
     assert np.array_equal(pins[0], pins[2]) and not pins[1].any()  # the same id twice; an unknown id is zero
@@ -168,8 +170,9 @@ def test_tune_als_picks_on_validation_and_the_protocol_refits(planted):
     assert [r["factors"] for r in tuning.results] == [1, 16]
     assert tuning.best["factors"] == 16 and tuning.best_recall == max(r["recall@10"] for r in tuning.results)
     heldout = same_cluster_pairs(cluster_of, n=100, seed=9)
-    als, fitted = fit_als_baseline(logs, exclude_pairs=heldout, grid=grid, validation_fraction=0.2,
-                                   max_validation_pairs=200, validation_types=[("pin", "pin")], num_threads=1)  # fmt: skip
+    fit = AlsFitConfig(grid=grid, validation_fraction=0.2, max_validation_pairs=200,
+                       validation_types=[("pin", "pin")], num_threads=1)  # fmt: skip
+    als, fitted = fit_als_baseline(logs, exclude_pairs=heldout, config=fit)
     assert 0 < fitted.validation_pairs <= 200 and fitted.best["factors"] == 16
     assert als.params["factors"] == 16 and als.index.matrix.nnz > 0
     assert pair_recall(als, heldout) > 0.5
@@ -191,7 +194,7 @@ def test_the_evaluator_scores_als_like_any_embedder(planted):
     from ml.training_examples import NODE_SCHEMA, PAIR_SCHEMA, SEQUENCE_SCHEMA
 
     _, cluster_of, matrix = planted
-    als = AlsEmbedder(matrix, **FAST)
+    als = AlsEmbedder(matrix, FAST, num_threads=1)
     pairs = same_cluster_pairs(cluster_of, n=200, seed=11)
     n = pairs.num_rows
     eval_pairs = pa.table({**{c: pairs[c] for c in pairs.column_names}, "source": ["engagement_pin_pin"] * n,

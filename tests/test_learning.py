@@ -23,7 +23,7 @@ from pipeline_fixtures import build_library_pipeline
 
 from ml.config import small
 from ml.evaluator import Evaluator, TableEmbedder, model_embedders, random_embedder
-from ml.example_loader import make_batch_iterator_factory
+from ml.example_loader import BatchConfig, make_batch_iterator_factory
 from ml.train import Trainer
 
 STEPS = 80
@@ -51,7 +51,9 @@ def test_training_raises_entity_entity_recall(tmp_path, one_torch_thread):
     model_cfg = model_cfg.replace(tasks=("entity_entity",))
     train_cfg = train_cfg.replace(total_steps=STEPS, warmup_steps=10, lr=0.003, log_every=20, seed=0)
     factory = make_batch_iterator_factory(
-        art.data, art.builder, tasks=("entity_entity",), batch_size=64, num_random_negatives=32, seed=0
+        art.data,
+        art.builder,
+        BatchConfig(tasks=("entity_entity",), batch_size=64, num_random_negatives=32, seed=0),
     )
     trainer = Trainer(model_cfg, train_cfg, factory, progress=None)
     ent, _ = model_embedders(trainer.model, art.builder)

@@ -14,7 +14,7 @@ from graph_engine.batch_builder import BatchBuilder
 from graph_engine.feature_table import FeatureTable, open_features
 from ml.config import preset
 from ml.data import EntityTensors, tensorize_step
-from ml.example_loader import make_batch_iterator_factory
+from ml.example_loader import BatchConfig, make_batch_iterator_factory
 from ml.loader import BatchLoader
 from ml.model import OmniSageModel
 from ml.train import Trainer
@@ -54,7 +54,7 @@ def _epoch(loader, epoch: int, start: int = 0) -> list:
 
 
 def test_same_batches_with_0_1_and_3_workers_and_across_epochs(art):
-    source = make_batch_iterator_factory(art.data, art.builder, **KW)
+    source = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**KW))
     runs = {}
     for workers in (0, 1, 3):
         loader = BatchLoader(source, num_workers=workers, prefetch_factor=2)
@@ -69,14 +69,14 @@ def test_same_batches_with_0_1_and_3_workers_and_across_epochs(art):
 
 def test_a_step_does_not_depend_on_the_steps_before_it(art):
     """The key is (seed, epoch, step): building step 4 alone gives step 4 of the full pass."""
-    source = make_batch_iterator_factory(art.data, art.builder, **KW)
+    source = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**KW))
     loader = BatchLoader(source, num_workers=0)
     full = _epoch(loader, 2)
     assert _epoch(loader, 2, start=4) == full[4:]
 
 
 def test_ranks_take_disjoint_steps(art, monkeypatch):
-    source = make_batch_iterator_factory(art.data, art.builder, **KW)
+    source = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**KW))
     monkeypatch.setenv("WORLD_SIZE", "2")
     seen = {}
     for rank in (0, 1):
@@ -99,7 +99,7 @@ class _Recording(BatchLoader):
 
 
 def test_resume_after_a_kill_mid_epoch_with_workers_sees_the_uninterrupted_batches(art, tmp_path):
-    source = make_batch_iterator_factory(art.data, art.builder, **KW)
+    source = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**KW))
     mc, tc = preset("small", image_dim=art.image_dim)
     tc = tc.replace(total_steps=9, warmup_steps=1, device="cpu", log_every=100, checkpoint_every=4)
 
@@ -137,7 +137,7 @@ def test_compact_step_tables_embed_like_dense_batches(art):
     mc, _ = preset("small", image_dim=art.image_dim)
     torch.manual_seed(0)
     model = OmniSageModel(mc).eval()
-    source = make_batch_iterator_factory(art.data, art.builder, **KW)
+    source = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**KW))
     step = source.build_step(0, 1)
     tensors = tensorize_step(step)
     tables = {

@@ -16,7 +16,7 @@ from pipeline_fixtures import build_library_pipeline
 
 from graph_engine.holdout import TYPE_CODE, held_out_pairs, held_out_users
 from ml.data import FeatureTaskBatch, PairBatch, SequenceBatch
-from ml.example_loader import allocate, load_training_examples, make_batch_iterator_factory
+from ml.example_loader import BatchConfig, allocate, load_training_examples, make_batch_iterator_factory
 from ml.inference import exclude_neighbors
 from ml.training_examples import (
     ExampleConfig,
@@ -170,7 +170,7 @@ def test_same_hash_on_every_day(art, tmp_path):
     # a 1-day horizon: a 2-day window ending at day2 with the default 2 would be all horizon, no training users
     config = dataclasses.replace(art.example_config, eval_horizon_days=1)
     build_training_examples(
-        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, art.layout, out, day2, config
+        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, out, day2, config
     )
     d2 = load_training_examples(out)
     d3 = art.data
@@ -201,7 +201,7 @@ def test_batch_iterator_contract(art):
         "max_sequence_length": 8,
         "steps_per_epoch": 3,
     }
-    fac = make_batch_iterator_factory(art.data, art.builder, **kw)
+    fac = make_batch_iterator_factory(art.data, art.builder, BatchConfig(**kw))
     a, b = list(fac(0)), list(fac(0))
     assert len(a) == 3 and fac.steps_per_epoch == 3
     names = [list(step) for step in a]
@@ -254,18 +254,20 @@ def test_batch_iterator_contract(art):
     fac_w = make_batch_iterator_factory(
         art.data,
         art.builder,
-        tasks=("entity_entity",),
-        batch_size=60,
-        num_random_negatives=0,
-        steps_per_epoch=1,
-        source_weights={
-            "engagement_pin_pin": 2.0,
-            "graph_pin_pin": 1.0,
-            "engagement_board_pin": 0.0,
-            "graph_board_pin": 0.0,
-            "graph_pin_board": 0.0,
-            "graph_pin_board_pin": 0.0,
-        },
+        BatchConfig(
+            tasks=("entity_entity",),
+            batch_size=60,
+            num_random_negatives=0,
+            steps_per_epoch=1,
+            source_weights={
+                "engagement_pin_pin": 2.0,
+                "graph_pin_pin": 1.0,
+                "engagement_board_pin": 0.0,
+                "graph_board_pin": 0.0,
+                "graph_pin_board": 0.0,
+                "graph_pin_board_pin": 0.0,
+            },
+        ),
     )
     step = next(iter(fac_w(0)))
     assert list(step) == ["entity_entity/pin_pin"]
@@ -293,8 +295,8 @@ SOURCES = (
 
 def _pin_pin_steps(art, source: str, steps: int = 3):
     fac = make_batch_iterator_factory(
-        art.data, art.builder, tasks=("entity_entity",), batch_size=64, num_random_negatives=0,
-        steps_per_epoch=steps, source_weights={s: float(s == source) for s in SOURCES},
+        art.data, art.builder, BatchConfig(tasks=("entity_entity",), batch_size=64, num_random_negatives=0,
+        steps_per_epoch=steps, source_weights={s: float(s == source) for s in SOURCES}),
     )  # fmt: skip
     return [step["entity_entity/pin_pin"] for step in fac(0)]
 

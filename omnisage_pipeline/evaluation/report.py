@@ -147,7 +147,7 @@ def als_candidate(settings: Settings, day: str, data, universe, config, log):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, fit_als_baseline
+    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, AlsFitConfig, fit_als_baseline
     from ml.recall_report import Candidate
     from omnisage_pipeline.partitions import window_keys
 
@@ -157,10 +157,10 @@ def als_candidate(settings: Settings, day: str, data, universe, config, log):
     if not tables:
         return Candidate(None, unavailable="no validated engagement logs in the window")
     logs = pa.concat_tables(tables, promote_options="default")
+    grid = DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID
     als, tuning = fit_als_baseline(
         logs, exclude_pairs=data.eval_pairs, exclude_users=data.eval_sequences["user_id"].to_numpy(),
-        universe=universe, grid=DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID, k=config.k,
-        seed=config.seed,
+        universe=universe, config=AlsFitConfig(grid=grid, k=config.k, seed=config.seed),
     )  # fmt: skip
     log(
         f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "

@@ -88,7 +88,6 @@ def build_examples_day(
             metadata_dir / "pins",
             snapshot,
             cache,
-            cache.layout,
             staging,
             day,
             example_config,
