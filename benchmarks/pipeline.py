@@ -216,6 +216,10 @@ def _one_scale(scale: str, days: int, steps: int, work: Path, engine: str, engin
             "embeddings_per_s": emb.get("entities_per_second"),
             "user_embeddings_per_s": emb.get("users_per_second"),
         },
+        "graph_snapshot": {  # the asset's two parts: CSR build, then forward push from every node
+            k: meta.get("graph_snapshot", {}).get(k)
+            for k in ("num_entries", "build_seconds", "sampling_seconds", "nodes_per_second")
+        },
         "pruned_edges_sha256": _pruned_edges_digest(work / "home", day),
         "total_s": round(total_s, 2),
     }
