@@ -447,7 +447,7 @@ class AlsEmbedder:
         from threadpoolctl import threadpool_limits
 
         p = params or AlsParams()
-        self.index, self.weighting, self.normalize = interactions, p.weighting, p.normalize
+        self.index, self.weighting = interactions, p.weighting
         self.params = asdict(p)
         threads = default_als_threads() if num_threads is None else int(num_threads)
         with threadpool_limits(1, "blas"):

@@ -175,9 +175,10 @@ def engagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig) -> p
     return pa.concat_tables(tables)
 
 
-def graph_pairs(snapshot, neighborhoods, layout, config: ExampleConfig, partition_seed: int) -> pa.Table:
+def graph_pairs(snapshot, neighborhoods, config: ExampleConfig, partition_seed: int) -> pa.Table:
     """One pair per (graph node, configured source): u and a uniform draw among the real neighbours of the
-    source's block of N(u)."""
+    source's block of N(u) (``neighborhoods.layout`` names the blocks)."""
+    layout = neighborhoods.layout
     rng = np.random.default_rng([config.sample_seed, partition_seed])
     n = int(snapshot.num_nodes)
     node_type = np.asarray(snapshot.node_type)
@@ -436,7 +437,7 @@ def build_training_examples(
     pairs = pa.concat_tables(
         [
             engagement_pairs(con, config),
-            graph_pairs(snapshot, neighborhoods, neighborhoods.layout, config, partition_seed),
+            graph_pairs(snapshot, neighborhoods, config, partition_seed),
         ]
     )
     pairs = _attach_segments(pairs, pin_segments)
