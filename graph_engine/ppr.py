@@ -44,12 +44,16 @@ d(v) > (1-alpha)B is never pushed, yet p_hat(v) >= alpha r(v) > 0 ranks it by th
 would drop it: on power-law graphs hubs are exactly such nodes). With the source always pushed, every
 node with out-entries gets a non-empty neighbourhood.
 
-Kernel layout. ``prange`` over worker threads; each worker owns a dense float64 estimate array p, a
-residual+degree array rt[n, 2] (r(v) beside d(v), +inf while queued = the in-queue flag: one cache line per
-random access), a FIFO ring buffer and a touched-node list, and walks the sources w, w + T, w + 2T, ...
-(interleaved, so expensive sources spread over the workers). These per-worker scratch arrays belong to a
-``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and initialised once, and after each
-source only the entries it touched are reset, so a call costs O(its pushes + its sources), never O(n).
+Kernel layout. ``prange`` over worker threads; each worker owns a record array rt[n, 4] of float32,
+(r(v), d(v), p(v), 0) per node -- 16 bytes, so the one random access per edge visit touches one cache
+line, and d(v) reads +inf while v is queued (the in-queue flag) -- plus a FIFO ring buffer and a
+touched-node list, and walks the sources w, w + T, w + 2T, ... (interleaved, so expensive sources spread
+over the workers). The push is bound by memory latency (one cache miss per touched node), so the record is
+kept small: float32 carries r and p to ~1e-7 relative, far below the push error eps * D(v) at the budgets
+used (B <= 1e6), and halves the scratch that competes with the CSR for the caches. The scratch arrays
+belong to a ``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and initialised once, and
+after each source only the entries it touched are reset, so a call costs O(its pushes + its sources),
+never O(n).
 Top-k is a partial selection over the touched set (a size-k heap, one pass per block), giving the k
 winners by (score desc, dense index asc) -- ties go to the smaller dense index, so results never depend on
 the thread count or on what earlier calls left in the scratch. Inputs are canonicalised to one dtype
@@ -72,7 +76,10 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 #: Pipeline defaults (paper 3.1.1 / 4.1): restart probability of the RWR and the budget B (eps = delta = 1/B).
 DEFAULT_RESTART_PROB = 0.15
@@ -83,6 +90,34 @@ _INT32_MAX = np.iinfo(np.int32).max
 #: then hit anonymous memory (numpy asks for transparent huge pages) instead of 4 KiB file pages, whose TLB
 #: misses grow with the graph. Larger CSRs are pushed straight from the mapping (paper 3.4.1).
 COPY_MAPPED_CSR_BYTES = 2 << 30
+
+
+#: Entries ahead of the current one whose node record is prefetched in a row (see ``_push_one``).
+_PREFETCH_AHEAD = 16
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Hint the CPU to load the cache line of ``arr[i]`` (``arr[i, 0]`` for a 2-d array): LLVM's
+    ``llvm.prefetch`` (read, high locality). It never faults and nothing waits on it."""
+    sig = types.void(arr, i)
+
+    def codegen(context, builder, signature, args):
+        aryty, ity = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [context.cast(builder, args[1], ity, types.intp)]
+        idx += [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        builder.call(
+            fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+        )
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True)
@@ -103,18 +138,23 @@ def weighted_out_degree(indptr: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt, queue, touched):
+def _push_one(indptr, ent_idx, ent_w, wcol, unit, s, restart_prob, eps, rt, queue, touched):
     """Forward push from source s. Returns (number of touched nodes, edge visits).
 
-    ``rt[v] = (r(v), d(v))`` side by side, so the hot loop's one random access per visited entry reads one
-    cache line; v is pushable when r(v) >= eps * d(v). d(v) reads +inf while v waits in the FIFO: that is
-    the in-queue flag (a node is queued at most once, no membership scans, no extra flag array). A node is
-    new (goes on the ``touched`` list) when r(v) = 0 and p(v) = 0. ``unit``: all weights 1 (``weights`` is
+    ``rt[v] = (r(v), d(v), p(v), 1 / W(v))``, one 16-byte float32 record per node: the hot loop's one
+    random access per visited entry reads one cache line, and a pop reads W(u) from the record it updates
+    anyway. Entry e of the CSR is ``(ent_idx[e, 0], ent_w[e, wcol])``: with interleaved (index, weight)
+    pairs a row is one sequential run (one miss per row, not two). v is pushable when r(v) >= eps * d(v);
+    d(v) reads +inf while v waits in the FIFO: that is the in-queue flag (a node is queued at most once, no
+    membership scans, no flag array). A node is new (goes on the ``touched`` list) when r(v) = p(v) = 0.
+    The list and FIFO updates are branch-free (write the slot, advance by the condition): a mispredicted
+    branch per entry would stall while the record's cache miss is still outstanding. Both hold n + 1
+    slots, so the unconditional write never lands on a live entry. ``unit``: all weights 1 (``weights`` is
     not read). Touched nodes (s first) keep their values until ``_reset``.
     """
     cap = queue.shape[0]
     keep = 1.0 - restart_prob
-    inf = np.inf
+    inf = np.float32(np.inf)
     rt[s, 0] = 1.0
     touched[0] = s
     nt = 1
@@ -130,41 +170,49 @@ def _push_one(indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt,
         if head == cap:
             head = 0
         size -= 1
+        if size > 1:  # the FIFO knows the next pops: their indptr, then their row, arrive ahead of use
+            _prefetch(indptr, queue[head + 1 if head + 1 < cap else 0])
+        if size > 0:
+            _prefetch(ent_idx, indptr[queue[head]])
         lo = indptr[u]
         hi = indptr[u + 1]
+        for e in range(lo, min(hi, lo + _PREFETCH_AHEAD)):
+            _prefetch(rt, ent_idx[e, 0])
         rt[u, 1] = hi - lo  # out of the queue: d(u) again
         ru = rt[u, 0]
-        p[u] += restart_prob * ru
+        rt[u, 2] += restart_prob * ru
         rt[u, 0] = 0.0
         if hi == lo:
             continue  # no out-entries: the walk's remaining mass leaves (zero row of P)
-        c = keep * ru / wdeg[u]  # (1 - alpha) r(u) / W(u): the row of P = D_W^-1 A
+        c = keep * ru * rt[u, 3]  # (1 - alpha) r(u) / W(u): the row of P = D_W^-1 A
         visits += hi - lo
         for e in range(lo, hi):
-            v = indices[e]
+            if e + _PREFETCH_AHEAD < hi:
+                _prefetch(rt, ent_idx[e + _PREFETCH_AHEAD, 0])
+            v = ent_idx[e, 0]
             r0 = rt[v, 0]
-            if r0 == 0.0 and p[v] == 0.0:
-                touched[nt] = v
-                nt += 1
-            rv = r0 + (c if unit else c * weights[e])
+            touched[nt] = v
+            nt += (r0 == 0.0) & (rt[v, 2] == 0.0)
+            rv = np.float32(r0 + (c if unit else c * ent_w[e, wcol]))
             rt[v, 0] = rv
-            if rv >= eps * rt[v, 1]:  # eps * d(v), a threshold independent of the counts
-                tail = head + size
-                if tail >= cap:
-                    tail -= cap
-                queue[tail] = v
-                rt[v, 1] = inf
-                size += 1
+            dv = rt[v, 1]
+            due = rv >= eps * dv  # eps * d(v), a threshold independent of the counts
+            tail = head + size
+            if tail >= cap:
+                tail -= cap
+            queue[tail] = v
+            size += due
+            rt[v, 1] = inf if due else dv
     return nt, visits
 
 
 @njit(cache=True, nogil=True)
-def _reset(p, rt, touched, nt):
+def _reset(rt, touched, nt):
     # d(v) is already restored (every queued node was popped): zero only what this source touched
     for i in range(nt):
         v = touched[i]
-        p[v] = 0.0
         rt[v, 0] = 0.0
+        rt[v, 2] = 0.0
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -195,7 +243,7 @@ def _sift_down(heap_s, heap_i, size, xs, xi):
 
 @njit(cache=True, nogil=True)
 def _select(
-    p, rt, credit, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i
+    rt, credit, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i
 ):
     """Write the k best touched nodes (excluding s; of type want_type unless it is -1) into
     out_ids[row, col0:col0+k] / out_scores[...] by (score desc, index asc). Returns how many were written.
@@ -214,7 +262,7 @@ def _select(
             continue
         if want_type >= 0 and node_type[v] != want_type:
             continue
-        pv = p[v] + credit * rt[v, 0]
+        pv = np.float64(rt[v, 2]) + credit * rt[v, 0]
         if pv <= 0.0:
             continue
         if m < k:
@@ -249,23 +297,24 @@ def _select(
 
 
 @njit(cache=True, nogil=True)
-def _init_scratch(indptr, p_all, rt_all):
-    # the clean state every source starts from (and _reset returns to): p = 0, r = 0, d(v) beside r(v)
+def _init_scratch(indptr, wdeg, rt_all):
+    # the clean state every source starts from (and _reset returns to): r = p = 0, d(v) and 1 / W(v) beside
     n = indptr.shape[0] - 1
     for w in range(rt_all.shape[0]):
         for v in range(n):
-            p_all[w, v] = 0.0
             rt_all[w, v, 0] = 0.0
             rt_all[w, v, 1] = indptr[v + 1] - indptr[v]
+            rt_all[w, v, 2] = 0.0
+            rt_all[w, v, 3] = 1.0 / wdeg[v] if wdeg[v] > 0 else 0.0
 
 
 @njit(cache=True, parallel=True)
 def _forward_push_kernel(
     indptr,
-    indices,
-    weights,
+    ent_idx,
+    ent_w,
+    wcol,
     unit,
-    wdeg,
     sources,
     restart_prob,
     eps,
@@ -273,7 +322,6 @@ def _forward_push_kernel(
     node_type,
     block_type,
     block_k,
-    p_all,
     rt_all,
     queue_all,
     touched_all,
@@ -291,7 +339,6 @@ def _forward_push_kernel(
     for b in range(nb):
         kmax = max(kmax, block_k[b])
     for w in prange(nw):
-        p = p_all[w]
         rt = rt_all[w]
         queue = queue_all[w]
         touched = touched_all[w]
@@ -303,14 +350,11 @@ def _forward_push_kernel(
             s = sources[i]
             if s < 0 or s >= n:
                 continue  # absent node: empty row (padding already in the outputs)
-            nt, vi = _push_one(
-                indptr, indices, weights, unit, wdeg, s, restart_prob, eps, p, rt, queue, touched
-            )
+            nt, vi = _push_one(indptr, ent_idx, ent_w, wcol, unit, s, restart_prob, eps, rt, queue, touched)
             visits += vi
             col = 0
             for b in range(nb):
                 _select(
-                    p,
                     rt,
                     credit,
                     touched,
@@ -327,7 +371,7 @@ def _forward_push_kernel(
                     heap_i,
                 )
                 col += block_k[b]
-            _reset(p, rt, touched, nt)
+            _reset(rt, touched, nt)
         visits_out[w] = visits
 
 
@@ -384,9 +428,23 @@ def _canonical_csr(indptr, indices, weights):
     return _ro(indptr, np.int64), _ro(indices, idx_dtype), _ro(weights, np.float32), unit
 
 
+def _entry_views(indices, weights, unit, interleave=True):
+    """The kernel's view of the CSR entries: (ent_idx [m, k], ent_w [m, k'], wcol) with entry e =
+    (ent_idx[e, 0], ent_w[e, wcol]). Weighted int32 CSRs are interleaved into (index, weight bits) pairs,
+    one O(m) copy per ``PushGraph``: a pushed row is then one sequential run of memory instead of two, one
+    cache miss fewer per push. Unit weights, int64 indices (n > 2^31) and a CSR pushed straight from its
+    file mapping (``interleave=False``: no second copy of a large graph) keep the arrays as they are."""
+    if unit or not interleave or indices.dtype != np.int32:
+        return _ro(indices[:, None], indices.dtype), _ro(weights[:, None], np.float32), 0
+    pairs = np.empty((indices.shape[0], 2), dtype=np.int32)
+    pairs[:, 0] = indices
+    pairs[:, 1] = weights.view(np.int32)
+    return _ro(pairs, np.int32), _ro(pairs.view(np.float32), np.float32), 1
+
+
 class PushGraph:
     """One CSR (a snapshot's relation subset H_R) prepared for forward push, once: validated, in the
-    kernel's dtypes, with W(u), and with per-worker scratch (p, rt, queue, touched: 40 bytes x n x threads)
+    kernel's dtypes, with W(u), and with per-worker scratch (rt, queue, touched: 32 bytes x n x threads)
     allocated on the first call and kept clean between calls. A call then costs O(sources + pushes).
 
     ``out_weight``: W(u) when the caller has it cached (``GraphSnapshot.weighted_out_degree``). A
@@ -408,6 +466,7 @@ class PushGraph:
         self.out_weight = _ro(wdeg, np.float64)
         if self.out_weight.shape != (n,):
             raise ValueError(f"forward_push: out_weight has shape {self.out_weight.shape} for {n} nodes")
+        self._entries = _entry_views(self.indices, self.weights, self.unit, not _mapped(self.indices))
         self._scratch: tuple[np.ndarray, ...] | None = None
         self._lock = threading.Lock()
         self.edge_visits = 0  # all calls together: the work, sum over pushes of d(u)
@@ -418,12 +477,13 @@ class PushGraph:
 
     def __getstate__(self) -> dict:
         # a copy (e.g. to a spawned data-loader worker) gets its own lock and scratch, allocated on first use
-        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock", "_entries")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         for name in ("indptr", "indices", "weights", "out_weight"):  # unpickled arrays are writable again
             setattr(self, name, _ro(state[name], state[name].dtype))
+        self._entries = _entry_views(self.indices, self.weights, self.unit)
         self._scratch = None
         self._lock = threading.Lock()
 
@@ -434,12 +494,11 @@ class PushGraph:
         if scratch is None or scratch[0].shape[0] < workers:
             n, threads = max(self.num_nodes, 1), max(workers, numba.get_num_threads())
             scratch = (
-                np.empty((threads, n), dtype=np.float64),  # p
-                np.empty((threads, n, 2), dtype=np.float64),  # rt = (r, d)
-                np.empty((threads, n), dtype=np.int64),  # FIFO ring buffer
-                np.empty((threads, n), dtype=np.int64),  # touched list
+                np.empty((threads, n, 4), dtype=np.float32),  # rt = (r, d, p, 0)
+                np.empty((threads, n + 1), dtype=np.int64),  # FIFO ring buffer
+                np.empty((threads, n + 1), dtype=np.int64),  # touched list
             )
-            _init_scratch(self.indptr, scratch[0], scratch[1])
+            _init_scratch(self.indptr, self.out_weight, scratch[0])
         return scratch
 
     def push_typed(
@@ -478,10 +537,8 @@ class PushGraph:
                 scratch = self._take_scratch(visits.shape[0])
                 _forward_push_kernel(
                     self.indptr,
-                    self.indices,
-                    self.weights,
+                    *self._entries,
                     self.unit,
-                    self.out_weight,
                     sources,
                     float(restart_prob),
                     float(eps),

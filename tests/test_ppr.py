@@ -305,9 +305,14 @@ def test_push_graph_reuses_clean_scratch_across_calls():
         np.testing.assert_array_equal(ids, everything[0][lo : lo + 7])
         np.testing.assert_array_equal(scores, everything[1][lo : lo + 7])
         assert graph._scratch is scratch
-    p, rt = scratch[0], scratch[1]  # per worker and node: p and (r, d)
-    assert not p.any() and not rt[:, :, 0].any()  # only touched entries were used, all reset
+    rt = scratch[0]  # per worker and node: the record (r, d, p, 0)
+    assert not rt[:, :, [0, 2]].any()  # only touched entries were used, all reset
     np.testing.assert_array_equal(rt[:, :, 1], np.broadcast_to(np.diff(m.indptr), rt.shape[:2]))
+    w_out = np.asarray(m.sum(axis=1)).ravel()
+    inv_w = np.divide(
+        1.0, w_out, out=np.zeros_like(w_out), where=w_out > 0
+    )  # 1 / W(v), 0 without out-entries
+    np.testing.assert_allclose(rt[:, :, 3], np.broadcast_to(inv_w, rt.shape[:2]), rtol=1e-6)
     ids_fn, _ = forward_push(m.indptr, m.indices, m.data, np.arange(300), RESTART, 1e-4, 15)
     np.testing.assert_array_equal(ids_fn, everything[0])
 
