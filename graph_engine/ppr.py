@@ -45,12 +45,14 @@ would drop it: on power-law graphs hubs are exactly such nodes). With the source
 node with out-entries gets a non-empty neighbourhood.
 
 Kernel layout. ``prange`` over worker threads; each worker owns a record array rt[n, 4] of float32,
-(r(v), d(v), p(v), 0) per node -- 16 bytes, so the one random access per edge visit touches one cache
+(r(v), d(v), p(v), 1/W(v)) per node -- 16 bytes, so the one random access per edge visit touches one cache
 line, and d(v) reads +inf while v is queued (the in-queue flag) -- plus a FIFO ring buffer and a
 touched-node list, and walks the sources w, w + T, w + 2T, ... (interleaved, so expensive sources spread
 over the workers). The push is bound by memory latency (one cache miss per touched node), so the record is
 kept small: float32 carries r and p to ~1e-7 relative, far below the push error eps * D(v) at the budgets
-used (B <= 1e6), and halves the scratch that competes with the CSR for the caches. The scratch arrays
+used (B <= 1e6), and halves the scratch that competes with the CSR for the caches. The misses are issued
+early with ``llvm.prefetch`` (the record 16 entries ahead in a row, the next popped row, the indptr of the
+pop after): the visit loop's stores otherwise fill the out-of-order window while one miss is outstanding. The scratch arrays
 belong to a ``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and initialised once, and
 after each source only the entries it touched are reset, so a call costs O(its pushes + its sources),
 never O(n).
@@ -149,7 +151,7 @@ def _push_one(indptr, ent_idx, ent_w, wcol, unit, s, restart_prob, eps, rt, queu
     membership scans, no flag array). A node is new (goes on the ``touched`` list) when r(v) = p(v) = 0.
     The list and FIFO updates are branch-free (write the slot, advance by the condition): a mispredicted
     branch per entry would stall while the record's cache miss is still outstanding. Both hold n + 1
-    slots, so the unconditional write never lands on a live entry. ``unit``: all weights 1 (``weights`` is
+    slots, so the unconditional write never lands on a live entry. ``unit``: all weights 1 (``ent_w`` is
     not read). Touched nodes (s first) keep their values until ``_reset``.
     """
     cap = queue.shape[0]
