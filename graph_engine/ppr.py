@@ -52,10 +52,10 @@ over the workers). The push is bound by memory latency (one cache miss per touch
 kept small: float32 carries r and p to ~1e-7 relative, far below the push error eps * D(v) at the budgets
 used (B <= 1e6), and halves the scratch that competes with the CSR for the caches. The misses are issued
 early with ``llvm.prefetch`` (the record 16 entries ahead in a row, the next popped row, the indptr of the
-pop after): the visit loop's stores otherwise fill the out-of-order window while one miss is outstanding. The scratch arrays
-belong to a ``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and initialised once, and
-after each source only the entries it touched are reset, so a call costs O(its pushes + its sources),
-never O(n).
+pop after): the visit loop's stores otherwise fill the out-of-order window while one miss is outstanding.
+The scratch arrays belong to a ``PushGraph`` (one per CSR, i.e. per snapshot subset): allocated and
+initialised once, and after each source only the entries it touched are reset, so a call costs O(its
+pushes + its sources), never O(n).
 Top-k is a partial selection over the touched set (a size-k heap, one pass per block), giving the k
 winners by (score desc, dense index asc) -- ties go to the smaller dense index, so results never depend on
 the thread count or on what earlier calls left in the scratch. Inputs are canonicalised to one dtype
@@ -430,18 +430,20 @@ def _canonical_csr(indptr, indices, weights):
     return _ro(indptr, np.int64), _ro(indices, idx_dtype), _ro(weights, np.float32), unit
 
 
-def _entry_views(indices, weights, unit, interleave=True):
+def _entry_views(indices, weights, unit, in_memory):
     """The kernel's view of the CSR entries: (ent_idx [m, k], ent_w [m, k'], wcol) with entry e =
-    (ent_idx[e, 0], ent_w[e, wcol]). Weighted int32 CSRs are interleaved into (index, weight bits) pairs,
-    one O(m) copy per ``PushGraph``: a pushed row is then one sequential run of memory instead of two, one
-    cache miss fewer per push. Unit weights, int64 indices (n > 2^31) and a CSR pushed straight from its
-    file mapping (``interleave=False``: no second copy of a large graph) keep the arrays as they are."""
-    if unit or not interleave or indices.dtype != np.int32:
-        return _ro(indices[:, None], indices.dtype), _ro(weights[:, None], np.float32), 0
-    pairs = np.empty((indices.shape[0], 2), dtype=np.int32)
-    pairs[:, 0] = indices
-    pairs[:, 1] = weights.view(np.int32)
-    return _ro(pairs, np.int32), _ro(pairs.view(np.float32), np.float32), 1
+    (ent_idx[e, 0], ent_w[e, wcol]). ``in_memory``: the kernel reads process memory (False: a CSR over
+    ``COPY_MAPPED_CSR_BYTES`` is pushed straight from its file mapping). Weighted int32 entries in memory are
+    interleaved into (index, weight bits) pairs -- the one O(m) copy: a pushed row is then one sequential run
+    of memory instead of two, one cache miss fewer per push. Other entries are copied only when mapped."""
+    if in_memory and not unit and indices.dtype == np.int32:
+        pairs = np.empty((indices.shape[0], 2), dtype=np.int32)
+        pairs[:, 0] = indices
+        pairs[:, 1] = weights.view(np.int32)
+        return _ro(pairs, np.int32), _ro(pairs.view(np.float32), np.float32), 1
+    if in_memory and _mapped(indices):
+        indices, weights = (_ro(np.array(a), a.dtype) for a in (indices, weights))
+    return _ro(indices[:, None], indices.dtype), _ro(weights[:, None], np.float32), 0
 
 
 class PushGraph:
@@ -450,25 +452,27 @@ class PushGraph:
     allocated on the first call and kept clean between calls. A call then costs O(sources + pushes).
 
     ``out_weight``: W(u) when the caller has it cached (``GraphSnapshot.weighted_out_degree``). A
-    memory-mapped CSR up to ``COPY_MAPPED_CSR_BYTES`` is copied into process memory here, once. Calls are
+    memory-mapped CSR up to ``COPY_MAPPED_CSR_BYTES`` is copied into process memory here, once (as the
+    interleaved entries when weighted). Calls are
     serialised by a lock (the scratch is shared); results never depend on earlier calls.
     """
 
     def __init__(self, indptr, indices, weights=None, out_weight=None):
-        self.indptr, self.indices, self.weights, self.unit = _canonical_csr(indptr, indices, weights)
-        csr = (self.indptr, self.indices, self.weights)
-        if any(_mapped(a) for a in csr) and sum(a.nbytes for a in csr) <= COPY_MAPPED_CSR_BYTES:
-            self.indptr, self.indices, self.weights = (_ro(np.array(a), a.dtype) for a in csr)
+        self.indptr, indices, weights, self.unit = _canonical_csr(indptr, indices, weights)
+        csr = (self.indptr, indices, weights)
+        in_memory = not any(_mapped(a) for a in csr) or sum(a.nbytes for a in csr) <= COPY_MAPPED_CSR_BYTES
+        if in_memory and _mapped(self.indptr):
+            self.indptr = _ro(np.array(self.indptr), np.int64)
         n = self.num_nodes
         if out_weight is None:
             unit_w = np.diff(self.indptr).astype(np.float64)
-            wdeg = unit_w if self.unit else weighted_out_degree(self.indptr, self.weights)
+            wdeg = unit_w if self.unit else weighted_out_degree(self.indptr, weights)
         else:
             wdeg = out_weight
         self.out_weight = _ro(wdeg, np.float64)
         if self.out_weight.shape != (n,):
             raise ValueError(f"forward_push: out_weight has shape {self.out_weight.shape} for {n} nodes")
-        self._entries = _entry_views(self.indices, self.weights, self.unit, not _mapped(self.indices))
+        self._entries = _entry_views(indices, weights, self.unit, in_memory)
         self._scratch: tuple[np.ndarray, ...] | None = None
         self._lock = threading.Lock()
         self.edge_visits = 0  # all calls together: the work, sum over pushes of d(u)
@@ -477,15 +481,31 @@ class PushGraph:
     def num_nodes(self) -> int:
         return int(self.indptr.shape[0] - 1)
 
+    @property
+    def indices(self) -> np.ndarray:
+        """The CSR's column indices (a view of the kernel's entries)."""
+        return self._entries[0][:, 0]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The CSR's float32 weights (a view of the kernel's entries; empty for unit weights)."""
+        return self._entries[1][:, self._entries[2]]
+
     def __getstate__(self) -> dict:
         # a copy (e.g. to a spawned data-loader worker) gets its own lock and scratch, allocated on first use
-        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock", "_entries")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock", "_entries")}
+        return {
+            **state,
+            "indices": np.ascontiguousarray(self.indices),
+            "weights": np.ascontiguousarray(self.weights),
+        }
 
     def __setstate__(self, state: dict) -> None:
+        indices, weights = state.pop("indices"), state.pop("weights")
         self.__dict__.update(state)
-        for name in ("indptr", "indices", "weights", "out_weight"):  # unpickled arrays are writable again
+        for name in ("indptr", "out_weight"):  # unpickled arrays are writable again
             setattr(self, name, _ro(state[name], state[name].dtype))
-        self._entries = _entry_views(self.indices, self.weights, self.unit)
+        self._entries = _entry_views(_ro(indices, indices.dtype), _ro(weights, np.float32), self.unit, True)
         self._scratch = None
         self._lock = threading.Lock()
 
@@ -496,7 +516,7 @@ class PushGraph:
         if scratch is None or scratch[0].shape[0] < workers:
             n, threads = max(self.num_nodes, 1), max(workers, numba.get_num_threads())
             scratch = (
-                np.empty((threads, n, 4), dtype=np.float32),  # rt = (r, d, p, 0)
+                np.empty((threads, n, 4), dtype=np.float32),  # rt = (r, d, p, 1/W)
                 np.empty((threads, n + 1), dtype=np.int64),  # FIFO ring buffer
                 np.empty((threads, n + 1), dtype=np.int64),  # touched list
             )
