@@ -185,6 +185,10 @@ class CompactEntityBatch:
     #: int64 [U, 2] (type code, entity id) of every table row, (-1, -1) for the padding row; lets several
     #: batches of one step share one table (``share_tables``)
     table_keys: np.ndarray | None = None
+    #: int64 [U] the snapshot's dense node index of every table row, -1 for the padding row and for entities
+    #: outside the graph; lets inference encode each graph node's features once per pass
+    #: (``ml.inference.EncodedFeatureCache``)
+    table_nodes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         b, k = self.entity_ids.shape[0], self.layout.width
@@ -199,6 +203,10 @@ class CompactEntityBatch:
         ):
             if arr.shape != shape:
                 raise ValueError(f"CompactEntityBatch.{name} has shape {arr.shape}, expected {shape}")
+        if self.table_nodes is not None and self.table_nodes.shape != (len(self.table),):
+            raise ValueError(
+                f"CompactEntityBatch.table_nodes has shape {self.table_nodes.shape}, expected {(len(self.table),)}"
+            )
 
     def __len__(self) -> int:
         return int(self.entity_ids.shape[0])
@@ -247,6 +255,9 @@ def share_tables(batches: list[CompactEntityBatch]) -> list[CompactEntityBatch]:
         **{f.name: np.concatenate([getattr(b.table, f.name) for b in batches]) for f in fields(FeatureArrays)}
     )
     table = stacked.take(first)
+    nodes = None
+    if all(b.table_nodes is not None for b in batches):
+        nodes = np.concatenate([b.table_nodes for b in batches])[first]
     out, offset = [], 0
     for b in batches:
         remap = inverse[offset : offset + len(b.table)]
@@ -256,6 +267,7 @@ def share_tables(batches: list[CompactEntityBatch]) -> list[CompactEntityBatch]:
                 b,
                 table=table,
                 table_keys=uniq,
+                table_nodes=nodes,
                 own_row=remap[b.own_row],
                 neighbor_row=np.where(b.neighbor_row >= 0, remap[np.maximum(b.neighbor_row, 0)], -1),
             )

@@ -116,6 +116,7 @@ class BatchBuilder:
                 own_row=own_row,
                 neighbor_row=np.where(mask, nb_row, -1),
                 table_keys=np.concatenate([keys, out_keys]).astype(np.int64),
+                table_nodes=np.concatenate([uniq, np.full(uniq_out.size, -1, np.int64)]),
                 **common,
             )
         return EntityBatch(features=feats.take(own_row), neighbor_features=feats.take(nb_row), **common)

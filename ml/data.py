@@ -106,6 +106,7 @@ class EntityTensors:
     column_node_type: torch.Tensor  # int64 [K] NODE_TYPE_CODE of every column
     column_rank: torch.Tensor  # int64 [K] position inside its block (0 = highest proximity)
     layout_key: tuple = ()  # the layout's blocks as plain values (no device sync to compare layouts)
+    table_nodes: torch.Tensor | None = None  # int64 [U] snapshot node index per table row, -1 = none
 
     def __len__(self) -> int:
         return int(self.entity_ids.shape[0])
@@ -148,8 +149,10 @@ class EntityTensors:
             neighbor_row = np.where(
                 batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1
             )
+            nodes = None
         elif isinstance(batch, CompactEntityBatch):
             table, own_row, neighbor_row = batch.table, batch.own_row, batch.neighbor_row
+            nodes = batch.table_nodes
         else:
             raise TypeError(f"{where}: expected graph_engine.batch.EntityBatch, got {type(batch).__name__}")
         layout = batch.layout
@@ -173,6 +176,7 @@ class EntityTensors:
             column_node_type=torch.as_tensor(layout.column_node_type().astype(np.int64)),
             column_rank=torch.as_tensor(ranks),
             layout_key=tuple((blk.subset, blk.node_type, blk.k) for blk in layout.blocks),
+            table_nodes=None if nodes is None else as_long(nodes),
         )
 
     def _map(self, fn, memo: dict | None = None) -> EntityTensors:
@@ -233,7 +237,14 @@ def cat_entity_tensors(ts: list[EntityTensors]) -> EntityTensors:
         column_node_type=first.column_node_type,
         column_rank=first.column_rank,
         layout_key=first.layout_key,
+        table_nodes=_cat_table_nodes(ts, shared),
     )
+
+
+def _cat_table_nodes(ts: list[EntityTensors], shared: bool) -> torch.Tensor | None:
+    if any(t.table_nodes is None for t in ts):
+        return None
+    return ts[0].table_nodes if shared else torch.cat([t.table_nodes for t in ts])
 
 
 EntityLike = EntityBatch | CompactEntityBatch | EntityTensors

@@ -94,8 +94,9 @@ class EntityEmbedder(nn.Module):
             self.final_norm = nn.LayerNorm(d)
         self.head = MLP([d, e.head_hidden, cfg.out_dim])
 
-    def tokens(self, x: EntityTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (tokens [B, num_own + K, d], valid [B, num_own + K])."""
+    def tokens(self, x: EntityTensors, encoded=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [B, num_own + K, d], valid [B, num_own + K]). ``encoded``: ``self.features(x.table)``
+        when the caller already has it (inference's ``ml.inference.EncodedFeatureCache``)."""
         if x.entity_type != self.entity_type:
             raise ValueError(f"embedder for {self.entity_type!r} got a batch of {x.entity_type!r}")
         nb = x.num_blocks
@@ -104,7 +105,7 @@ class EntityEmbedder(nn.Module):
                 f"EntityBatch.layout has {nb} neighbour blocks; EmbedderConfig.max_blocks is {self.cfg.embedder.max_blocks}"
             )
         # raw features are encoded once per distinct entity of the batch (the table), then gathered per slot
-        enc = self.features(x.table)
+        enc = self.features(x.table) if encoded is None else encoded
         own = {
             name: enc[name].index_select(0, x.own_row) for name in ("text", "image", "degree") if name in enc
         }
@@ -147,9 +148,9 @@ class EntityEmbedder(nn.Module):
         valid = torch.cat([torch.ones(own_tok.shape[:2], dtype=torch.bool, device=mask.device), mask], dim=1)
         return tokens, valid
 
-    def forward(self, x: EntityTensors) -> torch.Tensor:
-        """-> f_t(u): float32 [B, out_dim], unit L2 norm."""
-        tokens, valid = self.tokens(x)
+    def forward(self, x: EntityTensors, encoded=None) -> torch.Tensor:
+        """-> f_t(u): float32 [B, out_dim], unit L2 norm (``encoded``: as in ``tokens``)."""
+        tokens, valid = self.tokens(x, encoded)
         if self.aggregator == "transformer":
             b = tokens.shape[0]
             seq = torch.cat([self.cls.to(tokens.dtype).expand(b, 1, -1), tokens], dim=1)

@@ -384,7 +384,7 @@ class ModelEntityEmbedder:
     def feature_queries(self, entity_type, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{x: (g_x(u) of u's own raw x-features, u has x)}: the per-node reading of eq. 3 that training
         uses (``EntityFeatureTask.queries``); the neighbours' queries g_x(v) are training-only."""
-        from ml.data import as_entity_tensors
+        from ml.data import as_entity_tensors, build_entities
         from ml.inference import _EvalMode
 
         task = self.model.tasks["entity_feature"] if "entity_feature" in self.model.tasks else None  # noqa: SIM401
@@ -394,9 +394,9 @@ class ModelEntityEmbedder:
         out: dict[str, tuple[list, list]] = {}
         with _EvalMode(self.model), torch.no_grad():
             for lo in range(0, ids.size, self.batch_size):
-                t = as_entity_tensors(
-                    self.builder.build(entity_type, ids[lo : lo + self.batch_size]), self.model.device
-                )
+                # compact: the queries read the nodes' own rows only, not B x K neighbour copies
+                batch = build_entities(self.builder, entity_type, ids[lo : lo + self.batch_size])
+                t = as_entity_tensors(batch, self.model.device)
                 for x, (q, avail) in task.queries(t).items():
                     qs, av = out.setdefault(x, ([], []))
                     qs.append(q.float().cpu().numpy())
@@ -411,7 +411,12 @@ class ModelUserEmbedder:
     def embed_users(self, histories, user_ids=None) -> np.ndarray:
         from ml.inference import embed_users
 
-        return embed_users(self.model, self.builder, histories, batch_size=self.batch_size)
+        # an empty item table: every distinct history item is embedded once (one ``embed_entities`` pass
+        # with its feature cache), not once per batch of users that holds it
+        no_items = (np.zeros(0, np.int64), np.zeros((0, self.model.config.out_dim), np.float32))
+        return embed_users(
+            self.model, self.builder, histories, batch_size=self.batch_size, item_table=no_items
+        )
 
 
 def model_embedders(

@@ -8,6 +8,8 @@ embeddings U_t.
 - ``exclude_neighbor_ids`` (int64 [n], -1 = none): entity i is embedded as if ``exclude_neighbor_ids[i]``
   were not in its neighbourhood (``exclude_neighbors``): the evaluator uses it so an evaluation query is never
   embedded with the evaluation pair's own edge (contract "Evaluation protocol").
+- ``EncodedFeatureCache``: each graph node's encoded features, computed the first time a batch reads the node
+  and gathered after that; ``embed_entities`` makes one per call, or takes one that lives across calls.
 - ``embed_users(model, builder, histories)`` -> the user-entity transformer's output U_t at each user's last
   history step (3.3.3; ``OmniSageModel.user_embeddings``).
 """
@@ -93,6 +95,82 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+class EncodedFeatureCache:
+    """Graph nodes' encoded raw features (``EntityFeatureEncoder``: text, image, degree), per embedder f_t,
+    over one inference pass.
+
+    A node's encoding reads its own features only - not its batch, slot or neighbourhood - so encoding it
+    the first time a batch holds it and gathering it afterwards gives the same tokens (up to float summation
+    order). Without the cache a batch encodes every distinct entity it names once: B nodes and their B x K
+    neighbour slots, so encoder work per embedded node grows with the graph as neighbourhoods overlap less
+    (distinct neighbours per slot over batches of 512: 0.08 on 5K nodes, 0.42 on 52K). With it every graph
+    node is encoded once per embedder, whatever the graph size. Rows are float32, node-indexed by the
+    snapshot's dense index (``CompactEntityBatch.table_nodes``); entities outside the graph are encoded
+    per batch as before. ``max_bytes`` bounds the table per embedder: past it, batches encode as without
+    the cache. Valid only while the model's weights do not change (inference, evaluation)."""
+
+    def __init__(self, num_nodes: int, max_bytes: int = 4 << 30):
+        self.num_nodes, self.max_bytes = int(num_nodes), int(max_bytes)
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, list] | None] = {}
+
+    @classmethod
+    def for_builder(cls, builder, max_bytes: int = 4 << 30) -> EncodedFeatureCache | None:
+        snapshot = getattr(builder, "snapshot", None)
+        node_id = getattr(snapshot, "node_id", None)
+        return None if node_id is None else cls(len(node_id), max_bytes)
+
+    def encode(self, entity_type: str, encoder, x) -> dict[str, torch.Tensor]:
+        """``encoder(x.table)``'s text / image / degree entries, graph nodes read from the cache."""
+        nodes = x.table_nodes
+        if nodes is None or self._tables.get(entity_type, ()) is None:
+            return encoder(x.table)
+        if entity_type not in self._tables:
+            return self._first(entity_type, encoder(x.table), nodes)
+        values, filled, parts = self._tables[entity_type]
+        safe = nodes.clamp_min(0)
+        miss = torch.nonzero((nodes < 0) | ~filled[safe]).reshape(-1)
+        rows = values.index_select(0, safe)
+        if miss.numel():
+            fresh = _flat(encoder(x.table.take(miss)), parts)
+            rows.index_copy_(0, miss, fresh)
+            self._store(values, filled, nodes.index_select(0, miss), fresh)
+        return _split(rows, parts)
+
+    def _first(self, entity_type: str, enc: dict, nodes: torch.Tensor) -> dict:
+        parts = [(name, enc[name].shape[-1], enc[name].dtype) for name in _ENCODED if name in enc]
+        width = sum(w for _, w, _ in parts)
+        if self.num_nodes * width * 4 > self.max_bytes:
+            self._tables[entity_type] = None
+            return enc
+        # rows are read only where ``filled``: no need to zero the table
+        values = torch.empty(self.num_nodes, width, dtype=torch.float32, device=nodes.device)
+        filled = torch.zeros(self.num_nodes, dtype=torch.bool, device=nodes.device)
+        self._tables[entity_type] = (values, filled, parts)
+        self._store(values, filled, nodes, _flat(enc, parts))
+        return enc
+
+    @staticmethod
+    def _store(values: torch.Tensor, filled: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor) -> None:
+        keep = nodes >= 0
+        values.index_copy_(0, nodes[keep], rows[keep])
+        filled[nodes[keep]] = True
+
+
+_ENCODED = ("text", "image", "degree")  # the entries of EntityFeatureEncoder's output the embedder reads
+
+
+def _flat(enc: dict, parts: list) -> torch.Tensor:
+    return torch.cat([enc[name].float() for name, _, _ in parts], dim=-1)
+
+
+def _split(rows: torch.Tensor, parts: list) -> dict[str, torch.Tensor]:
+    out, lo = {}, 0
+    for name, width, dtype in parts:
+        out[name] = rows[:, lo : lo + width].to(dtype)
+        lo += width
+    return out
+
+
 def embed_entities(
     model,
     builder,
@@ -101,8 +179,11 @@ def embed_entities(
     *,
     batch_size: int = 512,
     exclude_neighbor_ids=None,
+    feature_cache: EncodedFeatureCache | None = None,
 ) -> np.ndarray:
-    """f_t(u) of every id (any order, repeats allowed) -> float32 [n, out_dim]."""
+    """f_t(u) of every id (any order, repeats allowed) -> float32 [n, out_dim]. ``feature_cache``: one that
+    lives across calls with the same model and builder (default: a new one for this call when it takes more
+    than one batch)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ex = None if exclude_neighbor_ids is None else np.asarray(exclude_neighbor_ids, np.int64).reshape(-1)
     if ex is not None and ex.shape != ids.shape:
@@ -112,13 +193,17 @@ def embed_entities(
     if batch_size < 1:
         raise ValueError(f"embed_entities: batch_size must be >= 1, got {batch_size}")
     out = np.zeros((ids.size, model.config.out_dim), dtype=np.float32)
+    cache = feature_cache
+    if cache is None and ids.size > batch_size:
+        cache = EncodedFeatureCache.for_builder(builder)
     with _EvalMode(model), torch.no_grad(), inference_autocast(model):
         for lo in range(0, ids.size, batch_size):
             hi = min(ids.size, lo + batch_size)
             batch = build_entities(builder, entity_type, ids[lo:hi])
             if ex is not None:
                 batch = exclude_neighbors(batch, ex[lo:hi])
-            out[lo:hi] = model.embed(batch, f"embed_entities({entity_type})").float().cpu().numpy()
+            emb = model.embed(batch, f"embed_entities({entity_type})", feature_cache=cache)
+            out[lo:hi] = emb.float().cpu().numpy()
     return out
 
 
@@ -163,9 +248,10 @@ def embed_users(
 def _complete_item_table(model, builder, entity_type: str, hist, item_table) -> tuple[np.ndarray, np.ndarray]:
     """-> (sorted ids, their vectors) covering every history item: the given table plus the missing ids."""
     ids = np.asarray(item_table[0], dtype=np.int64)
-    vectors = np.asarray(item_table[1], dtype=np.float32).reshape(ids.size, -1)
-    if vectors.shape[1] != model.config.out_dim:  # an empty table
+    vectors = np.asarray(item_table[1], dtype=np.float32)
+    if ids.size == 0 or vectors.shape[-1] != model.config.out_dim:  # an empty table
         vectors = np.zeros((ids.size, model.config.out_dim), np.float32)
+    vectors = vectors.reshape(ids.size, model.config.out_dim)
     order = np.argsort(ids, kind="stable")
     ids, vectors = ids[order], vectors[order]
     wanted = np.unique(np.concatenate([h for h in hist if h.size]))

@@ -157,14 +157,18 @@ class OmniSageModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def embed(self, x, where: str = "batch") -> torch.Tensor:
-        """EntityBatch | EntityTensors -> f_t(u), float32 [B, out_dim], unit norm."""
+    def embed(self, x, where: str = "batch", feature_cache=None) -> torch.Tensor:
+        """EntityBatch | EntityTensors -> f_t(u), float32 [B, out_dim], unit norm. ``feature_cache``: an
+        ``ml.inference.EncodedFeatureCache`` reusing graph nodes' encoded features across batches."""
         t = as_entity_tensors(x, self.device, where)
         if t.entity_type not in self.embedders:
             raise ValueError(
                 f"{where}: entity type {t.entity_type!r} has no embedder (node_types={self.config.node_types})"
             )
-        return self.embedders[t.entity_type](t)
+        embedder = self.embedders[t.entity_type]
+        if feature_cache is None:
+            return embedder(t)
+        return embedder(t, feature_cache.encode(t.entity_type, embedder.features, t))
 
     def embed_many(self, xs: list, where: str = "batch") -> tuple[list[torch.Tensor], list[EntityTensors]]:
         """Embeds several batches; batches of one type and one shape go through their embedder in one call.

@@ -199,3 +199,39 @@ def test_a_model_without_feature_or_user_tasks_reports_them_null(art):
     assert js["entity_entity"]["n"] == 20
     assert js["entity_feature"]["recall@10"] is None and js["entity_feature"]["n"] == 0
     assert js["user_entity"]["recall@10"] is None and js["user_entity"]["n"] == 0
+
+
+def test_inference_encodes_each_graph_node_once_with_the_same_embeddings(art, model):
+    """``EncodedFeatureCache``: over one pass every graph node's features are encoded once per embedder
+    (a batch without it encodes every distinct entity it names, so shared neighbours are encoded again in
+    every batch), and the embeddings equal the per-batch encoding's, exclusions included."""
+    from ml.inference import EncodedFeatureCache
+
+    rows_encoded = []
+    hook = model.embedders["pin"].features.register_forward_hook(
+        lambda mod, args, out: rows_encoded.append(int(args[0].token_lengths.shape[0]))
+    )
+    try:
+        pairs = Evaluator(art.data, art.universe).pairs
+        sel = pairs["query_type"] == "pin"
+        q, pos = pairs["query_id"][sel], pairs["pos_id"][sel]
+        ids = np.concatenate([art.universe["pin"], q])
+        exclude = np.concatenate([np.full(art.universe["pin"].size, -1), pos])
+        plain = embed_entities(
+            model,
+            art.builder,
+            "pin",
+            ids,
+            batch_size=64,
+            exclude_neighbor_ids=exclude,
+            feature_cache=EncodedFeatureCache(len(art.builder.snapshot.node_id), max_bytes=0),
+        )
+        per_batch, rows_encoded[:] = sum(rows_encoded), []
+        cached = embed_entities(model, art.builder, "pin", ids, batch_size=64, exclude_neighbor_ids=exclude)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(cached, plain, atol=2e-5)
+    graph_nodes = len(art.builder.snapshot.node_id)
+    outside = int((art.builder.snapshot.lookup(np.int8(0), ids) < 0).sum())
+    assert sum(rows_encoded) <= graph_nodes + outside + ids.size // 64 + 1  # + a padding row per batch
+    assert per_batch > 3 * sum(rows_encoded)

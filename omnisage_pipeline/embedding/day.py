@@ -263,7 +263,7 @@ def _shard_entities(entities: dict[str, np.ndarray], options: EmbedOptions) -> d
 
 def _embed_entities(model, builder, entities, options: EmbedOptions, version: str, stats: dict, log):
     """Every entity of this shard, in chunks of ``log_every`` (a progress line each) -> (tables, pin table)."""
-    from ml.inference import embed_entities
+    from ml.inference import EncodedFeatureCache, embed_entities
 
     shard_total = int(sum(len(v) for v in entities.values()))
     tables = []
@@ -271,11 +271,14 @@ def _embed_entities(model, builder, entities, options: EmbedOptions, version: st
     t0 = time.perf_counter()
     done = 0
     step = max(int(options.log_every), int(options.batch_size))
+    cache = EncodedFeatureCache.for_builder(
+        builder
+    )  # every graph node encoded once per embedder, not per chunk
     for t, ids in entities.items():
         chunks = []
         for lo in range(0, len(ids), step):
             part = ids[lo : lo + step]
-            emb = embed_entities(model, builder, t, part, batch_size=options.batch_size)
+            emb = embed_entities(model, builder, t, part, batch_size=options.batch_size, feature_cache=cache)
             chunks.append(_check_embeddings(emb, len(part), f"embed_entities({t!r})"))
             done += len(part)
             rate = done / max(time.perf_counter() - t0, 1e-9)
