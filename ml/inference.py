@@ -107,11 +107,13 @@ class EncodedFeatureCache:
     node is encoded once per embedder, whatever the graph size. Rows are float32, node-indexed by the
     snapshot's dense index (``CompactEntityBatch.table_nodes``); entities outside the graph are encoded
     per batch as before. ``max_bytes`` bounds the table per embedder: past it, batches encode as without
-    the cache. Valid only while the model's weights do not change (inference, evaluation)."""
+    the cache. Valid only while the model's weights do not change (inference, evaluation): one cache serves
+    one model (another model's encoder is refused), and nothing is cached while autograd records."""
 
     def __init__(self, num_nodes: int, max_bytes: int = 4 << 30):
         self.num_nodes, self.max_bytes = int(num_nodes), int(max_bytes)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, list] | None] = {}
+        self._owners: dict[str, object] = {}  # the encoder that filled each type's rows
 
     @classmethod
     def for_builder(cls, builder, max_bytes: int = 4 << 30) -> EncodedFeatureCache | None:
@@ -122,8 +124,14 @@ class EncodedFeatureCache:
     def encode(self, entity_type: str, encoder, x) -> dict[str, torch.Tensor]:
         """``encoder(x.table)``'s text / image / degree entries, graph nodes read from the cache."""
         nodes = x.table_nodes
-        if nodes is None or self._tables.get(entity_type, ()) is None:
+        # under autograd a cached row would chain the graphs of several batches: training never caches
+        if nodes is None or torch.is_grad_enabled() or self._tables.get(entity_type, ()) is None:
             return encoder(x.table)
+        owner = self._owners.setdefault(entity_type, encoder)
+        if owner is not encoder:
+            raise ValueError(
+                f"EncodedFeatureCache: the {entity_type!r} rows were encoded by another model's encoder"
+            )
         if entity_type not in self._tables:
             return self._first(entity_type, encoder(x.table), nodes)
         values, filled, parts = self._tables[entity_type]
@@ -249,9 +257,9 @@ def _complete_item_table(model, builder, entity_type: str, hist, item_table) -> 
     """-> (sorted ids, their vectors) covering every history item: the given table plus the missing ids."""
     ids = np.asarray(item_table[0], dtype=np.int64)
     vectors = np.asarray(item_table[1], dtype=np.float32)
-    if ids.size == 0 or vectors.shape[-1] != model.config.out_dim:  # an empty table
+    vectors = vectors.reshape(ids.size, -1) if ids.size else np.zeros((0, model.config.out_dim), np.float32)
+    if vectors.shape[1] != model.config.out_dim:  # an empty table
         vectors = np.zeros((ids.size, model.config.out_dim), np.float32)
-    vectors = vectors.reshape(ids.size, model.config.out_dim)
     order = np.argsort(ids, kind="stable")
     ids, vectors = ids[order], vectors[order]
     wanted = np.unique(np.concatenate([h for h in hist if h.size]))

@@ -227,11 +227,19 @@ def test_inference_encodes_each_graph_node_once_with_the_same_embeddings(art, mo
             feature_cache=EncodedFeatureCache(len(art.builder.snapshot.node_id), max_bytes=0),
         )
         per_batch, rows_encoded[:] = sum(rows_encoded), []
-        cached = embed_entities(model, art.builder, "pin", ids, batch_size=64, exclude_neighbor_ids=exclude)
+        cache = EncodedFeatureCache(len(art.builder.snapshot.node_id))
+        cached = embed_entities(
+            model, art.builder, "pin", ids, batch_size=64, exclude_neighbor_ids=exclude, feature_cache=cache
+        )
+        encoded = sum(rows_encoded)
+        # the cache serves one model: another model's encoder would read this one's rows
+        cfg, _ = small(image_dim=art.image_dim)
+        with pytest.raises(ValueError, match="another model"):
+            embed_entities(OmniSageModel(cfg).eval(), art.builder, "pin", ids[:10], feature_cache=cache)
     finally:
         hook.remove()
     np.testing.assert_allclose(cached, plain, atol=2e-5)
     graph_nodes = len(art.builder.snapshot.node_id)
     outside = int((art.builder.snapshot.lookup(np.int8(0), ids) < 0).sum())
-    assert sum(rows_encoded) <= graph_nodes + outside + ids.size // 64 + 1  # + a padding row per batch
-    assert per_batch > 3 * sum(rows_encoded)
+    assert encoded <= graph_nodes + outside + ids.size // 64 + 1  # + a padding row per batch
+    assert per_batch > 3 * encoded
