@@ -112,8 +112,8 @@ class EncodedFeatureCache:
 
     def __init__(self, num_nodes: int, max_bytes: int = 4 << 30):
         self.num_nodes, self.max_bytes = int(num_nodes), int(max_bytes)
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, list] | None] = {}
-        self._owners: dict[str, object] = {}  # the encoder that filled each type's rows
+        # per embedder: (the encoder that fills the rows, values [n, width] or None past max_bytes, filled [n])
+        self._tables: dict[str, tuple] = {}
 
     @classmethod
     def for_builder(cls, builder, max_bytes: int = 4 << 30) -> EncodedFeatureCache | None:
@@ -122,61 +122,47 @@ class EncodedFeatureCache:
         return None if node_id is None else cls(len(node_id), max_bytes)
 
     def encode(self, entity_type: str, encoder, x) -> dict[str, torch.Tensor]:
-        """``encoder(x.table)``'s text / image / degree entries, graph nodes read from the cache."""
+        """``encoder(x.table)``'s text / image / degree entries (float32), graph nodes read from the cache."""
         nodes = x.table_nodes
         # under autograd a cached row would chain the graphs of several batches: training never caches
-        if nodes is None or torch.is_grad_enabled() or self._tables.get(entity_type, ()) is None:
+        if nodes is None or torch.is_grad_enabled():
             return encoder(x.table)
-        owner = self._owners.setdefault(entity_type, encoder)
-        if owner is not encoder:
-            raise ValueError(
-                f"EncodedFeatureCache: the {entity_type!r} rows were encoded by another model's encoder"
-            )
-        if entity_type not in self._tables:
-            return self._first(entity_type, encoder(x.table), nodes)
-        values, filled, parts = self._tables[entity_type]
+        values, filled = self._table(entity_type, encoder, nodes.device)
+        if values is None:
+            return encoder(x.table)
         safe = nodes.clamp_min(0)
         miss = torch.nonzero((nodes < 0) | ~filled[safe]).reshape(-1)
         rows = values.index_select(0, safe)
         if miss.numel():
-            fresh = _flat(encoder(x.table.take(miss)), parts)
-            rows.index_copy_(0, miss, fresh)
-            self._store(values, filled, nodes.index_select(0, miss), fresh)
-        return _split(rows, parts)
+            enc = encoder(x.table.take(miss))
+            rows.index_copy_(0, miss, torch.cat([enc[name].float() for name in _ENCODED if name in enc], -1))
+            new = miss[nodes[miss] >= 0]
+            values.index_copy_(0, nodes[new], rows[new])
+            filled[nodes[new]] = True
+        text_dim, image_dim = encoder.text_dim, encoder.image_out
+        out = {"text": rows[:, :text_dim], "degree": rows[:, text_dim + image_dim :]}
+        if image_dim:
+            out["image"] = rows[:, text_dim : text_dim + image_dim]
+        return out
 
-    def _first(self, entity_type: str, enc: dict, nodes: torch.Tensor) -> dict:
-        parts = [(name, enc[name].shape[-1], enc[name].dtype) for name in _ENCODED if name in enc]
-        width = sum(w for _, w, _ in parts)
-        if self.num_nodes * width * 4 > self.max_bytes:
-            self._tables[entity_type] = None
-            return enc
-        # rows are read only where ``filled``: no need to zero the table
-        values = torch.empty(self.num_nodes, width, dtype=torch.float32, device=nodes.device)
-        filled = torch.zeros(self.num_nodes, dtype=torch.bool, device=nodes.device)
-        self._tables[entity_type] = (values, filled, parts)
-        self._store(values, filled, nodes, _flat(enc, parts))
-        return enc
-
-    @staticmethod
-    def _store(values: torch.Tensor, filled: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor) -> None:
-        keep = nodes >= 0
-        values.index_copy_(0, nodes[keep], rows[keep])
-        filled[nodes[keep]] = True
-
-
-_ENCODED = ("text", "image", "degree")  # the entries of EntityFeatureEncoder's output the embedder reads
-
-
-def _flat(enc: dict, parts: list) -> torch.Tensor:
-    return torch.cat([enc[name].float() for name, _, _ in parts], dim=-1)
+    def _table(self, entity_type: str, encoder, device) -> tuple:
+        """(values, filled) of this embedder's rows, allocated on first use; (None, None) past ``max_bytes``.
+        Rows are read only where ``filled``, so the values need no zeroing."""
+        if entity_type not in self._tables:
+            width = encoder.text_dim + encoder.image_out + 2  # degree = (log1p(degree), present)
+            fits = self.num_nodes * width * 4 <= self.max_bytes
+            values = torch.empty(self.num_nodes, width, device=device) if fits else None
+            filled = torch.zeros(self.num_nodes, dtype=torch.bool, device=device) if fits else None
+            self._tables[entity_type] = (encoder, values, filled)
+        owner, values, filled = self._tables[entity_type]
+        if owner is not encoder:
+            raise ValueError(
+                f"EncodedFeatureCache: the {entity_type!r} rows were encoded by another model's encoder"
+            )
+        return values, filled
 
 
-def _split(rows: torch.Tensor, parts: list) -> dict[str, torch.Tensor]:
-    out, lo = {}, 0
-    for name, width, dtype in parts:
-        out[name] = rows[:, lo : lo + width].to(dtype)
-        lo += width
-    return out
+_ENCODED = ("text", "image", "degree")  # EntityFeatureEncoder's entries the embedder reads, in row order
 
 
 def embed_entities(

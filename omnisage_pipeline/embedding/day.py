@@ -271,9 +271,8 @@ def _embed_entities(model, builder, entities, options: EmbedOptions, version: st
     t0 = time.perf_counter()
     done = 0
     step = max(int(options.log_every), int(options.batch_size))
-    cache = EncodedFeatureCache.for_builder(
-        builder
-    )  # every graph node encoded once per embedder, not per chunk
+    # every graph node encoded once per embedder over the whole shard, not once per chunk
+    cache = EncodedFeatureCache.for_builder(builder)
     for t, ids in entities.items():
         chunks = []
         for lo in range(0, len(ids), step):
