@@ -1,10 +1,8 @@
-# Which Python: an active virtual environment's; else the system `python` when it accepts pip installs; else
-# (PEP 668 "externally managed" Debian/Ubuntu Pythons, or no `python` command) a project `.venv` made from
-# python3.11. `.ci/run` goes through these targets, so it takes the same path.
+# The project's own environment: an active virtual environment's Python, else a project `.venv` made from
+# python3.11 (never a user's global interpreter). `.ci/run` goes through these targets, so it takes the same
+# path. Installs are pinned by constraints.txt (exact versions): `make lock` re-resolves it on purpose.
 SYSTEM_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
 ifdef VIRTUAL_ENV
-PYTHON ?= python
-else ifeq ($(shell command -v python >/dev/null 2>&1 && python -c "import os, sysconfig; print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))" 2>/dev/null),False)
 PYTHON ?= python
 else
 PYTHON ?= $(CURDIR)/.venv/bin/python
@@ -12,12 +10,13 @@ VENV := $(CURDIR)/.venv
 endif
 export PATH := $(if $(VENV),$(VENV)/bin:,)$(PATH)
 export OMNISAGE_HOME ?= $(CURDIR)/.omnisage
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test demo dev lint
+.PHONY: install test demo dev lint lock
 
 install: $(VENV)
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PIP) -c constraints.txt torch==2.13.0
+	$(PIP) -c constraints.txt -e ".[dev]"
 
 test: install
 	$(PYTHON) -m pytest -q --durations=15 tests
@@ -33,6 +32,16 @@ demo: install
 # and telemetry off (omnisage_pipeline.settings.DEFAULT_DAGSTER_YAML).
 dev:
 	$(PYTHON) -m omnisage_pipeline.cli dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Re-resolve every dependency to its newest allowed release in a scratch environment, run nothing: review the
+# diff of constraints.txt, then `make test` before committing it (docs/operations.md, "Upgrading").
+lock:
+	rm -rf $(CURDIR)/.lock-venv && $(SYSTEM_PYTHON) -m venv $(CURDIR)/.lock-venv
+	$(CURDIR)/.lock-venv/bin/python -m pip install --quiet torch==2.13.0
+	$(CURDIR)/.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,2p' constraints.txt; $(CURDIR)/.lock-venv/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(CURDIR)/.lock-venv
 
 $(CURDIR)/.venv:
 	$(SYSTEM_PYTHON) -m venv $(CURDIR)/.venv
