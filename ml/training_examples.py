@@ -29,7 +29,9 @@ the window): held-out users only (disjoint in users from the training sequences)
 t_max engagements before the cutoff, positives = their first Delta engagements after it. No leak
 through time or the graph: training sequences end at the cutoff, and held-out users' engagement never
 becomes a graph edge (``daily_edges`` drops their events: ``Holdout.user_sql_stages``), so no pin that embeds
-a history holds the same user's future saves in its neighbourhood.
+a history holds the same user's future saves in its neighbourhood; nor a training pair (``pair_logs_view``
+drops their events at or after the cutoff before the engagement pairs are counted; the test pairs still count
+every event).
 """
 
 from __future__ import annotations
@@ -139,19 +141,31 @@ def _pair_table(query_type, query_ids, pos_type, pos_ids, source, segments, weig
     )
 
 
-def engagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig) -> pa.Table:
-    """Distinct engaged pairs of the window with their counts and the engaged pin's segment."""
+def pair_logs_view(con: duckdb.DuckDBPyConnection, config: ExampleConfig, cutoff_ts: str) -> str:
+    """Create view ``pair_logs``: the window's events less the held-out users' events at or after
+    ``cutoff_ts`` (their user-entity future, paper 4.2.1), so no evaluation future becomes a training pair."""
+    stages, flag = holdout_of(config).user_sql_stages("duckdb", "_user_type", "user_id")
+    flagged = "SELECT *, 'user' AS _user_type FROM logs"
+    for col, expr in stages:
+        flagged = f"SELECT *, {expr} AS {col} FROM ({flagged})"
+    future = f"coalesce({flag}, false) AND event_ts >= TIMESTAMPTZ '{cutoff_ts}'"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW pair_logs AS SELECT * FROM ({flagged}) WHERE NOT ({future})")
+    return "pair_logs"
+
+
+def engagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig, logs: str = "logs") -> pa.Table:
+    """Distinct engaged pairs of the ``logs`` view with their counts and the engaged pin's segment."""
     rows = con.sql(
-        """
+        f"""
         SELECT 'engagement_pin_pin' AS source, 'pin' AS query_type, query_pin_id AS query_id,
                pin_id AS pos_id, count(*) AS n
-        FROM logs
+        FROM {logs}
         WHERE surface = 'related_pins' AND action IN ('save', 'click')
           AND query_pin_id IS NOT NULL AND query_pin_id <> pin_id
         GROUP BY ALL
         UNION ALL
         SELECT 'engagement_board_pin', 'board', board_id, pin_id, count(*)
-        FROM logs WHERE action = 'save' AND board_id IS NOT NULL
+        FROM {logs} WHERE action = 'save' AND board_id IS NOT NULL
         GROUP BY ALL
         ORDER BY source, query_id, pos_id
         """
@@ -433,19 +447,19 @@ def build_training_examples(
     if pins_dir is not None and any(Path(pins_dir).glob("*.parquet")):
         pin_segments = pq.read_table(Path(pins_dir), columns=["pin_id", "segment"])
 
-    partition_seed = date.fromisoformat(window_end).toordinal()
-    pairs = pa.concat_tables(
-        [
-            engagement_pairs(con, config),
-            graph_pairs(snapshot, neighborhoods, config, partition_seed),
-        ]
-    )
-    pairs = _attach_segments(pairs, pin_segments)
-    train_pairs, eval_pairs = _split_pairs(pairs, config)
-
     end = datetime.combine(date.fromisoformat(window_end) + timedelta(days=1), datetime.min.time(), UTC)
     cutoff = end - timedelta(days=config.eval_horizon_days)
-    train_seq, eval_seq = user_sequences(con, config, cutoff.strftime("%Y-%m-%d %H:%M:%S+00"))
+    cutoff_ts = cutoff.strftime("%Y-%m-%d %H:%M:%S+00")
+    partition_seed = date.fromisoformat(window_end).toordinal()
+    graph = graph_pairs(snapshot, neighborhoods, config, partition_seed)
+    # The test pairs come from every event; the training pairs leave out the held-out users' future.
+    every_event = _attach_segments(pa.concat_tables([engagement_pairs(con, config), graph]), pin_segments)
+    _, eval_pairs = _split_pairs(every_event, config)
+    no_future = engagement_pairs(con, config, pair_logs_view(con, config, cutoff_ts))
+    train_pairs, _ = _split_pairs(
+        _attach_segments(pa.concat_tables([no_future, graph]), pin_segments), config
+    )
+    train_seq, eval_seq = user_sequences(con, config, cutoff_ts)
     train_nodes, eval_nodes = feature_nodes(snapshot, config)
     if boards_dir is None and pins_dir is not None and (Path(pins_dir).parent / "boards").is_dir():
         boards_dir = Path(pins_dir).parent / "boards"

@@ -143,6 +143,38 @@ def test_held_out_users_engagement_is_not_in_the_graph(art):
     assert not (only_held & edges)
 
 
+def _engaged_pairs(logs: pa.Table, rows: np.ndarray) -> set:
+    """(source, query id, pos id) of the engagement pairs the events ``rows`` make."""
+    action = logs["action"].to_numpy(zero_copy_only=False)
+    surface = logs["surface"].to_numpy(zero_copy_only=False)
+    query = logs["query_pin_id"].to_numpy(zero_copy_only=False)
+    board = logs["board_id"].to_numpy(zero_copy_only=False)
+    pin = logs["pin_id"].to_numpy()
+    related = rows & (surface == "related_pins") & np.isin(action, ["save", "click"]) & ~np.isnan(query)
+    saved = rows & (action == "save") & ~np.isnan(board)
+    out = {("engagement_pin_pin", int(q), int(p)) for q, p in zip(query[related], pin[related]) if q != p}
+    return out | {("engagement_board_pin", int(b), int(p)) for b, p in zip(board[saved], pin[saved])}
+
+
+def test_held_out_users_future_never_becomes_a_training_pair(art):
+    """The user-entity future (held-out users' events at or after the cutoff) is what the evaluation asks the
+    model to predict: no engagement pair made only by those events may be a training pair."""
+    cfg = art.example_config
+    cutoff = datetime.fromisoformat(art.data.manifest["user_eval_cutoff"])
+    logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
+    ts = logs["event_ts"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    future = held_out_users(cfg.holdout_seed, cfg.eval_fraction, logs["user_id"].to_numpy()) & (
+        ts >= int(cutoff.astimezone(UTC).timestamp() * 1_000_000)
+    )
+    only_future = _engaged_pairs(logs, future) - _engaged_pairs(logs, ~future)
+    assert only_future, "the fixture must have pairs that only held-out users' future made"
+    train = art.data.pairs
+    trained = set(
+        zip(train["source"].to_pylist(), train["query_id"].to_pylist(), train["pos_id"].to_pylist())
+    )
+    assert not (only_future & trained)
+
+
 def test_user_eval_uses_engagement_after_the_cutoff(art):
     cutoff = datetime.fromisoformat(art.data.manifest["user_eval_cutoff"])
     assert cutoff.tzinfo is not None
