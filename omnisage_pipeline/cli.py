@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from omnisage_pipeline.retention_cli import retention
 from omnisage_pipeline.settings import DEMO_START_DATE
 
 
@@ -27,6 +28,9 @@ def _iso_date(ctx, param, value):
 @click.group()
 def main() -> None:
     """OmniSage pipeline: synthetic data and pipeline utilities."""
+
+
+main.add_command(retention)
 
 
 @main.command()

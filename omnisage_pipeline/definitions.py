@@ -12,6 +12,7 @@ configure_process_scratch(_settings)
 import assets
 from omnisage_pipeline.jobs import build_daily_pipeline, build_daily_schedule
 from omnisage_pipeline.resources import MlflowResource, StorageResource, lazy_pyspark
+from omnisage_pipeline.retention_job import retention_job, retention_schedule
 from omnisage_pipeline.sensors import champion_embeddings_sensor
 from omnisage_pipeline.training_jobs import training_job, training_schedule
 
@@ -33,8 +34,8 @@ daily_schedule = build_daily_schedule(daily_pipeline)
 defs = dg.Definitions(
     assets=_assets,
     asset_checks=dg.load_asset_checks_from_modules(_asset_modules),
-    jobs=[daily_pipeline, training_job],
-    schedules=[daily_schedule, training_schedule],
+    jobs=[daily_pipeline, training_job, retention_job],
+    schedules=[daily_schedule, training_schedule, retention_schedule],
     sensors=[champion_embeddings_sensor],
     resources=build_resources(_settings),
 )

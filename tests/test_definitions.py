@@ -133,3 +133,23 @@ def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_
         assert config.pool_config.pool_granularity.value == "run"
         assert config.pool_config.default_pool_limit == 1
         assert config.run_queue_config.max_concurrent_runs > 1  # shard runs and training beside the chain
+
+
+def test_retention_job_and_its_daily_schedule_after_the_daily_pipeline():
+    """`retention_job` is registered with a daily schedule that runs after the daily pipeline's (01:00 UTC),
+    and every asset it notes removals on is one of the code location's."""
+    from omnisage_pipeline.storage.retention import HEAVY_DATASETS
+    from omnisage_pipeline.storage.retention_home import DATASET_ASSETS
+
+    defs = _defs()
+    job = defs.resolve_job_def("retention_job")
+    assert [node.name for node in job.nodes] == ["apply_retention_pass"]
+    schedule = defs.resolve_schedule_def("retention_schedule")
+    assert schedule.job_name == "retention_job" and schedule.cron_schedule == "0 5 * * *"
+    assert schedule.execution_timezone == "UTC"
+    tick_time = datetime(2026, 3, 5, 5, 0, tzinfo=UTC)
+    with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests
+    assert request.partition_key is None  # the whole home, not one day
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert set(DATASET_ASSETS) == set(HEAVY_DATASETS) and set(DATASET_ASSETS.values()) <= keys

@@ -13,7 +13,9 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from omnisage_pipeline.cli import main as omnisage
 from omnisage_pipeline.settings import Settings, SettingsError
 from omnisage_pipeline.storage import retention
 from omnisage_pipeline.storage.publish import (
@@ -30,8 +32,8 @@ from omnisage_pipeline.storage.retention import (
     plan_retention,
     read_lease,
     release_lease,
-    run_partitions,
 )
+from omnisage_pipeline.storage.retention_home import run_partitions
 
 
 def days(n: int, start: str = "2026-01-01") -> list[str]:
@@ -320,6 +322,12 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
     assert graph_meta["retention_removed"].value == {"graph": five[:2]}
     assert graph_meta["retention_kept"].value == {"graph": {five[2]: f"leased by pid {os.getpid()}"}}
     assert graph_meta["retention_bytes_freed"].value > graph_bytes > 0  # days 0 and 1
+    # Each removed partition of the step's asset carries a note: its data is gone.
+    notes = result.asset_observations_for_node("graph_snapshot")
+    assert [(o.asset_key.to_user_string(), o.partition) for o in notes] == [
+        ("graph_snapshot", d) for d in five[:2]
+    ]
+    assert all(o.metadata["removed_by_retention"].value is True for o in notes)
     feat_meta = result.asset_materializations_for_node("feature_store")[-1].metadata
     assert feat_meta["retention_removed"].value == {"features": five[:3]}
     assert feat_meta["retention_bytes_freed"].value > 0
@@ -344,9 +352,10 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
             assert featurizer.fetch(NODE_TYPE_CODE["pin"], pins).present.all()
         del snapshot
 
-    # The lease released, the next pass (here by hand, as `python -m omnisage_pipeline.storage.retention`) takes day 2.
+    # The lease released, the next pass (here by hand, `omnisage retention --apply`) takes day 2.
     release_lease(lease)
-    assert retention.main([]) == 0
+    cli = CliRunner().invoke(omnisage, ["retention", "--apply"], catch_exceptions=False)
+    assert cli.exit_code == 0 and f"removed dt={five[2]}" in cli.output, cli.output
     assert list_published(settings.graph_dir) == five[3:]
 
 
@@ -377,3 +386,53 @@ def test_backfill_older_than_the_horizon_is_refused_before_any_work(omnisage_env
     assert f"dt={TEN[2]}" in message and "OMNISAGE_RETENTION_DAYS=3" in message
     assert list_published(settings.graph_dir) == TEN[5:]  # nothing built, nothing removed
     assert not result.get_asset_materialization_events()
+
+
+# ------------------------------------------------------------------------------ links that leave the home
+def link_outside(dataset: Path, key: str, target: Path) -> None:
+    """``dataset/dt=key`` -> ``target``: a day restored from a backup kept elsewhere."""
+    target.mkdir(parents=True)
+    (target / "data.bin").write_bytes(b"b" * 100)
+    (target / "sub").mkdir()
+    (target / "sub" / "more.bin").write_bytes(b"c" * 100)
+    partition_link(dataset, key).symlink_to(target, target_is_directory=True)
+
+
+def test_partition_linking_outside_the_home_loses_its_link_only(tmp_path):
+    home = tmp_path / "home"
+    ds = home / "graph"
+    publish_days(ds, TEN[1:])
+    backup = tmp_path / "backup" / f"graph-dt={TEN[0]}"
+    link_outside(ds, TEN[0], backup)
+    assert list_published(ds) == TEN
+
+    dry = apply_retention(ds, 3, 3, dry_run=True)
+    assert partition_link(ds, TEN[0]).is_symlink()  # a dry run removes nothing
+    report = apply_retention(ds, 3, 3)
+    # The link is gone, the backup and its files survive, untouched.
+    assert not partition_link(ds, TEN[0]).is_symlink() and list_published(ds) == TEN[7:]
+    assert (backup / "data.bin").read_bytes() == b"b" * 100
+    assert (backup / "sub" / "more.bin").read_bytes() == b"c" * 100
+    assert not list((ds / ".staging").glob("retired.*"))
+    # The report says so; no byte of the backup is counted.
+    for r in (dry, report):
+        assert r.removed == TEN[:7] and r.errors == [], r
+        assert r.targets_kept_outside == {TEN[0]: str(backup)}
+        assert r.partition_bytes[TEN[0]] == 0 and r.bytes_freed == 6 * 2000  # the home's six versions
+
+
+def test_previous_record_linking_outside_the_home_is_not_followed(tmp_path):
+    """A ``.previous/dt=D`` record (datasets whose days share versions) that points outside the home: the
+    record goes with its day, its target stays."""
+    ds = tmp_path / "home" / "warehouse" / "entity_metadata"
+    publish_days(ds, TEN[:5])
+    outside = tmp_path / "elsewhere" / "old-version"
+    outside.mkdir(parents=True)
+    (outside / "f").write_bytes(b"o" * 9)
+    (ds / ".previous").mkdir()
+    (ds / ".previous" / f"dt={TEN[0]}").symlink_to(outside, target_is_directory=True)
+
+    report = apply_retention(ds, 3, 3)
+    assert not (ds / ".previous" / f"dt={TEN[0]}").is_symlink()
+    assert (outside / "f").read_bytes() == b"o" * 9
+    assert report.removed == TEN[:2] and report.targets_kept_outside == {TEN[0]: str(outside)}

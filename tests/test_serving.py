@@ -86,7 +86,8 @@ def test_index_search_matches_exact_search(tmp_path, flat_max):
     loaded = LoadedIndex.open(published_path(tmp_path, DAY))
     queries = unit(np.random.default_rng(5), 200)
     for t in ("pin", "board"):
-        ids, scores = loaded.types[t].search(queries, 10)
+        ids, scores, found = loaded.types[t].search(queries, 10)
+        assert found.all()
         want = exact_ids(source[t], queries, 10)
         if manifest["types"][t]["index_type"] == "flat":
             np.testing.assert_array_equal(ids, want)
@@ -123,7 +124,7 @@ def test_ivfpq_reranks_candidates_exactly(tmp_path):
     assert min(manifest["check"]["recall"].values()) >= 0.95
     pins = LoadedIndex.open(published_path(tmp_path, DAY)).types["pin"]
     queries = unit(np.random.default_rng(6), 100)
-    ids, scores = pins.search(queries, 10)
+    ids, scores, _ = pins.search(queries, 10)
     assert overlap(ids, exact_ids(source["pin"], queries, 10)) >= 0.95
     rows = np.searchsorted(source["pin"].ids, ids)
     exact = np.einsum("qkd,qd->qk", source["pin"].matrix[rows], queries)

@@ -90,15 +90,16 @@ def recall_at_k(
     if k == 0 or len(rows) == 0:
         return 1.0
     queries = np.ascontiguousarray(source.matrix[rows])
-    found_ids, _ = index.search(queries, k)
+    found_ids, _, found = index.search(queries, k)
     kth = exact_kth_scores(source, rows, k) if kth is None else kth
     pos = np.searchsorted(source.ids, found_ids).clip(0, len(source) - 1)
-    known = (found_ids >= 0) & (source.ids[pos] == found_ids)
+    known = found & (source.ids[pos] == found_ids)  # the mask, not an id value: any int64 is an id
     true_scores = np.einsum("qkd,qd->qk", source.matrix[pos], queries)
     hits = known & (true_scores >= kth - tolerance)
-    # an id returned twice (a corrupted id array) counts once
-    ordered = np.sort(np.where(hits, found_ids, -1), axis=1)
-    repeats = (np.diff(ordered, axis=1) == 0) & (ordered[:, 1:] >= 0)
+    # an id returned twice (a corrupted id array) counts once: hits first, then by id, within each query
+    order = np.lexsort((found_ids, ~hits), axis=-1)
+    ids, hit = np.take_along_axis(found_ids, order, 1), np.take_along_axis(hits, order, 1)
+    repeats = (np.diff(ids, axis=1) == 0) & hit[:, 1:] & hit[:, :-1]
     return float((hits.sum() - repeats.sum()) / (len(rows) * k))
 
 

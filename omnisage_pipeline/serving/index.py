@@ -15,6 +15,10 @@ Files of one day (``indexes/dt=D/``): per type ``<type>.faiss`` (the index), ``<
 row -> the contract's entity id, sorted so an id is found by binary search) and ``<type>.vectors.npy`` (the
 unit vectors, row-aligned: the query vector of an entity, exact re-ranking, the check); ``user.ids.npy`` /
 ``user.vectors.npy`` (query vectors for the homefeed, no index); ``manifest.json``.
+
+Ids: FAISS labels are row positions (0..n-1, -1 = FAISS padding), never entity ids, so the whole int64
+range -- negative ids, int64 min and max included -- is a normal id; a search reports padding with an
+explicit mask (``TypeIndex.search``), not with an id value.
 """
 
 from __future__ import annotations
@@ -163,8 +167,9 @@ class TypeIndex:
         found = (pos < len(self.ids)) & (self.ids[pos] == ids) if len(self.ids) else np.zeros(len(ids), bool)
         return np.where(found, pos, -1)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (entity ids int64 [q, k], scores float32 [q, k]); -1 / -inf pad when the index is smaller."""
+    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (FAISS rows int64 [q, k], scores float32 [q, k]); row -1 / score -inf pad when the index is
+        smaller. Rows, not ids: every int64 is a valid entity id, so no id value can mark padding."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.vectors.shape[1])
         if len(self) == 0:
             return np.full((len(queries), k), -1, np.int64), np.full((len(queries), k), -np.inf, np.float32)
@@ -178,8 +183,15 @@ class TypeIndex:
             pad = k - rows.shape[1]
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids = np.where(rows >= 0, self.ids[rows.clip(0)], -1)
-        return ids, np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return rows.astype(np.int64, copy=False), np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k (entity ids int64 [q, k], scores float32 [q, k], found bool [q, k]); ``found`` is False where
+        the result is padding (the index holds fewer than k): the id there is meaningless."""
+        rows, scores = self.search_rows(queries, k)
+        found = rows >= 0
+        ids = self.ids[rows.clip(0)] if len(self) else np.zeros(rows.shape, np.int64)
+        return np.where(found, ids, 0), scores, found
 
     def _exact_scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Re-rank: the exact inner product of each candidate's full vector (read from the mmap)."""
@@ -195,6 +207,17 @@ class TypeIndex:
 def write_user_vectors(folder: Path, users: Vectors) -> None:
     np.save(folder / f"{USER}.ids.npy", users.ids)
     np.save(folder / f"{USER}.vectors.npy", users.matrix)
+
+
+class IndexFilesError(ValueError):
+    """A file of an index folder that cannot be read (the message names it)."""
+
+
+def _read(path: Path, reader):
+    try:
+        return reader(path)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:  # FAISS raises RuntimeError
+        raise IndexFilesError(f"{path}: cannot read it: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -216,24 +239,35 @@ class LoadedIndex:
 
     @classmethod
     def open(cls, folder: Path) -> LoadedIndex:
-        """Load ``folder`` (a published version or a staging directory): indexes into memory, vectors mmapped."""
+        """Load ``folder`` (a published version or a staging directory): indexes into memory, vectors mmapped.
+        A missing, truncated or unreadable file raises ``IndexFilesError`` naming it."""
         folder = Path(folder)
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = _read(folder / MANIFEST, lambda p: json.loads(p.read_text()))
+        try:
+            entries = {t: (str(e["index_type"]), dict(e["params"])) for t, e in manifest["types"].items()}
+            if "partition" not in manifest:
+                raise KeyError("partition")
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise IndexFilesError(
+                f"{folder / MANIFEST}: fields 'partition' and 'types' (each type's index_type and params) "
+                f"expected ({exc!r})"
+            ) from exc
         types = {}
-        for t, entry in manifest["types"].items():
-            index = faiss.read_index(str(folder / f"{t}.faiss"))
-            apply_search_settings(index, entry["index_type"], entry["params"])
-            ids = np.load(folder / f"{t}.ids.npy")
-            vectors = np.load(folder / f"{t}.vectors.npy", mmap_mode="r")
+        for t, (kind, params) in entries.items():
+            index = _read(folder / f"{t}.faiss", lambda p: faiss.read_index(str(p)))
+            apply_search_settings(index, kind, params)
+            ids = _read(folder / f"{t}.ids.npy", np.load)
+            vectors = _read(folder / f"{t}.vectors.npy", lambda p: np.load(p, mmap_mode="r"))
             if not (index.ntotal == len(ids) == len(vectors)):
-                raise ValueError(
+                raise IndexFilesError(
                     f"{folder}: {t} index has {index.ntotal} rows, ids {len(ids)}, vectors {len(vectors)}"
                 )
-            types[t] = TypeIndex(t, entry["index_type"], index, ids, vectors, dict(entry["params"]))
+            types[t] = TypeIndex(t, kind, index, ids, vectors, params)
         users = None
         if (folder / f"{USER}.ids.npy").is_file():
             users = Vectors(
-                np.load(folder / f"{USER}.ids.npy"), np.load(folder / f"{USER}.vectors.npy", mmap_mode="r")
+                _read(folder / f"{USER}.ids.npy", np.load),
+                _read(folder / f"{USER}.vectors.npy", lambda p: np.load(p, mmap_mode="r")),
             )
         return cls(folder, manifest, types, users)
 

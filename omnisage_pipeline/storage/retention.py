@@ -32,14 +32,20 @@ go too. A version that several days share (``omnisage_pipeline.storage.shared_ve
 is deleted only with the last ``dt=`` link (or ``.previous`` record) pointing to it, whichever day's
 name it carries. The embeddings' in-flight shard area (``embeddings/.shards``) is left to the inference asset.
 
+Only what publishing made is ever deleted: entries of the dataset's own ``.versions`` and ``.staging``.
+A ``dt=D`` link (or ``.previous/dt=D`` record) that leads anywhere else -- a day restored from a backup,
+``graph/dt=D -> /backup/...`` -- is unlinked when the day expires and its target is left where it is: a
+link is never followed out of the home (``RetentionReport.targets_kept_outside`` lists them).
+
 Where it runs: at the end of the assets that publish these datasets (graph_snapshot, feature_store,
-entity_embeddings; ``assets.daily.materialize_days(..., retain=...)``), after every day of the run was
-published; and by hand: ``python -m omnisage_pipeline.storage.retention [--dry-run]``.
+entity_embeddings, ann_index; ``assets.daily.materialize_days(..., retain=...)``), after every day of the
+run was published; in ``retention_job`` (daily schedule, ``omnisage_pipeline.retention_job``); and by hand:
+``omnisage retention [--apply]`` (a dry run by default). The pass over the whole home, the days running
+runs read and what a run records about it: ``omnisage_pipeline.storage.retention_home``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,7 +53,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -250,6 +256,8 @@ def live_leases(dataset_dir: Path, remove_stale: bool = True) -> tuple[dict[str,
 # ==========================================================================================================
 @dataclass
 class RetentionReport:
+    """What one pass did (or, ``dry_run``, would do) to one dataset directory."""
+
     dataset: str
     retention_days: int
     newest: str | None = None
@@ -257,10 +265,46 @@ class RetentionReport:
     removed: list[str] = field(default_factory=list)  # published partitions unpublished and deleted
     orphans_removed: list[str] = field(default_factory=list)  # expired days with leftovers only (no dt= link)
     bytes_freed: int = 0
+    partition_bytes: dict[str, int] = field(default_factory=dict)  # removed or orphan key -> bytes freed
     kept: dict[str, str] = field(default_factory=dict)  # expired but kept: key -> reason
+    # Removed days whose dt= link (or .previous record) pointed outside the dataset's .versions: key -> the
+    # target, left where it is (only the link went).
+    targets_kept_outside: dict[str, str] = field(default_factory=dict)
     stale_leases_removed: int = 0
     errors: list[str] = field(default_factory=list)
     dry_run: bool = False
+
+
+@dataclass
+class _Scan:
+    """One dataset directory as retention finds it, by partition key."""
+
+    links: dict[str, Path]  # dt=KEY entries (symlinks, dangling ones included, or real directories)
+    versions: dict[str, list[Path]]  # .versions/dt=KEY.*
+    staging: dict[str, list[Path]]  # .staging/dt=KEY.* of dead writers
+
+    def published(self) -> list[str]:
+        return [k for k, p in self.links.items() if p.exists() and _as_day(k) is not None]
+
+    def keys(self) -> set[str]:
+        return set(self.links) | set(self.versions) | set(self.staging)
+
+
+def _scan(dataset_dir: Path) -> _Scan:
+    links = {p.name[3:]: p for p in dataset_dir.glob("dt=*") if p.is_symlink() or p.is_dir()}
+    versions: dict[str, list[Path]] = {}
+    if (dataset_dir / VERSIONS_DIR).is_dir():
+        for v in (dataset_dir / VERSIONS_DIR).iterdir():
+            key = _entry_key(v.name)
+            if key is not None:
+                versions.setdefault(key, []).append(v)
+    staging: dict[str, list[Path]] = {}
+    if (dataset_dir / STAGING_DIR).is_dir():
+        for s in (dataset_dir / STAGING_DIR).iterdir():
+            key, pid = _entry_key(s.name), _entry_pid(s.name)
+            if key is not None and pid is not None and pid != os.getpid() and not pid_alive(pid):
+                staging.setdefault(key, []).append(s)  # a dead writer's leftovers (a live one's: untouched)
+    return _Scan(links, versions, staging)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -276,9 +320,21 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+def _owned(dataset_dir: Path, path: Path) -> bool:
+    """Whether retention may delete ``path``: a link itself (never its target), or a directory that resolves
+    to an entry of this dataset's own ``.versions`` or ``.staging`` (what ``publish`` made), never a folder
+    elsewhere that a link leads to (a day restored from a backup, another disk)."""
+    own = {(dataset_dir / VERSIONS_DIR).resolve(), (dataset_dir / STAGING_DIR).resolve()}
+    if path.is_symlink():
+        return path.parent.resolve() in own
+    return path.resolve().parent in own
+
+
 def _delete_claimed(dataset_dir: Path, entry: Path) -> int:
     """Claim ``entry`` with one rename into .staging/retired.* (atomic: only one pass gets it), then delete
-    it. Returns the bytes freed (0 when another pass claimed it first)."""
+    it. Returns the bytes freed (0 when another pass claimed it first). A link is unlinked, never followed."""
+    if not _owned(dataset_dir, entry):
+        raise PermissionError(f"{entry} is outside {dataset_dir}/{VERSIONS_DIR}: retention never deletes it")
     retired = dataset_dir / STAGING_DIR / f"{RETIRED_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}.{entry.name}"
     retired.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -313,11 +369,14 @@ def _live_other(name: str) -> bool:
     return pid is not None and pid != os.getpid() and pid_alive(pid)
 
 
-def _shared_targets(dataset_dir: Path, key: str) -> list[Path]:
-    """The versions ``dt=key`` links to and keeps as previous: in a dataset whose days share versions
-    (``omnisage_pipeline.storage.shared_versions``) they may be named after another day."""
+def _link_targets(dataset_dir: Path, key: str) -> tuple[list[Path], list[Path]]:
+    """The versions ``dt=key`` links to and keeps as previous (in a dataset whose days share versions,
+    ``omnisage_pipeline.storage.shared_versions``, they may be named after another day), split into those
+    of this dataset's ``.versions`` and those elsewhere, which are never deleted."""
     links = [partition_link(dataset_dir, key), dataset_dir / PREVIOUS_DIR / f"dt={key}"]
-    return [link.resolve() for link in links if link.is_symlink() and link.exists()]
+    targets = [link.resolve() for link in links if link.is_symlink() and link.exists()]
+    own = [t for t in targets if _owned(dataset_dir, t)]
+    return own, [t for t in targets if t not in own]
 
 
 def _not_linked_elsewhere(dataset_dir: Path, key: str, candidates: Iterable[Path]) -> list[Path]:
@@ -357,78 +416,20 @@ def apply_retention(
     if not dataset_dir.is_dir():
         return report
     protected = dict(protected) if isinstance(protected, Mapping) else {k: "running job" for k in protected}
-
-    links = {p.name[3:]: p for p in dataset_dir.glob("dt=*") if p.is_symlink() or p.is_dir()}
-    published = [k for k, p in links.items() if p.exists() and _as_day(k) is not None]
-    versions: dict[str, list[Path]] = {}
-    if (dataset_dir / VERSIONS_DIR).is_dir():
-        for v in (dataset_dir / VERSIONS_DIR).iterdir():
-            key = _entry_key(v.name)
-            if key is not None:
-                versions.setdefault(key, []).append(v)
-    staging: dict[str, list[Path]] = {}
-    if (dataset_dir / STAGING_DIR).is_dir():
-        for s in (dataset_dir / STAGING_DIR).iterdir():
-            key, pid = _entry_key(s.name), _entry_pid(s.name)
-            if key is not None and pid is not None and pid != os.getpid() and not pid_alive(pid):
-                staging.setdefault(key, []).append(s)  # a dead writer's leftovers (a live one's: untouched)
-
-    report.newest = max(published, default=None)
+    scan = _scan(dataset_dir)
+    report.newest = max(scan.published(), default=None)
     if report.newest is None:
         return report
     report.cutoff = expiry_cutoff(report.newest, retention_days)
-    candidates = set(links) | set(versions) | set(staging)
-    expired = expired_partitions(candidates, retention_days, window_days, newest=report.newest)
+    expired = expired_partitions(scan.keys(), retention_days, window_days, newest=report.newest)
     leases, report.stale_leases_removed = live_leases(dataset_dir, remove_stale=not dry_run)
-
     for key in expired:
         if key in protected:
             report.kept[key] = protected[key]
-            continue
-        if key in leases:
+        elif key in leases:
             report.kept[key] = f"leased by pid {', '.join(str(lease.pid) for lease in leases[key])}"
-            continue
-        link = partition_link(dataset_dir, key)
-        if link.exists() and not link.is_symlink():
-            report.errors.append(f"{link} is a real directory, not a published symlink: left alone")
-            continue
-        had_link = link.is_symlink()
-        target = link.resolve() if had_link else None
-        # A version that another live process renamed into .versions and has not swapped in yet is an
-        # in-flight publish (e.g. a backfill of this old day): left to that writer, removed by a later pass.
-        in_flight = [v for v in versions.get(key, []) if v.resolve() != target and _live_other(v.name)]
-        candidates = [v for v in versions.get(key, []) if v not in in_flight] + _shared_targets(
-            dataset_dir, key
-        )
-        if dry_run:
-            doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + staging.get(key, [])
-            if not had_link and not doomed:
-                continue  # its only leftover is a version a later day still links to
-            report.bytes_freed += sum(_tree_bytes(v) for v in doomed)
-            (report.removed if had_link else report.orphans_removed).append(key)
-            continue
-        try:
-            with _shared_versions_lock(dataset_dir):
-                if had_link:
-                    link.unlink(missing_ok=True)  # unpublished in one atomic step: readers now see no dt=key
-                # A reader that took its lease before resolving the link may hold the version: keep it then.
-                again, _ = live_leases(dataset_dir, remove_stale=False)
-                if key in again:
-                    report.kept[key] = "unpublished; version kept for a reader that leased it during removal"
-                    continue
-                (dataset_dir / PREVIOUS_DIR / f"dt={key}").unlink(missing_ok=True)
-                doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + staging.get(key, [])
-                if not had_link and not doomed:
-                    continue  # its only leftover is a version a later day still links to
-                freed = sum(_delete_claimed(dataset_dir, entry) for entry in doomed)
-        except OSError as exc:
-            report.errors.append(f"{dataset_dir.name}/dt={key}: {exc}")
-            continue
-        report.bytes_freed += freed
-        (report.removed if had_link else report.orphans_removed).append(key)
-        log(f"retention: removed {dataset_dir.name}/dt={key} ({freed} bytes)")
-        for v in in_flight:
-            log(f"retention: left {dataset_dir.name}/{VERSIONS_DIR}/{v.name}: a live writer is publishing it")
+        else:
+            _remove_day(dataset_dir, key, scan, report, log)
 
     # Deletions claimed by a pass that was killed before it finished.
     if not dry_run and (dataset_dir / STAGING_DIR).is_dir():
@@ -439,70 +440,62 @@ def apply_retention(
     return report
 
 
+def _remove_day(
+    dataset_dir: Path, key: str, scan: _Scan, report: RetentionReport, log: Callable[[str], None]
+) -> None:
+    """Unpublish and delete one expired, unprotected day (or, ``report.dry_run``, only count it)."""
+    link = partition_link(dataset_dir, key)
+    if link.exists() and not link.is_symlink():
+        report.errors.append(f"{link} is a real directory, not a published symlink: left alone")
+        return
+    had_link = link.is_symlink()
+    target = link.resolve() if had_link else None
+    # A version that another live process renamed into .versions and has not swapped in yet is an
+    # in-flight publish (e.g. a backfill of this old day): left to that writer, removed by a later pass.
+    in_flight = [v for v in scan.versions.get(key, []) if v.resolve() != target and _live_other(v.name)]
+    own_targets, outside = _link_targets(dataset_dir, key)
+    candidates = [v for v in scan.versions.get(key, []) if v not in in_flight] + own_targets
+    if report.dry_run:
+        doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + scan.staging.get(key, [])
+        if had_link or doomed:
+            _record(report, key, had_link, sum(_tree_bytes(v) for v in doomed), outside)
+        return  # else: its only leftover is a version a later day still links to
+    try:
+        with _shared_versions_lock(dataset_dir):
+            if had_link:
+                link.unlink(missing_ok=True)  # unpublished in one atomic step: readers now see no dt=key
+            # A reader that took its lease before resolving the link may hold the version: keep it then.
+            again, _ = live_leases(dataset_dir, remove_stale=False)
+            if key in again:
+                report.kept[key] = "unpublished; version kept for a reader that leased it during removal"
+                return
+            (dataset_dir / PREVIOUS_DIR / f"dt={key}").unlink(missing_ok=True)
+            doomed = _not_linked_elsewhere(dataset_dir, key, candidates) + scan.staging.get(key, [])
+            if not had_link and not doomed:
+                return  # its only leftover is a version a later day still links to
+            freed = sum(_delete_claimed(dataset_dir, entry) for entry in doomed)
+    except OSError as exc:
+        report.errors.append(f"{dataset_dir.name}/dt={key}: {exc}")
+        return
+    _record(report, key, had_link, freed, outside)
+    log(f"retention: removed {dataset_dir.name}/dt={key} ({freed} bytes)")
+    for path in outside:
+        log(f"retention: unlinked {dataset_dir.name}/dt={key}; kept its target outside the home: {path}")
+    for v in in_flight:
+        log(f"retention: left {dataset_dir.name}/{VERSIONS_DIR}/{v.name}: a live writer is publishing it")
+
+
+def _record(report: RetentionReport, key: str, had_link: bool, freed: int, outside: list[Path]) -> None:
+    (report.removed if had_link else report.orphans_removed).append(key)
+    report.bytes_freed += freed
+    report.partition_bytes[key] = freed
+    if outside:
+        report.targets_kept_outside[key] = ", ".join(str(p) for p in outside)
+
+
 # ==========================================================================================================
-# Partitions read by running Dagster runs
+# Backfills the policy would undo, and the assets' hook
 # ==========================================================================================================
-def _day_range(first: str, last: str) -> list[str]:
-    a, b = _as_day(first), _as_day(last)
-    if a is None or b is None or b < a:
-        return [k for k in (first, last) if k]
-    return [(a + timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
-
-
-def _config_training_partitions(run_config) -> set[str]:
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                if k == "training_partition" and isinstance(v, str) and v:
-                    found.add(v)
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(run_config or {})
-    return found
-
-
-def run_partitions(tags: Mapping[str, str], run_config=None, newest_training: str | None = None) -> set[str]:
-    """The days a run reads, from its tags (or, unpartitioned, its training partition)."""
-    if tags.get("dagster/partition"):
-        return {tags["dagster/partition"]}
-    first, last = (
-        tags.get("dagster/asset_partition_range_start"),
-        tags.get("dagster/asset_partition_range_end"),
-    )
-    if first and last:
-        return set(_day_range(first, last))
-    explicit = _config_training_partitions(run_config)
-    if explicit:
-        return explicit
-    return {newest_training} if newest_training else set()
-
-
-def running_partitions(instance, newest_training: str | None = None) -> dict[str, str]:
-    """Days read by every run of ``instance`` that has not finished -> 'running job <run id>'."""
-    import dagster as dg
-
-    finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
-    statuses = [s for s in dg.DagsterRunStatus if s not in finished]
-    out: dict[str, str] = {}
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
-        for key in run_partitions(run.tags, run.run_config, newest_training):
-            out.setdefault(key, f"read by running job {run.run_id[:8]}")
-    return out
-
-
-def _newest_training(settings: Settings) -> str | None:
-    from omnisage_pipeline.storage.publish import list_published
-
-    keys = list_published(settings.warehouse_dataset("training_examples"))
-    return keys[-1] if keys else None
-
-
 def dataset_dir(settings: Settings, name: str) -> Path:
     """The folder of a heavy dataset by name (one of HEAVY_DATASETS)."""
     dirs = dict(zip(HEAVY_DATASETS, heavy_dataset_dirs(settings)))
@@ -544,72 +537,8 @@ def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Itera
 
 
 def retention_metadata(context, settings: Settings, datasets: Iterable[str], days: Iterable[str]) -> dict:
-    """Run retention on the heavy ``datasets`` (names) from an asset (``days``: the run's own partitions)
-    and return the materialization metadata (``retention_removed``, ``retention_bytes_freed``, ...)."""
-    import dagster as dg
+    """The assets' hook (``assets.daily.materialize_days``): one pass over ``datasets`` from an asset step,
+    returning its materialization metadata (``omnisage_pipeline.storage.retention_home.retention_metadata``)."""
+    from omnisage_pipeline.storage.retention_home import retention_metadata as in_step
 
-    dataset_dirs = [dataset_dir(settings, name) for name in datasets]
-
-    try:
-        protected = running_partitions(context.instance, _newest_training(settings))
-    except Exception as exc:  # noqa: BLE001 - without the list of running runs nothing is provably unread
-        context.log.warning(f"retention skipped: could not list the running runs ({exc})")
-        return {"retention_skipped": f"could not list the running runs: {exc}"}
-    protected.update({d: "read by this run" for d in days})
-    reports = [
-        apply_retention(d, settings.retention_days, settings.window_days, protected, log=context.log.info)
-        for d in dataset_dirs
-    ]
-    for r in reports:
-        for msg in r.errors:
-            context.log.warning(f"retention: {msg}")
-    meta = {
-        "retention_days": settings.retention_days,
-        "retention_removed": dg.MetadataValue.json({r.dataset: r.removed for r in reports}),
-        "retention_bytes_freed": sum(r.bytes_freed for r in reports),
-        "retention_kept": dg.MetadataValue.json({r.dataset: r.kept for r in reports if r.kept}),
-    }
-    orphans = {r.dataset: r.orphans_removed for r in reports if r.orphans_removed}
-    if orphans:
-        meta["retention_orphans_removed"] = dg.MetadataValue.json(orphans)
-    errors = [m for r in reports for m in r.errors]
-    if errors:
-        meta["retention_errors"] = dg.MetadataValue.json(errors)
-    return meta
-
-
-# ==========================================================================================================
-# By hand: python -m omnisage_pipeline.storage.retention [--dry-run]
-# ==========================================================================================================
-def _instance_for(settings: Settings):
-    """The Dagster instance the pipeline's runs are recorded in (DAGSTER_HOME, else OMNISAGE_HOME/dagster),
-    or None when that folder does not exist (then no run of a persistent instance can be in progress)."""
-    import dagster as dg
-
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
-    return dg.DagsterInstance.from_config(str(home)) if home.is_dir() else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m omnisage_pipeline.storage.retention",
-        description=f"Remove graph/features/embeddings partitions older than {RETENTION_ENV} days before the "
-        "newest (never a leased one, nor one a running Dagster run reads).",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    instance = _instance_for(settings)
-    protected = running_partitions(instance, _newest_training(settings)) if instance is not None else {}
-    reports = [
-        apply_retention(
-            d, settings.retention_days, settings.window_days, protected, dry_run=args.dry_run, log=print
-        )
-        for d in heavy_dataset_dirs(settings)
-    ]
-    print(json.dumps([asdict(r) for r in reports], indent=2))
-    return 1 if any(r.errors for r in reports) else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return in_step(context, settings, datasets, days)
