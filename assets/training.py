@@ -27,12 +27,16 @@ omnisage_model (one asset, many MLflow model versions):
     the feature store's: it could not embed this data at all) loses to a model that can. The decision and
     both numbers go to the materialization metadata, the run's tags and the version's tags.
 
-    Checkpoints: ``$OMNISAGE_HOME/checkpoints/omnisage_model/<fingerprint>/last.pt`` every
+    Checkpoints: ``$OMNISAGE_HOME/checkpoints/omnisage_model/<fingerprint>-<run>/last.pt`` every
     ``checkpoint_every`` steps, where the fingerprint hashes the training partition's published version and
-    every setting that changes the training trajectory. A materialization killed mid-training is resumed
-    from there by the next materialization with the same config (``ml.train.Trainer`` restores the
-    optimizer, schedule, sketches, RNG and position in the epoch); the directory is removed once the model
-    is registered.
+    every setting that changes the training trajectory, and each run has a folder of its own
+    (``ml.checkpoint_dirs``: two runs of one config never share one). A materialization killed
+    mid-training is resumed from its folder by the next materialization with the same config
+    (``ml.train.Trainer`` restores the optimizer, schedule, sketches, RNG and position in the epoch); the
+    folder is removed once the model is registered.
+
+    Pool ``omnisage_model`` (partitions.MODEL_TRAINING_POOL, limit 1): one training at a time. The gate
+    holds a promotion lock and compare-and-sets the champion (``ml.promotion_lock``), whatever the store.
 
 (No ``from __future__ import annotations``: Dagster resolves the Config types from the real annotations.)
 """
@@ -51,6 +55,7 @@ from ml.training_run import CHAMPION, TrainingRunConfig
 from omnisage_pipeline.partitions import (
     DAILY_BACKFILL_POLICY,
     DAILY_CHAIN_POOL,
+    MODEL_TRAINING_POOL,
     daily_partitions,
     window_keys,
     window_mapping,
@@ -59,7 +64,7 @@ from omnisage_pipeline.resources import MlflowResource, StorageResource
 from omnisage_pipeline.settings import Settings
 from omnisage_pipeline.storage.publish import partition_link
 from omnisage_pipeline.training.examples import ExamplesDay, build_examples_day
-from omnisage_pipeline.training.runner import run_training
+from omnisage_pipeline.training.runner import check_training_partition, run_training
 
 _EXAMPLE_DEFAULTS = ExampleConfig()
 
@@ -317,6 +322,19 @@ class OmniSageModelConfig(dg.Config):
         "on CPU), rank 0 logs to MLflow and registers",
     )
 
+    @field_validator("training_partition")
+    @classmethod
+    def _daily_partition_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        check_training_partition(value)
+        if not daily_partitions.has_partition_key(value):
+            raise ValueError(
+                f"omnisage_model config field 'training_partition' = {value!r}: not a daily partition (from "
+                f"{daily_partitions.start.strftime('%Y-%m-%d')} to yesterday, UTC)"
+            )
+        return value
+
 
 def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
     return TrainingRunConfig.from_mapping(config.model_dump())
@@ -334,6 +352,7 @@ def train_and_register(
     # Unpartitioned: one asset whose materializations are MLflow model versions. The deps carry lineage;
     # the partition actually read is config.training_partition (default the newest published).
     deps=[dg.AssetDep("training_examples"), dg.AssetDep("graph_snapshot"), dg.AssetDep("feature_store")],
+    pool=MODEL_TRAINING_POOL,
     group_name="training",
     kinds={"pytorch", "mlflow"},
     owners=["team:omnisage-ml"],

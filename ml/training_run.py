@@ -17,11 +17,11 @@ call ``train_and_register``; under ``torchrun`` every rank runs it (``python -m 
   one ``Evaluator``; the new version becomes ``champion`` when its mean recall@k is >= the champion's, else
   ``challenger``. The held-out test sets (4.2.1) are reported, never selected on; only when the validation
   split has no example of the gate's tasks (``validation_fraction`` 0, tiny data) does the gate read them,
-  and its decision says so;
+  and its decision says so; promotions are serialised and compare-and-set (``ml.promotion_lock``);
 - warm start (``warm_start``): the champion's weights and count-min sketches (``ml.warm_start``);
-- checkpoints: ``checkpoint_root/<fingerprint>/last.pt`` every ``checkpoint_every`` steps; a killed run is
-  resumed by the next run with the same fingerprint (inputs' published versions, every setting that changes
-  the trajectory, the world size);
+- checkpoints: ``checkpoint_root/<fingerprint>-<run>/last.pt`` every ``checkpoint_every`` steps, one folder
+  per run (``ml.checkpoint_dirs``); a killed run's folder is resumed by the next run with the same fingerprint
+  (inputs' published versions, every setting that changes the trajectory, the world size);
 - distributed: with WORLD_SIZE > 1 (torchrun) every rank trains (DDP, ``ml.train``) and rank 0 alone logs,
   evaluates and registers.
 """
@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -42,9 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ml.checkpoint_dirs import RunDir, claimed_run_dir
 from ml.config import TASK_NAMES
 from ml.layout import MODEL_ARTIFACT_PATH, NEIGHBORHOODS_DIR, PINSAGE_ARTIFACT_PATH
-from ml.tracking import MlflowTarget, store_lock
+from ml.promotion_lock import compare_and_set, promotion_lock
+from ml.tracking import MlflowTarget
 from ml.validation import keep_trained_sources, split_validation
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -351,10 +352,8 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
             ),
         }
     )
-    ckpt_dir = inputs.checkpoint_root / fingerprint
-    train_config = train_config.replace(checkpoint_dir=str(ckpt_dir))
-    ckpt = ckpt_dir / "last.pt"
-    resume = ckpt if (config.resume and ckpt.is_file()) else None
+    # the trajectory's name: train_and_register claims a folder of its own named after it (ml.checkpoint_dirs)
+    ckpt_dir, resume = inputs.checkpoint_root / fingerprint, None
     return _Prepared(
         snapshot,
         cache,
@@ -391,8 +390,6 @@ def with_warm_start(prep: _Prepared, config: TrainingRunConfig, target: MlflowTa
     if warm is not None:
         prep.fingerprint = _fingerprint({"run": prep.fingerprint, "warm_start": warm.version})
         prep.ckpt_dir = prep.ckpt_dir.parent / prep.fingerprint
-        ckpt = prep.ckpt_dir / "last.pt"
-        prep.resume = ckpt if (config.resume and ckpt.is_file()) else None
     return prep
 
 
@@ -524,7 +521,8 @@ def train_and_register(
     Ranks other than 0 train and return None."""
     opts = RunOptions(**options)
     prep = with_warm_start(prepare(inputs, config), config, target, log if _rank() == 0 else None)
-    with distributed(prep.device.type):
+    with distributed(prep.device.type), claimed_run_dir(prep.ckpt_dir, config.resume, _rank() == 0) as own:
+        prep.ckpt_dir, prep.resume = own.path, own.resume  # this run's folder, never another live run's
         if _rank() != 0:
             plan = _FitPlan(prep.ckpt_dir, prep.resume, stop_after=opts.stop_after, warm=prep.warm)
             _fit(prep, prep.model_config, None, plan)
@@ -709,10 +707,9 @@ def _run_rank0(
             client.set_terminated(run_id, status="KILLED")
             return None
         _evaluate(prep, config, ev, log)
-        if (
-            options.register
-        ):  # from reading the champion to moving the alias: two trainings must not both promote
-            gate_lock.enter_context(store_lock(target.tracking_uri))
+        if options.register:  # from reading the champion to moving the alias: one promotion at a time
+            name = config.model_name or target.registered_model_name
+            gate_lock.enter_context(promotion_lock(inputs.checkpoint_root, target.tracking_uri, name))
         gate = _gate_on_best_split(prep, target, config, ev, val_evaluator, options.register)
         evaluation = _log_results(client, run_id, config, gate, ev)
         version = _log_models(client, run_id, prep, config, inputs, ev, gate, options.register)
@@ -723,7 +720,7 @@ def _run_rank0(
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, status="FAILED")
         raise
-    shutil.rmtree(prep.ckpt_dir, ignore_errors=True)  # registered: the checkpoint has no further use
+    RunDir(prep.ckpt_dir).remove()  # registered: the checkpoint has no further use
     log(f"omnisage_model: version {version} -> {gate['alias']} ({gate['decision']})")
     return TrainingOutcome(
         run_id=run_id,
@@ -974,6 +971,8 @@ def _log_models(client, run_id, prep, config, inputs, ev: _Evaluated, gate, regi
             }
             baseline_dir = save_model_dir(pinsage, Path(tmp) / PINSAGE_ARTIFACT_PATH, extra, **common)
             client.log_artifacts(run_id, str(baseline_dir), artifact_path=PINSAGE_ARTIFACT_PATH)
+    if register:  # the champion may have moved since the gate read it (another host's training)
+        gate.update(compare_and_set(gate["registry"], gate))
     fmt = lambda x: "null" if x is None else f"{x:.6f}"
     gate_tags = {
         "gate.decision": gate["decision"],

@@ -48,6 +48,13 @@ def partition_keys(context) -> list[str]:
 #: Dagster pool of the daily chain (ingest -> ... -> training_examples, and recall_report, which compares
 #: against the previous day's report). The instance the project creates (settings.DEFAULT_DAGSTER_YAML)
 #: enforces pools per run with a limit of 1: runs that touch the chain run one at a time, in launch order,
-#: because day D's graph reads the days before it. entity_embeddings (shard workers) and omnisage_model
-#: are outside the pool and run beside the chain and beside each other.
+#: because day D's graph reads the days before it. entity_embeddings (shard workers) are outside any pool
+#: and run beside the chain and beside each other.
 DAILY_CHAIN_POOL = "omnisage_daily_chain"
+
+#: Dagster pool of omnisage_model, limit 1 like every pool of that instance (its ``default_limit``): one
+#: training at a time (the scheduled one and a launched one queue rather than train side by side on the same
+#: devices), beside the daily chain, whose retention keeps the days a training reads (reader leases,
+#: omnisage_pipeline.training.runner). Promotions are serialised by the library too (ml.promotion_lock), so
+#: runs outside Dagster (the CLI, a notebook) stay safe.
+MODEL_TRAINING_POOL = "omnisage_model"

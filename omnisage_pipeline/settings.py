@@ -177,8 +177,10 @@ def configure_process_scratch(settings: Settings) -> None:
 #:   (omnisage_pipeline.partitions.DAILY_CHAIN_POOL), and pools are enforced per run with a default limit
 #:   of 1, so a run that touches the chain waits in the queue until no other such run is in progress (the
 #:   graph of day D reads the daily edges of the days before it, and a day not published yet is read as
-#:   missing); queued runs start in launch order. Runs outside the pool - entity_embeddings shard workers,
-#:   omnisage_model trainings - run beside it and beside each other, up to 8 runs in all;
+#:   missing); queued runs start in launch order. omnisage_model trainings have a pool of their own
+#:   (partitions.MODEL_TRAINING_POOL, the same default limit of 1): one training at a time, beside the chain.
+#:   Runs outside any pool - entity_embeddings shard workers - run beside them and beside each other, up to
+#:   8 runs in all;
 #: - telemetry off: Dagster's telemetry writes ``~/.dagster/.telemetry`` into the user's home directory
 #:   whatever DAGSTER_HOME says (and the webserver uploads usage data).
 DEFAULT_DAGSTER_YAML = """\

@@ -8,6 +8,9 @@ train_omnisage_model -> Launchpad, where the asset's config can be edited) or fr
     dagster job launch -m omnisage_pipeline.definitions -j train_omnisage_model \
         --config-json '{"ops": {"omnisage_model": {"config": {"steps": 300}}}}'
 
+Runs of the job queue in the asset's pool ``omnisage_model`` (limit 1, ``partitions.MODEL_TRAINING_POOL``): a
+launched training and the scheduled one never train side by side.
+
 The schedule runs it weekly (default Monday 03:00 UTC, after the daily pipeline's 01:00 UTC run has
 published the previous day's examples). ``OMNISAGE_TRAIN_CRON`` overrides the cron string; it is read when
 the definitions load.

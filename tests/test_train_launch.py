@@ -159,3 +159,44 @@ def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omn
     second = train_and_register(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
     assert (first.version, second.version) == ("1", "2")
     assert second.alias == "champion" and "cannot be loaded by this release" in second.decision
+
+
+def test_a_champion_moved_by_another_training_during_the_gate_is_not_overwritten(
+    published,  # noqa: F811
+    omnisage_env,
+    monkeypatch,
+):
+    """Another host's training promotes while this one gates (no local lock sees it): this one re-reads the
+    champion right before moving the alias and does not replace a model it was never compared with."""
+    from assets.training import OmniSageModelConfig, train_and_register
+    from ml import training_run
+    from ml.registry import ModelRegistry
+    from omnisage_pipeline.resources import MlflowResource
+
+    settings, art = published
+    _publish_examples(settings, art.day)
+    config = OmniSageModelConfig(
+        steps=2,
+        batch_size=16,
+        num_random_negatives=8,
+        pool_size=200,
+        device="cpu",
+        pinsage_baseline=False,
+        num_workers=0,
+    )
+    mlflow_res = MlflowResource.from_settings(settings)
+    first = train_and_register(settings, mlflow_res, config, log=lambda m: None)
+    registry = ModelRegistry(settings.mlflow_tracking_uri)
+    log_results = training_run._log_results
+
+    def gate_then_another_host_promotes(client, run_id, cfg, gate, ev):
+        out = log_results(client, run_id, cfg, gate, ev)
+        registry.set_alias("champion", registry.register(first.run_id, "model"))  # v2, from elsewhere
+        return out
+
+    monkeypatch.setattr(training_run, "_log_results", gate_then_another_host_promotes)
+    second = train_and_register(settings, mlflow_res, config, log=lambda m: None)
+    assert (first.version, second.version) == ("1", "3") and second.previous_champion == "1"
+    assert second.alias == "challenger" and "moved from v1 to v2" in second.decision
+    assert registry.version_for_alias("champion") == "2" and registry.version_for_alias("challenger") == "3"
+    assert registry.model_version("3").tags["gate.alias"] == "challenger"

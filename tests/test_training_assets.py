@@ -148,6 +148,11 @@ def test_training_examples_model_and_gate(published):
     assert not list(
         (settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt")
     )  # removed once registered
+    from ml.promotion_lock import promotion_lock_path
+
+    # the gate took the promotion lock under OMNISAGE_HOME (any store, not only sqlite)
+    lock_dir = settings.home / "checkpoints" / "omnisage_model"
+    assert promotion_lock_path(lock_dir, settings.mlflow_tracking_uri, "omnisage").is_file()
 
     client = mlflow.MlflowClient(
         tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
@@ -203,6 +208,7 @@ def test_training_job_and_weekly_schedule(omnisage_env):
     from datetime import datetime
 
     from assets.training import omnisage_model, training_examples
+    from omnisage_pipeline.settings import DEFAULT_DAGSTER_YAML
     from omnisage_pipeline.training_jobs import (
         TRAINING_JOB_NAME,
         build_training_schedule,
@@ -217,6 +223,9 @@ def test_training_job_and_weekly_schedule(omnisage_env):
         resources=_resources(Settings.from_env()),
     )
     job = defs.resolve_job_def(TRAINING_JOB_NAME)
+    # a pool of its own (limit 1 in the project's dagster.yaml: its default_limit): one training at a time
+    assert omnisage_model.op.pool == "omnisage_model" != training_examples.op.pool
+    assert "default_limit: 1" in DEFAULT_DAGSTER_YAML
     assert [k.to_user_string() for k in job.asset_layer.executable_asset_keys] == ["omnisage_model"]
     assert training_schedule.cron_schedule == "0 3 * * 1" and training_schedule.execution_timezone == "UTC"
     # A tick at Monday 2026-01-05 03:00 UTC asks for one run of the training job.
@@ -226,3 +235,25 @@ def test_training_job_and_weekly_schedule(omnisage_env):
     assert build_training_schedule("30 4 * * 0").cron_schedule == "30 4 * * 0"
     with pytest.raises(dg.DagsterInvalidDefinitionError):
         build_training_schedule("not a cron")
+
+
+@pytest.mark.parametrize("bad", ["2026-01-05/../../etc", "2026-01-5", "20260105", "1999-01-01", "2999-01-01"])
+def test_training_partition_config_is_a_daily_partition_key(omnisage_env, bad):
+    """A training_partition that is not an existing daily partition key is refused, naming the field and the
+    value, before any path is built from it."""
+    import pydantic
+
+    from assets.training import OmniSageModelConfig, omnisage_model
+    from omnisage_pipeline.partitions import daily_partitions
+
+    first = daily_partitions.start.strftime("%Y-%m-%d")
+    assert OmniSageModelConfig(training_partition=first).training_partition == first
+    refused = r"training_partition.*" + repr(bad).replace(".", r"\.")
+    with pytest.raises(pydantic.ValidationError, match=refused):
+        OmniSageModelConfig(training_partition=bad)
+    with pytest.raises(pydantic.ValidationError, match=refused):  # the run fails before training
+        dg.materialize(
+            [omnisage_model],
+            resources=_resources(Settings.from_env()),
+            run_config={"ops": {"omnisage_model": {"config": {"training_partition": bad}}}},
+        )

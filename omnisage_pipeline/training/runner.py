@@ -1,9 +1,16 @@
 """Running ``ml.training_run`` against a pipeline home (Dagster-free): the ``omnisage_model`` asset and the
 ``omnisage train`` command both call ``run_training``, so they train exactly alike.
 
-- the partition: ``training_partition`` or the newest published ``training_examples`` day;
-- reader leases on that day's graph and feature store for the whole run (retention never removes what
-  training reads);
+- the partition: ``training_partition`` (a YYYY-MM-DD daily partition key, ``check_training_partition``) or
+  the newest published ``training_examples`` day;
+- reader leases on that day's graph and feature store for the whole run, released when it ends (however it
+  ends: a killed run's lease is stale and ignored). Held, not released after an up-front copy, because the
+  run reads them until its end - the snapshot and neighbourhood cache memory-mapped, the feature store
+  per batch unless it fits ``feature_memory_budget_mb``, every torchrun rank opening them itself, and the
+  gate re-opening the feature store for a champion with another ``max_tokens`` - and a copy of the day's
+  graph and RocksDB store would cost more disk than the lease keeps. Retention skips a leased day (and the
+  day of any running ``omnisage_model`` run), so a long training only delays the removal of an expired day;
+  the newest days are never expired anyway;
 - ``nproc_per_node == 1`` trains in this process; ``> 1`` (or rendezvous options for several nodes) writes a
   request file and launches torchrun (``ml.launch``), every rank's lines going to ``log``; rank 0's outcome
   comes back through a JSON file.
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Mapping
+from datetime import date
 from pathlib import Path
 
 from ml.launch import launch_training
@@ -29,13 +37,36 @@ from ml.training_run import (
 from omnisage_pipeline.settings import Settings
 from omnisage_pipeline.storage.publish import list_published, require_published
 
-__all__ = ["NEIGHBORHOODS_DIR", "resolve_training_partition", "run_training", "training_inputs"]
+__all__ = [
+    "NEIGHBORHOODS_DIR",
+    "check_training_partition",
+    "resolve_training_partition",
+    "run_training",
+    "training_inputs",
+]
+
+
+def check_training_partition(value: str, start_date: str | None = None) -> str:
+    """``value`` when it is a daily partition key (YYYY-MM-DD, on or after ``start_date``), else a ValueError
+    naming the field: the key becomes a path (``dt=<key>``), so nothing else may pass."""
+    try:
+        is_day = date.fromisoformat(value).isoformat() == value  # the round trip refuses 20260105, ...
+    except (TypeError, ValueError):
+        is_day = False
+    if not is_day:
+        raise ValueError(f"config field 'training_partition' = {value!r}: expected a day YYYY-MM-DD")
+    if start_date and value < start_date:
+        raise ValueError(
+            f"config field 'training_partition' = {value!r}: before the first daily partition {start_date}"
+        )
+    return value
 
 
 def resolve_training_partition(settings: Settings, requested: str | None) -> str:
+    """``requested`` (checked, and published) or the newest published ``training_examples`` partition."""
     dataset = settings.warehouse_dataset("training_examples")
     if requested:
-        require_published(dataset, requested)
+        require_published(dataset, check_training_partition(requested, settings.start_date))
         return requested
     keys = list_published(dataset)
     if not keys:
