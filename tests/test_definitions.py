@@ -111,8 +111,9 @@ print("ok")
 
 def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_path):
     """The chain's assets share a pool enforced per run with limit 1 (runs touching it are serialised);
-    shard workers (entity_embeddings) and training (omnisage_model) are outside it and run beside it."""
-    from omnisage_pipeline.partitions import DAILY_CHAIN_POOL
+    shard workers (entity_embeddings) are outside it and run beside it; training (omnisage_model) has a pool
+    of its own (one training at a time, beside the chain)."""
+    from omnisage_pipeline.partitions import DAILY_CHAIN_POOL, MODEL_TRAINING_POOL
     from omnisage_pipeline.settings import prepare_dagster_home
 
     graph = _defs().resolve_asset_graph()
@@ -121,11 +122,8 @@ def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_
         for k in graph.get_all_asset_keys()
         if graph.get(k).is_materializable
     }
-    outside = {
-        "entity_embeddings",
-        "omnisage_model",
-        "ann_index",
-    }  # read one day of their inputs: beside the chain
+    outside = {"entity_embeddings", "ann_index"}  # read one day of their inputs: beside the chain
+    assert pools.pop("omnisage_model") == {MODEL_TRAINING_POOL}
     for name, asset_pools in pools.items():
         assert asset_pools == (set() if name in outside else {DAILY_CHAIN_POOL}), (name, asset_pools)
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(tmp_path / "dagster"))) as instance:
