@@ -33,6 +33,7 @@ from graph_engine.batch import (
     NeighborBlock,
     NeighborhoodLayout,
 )
+from ml.sequence_ids import dedupe_sequences
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,28 +519,6 @@ def make_feature_batch(
     )
 
 
-def dedupe_sequences(
-    sequences: np.ndarray, future_ids: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Entity ids [U, T] (-1 = padding) and future ids [U] -> (unique ids [E], sequence_index [U, T],
-    future_index [U]). Vectorised (np.unique); every entity is embedded once per batch (3.3.3)."""
-    seq = np.asarray(sequences, dtype=np.int64)
-    if seq.ndim != 2:
-        raise ValueError(f"sequences must be 2-D [U, T], got shape {seq.shape}")
-    fut = None if future_ids is None else np.asarray(future_ids, dtype=np.int64)
-    pool = seq[seq >= 0]
-    if fut is not None:
-        pool = np.concatenate([pool, fut[fut >= 0]])
-    uniq = np.unique(pool)
-    index = np.full(seq.shape, -1, dtype=np.int64)
-    index[seq >= 0] = np.searchsorted(uniq, seq[seq >= 0])
-    fut_index = None
-    if fut is not None:
-        fut_index = np.full(fut.shape, -1, dtype=np.int64)
-        fut_index[fut >= 0] = np.searchsorted(uniq, fut[fut >= 0])
-    return uniq, index, fut_index
-
-
 def make_sequence_batch(
     builder: BuildsEntityBatches,
     entity_type: str,
@@ -549,8 +528,11 @@ def make_sequence_batch(
     *,
     negative_log_q: float | np.ndarray | None = None,
     user_ids: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    future_valid: np.ndarray | None = None,
 ) -> SequenceBatch:
-    uniq, index, fut_index = dedupe_sequences(sequences, future_ids)
+    """A ``SequenceBatch`` from entity ids; ``valid`` / ``future_valid`` mark padding (``dedupe_sequences``)."""
+    uniq, index, fut_index = dedupe_sequences(sequences, future_ids, valid=valid, future_valid=future_valid)
     return SequenceBatch(
         entities=builder.build(entity_type, uniq),
         sequence_index=index,

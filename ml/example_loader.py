@@ -59,8 +59,8 @@ from ml.data import (
     SequenceBatch,
     UniformNegativeSampler,
     build_entities,
-    dedupe_sequences,
 )
+from ml.sequence_ids import dedupe_sequences
 from ml.training_examples import (
     NODE_SCHEMA,
     OUTPUT_TABLES,
@@ -187,18 +187,20 @@ def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values[offsets[0] : offsets[-1]] if offsets.size else values
 
 
-def padded_histories(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int) -> np.ndarray:
-    """int64 [len(rows), T] of each row's LAST ``max_len`` entries, left-aligned, -1 padded (T = longest)."""
+def padded_histories(
+    offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ids [len(rows), T], bool valid [len(rows), T]): each row's LAST ``max_len`` entries,
+    left-aligned (T = longest). Any int64 is an id, so the mask - not a value - marks the padding."""
     lo, hi = offsets[rows], offsets[rows + 1]
     lo = np.maximum(lo, hi - max_len)
     lengths = hi - lo
     t = int(lengths.max()) if lengths.size else 0
     out = np.full((len(rows), max(t, 1)), -1, dtype=np.int64)
+    valid = np.arange(out.shape[1])[None, :] < lengths[:, None]
     if t:
-        pos = np.arange(t)[None, :]
-        valid = pos < lengths[:, None]
-        out[valid] = values[(lo[:, None] + pos)[valid]]
-    return out
+        out[valid] = values[(lo[:, None] + np.arange(t)[None, :])[valid]]
+    return out, valid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,10 +477,7 @@ class StepBatches:
             q, pos, masked = (np.concatenate(c) for c in zip(*parts[(qt, pt)]))
             qb, pb = self._build(qt, q), self._build(pt, pos)
             if masked.any():
-                qb, pb = (
-                    exclude_neighbors(qb, np.where(masked, pos, -1)),
-                    exclude_neighbors(pb, np.where(masked, q, -1)),
-                )
+                qb, pb = exclude_neighbors(qb, pos, where=masked), exclude_neighbors(pb, q, where=masked)
             nb, log_q = negatives.get(pt, (None, None))
             out[f"entity_entity/{qt}_{pt}"] = PairBatch(
                 query=qb,
@@ -503,14 +502,14 @@ class StepBatches:
         p = self.plan
         h_off, h_val, f_off, f_val, keep, user_ids, users_per_step = p.seq
         rows = keep[rng.integers(0, keep.size, size=min(users_per_step, keep.size))]
-        hist = padded_histories(h_off, h_val, rows, p.max_sequence_length)
+        hist, valid = padded_histories(h_off, h_val, rows, p.max_sequence_length)
         n_fut = f_off[rows + 1] - f_off[rows]
         pick = f_off[rows] + (rng.random(rows.size) * np.maximum(n_fut, 1)).astype(np.int64)
         fut = np.full(rows.size, -1, dtype=np.int64)
         has = n_fut > 0
         fut[has] = f_val[pick[has]]
         nb, log_q = negatives.get("pin", (None, None))
-        uniq, index, fut_index = dedupe_sequences(hist, fut)
+        uniq, index, fut_index = dedupe_sequences(hist, fut, valid=valid, future_valid=has)
         return SequenceBatch(
             entities=self._build("pin", uniq),
             sequence_index=index,

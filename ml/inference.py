@@ -5,9 +5,10 @@ embeddings U_t.
   neighbourhoods and features through ``BatchBuilder``, forward in batches under ``torch.no_grad`` in eval
   mode on the model's device. Entities outside the graph get all-padding neighbourhoods (3.5's zero
   imputation, done by the BatchBuilder).
-- ``exclude_neighbor_ids`` (int64 [n], -1 = none): entity i is embedded as if ``exclude_neighbor_ids[i]``
-  were not in its neighbourhood (``exclude_neighbors``): the evaluator uses it so an evaluation query is never
-  embedded with the evaluation pair's own edge (contract "Evaluation protocol").
+- ``exclude_neighbor_ids`` (int64 [n], any int64 id): entity i is embedded as if ``exclude_neighbor_ids[i]``
+  were not in its neighbourhood (``exclude_neighbors``; an id that is not there removes nothing): the
+  evaluator uses it so an evaluation query is never embedded with the evaluation pair's own edge (contract
+  "Evaluation protocol").
 - ``EncodedFeatureCache``: each graph node's encoded features, computed the first time a batch reads the node
   and gathered after that; ``embed_entities`` makes one per call, or takes one that lives across calls.
 - ``embed_users(model, builder, histories)`` -> the user-entity transformer's output U_t at each user's last
@@ -23,15 +24,17 @@ import torch
 
 from graph_engine.batch import CompactEntityBatch, EntityBatch, FeatureArrays
 from ml.data import build_entities
+from ml.sequence_ids import padded_ids
 
 
 def exclude_neighbors(
-    batch: EntityBatch | CompactEntityBatch, exclude_ids
+    batch: EntityBatch | CompactEntityBatch, exclude_ids, where=None
 ) -> EntityBatch | CompactEntityBatch:
-    """``batch`` with entity ``exclude_ids[i]`` removed from row i's neighbourhood (any block it appears in;
-    -1 = nothing to remove). Each block is compacted afterwards - the remaining neighbours move up one
-    rank, real entries first then padding, as the batch layout requires - so the row looks like the
-    neighbourhood would without that node (up to the proximity scores of the others, which are kept).
+    """``batch`` with entity ``exclude_ids[i]`` removed from row i's neighbourhood (any block it appears in),
+    for the rows where ``where`` (bool [B], default all) holds: any int64 is an id, so "nothing to remove"
+    is ``where[i] = False``, not an id value. Each block is compacted afterwards - the remaining neighbours
+    move up one rank, real entries first then padding, as the batch layout requires - so the row looks like
+    the neighbourhood would without that node (up to the proximity scores of the others, which are kept).
     Matching is by id: the layout's blocks hold one node type each and ids of different types are
     assumed not to collide (true of the contract's data sets unless a pin and a board share an id, in which
     case the other one is dropped too - harmless for evaluation)."""
@@ -39,7 +42,12 @@ def exclude_neighbors(
     b = len(batch)
     if ex.shape[0] != b:
         raise ValueError(f"exclude_neighbor_ids has {ex.shape[0]} entries for {b} entities")
-    hit = batch.neighbor_mask & (batch.neighbor_ids == ex[:, None]) & (ex[:, None] >= 0)
+    hit = batch.neighbor_mask & (batch.neighbor_ids == ex[:, None])
+    if where is not None:
+        rows_on = np.asarray(where, dtype=bool).reshape(-1)
+        if rows_on.shape[0] != b:
+            raise ValueError(f"exclude_neighbors: where has {rows_on.shape[0]} entries for {b} entities")
+        hit &= rows_on[:, None]
     if not hit.any():
         return batch
     mask = batch.neighbor_mask & ~hit
@@ -224,12 +232,9 @@ def embed_users(
     with _EvalMode(model), torch.no_grad(), inference_autocast(model):
         for lo in range(0, nonempty.size, batch_size):
             rows = nonempty[lo : lo + batch_size]
-            lengths = np.array([hist[r].size for r in rows])
-            seq = np.full((rows.size, int(lengths.max())), -1, dtype=np.int64)
-            valid = np.arange(seq.shape[1])[None, :] < lengths[:, None]
-            seq[valid] = np.concatenate([hist[r] for r in rows])
+            seq, valid = padded_ids([hist[r] for r in rows])
             if item_table is None:
-                batch = make_sequence_batch(builder, entity_type, seq)
+                batch = make_sequence_batch(builder, entity_type, seq, valid=valid)
                 out[rows] = model.user_embeddings(batch).float().cpu().numpy()
                 continue
             device = _device(model)

@@ -76,12 +76,21 @@ __all__ = ["NUM_TYPE_CODES", "SoftmaxInputs", "entity_key", "prepare_inputs", "s
 # entity_key reserves 2 bits for the type code: pin = 0, board = 1 (graph_engine.batch.NODE_TYPE_CODE),
 # leaving room for e.g. user = 2.
 NUM_TYPE_CODES = 4
-_MAX_ID = (1 << 61) - 1  # ids * 4 must stay inside int64
-_MIN_ID = -(1 << 61)
+_ID_BITS = (1 << 62) - 1  # fold(ids) * 4 must stay inside int64
+_ID_SIGN = 1 << 61
+
+
+def _fold_id(ids: torch.Tensor) -> torch.Tensor:
+    """int64 ids -> [-2**61, 2**61), the identity inside that range (two's-complement wrap of 62 bits)."""
+    return ((ids & _ID_BITS) ^ _ID_SIGN) - _ID_SIGN
 
 
 def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
-    """One int64 key space for (entity_type, entity_id): ``ids * 4 + type_code``.
+    """One int64 key space for (entity_type, entity_id): ``fold(ids) * 4 + type_code``.
+
+    ``fold`` maps an int64 id into [-2**61, 2**61) (the identity there, so keys of such ids decode as
+    ``key >> 2``); ids outside it - the contract allows any int64 - share a key with the id 2**62 away, which
+    at worst merges two entities' sketch counts or accidental-hit masks, never drops one.
 
     Used for accidental-hit masking and as the count-min-sketch key, so that sketch counts refer to the
     entity itself and survive the daily re-indexing of the graph (dense node indices change every day).
@@ -98,9 +107,7 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
     if isinstance(tc, int) and not isinstance(tc, bool):
         if not 0 <= tc < NUM_TYPE_CODES:
             raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc}")
-        if on_host and ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
-            raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
-        return ids_t * NUM_TYPE_CODES + tc
+        return _fold_id(ids_t) * NUM_TYPE_CODES + tc
     if isinstance(tc, torch.Tensor):
         tc_t = tc.to(device=ids_t.device)
     else:
@@ -112,9 +119,7 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
         raise ValueError(
             f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}"
         )
-    if on_host and ids_t.numel() and (int(ids_t.min()) < _MIN_ID or int(ids_t.max()) > _MAX_ID):
-        raise ValueError("entity_key: ids must lie in [-2**61, 2**61) so that ids * 4 fits in int64")
-    return ids_t * NUM_TYPE_CODES + tc_t
+    return _fold_id(ids_t) * NUM_TYPE_CODES + tc_t
 
 
 class SoftmaxInputs:

@@ -247,8 +247,11 @@ def test_entity_key():
         entity_key(4, ids)
     with pytest.raises(TypeError, match="ids"):
         entity_key(0, np.array([1.5]))
-    with pytest.raises(ValueError, match="ids"):
-        entity_key(0, np.array([2**62], dtype=np.int64))
+    # every int64 id gets a key (the contract allows any): ids inside [-2**61, 2**61) keep theirs exactly
+    extreme = np.array([-(2**63), 2**63 - 1, -(2**61), 2**61 - 1, 2**62], dtype=np.int64)
+    keys = entity_key(0, extreme)
+    assert (keys[2:4] >> 2).tolist() == [-(2**61), 2**61 - 1] and len(set(keys.tolist())) == 4
+    assert set(entity_key(1, extreme).tolist()).isdisjoint(keys.tolist())
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
