@@ -10,15 +10,17 @@ Dagster-free apart from the result type and read only footers or vectorised colu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assets.daily import BlockingCheckFailed
+from omnisage_pipeline.storage.publish import published_path
 
 ERROR = dg.AssetCheckSeverity.ERROR
 
@@ -29,15 +31,32 @@ def blocking_spec(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
 
 class StagedGate:
     """``validate`` hook of publish_partition: evaluate checks on the staged directory, keep the results,
-    raise BlockingCheckFailed when one of severity ERROR failed (nothing is published then)."""
+    raise BlockingCheckFailed when one of severity ERROR failed (nothing is published then).
 
-    def __init__(self, day: str, evaluate: Callable[[Path], Sequence[dg.AssetCheckResult]]):
+    ``early``: results already known from what is about to be staged (``no_empty_replacement``, from the
+    validated row counts). ``refuse_early()`` raises on them before the asset publishes anything of the day
+    (an asset that publishes a quarantine table first would otherwise replace it); every evaluation of the
+    staged output reports them with its own results."""
+
+    def __init__(
+        self,
+        day: str,
+        evaluate: Callable[[Path], Sequence[dg.AssetCheckResult]],
+        early: Sequence[dg.AssetCheckResult] = (),
+    ):
         self.day = day
         self.evaluate = evaluate
+        self.early = list(early)
         self.results: list[dg.AssetCheckResult] = []
 
+    def refuse_early(self) -> None:
+        self._record(self.early)
+
     def __call__(self, staging: Path) -> None:
-        self.results = list(self.evaluate(staging))
+        self._record([*self.early, *self.evaluate(staging)])
+
+    def _record(self, results: list[dg.AssetCheckResult]) -> None:
+        self.results = results
         if any(not r.passed and r.severity == ERROR for r in self.results):
             raise BlockingCheckFailed(self.day, self.results)
 
@@ -56,6 +75,44 @@ def result(asset: str, name: str, passed: bool, description: str, **metadata) ->
     return dg.AssetCheckResult(
         asset_key=asset, check_name=name, passed=bool(passed), metadata=metadata, description=description
     )
+
+
+# ------------------------------------------------------------------------------------------ ingest
+def published_rows(dataset_dir: Path, day: str, tables: Sequence[str]) -> dict[str, int | None]:
+    """Rows of each table (a sub-folder; ``""``: the partition folder itself) of the version of ``day``
+    published now: 0 when the day was never published, None when its files cannot be read (a damaged
+    version is not protected: ``reuse_identical_versions=False`` exists to replace one)."""
+    version = published_path(dataset_dir, day)
+    counts: dict[str, int | None] = {}
+    for table in tables:
+        try:
+            counts[table] = parquet_rows([version / table]) if version is not None else 0
+        except (OSError, pa.ArrowException):
+            counts[table] = None
+    return counts
+
+
+def no_empty_replacement(
+    asset: str, staged: Mapping[str, int], published: Mapping[str, int | None], allow: bool
+) -> dg.AssetCheckResult:
+    """No table of the day that has rows in its published version is replaced by an empty one (a lost or
+    half-delivered input, not a day without data), unless ``allow`` (run config ``allow_empty_replacement``)."""
+    emptied = [t for t, n in published.items() if n and not staged.get(t, 0)]
+    names = ", ".join(f"{t or asset} ({published[t]} rows published)" for t in emptied)
+    if not emptied:
+        text = "no published table with rows would be replaced by an empty one"
+    elif allow:
+        text = f"replacing {names} by an empty table, as allow_empty_replacement asks"
+    else:
+        text = (
+            f"refused to replace {names} by an empty table; the published version stays "
+            "(set allow_empty_replacement to empty the day on purpose)"
+        )
+    return result(
+        asset, "no_empty_replacement", not emptied or allow, text,
+        staged_rows=dg.MetadataValue.json(dict(staged)), published_rows=dg.MetadataValue.json(dict(published)),
+        emptied_tables=dg.MetadataValue.json(emptied), allow_empty_replacement=bool(allow),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ engagement_logs

@@ -4,20 +4,22 @@ Thin wrappers: ``omnisage_pipeline.contract.validation`` reads and validates (ru
 accepted widenings are documented there); these assets publish its output atomically and report counts.
 
 engagement_logs, partition D:
-    reads ``$OMNISAGE_DATA_ROOT/engagement_logs/dt=D/*.parquet`` (a missing day folder is a valid empty
-    partition: an empty, typed table is still published), writes valid rows to
-    ``warehouse/engagement_logs/dt=D/`` and bad rows (+ reason, source_file, source_row) to
-    ``warehouse/quarantine/engagement_logs/dt=D/`` (published even when empty).
+    reads ``$OMNISAGE_DATA_ROOT/engagement_logs/dt=D/*.parquet`` (a day folder that exists and holds no
+    rows is an empty day: an empty, typed table is published; a missing day folder fails the run with a
+    ``dagster.Failure`` naming the path and publishes nothing, unless config ``allow_missing_day``), writes
+    valid rows to ``warehouse/engagement_logs/dt=D/`` and bad rows (+ reason, source_file, source_row,
+    original_bytes) to ``warehouse/quarantine/engagement_logs/dt=D/`` (published even when empty).
 entity_metadata, partition D:
     reads the metadata snapshot ``pins/*.parquet`` and ``boards/*.parquet`` (each folder's files form one
     table; a missing pins/ or boards/ folder is an empty table - logs alone still make nodes - and is
-    reported as ``pins_folder_present=False``), writes ``warehouse/entity_metadata/dt=D/{pins,boards}/``
+    reported as ``pins_folder_present=False``; it never empties a published day with rows, see
+    ``no_empty_replacement`` below), writes ``warehouse/entity_metadata/dt=D/{pins,boards}/``
     and the quarantine as two tables ``warehouse/quarantine/entity_metadata/dt=D/{pins,boards}/`` (pins
     and boards have different columns, so one table per entity type rather than one with an entity column).
     Both are stored once per change, not once per day (``omnisage_pipeline.storage.shared_versions``): the day's
     content digest is taken over the input files' bytes (names, sizes, sha256) and the validation code
-    version (this module's INGEST_CODE_VERSION, the source of ``omnisage_pipeline.contract.validation``, the pyarrow
-    writer's version); when a published version has that digest, ``dt=D`` links to it and no Parquet byte
+    version (this module's INGEST_CODE_VERSION, the sources of the ``omnisage_pipeline.contract`` modules, the
+    pyarrow writer's version); when a published version has that digest, ``dt=D`` links to it and no Parquet byte
     is written (the checks run again on that version). Config ``reuse_identical_versions=False`` forces a
     fresh copy.
 
@@ -27,6 +29,10 @@ Blocking asset checks, evaluated on the staged valid table before it is publishe
 ``quarantine_share`` (engagement_logs): at most ``max_quarantine_fraction`` (config, default 0.2) of the
 day's rows are quarantined; an empty day passes. A refused day's quarantine table is still published (it is
 what explains the refusal); its valid table keeps the previous version.
+``no_empty_replacement`` (both assets): a table of the day with rows in its published version (logs: the
+valid table; metadata: pins, boards) is not replaced by an empty one unless config
+``allow_empty_replacement``; it is judged from the validated counts before anything of the day is published,
+so a refused day keeps both its valid and its quarantine tables.
 A missing ``OMNISAGE_DATA_ROOT`` fails the run; a structurally unreadable input file fails it with a
 ``ContractError`` naming the file and the column.
 """
@@ -39,7 +45,14 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from assets.checks import StagedGate, blocking_spec, parquet_rows, quarantine_share
+from assets.checks import (
+    StagedGate,
+    blocking_spec,
+    no_empty_replacement,
+    parquet_rows,
+    published_rows,
+    quarantine_share,
+)
 from assets.daily import ROW_COUNT, DayResult, materialize_days
 from omnisage_pipeline.contract import validation as contract
 from omnisage_pipeline.contract.validation import (
@@ -57,8 +70,14 @@ from omnisage_pipeline.storage.shared_versions import files_digest, publish_shar
 
 ACCOUNTING_CHECK = "rows_accounted"
 QUARANTINE_CHECK = "quarantine_share"
+EMPTY_CHECK = "no_empty_replacement"
 OWNERS = ["team:omnisage-data"]
-INGEST_CODE_VERSION = "ingest-2"
+INGEST_CODE_VERSION = "ingest-3"  # 3: quarantine column original_bytes, over-long text cut
+
+_ALLOW_EMPTY = (
+    "blocking check no_empty_replacement: True lets an empty table replace a published day that has rows "
+    "(e.g. a day retracted on purpose); False (default) refuses, and the published version stays"
+)
 
 
 class EngagementLogsConfig(dg.Config):
@@ -66,6 +85,12 @@ class EngagementLogsConfig(dg.Config):
         default=0.2, ge=0.0, le=1.0,
         description="blocking check quarantine_share: refuse a day whose quarantined share of rows is above this",
     )  # fmt: skip
+    allow_missing_day: bool = Field(
+        default=False,
+        description="a missing engagement_logs/dt=D folder is an error (nothing is published); True "
+        "publishes an empty day instead (a day that has rows is still kept: see allow_empty_replacement)",
+    )
+    allow_empty_replacement: bool = Field(default=False, description=_ALLOW_EMPTY)
 
 
 class EntityMetadataConfig(dg.Config):
@@ -74,13 +99,15 @@ class EntityMetadataConfig(dg.Config):
         description="link the day to a published version with the same content digest instead of writing "
         "a new copy; False writes a fresh copy (e.g. to replace a version damaged on disk)",
     )
+    allow_empty_replacement: bool = Field(default=False, description=_ALLOW_EMPTY)
 
 
 @cache
 def _validation_code_version() -> tuple[str, ...]:
     """What, besides the input bytes, decides the validated output's bytes (part of the content digest)."""
-    source = hashlib.sha256(Path(contract.__file__).read_bytes()).hexdigest()
-    return (INGEST_CODE_VERSION, f"contract.py:{source}", f"pyarrow:{pa.__version__}")
+    sources = sorted(Path(contract.__file__).parent.glob("*.py"))
+    digests = tuple(f"contract/{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in sources)
+    return (INGEST_CODE_VERSION, *digests, f"pyarrow:{pa.__version__}")
 
 
 def _counts_metadata(result: ValidationResult, prefix: str = "") -> dict:
@@ -115,6 +142,23 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
     )
 
 
+def _empty_spec(asset: str) -> dg.AssetCheckSpec:
+    return blocking_spec(
+        EMPTY_CHECK,
+        asset,
+        "a published day with rows is not replaced by an empty one (allow_empty_replacement)",
+    )
+
+
+def _missing_day(folder: Path, day: str) -> dg.Failure:
+    return dg.Failure(
+        description=f"engagement_logs dt={day}: the input folder {folder} does not exist (not delivered, or "
+        "a wrong OMNISAGE_DATA_ROOT); nothing was published. Set allow_missing_day in the run config of "
+        "engagement_logs to publish an empty day instead.",
+        metadata={"missing_path": dg.MetadataValue.path(str(folder)), "day": day},
+    )
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     check_specs=[
@@ -124,6 +168,7 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
             "engagement_logs",
             "quarantined share of the day's rows <= max_quarantine_fraction",
         ),
+        _empty_spec("engagement_logs"),
     ],
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
@@ -144,11 +189,12 @@ def engagement_logs(
 
 def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path, day: str) -> DayResult:
     folder = root / "engagement_logs" / f"dt={day}"
-    files = list_parquet_files(folder)
-    if not folder.is_dir():
-        context.log.warning(
-            f"no day folder {folder}: publishing an empty partition (check OMNISAGE_DATA_ROOT)"
-        )
+    files = list_parquet_files(folder)  # a file where the folder belongs raises ContractError
+    present = folder.is_dir()
+    if not present and not config.allow_missing_day:
+        raise _missing_day(folder, day)
+    if not present:
+        context.log.warning(f"no day folder {folder}: publishing an empty day (allow_missing_day)")
     result = validate_engagement_logs(files, day, root)
     if result.rows_quarantined:
         nonzero = {r: c for r, c in result.reason_counts.items() if c}
@@ -156,21 +202,26 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
 
     valid_ds = settings.warehouse_dataset("engagement_logs")
     quarantine_ds = settings.quarantine_dataset("engagement_logs")
-    # Quarantine first and unconditionally (it explains a refused day); the valid table, which downstream
+    emptied = no_empty_replacement(
+        "engagement_logs", {"": result.rows_kept}, published_rows(valid_ds, day, [""]),
+        config.allow_empty_replacement,
+    )  # fmt: skip
+    gate = StagedGate(day, lambda staged: [
+        _accounting_check("engagement_logs", result.rows_read, [staged, quarantine_dir]),
+        quarantine_share("engagement_logs", result.rows_read, result.rows_quarantined, config.max_quarantine_fraction),
+    ], early=[emptied])  # fmt: skip
+    gate.refuse_early()
+    # Quarantine next and unconditionally (it explains a refused day); the valid table, which downstream
     # assets read, is checked in staging and swapped last.
     with publish_partition(quarantine_ds, day) as staging:
         write_table(result.quarantine, staging)
     quarantine_dir = require_published(quarantine_ds, day)
-    gate = StagedGate(day, lambda staged: [
-        _accounting_check("engagement_logs", result.rows_read, [staged, quarantine_dir]),
-        quarantine_share("engagement_logs", result.rows_read, result.rows_quarantined, config.max_quarantine_fraction),
-    ])  # fmt: skip
     with publish_partition(valid_ds, day, validate=gate) as staging:
         write_table(result.valid, staging)
 
     metadata = _counts_metadata(result)
     metadata[ROW_COUNT] = result.rows_kept
-    metadata["day_folder_present"] = folder.is_dir()
+    metadata["day_folder_present"] = present
     metadata["path"] = dg.MetadataValue.path(str(partition_link(valid_ds, day)))
     metadata["quarantine_path"] = dg.MetadataValue.path(str(partition_link(quarantine_ds, day)))
     return DayResult(metadata, gate.results)
@@ -178,7 +229,7 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
 
 @dg.asset(
     partitions_def=daily_partitions,
-    check_specs=[_accounting_spec("entity_metadata")],
+    check_specs=[_accounting_spec("entity_metadata"), _empty_spec("entity_metadata")],
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
     group_name="ingest",
@@ -193,13 +244,12 @@ def entity_metadata(
 ):
     settings = storage.settings
     root = settings.require_data_root()
-    reuse = config.reuse_identical_versions
     yield from materialize_days(
-        context, lambda day: _ingest_metadata_day(context, settings, root, day, reuse)
+        context, lambda day: _ingest_metadata_day(context, config, settings, root, day)
     )
 
 
-def _ingest_metadata_day(context, settings, root: Path, day: str, reuse: bool) -> DayResult:
+def _ingest_metadata_day(context, config: EntityMetadataConfig, settings, root: Path, day: str) -> DayResult:
     present = {kind: (root / kind).is_dir() for kind in ("pins", "boards")}
     for kind, is_there in present.items():
         if not is_there:
@@ -211,13 +261,19 @@ def _ingest_metadata_day(context, settings, root: Path, day: str, reuse: bool) -
 
     valid_ds = settings.warehouse_dataset("entity_metadata")
     quarantine_ds = settings.quarantine_dataset("entity_metadata")
-    write_quarantine = _pins_and_boards_writer(pins.quarantine, boards.quarantine)
-    quarantine = publish_shared(quarantine_ds, day, digest, write_quarantine, reuse=reuse)
+    reuse = config.reuse_identical_versions
+    emptied = no_empty_replacement(
+        "entity_metadata", {"pins": pins.rows_kept, "boards": boards.rows_kept},
+        published_rows(valid_ds, day, ["pins", "boards"]), config.allow_empty_replacement,
+    )  # fmt: skip
     rows_read = pins.rows_read + boards.rows_read
     gate = StagedGate(day, lambda staged: [_accounting_check(
         "entity_metadata", rows_read,
         [staged / "pins", staged / "boards", quarantine.version / "pins", quarantine.version / "boards"],
-    )])  # fmt: skip
+    )], early=[emptied])  # fmt: skip
+    gate.refuse_early()
+    write_quarantine = _pins_and_boards_writer(pins.quarantine, boards.quarantine)
+    quarantine = publish_shared(quarantine_ds, day, digest, write_quarantine, reuse=reuse)
     write_valid = _pins_and_boards_writer(pins.valid, boards.valid)
     valid = publish_shared(valid_ds, day, digest, write_valid, validate=gate, reuse=reuse)
     if valid.reused:

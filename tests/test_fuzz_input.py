@@ -46,6 +46,7 @@ DAY = daily_partitions.get_first_partition_key()
 D0 = datetime.fromisoformat(DAY).replace(tzinfo=UTC)
 LOGS = f"engagement_logs/dt={DAY}"
 BIG = C.MAX_TEXT_BYTES
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 NAN, INF = float("nan"), float("inf")
 F32 = pa.list_(pa.float32())
 F64 = pa.list_(pa.float64())
@@ -385,9 +386,23 @@ case("logs/markers_and_stray_files", "logs", "`_SUCCESS`, `.crc`, `_tmp.parquet`
      lambda: {A: logs(), f"{LOGS}/_SUCCESS": b"", f"{LOGS}/.a.parquet.crc": b"junk",
               f"{LOGS}/_tmp.parquet": b"not parquet", f"{LOGS}/README.txt": b"hello"},
      q(8))
+case("logs/empty_day_folder", "logs", "the `dt=D` folder exists and holds no file",
+     lambda: {LOGS: Folder()},
+     q(0), asset=True)
+# The library lists a missing folder as no files; the asset refuses the day (opt-in: allow_missing_day).
 case("logs/missing_day_folder", "logs", "no `dt=D` folder (engagement_logs/ exists)",
      lambda: {"engagement_logs/dt=2000-01-01/a.parquet": logs()},
-     q(0), asset=True)
+     rej(LOGS, None, "does not exist", dg.Failure), asset=True, library=False)
+
+# ---- engagement logs: any int64 id is an id (negative, 0, the extremes)
+case("logs/ids/extreme_and_negative", "logs", "ids of int64 min/max, -1, 0 in every id column",
+     lambda: {A: logs(set={("user_id", 0): I64_MIN, ("pin_id", 0): I64_MAX, ("board_id", 0): -1,
+                           ("query_pin_id", 1): I64_MIN, ("user_id", 1): -1, ("pin_id", 1): 0,
+                           ("board_id", 3): I64_MAX, ("pin_id", 3): -(2**40), ("query_pin_id", 5): -7})},
+     q(8), asset=True)
+case("logs/ids/uint32_max", "logs", "uint32 ids up to 2^32 - 1 (widened to int64)",
+     lambda: {A: logs(types={"pin_id": pa.uint32()}, set={("pin_id", 2): 2**32 - 1})},
+     q(8))
 
 # ---- engagement logs: mixed schemas in one day folder
 case("logs/mixed_schemas", "logs", "files with int16/int32/uint32 ids, ns/ms/naive ts, large_string, "
@@ -489,6 +504,18 @@ case("pins/huge_text", "pins", "title of 1 MiB + 1 byte (exactly 1 MiB of `é` i
 case("pins/huge_text/non_utf8_wins", "pins", "a 2 MiB description that is also non-UTF-8",
      lambda: {P: pins(set={("description", 0): b"\xff" * (2 * BIG)})},
      q(5, (P, 0, "invalid_utf8_description")))
+case("pins/huge_text/repeated_dictionary", "pins", "100 titles of 2 MiB from one dictionary entry (a file of a few KB)",
+     lambda: {P: pins(100, types={"title": pa.DictionaryArray.from_arrays(
+         pa.array(np.zeros(100, np.int32)), pa.array(["t" * (2 * BIG)]))})},
+     q(100, *((P, i, "text_too_long_title") for i in range(100))), asset=True)
+case("pins/ids/extreme_and_negative", "pins", "pin ids int64 min/max, -1, 0, -2^40",
+     lambda: {P: pins(set={("pin_id", 0): I64_MIN, ("pin_id", 1): I64_MAX, ("pin_id", 2): -1,
+                           ("pin_id", 3): 0, ("pin_id", 4): -(2**40)})},
+     q(5), asset=True)
+case("pins/ids/duplicate_extremes", "pins", "int64 min twice and -1 twice: the last copy kept",
+     lambda: {P: pins(set={("pin_id", 0): I64_MIN, ("pin_id", 1): -1, ("pin_id", 2): I64_MIN,
+                           ("pin_id", 3): -1})},
+     q(5, (P, 0, "duplicate_pin_id"), (P, 1, "duplicate_pin_id")))
 case("pins/no_vectors_at_all", "pins", "no image_embedding column in one file, all-null in another",
      lambda: {P: pins(drop=("image_embedding",)), P2: pins(2, 5, set={("image_embedding", 0): None,
                                                                       ("image_embedding", 1): None})},
@@ -535,6 +562,10 @@ case("boards/bad_rows", "boards", "null board_id, non-UTF-8 name, 1 MiB + 1 desc
                                  ("description", 3): "d" * (BIG + 1), ("board_id", 4): 50})},
      q(6, (BD, 1, "null_board_id"), (BD, 2, "invalid_utf8_name"), (BD, 3, "text_too_long_description"),
        (BD, 0, "duplicate_board_id")), asset=True)
+case("boards/ids/extreme_and_negative", "boards", "board ids int64 min/max, -1, 0",
+     lambda: {BD: boards(set={("board_id", 0): I64_MIN, ("board_id", 1): I64_MAX, ("board_id", 2): -1,
+                              ("board_id", 3): 0})},
+     q(4), asset=True)
 case("boards/type/board_id_float", "boards", "board_id as float64",
      lambda: {BD: boards(types={"board_id": pa.array([1.0, 2.0, 3.0, 4.0])})},
      rej(BD, "board_id", "has type double"))
@@ -606,6 +637,15 @@ def _assert_quarantine(table: str, quarantine: pa.Table, expect: Quarantined) ->
     }
     assert len(got) == quarantine.num_rows  # one row per source row
     assert got == expect.reasons
+    # A text value over MAX_TEXT_BYTES is stored cut, its length before the cut in original_bytes (the cut is
+    # CUT_TEXT_BYTES bytes; U+FFFD for each invalid byte makes it at most 3 times that).
+    original = quarantine.column("original_bytes").to_pylist()
+    for f in quarantine.schema:
+        if pa.types.is_string(f.type) and f.name not in ("reason", "source_file"):
+            for value, cut in zip(quarantine.column(f.name).to_pylist(), original, strict=True):
+                assert value is None or len(value.encode()) <= C.MAX_TEXT_BYTES
+                was = dict(cut or {}).get(f.name)
+                assert was is None or (was > C.MAX_TEXT_BYTES and len(value.encode()) <= 3 * C.CUT_TEXT_BYTES)
 
 
 def _assert_rejected(exc: BaseException, root: Path, expect: Rejected) -> None:
@@ -745,8 +785,8 @@ def _check_asset(case: Case, root: Path) -> None:
     files = [str(p) for p in C.list_parquet_files(quarantine_dir / sub)]
     reasons = duckdb.sql(f"SELECT reason FROM read_parquet({files!r})").fetchall()
     assert sorted(r for (r,) in reasons) == sorted(expect.reasons.values())
-    if case.id == "logs/missing_day_folder":
-        assert meta["day_folder_present"] is False
+    if case.id == "logs/empty_day_folder":
+        assert meta["day_folder_present"] is True
     if case.id == "pins/missing_pins_folder":
         assert meta["pins_folder_present"] is False and meta["boards.rows_read"] == 4
 
@@ -763,6 +803,22 @@ def test_the_table_covers_every_quarantine_reason_of_the_contract():
     assert all_reasons - sampled_text <= produced, sorted(all_reasons - sampled_text - produced)
     assert produced <= all_reasons
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "/ids/" in c.id], ids=lambda c: c.id)
+def test_any_int64_id_is_kept_exactly(case: Case, data_root: Path):
+    """The contract allows any int64 id (negative, 0, the extremes): kept rows keep their ids bit for bit."""
+    data_root.mkdir()
+    (table,) = case.files().values()
+    _write(data_root, next(iter(case.files())), table)
+    result = _validate(data_root, case.table)
+    dropped = {row for _, row in case.expect.reasons}
+    for f in _schemas(case.table)[0]:
+        if f.name.endswith("_id"):
+            written = table.column(f.name).cast(pa.int64()).to_pylist()
+            assert result.valid.column(f.name).to_pylist() == [
+                v for i, v in enumerate(written) if i not in dropped
+            ]
 
 
 def test_nonfinite_check_ignores_null_vectors_that_span_child_values():

@@ -96,12 +96,14 @@ def data_root(omnisage_env, tmp_path, monkeypatch) -> Path:
     return root
 
 
-def run_assets(assets, partition_key: str = DAY, raise_on_error: bool = True):
+def run_assets(assets, partition_key: str = DAY, raise_on_error: bool = True, config: dict | None = None):
+    """Materialize in-process; ``config``: asset name -> its run config."""
     return dg.materialize(
         assets,
         partition_key=partition_key,
         resources={"storage": StorageResource.from_settings(Settings.from_env())},
         raise_on_error=raise_on_error,
+        run_config={"ops": {name: {"config": c} for name, c in config.items()}} if config else None,
     )
 
 
@@ -462,9 +464,11 @@ def test_missing_data_root_is_an_error_not_an_empty_partition(omnisage_env, tmp_
 # ------------------------------------------------------------------------------ engagement_logs asset
 
 
-def test_missing_day_folder_publishes_an_empty_typed_partition(data_root):
+def test_missing_day_folder_with_allow_missing_day_publishes_an_empty_typed_partition(data_root):
     (data_root / "engagement_logs").mkdir()
-    result = run_assets([engagement_logs], partition_key=NEXT_DAY)
+    result = run_assets(
+        [engagement_logs], partition_key=NEXT_DAY, config={"engagement_logs": {"allow_missing_day": True}}
+    )
     meta = materialization_metadata(result, "engagement_logs")
     assert (meta["rows_read"], meta["rows_kept"], meta["rows_quarantined"], meta["files_read"]) == (
         0,
@@ -691,8 +695,12 @@ def test_entity_metadata_asset_layout_counts_and_check(data_root):
     assert (meta["boards.rows_read"], meta["boards.rows_kept"], meta["boards.rows_quarantined"]) == (3, 2, 1)
     assert meta["rows_read"] == meta["rows_kept"] + meta["rows_quarantined"] == 8
     assert meta["image_dim"] == 3
-    (check,) = result.get_asset_check_evaluations()
-    assert check.passed and check.metadata["rows_published"].value == 8
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {"rows_accounted", "no_empty_replacement"}
+    check = checks["rows_accounted"]
+    assert (
+        check.passed and check.metadata["rows_published"].value == 8 and checks["no_empty_replacement"].passed
+    )
     settings = Settings.from_env()
     out = published_path(settings.warehouse_dataset("entity_metadata"), DAY)
     pins = pq.read_table(out / "pins")

@@ -101,14 +101,37 @@ def test_quarantine_share_refuses_a_bad_day_and_keeps_the_previous_version(data_
 def test_an_empty_day_passes_the_quarantine_check(data_root):
     from assets.ingest import engagement_logs
 
-    result = _run([engagement_logs], run_config=None, raise_on_error=True)
-    assert _check(result, "quarantine_share").passed
-    import shutil
-
-    shutil.rmtree(data_root / "engagement_logs" / f"dt={DAY}")
+    # Delivered and empty (a day folder without rows); a missing folder is an error, not an empty day.
+    for f in (data_root / "engagement_logs" / f"dt={DAY}").glob("*.parquet"):
+        f.unlink()
     result = _run([engagement_logs])
     check = _check(result, "quarantine_share")
     assert check.passed and check.metadata["rows_read"].value == 0
+
+
+def test_no_empty_replacement_keeps_a_published_day_with_rows(data_root):
+    from assets.ingest import engagement_logs
+    from omnisage_pipeline.settings import Settings
+
+    settings = Settings.from_env()
+    assert _run([engagement_logs]).success
+    valid_ds, quarantine_ds = (
+        settings.warehouse_dataset("engagement_logs"),
+        settings.quarantine_dataset("engagement_logs"),
+    )
+    before = (published_path(valid_ds, DAY), published_path(quarantine_ds, DAY))
+    rows = pq.read_table(before[0]).num_rows
+    for f in (data_root / "engagement_logs" / f"dt={DAY}").glob("*.parquet"):
+        f.unlink()
+    result = _run([engagement_logs], raise_on_error=False)
+    assert not result.success
+    check = _check(result, "no_empty_replacement")
+    assert not check.passed and check.metadata["published_rows"].value == {"": rows}
+    message = _failure_message(result)
+    assert (
+        "no_empty_replacement" in message and f"dt={DAY}" in message and f"{rows} rows published" in message
+    )
+    assert (published_path(valid_ds, DAY), published_path(quarantine_ds, DAY)) == before  # neither replaced
 
 
 def test_graph_coverage_refuses_a_layout_that_leaves_nodes_without_neighbours(data_root):

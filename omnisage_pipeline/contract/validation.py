@@ -3,11 +3,13 @@
 Plain pyarrow / numpy library (no Dagster): the ingest assets call it and publish what it returns; the
 benchmarks and the fuzz tests call it directly.
 
-Reading (one file at a time, files in sorted name order; names starting with ``.`` or ``_`` are hidden
-files of Hadoop/Spark writers and are skipped):
+Reading (``omnisage_pipeline.contract.reading``; one file at a time, files in sorted name order; names
+starting with ``.`` or ``_`` are hidden files of Hadoop/Spark writers and are skipped):
 
 * A file that is not Parquet, has zero bytes, is truncated, or whose data cannot be decoded raises
-  :class:`ContractError` naming the file (and the column when one column's data is the culprit).
+  :class:`ContractError` naming the file (and the column when one column's data is the culprit). So does
+  a file that would decode to more than ``reading.decoded_budget`` (max(1 GiB, 64 x its size on disk)):
+  a compression bomb, refused before it is decoded (the error names the column).
 * A *required column* missing (logs: event_ts, user_id, action, surface, pin_id; pins: pin_id; boards:
   board_id) raises :class:`ContractError` naming file and column. The other contract columns are optional
   columns: absent means all null (logs: board_id, query_pin_id - then every save is quarantined as
@@ -29,7 +31,8 @@ files of Hadoop/Spark writers and are skipped):
 
 Row rules. A row gets the reason of the FIRST rule it fails, in the order the tuples below list them
 (the precedence); a quarantined row is stored with its normalised values plus ``reason``,
-``source_file`` (path relative to the data root) and ``source_row`` (0-based row in that file).
+``source_file`` (path relative to the data root), ``source_row`` (0-based row in that file) and
+``original_bytes`` (map column -> byte length of each text value that was cut; null when none was).
 
 * engagement logs (:data:`LOG_REASONS`): null_event_ts, null_user_id, null_action, null_surface,
   null_pin_id (a null required field, in column order), unknown_action, unknown_surface,
@@ -42,7 +45,9 @@ Row rules. A row gets the reason of the FIRST rule it fails, in the order the tu
 
   Non-UTF-8 and huge text are quarantined rather than repaired: repairing would silently change a row,
   and a 1 MiB title is a broken export, not a title. (In the quarantine table itself, invalid bytes are
-  replaced by U+FFFD so that the quarantine stays readable by every engine.)
+  replaced by U+FFFD so that the quarantine stays readable by every engine, and a value over
+  MAX_TEXT_BYTES - of any text column, logs included - is stored as its first :data:`CUT_TEXT_BYTES`
+  bytes (cut at a character boundary), its byte length before the cut in ``original_bytes``.)
 
   The fixed vector length of a data set (:func:`vector_length`) is the most common length among its
   non-null, non-empty vectors (ties: the shorter length); an empty list is always wrong-length (a pin
@@ -63,7 +68,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +76,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+# Re-exported: the contract's public names live here (readers import them from this module).
+from omnisage_pipeline.contract.reading import (  # noqa: F401
+    BOARD_COLUMNS,
+    LOG_COLUMNS,
+    PIN_COLUMNS,
+    TS_TYPE,
+    VECTOR_TYPE,
+    Column,
+    ContractError,
+    Input,
+    list_parquet_files,
+    read_all,
+)
+from omnisage_pipeline.contract.text import (  # noqa: F401
+    CUT_TEXT_BYTES,
+    MAX_TEXT_BYTES,
+    Cuts,
+    invalid_utf8_rows,
+    repair_utf8,
+)
+
 ACTIONS = ("save", "click", "closeup")
 SURFACES = ("homefeed", "related_pins", "search", "board")
-
-#: Text values longer than this (bytes) are quarantined as text_too_long_<column>.
-MAX_TEXT_BYTES = 1 << 20
-
-TS_TYPE = pa.timestamp("us", tz="UTC")
-VECTOR_TYPE = pa.list_(pa.float32())
 
 #: Warehouse schemas (helpers_spec "Warehouse layouts").
 LOG_SCHEMA = pa.schema(
@@ -113,11 +133,12 @@ _PROVENANCE = [
     pa.field("reason", pa.string()),
     pa.field("source_file", pa.string()),
     pa.field("source_row", pa.int64()),
+    pa.field("original_bytes", pa.map_(pa.string(), pa.int64())),
 ]
 
 
 def quarantine_schema(schema: pa.Schema) -> pa.Schema:
-    """A quarantine table: the warehouse columns plus reason, source_file, source_row."""
+    """A quarantine table: the warehouse columns plus reason, source_file, source_row, original_bytes."""
     return pa.schema(list(schema) + _PROVENANCE)
 
 
@@ -153,308 +174,8 @@ PIN_REASONS = _entity_reasons("pin", PIN_TEXT, vectors=True)
 BOARD_REASONS = _entity_reasons("board", BOARD_TEXT, vectors=False)
 
 
-class ContractError(ValueError):
-    """Structurally unreadable input: the message names the file (and the column when there is one)."""
-
-    def __init__(self, path: Path | str, message: str, column: str | None = None):
-        self.path = str(path)
-        self.column = column
-        where = f"{self.path}" + (f", column '{column}'" if column else "")
-        super().__init__(f"{where}: {message}")
-
-
 class AccountingError(RuntimeError):
     """rows read != rows kept + rows quarantined: a bug, never bad input."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Column kinds: what each contract column accepts and how it is normalised.
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    kind: str  # "id" | "timestamp" | "string" | "vector"
-    required: bool  # required column: its absence is a ContractError
-
-
-LOG_COLUMNS = (
-    Column("event_ts", "timestamp", True),
-    Column("user_id", "id", True),
-    Column("action", "string", True),
-    Column("surface", "string", True),
-    Column("pin_id", "id", True),
-    Column("board_id", "id", False),
-    Column("query_pin_id", "id", False),
-)
-PIN_COLUMNS = (
-    Column("pin_id", "id", True),
-    Column("title", "string", False),
-    Column("description", "string", False),
-    Column("image_embedding", "vector", False),
-    Column("segment", "string", False),
-)
-BOARD_COLUMNS = (
-    Column("board_id", "id", True),
-    Column("name", "string", False),
-    Column("description", "string", False),
-)
-
-_ID_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32())
-_EXPECTED = {
-    "id": "int64 (or int8/int16/int32/uint8/uint16/uint32)",
-    "timestamp": "timestamp of any unit, with or without time zone",
-    "string": "string (or large_string/string_view/dictionary of strings)",
-    "vector": "list<float32> (or list/large_list/fixed_size_list of float32/float64)",
-}
-
-
-def _is_string_like(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _accepts(kind: str, t: pa.DataType) -> bool:
-    if pa.types.is_null(t):
-        return True
-    if kind == "id":
-        return any(t == x for x in _ID_TYPES)
-    if kind == "timestamp":
-        return pa.types.is_timestamp(t)
-    if kind == "string":
-        if pa.types.is_dictionary(t):
-            return _is_string_like(t.value_type)
-        return _is_string_like(t)
-    if kind == "vector":
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            return pa.types.is_float32(t.value_type) or pa.types.is_float64(t.value_type)
-        return False
-    raise AssertionError(kind)
-
-
-_TARGET = {"id": pa.int64(), "timestamp": TS_TYPE, "string": pa.string(), "vector": VECTOR_TYPE}
-_UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-
-
-@dataclass
-class _Timestamps:
-    """event_ts normalised to us/UTC, plus what the day rule needs, computed in the source unit so that
-    a value too large for microseconds is still judged exactly."""
-
-    values: pa.Array
-    in_day: np.ndarray  # bool; False for nulls
-    null: np.ndarray  # bool; null in the source (not: too large for microseconds)
-
-
-def _normalise_timestamps(arr: pa.Array, day: date | None) -> _Timestamps:
-    n = len(arr)
-    if pa.types.is_null(arr.type):
-        return _Timestamps(pa.nulls(n, TS_TYPE), np.zeros(n, dtype=bool), np.ones(n, dtype=bool))
-    unit = arr.type.unit
-    per_s = _UNIT_PER_SECOND[unit]
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    # Arrow stores zoned timestamps as UTC instants: the int64 view is the UTC time in `unit`.
-    raw = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if per_s >= 1_000_000:
-        us = np.floor_divide(raw, per_s // 1_000_000)
-        overflow = np.zeros(n, dtype=bool)
-    else:
-        factor = 1_000_000 // per_s
-        limit = np.iinfo(np.int64).max // factor
-        overflow = np.abs(raw) > limit
-        us = np.where(overflow, 0, raw) * factor
-    values = pa.array(us, type=TS_TYPE, mask=~valid | overflow)
-    if day is None:
-        in_day = valid.copy()
-    else:
-        start_s = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
-        lo, hi = start_s * per_s, (start_s + 86_400) * per_s
-        in_day = valid & (raw >= lo) & (raw < hi)
-    return _Timestamps(values, in_day, ~valid)
-
-
-def _normalise(column: Column, arr: pa.Array) -> pa.Array:
-    target = _TARGET[column.kind]
-    if pa.types.is_null(arr.type):
-        return pa.nulls(len(arr), target)
-    if column.kind == "string" and pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if column.kind == "vector":
-        # list<float64> -> list<float32> may overflow to inf: caught by the finiteness rule afterwards.
-        return pc.cast(arr, target, safe=False)
-    return pc.cast(arr, target)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-
-
-def list_parquet_files(folder: Path) -> list[Path]:
-    """The contract's ``*.parquet`` files of a folder, sorted by name; hidden (``.``/``_``) names skipped.
-    A missing folder has no files (for a day folder: a valid empty partition); a folder (or one of its
-    parents) that exists but is not a directory, e.g. a day written as one file named ``dt=D``, raises
-    :class:`ContractError`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        # A file (or dangling link) where a folder belongs - the folder itself, e.g. a day written as one file
-        # named dt=D, or a parent such as engagement_logs/ - is not a missing folder: never an empty partition.
-        for p in (folder, *folder.parents):
-            if (p.exists() or p.is_symlink()) and not p.is_dir():
-                raise ContractError(p, "is not a directory (expected a folder of Parquet files)")
-        return []
-    try:
-        entries = list(folder.iterdir())
-    except OSError as exc:
-        raise ContractError(folder, f"cannot be listed: {exc.strerror or exc}") from None
-    files = sorted(
-        (p for p in entries if p.name.endswith(".parquet") and not p.name.startswith((".", "_"))),
-        key=lambda p: p.name,
-    )
-    for p in files:
-        if not p.is_file():
-            raise ContractError(p, "is not a regular file (expected one Parquet file)")
-    return files
-
-
-def _open(path: Path) -> pq.ParquetFile:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ContractError(path, f"cannot be read: {exc.strerror or exc}") from None
-    if size == 0:
-        raise ContractError(path, "is empty (zero bytes), not a Parquet file")
-    try:
-        return pq.ParquetFile(path, memory_map=False)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ContractError(
-            path, f"cannot be opened as Parquet (not Parquet, truncated or unreadable): {exc}"
-        ) from None
-
-
-@dataclass
-class _FileTable:
-    columns: dict[str, pa.Array]  # normalised, one per contract column
-    timestamps: _Timestamps | None
-    num_rows: int
-
-
-def _read_file(path: Path, spec: Sequence[Column], day: date | None) -> _FileTable:
-    pf = _open(path)
-    schema = pf.schema_arrow
-    names = set(schema.names)
-    for col in spec:
-        if schema.names.count(col.name) > 1:
-            raise ContractError(path, "column appears more than once", col.name)
-    for col in spec:
-        if col.required and col.name not in names:
-            present = ", ".join(schema.names) or "none"
-            raise ContractError(path, f"required column is missing (columns present: {present})", col.name)
-    for col in spec:
-        if col.name in names:
-            t = schema.field(col.name).type
-            if not _accepts(col.kind, t):
-                raise ContractError(path, f"has type {t}, which is not {_EXPECTED[col.kind]}", col.name)
-    wanted = [c.name for c in spec if c.name in names]
-    dict_text = [
-        c.name
-        for c in spec
-        if c.kind == "string" and c.name in names and pa.types.is_dictionary(schema.field(c.name).type)
-    ]
-    if dict_text:
-        # Without read_dictionary, Arrow validates UTF-8 while decoding a dictionary<string> column and fails
-        # the whole file; with it, invalid values come through and are quarantined like plain strings.
-        pf = pq.ParquetFile(path, memory_map=False, read_dictionary=dict_text)
-    footer_rows = pf.metadata.num_rows
-    try:
-        table = pf.read(columns=wanted, use_threads=True)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        # Name the column whose data is broken: retry one column at a time.
-        for name in wanted:
-            try:
-                pf.read(columns=[name], use_threads=False)
-            except (pa.ArrowException, OSError, ValueError) as col_exc:
-                raise ContractError(path, f"data cannot be decoded: {col_exc}", name) from None
-        raise ContractError(path, f"data cannot be decoded: {exc}") from None
-    if table.num_rows != footer_rows:
-        raise ContractError(path, f"footer says {footer_rows} rows but {table.num_rows} were decoded")
-    n = table.num_rows
-    columns: dict[str, pa.Array] = {}
-    timestamps = None
-    for col in spec:
-        if col.name not in names:
-            columns[col.name] = pa.nulls(n, _TARGET[col.kind])
-            if col.kind == "timestamp":
-                timestamps = _Timestamps(columns[col.name], np.zeros(n, dtype=bool), np.ones(n, dtype=bool))
-            continue
-        arr = table.column(col.name).combine_chunks()
-        try:
-            if col.kind == "timestamp":
-                timestamps = _normalise_timestamps(arr, day)
-                columns[col.name] = timestamps.values
-            else:
-                columns[col.name] = _normalise(col, arr)
-        except (pa.ArrowException, ValueError) as exc:
-            raise ContractError(
-                path, f"cannot be converted to {_TARGET[col.kind]}: {exc}", col.name
-            ) from None
-    return _FileTable(columns, timestamps, n)
-
-
-@dataclass
-class _Input:
-    """All files of one input table, normalised and concatenated in file-name then row order."""
-
-    table: pa.Table
-    in_day: np.ndarray | None  # timestamp inside the day (tables with a timestamp column)
-    ts_null: np.ndarray | None  # timestamp null in the source
-    file_index: np.ndarray  # int32 per row
-    source_row: np.ndarray  # int64 per row
-    files: list[str]  # relative names
-    rows_read: int  # sum of the footers' row counts
-
-
-def _read_all(
-    files: Sequence[Path], spec: Sequence[Column], schema: pa.Schema, root: Path | None, day: date | None
-) -> _Input:
-    parts: list[pa.Table] = []
-    in_day: list[np.ndarray] = []
-    ts_null: list[np.ndarray] = []
-    file_index: list[np.ndarray] = []
-    source_row: list[np.ndarray] = []
-    names: list[str] = []
-    rows_read = 0
-    for i, path in enumerate(files):
-        ft = _read_file(Path(path), spec, day)
-        parts.append(pa.table([ft.columns[f.name] for f in schema], schema=schema))
-        if ft.timestamps is not None:
-            in_day.append(ft.timestamps.in_day)
-            ts_null.append(ft.timestamps.null)
-        file_index.append(np.full(ft.num_rows, i, dtype=np.int32))
-        source_row.append(np.arange(ft.num_rows, dtype=np.int64))
-        names.append(_relative(Path(path), root))
-        rows_read += ft.num_rows
-    table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return _Input(
-        table=table,
-        in_day=np.concatenate(in_day) if in_day else (np.zeros(0, dtype=bool) if day is not None else None),
-        ts_null=np.concatenate(ts_null)
-        if ts_null
-        else (np.zeros(0, dtype=bool) if day is not None else None),
-        file_index=np.concatenate(file_index) if file_index else np.zeros(0, dtype=np.int32),
-        source_row=np.concatenate(source_row) if source_row else np.zeros(0, dtype=np.int64),
-        files=names,
-        rows_read=rows_read,
-    )
-
-
-def _relative(path: Path, root: Path | None) -> str:
-    if root is not None:
-        # Lexical first: a symlinked file is named as it was listed, not by its target.
-        for p, r in ((Path(path).absolute(), Path(root).absolute()), (path.resolve(), Path(root).resolve())):
-            try:
-                return p.relative_to(r).as_posix()
-            except ValueError:
-                pass
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,80 +189,6 @@ def _np_mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def _null_mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return _np_mask(pc.is_null(arr))
-
-
-def invalid_utf8_rows(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Rows of a string column whose bytes are not valid UTF-8 (the Parquet reader does not check).
-
-    Fast path: Arrow's own full validation per chunk. Only a chunk that fails is classified byte by byte
-    (vectorised numpy, RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF)."""
-    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
-    out = []
-    for chunk in chunks:
-        try:
-            chunk.validate(full=True)
-            out.append(np.zeros(len(chunk), dtype=bool))
-        except pa.ArrowInvalid:
-            out.append(_invalid_utf8_chunk(chunk))
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
-
-
-def _invalid_utf8_chunk(chunk: pa.Array) -> np.ndarray:
-    n = len(chunk)
-    if n == 0:
-        return np.zeros(0, dtype=bool)
-    chunk = chunk.cast(pa.large_string()) if not pa.types.is_large_string(chunk.type) else chunk
-    bufs = chunk.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[chunk.offset : chunk.offset + n + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    start = int(offsets[0])
-    b = data[start : int(offsets[-1])]
-    m = len(b)
-    lengths = np.diff(offsets)
-    row_of = np.repeat(np.arange(n), lengths)
-    row_end = (offsets[1:] - start)[row_of]  # exclusive end of each byte's row
-    pos = np.arange(m, dtype=np.int64)
-
-    is_cont = (b & 0xC0) == 0x80
-    seq = np.zeros(m, dtype=np.int64)  # sequence length announced by a lead byte; 0 = continuation
-    seq[b < 0x80] = 1
-    seq[(b >= 0xC2) & (b <= 0xDF)] = 2
-    seq[(b >= 0xE0) & (b <= 0xEF)] = 3
-    seq[(b >= 0xF0) & (b <= 0xF4)] = 4
-    bad = (~is_cont) & (seq == 0)  # C0, C1, F5..FF never appear in UTF-8
-    lead = seq >= 2
-    bad |= lead & (pos + seq > row_end)  # sequence runs past the end of its value
-    ok_lead = lead & ~bad
-    covered = np.zeros(m, dtype=bool)
-    for k in (1, 2, 3):
-        has_k = ok_lead & (seq > k)
-        idx = pos[has_k] + k
-        not_cont = ~is_cont[idx]
-        bad[pos[has_k][not_cont]] = True
-        covered[idx] = True
-    # Second-byte ranges that exclude overlongs (E0, F0), surrogates (ED) and > U+10FFFF (F4).
-    nxt = np.zeros(m, dtype=np.uint8)
-    nxt[:-1] = b[1:]
-    bad |= ok_lead & (b == 0xE0) & (nxt < 0xA0)
-    bad |= ok_lead & (b == 0xED) & (nxt > 0x9F)
-    bad |= ok_lead & (b == 0xF0) & (nxt < 0x90)
-    bad |= ok_lead & (b == 0xF4) & (nxt > 0x8F)
-    bad |= is_cont & ~covered  # a stray continuation byte
-    rows = np.zeros(n, dtype=bool)
-    rows[row_of[bad]] = True
-    return rows & chunk.is_valid().to_numpy(zero_copy_only=False)
-
-
-def repair_utf8(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Replace invalid UTF-8 by U+FFFD (only for the quarantine table, so every engine can read it).
-    Python decoding touches only the invalid rows."""
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    bad = invalid_utf8_rows(arr)
-    if not bad.any():
-        return arr
-    raw = arr.cast(pa.large_string()).view(pa.large_binary()).filter(pa.array(bad)).to_pylist()
-    fixed = pa.array([r.decode("utf-8", "replace") for r in raw], type=arr.type)
-    return pc.replace_with_mask(arr, pa.array(bad), fixed)
 
 
 def vector_length(vectors: pa.ChunkedArray | pa.Array) -> int:
@@ -602,7 +249,8 @@ def _last_occurrence_duplicates(ids: np.ndarray, candidate: np.ndarray) -> np.nd
 
 @dataclass
 class ValidationResult:
-    """Validated rows (warehouse schema) and quarantined rows (+ reason, source_file, source_row)."""
+    """Validated rows (warehouse schema) and quarantined rows (+ reason, source_file, source_row,
+    original_bytes)."""
 
     name: str
     valid: pa.Table
@@ -632,9 +280,47 @@ class ValidationResult:
         }
 
 
+def _text_rules(inp: Input, text_columns: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """invalid_utf8_<c> and text_too_long_<c>, judged on the full values: a value over MAX_TEXT_BYTES was
+    cut while it was read (every such value is one, so the cuts are the too-long rows), and its UTF-8
+    validity was taken before the cut."""
+    n = inp.table.num_rows
+    invalid, too_long = [], []
+    for c in text_columns:
+        cuts = inp.cuts[c]
+        bad = invalid_utf8_rows(inp.table.column(c))
+        bad[cuts.rows] = cuts.invalid_utf8
+        long = np.zeros(n, dtype=bool)
+        long[cuts.rows] = True
+        invalid.append((f"invalid_utf8_{c}", bad))
+        too_long.append((f"text_too_long_{c}", long))
+    return invalid + too_long
+
+
+def _original_bytes(inp: Input, qidx: np.ndarray, keep: np.ndarray) -> pa.Array:
+    """Per quarantined row, {text column: byte length before the cut} of its cut values (null: none cut)."""
+    rows, keys, sizes = [], [], []
+    for name, cuts in inp.cuts.items():
+        if keep[cuts.rows].any():  # a value over MAX_TEXT_BYTES breaks a rule in every table
+            raise AccountingError(f"a cut {name} value would be kept: the text rules missed it")
+        rows.append(np.searchsorted(qidx, cuts.rows))
+        keys += [name] * len(cuts.rows)
+        sizes.append(cuts.original_bytes)
+    at = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.argsort(at, kind="stable")  # row order; within a row, column order
+    counts = np.bincount(at, minlength=len(qidx))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.MapArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        pa.array(np.asarray(keys, dtype=object)[order] if keys else [], pa.string()),
+        pa.array(np.concatenate(sizes)[order] if sizes else [], pa.int64()),
+        mask=pa.array(counts == 0),
+    )
+
+
 def _split(
     name: str,
-    inp: _Input,
+    inp: Input,
     code: np.ndarray,
     reasons: Sequence[str],
     qschema: pa.Schema,
@@ -657,6 +343,7 @@ def _split(
         reason_names.take(pa.array(code[qidx].astype(np.int32))),
         files.take(pa.array(inp.file_index[qidx])) if len(files) else pa.array([], pa.string()),
         pa.array(inp.source_row[qidx], type=pa.int64()),
+        _original_bytes(inp, qidx, keep),
     ]
     quarantine = pa.table(qcols, schema=qschema)
     counts = np.bincount(code, minlength=len(reasons) + 1)
@@ -697,7 +384,7 @@ def validate_engagement_logs(
 ) -> ValidationResult:
     """Validate one day folder's files (already sorted) against the contract's log rules."""
     day = _as_date(day)
-    inp = _read_all(files, LOG_COLUMNS, LOG_SCHEMA, root, day)
+    inp = read_all(files, LOG_COLUMNS, LOG_SCHEMA, root, day)
     t = inp.table
     action, surface = t.column("action"), t.column("surface")
     is_save = _np_mask(pc.equal(action, "save"))
@@ -724,16 +411,12 @@ def _validate_entities(
     text_columns: Sequence[str],
     reasons: Sequence[str],
 ) -> ValidationResult:
-    inp = _read_all(files, spec, schema, root, None)
+    inp = read_all(files, spec, schema, root, None)
     t = inp.table
     n = t.num_rows
     id_col = f"{entity}_id"
     rules: list[tuple[str, np.ndarray]] = [(f"null_{id_col}", _null_mask(t.column(id_col)))]
-    rules += [(f"invalid_utf8_{c}", invalid_utf8_rows(t.column(c))) for c in text_columns]
-    rules += [
-        (f"text_too_long_{c}", _np_mask(pc.greater(pc.binary_length(t.column(c)), MAX_TEXT_BYTES)))
-        for c in text_columns
-    ]
+    rules += _text_rules(inp, text_columns)
     extra: dict[str, object] = {}
     if "image_embedding" in schema.names:
         vectors = t.column("image_embedding")
