@@ -12,6 +12,10 @@ seeded random moment of its build, and afterwards
     as multisets for Parquet, keys and values for the RocksDB feature store via rocksdict, arrays for the graph
     snapshot and its neighbourhood cache; timings and version-directory names in manifests are ignored).
 
+Two writers of the same day: every asset re-materializes the partition in two processes at once (the
+DuckDB engine, as every child here); afterwards ``dt=D`` is one complete version of one of them with the
+clean run's content, every version left in ``.versions`` is whole, and no staging is left behind.
+
 Plus: ``omnisage_model`` SIGKILLed from outside once it has written a checkpoint resumes from exactly that
 checkpoint on the next materialization (the real-kill variant of the ``stop_after`` test in
 tests/test_training_assets.py); the resumed model is the champion the embedding and report cases use.
@@ -82,7 +86,10 @@ PUBLISHED: dict[str, list[str]] = {
 }
 if (Path(__file__).resolve().parents[1] / "assets" / "evaluation.py").is_file():  # recall_report
     PUBLISHED["recall_report"] = ["reports"]
-DATA_ASSETS = [a for a in PUBLISHED if a not in ("entity_embeddings", "recall_report")]
+PUBLISHED["ann_index"] = ["indexes"]  # the FAISS indexes of the day's embeddings
+#: Assets of DAY only, materialized after the model (in this order: each reads the one before).
+MODEL_ASSETS = [a for a in ("entity_embeddings", "recall_report", "ann_index") if a in PUBLISHED]
+DATA_ASSETS = [a for a in PUBLISHED if a not in MODEL_ASSETS]
 #: Datasets whose version directory is one Parquet table (readers glob them with hive partitioning).
 PARQUET_TABLES = {
     "warehouse/engagement_logs",
@@ -522,10 +529,9 @@ def world(tmp_path_factory) -> World:
             code, _ = _watch(w, asset, w.start(_asset_steps(asset)))
             assert code == 0, f"clean {asset}: exit {code}"
         _train_killed_then_resumed(w)
-        for asset in ("entity_embeddings", "recall_report"):
-            if asset in PUBLISHED:
-                code, _ = _watch(w, asset, w.start(_asset_steps(asset)))
-                assert code == 0, f"clean {asset}: exit {code}"
+        for asset in MODEL_ASSETS:
+            code, _ = _watch(w, asset, w.start(_asset_steps(asset)))
+            assert code == 0, f"clean {asset}: exit {code}"
     finally:
         mp.undo()
 
@@ -613,3 +619,38 @@ def test_kill_leaves_the_published_partition_and_a_rerun_recovers(world, asset, 
     _check_previous_intact(world, asset, before)  # (a)
     _check_visible(world, asset)  # (b)
     _rerun_and_check(world, asset, child.pid)  # (c)
+
+
+@pytest.mark.parametrize("asset", list(PUBLISHED))
+def test_two_writers_of_the_same_day_leave_one_complete_version(world, asset):
+    """Two processes re-materialize the same partition at once: each publishes a whole version and swaps it
+    in; whichever swapped last is visible, never a mix of the two, never an empty folder, and neither
+    leaves staging behind."""
+    before = {rel: published_path(world.dataset(rel), DAY) for rel in PUBLISHED[asset]}
+    writers = [world.start(_asset_steps(asset)) for _ in range(2)]
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while all(w.proc.is_alive() for w in writers) and not any(
+        world.publishing(asset, w.pid) for w in writers
+    ):
+        assert time.monotonic() < deadline, writers[0].log_tail()
+        time.sleep(0.002)
+    overlapped = all(w.proc.is_alive() for w in writers)
+    codes = [w.finish() for w in writers]
+    print(f"{asset}: both writers running when the first began publishing: {overlapped}")
+    for w, code in zip(writers, codes, strict=True):
+        assert code == 0, f"{asset}: writer {w.pid} exited with {code}:\n{w.log_tail()}"
+
+    pids = {str(w.pid) for w in writers}
+    for rel in PUBLISHED[asset]:
+        ds = world.dataset(rel)
+        now = published_path(ds, DAY)
+        assert now != before[rel] and now.name.split(".")[1] in pids, f"{rel}: {now} is neither writer's"
+        leftovers = [p.name for p in (ds / ".staging").iterdir() if not p.name.startswith(".")]
+        assert not [n for n in leftovers if n.startswith(("dt=", "link."))], (
+            f"{rel}: staging left: {leftovers}"
+        )
+        for version in (ds / ".versions").glob(f"dt={DAY}.*"):  # whatever stays is one whole version
+            assert _content(version) == world.baseline[rel], (
+                f"{rel}: {version.name} differs from the clean run in {_diff(world.baseline[rel], _content(version))}"
+            )
+    _check_visible(world, asset)

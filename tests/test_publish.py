@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import pytest
 from omnisage_pipeline.storage.publish import (
     PUBLISH_PHASES,
     PublishError,
+    check_partition_key,
     list_published,
     partition_link,
     publish_partition,
     published_path,
     remove_partition,
+    require_published,
 )
 
 KEY = "2026-01-01"
@@ -143,3 +146,96 @@ def test_fault_dataset_filter_spares_other_datasets(tmp_path):
     spared = _run_child(dataset, "x", "staged", fault_dataset="some_other_dataset")
     assert spared.returncode == 0, spared.stderr
     assert _read(dataset) == {"x"}
+
+
+def test_every_staged_file_is_fsynced_before_the_rename_and_the_swap(tmp_path, monkeypatch):
+    """After a power loss dt=D must not point at files whose data never reached the disk."""
+    dataset = tmp_path / "ds"
+    events: list[tuple] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, **kwargs):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        return real_rename(src, dst, **kwargs)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    files = ["part-0.parquet", "_manifest.json", "pin/vectors.npy", "pin/ivf/index.faiss", "sub/.hidden"]
+    with publish_partition(dataset, KEY) as staging:
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(rel.encode() * 100)
+        (staging / "sub" / "link").symlink_to("../part-0.parquet")  # a link is not a file to sync
+    real_staging = os.path.realpath(staging)
+    version = published_path(dataset, KEY)
+
+    kinds = [e[0] for e in events]
+    rename_at = events.index(("rename", os.fspath(staging), os.fspath(dataset / ".versions" / version.name)))
+    swap_at = next(
+        i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.fspath(dataset / f"dt={KEY}")
+    )
+    assert rename_at < swap_at, kinds
+    synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}
+    for rel in files:
+        path = os.path.join(real_staging, rel)
+        assert path in synced, f"{rel} was never fsynced: {events}"
+        assert synced[path] < rename_at, f"{rel} fsynced after the rename into .versions"
+    for folder in ("", "pin", "pin/ivf", "sub"):  # and the folders holding their names, before the rename
+        assert synced[os.path.normpath(os.path.join(real_staging, folder))] < rename_at, folder
+    assert os.path.join(real_staging, "sub", "link") not in synced
+    assert {p.name for p in version.rglob("*") if p.is_file()} >= {Path(f).name for f in files}
+
+
+def test_a_file_that_cannot_be_synced_fails_the_publish_and_keeps_the_old_version(tmp_path, monkeypatch):
+    dataset = tmp_path / "ds"
+    _write_version(dataset, "old")
+
+    def fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        _write_version(dataset, "new")
+    monkeypatch.undo()
+    assert _read(dataset) == {"old"}
+    assert list(dataset.glob(".staging/dt=*")) == []
+
+
+@pytest.mark.parametrize("key", ["2026-01-05/../../etc", "../etc", "", "2026-01-05 ", "a/b", "..", "x\n"])
+def test_reads_and_writes_refuse_a_key_that_is_not_a_plain_name(tmp_path, key):
+    dataset = tmp_path / "ds"
+    with publish_partition(dataset, "2026-01-05") as staging:
+        (staging / "part-0.txt").write_text("inside")
+    (tmp_path / "etc").mkdir()  # what the traversing key would reach
+    (dataset / "etc").mkdir()
+    for call in (partition_link, published_path, require_published, remove_partition):
+        with pytest.raises(ValueError, match=f"partition key {re.escape(repr(key))} is not a plain name"):
+            call(dataset, key)
+    with pytest.raises(ValueError, match="not a plain name"), publish_partition(dataset, key):
+        pass
+    assert list_published(dataset) == ["2026-01-05"]
+
+
+def test_check_partition_key_returns_a_plain_key_and_names_a_bad_one():
+    assert check_partition_key("2026-01-05") == "2026-01-05"
+    assert check_partition_key("static_1") == "static_1"
+    for bad in (None, 20260105, "2026-01-05/../../etc"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            check_partition_key(bad)
+
+
+def test_list_published_skips_entries_that_are_not_partitions(tmp_path):
+    dataset = tmp_path / "ds"
+    _write_version(dataset, "v1")
+    (dataset / f"dt={KEY}.bak").symlink_to(published_path(dataset, KEY))  # a copy made by hand
+    assert list_published(dataset) == [KEY]
+    assert all(published_path(dataset, key) is not None for key in list_published(dataset))

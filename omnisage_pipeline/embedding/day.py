@@ -18,6 +18,10 @@ For day D, with the model version that holds the MLflow alias ``champion`` (ml.r
   evaluation that uses it. Output ``user_embeddings/dt=D/``: ``user_id`` int64, ``embedding``
   list<float32>, ``model_version``.
 
+The inputs are read under reader leases (``DayInputs.leased``, ``omnisage_pipeline.storage.leases``): the
+versions resolved when the day starts stay on disk until it has been read, whatever retention or a re-publish
+of an input does meanwhile.
+
 A backfill of old dates embeds them with the CURRENT champion; the metadata (and ``_manifest.json``) flag
 ``before_training_cutoff`` when D is earlier than the champion's training partition, i.e. the model has
 seen engagement from after D (a report over such a day is optimistic).
@@ -50,6 +54,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +69,7 @@ from graph_engine.holdout import TYPE_CODE, entity_hash
 from graph_engine.snapshot import GraphSnapshot
 from omnisage_pipeline.embedding.champion import champion_builder, champion_version
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.storage.publish import require_published
+from omnisage_pipeline.storage.leases import read_lease
 
 #: Seed of the shard hash. Fixed forever: changing it would move entities between shards of a running day.
 SHARD_SEED = 0x5EED
@@ -206,15 +212,21 @@ class DayInputs:
     examples_dir: Path | None
 
     @classmethod
-    def resolve(cls, settings: Settings, day: str, with_users: bool) -> DayInputs:
-        return cls(
-            metadata_dir=require_published(settings.warehouse_dataset("entity_metadata"), day),
-            graph_dir=require_published(settings.graph_dir, day),
-            features_dir=require_published(settings.features_dir, day),
-            examples_dir=require_published(settings.warehouse_dataset("training_examples"), day)
-            if with_users
-            else None,
-        )
+    @contextmanager
+    def leased(cls, settings: Settings, day: str, with_users: bool) -> Iterator[DayInputs]:
+        """The published inputs of ``day``, each under a reader lease for the ``with`` block: neither
+        retention nor a re-publish of an input deletes the versions resolved here while they are read."""
+        with ExitStack() as stack:
+
+            def lease(dataset: Path) -> Path:
+                return stack.enter_context(read_lease(dataset, day))
+
+            yield cls(
+                metadata_dir=lease(settings.warehouse_dataset("entity_metadata")),
+                graph_dir=lease(settings.graph_dir),
+                features_dir=lease(settings.features_dir),
+                examples_dir=lease(settings.warehouse_dataset("training_examples")) if with_users else None,
+            )
 
     def fingerprint(self, with_users: bool) -> str:
         """Names of the published versions (each publish makes a new one) + the options that change content."""

@@ -48,11 +48,12 @@ def embed_and_publish(
     gives the check run on the staged partition before it is published (not run while shards are missing)."""
     options = options or EmbedOptions()
     options.check()
-    inputs = DayInputs.resolve(settings, day, options.with_users)
     version = champion_version(loaded)
-    stage_key = f"v{version}-{inputs.fingerprint(options.with_users)}"
     t0 = time.perf_counter()
-    result = embed_day(loaded, inputs, options, log=log)
+    # Leases for the read only: what is published from here on is this step's own output.
+    with DayInputs.leased(settings, day, options.with_users) as inputs:
+        stage_key = f"v{version}-{inputs.fingerprint(options.with_users)}"
+        result = embed_day(loaded, inputs, options, log=log)
     manifest = day_manifest(day, loaded, inputs, options, stage_key)
     manifest["embedding_dim"] = result.stats.get("embedding_dim", 0)
     validate = validate_for(result.stats["entities_total_day"], version) if validate_for else None

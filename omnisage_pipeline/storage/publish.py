@@ -11,12 +11,19 @@ Layout of a dataset directory::
                                    share versions, ``omnisage_pipeline.storage.shared_versions``)
 
 A version may be the target of several ``dt=`` links (days with identical content share one version), so
-no cleanup here deletes a version that a ``dt=`` link or a ``.previous`` record still points to.
+no cleanup here deletes a version that a ``dt=`` link or a ``.previous`` record still points to, nor one a
+live reader lease holds (``omnisage_pipeline.storage.leases``): such a version is removed later, by the next
+cleanup or by retention, once the lease is gone.
 
-A writer builds into a staging directory, renames it into ``.versions`` (same filesystem), then swaps
-the ``dt=D`` symlink with ``os.replace`` -- a single atomic rename(2). A plain rename onto a non-empty
-directory is not atomic (and fails), which is why the visible name is a symlink. A process killed at any
-moment leaves either the old symlink (old version intact) or the new one (new version complete).
+Partition keys are plain names (``check_partition_key``) on every path that builds a file name from one,
+reads included, so no key can name a file outside the dataset (``2026-01-05/../../etc``).
+
+A writer builds into a staging directory, fsyncs every file and folder in it, renames it into ``.versions``
+(same filesystem), then swaps the ``dt=D`` symlink with ``os.replace`` -- a single atomic rename(2). The
+fsyncs come first so that after a power loss ``dt=D`` never points at files whose data never reached the
+disk. A plain rename onto a non-empty directory is not atomic (and fails), which is why the visible name is
+a symlink. A process killed at any moment leaves either the old symlink (old version intact) or the new one
+(new version complete).
 
 Fault injection for the kill tests: ``OMNISAGE_FAULT_PHASE=<phase>`` (optionally restricted by
 ``OMNISAGE_FAULT_DATASET=<dataset dir name>``, or ``quarantine/<name>`` for a
@@ -47,11 +54,15 @@ FAULT_DATASET_ENV = "OMNISAGE_FAULT_DATASET"
 _VERSIONS = ".versions"
 _STAGING = ".staging"
 PREVIOUS_DIR = ".previous"
-_PARTITION_RE = re.compile(r"^[0-9A-Za-z_\-]+$")
+_PARTITION_RE = re.compile(r"[0-9A-Za-z_\-]+")
 
 
 class PublishError(RuntimeError):
     pass
+
+
+class PartitionKeyError(PublishError, ValueError):
+    """A partition key that is not a plain name (it could name a path outside the dataset)."""
 
 
 def fault_point(phase: str, dataset: str | None = None) -> None:
@@ -73,9 +84,16 @@ def dataset_label(dataset_dir: Path) -> str:
     return dataset_dir.name
 
 
-def _check_key(partition_key: str) -> None:
-    if not _PARTITION_RE.match(partition_key):
-        raise PublishError(f"partition key {partition_key!r} is not a plain name")
+def check_partition_key(partition_key: str) -> str:
+    """``partition_key`` when it is a plain name (letters, digits, ``-`` and ``_``: e.g. ``2026-01-05``),
+    else a ``PartitionKeyError`` (a ``ValueError``) naming it. Call it on every key from outside (run config,
+    command line) before it becomes part of a path."""
+    if not isinstance(partition_key, str) or not _PARTITION_RE.fullmatch(partition_key):
+        raise PartitionKeyError(
+            f"partition key {partition_key!r} is not a plain name (letters, digits, '-' and '_' only, e.g. "
+            "'2026-01-05'): refusing to use it in a path"
+        )
+    return partition_key
 
 
 def pid_alive(pid: int) -> bool:
@@ -123,7 +141,8 @@ def _remove(path: Path) -> None:
 
 
 def partition_link(dataset_dir: Path, partition_key: str) -> Path:
-    return Path(dataset_dir) / f"dt={partition_key}"
+    """The ``dt=<partition_key>`` symlink of a dataset (the key is checked: ``check_partition_key``)."""
+    return Path(dataset_dir) / f"dt={check_partition_key(partition_key)}"
 
 
 def published_path(dataset_dir: Path, partition_key: str) -> Path | None:
@@ -135,6 +154,7 @@ def published_path(dataset_dir: Path, partition_key: str) -> Path | None:
 
 
 def require_published(dataset_dir: Path, partition_key: str) -> Path:
+    """The published version directory of a partition; FileNotFoundError when it was never published."""
     path = published_path(dataset_dir, partition_key)
     if path is None:
         raise FileNotFoundError(
@@ -144,12 +164,13 @@ def require_published(dataset_dir: Path, partition_key: str) -> Path:
 
 
 def list_published(dataset_dir: Path) -> list[str]:
-    """Partition keys with a published version, sorted."""
+    """Partition keys with a published version, sorted. A ``dt=`` entry whose key is not a plain name (a
+    ``dt=D.bak`` copy made by hand) is not a partition: publish never makes one, and no reader can open it."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         return []
     keys = [p.name[3:] for p in dataset_dir.glob("dt=*") if p.exists()]
-    return sorted(keys)
+    return sorted(k for k in keys if _PARTITION_RE.fullmatch(k))
 
 
 @contextmanager
@@ -168,7 +189,7 @@ def publish_partition(
     ``keep_previous`` older versions are kept after the swap so a reader that opened one just before the
     swap can finish; older ones are deleted.
     """
-    _check_key(partition_key)
+    check_partition_key(partition_key)
     dataset_dir = Path(dataset_dir)
     dataset = dataset_label(dataset_dir)
     (dataset_dir / _STAGING).mkdir(parents=True, exist_ok=True)
@@ -187,6 +208,7 @@ def publish_partition(
         yield staging
         if validate is not None:
             validate(staging)
+        _fsync_tree(staging)
     except BaseException:
         _remove(staging)
         raise
@@ -226,8 +248,11 @@ def _cleanup_versions(
     version the symlink pointed to until the swap). Ranking by age alone would keep the newest directory,
     which after a writer killed in the phase ``versioned`` is its never-published orphan, and delete the
     version a reader may have just opened. With no previous version no reader can hold any, so none is kept.
-    A version of another live writer (renamed into ``.versions``, its swap still to come) is never touched.
+    A version of another live writer (renamed into ``.versions``, its swap still to come) is never touched,
+    nor one a live reader lease holds (read after the swap: a reader leases before it resolves ``dt=D``).
     """
+    from omnisage_pipeline.storage.leases import lease_holds  # leases builds on this module
+
     current = current.resolve()
     others = [
         v
@@ -241,15 +266,16 @@ def _cleanup_versions(
         keep += [v for v in others if v not in keep][: max(keep_previous - len(keep), 0)]
         keep = keep[:keep_previous]
     shared = referenced_versions(dataset_dir)  # versions other days link to (or keep as their previous)
+    leased = lease_holds(dataset_dir)
     for stale in others:
-        if stale not in keep and stale.resolve() not in shared:
+        if stale not in keep and stale.resolve() not in shared and not leased.protects(stale, partition_key):
             _remove(stale)
 
 
 def remove_partition(dataset_dir: Path, partition_key: str) -> bool:
     """Unpublish a partition (retention): drop the symlink first, then its versions (those built for it, and
     the ones it linked to or kept as previous) that no other partition links to. Returns True if removed."""
-    _check_key(partition_key)
+    check_partition_key(partition_key)
     dataset_dir = Path(dataset_dir)
     link = partition_link(dataset_dir, partition_key)
     previous = dataset_dir / PREVIOUS_DIR / f"dt={partition_key}"
@@ -264,6 +290,21 @@ def remove_partition(dataset_dir: Path, partition_key: str) -> bool:
         if version.resolve() not in still_linked:
             _remove(version)
     return existed
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every folder, deepest first: a rename only makes the
+    names durable, not the data. A file that cannot be synced fails the publish (nothing is swapped)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and os.path.isfile(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(path: Path) -> None:

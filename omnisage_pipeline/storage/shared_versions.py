@@ -10,8 +10,9 @@ Otherwise the day is built and published by ``publish_partition`` as usual (stag
 
 The version a day showed before its last swap is recorded as ``.previous/dt=D`` (kept for readers that
 opened it, as ``publish_partition`` keeps one previous version); the one recorded before that is deleted
-once no ``dt=`` link and no ``.previous`` record points to it. Nothing here, in ``publish`` or in
-``retention`` deletes a version that a link or a record still points to. Linking to an existing version
+once no ``dt=`` link and no ``.previous`` record points to it and no reader lease holds it
+(``omnisage_pipeline.storage.leases``). Nothing here, in ``publish`` or in ``retention`` deletes a version
+that a link or a record still points to. Linking to an existing version
 and deleting unreferenced ones take the dataset's ``.staging/.references.lock`` (``flock``), so a version
 is never deleted between being found and being linked.
 """
@@ -27,12 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from omnisage_pipeline.storage.leases import lease_holds
 from omnisage_pipeline.storage.publish import (
     PREVIOUS_DIR,
-    _check_key,
     _fsync_dir,
     _live_writer,
     _remove,
+    check_partition_key,
     dataset_label,
     fault_point,
     partition_link,
@@ -44,6 +46,7 @@ from omnisage_pipeline.storage.publish import (
 DIGEST_FILE = ".content-digest"
 LOCK_FILE = ".references.lock"
 _STAGING = ".staging"
+_VERSIONS = ".versions"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def publish_shared(
     digest (``validate`` runs on that version first; it raises to leave ``dt=D`` as it was), or, when there
     is none (or ``reuse`` is False), build a new version with ``build(staging)`` through
     ``publish_partition`` (``validate`` on the staging). Returns what was done."""
-    _check_key(partition_key)
+    check_partition_key(partition_key)
     dataset_dir = Path(dataset_dir)
     if reuse:
         linked = _link_existing(dataset_dir, partition_key, digest, validate)
@@ -127,7 +130,7 @@ def publish_shared(
     except BaseException:
         _set_previous(dataset_dir, partition_key, older)
         raise
-    collect_unreferenced(dataset_dir, [older])
+    collect_unreferenced(dataset_dir, [older], partition_key)
     version = require_published(dataset_dir, partition_key)
     return SharedPublish(version, digest, reused=False, bytes_written=tree_bytes(version))
 
@@ -153,7 +156,7 @@ def _link_existing(
         os.replace(tmp_link, link)
         _fsync_dir(dataset_dir)
     fault_point("swapped", dataset_label(dataset_dir))
-    collect_unreferenced(dataset_dir, [older])
+    collect_unreferenced(dataset_dir, [older], partition_key)
     return SharedPublish(version, digest, reused=True, bytes_written=0)
 
 
@@ -177,15 +180,29 @@ def _set_previous(dataset_dir: Path, partition_key: str, version: Path | None) -
     os.replace(tmp, record)
 
 
-def collect_unreferenced(dataset_dir: Path, candidates: Iterable[Path | None]) -> list[Path]:
-    """Delete the candidate versions that no ``dt=`` link or ``.previous`` record points to (and that no
-    live writer is about to publish). Returns the deleted ones."""
+def collect_unreferenced(
+    dataset_dir: Path, candidates: Iterable[Path | None], partition_key: str | None = None
+) -> list[Path]:
+    """Delete the candidate versions that no ``dt=`` link or ``.previous`` record points to, that no live
+    writer is about to publish and that no live reader lease holds (``partition_key``: the day that showed
+    the candidates; a lease on that whole day keeps them all). Any other version nothing points to (one a
+    lease kept until now, a killed writer's orphan) goes too, unless a lease holds a whole day: such a reader
+    may hold any version that day ever showed. Returns the deleted ones."""
     dataset_dir = Path(dataset_dir)
     deleted = []
     with references_lock(dataset_dir):
         referenced = referenced_versions(dataset_dir)
-        for version in {Path(c) for c in candidates if c is not None}:
-            if version.exists() and version.resolve() not in referenced and not _live_writer(version):
+        leased = lease_holds(dataset_dir)  # after the swap: a reader leases before it resolves dt=D
+        doomed = {Path(c) for c in candidates if c is not None}
+        if not leased.partitions and (dataset_dir / _VERSIONS).is_dir():
+            doomed.update((dataset_dir / _VERSIONS).iterdir())
+        for version in doomed:
+            if (
+                version.exists()
+                and version.resolve() not in referenced
+                and not _live_writer(version)
+                and not leased.protects(version, partition_key)
+            ):
                 _remove(version)
                 deleted.append(version)
     return deleted
