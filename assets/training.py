@@ -42,7 +42,7 @@ omnisage_model (one asset, many MLflow model versions):
 """
 
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 from pydantic import Field, field_validator
@@ -50,8 +50,9 @@ from pydantic import Field, field_validator
 from assets.checks import StagedGate, blocking_spec, examples_per_task
 from assets.daily import ROW_COUNT, DayResult, materialize_days
 from ml.config import TASK_NAMES
+from ml.run_config import TrainingRunConfig
 from ml.training_examples import ExampleConfig
-from ml.training_run import CHAMPION, TrainingRunConfig
+from ml.training_run import CHAMPION
 from omnisage_pipeline.partitions import (
     DAILY_BACKFILL_POLICY,
     DAILY_CHAIN_POOL,
@@ -208,119 +209,9 @@ def training_examples(
 # ==========================================================================================================
 # omnisage_model
 # ==========================================================================================================
-class OmniSageModelConfig(dg.Config):
-    training_partition: str | None = Field(
-        default=None,
-        description="training_examples partition (YYYY-MM-DD) to train on; default: the newest published",
-    )
-    preset: Literal["auto", "paper", "small"] = Field(
-        default="auto",
-        description="ml.config preset: 'paper' (A.3 hyper-parameters) or 'small'; 'auto' = paper on a GPU, small on CPU",
-    )
-    steps: int | None = Field(
-        default=None,
-        description="optimizer steps (cosine horizon); default: the preset's total_steps; 0 = no training",
-    )
-    epochs: int | None = Field(
-        default=None, description="stop after this many passes over the training pairs"
-    )
-    warmup_steps: int | None = Field(default=None, description="linear warm-up steps; default: the preset's")
-    batch_size: int = Field(
-        default=128, description="entity-entity pairs per step (other tasks scale with it)"
-    )
-    num_random_negatives: int = Field(default=128, description="uniform random negatives per task and step")
-    source_weights: dict[str, float] | None = Field(
-        default=None,
-        description="eq. 2's w_i per pair source (engagement_pin_pin, engagement_board_pin, graph_pin_pin, "
-        "graph_pin_board_pin, graph_pin_board, graph_board_pin); unset = training_examples' weights",
-    )
-    lr: float | None = Field(default=None, description="peak AdamW learning rate; default: the preset's")
-    tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
-    aggregator: Literal["transformer", "mean"] = Field(
-        default="transformer",
-        description="neighbour aggregation of f_t: 'transformer' (3.2) or 'mean' (A.2.4)",
-    )
-    pair_sampling: Literal["uniform", "count"] = Field(
-        default="uniform",
-        description="draws of a pair source: uniform over its distinct pairs, or in proportion to their "
-        "engagement count",
-    )
-    id_buckets: int | None = Field(
-        default=None,
-        ge=0,
-        description="rows of the learned identity token's hash table (0 = content only, the paper's f_t); "
-        "unset = the preset's",
-    )
-    lambda_p: float = Field(default=1.0, description="eq. 6 weight of the entity-entity loss")
-    lambda_f: float = Field(default=1.0, description="eq. 6 weight of the entity-feature loss")
-    lambda_s: float = Field(default=1.0, description="eq. 6 weight of the user-entity (sequence) loss")
-    pinsage_baseline: bool = Field(
-        default=True,
-        description="also train the PinSage-like baseline (Table 2: mean aggregation, entity-entity task only, "
-        "same steps) into the run's artifacts 'baselines/pinsage', for recall_report",
-    )
-    device: str = Field(default="auto", description="'auto' = CUDA when present (fp16 autocast), else CPU")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        default="auto", description="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)"
-    )
-    max_tokens: int | None = Field(
-        default=None,
-        description="token ids per entity read from the feature store; default: the store's width",
-    )
-    seed: int = Field(default=0, description="seed of initialisation and batch sampling")
-    log_every: int = Field(default=10, description="steps between logged (averaged) loss metrics")
-    checkpoint_every: int = Field(
-        default=50, description="steps between resumable checkpoints (0 = end only)"
-    )
-    resume: bool = Field(
-        default=True, description="resume from this config's checkpoint when a killed run left one"
-    )
-    eval_k: int = Field(default=10, description="k of recall@k (4.2.1)")
-    pool_size: int = Field(default=10_000, description="negative pool of the evaluator (gate and report)")
-    eval_seed: int = Field(default=0, description="seed of the evaluator's negative pool")
-    model_name: str | None = Field(
-        default=None, description="registered model name; default: the mlflow resource's"
-    )
-    num_workers: int | None = Field(
-        default=None,
-        ge=0,
-        description="batch-building processes per rank (ml.loader); default: half of the rank's cores (>= 1); "
-        "0 = build on the training thread",
-    )
-    prefetch_factor: int = Field(default=4, ge=1, description="steps each loader worker keeps in flight")
-    feature_memory_budget_mb: float = Field(
-        default=4096.0,
-        ge=0,
-        description="hold the day's feature store in memory when its decoded arrays fit this budget (0 = never: "
-        "RocksDB lookups per batch)",
-    )
-    validation_fraction: float = Field(
-        default=0.05,
-        ge=0.0,
-        lt=1.0,
-        description="share of the training pairs, users and feature nodes carved out (stateless hash, the same "
-        "rows every day) for model selection and the promotion gate; never trained on (ml.validation)",
-    )
-    validation_checks: int = Field(
-        default=4,
-        ge=0,
-        description="evaluations on the validation split at evenly spaced steps; the run keeps the best step's "
-        "weights (0: the last step only)",
-    )
-    validation_max_queries: int = Field(
-        default=2000, ge=1, description="validation queries per task and evaluation"
-    )
-    warm_start: bool = Field(
-        default=False,
-        description="start from the registry champion's weights and count-min sketches when its tensors and "
-        "layout fit this configuration (else from scratch, and the run says why)",
-    )
-    nproc_per_node: int = Field(
-        default=1,
-        ge=1,
-        description="training processes (ranks) on this machine; > 1 launches torchrun (DDP: NCCL on GPUs, gloo "
-        "on CPU), rank 0 logs to MLflow and registers",
-    )
+class OmniSageModelConfig(dg.Config, TrainingRunConfig):
+    """``ml.run_config.TrainingRunConfig`` (every field described there, unknown keys refused) as the asset's
+    Dagster config; the training partition must also be one of the daily partitions."""
 
     @field_validator("training_partition")
     @classmethod
@@ -337,7 +228,7 @@ class OmniSageModelConfig(dg.Config):
 
 
 def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
-    return TrainingRunConfig.from_mapping(config.model_dump())
+    return config.replace()
 
 
 def train_and_register(

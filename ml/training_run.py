@@ -42,60 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from ml.checkpoint_dirs import RunDir, claimed_run_dir
-from ml.config import TASK_NAMES
 from ml.layout import MODEL_ARTIFACT_PATH, NEIGHBORHOODS_DIR, PINSAGE_ARTIFACT_PATH
 from ml.promotion_lock import compare_and_set, promotion_lock
+from ml.run_config import TrainingRunConfig
 from ml.tracking import MlflowTarget
 from ml.validation import keep_trained_sources, split_validation
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-@dataclass
-class TrainingRunConfig:
-    """The ``omnisage_model`` settings (the asset's pydantic config documents each field)."""
-
-    training_partition: str | None = None
-    preset: str = "auto"
-    steps: int | None = None
-    epochs: int | None = None
-    warmup_steps: int | None = None
-    batch_size: int = 128
-    num_random_negatives: int = 128
-    source_weights: dict[str, float] | None = None  # eq. 2's w_i per pair source; None = training_examples'
-    pair_sampling: str = "uniform"  # "uniform" over a source's distinct pairs | "count": by engagement count
-    lr: float | None = None
-    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
-    aggregator: str = "transformer"
-    id_buckets: int | None = None  # identity token rows (EmbedderConfig.id_buckets); None = the preset's
-    lambda_p: float = 1.0
-    lambda_f: float = 1.0
-    lambda_s: float = 1.0
-    pinsage_baseline: bool = True
-    device: str = "auto"
-    precision: str = "auto"
-    max_tokens: int | None = None
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 50
-    resume: bool = True
-    eval_k: int = 10
-    pool_size: int = 10_000
-    eval_seed: int = 0
-    model_name: str | None = None
-    num_workers: int | None = None  # None: ml.loader.default_num_workers(); 0 = synchronous
-    prefetch_factor: int = 4
-    feature_memory_budget_mb: float = 4096.0
-    nproc_per_node: int = 1
-    validation_fraction: float = 0.05  # of training pairs / users / feature nodes (ml.validation)
-    validation_checks: int = 4  # evaluations on the validation split for model selection (0 = last step only)
-    validation_max_queries: int = 2000  # per task and evaluation
-    warm_start: bool = False  # start from the champion's weights and sketches (ml.warm_start)
-
-    @classmethod
-    def from_mapping(cls, values: dict) -> TrainingRunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -224,22 +177,6 @@ class _Prepared:
     warm_note: str = ""
 
 
-def _validate(config: TrainingRunConfig) -> None:
-    bad = [t for t in config.tasks if t not in TASK_NAMES]
-    if bad or not config.tasks:
-        raise ValueError(f"omnisage_model config field 'tasks': {config.tasks} (known: {list(TASK_NAMES)})")
-    if config.aggregator not in ("transformer", "mean"):
-        raise ValueError(
-            f"omnisage_model config field 'aggregator': {config.aggregator!r} (transformer | mean)"
-        )
-    if config.steps is not None and config.steps < 0:
-        raise ValueError(f"omnisage_model config field 'steps' = {config.steps}: need >= 0")
-    if not 0.0 <= config.validation_fraction < 1.0:
-        raise ValueError(
-            f"omnisage_model config field 'validation_fraction' = {config.validation_fraction}: need 0 <= f < 1"
-        )
-
-
 def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
     from ml.config import preset as make_preset
 
@@ -309,7 +246,6 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
     from ml.example_loader import load_training_examples
     from ml.train import resolve_device
 
-    _validate(config)
     snapshot = GraphSnapshot.open(inputs.graph_dir)
     cache = NeighborhoodCache.open(inputs.graph_dir / NEIGHBORHOODS_DIR, snapshot)
     features = open_features(
@@ -437,13 +373,18 @@ def _fit(prep: _Prepared, model_config, log, plan: _FitPlan):
 
 
 def train_model(
-    prep: _Prepared, log, model_config=None, loader=None, config: TrainingRunConfig | None = None
+    prep: _Prepared,
+    log,
+    model_config=None,
+    loader=None,
+    config: TrainingRunConfig | None = None,
+    selection=None,
 ):
     """Train ``model_config`` (default the run's) on the prepared inputs from scratch (or the run's checkpoint)
-    without MLflow: the benchmarks' entry point. With ``config``, model selection on the validation split as
-    in a registered run. -> the trained model in eval mode."""
-    selection = None
-    if config is not None:
+    without MLflow: the benchmarks' and the tuner's entry point. With ``config``, model selection on the
+    validation split as in a registered run (or the given ``ml.train.ModelSelection``). -> the trained model
+    in eval mode."""
+    if selection is None and config is not None:
         selection = _selection(prep, config, _validation_evaluator(prep, config), log)
     plan = _FitPlan(prep.ckpt_dir, prep.resume, loader=loader, selection=selection)
     trainer, _, _ = _fit(prep, model_config or prep.model_config, log, plan)
@@ -454,7 +395,7 @@ def train_model(
     return trainer.model.eval()
 
 
-def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
+def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log, selection=None):
     """The paper's Table 2 PinSage-like baseline: the same pipeline (graph, neighbourhoods, features, data,
     steps, optimiser) with mean-pooling aggregation and the entity-entity task only. -> the trained model."""
     baseline_config = prep.model_config.replace(
@@ -466,7 +407,8 @@ def train_pinsage_baseline(prep: _Prepared, config: TrainingRunConfig, log):
     checkpoint_dir = prep.ckpt_dir / "pinsage"
     resume = checkpoint_dir / "last.pt" if config.resume and (checkpoint_dir / "last.pt").is_file() else None
     # the same model selection as the model's (validation entity-entity recall): a baseline on equal terms
-    selection = _selection(prep, config, _validation_evaluator(prep, config), log, tasks=("entity_entity",))
+    if selection is None:
+        selection = _selection(prep, config, _validation_evaluator(prep, config), log, ("entity_entity",))
     try:
         plan = _FitPlan(checkpoint_dir, resume, loader=loader, selection=selection)
         trainer, _, _ = _fit(prep, baseline_config, log, plan)
@@ -570,7 +512,7 @@ def _log_params(
     from mlflow.entities import Param
 
     params: dict[str, str] = {}
-    _flatten("config", asdict(config), params)
+    _flatten("config", config.plain(), params)
     params["training_partition"] = inputs.partition
     params["preset_resolved"] = prep.preset_name
     params["device_resolved"] = str(prep.device)
@@ -768,11 +710,12 @@ def _validation_evaluator(prep: _Prepared, config: TrainingRunConfig):
 
 def _selection(prep: _Prepared, config: TrainingRunConfig, val_evaluator, log, tasks=None):
     """Model selection on the validation split (``ml.train.ModelSelection``): mean recall@k over ``tasks``
-    (default the model's)."""
+    (default the config's ``selection_tasks`` the model trains; all its tasks when it trains none of them)."""
     from ml.evaluator import model_embedders
     from ml.train import ModelSelection
 
-    tasks = list(tasks or prep.model_config.tasks)
+    trained = list(prep.model_config.tasks)
+    tasks = list(tasks or [t for t in config.selection_tasks if t in trained] or trained)
     if val_evaluator is None or prep.train_config.total_steps <= 0:
         return None
 
@@ -1009,7 +952,7 @@ def write_request(
             {
                 "inputs": inputs.to_json(),
                 "target": asdict(target),
-                "config": asdict(config),
+                "config": config.plain(),
                 "outcome": str(outcome_path),
                 "dagster_run_id": dagster_run_id,
             }
@@ -1030,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = train_and_register(
         TrainingInputs.from_json(req["inputs"]),
         MlflowTarget(**req["target"]),
-        TrainingRunConfig.from_mapping(req["config"]),
+        TrainingRunConfig.model_validate(req["config"]),
         log=log,
         dagster_run_id=req.get("dagster_run_id"),
     )

@@ -13,6 +13,7 @@ import click
 
 from omnisage_pipeline.retention_cli import retention
 from omnisage_pipeline.settings import DEMO_START_DATE
+from omnisage_pipeline.tune_cli import tune
 
 
 def _iso_date(ctx, param, value):
@@ -31,6 +32,7 @@ def main() -> None:
 
 
 main.add_command(retention)
+main.add_command(tune)
 
 
 @main.command()
@@ -366,7 +368,7 @@ def train(
 
     import yaml
 
-    from assets.training import OmniSageModelConfig, to_run_config
+    from ml.run_config import TrainingRunConfig
     from omnisage_pipeline.resources import MlflowResource
     from omnisage_pipeline.settings import Settings
     from omnisage_pipeline.training.runner import run_training
@@ -389,7 +391,7 @@ def train(
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        config = OmniSageModelConfig(**values)
+        config = TrainingRunConfig(**values)
     except Exception as exc:  # pydantic's ValidationError names the field
         raise click.ClickException(f"omnisage_model config: {exc}") from exc
     settings = Settings.from_env()
@@ -397,7 +399,7 @@ def train(
         outcome = run_training(
             settings,
             MlflowResource.from_settings(settings).target(),
-            to_run_config(config),
+            config,
             rdzv={k: v for k, v in rdzv.items() if v is not None} or None,
             log=lambda m: click.echo(m),
         )

@@ -101,7 +101,7 @@ def run_training(
     from omnisage_pipeline.storage.retention import read_lease
 
     partition = resolve_training_partition(settings, config.training_partition)
-    config.training_partition = partition
+    config = config.replace(training_partition=partition)
     with read_lease(settings.graph_dir, partition), read_lease(settings.features_dir, partition):
         inputs = training_inputs(settings, partition)
         if config.nproc_per_node <= 1 and not rdzv:
