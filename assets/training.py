@@ -101,6 +101,12 @@ class TrainingExamplesConfig(dg.Config):
         ge=1,
         description="graph-pair draws per (node, graph source)",
     )
+    coengagement_window: int = Field(
+        default=_EXAMPLE_DEFAULTS.coengagement_window,
+        ge=0,
+        description="co-engagement pairs (source coengagement_pin_pin): pins one user engaged within N events "
+        "of each other, both directions, weighted by count (0: none)",
+    )
     required_tasks: list[str] = Field(
         default=["entity_entity", "entity_feature"],
         description="check examples_for_every_task: a task listed here without training examples blocks the "
@@ -127,6 +133,7 @@ class TrainingExamplesConfig(dg.Config):
             eval_horizon_days=self.eval_horizon_days,
             sample_seed=self.sample_seed,
             graph_pairs_per_node=self.graph_pairs_per_node,
+            coengagement_window=self.coengagement_window,
         )
 
 

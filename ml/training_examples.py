@@ -90,6 +90,9 @@ OUTPUT_TABLES = (
 
 #: Pair sources, their query/positive types.
 ENGAGEMENT_SOURCES = {"engagement_pin_pin": ("pin", "pin"), "engagement_board_pin": ("board", "pin")}
+#: Co-engagement: two pins one user engaged within ``coengagement_window`` events of each other (both
+#: directions, weighted by how often): the signal item co-occurrence counts, as eq. 2 pairs D_pair.
+COENGAGEMENT_SOURCE = "coengagement_pin_pin"
 #: Graph pair sources: (query type, neighbour block (subset, node type)).
 GRAPH_SOURCES = {
     "graph_pin_pin": ("pin", ("pin_pin", "pin")),
@@ -113,8 +116,10 @@ class ExampleConfig:
     eval_horizon_days: int = 2  # user-entity evaluation: engagement in the window's last days is "future"
     sample_seed: int = 0
     graph_pairs_per_node: int = 2  # draws per (graph node, graph source); repeated draws are merged
+    # co-engagement pairs: pins within this many events of each other in one user's history (0: none)
+    coengagement_window: int = 5
     source_weights: dict[str, float] = field(
-        default_factory=lambda: {s: 1.0 for s in (*ENGAGEMENT_SOURCES, *GRAPH_SOURCES)}
+        default_factory=lambda: {s: 1.0 for s in (*ENGAGEMENT_SOURCES, COENGAGEMENT_SOURCE, *GRAPH_SOURCES)}
     )
 
 
@@ -187,6 +192,37 @@ def engagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig, logs
             )
         )
     return pa.concat_tables(tables)
+
+
+def coengagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig, logs: str = "logs") -> pa.Table:
+    """Pin pairs one user engaged within ``coengagement_window`` events of each other, both directions, with
+    how many times (``COENGAGEMENT_SOURCE``); empty when the window is 0."""
+    w = int(config.coengagement_window)
+    query = f"""
+        WITH seq AS (
+            SELECT user_id, pin_id,
+                   row_number() OVER (PARTITION BY user_id ORDER BY event_ts, pin_id, action, surface) AS rn
+            FROM {logs}
+        ), near AS (
+            SELECT a.pin_id AS q, b.pin_id AS p FROM seq a JOIN seq b
+              ON a.user_id = b.user_id AND b.rn > a.rn AND b.rn <= a.rn + {w}
+            WHERE a.pin_id <> b.pin_id
+        )
+        SELECT q AS query_id, p AS pos_id, count(*) AS n
+        FROM (SELECT q, p FROM near UNION ALL SELECT p, q FROM near)
+        GROUP BY ALL ORDER BY query_id, pos_id
+    """
+    rows = _fetch(con, query) if w > 0 else pa.table({"query_id": [], "pos_id": [], "n": []})
+    return _pair_table(
+        "pin",
+        rows["query_id"].to_numpy(zero_copy_only=False),
+        "pin",
+        rows["pos_id"].to_numpy(zero_copy_only=False),
+        COENGAGEMENT_SOURCE,
+        None,
+        config.source_weights.get(COENGAGEMENT_SOURCE, 1.0),
+        rows["n"].to_numpy(zero_copy_only=False),
+    )
 
 
 def graph_pairs(snapshot, neighborhoods, config: ExampleConfig, partition_seed: int) -> pa.Table:
@@ -453,9 +489,12 @@ def build_training_examples(
     partition_seed = date.fromisoformat(window_end).toordinal()
     graph = graph_pairs(snapshot, neighborhoods, config, partition_seed)
     # The test pairs come from every event; the training pairs leave out the held-out users' future.
-    every_event = _attach_segments(pa.concat_tables([engagement_pairs(con, config), graph]), pin_segments)
-    _, eval_pairs = _split_pairs(every_event, config)
-    no_future = engagement_pairs(con, config, pair_logs_view(con, config, cutoff_ts))
+    every = pa.concat_tables([engagement_pairs(con, config), coengagement_pairs(con, config), graph])
+    _, eval_pairs = _split_pairs(_attach_segments(every, pin_segments), config)
+    pair_logs = pair_logs_view(con, config, cutoff_ts)
+    no_future = pa.concat_tables(
+        [engagement_pairs(con, config, pair_logs), coengagement_pairs(con, config, pair_logs)]
+    )
     train_pairs, _ = _split_pairs(
         _attach_segments(pa.concat_tables([no_future, graph]), pin_segments), config
     )

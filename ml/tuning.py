@@ -24,14 +24,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ml.training_examples import ENGAGEMENT_SOURCES, GRAPH_SOURCES
+from ml.training_examples import COENGAGEMENT_SOURCE, ENGAGEMENT_SOURCES, GRAPH_SOURCES
 
-#: eq. 2's source weights w_i a trial may choose: every source, engagement sources only, or the one pin -> pin
-#: engagement source (where the product's relation is "related pins").
+#: eq. 2's source weights w_i a trial may choose: every source; engagement and co-engagement only; the direct
+#: engagement sources only; pin -> pin engagement and co-engagement only (where the product's relation is
+#: "related pins").
+_ALL = (*ENGAGEMENT_SOURCES, COENGAGEMENT_SOURCE, *GRAPH_SOURCES)
 SOURCE_PROFILES: dict[str, dict[str, float] | None] = {
     "all": None,
-    "engagement": {**{s: 1.0 for s in ENGAGEMENT_SOURCES}, **{s: 0.0 for s in GRAPH_SOURCES}},
-    "pin_pin": {s: float(s == "engagement_pin_pin") for s in (*ENGAGEMENT_SOURCES, *GRAPH_SOURCES)},
+    "engagement": {s: float(s not in GRAPH_SOURCES) for s in _ALL},
+    "direct": {s: float(s in ENGAGEMENT_SOURCES) for s in _ALL},
+    "pin_pin": {s: float(s in ("engagement_pin_pin", COENGAGEMENT_SOURCE)) for s in _ALL},
 }
 
 
@@ -48,8 +51,8 @@ class SearchSpace(BaseModel):
     )
     id_buckets: list[int] = Field([0, 1 << 16], description="identity-token rows (0: content and graph only)")
     pair_sampling: list[Literal["uniform", "count"]] = Field(["uniform", "count"])
-    source_profile: list[Literal["all", "engagement", "pin_pin"]] = Field(
-        ["all", "engagement", "pin_pin"], description="eq. 2's source weights (SOURCE_PROFILES)"
+    source_profile: list[Literal["all", "engagement", "direct", "pin_pin"]] = Field(
+        ["all", "engagement", "direct", "pin_pin"], description="eq. 2's source weights (SOURCE_PROFILES)"
     )
 
 

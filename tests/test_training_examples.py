@@ -294,6 +294,7 @@ def test_batch_iterator_contract(art):
             source_weights={
                 "engagement_pin_pin": 2.0,
                 "graph_pin_pin": 1.0,
+                "coengagement_pin_pin": 0.0,
                 "engagement_board_pin": 0.0,
                 "graph_board_pin": 0.0,
                 "graph_pin_board": 0.0,
@@ -317,6 +318,7 @@ def test_batch_iterator_contract(art):
 
 SOURCES = (
     "engagement_pin_pin",
+    "coengagement_pin_pin",
     "engagement_board_pin",
     "graph_pin_pin",
     "graph_pin_board_pin",
@@ -431,3 +433,32 @@ def test_training_sequences_are_windows_over_the_whole_history(stride):
         assert r["future"] == list(range(1000 + end, 1000 + min(end + 3, 60)))
     covered = set().union(*(r["history"] for r in rows))
     assert covered == set(range(1000, 1000 + 60 - 3))
+
+
+def test_coengagement_pairs_count_pins_within_the_window_both_ways():
+    """One user's history a, b, c, a (window 2): a-b at positions 1-2 and 2-4, a-c at 1-3 and 3-4, b-c at 2-3;
+    each both directions; a pin never pairs with itself; user 2's one event pairs with nothing."""
+    import duckdb
+
+    from ml.training_examples import coengagement_pairs
+
+    con = duckdb.connect()
+    ts = [datetime(2026, 1, 1, 0, m, tzinfo=UTC) for m in range(5)]
+    logs = pa.table(
+        {
+            "event_ts": ts,
+            "user_id": [1, 1, 1, 1, 2],
+            "pin_id": [10, 20, 30, 10, 20],
+            "action": ["click"] * 5,
+            "surface": ["homefeed"] * 5,
+        }
+    )
+    con.register("logs", logs)
+    pairs = coengagement_pairs(con, dataclasses.replace(ExampleConfig(), coengagement_window=2))
+    got = dict(
+        zip(zip(pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()), pairs["count"].to_pylist())
+    )
+    assert got == {(10, 20): 2, (20, 10): 2, (10, 30): 2, (30, 10): 2, (20, 30): 1, (30, 20): 1}
+    assert set(pairs["source"].to_pylist()) == {"coengagement_pin_pin"}
+    off = coengagement_pairs(con, dataclasses.replace(ExampleConfig(), coengagement_window=0))
+    assert off.num_rows == 0
