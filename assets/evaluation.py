@@ -42,12 +42,23 @@ class RecallReportConfig(dg.Config):
         default=None, description="cap on queries per task (seeded subset); None = all"
     )
     baselines: list[str] = Field(
-        default=["random", "popularity", "cooccurrence", "als", "pinsage", "oracle"],
-        description="baselines scored on the same sets (oracle only when the input came from the generator)",
+        default=[
+            "random",
+            "popularity",
+            "cooccurrence",
+            "window_cooccurrence",
+            "ease",
+            "als",
+            "pinsage",
+            "oracle",
+        ],
+        description="baselines scored on the same sets (oracle only when the input came from the generator; ease "
+        "only up to ml.item_baselines.REPORT_EASE_MAX_ITEMS items)",
     )
     als_grid: Literal["report", "full"] = Field(
         default="report",
-        description="ALS tuning grid: 'report' (ml.baselines.REPORT_ALS_GRID, 4 fits) or 'full' (DEFAULT_ALS_GRID)",
+        description="ALS tuning grid: 'report' (ml.baselines.REPORT_ALS_GRID, 4 fits) or 'full' "
+        "(DEFAULT_ALS_GRID, 72 fits)",
     )
     max_recall_drop: float = Field(
         default=0.05,
@@ -79,9 +90,10 @@ class RecallReportConfig(dg.Config):
     kinds={"pytorch", "mlflow"},
     owners=["team:omnisage-ml"],
     tags={"layer": "evaluation"},
-    code_version="recall-report-2",
+    code_version="recall-report-3",
     description="recall@10 of the champion per task on the day's held-out sets (4.2.1) and of the baselines "
-    "(random, popularity, co-occurrence, ALS, PinSage-like, oracle) on the same sets: reports/dt=D/recall.json.",
+    "(random, popularity, co-occurrence, windowed co-occurrence, EASE, ALS, PinSage-like, oracle) on the same "
+    "sets: reports/dt=D/recall.json.",
 )
 def recall_report(
     context: dg.AssetExecutionContext,

@@ -7,27 +7,41 @@ One run: the data set as contract input (``omnisage import movielens-100k`` or t
 pipeline's daily assets in process with the DuckDB engine (ephemeral Dagster instance; every day's
 engagement_logs and daily_edges, then the last day's pruned_edges, graph_snapshot, feature_store and
 training_examples), the model and the PinSage-like baseline trained with the project's defaults for the
-device (``ml.training_run``: the same data, steps and optimiser; the baseline is mean aggregation and the
-entity-entity task only), the baselines fitted, and every system scored on the same held-out sets and
-negative pools:
+device (``ml.training_run``: the same data, steps and optimiser, each selected on its validation split; the
+baseline is mean aggregation and the entity-entity task only), the baselines fitted, and every system scored
+by ONE protocol (``ml.quality_protocol``, ``ml.pair_scoring``): the same queries, the same negative pools and
+the same recall@k rule, with per-pair hits:
 
 - entity_entity: MovieLens - the time-split held-out pairs (one user's consecutive ratings in the last 28
-  days, never in the logs), each positive against every pin; synthetic - the evaluator's held-out pairs;
+  days, never in the logs; each row keeps its user), each positive against every pin; synthetic - the
+  evaluator's held-out pairs (recall: the mean of the graph-pair and engagement-pair recalls);
 - user_entity: MovieLens - every user with held-out ratings: history = the last t_max logged engagements,
-  next / future action = held-out ratings (``movielens.heldout_sequences``); synthetic - the evaluator's
-  held-out users;
+  next / future action = held-out ratings (``movielens.heldout_sequences``), each user's already-engaged pins
+  left out of their candidates (never the positive); synthetic - the evaluator's held-out users;
 - entity_feature: ``ml.evaluator.Evaluator`` of the training partition (random's figure is the chance level
   k / (pool + 1): random vectors have no g_x to query with);
-- systems: model, pinsage, cooccurrence, als (``implicit``, tuned on a validation split carved from the
-  training logs), popularity, random.
+- cold start: the entity-entity pairs whose query or positive has no event in the training logs the
+  baselines were fitted on (``ml.item_baselines.TrainingSplit.seen``; ~233 pairs on MovieLens), per system;
+- comparison: the model minus the best other system on entity-entity, with a 95 % paired-bootstrap interval
+  over users (``ml.significance``; over the pairs on synthetic data, whose pairs carry no user).
+
+Systems: model, pinsage, cooccurrence (the graph's common neighbours), window_cooccurrence (counts within w
+events of a user's sequence), ease (Steck 2019), als (``implicit``; its grid includes cosine item factors),
+content_tfidf (title and description only), popularity, random. Every baseline is fitted on the same training
+events (the logs less the evaluation pairs' events and the evaluation users) and the tuned ones (window w,
+EASE lambda, ALS) are chosen on the SAME validation split carved from them (``ml.item_baselines``), never on
+the test pairs: ``"selection": "validation"``, and ``tuning`` holds each choice and its validation recall.
 
 The model and the PinSage-like baseline are trained once per ``--seeds`` seed (default 0,1,2: one run's
 recall moves by about 0.005 with the seed on MovieLens); the table shows their mean with the range, and the
-JSON's ``systems`` the mean (``per_seed`` each run). The baselines are deterministic and fitted once.
+JSON's ``systems`` the mean (``per_seed`` each run); their per-pair hits in the comparison and the cold-start
+slice are hit rates over the seeds (the interval covers the sampling of users, not of seeds). The baselines
+are deterministic and fitted once.
 
 The neighbourhood layout is sized for the data set (``--blocks``; the asset default 25/75/50 is sized for
-billions of nodes). Last line: one JSON object ``{"dataset", "k", "systems": {name: {task: recall}},
-"train_seconds", "device", ...}``.
+billions of nodes). Last line: one JSON object ``{"dataset", "k", "selection", "systems": {name: {task:
+recall | null}}, "comparison": {"task", "best_baseline", "diff", "ci95", "resampled", ...}, "cold_start":
+{"pairs", "systems"}, "tuning", "sets", "train_seconds", "device", ...}``.
 """
 
 from __future__ import annotations
@@ -125,35 +139,21 @@ def read_logs(data_root: Path):
     return pq.read_table(data_root / "engagement_logs")
 
 
-def baselines(prep, data_root: Path, dataset: str, log) -> dict:
-    """{name: (EntityEmbedder, UserEmbedder | None)} of the counting and factorisation baselines."""
-    from ml.baselines import (
-        AlsFitConfig,
-        CooccurrenceEmbedder,
-        PopularityEmbedder,
-        fit_als_baseline,
-        random_baseline,
-    )
+def split_config(dataset: str):
+    """ALS's fit config, whose validation split every tuned baseline shares (MovieLens: pin -> pin pairs,
+    the kind its test holds)."""
+    from ml.baselines import AlsFitConfig
 
-    data = prep.data
-    types = [("pin", "pin")] if dataset == "movielens-100k" else None
-    als, tuning = fit_als_baseline(read_logs(data_root), exclude_pairs=data.eval_pairs,
-                                   exclude_users=data.eval_sequences["user_id"].to_numpy(), universe=prep.universe,
-                                   config=AlsFitConfig(validation_types=types))  # fmt: skip
-    log(
-        f"als tuned on {tuning.validation_pairs} validation pairs: {tuning.best} (recall {tuning.best_recall})"
-    )
-    co, pop = CooccurrenceEmbedder(prep.snapshot), PopularityEmbedder(prep.snapshot)
-    return {"cooccurrence": (co, co), "als": (als, als), "popularity": (pop, pop),
-            "random": random_baseline(prep.universe)}  # fmt: skip
+    return AlsFitConfig(validation_types=[("pin", "pin")] if dataset == "movielens-100k" else None)
 
 
-def score_all(prep, systems: dict, data_root: Path, dataset: str, k: int, log) -> dict:
-    """{system: {task: recall@k | None}} on one evaluator's sets (+ MovieLens's time-split pairs)."""
-    import numpy as np
-
-    from ml.baselines import pair_recall
+def evaluation_sets(prep, data_root: Path, dataset: str, k: int, seen: dict, log):
+    """(``ml.quality_protocol.EvaluationSets``, the evaluator of the training partition): MovieLens's
+    entity-entity rows are the time-split pairs with their users, its user-entity users every user with
+    held-out ratings (history = the last t_max logged engagements), their engaged pins out of their
+    candidates; synthetic: the evaluator's own sets."""
     from ml.evaluator import Evaluator
+    from ml.quality_protocol import EvaluationSets
 
     data, heldout = prep.data, None
     if dataset == "movielens-100k":
@@ -162,44 +162,94 @@ def score_all(prep, systems: dict, data_root: Path, dataset: str, k: int, log) -
         heldout = read_heldout_pairs(data_root)
         # user-entity on the time split too: every user with held-out ratings, not the hash-held-out users
         # active on both sides of the compressed window's last 2 days (a dozen on MovieLens)
-        cfg = prep.model_config.sequence
-        data = dataclasses.replace(data, eval_sequences=heldout_sequences(data_root, cfg.max_len))
-    evaluator = Evaluator(data, prep.universe, k=k)
-    log(
-        f"queries: {len(evaluator.histories)} users, {len(evaluator.feature_nodes['entity_id'])} feature nodes, "
-        f"{heldout.num_rows if heldout is not None else len(evaluator.pairs['query_id'])} entity-entity pairs"
-    )
-    out = {}
-    for name, (entity, user) in systems.items():
-        tasks = ("entity_entity",) if name == "pinsage" else TASKS
-        report = evaluator.evaluate(
-            entity, user, [t for t in tasks if t != "entity_entity" or heldout is None]
+        data = dataclasses.replace(
+            data, eval_sequences=heldout_sequences(data_root, prep.model_config.sequence.max_len)
         )
-        row = {t: report.recall(t) if t in report.tasks else None for t in TASKS}
-        if heldout is not None and "entity_entity" in tasks:
-            row["entity_entity"] = pair_recall(entity, heldout, k, {"pin": np.asarray(prep.universe["pin"])})
-        out[name] = row
-        log(f"{name}: {row}")
-    pool = evaluator.pools.get("pin")
-    if "random" in out:
-        out["random"]["entity_feature"] = k / (len(pool) + 1) if pool is not None else None
-    return out
+    evaluator = Evaluator(data, prep.universe, k=k)
+    sets = EvaluationSets.from_evaluator(evaluator, seen, heldout=heldout,
+                                         exclude_history=dataset == "movielens-100k")  # fmt: skip
+    log(f"evaluation sets: {sets.describe()}")
+    return sets, evaluator
 
 
-def train_seeds(home: Path, day: str, config, seeds: list[int], data_root: Path, dataset: str, k: int, log):
-    """The model and the PinSage-like baseline trained and scored once per seed (the same data and budget).
-    -> (the last seed's prepared inputs, [{system: {task: recall}} per seed], [model training s per seed])."""
+def score(sets, evaluator, system, tasks) -> tuple[dict, object]:
+    """({task: recall | None}, per-row ``SystemScores``) of one system on the sets; entity-feature through
+    the evaluator (it needs the model's g_x)."""
+    from ml.quality_protocol import recalls, score_system
+
+    scores = score_system(sets, system, tasks)
+    row = {t: None for t in TASKS} | {t: v for t, v in recalls(sets, scores).items() if t in tasks}
+    if "entity_feature" in tasks:
+        row["entity_feature"] = evaluator.evaluate(system[0], None, ["entity_feature"]).recall(
+            "entity_feature"
+        )
+    return row, scores
+
+
+def baselines(prep, logs, split, data_root: Path, dataset: str, k: int, log) -> tuple[dict, dict]:
+    """({name: system}, {name: tuning}) of the counting, factorisation and content baselines, all fitted on
+    ``split``'s training events and tuned on its one validation split (``ml.item_baselines``)."""
+    import numpy as np
+
+    from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, fit_als_baseline, random_baseline
+    from ml.content_tfidf import ContentTfidfScorer
+    from ml.item_baselines import (
+        DEFAULT_EASE_GRID,
+        DEFAULT_WINDOW_GRID,
+        fit_ease_baseline,
+        fit_window_baseline,
+    )
+
+    universe = prep.universe
+    pools = {t: np.asarray(universe[t], dtype=np.int64) for t in ("pin", "board") if t in universe}
+    als, als_tuning = fit_als_baseline(
+        logs, exclude_pairs=split.exclude_pairs, exclude_users=split.exclude_users, universe=universe,
+        config=split.config,
+    )  # fmt: skip
+    if als_tuning.validation_pairs != split.validation.num_rows:
+        raise RuntimeError("als was tuned on another validation split than the item baselines")
+    window, window_tuning = fit_window_baseline(split, pools, DEFAULT_WINDOW_GRID, k)
+    # EASE over pins only on MovieLens (its pairs and users are pins); boards too where pairs query boards
+    ease_types = ("pin",) if dataset == "movielens-100k" else ("pin", "board")
+    ease, ease_tuning = fit_ease_baseline(
+        split, pools, DEFAULT_EASE_GRID, k, item_types=ease_types, restrict=True
+    )
+    als_json = {"best": als_tuning.best, "validation_recall": als_tuning.best_recall,
+                "validation_pairs": als_tuning.validation_pairs, "results": als_tuning.results}  # fmt: skip
+    tuning = {"window_cooccurrence": window_tuning.to_json(), "ease": ease_tuning.to_json(), "als": als_json}
+    for name, t in tuning.items():
+        log(
+            f"{name}: {t['best']}, validation recall {t['validation_recall']} ({t['validation_pairs']} pairs)"
+        )
+    co, pop = CooccurrenceEmbedder(prep.snapshot), PopularityEmbedder(prep.snapshot)
+    systems = {"cooccurrence": (co, co), "window_cooccurrence": window, "ease": ease, "als": (als, als),
+               "content_tfidf": ContentTfidfScorer.from_metadata(data_root), "popularity": (pop, pop),
+               "random": random_baseline(universe)}  # fmt: skip
+    return systems, tuning
+
+
+def train_seeds(home: Path, day: str, config, seeds: list[int], bench: dict, log):
+    """The model and the PinSage-like baseline trained and scored once per seed (the same data and budget);
+    ``bench["setup"](prep)`` builds the evaluation sets on the first seed. -> (the last seed's prepared
+    inputs, [{system: {task: recall}} per seed], {system: [entity-entity hits per seed]}, [training s])."""
     from ml.evaluator import model_embedders
 
-    per_seed, seconds = [], []
+    per_seed, hits, seconds = [], {"model": [], "pinsage": []}, []
     for seed in seeds:
         log(f"seed {seed}")
-        prep, model, pinsage, train_s = train_systems(home, day, dataclasses.replace(config, seed=seed), log)
-        systems = {"model": model_embedders(model, prep.builder),
-                   "pinsage": (model_embedders(pinsage, prep.builder)[0], None)}  # fmt: skip
-        per_seed.append(score_all(prep, systems, data_root, dataset, k, log))
+        prep, model, pinsage, train_s = train_systems(home, day, config.replace(seed=seed), log)
+        sets, evaluator = bench.get("sets") or bench["setup"](prep)
+        rows = {}
+        for name, system, tasks in (
+            ("model", model_embedders(model, prep.builder), TASKS),
+            ("pinsage", (model_embedders(pinsage, prep.builder)[0], None), ("entity_entity",)),
+        ):
+            rows[name], scores = score(sets, evaluator, system, tasks)
+            hits[name].append(scores.entity_entity.hits)
+            log(f"{name}: {rows[name]}")
+        per_seed.append(rows)
         seconds.append(round(train_s, 1))
-    return prep, per_seed, seconds
+    return prep, per_seed, hits, seconds
 
 
 def mean_over_seeds(per_seed: list[dict]) -> dict:
@@ -213,8 +263,9 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
     return out
 
 
-def table(systems: dict, per_seed: list[dict]) -> str:
-    """Markdown: the mean over seeds, with the range where a system was trained once per seed."""
+def table(systems: dict, per_seed: list[dict], cold: dict) -> str:
+    """Markdown: the mean over seeds, with the range where a system was trained once per seed, and the
+    cold-start slice's entity-entity recall."""
 
     def cell(name: str, task: str) -> str:
         v = systems[name].get(task)
@@ -225,9 +276,31 @@ def table(systems: dict, per_seed: list[dict]) -> str:
             return f"{v:.4f} ({min(runs):.4f}-{max(runs):.4f})"
         return f"{v:.4f}"
 
-    lines = ["| system | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(name, t) for t in TASKS) + " |" for name in systems]
+    head = [*TASKS, f"entity_entity cold start ({cold['pairs']} pairs)"]
+    lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name in systems:
+        c = cold["systems"].get(name)
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(name, t) for t in TASKS)
+            + f" | {'-' if c is None else f'{c:.4f}'} |"
+        )
     return "\n".join(lines)
+
+
+def summarise(sets, scores: dict, hits: dict, n_boot: int) -> tuple[dict, dict]:
+    """(comparison, cold start) of the per-row hits: the model's and the PinSage-like model's are their hit
+    rates over the seeds (the interval covers the sampling of users, not the seeds)."""
+    import numpy as np
+
+    from ml.quality_protocol import cold_recall, compare
+
+    ee = {name: np.mean(np.stack(h), axis=0) for name, h in hits.items()}
+    others = {name: h for name, h in ee.items() if name != "model"}
+    comparison = compare(sets, ee["model"], others, n_boot=n_boot, seed=0)
+    comparison["model_recall"] = scores["model"]["entity_entity"]
+    cold = {"pairs": int(sets.cold.sum()), "systems": {name: cold_recall(sets, h) for name, h in ee.items()}}
+    return comparison, cold
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--config", default="{}", help="JSON of TrainingRunConfig fields over the data set's profile"
     )
+    ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the comparison")
     args = ap.parse_args(argv)
     log = lambda m: print(f"[quality] {m}", file=sys.stderr, flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnisage-quality-"))
@@ -266,16 +340,44 @@ def main(argv: list[str] | None = None) -> dict:
     profile = {**PROFILES[args.dataset], **steps, **json.loads(args.config)}
     config = TrainingRunConfig(device=args.device, resume=False, checkpoint_every=0, log_every=100, **profile)
     seeds = [int(x) for x in args.seeds.split(",")]
-    prep, per_seed, train_s = train_seeds(home, days[-1], config, seeds, data_root, args.dataset, args.k, log)
-    scores = {**mean_over_seeds(per_seed), **score_all(prep, baselines(prep, data_root, args.dataset, log),
-                                                        data_root, args.dataset, args.k, log)}  # fmt: skip
-    print(table(scores, per_seed))
-    result = {"dataset": args.dataset, "k": args.k, "systems": scores, "seeds": seeds, "per_seed": per_seed,
-              "train_seconds": train_s, "device": str(prep.device), "preset": prep.preset_name, "profile": profile,
-              "blocks": args.blocks, "pipeline_seconds": round(pipeline_s, 1),
-              "total_seconds": round(time.perf_counter() - t0, 1), "work": str(work)}  # fmt: skip
+    bench = benchmark_setup(read_logs(data_root), data_root, args.dataset, args.k, log)
+    prep, per_seed, hits, train_s = train_seeds(home, days[-1], config, seeds, bench, log)
+    sets, evaluator = bench["sets"]
+    systems, tuning = baselines(prep, bench["logs"], bench["split"], data_root, args.dataset, args.k, log)
+    scores = mean_over_seeds(per_seed)
+    for name, system in systems.items():
+        scores[name], s = score(sets, evaluator, system, ("entity_entity", "user_entity"))
+        hits[name] = [s.entity_entity.hits]
+        log(f"{name}: {scores[name]}")
+    pool = evaluator.pools.get("pin")
+    scores["random"]["entity_feature"] = args.k / (len(pool) + 1) if pool is not None else None
+    comparison, cold = summarise(sets, scores, hits, args.n_boot)
+    print(table(scores, per_seed, cold))
+    result = {"dataset": args.dataset, "k": args.k, "selection": "validation", "systems": scores,
+              "comparison": comparison, "cold_start": cold, "tuning": tuning, "sets": sets.describe(),
+              "seeds": seeds, "per_seed": per_seed, "train_seconds": train_s, "device": str(prep.device),
+              "preset": prep.preset_name, "profile": profile, "blocks": args.blocks,
+              "pipeline_seconds": round(pipeline_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+              "work": str(work)}  # fmt: skip
     print(json.dumps(result))
     return result
+
+
+def benchmark_setup(logs, data_root: Path, dataset: str, k: int, log) -> dict:
+    """What the seeds and the baselines share: the logs, and (built from the first seed's prepared inputs)
+    the one training / validation split and the evaluation sets; ``seen`` = the split's training ids."""
+    from ml.item_baselines import TrainingSplit
+
+    bench = {"logs": logs}
+
+    def setup(prep):
+        users = prep.data.eval_sequences["user_id"].to_numpy()
+        bench["split"] = TrainingSplit.carve(logs, prep.data.eval_pairs, users, split_config(dataset))
+        bench["sets"] = evaluation_sets(prep, data_root, dataset, k, bench["split"].seen(), log)
+        return bench["sets"]
+
+    bench["setup"] = setup
+    return bench
 
 
 if __name__ == "__main__":

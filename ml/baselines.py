@@ -75,7 +75,8 @@ __all__ = [
 
 
 class RandomUserEmbedder:
-    """A fresh Gaussian vector per user (seeded by the user id, so the same user gets the same vector)."""
+    """A fresh Gaussian vector per user, seeded by the user id (mod 2**64: negative ids are ids too), so the
+    same user gets the same vector."""
 
     def __init__(self, dim: int = 32, seed: int = 0):
         self.dim, self.seed = dim, seed
@@ -84,10 +85,7 @@ class RandomUserEmbedder:
         ids = np.arange(len(histories)) if user_ids is None else np.asarray(user_ids, dtype=np.int64)
         return (
             np.stack(
-                [
-                    np.random.default_rng([self.seed, int(u) & 0x7FFFFFFFFFFFFFFF]).standard_normal(self.dim)
-                    for u in ids
-                ]
+                [np.random.default_rng([self.seed, int(u) % 2**64]).standard_normal(self.dim) for u in ids]
             ).astype(np.float32)
             if len(ids)
             else np.zeros((0, self.dim), np.float32)
@@ -211,14 +209,16 @@ INTERACTION_SCHEMA = pa.schema(
     [("user_id", pa.int64()), ("entity_type", pa.string()), ("entity_id", pa.int64())]
 )
 PAIR_COLUMNS = ("query_type", "query_id", "pos_type", "pos_id")
-#: Searched by ``fit_als_baseline`` (every combination): the usual ranges for implicit ALS on data of
-#: MovieLens-100k's size (thousands of items, ~100k interactions).
+#: Searched by ``fit_als_baseline`` (every combination, 72 fits): the usual ranges for implicit ALS on data of
+#: MovieLens-100k's size (thousands of items, ~100k interactions), and raw or unit-length item factors (dot
+#: product or cosine between items: the cosine takes popularity out of item-item ranking).
 DEFAULT_ALS_GRID: dict[str, list] = {
     "factors": [16, 32, 64, 128],
     "regularization": [0.1, 1.0, 10.0],
     "alpha": [1.0, 10.0, 40.0],
     "iterations": [15],
     "weighting": ["log"],
+    "normalize": [False, True],
 }
 #: The daily recall report's smaller search (4 fits): a day's report should not spend minutes on a baseline.
 REPORT_ALS_GRID: dict[str, list] = {
@@ -258,17 +258,22 @@ def _table_pair_keys(pairs) -> np.ndarray:
     return _pair_keys(*cols)
 
 
+def _ids_and_mask(column) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ids, bool valid) of a nullable id column: a mask, not a sentinel (any int64 is an id)."""
+    ids = pc.fill_null(column, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return ids, pc.is_valid(column).to_numpy(zero_copy_only=False)
+
+
 def _event_pairs(logs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The contract's edges of each event (README "Edges"): (pin-pin key, has one, pin-board key, has one)."""
     n = logs.num_rows
     action = np.asarray(logs.column("action").to_numpy(zero_copy_only=False), dtype=object)
     surface = np.asarray(logs.column("surface").to_numpy(zero_copy_only=False), dtype=object)
     pin = logs.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    query_col, board_col = logs.column("query_pin_id"), logs.column("board_id")
-    query = np.asarray(pc.fill_null(query_col, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    board = np.asarray(pc.fill_null(board_col, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    pp = (surface == "related_pins") & np.isin(action, ["save", "click"]) & (query >= 0) & (query != pin)
-    pb = (action == "save") & (board >= 0)
+    query, has_query = _ids_and_mask(logs.column("query_pin_id"))
+    board, has_board = _ids_and_mask(logs.column("board_id"))
+    pp = (surface == "related_pins") & np.isin(action, ["save", "click"]) & has_query & (query != pin)
+    pb = (action == "save") & has_board
     pins = np.full(n, "pin", dtype=object)
     return (_pair_keys(pins, query, pins, pin), pp,
             _pair_keys(np.full(n, "board", dtype=object), board, pins, pin), pb)  # fmt: skip
@@ -311,12 +316,10 @@ def interactions_from_logs(
     if exclude_users is not None and len(exclude_users):
         keep &= ~np.isin(user, np.asarray(exclude_users, dtype=np.int64))
     pin = logs.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)[keep]
-    board = np.asarray(pc.fill_null(logs.column("board_id"), -1).to_numpy(zero_copy_only=False), np.int64)[
-        keep
-    ]
+    board, has_board = (a[keep] for a in _ids_and_mask(logs.column("board_id")))
     is_save = np.asarray(logs.column("action").to_numpy(zero_copy_only=False), dtype=object)[keep] == "save"
     user = user[keep]
-    saved = is_save & (board >= 0)
+    saved = is_save & has_board
     return pa.table({
         "user_id": pa.array(np.concatenate([user, user[saved]]), pa.int64()),
         "entity_type": pa.array(["pin"] * user.size + ["board"] * int(saved.sum()), pa.string()),

@@ -19,15 +19,21 @@ from typing import Any
 
 from ml.config import TASK_NAMES
 from ml.evaluator import EvaluationReport, Evaluator
+from ml.pair_scoring import ItemScorer, evaluate_on
 
-#: Baselines in the order the report lists them (``ml.baselines`` and the PinSage-like model).
-BASELINE_ORDER = ("random", "popularity", "cooccurrence", "als", "pinsage", "oracle")
+#: Baselines in the order the report lists them (``ml.baselines``, the item-item scorers
+#: ``ml.window_cooccurrence`` and ``ml.ease``, and the PinSage-like model).
+BASELINE_ORDER = (
+    "random", "popularity", "cooccurrence", "window_cooccurrence", "ease", "als", "pinsage", "oracle",
+)  # fmt: skip
 
 
 @dataclass
 class Candidate:
     """One scored system: an EntityEmbedder, an optional UserEmbedder and the tasks it can be scored on
-    (a task it cannot do reports null with n = 0 and a reason)."""
+    (a task it cannot do reports null with n = 0 and a reason). An item-item scorer
+    (``ml.pair_scoring.ItemScorer``: window co-occurrence, EASE) goes in ``entity``; it is scored on the
+    evaluator's own sets and pools by ``ml.pair_scoring.evaluate_on``, with the evaluator's rule."""
 
     entity: Any
     user: Any = None
@@ -45,7 +51,10 @@ def score(evaluator: Evaluator, candidate: Candidate) -> dict[str, dict]:
     if candidate.unavailable:
         return {t: _null(candidate.unavailable, k) for t in TASK_NAMES}
     tasks = [t for t in TASK_NAMES if t in candidate.tasks]
-    report: EvaluationReport = evaluator.evaluate(candidate.entity, candidate.user, tasks)
+    if isinstance(candidate.entity, ItemScorer):
+        report: EvaluationReport = evaluate_on(evaluator, candidate.entity, tasks)
+    else:
+        report = evaluator.evaluate(candidate.entity, candidate.user, tasks)
     out = report.to_json()
     for t in TASK_NAMES:
         if t not in out:

@@ -1,10 +1,12 @@
 """The recall report of day D, Dagster-free: the champion's recall@10 on the day's held-out sets (paper
-4.2.1) beside its baselines - random, popularity, item co-occurrence, ALS (implicit; fitted on the window's
-logs less the evaluation's pairs and users, tuned on a validation split carved from them), the PinSage-like
-model trained with it (Table 2) and, on generator input, the oracle - all scored by one evaluator on the same
-sets (``ml.recall_report``); published as ``reports/dt=D/{recall.json, recall.md, recall.png}`` and logged
-to the champion's MLflow run. ``config`` is the ``recall_report`` asset's config (k, pool_size, seed,
-max_queries, baselines, als_grid)."""
+4.2.1) beside its baselines - random, popularity, item co-occurrence, windowed co-occurrence and EASE
+(``ml.item_baselines``), ALS (implicit) - the last three fitted on the window's logs less the evaluation's
+pairs and users and tuned on ONE validation split carved from them - the PinSage-like model trained with it
+(Table 2) and, on generator input, the oracle - all scored by one evaluator's sets and rule
+(``ml.recall_report``); published as ``reports/dt=D/{recall.json, recall.md, recall.png}`` and logged to the
+champion's MLflow run. EASE inverts a dense items x items matrix: above ``REPORT_EASE_MAX_ITEMS`` (pins and
+boards with an interaction) it is skipped, its row null with the reason. ``config`` is the
+``recall_report`` asset's config (k, pool_size, seed, max_queries, baselines, als_grid)."""
 
 from __future__ import annotations
 
@@ -107,6 +109,22 @@ class _ScoredDay:
     graph_dir: Path
     features_dir: Path
     log: Callable[[str], None]
+    _split: Any = None
+
+    def split(self):
+        """The item baselines' ``ml.item_baselines.TrainingSplit`` of the window's logs (carved once, with
+        ALS's ``AlsFitConfig``: the split ``als_candidate`` tunes on); None without logs."""
+        if self._split is None:
+            from ml.baselines import AlsFitConfig
+            from ml.item_baselines import TrainingSplit
+
+            logs = window_logs(self.settings, self.day)
+            if logs is None:
+                return None
+            users = self.data.eval_sequences["user_id"].to_numpy()
+            config = AlsFitConfig(k=self.config.k, seed=self.config.seed)
+            self._split = TrainingSplit.carve(logs, self.data.eval_pairs, users, config)
+        return self._split
 
 
 def _baseline(name: str, d: _ScoredDay, pinsage):
@@ -126,6 +144,8 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
         return Candidate(embedder, embedder)
     if name == "als":
         return als_candidate(d.settings, d.day, d.data, d.universe, d.config, d.log)
+    if name in ("window_cooccurrence", "ease"):
+        return item_candidate(name, d)
     if name == "pinsage":
         if pinsage is None:
             return Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
@@ -141,22 +161,60 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
     raise ValueError(f"recall_report config field 'baselines': unknown baseline {name!r}")
 
 
-def als_candidate(settings: Settings, day: str, data, universe, config, log):
-    """ALS on the validated logs of day D's window, the evaluation pairs' events and the evaluation users left
-    out (they are embedded from their histories), tuned on a validation split of the rest (ml.baselines)."""
+def window_logs(settings: Settings, day: str):
+    """The validated engagement logs of day D's window as one table (None when there are none)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, AlsFitConfig, fit_als_baseline
-    from ml.recall_report import Candidate
     from omnisage_pipeline.partitions import window_keys
 
     logs_ds = settings.warehouse_dataset("engagement_logs")
     tables = [pq.read_table(f) for key in window_keys(day) if (path := published_path(logs_ds, key)) is not None
               for f in sorted(path.glob("*.parquet"))]  # fmt: skip
-    if not tables:
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def item_candidate(name: str, d: _ScoredDay):
+    """Window co-occurrence or EASE on the window's training logs (``_ScoredDay.split``), tuned on its
+    validation split with the report's grids (window: all of ``DEFAULT_WINDOW_GRID``, one counting pass;
+    EASE: ``REPORT_EASE_GRID``, skipped above ``REPORT_EASE_MAX_ITEMS`` items)."""
+    from ml.item_baselines import (
+        DEFAULT_WINDOW_GRID,
+        REPORT_EASE_GRID,
+        REPORT_EASE_MAX_ITEMS,
+        ease_item_count,
+        fit_ease_baseline,
+        fit_window_baseline,
+    )
+    from ml.recall_report import Candidate
+
+    split = d.split()
+    if split is None:
         return Candidate(None, unavailable="no validated engagement logs in the window")
-    logs = pa.concat_tables(tables, promote_options="default")
+    k = d.config.k
+    if name == "window_cooccurrence":
+        scorer, tuning = fit_window_baseline(split, d.universe, DEFAULT_WINDOW_GRID, k)
+    else:
+        items = ease_item_count(split)
+        if items > REPORT_EASE_MAX_ITEMS:
+            reason = f"ease skipped: {items} items > {REPORT_EASE_MAX_ITEMS} (a dense items x items inverse)"
+            d.log(reason)
+            return Candidate(None, unavailable=reason)
+        scorer, tuning = fit_ease_baseline(split, d.universe, REPORT_EASE_GRID, k)
+    d.log(f"{name}: tuned on {tuning.validation_pairs} validation pairs: {tuning.param} = {tuning.best} "
+          f"(recall@{k} {tuning.best_recall})")  # fmt: skip
+    return Candidate(scorer, scorer, tasks=("entity_entity", "user_entity"))
+
+
+def als_candidate(settings: Settings, day: str, data, universe, config, log):
+    """ALS on the validated logs of day D's window, the evaluation pairs' events and the evaluation users left
+    out (they are embedded from their histories), tuned on a validation split of the rest (ml.baselines)."""
+    from ml.baselines import DEFAULT_ALS_GRID, REPORT_ALS_GRID, AlsFitConfig, fit_als_baseline
+    from ml.recall_report import Candidate
+
+    logs = window_logs(settings, day)
+    if logs is None:
+        return Candidate(None, unavailable="no validated engagement logs in the window")
     grid = DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID
     als, tuning = fit_als_baseline(
         logs, exclude_pairs=data.eval_pairs, exclude_users=data.eval_sequences["user_id"].to_numpy(),
