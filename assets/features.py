@@ -20,8 +20,8 @@ from graph_engine.snapshot import GraphSnapshot
 from omnisage_pipeline.embedding.day import day_entities
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.resources import StorageResource
-from omnisage_pipeline.storage.publish import publish_partition, require_published
-from omnisage_pipeline.storage.retention import read_lease
+from omnisage_pipeline.storage.leases import read_lease
+from omnisage_pipeline.storage.publish import publish_partition
 
 
 class FeatureStoreConfig(dg.Config):
@@ -56,8 +56,11 @@ def feature_store(context: dg.AssetExecutionContext, config: FeatureStoreConfig,
 
 
 def _build_day(context, config: FeatureStoreConfig, settings, day: str) -> DayResult:
-    metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
-    with read_lease(settings.graph_dir, day) as graph_dir:  # retention never removes a graph being read
+    # Leased while read: retention and re-publishing keep the versions being read.
+    with (
+        read_lease(settings.warehouse_dataset("entity_metadata"), day) as metadata_dir,
+        read_lease(settings.graph_dir, day) as graph_dir,
+    ):
         snapshot = GraphSnapshot.open(graph_dir)
         entities: dict = {}  # filled inside the publish (its start also clears a dead writer's staging)
         gate = StagedGate(day, lambda staged: [features_complete(staged, entities)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +134,8 @@ def write_recbole_wheel(path: Path) -> Path:
 
 
 def read_logs(root: Path) -> pa.Table:
-    days = sorted((root / "engagement_logs").iterdir())
-    return pa.concat_tables([pq.read_table(d / "part-00000.parquet") for d in days])
+    files = sorted((root / "engagement_logs").glob("dt=*/part-00000.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
 
 
 @pytest.fixture
@@ -198,10 +198,10 @@ def test_time_order_and_compression(grouplens, tmp_path):
     real = {(e["user_id"], e["pin_id"]): e["event_ts"] for e in logs.to_pylist()}
     gap = (real[(user(2), pin(2))] - real[(user(1), pin(1))]).total_seconds()
     assert gap == pytest.approx(5 * DAY, abs=1)
-    # every day folder holds only its own day's events
-    for day in (out / "engagement_logs").iterdir():
-        ts = pq.read_table(day)["event_ts"].to_pylist()
-        assert {t.date().isoformat() for t in ts} == {day.name[3:]}
+    # every day file holds only its own day's events (days without any: an empty folder)
+    for file in (out / "engagement_logs").glob("dt=*/*.parquet"):
+        ts = pq.read_table(file)["event_ts"].to_pylist()
+        assert {t.date().isoformat() for t in ts} == {file.parent.name[3:]}
 
 
 def test_real_time_keeps_timestamps_and_says_which_window(grouplens, tmp_path):
@@ -210,6 +210,24 @@ def test_real_time_keeps_timestamps_and_says_which_window(grouplens, tmp_path):
     ts = sorted(t.timestamp() for t in read_logs(out)["event_ts"].to_pylist())
     assert ts == sorted(float(t) for _, _, _, t in RATINGS if t <= T0 + 72 * DAY)
     assert summary["window_days"] == 61 and summary["env"]["OMNISAGE_WINDOW_DAYS"] == "61"
+
+
+@pytest.mark.parametrize("days", [None, 200])
+def test_every_day_of_the_range_has_a_folder_even_without_events(grouplens, tmp_path, days):
+    """Ingest fails on a missing day folder (an undelivered day): a day without ratings is an empty folder."""
+    out = tmp_path / "out"
+    summary = ml.import_movielens(out, grouplens, days=days)
+    first = datetime.fromisoformat(summary["first_partition"]).date()
+    expected = [f"dt={(first + timedelta(days=i)).isoformat()}" for i in range(summary["window_days"])]
+    folders = sorted(p.name for p in (out / "engagement_logs").iterdir())
+    assert folders == expected and folders[-1] == f"dt={summary['last_partition']}"
+    empty = [f for f in folders if not any((out / "engagement_logs" / f).iterdir())]
+    assert len(folders) - len(empty) == summary["counts"]["days_with_events"] == len(summary["rows"])
+    assert len(empty) > 0  # the ratings leave days without any (real time: 61 days, 7 with ratings)
+    for name in empty:  # a valid, empty day of input
+        day = out / "engagement_logs" / name
+        result = validate_engagement_logs(list_parquet_files(day), name[3:], out)
+        assert result.rows_kept == result.rows_quarantined == 0
 
 
 def test_heldout_pairs_by_time_never_reach_the_logs(grouplens, tmp_path):

@@ -53,15 +53,15 @@ def test_republishing_keeps_the_exact_version_a_reader_leased_until_the_lease_en
 
 
 def test_a_lease_that_names_no_version_keeps_every_version_of_its_day(tmp_path):
-    # retention.read_lease records the day only (and every new lease does until it has resolved dt=D).
-    from omnisage_pipeline.storage.retention import read_lease as day_lease
-
+    # Every new lease records the day only until it has resolved dt=D (and acquire_lease without a version).
     dataset = tmp_path / "ds"
     _publish(dataset, "v1")
-    with day_lease(dataset, KEY) as held:
-        later = [_publish(dataset, f"v{i}") for i in (2, 3, 4)]
-        assert _content(held) == {"v1"}
-        assert _versions(dataset) == {held, *later}
+    lease = leases.acquire_lease(dataset, KEY)
+    held = require_published(dataset, KEY)
+    later = [_publish(dataset, f"v{i}") for i in (2, 3, 4)]
+    assert _content(held) == {"v1"}
+    assert _versions(dataset) == {held, *later}
+    leases.release_lease(lease)
     last = _publish(dataset, "v5")
     assert _versions(dataset) == {later[-1], last}
 

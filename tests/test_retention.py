@@ -210,6 +210,37 @@ def test_stale_leases_do_not_block(tmp_path):
     assert not list(leases.glob("dt=*"))
 
 
+@pytest.mark.parametrize("key", ["../../x", "x/../../../outside", "2026-01-05/../../etc", ""])
+def test_a_lease_key_that_is_not_a_plain_name_writes_nothing(tmp_path, key):
+    """The key becomes a file name under .leases: one that is not a plain name is refused before any write,
+    even where the path it builds would exist (``dt=x/..`` leads out of the dataset)."""
+    ds = tmp_path / "home" / "graph"
+    publish_days(ds, TEN[:1])
+    (ds / ".leases" / "dt=x").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="not a plain name"):
+        acquire_lease(ds, key)
+    with pytest.raises(ValueError, match="not a plain name"), read_lease(ds, key):
+        pass
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_retention_honours_a_version_bound_lease_by_day(tmp_path):
+    """One lease implementation: retention's read_lease records the version it resolved (so a re-publish
+    keeps it), and retention keeps the leased day whichever version the lease names."""
+    ds = tmp_path / "graph"
+    publish_days(ds, TEN[:5])
+    with read_lease(ds, TEN[0]) as held:
+        (lease,) = live_leases(ds)[0][TEN[0]]
+        assert lease.version == held.name
+        publish_days(ds, [TEN[0]], size=10)
+        publish_days(ds, [TEN[0]], size=20)
+        assert (held / "data.bin").read_bytes() == b"x" * 1000  # not collected by the publishes
+        assert apply_retention(ds, 3, 3).removed == [TEN[1]]
+        assert held.is_dir()
+    assert apply_retention(ds, 3, 3).removed == [TEN[0]] and not held.exists()
+
+
 def test_lease_taken_during_removal_keeps_the_version(tmp_path, monkeypatch):
     """Protocol: reader leases, then resolves; retention unlinks, then checks leases again. A reader that
     resolved the link just before the unlink holds a lease by then, so its version directory stays."""

@@ -86,13 +86,13 @@ def open_index(indexes_dir: Path, day: str | None = None) -> LoadedIndex:
 
 @contextmanager
 def _reader_lease(indexes_dir: Path, day: str) -> Iterator[Path]:
-    """``retention.read_lease`` where the store is writable; no lease where it is not (module docstring)."""
-    from omnisage_pipeline.storage import retention
+    """``leases.read_lease`` where the store is writable; no lease where it is not (module docstring)."""
+    from omnisage_pipeline.storage.leases import read_lease
     from omnisage_pipeline.storage.publish import require_published
 
     with ExitStack() as stack:
         try:
-            path = stack.enter_context(retention.read_lease(indexes_dir, day))
+            path = stack.enter_context(read_lease(indexes_dir, day))
         except OSError as exc:
             if exc.errno not in _UNWRITABLE:
                 raise

@@ -9,8 +9,8 @@ Who honours a live lease:
 
 - retention (``omnisage_pipeline.storage.retention``), by partition: an expired day with a lease is kept;
 - the cleanup after a publish (``publish_partition``, ``shared_versions``), by version: a version a lease
-  names is kept, and a lease that names none (it is between taking the lease and resolving, or it was written
-  by ``retention.acquire_lease``, which records no version) keeps every version of its partition. The
+  names is kept, and a lease that names none (it is between taking the lease and resolving, or it was taken
+  by ``acquire_lease`` without a version) keeps every version of its partition. The
   version is removed later, by the next cleanup or by retention, once the lease is gone.
 
 Why that order is safe: a cleanup reads the leases after its swap, and a reader that resolved the old link
@@ -18,8 +18,8 @@ had written its lease before resolving, so the cleanup sees the lease -- naming 
 naming one and then protecting them all.
 
 A lease whose process is gone (or whose pid was reused: the start time differs) is stale and blocks
-nothing; a lease from another host cannot be checked and is honoured until it is deleted. The file format
-is the one ``retention`` reads (it ignores ``version``).
+nothing; a lease from another host cannot be checked and is honoured until it is deleted. This module is
+the one lease implementation (``retention`` re-exports its names).
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ and embeddings of day D are read only for day D, by runs of day D and by a model
 
 Never removed, even when expired (reported in the metadata as ``kept``):
 
-- a partition with a live **reader lease** ``<dataset>/.leases/dt=D.<pid>.<token>``: ``read_lease()`` makes
-  one for the duration of a read (the process id, host and process start time are in the file). A lease
-  whose process is gone (or whose pid was reused: the start time differs) is stale and removed, so a killed
-  reader never blocks retention; a lease from another host cannot be checked and is honoured until it is
-  deleted.
+- a partition with a live **reader lease** ``<dataset>/.leases/dt=D.<pid>.<token>``
+  (``omnisage_pipeline.storage.leases``: ``read_lease()`` makes one for the duration of a read; re-exported
+  here). Retention honours it by day, whichever version it names. A lease whose process is gone (or whose
+  pid was reused: the start time differs) is stale and removed, so a killed reader never blocks retention; a
+  lease from another host cannot be checked and is honoured until it is deleted.
 - a partition of a **running Dagster run**: the days of every run of the instance that has not finished
   (tags ``dagster/partition`` and ``dagster/asset_partition_range_start/end``; for an unpartitioned
   ``omnisage_model`` run, its ``training_partition`` or, when unset, the newest ``training_examples``), and
@@ -46,29 +46,36 @@ runs read and what a run records about it: ``omnisage_pipeline.storage.retention
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
 from omnisage_pipeline.settings import RETENTION_ENV, Settings, SettingsError
+
+# The reader leases live in their own module (one implementation for retention and publishing); the names
+# stay importable from here for the readers that take them from retention.
+from omnisage_pipeline.storage.leases import (  # noqa: F401
+    LEASES_DIR,
+    Lease,
+    acquire_lease,
+    live_leases,
+    read_lease,
+    release_lease,
+)
 from omnisage_pipeline.storage.publish import (
     PREVIOUS_DIR,
     partition_link,
     pid_alive,
     referenced_versions,
-    require_published,
 )
 
 #: Dataset folders under OMNISAGE_HOME that retention manages (Settings: graph_dir, features_dir, ...).
 HEAVY_DATASETS = ("graph", "features", "embeddings", "user_embeddings", "indexes")
-LEASES_DIR = ".leases"
 VERSIONS_DIR = ".versions"  # omnisage_pipeline.storage.publish layout
 STAGING_DIR = ".staging"
 RETIRED_PREFIX = "retired."
@@ -144,111 +151,6 @@ def plan_retention(
         prot = protected.get(dataset, ()) if isinstance(protected, Mapping) else protected
         out[dataset] = expired_partitions(keys, retention_days, window_days, protected=prot)
     return out
-
-
-# ==========================================================================================================
-# Reader leases
-# ==========================================================================================================
-def _process_start(pid: int) -> str | None:
-    """Start time of a process (Linux /proc, clock ticks since boot): tells a reused pid apart."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return raw[raw.rindex(")") + 2 :].split()[19]
-    except (ValueError, IndexError):
-        return None
-
-
-@dataclass(frozen=True)
-class Lease:
-    path: Path
-    partition: str
-    pid: int
-    host: str
-    start: str | None
-
-    def alive(self) -> bool:
-        if self.host != socket.gethostname():
-            return True  # cannot check a process on another machine: honoured until removed by hand
-        if not pid_alive(self.pid):
-            return False
-        return self.start is None or _process_start(self.pid) in (None, self.start)
-
-
-def acquire_lease(dataset_dir: Path, partition_key: str) -> Path:
-    """Register this process as a reader of ``dataset/dt=partition_key``; returns the lease file."""
-    folder = Path(dataset_dir) / LEASES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    body = {
-        "partition": partition_key,
-        "pid": pid,
-        "host": socket.gethostname(),
-        "start": _process_start(pid),
-    }
-    path = folder / f"dt={partition_key}.{pid}.{uuid.uuid4().hex[:12]}"
-    tmp = folder / f".tmp.{path.name}"
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)  # a lease is never seen half-written
-    return path
-
-
-def release_lease(lease_path: Path) -> None:
-    Path(lease_path).unlink(missing_ok=True)
-
-
-@contextmanager
-def read_lease(dataset_dir: Path, partition_key: str) -> Iterator[Path]:
-    """Hold a reader lease on a published partition for the ``with`` block; yields the published version
-    directory (like ``require_published``, which raises when the partition is not published).
-
-    The lease is taken BEFORE the partition is resolved, so retention either removed the partition before
-    (FileNotFoundError here) or sees the lease and keeps the version this reader resolved."""
-    lease = acquire_lease(dataset_dir, partition_key)
-    try:
-        yield require_published(dataset_dir, partition_key)
-    finally:
-        release_lease(lease)
-
-
-def _read_lease_file(path: Path) -> Lease | None:
-    parts = path.name.split(".")
-    if not path.name.startswith("dt=") or len(parts) < 3:
-        return None
-    key = parts[0][3:]
-    try:
-        body = json.loads(path.read_text())
-        return Lease(path, key, int(body["pid"]), str(body.get("host", "")), body.get("start"))
-    except FileNotFoundError:
-        return None  # released meanwhile
-    except (OSError, ValueError, KeyError, TypeError):
-        # Unreadable body: fall back to the pid in the name, on this host.
-        try:
-            return Lease(path, key, int(parts[1]), socket.gethostname(), None)
-        except ValueError:
-            return None
-
-
-def live_leases(dataset_dir: Path, remove_stale: bool = True) -> tuple[dict[str, list[Lease]], int]:
-    """Live leases of a dataset by partition key, and how many stale ones were found (and removed)."""
-    folder = Path(dataset_dir) / LEASES_DIR
-    live: dict[str, list[Lease]] = {}
-    stale = 0
-    if not folder.is_dir():
-        return live, stale
-    for path in folder.glob("dt=*"):
-        lease = _read_lease_file(path)
-        if lease is None:
-            continue
-        if lease.alive():
-            live.setdefault(lease.partition, []).append(lease)
-        else:
-            stale += 1
-            if remove_stale:
-                release_lease(path)
-    return live, stale
 
 
 # ==========================================================================================================

@@ -1,5 +1,6 @@
 """One retention pass over the heavy datasets of ``OMNISAGE_HOME`` (``omnisage_pipeline.storage.retention``
-holds the policy, the reader leases and ``apply_retention`` on one dataset directory).
+holds the policy and ``apply_retention`` on one dataset directory; the reader leases it honours are
+``omnisage_pipeline.storage.leases``).
 
 Here: which days the unfinished runs of the Dagster instance read (kept), the pass over every heavy dataset
 (``retain_home``: the one library function behind ``omnisage retention [--apply]`` and ``retention_job``),

@@ -745,7 +745,9 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def _write_logs(out: Path, table: pa.Table) -> dict[str, int]:
-    """One ``engagement_logs/dt=D/part-00000.parquet`` per UTC day that has events (rows in time order)."""
+    """One ``engagement_logs/dt=D/part-00000.parquet`` per UTC day that has events (rows in time order), and an
+    empty ``dt=D/`` folder for each day between the first and the last without any: ingest fails on a missing
+    day folder (an undelivered day), while an empty one is a day without events."""
     us = table["event_ts"].cast(pa.int64()).to_numpy()
     day = us // 86_400_000_000
     rows: dict[str, int] = {}
@@ -755,6 +757,10 @@ def _write_logs(out: Path, table: pa.Table) -> dict[str, int]:
         rel = f"engagement_logs/dt={key}/part-00000.parquet"
         write_parquet(table.slice(lo, hi - lo), out / rel)
         rows[rel] = int(hi - lo)
+    if day.size:
+        first, last = _day_of_us(int(us[0])), _day_of_us(int(us[-1]))
+        for i in range((last - first).days + 1):
+            (out / "engagement_logs" / f"dt={first + timedelta(days=i)}").mkdir(parents=True, exist_ok=True)
     return rows
 
 

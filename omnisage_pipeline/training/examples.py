@@ -14,6 +14,7 @@ from pathlib import Path
 from ml.layout import HOLDOUT_FILE, NEIGHBORHOODS_DIR
 from ml.training_examples import ExampleConfig
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.leases import read_lease
 from omnisage_pipeline.storage.publish import publish_partition, published_path, require_published
 
 
@@ -74,25 +75,28 @@ def build_examples_day(
     from ml.training_examples import build_training_examples
 
     logs = window_logs(settings, day, window)
-    metadata_dir = require_published(settings.warehouse_dataset("entity_metadata"), day)
     example_config = with_day_holdout(settings, day, example_config)
-    graph = require_published(settings.graph_dir, day)
-    snapshot = GraphSnapshot.open(graph)
-    cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
-    t0 = time.perf_counter()
-    with publish_partition(
-        settings.warehouse_dataset("training_examples"), day, validate=validate
-    ) as staging:
-        manifest = build_training_examples(
-            logs.files,
-            metadata_dir / "pins",
-            snapshot,
-            cache,
-            staging,
-            day,
-            example_config,
-            boards_dir=metadata_dir / "boards",
-        )
-    seconds = time.perf_counter() - t0
-    del snapshot, cache
+    # Leased for the whole build: a re-publish or retention pass meanwhile keeps the versions read here.
+    with (
+        read_lease(settings.warehouse_dataset("entity_metadata"), day) as metadata_dir,
+        read_lease(settings.graph_dir, day) as graph,
+    ):
+        snapshot = GraphSnapshot.open(graph)
+        cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
+        t0 = time.perf_counter()
+        with publish_partition(
+            settings.warehouse_dataset("training_examples"), day, validate=validate
+        ) as staging:
+            manifest = build_training_examples(
+                logs.files,
+                metadata_dir / "pins",
+                snapshot,
+                cache,
+                staging,
+                day,
+                example_config,
+                boards_dir=metadata_dir / "boards",
+            )
+        seconds = time.perf_counter() - t0
+        del snapshot, cache
     return ExamplesDay(manifest, logs, example_config, seconds)

@@ -3,8 +3,10 @@
 
 - the partition: ``training_partition`` (a YYYY-MM-DD daily partition key, ``check_training_partition``) or
   the newest published ``training_examples`` day;
-- reader leases on that day's graph and feature store for the whole run, released when it ends (however it
-  ends: a killed run's lease is stale and ignored). Held, not released after an up-front copy, because the
+- reader leases on that day's training examples, graph and feature store for the whole run, released when
+  it ends (however it ends: a killed run's lease is stale and ignored). The run trains on exactly the
+  versions the leases resolved (``leased_training_inputs``): a re-publish of the day meanwhile neither
+  changes its inputs nor removes them. Held, not released after an up-front copy, because the
   run reads them until its end - the snapshot and neighbourhood cache memory-mapped, the feature store
   per batch unless it fits ``feature_memory_budget_mb``, every torchrun rank opening them itself, and the
   gate re-opening the feature store for a champion with another ``max_tokens`` - and a copy of the day's
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -35,14 +38,15 @@ from ml.training_run import (
     write_request,
 )
 from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.storage.leases import read_lease
 from omnisage_pipeline.storage.publish import list_published, require_published
 
 __all__ = [
     "NEIGHBORHOODS_DIR",
     "check_training_partition",
+    "leased_training_inputs",
     "resolve_training_partition",
     "run_training",
-    "training_inputs",
 ]
 
 
@@ -76,15 +80,21 @@ def resolve_training_partition(settings: Settings, requested: str | None) -> str
     return keys[-1]
 
 
-def training_inputs(settings: Settings, partition: str) -> TrainingInputs:
-    return TrainingInputs(
-        partition=partition,
-        examples_dir=require_published(settings.warehouse_dataset("training_examples"), partition),
-        graph_dir=require_published(settings.graph_dir, partition),
-        features_dir=require_published(settings.features_dir, partition),
-        checkpoint_root=settings.home / "checkpoints" / "omnisage_model",
-        scratch_dir=settings.scratch_dir,
-    )
+@contextmanager
+def leased_training_inputs(settings: Settings, partition: str) -> Iterator[TrainingInputs]:
+    """The inputs of one run on ``partition``, each under a reader lease for the ``with`` block: the paths are
+    the versions the leases hold, so a re-publish of the day during the block changes nothing the run reads."""
+    datasets = (settings.warehouse_dataset("training_examples"), settings.graph_dir, settings.features_dir)
+    with ExitStack() as stack:
+        examples, graph, features = (stack.enter_context(read_lease(d, partition)) for d in datasets)
+        yield TrainingInputs(
+            partition=partition,
+            examples_dir=examples,
+            graph_dir=graph,
+            features_dir=features,
+            checkpoint_root=settings.home / "checkpoints" / "omnisage_model",
+            scratch_dir=settings.scratch_dir,
+        )
 
 
 def run_training(
@@ -98,12 +108,9 @@ def run_training(
 ) -> TrainingOutcome | None:
     """Trains on the resolved partition (module docstring); ``kwargs`` go to ``ml.training_run.train_and_register``
     (in-process runs only: ``stop_after``, ``register``, ``experiment_name``, ``run_tags``, ``dagster_run_id``)."""
-    from omnisage_pipeline.storage.retention import read_lease
-
     partition = resolve_training_partition(settings, config.training_partition)
     config = config.replace(training_partition=partition)
-    with read_lease(settings.graph_dir, partition), read_lease(settings.features_dir, partition):
-        inputs = training_inputs(settings, partition)
+    with leased_training_inputs(settings, partition) as inputs:
         if config.nproc_per_node <= 1 and not rdzv:
             return train_and_register(inputs, target, config, log=log, **kwargs)
         unsupported = sorted(set(kwargs) - {"dagster_run_id"})

@@ -1,7 +1,8 @@
 """``omnisage tune`` against a pipeline home (Dagster-free): the study of ``ml.tuning`` on one published
-``training_examples`` partition, under reader leases on its graph and feature store, each trial in a scratch
-checkpoint folder removed afterwards; the best settings go to a JSON file of ``omnisage_model`` config fields
-(``omnisage train --config FILE``, or the asset's run config), its study summary beside it."""
+``training_examples`` partition, under reader leases on its examples, graph and feature store (the study
+reads the versions they hold: ``leased_training_inputs``), each trial in a scratch checkpoint folder removed
+afterwards; the best settings go to a JSON file of ``omnisage_model`` config fields (``omnisage train
+--config FILE``, or the asset's run config), its study summary beside it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from ml.run_config import TrainingRunConfig
 from ml.tracking import MlflowTarget
 from ml.tuning import StudyResult, TuneConfig, run_study
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.storage.retention import read_lease
-from omnisage_pipeline.training.runner import resolve_training_partition, training_inputs
+from omnisage_pipeline.training.runner import leased_training_inputs, resolve_training_partition
 
 
 def summary_path(config_path: Path) -> Path:
@@ -36,8 +36,8 @@ def tune_partition(
     partition = resolve_training_partition(settings, base.training_partition)
     scratch = settings.scratch_dir / f"tuning-{uuid.uuid4().hex[:12]}"
     try:
-        with read_lease(settings.graph_dir, partition), read_lease(settings.features_dir, partition):
-            inputs = dataclasses.replace(training_inputs(settings, partition), checkpoint_root=scratch)
+        with leased_training_inputs(settings, partition) as leased:
+            inputs = dataclasses.replace(leased, checkpoint_root=scratch)
             result = run_study(inputs, base.replace(training_partition=partition), tune, log, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
