@@ -181,13 +181,15 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     for task, entry in report["tasks"].items():
         assert set(entry) >= {"recall@10", "n"}, task
         assert entry["n"] > 0 and 0.0 <= entry["recall@10"] <= 1.0, (task, entry)
-    assert list(report["baselines"]) == ["random", "popularity", "cooccurrence", "als", "pinsage", "oracle"]
+    assert list(report["baselines"]) == [
+        "random", "popularity", "cooccurrence", "window_cooccurrence", "ease", "als", "pinsage", "oracle"
+    ]  # fmt: skip
     for name, tasks in report["baselines"].items():
         ee = tasks["entity_entity"]
         assert ee["n"] == report["tasks"]["entity_entity"]["n"], name  # the same evaluation pairs
         assert ee["recall@10"] is not None, name
         assert tasks["entity_feature"]["recall@10"] is None and tasks["entity_feature"]["n"] == 0, name
-    for name in ("random", "popularity", "cooccurrence", "als", "oracle"):
+    for name in ("random", "popularity", "cooccurrence", "window_cooccurrence", "ease", "als", "oracle"):
         assert report["baselines"][name]["user_entity"]["n"] == report["tasks"]["user_entity"]["n"], name
     assert report["baselines"]["pinsage"]["user_entity"]["n"] == 0  # entity-entity task only (Table 2)
     # per-source and per-segment breakdowns inside the task
