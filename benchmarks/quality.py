@@ -57,25 +57,12 @@ from datetime import date, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ml.config import TASK_NAMES as TASKS
 
 DEFAULT_BLOCKS = "pin_board:pin:10,pin_board:board:10,pin_pin:pin:20"
 SYNTHETIC_START, SYNTHETIC_DAYS = "2026-01-01", 7
-#: What the benchmark changes from the omnisage_model defaults, per data set (everything else is the
-#: project's default for the device: preset small on CPU, paper on CUDA). MovieLens's entity-entity test is
-#: pin -> pin engagement and its graph is small, so eq. 2's weight sits on the pin -> pin engagement pairs and
-#: eq. 6's auxiliary tasks get lambda 0.1 (at 1.0 they pulled EE from 0.110 to 0.074 in 300 steps), and
-#: movies get the identity token (their content - title, genres, year - cannot tell most of them apart).
-#: lambda 0.1 on the synthetic data too: EE 0.131 -> 0.289, EF 0.031 -> 0.039, UE 0.121 -> 0.175 (README).
-PROFILES = {
-    "movielens-100k": {
-        "batch_size": 512, "steps": 600, "lambda_f": 0.1, "lambda_s": 0.1, "id_buckets": 1 << 16, "pair_sampling": "count",
-        "source_weights": {"engagement_pin_pin": 1.0, "engagement_board_pin": 0.0, "graph_pin_pin": 0.0,
-                           "graph_pin_board_pin": 0.0, "graph_pin_board": 0.0, "graph_board_pin": 0.0},
-    },
-    "synthetic": {"batch_size": 512, "steps": 300, "lambda_f": 0.1, "lambda_s": 0.1, "pair_sampling": "count"},
-}  # fmt: skip
 
 
 def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> tuple[list[str], Path]:
@@ -100,13 +87,23 @@ def prepare_input(dataset: str, work: Path, source: str | None, scale: str) -> t
     return days, data_root
 
 
-def run_pipeline(work: Path, data_root: Path, days: list[str], blocks: list[str]) -> Path:
-    """The daily data assets in process (DuckDB engine); -> the scratch OMNISAGE_HOME."""
-    home = work / "home"
+def run_pipeline(
+    work: Path,
+    data_root: Path,
+    days: list[str],
+    blocks: list[str],
+    window: int | None = None,
+    name: str = "home",
+) -> Path:
+    """The daily data assets in process (DuckDB engine); -> the scratch OMNISAGE_HOME ``work/name``.
+    ``window``: the graph window in days (default all of ``days``; the validation run keeps the test run's, as
+    the definitions read it once per process)."""
+    home = work / name
     # The partitions and settings are read from the environment when the definitions are imported.
-    os.environ.update({"OMNISAGE_HOME": str(home), "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_ENGINE": "duckdb",
-                       "OMNISAGE_START_DATE": days[0], "OMNISAGE_WINDOW_DAYS": str(len(days)),
-                       "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})  # fmt: skip
+    env = {"OMNISAGE_HOME": str(home), "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_ENGINE": "duckdb",
+           "OMNISAGE_START_DATE": days[0], "OMNISAGE_WINDOW_DAYS": str(window or len(days)),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}  # fmt: skip
+    os.environ.update(env)
     from omnisage_pipeline.settings import Settings
     from omnisage_pipeline.tools.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
 
@@ -116,35 +113,32 @@ def run_pipeline(work: Path, data_root: Path, days: list[str], blocks: list[str]
     return home
 
 
-def train_systems(home: Path, day: str, config, log):
-    """-> (prepared inputs, model, PinSage-like model, model training seconds)."""
+def train_systems(home: Path, day: str, config, pinsage_config, log):
+    """-> (the model's prepared inputs, model, PinSage-like model, model training seconds); each system
+    with its own settings (both tuned on validation with the same budget)."""
     from ml.training_run import TrainingInputs, prepare, train_model, train_pinsage_baseline
 
-    inputs = TrainingInputs(day, home / f"warehouse/training_examples/dt={day}", home / f"graph/dt={day}",
-                            home / f"features/dt={day}", home / "checkpoints" / "quality", home / "scratch")  # fmt: skip
-    prep = prepare(inputs, config)
+    def inputs(name: str) -> TrainingInputs:
+        return TrainingInputs(day, home / f"warehouse/training_examples/dt={day}", home / f"graph/dt={day}",
+                              home / f"features/dt={day}", home / "checkpoints" / name, home / "scratch")  # fmt: skip
+
+    prep = prepare(inputs("model"), config)
     t0 = time.perf_counter()
     try:
         model = train_model(prep, log, config=config)
     finally:
         prep.loader.close()
     seconds = time.perf_counter() - t0
-    log(f"model trained in {seconds:.0f} s; training the PinSage-like baseline on the same budget")
-    return prep, model, train_pinsage_baseline(prep, config, log), seconds
+    log(f"model trained in {seconds:.0f} s; training the PinSage-like baseline")
+    baseline_prep = prepare(inputs("pinsage"), pinsage_config)
+    baseline_prep.loader.close()  # the baseline builds its own entity-entity loader
+    return prep, model, train_pinsage_baseline(baseline_prep, pinsage_config, log), seconds
 
 
 def read_logs(data_root: Path):
     import pyarrow.parquet as pq
 
     return pq.read_table(data_root / "engagement_logs")
-
-
-def split_config(dataset: str):
-    """ALS's fit config, whose validation split every tuned baseline shares (MovieLens: pin -> pin pairs,
-    the kind its test holds)."""
-    from ml.baselines import AlsFitConfig
-
-    return AlsFitConfig(validation_types=[("pin", "pin")] if dataset == "movielens-100k" else None)
 
 
 def evaluation_sets(prep, data_root: Path, dataset: str, k: int, seen: dict, log):
@@ -191,23 +185,19 @@ def baselines(prep, logs, split, data_root: Path, dataset: str, k: int, log) -> 
     ``split``'s training events and tuned on its one validation split (``ml.item_baselines``)."""
     import numpy as np
 
-    from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, fit_als_baseline, random_baseline
+    from ml.baselines import CooccurrenceEmbedder, PopularityEmbedder, random_baseline
     from ml.content_tfidf import ContentTfidfScorer
     from ml.item_baselines import (
         DEFAULT_EASE_GRID,
         DEFAULT_WINDOW_GRID,
+        fit_als_on_split,
         fit_ease_baseline,
         fit_window_baseline,
     )
 
     universe = prep.universe
     pools = {t: np.asarray(universe[t], dtype=np.int64) for t in ("pin", "board") if t in universe}
-    als, als_tuning = fit_als_baseline(
-        logs, exclude_pairs=split.exclude_pairs, exclude_users=split.exclude_users, universe=universe,
-        config=split.config,
-    )  # fmt: skip
-    if als_tuning.validation_pairs != split.validation.num_rows:
-        raise RuntimeError("als was tuned on another validation split than the item baselines")
+    als, als_tuning = fit_als_on_split(split, universe, k=k)
     window, window_tuning = fit_window_baseline(split, pools, DEFAULT_WINDOW_GRID, k)
     # EASE over pins only on MovieLens (its pairs and users are pins); boards too where pairs query boards
     ease_types = ("pin",) if dataset == "movielens-100k" else ("pin", "board")
@@ -228,7 +218,7 @@ def baselines(prep, logs, split, data_root: Path, dataset: str, k: int, log) -> 
     return systems, tuning
 
 
-def train_seeds(home: Path, day: str, config, seeds: list[int], bench: dict, log):
+def train_seeds(home: Path, day: str, configs: tuple, seeds: list[int], bench: dict, log):
     """The model and the PinSage-like baseline trained and scored once per seed (the same data and budget);
     ``bench["setup"](prep)`` builds the evaluation sets on the first seed. -> (the last seed's prepared
     inputs, [{system: {task: recall}} per seed], {system: [entity-entity hits per seed]}, [training s])."""
@@ -237,7 +227,8 @@ def train_seeds(home: Path, day: str, config, seeds: list[int], bench: dict, log
     per_seed, hits, seconds = [], {"model": [], "pinsage": []}, []
     for seed in seeds:
         log(f"seed {seed}")
-        prep, model, pinsage, train_s = train_systems(home, day, config.replace(seed=seed), log)
+        model_cfg, pinsage_cfg = (c.replace(seed=seed) for c in configs)
+        prep, model, pinsage, train_s = train_systems(home, day, model_cfg, pinsage_cfg, log)
         sets, evaluator = bench.get("sets") or bench["setup"](prep)
         rows = {}
         for name, system, tasks in (
@@ -303,7 +294,7 @@ def summarise(sets, scores: dict, hits: dict, n_boot: int) -> tuple[dict, dict]:
     return comparison, cold
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=("movielens-100k", "synthetic"), default="movielens-100k")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -318,32 +309,74 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument(
-        "--seeds",
-        default="0,1,2",
-        help="training seeds of the model and the PinSage-like baseline (mean reported)",
+        "--seeds", default="0,1,2", help="training seeds of the model and the PinSage-like baseline"
     )
     ap.add_argument(
-        "--config", default="{}", help="JSON of TrainingRunConfig fields over the data set's profile"
+        "--config", default="{}", help="JSON of TrainingRunConfig fields over both systems' profile"
     )
+    ap.add_argument("--defaults", action="store_true", help="the asset's defaults, not the tuned profile")
+    ap.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        help="tune the model and PinSage-like (this many trials each) on the validation run and "
+        "write benchmarks/profiles/<dataset>.json; 0: read that file (the asset's defaults without one)",
+    )
+    ap.add_argument("--tune-steps", type=int, default=300, help="steps per tuning trial (and of the profile)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the comparison")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)  # fmt: skip
+
+
+def system_configs(args, base, profile: dict | None) -> tuple:
+    """(model config, PinSage-like config): the asset's defaults, or the tuned profile, then ``--config``."""
+    extra = {**json.loads(args.config), **({"steps": args.steps} if args.steps is not None else {})}
+    if profile is None or args.defaults:
+        return base.replace(**extra), base.replace(**extra)
+    return base.replace(**{**profile["model"], **extra}), base.replace(**{**profile["pinsage"], **extra})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from quality_tuning import VALIDATION_DAYS, read_profile, tune_models, validation_input, write_profile
+
+    from ml.example_loader import load_training_examples
+    from ml.item_baselines import TrainingSplit
+    from ml.training_run import TrainingRunConfig
+
+    args = parse_args(argv)
     log = lambda m: print(f"[quality] {m}", file=sys.stderr, flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnisage-quality-"))
     t0 = time.perf_counter()
     days, data_root = prepare_input(args.dataset, work, args.source, args.scale)
-    home = run_pipeline(work, data_root, days, args.blocks.split(","))
+    blocks = args.blocks.split(",")
+    home = run_pipeline(work, data_root, days, blocks)
     pipeline_s = time.perf_counter() - t0
     log(f"pipeline ({len(days)} days) in {pipeline_s:.0f} s")
-    from ml.training_run import TrainingRunConfig
-
-    steps = {"steps": args.steps} if args.steps is not None else {}
-    profile = {**PROFILES[args.dataset], **steps, **json.loads(args.config)}
-    config = TrainingRunConfig(device=args.device, resume=False, checkpoint_every=0, log_every=100, **profile)
+    # The one split every tuned system is chosen on: the test protocol one period earlier (quality_tuning).
+    logs, test = (
+        read_logs(data_root),
+        load_training_examples(home / f"warehouse/training_examples/dt={days[-1]}"),
+    )
+    val_days, val_root, cutoff = validation_input(data_root, days, VALIDATION_DAYS[args.dataset], work)
+    types = [("pin", "pin")] if args.dataset == "movielens-100k" else None
+    users = test.eval_sequences["user_id"].to_numpy()
+    split = TrainingSplit.by_time(logs, cutoff, test.eval_pairs, users, types)
+    log(
+        f"validation: {split.validation.num_rows} pairs after {val_days[-1]} (fitted on {len(val_days)} days)"
+    )
+    base = TrainingRunConfig(device=args.device, resume=False, checkpoint_every=0, log_every=100)
+    profile = None if args.defaults else read_profile(args.dataset)
+    if args.tune_trials > 0:
+        home_val = run_pipeline(work, val_root, val_days, blocks, window=len(days), name="val_home")
+        profile = tune_models(
+            home_val, val_days[-1], base, split, args.tune_trials, args.tune_steps, args.k, log
+        )
+        log(f"profile written to {write_profile(args.dataset, profile)}")
+    configs = system_configs(args, base, profile)
     seeds = [int(x) for x in args.seeds.split(",")]
-    bench = benchmark_setup(read_logs(data_root), data_root, args.dataset, args.k, log)
-    prep, per_seed, hits, train_s = train_seeds(home, days[-1], config, seeds, bench, log)
+    bench = benchmark_setup(split, data_root, args.dataset, args.k, log)
+    prep, per_seed, hits, train_s = train_seeds(home, days[-1], configs, seeds, bench, log)
     sets, evaluator = bench["sets"]
-    systems, tuning = baselines(prep, bench["logs"], bench["split"], data_root, args.dataset, args.k, log)
+    systems, tuning = baselines(prep, logs, split, data_root, args.dataset, args.k, log)
     scores = mean_over_seeds(per_seed)
     for name, system in systems.items():
         scores[name], s = score(sets, evaluator, system, ("entity_entity", "user_entity"))
@@ -355,25 +388,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(scores, per_seed, cold))
     result = {"dataset": args.dataset, "k": args.k, "selection": "validation", "systems": scores,
               "comparison": comparison, "cold_start": cold, "tuning": tuning, "sets": sets.describe(),
+              "validation": {"pairs": split.validation.num_rows, "days": VALIDATION_DAYS[args.dataset],
+                             "protocol": "time split"},
               "seeds": seeds, "per_seed": per_seed, "train_seconds": train_s, "device": str(prep.device),
-              "preset": prep.preset_name, "profile": profile, "blocks": args.blocks,
+              "preset": prep.preset_name, "profile": "defaults" if profile is None or args.defaults else
+              {"model": profile["model"], "pinsage": profile["pinsage"]}, "blocks": args.blocks,
               "pipeline_seconds": round(pipeline_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
               "work": str(work)}  # fmt: skip
     print(json.dumps(result))
     return result
 
 
-def benchmark_setup(logs, data_root: Path, dataset: str, k: int, log) -> dict:
-    """What the seeds and the baselines share: the logs, and (built from the first seed's prepared inputs)
-    the one training / validation split and the evaluation sets; ``seen`` = the split's training ids."""
-    from ml.item_baselines import TrainingSplit
-
-    bench = {"logs": logs}
+def benchmark_setup(split, data_root: Path, dataset: str, k: int, log) -> dict:
+    """What the seeds and the baselines share: the logs' one training / validation ``split`` and (built from
+    the first seed's prepared inputs) the evaluation sets; ``seen`` = the split's training ids."""
+    bench = {"logs": split.logs, "split": split}
 
     def setup(prep):
-        users = prep.data.eval_sequences["user_id"].to_numpy()
-        bench["split"] = TrainingSplit.carve(logs, prep.data.eval_pairs, users, split_config(dataset))
-        bench["sets"] = evaluation_sets(prep, data_root, dataset, k, bench["split"].seen(), log)
+        bench["sets"] = evaluation_sets(prep, data_root, dataset, k, split.seen(), log)
         return bench["sets"]
 
     bench["setup"] = setup

@@ -234,6 +234,23 @@ def small(image_dim: int = 0) -> tuple[ModelConfig, TrainConfig]:
     return model, TrainConfig(lr=0.003, warmup_steps=20, total_steps=500, log_every=25, precision="auto")
 
 
+def with_width(model: ModelConfig, width: int) -> ModelConfig:
+    """``model`` with embedding width d = ``width``: the output, the embedder's d_model and hidden MLPs, the
+    text table and the sequence model (feed-forward layers 2 d); the number of heads is kept (d must divide)."""
+    if width % model.embedder.n_heads or width % model.sequence.n_heads:
+        raise ValueError(f"width {width} must be a multiple of the attention heads")
+    hidden = {"image_hidden": width, "neighbor_hidden": width, "head_hidden": width}
+    e = dataclasses.replace(model.embedder, d_model=width, ffn_dim=2 * width, **hidden)
+    seq = dataclasses.replace(model.sequence, d_model=width, ffn_dim=2 * width)
+    text = dataclasses.replace(model.text, dim=width)
+    ft = dataclasses.replace(
+        model.feature_task,
+        hidden=2 * width,
+        text_hash=dataclasses.replace(model.feature_task.text_hash, dim=width),
+    )
+    return model.replace(out_dim=width, embedder=e, sequence=seq, text=text, feature_task=ft)
+
+
 PRESETS = {"paper": paper, "small": small}
 
 

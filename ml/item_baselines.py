@@ -44,8 +44,10 @@ __all__ = [
     "REPORT_EASE_MAX_ITEMS",
     "BaselineTuning",
     "TrainingSplit",
+    "fit_als_on_split",
     "fit_ease_baseline",
     "fit_window_baseline",
+    "time_validation_pairs",
     "training_event_rows",
 ]
 
@@ -72,9 +74,72 @@ def training_event_rows(
     return np.unique(pins["user_id"].to_numpy(zero_copy_only=False).astype(np.int64))
 
 
+def event_micros(logs: pa.Table) -> np.ndarray:
+    """Each event's time in microseconds since the epoch (UTC)."""
+    ts = logs.column("event_ts").cast(pa.timestamp("us", tz="UTC"))
+    return ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def time_validation_pairs(
+    logs: pa.Table,
+    cutoff_us: int,
+    exclude_pairs: pa.Table | None = None,
+    exclude_users=None,
+    types: Sequence[tuple[str, str]] | None = None,
+    max_pairs: int = 3000,
+    seed: int = 0,
+) -> pa.Table:
+    """Validation as the test, one period earlier: the directed engagement pairs (query pin -> engaged pin of
+    related-pins saves/clicks, board -> saved pin) of the events at or after ``cutoff_us``, one row per event
+    with its ``user_id``, less the evaluation's pairs and users; at most ``max_pairs`` (seeded sample)."""
+    after = pa.array(event_micros(logs) >= cutoff_us)
+    tail = logs.filter(after)
+    if exclude_users is not None and len(exclude_users):
+        users = tail.column("user_id").to_numpy(zero_copy_only=False)
+        tail = tail.filter(pa.array(~np.isin(users, np.asarray(exclude_users, dtype=np.int64))))
+    action = np.asarray(tail.column("action").to_numpy(zero_copy_only=False), dtype=object)
+    surface = np.asarray(tail.column("surface").to_numpy(zero_copy_only=False), dtype=object)
+    pin = tail.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    query_ok = pc.is_valid(tail.column("query_pin_id")).to_numpy(zero_copy_only=False)
+    board_ok = pc.is_valid(tail.column("board_id")).to_numpy(zero_copy_only=False)
+    query = pc.fill_null(tail.column("query_pin_id"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    board = pc.fill_null(tail.column("board_id"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    pp = (surface == "related_pins") & np.isin(action, ["save", "click"]) & query_ok & (query != pin)
+    pb = (action == "save") & board_ok
+    user = tail.column("user_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs = pa.table(
+        {
+            "query_type": pa.array(["pin"] * int(pp.sum()) + ["board"] * int(pb.sum()), pa.string()),
+            "query_id": pa.array(np.concatenate([query[pp], board[pb]]), pa.int64()),
+            "pos_type": pa.array(["pin"] * int(pp.sum() + pb.sum()), pa.string()),
+            "pos_id": pa.array(np.concatenate([pin[pp], pin[pb]]), pa.int64()),
+            "user_id": pa.array(np.concatenate([user[pp], user[pb]]), pa.int64()),
+        }
+    )
+    if types is not None:
+        qt = np.asarray(pairs.column("query_type").to_numpy(zero_copy_only=False), dtype=object)
+        keep = np.zeros(pairs.num_rows, dtype=bool)
+        for q, p in types:
+            keep |= (qt == q) & (p == "pin")
+        pairs = pairs.filter(pa.array(keep))
+    if exclude_pairs is not None and exclude_pairs.num_rows and pairs.num_rows:
+        from ml.baselines import _rows_in, _table_pair_keys
+
+        pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), _table_pair_keys(exclude_pairs))))
+    if pairs.num_rows > max_pairs:
+        rows = np.sort(
+            np.random.default_rng([seed, 37]).choice(pairs.num_rows, size=max_pairs, replace=False)
+        )
+        pairs = pairs.take(pa.array(rows, pa.int64()))
+    return pairs
+
+
 @dataclass
 class TrainingSplit:
-    """The logs, what training leaves out, and the validation split carved once (module docstring)."""
+    """The logs, what training leaves out, and the validation split carved once (module docstring).
+
+    ``cutoff_us`` set (``by_time``): tuning fits on the training events before it and validates on the pairs
+    of the events after it (the test protocol one period earlier); unset: the hashed carve above."""
 
     logs: pa.Table
     exclude_pairs: pa.Table | None
@@ -82,6 +147,25 @@ class TrainingSplit:
     validation: pa.Table
     config: AlsFitConfig = field(default_factory=AlsFitConfig)
     _cache: dict = field(default_factory=dict, repr=False)
+    cutoff_us: int | None = None
+
+    @classmethod
+    def by_time(
+        cls,
+        logs: pa.Table,
+        cutoff_us: int,
+        exclude_pairs=None,
+        exclude_users=None,
+        types: Sequence[tuple[str, str]] | None = None,
+        max_pairs: int = 3000,
+    ) -> TrainingSplit:
+        """Validation = ``time_validation_pairs`` after ``cutoff_us``; tuning fits on the events before it."""
+        users = None if exclude_users is None else np.asarray(exclude_users, dtype=np.int64)
+        validation = time_validation_pairs(logs, cutoff_us, exclude_pairs, users, types, max_pairs)
+        return cls(logs, exclude_pairs, users, validation, AlsFitConfig(), cutoff_us=cutoff_us)
+
+    def _before_cutoff(self) -> pa.Table:
+        return self.logs.filter(pa.array(event_micros(self.logs) < self.cutoff_us))
 
     @classmethod
     def carve(
@@ -97,8 +181,9 @@ class TrainingSplit:
         return cls(logs, exclude_pairs, users, validation, c)
 
     def excluded(self, tuning: bool) -> pa.Table | None:
-        """The pairs whose events are left out: the evaluation's, plus the validation split's when tuning."""
-        if not tuning:
+        """The pairs whose events are left out: the evaluation's, plus the validation split's when tuning
+        (a time split leaves out the validation period instead)."""
+        if not tuning or self.cutoff_us is not None:
             return self.exclude_pairs
         return pa.concat_tables(
             [
@@ -112,14 +197,18 @@ class TrainingSplit:
         """Row indices of the training events (``tuning``: less the validation pairs' events)."""
         key = ("rows", tuning)
         if key not in self._cache:
-            self._cache[key] = training_event_rows(self.logs, self.excluded(tuning), self.exclude_users)
+            rows = training_event_rows(self.logs, self.excluded(tuning), self.exclude_users)
+            if tuning and self.cutoff_us is not None:
+                rows = rows[event_micros(self.logs)[rows] < self.cutoff_us]
+            self._cache[key] = rows
         return self._cache[key]
 
     def interactions(self, tuning: bool) -> pa.Table:
         """``interactions_from_logs`` of the training events (``tuning``: less the validation pairs')."""
         key = ("interactions", tuning)
         if key not in self._cache:
-            self._cache[key] = interactions_from_logs(self.logs, self.excluded(tuning), self.exclude_users)
+            logs = self._before_cutoff() if tuning and self.cutoff_us is not None else self.logs
+            self._cache[key] = interactions_from_logs(logs, self.excluded(tuning), self.exclude_users)
         return self._cache[key]
 
     def seen(self) -> dict[str, np.ndarray]:
@@ -222,3 +311,21 @@ def ease_item_count(split: TrainingSplit, item_types: Sequence[str] = ("pin", "b
     types = np.asarray(inter["entity_type"].to_numpy(zero_copy_only=False), dtype=object)
     ids = inter["entity_id"].to_numpy(zero_copy_only=False)
     return int(sum(np.unique(ids[types == t]).size for t in item_types))
+
+
+def fit_als_on_split(
+    split: TrainingSplit,
+    universe: Mapping[str, np.ndarray] | None,
+    grid: Mapping[str, Sequence] | None = None,
+    k: int = 10,
+    seed: int = 0,
+    num_threads: int | None = None,
+):
+    """ALS tuned like the other baselines on ``split`` (fitted on its tuning events, scored on its validation
+    pairs; ``ml.baselines.tune_als``), then refitted on all of training. -> (AlsEmbedder, AlsTuning)."""
+    from ml.baselines import AlsEmbedder, AlsParams, tune_als
+
+    tuning_matrix = build_interaction_matrix(split.interactions(True), universe)
+    tuning = tune_als(tuning_matrix, split.validation, grid, k=k, seed=seed, num_threads=num_threads)
+    matrix = build_interaction_matrix(split.interactions(False), universe)
+    return AlsEmbedder(matrix, AlsParams(**tuning.best), num_threads=num_threads, seed=seed), tuning

@@ -84,6 +84,12 @@ class TrainingRunConfig(BaseModel):
         description="rows of the learned identity token's hash table (0 = content only, the paper's f_t); "
         "unset = the preset's",
     )
+    width: int | None = Field(
+        default=None,
+        ge=4,
+        description="embedding width d (output, embedder, text table, sequence model; ml.config.with_width); "
+        "unset = the preset's (small 32, paper 256 out / 768 model)",
+    )
     lambda_p: float = Field(default=1.0, ge=0, description="eq. 6 weight of the entity-entity loss")
     lambda_f: float = Field(default=1.0, ge=0, description="eq. 6 weight of the entity-feature loss")
     lambda_s: float = Field(default=1.0, ge=0, description="eq. 6 weight of the user-entity (sequence) loss")

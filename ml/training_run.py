@@ -8,8 +8,10 @@ call ``train_and_register``; under ``torchrun`` every rank runs it (``python -m 
   store (``TrainingInputs``); the features are held in memory when they fit ``feature_memory_budget_mb``
   (``graph_engine.feature_table``), batches are built by ``num_workers`` loader processes (``ml.loader``);
 - one MLflow run: every config value as params, per-task losses as step metrics, recall@k per task on the
-  held-out sets, the model directory (``ml.model_io``: JSON + safetensors) as artifacts, registered as a
-  new version; the PinSage-like baseline (Table 2) is trained beside it into ``baselines/pinsage``;
+  held-out sets, the model directory (``ml.model_io``: JSON + safetensors) logged as an MLflow pyfunc model
+  (``ml.mlflow_model``: a LoggedModel of the run, loadable with ``mlflow.pyfunc.load_model``) and registered
+  from it as a new version, tagged with the training partition and the Dagster run id; the PinSage-like
+  baseline (Table 2) is trained beside it as run artifacts ``baselines/pinsage``;
 - validation split (``ml.validation``): ``validation_fraction`` of the training pairs, users and feature
   nodes carved out by a stateless hash and never trained on; model selection keeps the weights of the best
   of ``validation_checks`` evenly spaced evaluations on it (``ml.train.ModelSelection``);
@@ -102,6 +104,7 @@ class TrainingOutcome:
     gate_new_recall: dict[str, Any] = field(default_factory=dict)  # the new model on the gate's split
     selected_step: int | None = None
     warm_start: str = ""
+    model_id: str = ""  # the MLflow LoggedModel the version was registered from (ml.mlflow_model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,11 +182,14 @@ class _Prepared:
 
 def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
     from ml.config import preset as make_preset
+    from ml.config import with_width
 
     preset_name = (
         config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
     )
     model_config, train_config = make_preset(preset_name, image_dim=image_dim)
+    if config.width is not None:
+        model_config = with_width(model_config, config.width)
     model_config = model_config.replace(
         tasks=tuple(config.tasks),
         embedder=dataclasses.replace(
@@ -654,7 +660,7 @@ def _run_rank0(
             gate_lock.enter_context(promotion_lock(inputs.checkpoint_root, target.tracking_uri, name))
         gate = _gate_on_best_split(prep, target, config, ev, val_evaluator, options.register)
         evaluation = _log_results(client, run_id, config, gate, ev)
-        version = _log_models(client, run_id, prep, config, inputs, ev, gate, options.register)
+        version, model_id = _log_models(client, run_id, prep, config, inputs, ev, gate, options)
         gate_lock.close()
         client.set_terminated(run_id, status="FINISHED")
     except BaseException:
@@ -687,6 +693,7 @@ def _run_rank0(
         gate_new_recall=gate["new_recall"],
         selected_step=None if selection is None else selection.best_step,
         warm_start=prep.warm_note,
+        model_id=model_id,
     )
 
 
@@ -880,14 +887,27 @@ def _log_results(client, run_id, config, gate, ev: _Evaluated) -> dict:
     return evaluation
 
 
-def _log_models(client, run_id, prep, config, inputs, ev: _Evaluated, gate, register) -> str:
-    """Model (and baseline) directories as artifacts; register and set the alias. -> version ("" if not)."""
+def _lineage_tags(inputs: TrainingInputs, options: RunOptions) -> dict[str, str]:
+    """What links a logged model and its version back to the run that made it (and its Dagster run)."""
+    tags = {"training_partition": inputs.partition, **(options.run_tags or {})}
+    if options.dagster_run_id:
+        tags["dagster_run_id"] = options.dagster_run_id
+    return tags
+
+
+def _log_models(
+    client, run_id, prep, config, inputs, ev: _Evaluated, gate, options: RunOptions
+) -> tuple[str, str]:
+    """The model as an MLflow pyfunc model (``ml.mlflow_model``) and the baseline directory as artifacts;
+    register and set the alias. -> (version or "", LoggedModel id)."""
     from mlflow.entities import RunTag
 
+    from ml.mlflow_model import log_pyfunc_model
     from ml.model_io import save_model_dir
 
-    model, pinsage, result = ev.model, ev.pinsage, ev.result
+    model, pinsage, result, register = ev.model, ev.pinsage, ev.result, options.register
     step = int(result.steps)
+    lineage = _lineage_tags(inputs, options)
     common = {
         "layout": prep.layout,
         "max_tokens": prep.features.max_tokens,
@@ -904,7 +924,10 @@ def _log_models(client, run_id, prep, config, inputs, ev: _Evaluated, gate, regi
             "eval": {"k": config.eval_k, "pool_size": config.pool_size, "seed": config.eval_seed},
         }
         local = save_model_dir(model, Path(tmp) / MODEL_ARTIFACT_PATH, extra, **common)
-        client.log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_PATH)
+        # at the run's last step: the eval/* and gate/* metrics logged there are linked to the LoggedModel
+        info = log_pyfunc_model(
+            gate["registry"].tracking_uri, run_id, local, name=MODEL_ARTIFACT_PATH, step=step, tags=lineage
+        )
         if pinsage is not None:
             extra = {
                 "steps": step,
@@ -929,11 +952,12 @@ def _log_models(client, run_id, prep, config, inputs, ev: _Evaluated, gate, regi
     version = ""
     if register:
         version = gate["registry"].register(
-            run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, "training_partition": inputs.partition}
+            run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, **lineage}, model_id=info.model_id
         )
         gate["registry"].set_alias(gate["alias"], version)
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**gate_tags, "model_version": version}.items()])
-    return version
+    run_tags = {**gate_tags, "model_version": version, "model_id": info.model_id}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    return version, info.model_id
 
 
 # ----------------------------------------------------------------------------------------------------------

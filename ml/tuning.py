@@ -50,6 +50,7 @@ class SearchSpace(BaseModel):
         (0.03, 1.0), description="eq. 6's lambda_f = lambda_s (log-uniform); the model only"
     )
     id_buckets: list[int] = Field([0, 1 << 16], description="identity-token rows (0: content and graph only)")
+    width: list[int] = Field([32, 64], description="embedding width d (ml.config.with_width)")
     pair_sampling: list[Literal["uniform", "count"]] = Field(["uniform", "count"])
     source_profile: list[Literal["all", "engagement", "direct", "pin_pin"]] = Field(
         ["all", "engagement", "direct", "pin_pin"], description="eq. 2's source weights (SOURCE_PROFILES)"
@@ -95,6 +96,7 @@ def sample_settings(trial, space: SearchSpace, system: str) -> dict[str, Any]:
         "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
         "num_random_negatives": trial.suggest_categorical("num_random_negatives", space.num_random_negatives),
         "id_buckets": trial.suggest_categorical("id_buckets", space.id_buckets),
+        "width": trial.suggest_categorical("width", space.width),
         "pair_sampling": trial.suggest_categorical("pair_sampling", space.pair_sampling),
         "source_weights": SOURCE_PROFILES[trial.suggest_categorical("source_profile", space.source_profile)],
     }
@@ -156,11 +158,10 @@ class _StudyLog:
         self.client.set_terminated(self.parent)
 
 
-def _objective(inputs, base, tune: TuneConfig, validation, log, study_log):
-    """One trial: draw settings, train with model selection on the fixed validation pairs, -> best recall."""
+def _objective(inputs, base, tune: TuneConfig, scorer_factory, log, study_log):
+    """One trial: draw settings, train with model selection on the validation scorer, -> best recall."""
     import optuna
 
-    from ml.evaluator import Evaluator, model_embedders
     from ml.train import ModelSelection
     from ml.training_run import prepare, train_model, train_pinsage_baseline
 
@@ -174,20 +175,9 @@ def _objective(inputs, base, tune: TuneConfig, validation, log, study_log):
         )
         run_id = study_log.trial(trial.number, settings) if study_log else None
         prep = prepare(trial_inputs, config)
-        evaluator = Evaluator(
-            validation,
-            prep.universe,
-            k=config.eval_k,
-            pool_size=config.pool_size,
-            seed=config.eval_seed,
-            max_queries=config.validation_max_queries,
+        selection = ModelSelection(
+            _pruning_score(trial, scorer_factory(prep, config), []), checks=tune.checks
         )
-
-        def score(model) -> float | None:
-            report = evaluator.evaluate(*model_embedders(model.eval(), prep.builder), ["entity_entity"])
-            return report.recall("entity_entity")
-
-        selection = ModelSelection(_pruning_score(trial, score, []), checks=tune.checks)
         state = "COMPLETE"
         try:
             if tune.system == "model":
@@ -206,28 +196,51 @@ def _objective(inputs, base, tune: TuneConfig, validation, log, study_log):
     return objective
 
 
-def run_study(inputs, base, tune: TuneConfig, log: Callable[[str], None], target=None) -> StudyResult:
-    """Run the study on the partition ``inputs`` (``ml.training_run.TrainingInputs``) from the ``base``
-    ``TrainingRunConfig``; ``target`` (an ``ml.tracking.MlflowTarget``) logs it to MLflow."""
-    import optuna
-
+def split_validation_scorer(inputs, base, sources: list[str]) -> tuple[Callable, int]:
+    """The default objective: entity-entity recall@k on the validation split's pairs of ``sources`` (the
+    same pairs for every trial). -> (scorer factory ``(prep, config) -> (model -> recall)``, pair count)."""
+    from ml.evaluator import Evaluator, model_embedders
     from ml.example_loader import load_training_examples
     from ml.validation import split_validation
 
     _, validation = split_validation(
         load_training_examples(inputs.examples_dir), base.validation_fraction, seed=base.eval_seed
     )
-    validation = fixed_validation_of(validation, tune.validation_sources)
+    validation = fixed_validation_of(validation, sources)
     if validation.eval_pairs.num_rows == 0:
-        raise ValueError(f"no validation pairs of sources {tune.validation_sources} in {inputs.examples_dir}")
+        raise ValueError(f"no validation pairs of sources {sources} in {inputs.examples_dir}")
+
+    def factory(prep, config):
+        limits = {"pool_size": config.pool_size, "max_queries": config.validation_max_queries}
+        evaluator = Evaluator(validation, prep.universe, k=config.eval_k, seed=config.eval_seed, **limits)
+
+        def score(model) -> float | None:
+            report = evaluator.evaluate(*model_embedders(model.eval(), prep.builder), ["entity_entity"])
+            return report.recall("entity_entity")
+
+        return score
+
+    return factory, validation.eval_pairs.num_rows
+
+
+def run_study(
+    inputs, base, tune: TuneConfig, log: Callable[[str], None], target=None, scorer=None
+) -> StudyResult:
+    """Run the study on the partition ``inputs`` (``ml.training_run.TrainingInputs``) from the ``base``
+    ``TrainingRunConfig``; ``target`` (an ``ml.tracking.MlflowTarget``) logs it to MLflow. ``scorer``:
+    (factory, validation pair count) of another objective (default ``split_validation_scorer``; the quality
+    benchmark scores the time-split validation pairs)."""
+    import optuna
+
+    factory, pairs = scorer or split_validation_scorer(inputs, base, tune.validation_sources)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=1)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
     study_log = _StudyLog(target, f"tune-{tune.system}-{inputs.partition}", tune) if target else None
     t0 = time.perf_counter()
-    study.optimize(_objective(inputs, base, tune, validation, log, study_log), n_trials=tune.trials)
-    result = _result(study, base, tune, validation.eval_pairs.num_rows, time.perf_counter() - t0)
+    study.optimize(_objective(inputs, base, tune, factory, log, study_log), n_trials=tune.trials)
+    result = _result(study, base, tune, pairs, time.perf_counter() - t0)
     if study_log:
         study_log.finish(result)
     return result
