@@ -262,3 +262,29 @@ def test_the_als_grid_searches_cosine_item_factors():
     tuning = tune_als(matrix, split.validation, grid, k=5, num_threads=1)
     assert [r["normalize"] for r in tuning.results] == [False, True]
     assert tuning.best["normalize"] in (False, True) and tuning.validation_pairs == split.validation.num_rows
+
+
+def test_the_time_split_validates_on_later_pairs_and_tunes_on_earlier_events():
+    """``TrainingSplit.by_time``: validation = the directed pairs of the events from the cutoff on (a pair may
+    have been engaged before it, as test pairs were), never a test pair nor an evaluation user's; the tuning
+    fit reads only events before the cutoff; the final fit reads all of training."""
+    logs = chain_logs()
+    ts = logs["event_ts"].cast(pa.int64()).to_numpy()
+    cutoff = int(np.quantile(ts, 0.7))
+    test_pairs = pa.table(
+        {"query_type": ["pin"], "query_id": [P + 0], "pos_type": ["pin"], "pos_id": [P + 1]}
+    )
+    split = TrainingSplit.by_time(logs, cutoff, test_pairs, [U + 59], [("pin", "pin")])
+    v = split.validation
+    assert v.num_rows > 0 and set(v.column_names) >= {"query_id", "pos_id", "user_id"}
+    assert (P + 0, P + 1) not in set(zip(v["query_id"].to_pylist(), v["pos_id"].to_pylist()))
+    assert U + 59 not in set(v["user_id"].to_pylist())
+    cols = [logs[c].to_pylist() for c in ("query_pin_id", "pin_id", "user_id")]
+    after = {(q, p, u) for q, p, u, t in zip(*cols, ts) if t >= cutoff and q is not None}
+    assert set(zip(v["query_id"].to_pylist(), v["pos_id"].to_pylist(), v["user_id"].to_pylist())) <= after
+    tuning, full = split.rows(True), split.rows(False)
+    assert (ts[tuning] < cutoff).all() and (ts[full] >= cutoff).any() and set(tuning) < set(full)
+    inter_ts = split._before_cutoff()["event_ts"].cast(pa.int64()).to_numpy()
+    assert (inter_ts < cutoff).all() and split.interactions(True).num_rows < split.interactions(
+        False
+    ).num_rows
