@@ -19,7 +19,8 @@ losses (and their gradients) over all chunks and divide by B once; for equal chu
 the sum of chunk means, so eq. 1's mean and Algorithm 1's averaging coincide and the chunked loss and
 gradients equal the unchunked ones (tests/test_chunked_softmax.py: allclose at 1e-5 in fp32).
 
-The math is that of ``ml.losses`` (logit = lambda * q.c - log Q(c), accidental hits -> -inf, loss =
+The math is that of ``ml.losses`` (logit = lambda * q.c - log Q(c), accidental hits and duplicate
+candidate columns -> -inf, the same mask as the naive path's, loss =
 mean_i(w_i * l_i)); gradients per chunk, with G = softmax(logits) - onehot(target) scaled by w_i / B:
   dL/dQ_chunk = lambda * G @ C,  dL/dC += lambda * G^T @ Q_chunk,  dL/dlambda += sum(Q_chunk * (G @ C)),
   dL/dlogQ_j -= sum_i G_ij,  dL/dw_i = l_i / B.
@@ -50,7 +51,7 @@ __all__ = ["ChunkedSoftmaxFunction", "chunked_sampled_softmax_loss", "chunked_so
 
 
 def _chunked_forward(
-    ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+    ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, dup, chunk_size
 ):
     # nq queries (== b unless ``targets`` maps several queries onto one positive), b positives, m negatives
     nq, b, m = q.shape[0], p.shape[0], n.shape[0]
@@ -85,7 +86,14 @@ def _chunked_forward(
             if lq is not None:
                 logits.sub_(lq[None, :])
             mask = accidental_hit_mask(
-                pos_keys, neg_keys, slice(start, end), b, m, query_keys=q_keys, targets=targets
+                pos_keys,
+                neg_keys,
+                slice(start, end),
+                b,
+                m,
+                query_keys=q_keys,
+                targets=targets,
+                duplicates=dup,
             )
             if mask is not None:
                 logits.masked_fill_(mask, float("-inf"))
@@ -166,6 +174,7 @@ def _chunked_backward(ctx, grad_out):
         None,
         None,
         None,
+        None,
     )
 
 
@@ -181,7 +190,20 @@ def _function_for(device_type: str) -> type[torch.autograd.Function]:
             @staticmethod
             @torch.amp.custom_fwd(device_type=device_type, cast_inputs=torch.float32)
             def forward(
-                ctx, q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, chunk_size
+                ctx,
+                q,
+                p,
+                n,
+                scale,
+                pos_lq,
+                neg_lq,
+                weights,
+                pos_keys,
+                neg_keys,
+                q_keys,
+                targets,
+                dup,
+                chunk_size,
             ):
                 return _chunked_forward(
                     ctx,
@@ -196,6 +218,7 @@ def _function_for(device_type: str) -> type[torch.autograd.Function]:
                     neg_keys,
                     q_keys,
                     targets,
+                    dup,
                     chunk_size,
                 )
 
@@ -234,6 +257,7 @@ def chunked_softmax_loss(x: SoftmaxInputs, *, chunk_size: int) -> torch.Tensor:
         x.negative_keys,
         x.query_keys,
         x.targets,
+        x.duplicates,
         chunk_size,
     )
 

@@ -141,21 +141,27 @@ class CountMinSketch:
         return self.table.gather(1, cols).min(dim=0).values
 
     def in_batch_log_q(self, keys: Any, batch_size: int) -> torch.Tensor:
-        """float32 [n]: log Q of in-batch candidates, log(batch_size * est(key) / total) (ref [6]).
+        """float32 [n]: log Q of in-batch candidates, log(1 - (1 - p)^B) with p = est(key) / total (ref [6]).
 
-        est / total estimates the probability that one training example's positive is this entity; a batch
-        draws ``batch_size`` examples, so batch_size * est / total is its (expected) inclusion rate. Clamps:
+        Derivation (``ml/losses.py``, paper symbols): the in-batch candidates are the positives of B
+        training examples, B independent draws from the label distribution, and p = est / total estimates
+        one draw's probability of being the entity. The loss keeps one column per distinct entity, which is
+        there iff at least one draw is the entity: Q = 1 - (1 - p)^B, the inclusion probability (~ B p for
+        B p << 1, -> 1 for popular entities; never above 1, so no clamp is needed). Random negatives carry
+        their sampler's log(M / N_t), the same quantity for M uniform draws up to a factor 1 - O(M / N_t).
+        Computed as log(-expm1(B * log1p(-p))) in float64, accurate for tiny and for large B p. Clamps:
         est >= 1 (the key is in the current batch; call ``update`` with the batch first) and total >= 1, so
-        the log is finite; the result is capped at 0 (an inclusion probability is <= 1; extra copies of the
-        same entity in a batch are accidental hits and masked anyway). An empty sketch gives 0 for every
-        key, i.e. no correction.
+        the log is finite. An empty sketch gives 0 for every key, i.e. no correction.
         """
+        out_device = keys.device if isinstance(keys, torch.Tensor) else self.device
+        if _as_keys(keys, self.device).numel() == 0:  # e.g. no future-action query in this batch
+            return torch.zeros(0, dtype=torch.float32, device=out_device)
         if int(batch_size) < 1:
             raise ValueError(f"CountMinSketch.in_batch_log_q: batch_size must be >= 1, got {batch_size}")
         est = self.estimate(keys).clamp_min(1).to(torch.float64)
         total = self._total.clamp_min(1).to(torch.float64)  # a tensor: no host sync on the device
-        log_q = (torch.log(est) + math.log(int(batch_size)) - torch.log(total)).clamp_max(0.0)
-        out_device = keys.device if isinstance(keys, torch.Tensor) else self.device
+        p = (est / total).clamp_max(1.0)  # est <= total for a count-min sketch; 1 with the clamps above
+        log_q = torch.log(-torch.expm1(int(batch_size) * torch.log1p(-p)))
         return log_q.to(device=out_device, dtype=torch.float32)
 
     # ---------------------------------------------------------------- checkpoints

@@ -18,9 +18,10 @@ Tasks:
 - entity_entity (3.3.1): every held-out pair (q, p) - query f_{t_q}(q) against p and the pool of type t_p.
   The query is embedded without p in its neighbourhood and p without q in its own (``exclude_neighbor_ids``):
   the pair's own edge is never in the graph that embeds it. recall = the mean of the graph-pair recall and the
-  engagement-pair recall, co-engagement pairs included (4.2.1: "the average recall across both the graph
-  neighborhood based pairs and the engagement based pairs"), or the one that exists; ``per_source`` and
-  ``per_segment`` (the positive pin's segment) breakdowns alongside.
+  engagement-pair recall (4.2.1: "the average recall across both the graph neighborhood based pairs and the
+  engagement based pairs"), and of the co-engagement pairs' as a third family where they exist (so the many
+  windowed pairs do not outweigh the direct engagements), or the ones that exist; ``per_source`` and ``per_segment`` (the positive pin's
+  segment) breakdowns alongside.
 - entity_feature (3.3.2): held-out feature nodes u; the queries are the entity-feature MLPs' encodings
   g_x(u) of u's own raw x-features (one query per feature type x that u has; training also queries with
   g_x(v) of every sampled neighbour v, each against f(u): ``ml.tasks.entity_feature``), the positive f(u).
@@ -53,7 +54,6 @@ from ml.metrics import recall_at_k, recall_at_k_sparse
 
 GRAPH_PREFIX = "graph_"
 ENGAGEMENT_PREFIX = "engagement_"
-COENGAGEMENT_PREFIX = "coengagement_"  # one user's co-engagement: of the engagement family
 
 
 @runtime_checkable
@@ -290,9 +290,8 @@ class Evaluator:
         per_source = {s: _summary(hits[src == s]) for s in np.unique(src)}
         per_segment = {s: _summary(hits[seg == s]) for s in np.unique(seg) if s}
         graph = _summary(hits[np.char.startswith(src, GRAPH_PREFIX)])
-        engaged = np.char.startswith(src, ENGAGEMENT_PREFIX) | np.char.startswith(src, COENGAGEMENT_PREFIX)
-        engagement = _summary(hits[engaged])
-        other = ~(np.char.startswith(src, GRAPH_PREFIX) | engaged)
+        engagement = _summary(hits[np.char.startswith(src, ENGAGEMENT_PREFIX)])
+        other = ~(np.char.startswith(src, GRAPH_PREFIX) | np.char.startswith(src, ENGAGEMENT_PREFIX))
         parts = [graph["recall"], engagement["recall"]]
         if other.any():  # a source of another family counts as its own group
             parts.append(float(hits[other].mean()))

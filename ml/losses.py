@@ -21,13 +21,23 @@ logQ correction - the option taken: ONE softmax with a per-sampler log Q
 Following ref [6] (Yi et al., "Sampling-bias-corrected neural modeling", RecSys'19) each candidate's log Q is
 the log-probability with which *its own sampler* put it into the candidate list:
 
-* in-batch candidates (the positives, including the query's own target) were drawn by the training-label
-  distribution. Their probability of being in a batch of size B is estimated from a streaming count-min sketch
-  of entities seen as positives: ``CountMinSketch.in_batch_log_q(keys, B) = log(B * est(key) / total)``
-  (see ``ml/count_min_sketch.py``) -> ``positive_log_q`` of shape [B].
-* random negatives were drawn by the random (e.g. uniform over the positive's type) sampler; their
-  probability is that sampler's, e.g. ``log(M / population_size)`` for M uniform draws -> ``negative_log_q``
-  (a float for a uniform sampler, or a tensor [M]).
+* in-batch candidates (the positives, including the query's own target) are B draws from the training-label
+  distribution; a streaming count-min sketch of the entities seen as positives estimates one draw's
+  probability of being v as p(v) = est(v) / N (N = the sketch's total). After deduplication (below) v has
+  one column iff at least one of the B draws is v, so its log Q is the log of the inclusion probability
+
+      Q(v) = P(v in batch) = 1 - (1 - p(v))^B        (~ B p(v) for B p(v) << 1, -> 1 for popular v)
+
+  ``CountMinSketch.in_batch_log_q(keys, B)`` (``ml/count_min_sketch.py``) -> ``positive_log_q`` of shape [B].
+  Why this Q: sum over the DISTINCT in-batch candidates v of exp(lambda q.v) / Q(v) is a Horvitz-Thompson
+  estimate of sum over ALL v of exp(lambda q.v), eq. 1's full denominator (each term is present with
+  probability Q(v)). The expected count B p(v), capped at 1, with every copy kept would instead let a
+  popular v enter ~B p(v) times with log Q = 0: over-penalised by ~log(B p(v)).
+* random negatives were drawn by the random sampler; their log Q is that sampler's, e.g. ``log(M / N_t)``
+  for M uniform draws with replacement among the N_t entities of the type -> ``negative_log_q`` (a float,
+  or a tensor [M]). Same scale: M / N_t is v's expected number of columns, so their sum over the M
+  columns is again an unbiased estimate of the full denominator; it is also v's inclusion probability
+  1 - (1 - 1 / N_t)^M up to a factor 1 - O(M / N_t), the same for every entity.
 
 All B + M corrected logits then go through a single softmax (eq. 1 with N = in-batch + random negatives).
 The alternative NOT taken is Pinterest OmniSearchSage's ``MIXED_SUM``: two separate softmaxes (one over the
@@ -35,16 +45,24 @@ in-batch candidates with the sketch correction, one over the random negatives wi
 summed. We keep one softmax because it is literally eq. 1 (one denominator over all of N) and because the
 chunked Algorithm 1 (section 3.4.2) is written for one cross-entropy per query.
 
-Accidental hits
----------------
-For query i, every candidate j != i whose entity key equals ``positive_keys[i]`` (the same entity as the
-target, e.g. a popular pin that is also the positive of another query, or a random negative that happens to
-be the positive) gets logit -inf: it is not a negative. Masking of the random negatives needs
-``negative_keys``; masking at all needs ``positive_keys``.
+Accidental hits and duplicate candidates
+----------------------------------------
+Every row keeps ONE column per distinct entity key (keys needed: ``positive_keys``, and ``negative_keys``
+for the random negatives; masked columns get logit -inf):
 
-With ``query_keys`` the query's own entity is masked too: when q and the candidates share a type (a pin
-query against pin positives), q can come back as another pair's positive or as a random negative, and
-s(q, q) = lambda * 1 - log Q(q) would be a "negative" the model can never beat. Its target stays unmasked.
+* the query's target keeps its own column; every other column with the key of ``positive_keys[target]``
+  (the same entity, e.g. a popular pin that is also another query's positive, or a random negative that
+  happens to be the positive) is an accidental hit, not a negative;
+* with ``query_keys`` the query's own entity is masked too: when q and the candidates share a type (a pin
+  query against pin positives), q can come back as another pair's positive or as a random negative, and
+  s(q, q) = lambda * 1 - log Q(q) would be a "negative" the model can never beat;
+* any other entity keeps only its LAST column. Copies within the in-batch part are exact duplicates (same
+  vector, same log Q): one column, as Q(v) above assumes. An entity drawn by both samplers keeps its
+  random column (the random draws come last): the uniform sampler's probability does not depend on the
+  entity, so every entity's expected weight in the denominator stays the same (~1 per sampler), whereas
+  keeping the in-batch column would drop the random draws of exactly the popular entities. Under DDP the
+  other ranks' positives sit between this rank's positives and the random negatives, so the kept columns
+  are those of one process on the global batch.
 
 Several queries per positive
 ----------------------------
@@ -128,10 +146,11 @@ class SoftmaxInputs:
     Attributes: query [n,d], positive [B,d], negatives [M,d] (M may be 0), scale (0-dim tensor),
     positive_log_q [B] | None, negative_log_q [M] | None, positive_keys [B] | None, negative_keys [M] | None,
     query_keys [n] | None, targets [n] | None (None: n == B and query i's target is positive i),
-    weights [n] | None.
+    weights [n] | None, duplicates [B + M] bool | None (``duplicate_columns``).
     """
 
     __slots__ = (
+        "duplicates",
         "negative_keys",
         "negative_log_q",
         "negatives",
@@ -215,6 +234,8 @@ def prepare_inputs(
         scale_t = torch.tensor(float(scale), device=dev)
     if isinstance(negative_log_q, (int, float)):
         negative_log_q = torch.full((m,), float(negative_log_q), device=dev)
+    pos_keys = _check_vec("positive_keys", positive_keys, b, dev, integer=True)
+    neg_keys = _check_vec("negative_keys", negative_keys, m, dev, integer=True)
     return SoftmaxInputs(
         query=query,
         positive=positive,
@@ -222,8 +243,9 @@ def prepare_inputs(
         scale=scale_t,
         positive_log_q=_check_vec("positive_log_q", positive_log_q, b, dev),
         negative_log_q=_check_vec("negative_log_q", negative_log_q, m, dev),
-        positive_keys=_check_vec("positive_keys", positive_keys, b, dev, integer=True),
-        negative_keys=_check_vec("negative_keys", negative_keys, m, dev, integer=True),
+        positive_keys=pos_keys,
+        negative_keys=neg_keys,
+        duplicates=duplicate_columns(pos_keys, neg_keys, m),
         query_keys=_check_vec("query_keys", query_keys, n, dev, integer=True),
         targets=_check_vec("targets", targets, n, dev, integer=True),
         weights=_check_vec("weights", weights, n, dev),
@@ -259,6 +281,26 @@ def target_rows(targets: torch.Tensor | None, rows: slice, device: torch.device)
     return torch.arange(rows.start, rows.stop, device=device)
 
 
+def duplicate_columns(
+    positive_keys: torch.Tensor | None, negative_keys: torch.Tensor | None, m: int
+) -> torch.Tensor | None:
+    """Bool [B + M]: True for a keyed candidate column that is not the last one with its entity key (module
+    docstring: one column per distinct entity; random negatives come last, so they are the ones kept).
+    Random negatives without keys are never duplicates; None without ``positive_keys``."""
+    if positive_keys is None:
+        return None
+    keys = positive_keys if negative_keys is None else torch.cat([positive_keys, negative_keys])
+    # a stable sort keeps equal keys in column order: an entry followed by an equal key is not the last
+    sorted_keys, order = torch.sort(keys, stable=True)
+    later = torch.zeros_like(sorted_keys, dtype=torch.bool)
+    later[:-1] = sorted_keys[:-1] == sorted_keys[1:]
+    dup = torch.empty_like(later)
+    dup[order] = later
+    if negative_keys is None and m:
+        dup = torch.cat([dup, dup.new_zeros(m)])
+    return dup
+
+
 def accidental_hit_mask(
     positive_keys: torch.Tensor | None,
     negative_keys: torch.Tensor | None,
@@ -268,9 +310,10 @@ def accidental_hit_mask(
     *,
     query_keys: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    duplicates: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Bool [rows, B + M]: True where candidate j is not query i's target but has the key of its positive
-    or (with ``query_keys``) of the query entity itself (logit -> -inf)."""
+    or (with ``query_keys``) of the query entity itself, or is a ``duplicates`` column (logit -> -inf)."""
     if positive_keys is None:
         return None
     cand_keys = positive_keys
@@ -284,6 +327,8 @@ def accidental_hit_mask(
         mask |= query_keys[rows][:, None] == cand_keys[None, :]
     if negative_keys is None and m:
         mask[:, b:] = False  # no keys for the random negatives: they cannot be recognised as hits
+    if duplicates is not None:
+        mask |= duplicates[None, :]
     r = torch.arange(tgt.shape[0], device=mask.device)
     mask[r, tgt] = False  # the target itself is never masked
     return mask
@@ -302,7 +347,14 @@ def _naive(x: SoftmaxInputs) -> torch.Tensor:
         if lq is not None:
             logits = logits - lq[None, :]
         mask = accidental_hit_mask(
-            x.positive_keys, x.negative_keys, slice(0, n), b, m, query_keys=x.query_keys, targets=x.targets
+            x.positive_keys,
+            x.negative_keys,
+            slice(0, n),
+            b,
+            m,
+            query_keys=x.query_keys,
+            targets=x.targets,
+            duplicates=x.duplicates,
         )
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
@@ -334,7 +386,7 @@ def sampled_softmax_loss(
     query, positive: [B, d]; negatives: [M, d] or None; scale: lambda (float or scalar tensor, may require grad);
     positive_log_q: [B] log Q of the in-batch candidates (count-min sketch); negative_log_q: [M] or a float,
     log Q of the random negatives; positive_keys / negative_keys: int64 entity keys (``entity_key``) for
-    accidental-hit masking; query_keys: [n] the queries' own entity keys, masked as candidates too;
+    accidental-hit masking and one column per distinct entity (module docstring); query_keys: [n] the queries' own entity keys, masked as candidates too;
     targets: [n] each query's positive (default: query i -> positive i); weights: [n] per-query weights;
     chunk_size: None = naive, else Algorithm 1 (``ml.chunked_softmax``) over query chunks of that size -
     same value and gradients.

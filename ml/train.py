@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ from ml.data import move_step
 from ml.model import OmniSageModel
 
 BatchFactory = Callable[..., Iterable[Mapping[str, Any]]]
+
+# How long the other ranks wait for rank 0's model-selection validation (a full validation pass over a
+# large split can take far longer than a collective's timeout, e.g. NCCL's 10 minutes).
+VALIDATION_TIMEOUT = timedelta(hours=6)
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -125,17 +130,29 @@ class TrainResult:
     checkpoint: str | None = None
 
 
+def _sketch_snapshot(model: nn.Module) -> dict[str, dict[str, torch.Tensor]] | None:
+    """CPU copies of the model's count-min sketches (they are not in ``state_dict``); None for a model that
+    has none (no ``sketch_state_dict``)."""
+    get = getattr(model, "sketch_state_dict", None)
+    if get is None:
+        return None
+    return {name: {k: v.detach().to("cpu", copy=True) for k, v in st.items()} for name, st in get().items()}
+
+
 @dataclass
 class ModelSelection:
     """Model selection on a validation split: ``score(model)`` (higher is better; None = no figure) at
-    ``checks`` evenly spaced steps of the run and at its end; ``fit`` ends with the best step's weights (the
-    latest of equal scores: it has trained longest). Rank 0 only: it is the rank that registers."""
+    ``checks`` evenly spaced steps of the run and at its end; ``fit`` ends with the best step's weights and
+    count-min sketches (the latest of equal scores: it has trained longest) - the sketches are the logQ
+    state a warm start continues from, so they must be the selected step's too. Rank 0 only: it is the
+    rank that registers; under DDP the other ranks wait for it outside the training collectives."""
 
     score: Callable[[nn.Module], float | None]
     checks: int = 4
     best_step: int | None = None
     best_score: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    best_sketches: dict[str, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def planned(self, end: int) -> set[int]:
@@ -152,23 +169,31 @@ class ModelSelection:
         if value is not None and (self.best_score is None or value >= self.best_score):
             self.best_step, self.best_score = step, float(value)
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_sketches = _sketch_snapshot(model)
 
     def restore(self, model: nn.Module) -> None:
+        """Back to the best step's weights and sketches (nothing to do when that is the last check)."""
         last = self.history[-1]["step"] if self.history else None
-        if self.best_state is not None and self.best_step != last:
-            model.load_state_dict(self.best_state)
+        if self.best_state is None or self.best_step == last:
+            return
+        model.load_state_dict(self.best_state)
+        if self.best_sketches is not None:
+            model.sketches.clear()  # a sketch first created after the best step must not survive either
+            model.load_sketch_state_dict(self.best_sketches)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "best_step": self.best_step,
             "best_score": self.best_score,
             "best_state": self.best_state,
+            "best_sketches": self.best_sketches,
             "history": list(self.history),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best_step, self.best_score = state.get("best_step"), state.get("best_score")
         self.best_state, self.history = state.get("best_state"), list(state.get("history", []))
+        self.best_sketches = state.get("best_sketches")
 
 
 class Trainer:
@@ -181,6 +206,7 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: Callable[[str], None] | None = print,
         selection: ModelSelection | None = None,
+        validation_timeout: timedelta = VALIDATION_TIMEOUT,
     ):
         self.model_config, self.config = model_config, train_config
         self.selection = selection
@@ -206,6 +232,9 @@ class Trainer:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             # a separate group so the negatives' collectives never interleave with DDP's gradient buckets
             self.model.gather_group = dist.new_group(backend=backend)
+            # the other ranks wait here while rank 0 validates (model selection): a CPU group whose timeout
+            # is sized for a validation, so no training collective is left pending meanwhile
+            self._wait_group = dist.new_group(backend="gloo", timeout=validation_timeout)
             self.module = nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -279,6 +308,9 @@ class Trainer:
         end = tc.total_steps if stop_after is None else min(stop_after, tc.total_steps)
         selecting = self.selection is not None and self.rank == 0
         checks = self.selection.planned(tc.total_steps) if selecting else set()
+        selects = selecting
+        if self.distributed:  # only rank 0 holds the selection: every rank learns when it validates
+            selects, checks = self._rank0_checks(checks if selecting else None)
         last: dict[str, float] = {}
         window_examples, window_t0, window_losses, window_steps = 0, time.perf_counter(), {}, 0
         while self.step < end and (tc.epochs is None or self.epoch < tc.epochs):
@@ -312,7 +344,7 @@ class Trainer:
                             0,
                         )
                     if self.step in checks:
-                        self.selection.consider(self.model, self.step)
+                        self._validate(selecting)
                     if tc.checkpoint_dir and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                         self.save(Path(tc.checkpoint_dir) / "last.pt")
                     if self.step >= end:
@@ -329,14 +361,29 @@ class Trainer:
                 window_losses, window_steps, window_examples, time.perf_counter() - window_t0, None
             )
         finished = stop_after is None or stop_after >= tc.total_steps
-        if selecting and finished and self.step > 0:
-            self.selection.consider(self.model, self.step)
+        if selects and finished and self.step > 0:
+            self._validate(selecting)
         ckpt = None
         if tc.checkpoint_dir:
             ckpt = str(self.save(Path(tc.checkpoint_dir) / "last.pt"))
         if selecting and finished:
             self.selection.restore(self.model)
         return TrainResult(self.step, self.epoch, last, list(self.history), ckpt)
+
+    def _rank0_checks(self, checks: set[int] | None) -> tuple[bool, set[int]]:
+        """(whether rank 0 runs model selection, its check steps), broadcast from rank 0 to every rank."""
+        box = [None if checks is None else sorted(checks)]
+        dist.broadcast_object_list(box, src=0, group=self._wait_group)
+        return box[0] is not None, set(box[0] or ())
+
+    def _validate(self, selecting: bool) -> None:
+        """Rank 0 scores the model for selection; under DDP every rank then meets in the wait group's barrier
+        (timeout ``validation_timeout``) before the next collective, so a validation longer than the training
+        collectives' timeout does not break the run."""
+        if selecting:
+            self.selection.consider(self.model, self.step)
+        if self.distributed:
+            dist.barrier(group=self._wait_group)
 
     def _log(self, sums: dict[str, float], steps: int, examples: int, seconds: float, r) -> dict[str, float]:
         names = sorted(sums)

@@ -100,19 +100,27 @@ def test_seed_determines_hashes():
 
 
 def test_in_batch_log_q():
+    """log Q = log P(entity in a batch of B draws) = log(1 - (1 - p)^B), p = est / total."""
     cms = CountMinSketch(width=1 << 16, depth=4)
     k = entity_key(0, torch.tensor([1, 2, 3]))
     assert cms.in_batch_log_q(k, 64).tolist() == [0.0, 0.0, 0.0]  # empty sketch: no correction
     cms.update(entity_key(0, torch.tensor([1, 1, 1, 2] + [10 + i for i in range(96)])))  # total 100
     lq = cms.in_batch_log_q(k, 10)
     assert lq.dtype == torch.float32
-    assert lq[0].item() == pytest.approx(math.log(10 * 3 / 100), rel=1e-6)
-    assert lq[1].item() == pytest.approx(math.log(10 * 1 / 100), rel=1e-6)
-    assert lq[2].item() == pytest.approx(math.log(10 * 1 / 100), rel=1e-6)  # unseen key clamped to count 1
-    assert cms.in_batch_log_q(k, 50)[0].item() == 0.0  # capped: probability <= 1
+    assert lq[0].item() == pytest.approx(math.log(1 - 0.97**10), rel=1e-6)  # p = 0.03, B = 10
+    assert lq[1].item() == pytest.approx(math.log(1 - 0.99**10), rel=1e-6)
+    assert lq[2].item() == pytest.approx(math.log(1 - 0.99**10), rel=1e-6)  # unseen key clamped to count 1
+    # a popular entity: B p = 15 expected copies, but one column that is there almost surely (log Q ~ 0,
+    # not log 15 capped to 0), a rare one ~ log(B p)
+    big = cms.in_batch_log_q(k, 500)
+    assert big[0].item() == pytest.approx(math.log(1 - 0.97**500), abs=1e-6) and big[0].item() < 0
+    tiny = CountMinSketch(width=1 << 16, depth=4)
+    tiny.update(torch.tensor([10**6, 5]), counts=torch.tensor([1, 99_999]))  # p = 1e-5
+    assert tiny.in_batch_log_q(torch.tensor([10**6]), 4).item() == pytest.approx(math.log(4e-5), rel=1e-4)
     assert torch.all(torch.isfinite(lq))
     with pytest.raises(ValueError, match="batch_size"):
         cms.in_batch_log_q(k, 0)
+    assert cms.in_batch_log_q(k[:0], 0).shape == (0,)  # no candidates at all: nothing to correct
 
 
 def test_state_dict_roundtrip_weights_only_and_resume():

@@ -159,7 +159,9 @@ def test_report_shape_and_breakdowns(art):
     ee = js["entity_entity"]
     assert set(js) == {"entity_entity", "entity_feature", "user_entity"}
     assert ee["n"] == art.data.eval_pairs.num_rows
-    assert ee["recall@10"] == pytest.approx((ee["graph"]["recall"] + ee["engagement"]["recall"]) / 2)
+    families = [ee["graph"]["recall"], ee["engagement"]["recall"]]
+    families += [r["recall"] for s, r in ee["per_source"].items() if s.startswith("coengagement_")]
+    assert ee["recall@10"] == pytest.approx(np.mean(families))  # each pair family weighs the same
     assert sum(v["n"] for v in ee["per_source"].values()) == ee["n"]
     assert set(ee["per_segment"]) <= {"organic", "promoted", "shopping", "video"} and ee["per_segment"]
     # max_queries caps every task with a seeded subset

@@ -14,12 +14,16 @@ def reference_loss(q, p, n, scale, plq=None, nlq=None, pk=None, nk=None, w=None)
     b, m = len(q), len(n)
     cands = [(p[j], plq[j] if plq is not None else 0.0, pk[j] if pk is not None else None) for j in range(b)]
     cands += [(n[j], nlq[j] if nlq is not None else 0.0, nk[j] if nk is not None else None) for j in range(m)]
+    keyed = [key for _, _, key in cands] if pk is not None else [None] * len(cands)
+    last = {key: j for j, key in enumerate(keyed) if key is not None}  # one column per entity: its last
     total = 0.0
     for i in range(b):
         logits = []
         for j, (c, lq, key) in enumerate(cands):
             if j != i and pk is not None and key is not None and key == pk[i]:
                 continue  # accidental hit: not a negative
+            if j != i and keyed[j] is not None and last[keyed[j]] != j:
+                continue  # a duplicate column of another candidate entity
             logits.append((j, scale * sum(a * bb for a, bb in zip(q[i], c)) - lq))
         mx = max(v for _, v in logits)
         lse = mx + math.log(sum(math.exp(v - mx) for _, v in logits))
@@ -81,18 +85,24 @@ def test_accidental_hits_masked():
     loss = sampled_softmax_loss(q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk)
     ref = reference_loss(q.tolist(), p.tolist(), n.tolist(), 3.0, pk=pk.tolist(), nk=nk.tolist())
     assert loss.item() == pytest.approx(ref, rel=1e-6)
-    # Query 0 keeps only {P0 (target), P2, N1}: check its term by hand.
+    # Query 0 keeps only {P0 (target), P2, N1}: check its term by hand. Query 2 sees entity 5 once, in its
+    # last column N0 (one column per distinct entity).
     s = lambda a, b: 3.0 * float(torch.dot(a, b))
     l0 = -s(q[0], p[0]) + math.log(sum(math.exp(s(q[0], c)) for c in (p[0], p[2], n[1])))
     l1 = -s(q[1], p[1]) + math.log(sum(math.exp(s(q[1], c)) for c in (p[1], p[2], n[1])))
-    l2 = -s(q[2], p[2]) + math.log(sum(math.exp(s(q[2], c)) for c in (p[0], p[1], p[2], n[0], n[1])))
+    l2 = -s(q[2], p[2]) + math.log(sum(math.exp(s(q[2], c)) for c in (p[2], n[0], n[1])))
     assert loss.item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-6)
     unmasked = sampled_softmax_loss(q, p, n, scale=3.0)
     assert unmasked.item() > loss.item() + 0.1  # masking removed hard "negatives" that were positives
-    # Without negative_keys only the in-batch duplicate is masked.
+    # Without negative_keys only the in-batch duplicates are masked (query 2 keeps P1, entity 5's last copy).
     partial = sampled_softmax_loss(q, p, n, scale=3.0, positive_keys=pk)
     ref_partial = reference_loss(q.tolist(), p.tolist(), n.tolist(), 3.0, pk=pk.tolist())
     assert partial.item() == pytest.approx(ref_partial, rel=1e-6)
+    # (and N0, unrecognised, stays in every softmax)
+    l0p = -s(q[0], p[0]) + math.log(sum(math.exp(s(q[0], c)) for c in (p[0], p[2], n[0], n[1])))
+    l1p = -s(q[1], p[1]) + math.log(sum(math.exp(s(q[1], c)) for c in (p[1], p[2], n[0], n[1])))
+    l2p = -s(q[2], p[2]) + math.log(sum(math.exp(s(q[2], c)) for c in (p[1], p[2], n[0], n[1])))
+    assert partial.item() == pytest.approx((l0p + l1p + l2p) / 3, rel=1e-6)
 
 
 def test_masked_candidates_get_no_gradient():
@@ -304,3 +314,31 @@ def test_targets_let_several_queries_share_one_positive(chunk_size):
         logits = [4.0 * float(q[i] @ cands[j]) for j in kept]
         total += float(w[i]) * (math.log(sum(math.exp(x) for x in logits)) - 4.0 * float(q[i] @ cands[t]))
     assert got.item() == pytest.approx(total / 5, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("copies", [1, 2, 5])
+def test_duplicates_of_a_non_target_candidate_do_not_change_the_loss(chunk_size, copies):
+    """A popular item X is the positive of ``copies`` other queries: query 0 (positive P0) must see X once,
+    with X's in-batch log Q - as if X had been drawn once - whatever the number of copies."""
+    d = 4
+    q0, p0, x, others = (
+        unit(1, d, seed=30),
+        unit(1, d, seed=31),
+        unit(1, d, seed=32),
+        unit(copies, d, seed=33),
+    )
+    n = unit(2, d, seed=34)
+    lq_p0, lq_x = -2.5, -0.1  # X: popular, inclusion probability ~0.9
+    q = torch.cat([q0, others])
+    p = torch.cat([p0, x.expand(copies, d)])
+    pk = torch.tensor([100] + [7] * copies)
+    plq = torch.tensor([lq_p0] + [lq_x] * copies, dtype=torch.float64)
+    w = torch.zeros(1 + copies, dtype=torch.float64)
+    w[0] = 1 + copies  # the loss divides by the number of queries: this is query 0's term alone
+    kw = {"negative_log_q": -4.0, "negative_keys": torch.tensor([50, 51]), "chunk_size": chunk_size}
+    loss = sampled_softmax_loss(q, p, n, scale=5.0, positive_log_q=plq, positive_keys=pk, weights=w, **kw)
+    s = lambda c, lq: 5.0 * float(q0[0] @ c) - lq
+    cols = [s(p0[0], lq_p0), s(x[0], lq_x), s(n[0], -4.0), s(n[1], -4.0)]  # X's mass counted once
+    expected = math.log(sum(math.exp(v) for v in cols)) - cols[0]
+    assert loss.item() == pytest.approx(expected, rel=1e-9)

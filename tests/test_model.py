@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -464,8 +465,8 @@ def test_the_query_entity_is_never_its_own_negative():
 
 def test_log_q_comes_from_one_sketch_per_positive_type():
     """A pin -> pin and a pin -> board sub-batch of 8 distinct positives each: each type's sketch has seen
-    its own 8, so every in-batch log Q = log(8 * 1 / 8) = 0 (one shared sketch gives the second sub-batch
-    log(8 / 16))."""
+    its own 8, so every in-batch log Q = log(1 - (1 - 1/8)^8), the inclusion probability of p = 1/8 in B = 8
+    draws (one shared sketch gives the second sub-batch p = 1/16)."""
     rng = np.random.default_rng(4)
     model = _model(tasks=("entity_entity",)).train()
     ent = lambda t, ids: random_entity_batch(
@@ -484,7 +485,8 @@ def test_log_q_comes_from_one_sketch_per_positive_type():
 
     model.softmax_loss = spy
     model(batches)
-    assert len(seen) == 2 and all(torch.allclose(lq, torch.zeros(8)) for lq in seen)
+    expected = torch.full((8,), math.log(1 - (7 / 8) ** 8))
+    assert len(seen) == 2 and all(torch.allclose(lq, expected) for lq in seen)
     assert model.sketch("entity_entity/pin").total == 8 and model.sketch("entity_entity/board").total == 8
 
 

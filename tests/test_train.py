@@ -17,7 +17,7 @@ from ml.config import small
 from ml.data import PairBatch, UniformNegativeSampler, small_layout, synthetic_task_batches
 from ml.losses import entity_key
 from ml.metrics import recall_at_k
-from ml.train import Trainer, load_model, warmup_cosine
+from ml.train import ModelSelection, Trainer, load_model, warmup_cosine
 
 IMG = 4
 
@@ -119,6 +119,37 @@ def test_logging_progress_line_and_checkpoint_dir(tmp_path):
     b = synthetic_task_batches(np.random.default_rng(0), image_dim=IMG)["entity_entity"].query
     with torch.no_grad():
         torch.testing.assert_close(model.embed(b), trainer.model.eval().embed(b))
+
+
+def test_model_selection_restores_the_best_steps_sketches(tmp_path):
+    """The count-min sketches are not in ``state_dict``: selection must bring back the best step's, with the
+    weights (the registered model and a warm start continue from them), and keep them for a resume."""
+    mc, tc = _configs(total_steps=8, checkpoint_dir=str(tmp_path))
+    snaps: list[dict] = []
+    scores = iter([0.1, 0.4, 0.2, 0.3])
+
+    def score(model):
+        snaps.append(
+            {n: {k: v.clone() for k, v in st.items()} for n, st in model.sketch_state_dict().items()}
+        )
+        return next(scores)
+
+    trainer = Trainer(mc, tc, _factory(), progress=None, selection=ModelSelection(score, checks=4))
+    trainer.fit()
+    assert trainer.selection.best_step == 4
+    best, last = snaps[1], snaps[3]
+    assert any(not torch.equal(best[n]["table"], last[n]["table"]) for n in best)  # the test can fail
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(
+            torch.equal(a[n]["table"], b[n]["table"]) and int(a[n]["total"]) == int(b[n]["total"]) for n in a
+        )
+
+    assert same(trainer.model.sketch_state_dict(), best)
+    # the checkpoint's selection state carries them, so a resumed run restores the same sketches
+    resumed = ModelSelection(score)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "last.pt")["selection"])
+    assert same(resumed.best_sketches, best)
 
 
 def test_bad_precision_and_empty_factory_are_clear_errors():

@@ -10,9 +10,11 @@ the sequences, so a pin repeated across users costs one embedder pass and receiv
 - future action (eq. 5): query U_t for every valid t, positive P_{t'} with t' drawn by the data path from
   (t_max, t_max + Delta] (``future_index``; -1 = none).
 
-Candidates are the positives of all queries of the batch (in-batch negatives; repeated entities are
-masked as accidental hits by key) plus the random negatives. Each loss is the mean over its valid
-(user, t) positions - eq. 4's padding mask; PinnerFormer [26] averages the same way.
+Candidates are the positives drawn for the batch plus the random negatives: for next action the P_{t+1}
+of every query, for future action each user's P_{t'} ONCE (one draw per user, the target of all of that
+user's queries U_t: T copies would give every other user T copies of it as negatives, and count T draws
+in the logQ sketch). The loss keeps one column per distinct entity (``ml.losses``). Each loss is the
+mean over its valid (user, t) positions - eq. 4's padding mask; PinnerFormer [26] averages the same way.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ class UserEntityTask(nn.Module):
         )
         states = self.user_states(seq_emb, valid).reshape(u * t, -1)  # [U * T, d]
         out: dict[str, torch.Tensor] = {}
-        for part, (where, target) in pos.items():
+        for part, (where, target, query_target) in pos.items():
             where, target = where.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+            if query_target is not None:
+                query_target = query_target.to(dev, non_blocking=True)
             cands = model.candidates(
                 f"{self.name}/{part}",
                 positive_type=tensors[0].entity_type,
@@ -99,25 +103,29 @@ class UserEntityTask(nn.Module):
                 negative_keys=n_keys,
                 negative_log_q=batch.random_negative_log_q,
             )
-            out[part] = model.softmax_loss(states.index_select(0, where), cands)
+            out[part] = model.softmax_loss(states.index_select(0, where), cands, targets=query_target)
         return out
 
 
 def loss_positions(
     seq: torch.Tensor, fut: torch.Tensor | None, next_action: bool, future_action: bool
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"next" | "future": (flat (u, t) positions u * T + t of the queries U_t, rows of their positives)}.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """{"next" | "future": (flat (u, t) positions u * T + t of the queries U_t, entity rows of the candidate
+    positives, each query's candidate index or None for query i -> candidate i)}.
 
-    next (eq. 4): every t whose t + 1 is valid, positive P_{t+1}; future (eq. 5): every valid t of a user
-    with a future entity, positive P_{t'}."""
+    next (eq. 4): every t whose t + 1 is valid, positive P_{t+1} (one per query); future (eq. 5): every
+    valid t of a user with a future entity, positive P_{t'} - one candidate per such user, the target of all
+    of the user's queries."""
     u, t = seq.shape
     valid = seq >= 0
     flat = torch.arange(u * t, dtype=torch.int64).reshape(u, t)
     out = {}
     if next_action and t > 1:
         m = valid[:, :-1] & valid[:, 1:]
-        out["next"] = (flat[:, :-1][m], seq[:, 1:][m])
+        out["next"] = (flat[:, :-1][m], seq[:, 1:][m], None)
     if future_action and fut is not None:
-        m = valid & (fut >= 0)[:, None]
-        out["future"] = (flat[m], fut[:, None].expand_as(seq)[m])
+        users = (fut >= 0) & valid.any(dim=1)
+        candidate = torch.cumsum(users.to(torch.int64), 0) - 1  # user -> its candidate's index
+        m = valid & users[:, None]
+        out["future"] = (flat[m], fut[users], candidate[:, None].expand_as(seq)[m])
     return out
