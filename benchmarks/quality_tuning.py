@@ -28,6 +28,19 @@ from pathlib import Path
 #: test's 28 real days; the synthetic data has 7 days).
 VALIDATION_DAYS = {"movielens-100k": 4, "synthetic": 1}
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+#: The benchmark's declared search space (``ml.tuning.SearchSpace``), narrower than the CLI's default so that a
+#: study of a few trials on a 2-core CPU explores what matters: batch and random negatives fixed at sizes that
+#: let the softmax see most of a small catalogue (1,682 movies), the rest searched.
+BENCHMARK_SPACE = {
+    "lr": (2e-3, 2e-2),
+    "batch_size": [512],
+    "num_random_negatives": [1024],
+    "lambda_aux": (0.03, 0.3),
+    "id_buckets": [0, 1 << 16],
+    "width": [32, 64],
+    "pair_sampling": ["uniform", "count"],
+    "source_profile": ["all", "engagement", "pin_pin"],
+}
 
 
 def day_start_us(day: str) -> int:
@@ -79,7 +92,7 @@ def tune_models(home_val: Path, day: str, base, split, trials: int, steps: int, 
     """Optuna studies of the model and the PinSage-like baseline on the validation run, the same budget each.
     -> {"model": config fields, "pinsage": config fields, "studies": {system: summary}}."""
     from ml.training_run import TrainingInputs
-    from ml.tuning import TuneConfig, run_study
+    from ml.tuning import SearchSpace, TuneConfig, run_study
 
     inputs = TrainingInputs(day, home_val / f"warehouse/training_examples/dt={day}", home_val / f"graph/dt={day}",
                             home_val / f"features/dt={day}", home_val / "checkpoints" / "tuning",
@@ -87,7 +100,10 @@ def tune_models(home_val: Path, day: str, base, split, trials: int, steps: int, 
     scorer = time_validation_scorer(split, k)
     out: dict = {"studies": {}}
     for system in ("model", "pinsage"):
-        tune = TuneConfig(system=system, trials=trials, steps=steps, checks=3, startup_trials=min(4, trials))
+        tune = TuneConfig(
+            system=system, trials=trials, steps=steps, checks=3, startup_trials=min(3, trials),
+            space=SearchSpace(**BENCHMARK_SPACE),
+        )  # fmt: skip
         log(f"tuning {system}: {trials} trials of {steps} steps on {scorer[1]} time-split validation pairs")
         result = run_study(inputs, base, tune, log, scorer=scorer)
         summary = dict(result.summary, validation="time split: the engagement pairs of the last "
