@@ -89,7 +89,10 @@ def materialize_days(
             results[day] = run_day(day)
         except BlockingCheckFailed as exc:
             yield from merge_check_results({**results, day: DayResult(check_results=exc.results)})
-            raise dg.Failure(description=f"{context.asset_key.to_user_string()}: {exc}") from exc
+            # a refused check fails the same way on a retry: never retried
+            raise dg.Failure(
+                description=f"{context.asset_key.to_user_string()}: {exc}", allow_retries=False
+            ) from exc
         result = results[day]
         if not result.published:
             yield dg.AssetObservation(asset_key=context.asset_key, partition=day, metadata=result.metadata)
@@ -98,7 +101,7 @@ def materialize_days(
                 asset_key=context.asset_key, partition=day, metadata=result.metadata
             )
     if retain:
-        from omnisage_pipeline.storage.retention import retention_metadata
+        from omnisage_pipeline.storage.retention_home import retention_metadata
 
         results[days[-1]].metadata.update(retention_metadata(context, settings, retain, days))
     checks = merge_check_results(results)

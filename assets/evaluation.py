@@ -73,7 +73,7 @@ class RecallReportConfig(dg.Config):
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
     deps=[
-        dg.AssetDep("omnisage_model"),
+        dg.AssetDep("champion_model"),  # what load_champion reads (assets.sources), not omnisage_model
         dg.AssetDep("training_examples"),
         dg.AssetDep("graph_snapshot"),
         dg.AssetDep("feature_store"),

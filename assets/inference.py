@@ -97,8 +97,9 @@ def _day_metadata(settings: Settings, day: str, figures: dict) -> dict:
     partitions_def=daily_partitions,
     backfill_policy=DAILY_BACKFILL_POLICY,
     deps=[
-        # Unpartitioned: every day depends on the (latest) model; the champion alias picks the version.
-        dg.AssetDep("omnisage_model"),
+        # The registry's champion (assets.sources): a promotion changes its data version and stales the
+        # embedded days; a challenger (a new omnisage_model materialization) does not.
+        dg.AssetDep("champion_model"),
         dg.AssetDep("graph_snapshot"),
         dg.AssetDep("feature_store"),
         dg.AssetDep("entity_metadata"),

@@ -156,11 +156,13 @@ def _missing_day(folder: Path, day: str) -> dg.Failure:
         "a wrong OMNISAGE_DATA_ROOT); nothing was published. Set allow_missing_day in the run config of "
         "engagement_logs to publish an empty day instead.",
         metadata={"missing_path": dg.MetadataValue.path(str(folder)), "day": day},
+        allow_retries=False,  # the folder does not appear by retrying the step
     )
 
 
 @dg.asset(
     partitions_def=daily_partitions,
+    deps=[dg.AssetDep("raw_engagement_logs")],  # the day's input folder (assets.sources), same day
     check_specs=[
         _accounting_spec("engagement_logs"),
         blocking_spec(
@@ -229,6 +231,7 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
 
 @dg.asset(
     partitions_def=daily_partitions,
+    deps=[dg.AssetDep("raw_entity_metadata")],  # the metadata snapshot (assets.sources), read by every day
     check_specs=[_accounting_spec("entity_metadata"), _empty_spec("entity_metadata")],
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,

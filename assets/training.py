@@ -15,8 +15,11 @@ omnisage_model (one asset, many MLflow model versions):
     published) with that day's snapshot, neighbourhood cache and feature store. Each materialization is one
     MLflow run (experiment of the ``mlflow`` resource): every config value and the training partition as
     params, the per-task losses as step metrics (Trainer callback), recall@10 per task on the held-out sets
-    as metrics, the model directory (``ml.model_io``: JSON + safetensors, no pickle) as artifacts,
-    registered as a new version of the registered model.
+    as metrics, the model directory (``ml.model_io``: JSON + safetensors, no pickle) logged as an MLflow
+    pyfunc model (``ml.mlflow_model``), registered as a new version of the registered model. The run, its
+    LoggedModel and the version are tagged with the Dagster run id, the asset's code version and the
+    training partition; the metadata links to them in the MLflow UI (``mlflow_run_url``,
+    ``mlflow_model_version_url``, ``mlflow_logged_model_url``; base OMNISAGE_MLFLOW_UI_URL).
 
     Model selection and promotion gate on a validation split carved from the training rows
     (``validation_fraction``, ml.validation; the held-out test sets are reported, not selected on): the run
@@ -50,6 +53,7 @@ from pydantic import Field, field_validator
 from assets.checks import StagedGate, blocking_spec, examples_per_task
 from assets.daily import ROW_COUNT, DayResult, materialize_days
 from ml.config import TASK_NAMES
+from ml.mlflow_links import link_run, redacted_uri
 from ml.run_config import TrainingRunConfig
 from ml.training_examples import ExampleConfig
 from ml.training_run import CHAMPION
@@ -62,7 +66,7 @@ from omnisage_pipeline.partitions import (
     window_mapping,
 )
 from omnisage_pipeline.resources import MlflowResource, StorageResource
-from omnisage_pipeline.settings import Settings
+from omnisage_pipeline.settings import Settings, load_settings
 from omnisage_pipeline.storage.publish import partition_link
 from omnisage_pipeline.training.examples import ExamplesDay, build_examples_day
 from omnisage_pipeline.training.runner import check_training_partition, run_training
@@ -249,7 +253,10 @@ def train_and_register(
 @dg.asset(
     # Unpartitioned: one asset whose materializations are MLflow model versions. The deps carry lineage;
     # the partition actually read is config.training_partition (default the newest published).
-    deps=[dg.AssetDep("training_examples"), dg.AssetDep("graph_snapshot"), dg.AssetDep("feature_store")],
+    deps=[
+        dg.AssetDep(key, partition_mapping=dg.LastPartitionMapping())
+        for key in ("training_examples", "graph_snapshot", "feature_store")
+    ],
     pool=MODEL_TRAINING_POOL,
     group_name="training",
     kinds={"pytorch", "mlflow"},
@@ -271,6 +278,16 @@ def omnisage_model(
         settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id
     )
     assert outcome is not None
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or ""
+    urls = link_run(
+        mlflow.tracking_uri,
+        mlflow.registered_model_name,
+        load_settings().mlflow_ui_url,  # the code location's Settings (the resources do not carry it)
+        run_id=outcome.run_id,
+        version=outcome.version,
+        model_id=outcome.model_id,
+        tags={"dagster_run_id": context.run_id, "dagster_code_version": code_version},
+    )
 
     def num(x: float | None) -> Any:
         return dg.MetadataValue.float(float(x)) if x is not None else dg.MetadataValue.text("null")
@@ -292,7 +309,9 @@ def omnisage_model(
         "champion_recall": dg.MetadataValue.json(outcome.champion_recall),
         "training_partition": outcome.training_partition,
         "mlflow_run_id": outcome.run_id,
-        "mlflow_tracking_uri": mlflow.tracking_uri,
+        "mlflow_tracking_uri": redacted_uri(mlflow.tracking_uri),
+        "mlflow_model_id": outcome.model_id,
+        **{f"mlflow_{name}_url": dg.MetadataValue.url(url) for name, url in urls.items()},
         "steps": outcome.steps,
         "resumed_from_step": outcome.resumed_from_step,
         "train_seconds": round(outcome.train_seconds, 3),

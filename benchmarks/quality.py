@@ -105,7 +105,7 @@ def run_pipeline(
            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}  # fmt: skip
     os.environ.update(env)
     from omnisage_pipeline.settings import Settings
-    from omnisage_pipeline.tools.ablations import DAY_ASSETS, RANGE_ASSETS, materialize
+    from omnisage_pipeline.tools.ablation_data import DAY_ASSETS, RANGE_ASSETS, materialize
 
     settings = Settings.from_env()
     materialize(settings, RANGE_ASSETS, days=days)
@@ -338,8 +338,8 @@ def system_configs(args, base, profile: dict | None) -> tuple:
 def main(argv: list[str] | None = None) -> dict:
     from quality_tuning import VALIDATION_DAYS, read_profile, tune_models, validation_input, write_profile
 
-    from ml.example_loader import load_training_examples
     from ml.item_baselines import TrainingSplit
+    from ml.training_examples_reader import load_training_examples
     from ml.training_run import TrainingRunConfig
 
     args = parse_args(argv)

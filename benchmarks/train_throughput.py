@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graph_engine.batch import NeighborhoodLayout
 from graph_engine.batch_builder import BatchBuilder
 from graph_engine.feature_table import open_features
+from ml.batches import tensorize_step
 from ml.config import preset
-from ml.data import tensorize_step
-from ml.example_loader import BatchConfig, make_batch_iterator_factory
 from ml.inference import embed_entities
 from ml.loader import BatchLoader, StepPayload, default_num_workers
+from ml.step_sampler import BatchConfig, make_batch_iterator_factory
 from ml.train import Trainer
 
 

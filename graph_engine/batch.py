@@ -20,7 +20,7 @@ Features of one entity (``FeatureArrays``):
 - ``degree``      float32 [...]    degree in the day's pruned graph (0 when absent)
 - ``present``     bool   [...]     True when the feature store holds a record for the entity
 
-The model consumes this object unchanged; ``ml.data`` converts it to tensors. This module stays
+The model consumes this object unchanged; ``ml.entity_tensors`` converts it to tensors. This module stays
 numpy-only (no torch) so the graph engine can be used and tested without the model.
 """
 
@@ -168,7 +168,7 @@ class EntityBatch:
 class CompactEntityBatch:
     """An ``EntityBatch`` whose features are stored once per distinct entity of the batch (the training and
     inference form): a node's neighbourhoods overlap heavily, so B x K neighbour slots name far fewer
-    entities, and the model encodes each entity's raw features once (``ml.data.EntityTensors``).
+    entities, and the model encodes each entity's raw features once (``ml.entity_tensors.EntityTensors``).
 
     ``table`` holds U rows; ``own_row`` [B] and ``neighbor_row`` [B, K] index it (-1 for padding slots,
     whose features are never read). Every other field is as in ``EntityBatch``."""

@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from graph_engine.edge_engine import (
+from graph_engine.edge_engine_base import (
     EVENT_COLUMNS,
     nodes_before_after,
     parquet_files,

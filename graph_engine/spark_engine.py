@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from graph_engine.edge_engine import (
+from graph_engine.edge_engine_base import (
+    EDGE_ARROW_TYPES,
     EVENT_COLUMNS,
     nodes_before_after,
     parquet_files,
@@ -48,8 +49,6 @@ def _types():
 
 def edge_schema():
     from pyspark.sql import types as T
-
-    from graph_engine.edge_engine import EDGE_ARROW_TYPES
 
     ty = _types()
     return T.StructType([T.StructField(c, ty[t], True) for c, t in EDGE_ARROW_TYPES.items()])

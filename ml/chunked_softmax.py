@@ -38,11 +38,12 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ml.losses import (
+from ml.softmax_base import (
     SoftmaxInputs,
     accidental_hit_mask,
     candidate_log_q,
     compute_dtype,
+    empty_batch_loss,
     prepare_inputs,
     target_rows,
 )
@@ -239,7 +240,8 @@ def ChunkedSoftmaxFunction(device_type: str = "cpu") -> type[torch.autograd.Func
 
 
 def chunked_softmax_loss(x: SoftmaxInputs, *, chunk_size: int) -> torch.Tensor:
-    """Algorithm 1 on validated inputs (``ml.losses.prepare_inputs``); same value/grads as the naive loss."""
+    """Algorithm 1 on validated inputs (``ml.softmax_base.prepare_inputs``); same value and gradients as
+    the naive loss."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"sampled_softmax_loss: chunk_size must be a positive int or None, got {chunk_size!r}"
@@ -266,7 +268,5 @@ def chunked_sampled_softmax_loss(query, positive, negatives, *, chunk_size: int,
     """Convenience: ``sampled_softmax_loss(..., chunk_size=chunk_size)`` (same keyword arguments)."""
     x = prepare_inputs(query, positive, negatives, **kwargs)
     if x.query.shape[0] == 0:
-        from ml.losses import sampled_softmax_loss
-
-        return sampled_softmax_loss(query, positive, negatives, chunk_size=chunk_size, **kwargs)
+        return empty_batch_loss(x)
     return chunked_softmax_loss(x, chunk_size=chunk_size)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ml.config import ModelConfig
-from ml.data import EntityTensors
 from ml.encoders import MLP, EntityFeatureEncoder, IdHashEncoder, l2_normalize, score_features
+from ml.entity_tensors import EntityTensors
 from ml.losses import entity_key
 
 NUM_NODE_TYPES = 2

@@ -48,9 +48,9 @@ import torch
 
 from graph_engine.batch import NODE_TYPE_CODE
 from ml.config import TASK_NAMES
-from ml.example_loader import TrainingData, list_column
 from ml.losses import entity_key
 from ml.metrics import recall_at_k, recall_at_k_sparse
+from ml.training_examples_reader import TrainingData, list_column
 
 GRAPH_PREFIX = "graph_"
 ENGAGEMENT_PREFIX = "engagement_"
@@ -385,7 +385,8 @@ class ModelEntityEmbedder:
     def feature_queries(self, entity_type, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{x: (g_x(u) of u's own raw x-features, u has x)}: the per-node reading of eq. 3 that training
         uses (``EntityFeatureTask.queries``); the neighbours' queries g_x(v) are training-only."""
-        from ml.data import as_entity_tensors, build_entities
+        from ml.batches import build_entities
+        from ml.entity_tensors import as_entity_tensors
         from ml.inference import _EvalMode
 
         task = self.model.tasks["entity_feature"] if "entity_feature" in self.model.tasks else None  # noqa: SIM401

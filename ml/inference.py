@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from graph_engine.batch import CompactEntityBatch, EntityBatch, FeatureArrays
-from ml.data import build_entities
+from ml.batches import build_entities
 from ml.sequence_ids import padded_ids
 
 
@@ -219,7 +219,7 @@ def embed_users(
     zero vector (no state to read). ``item_table`` = (ids, vectors): f_t of the history items already
     computed by this model (daily inference embeds every pin first); items missing from it are embedded
     here once, so every history item is embedded once, not once per user who engaged with it."""
-    from ml.data import make_sequence_batch
+    from ml.batches import make_sequence_batch
 
     if "user_entity" not in getattr(model, "tasks", {}):
         raise ValueError("embed_users: the model has no user_entity task (no sequence transformer)")

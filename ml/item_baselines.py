@@ -123,7 +123,7 @@ def time_validation_pairs(
             keep |= (qt == q) & (p == "pin")
         pairs = pairs.filter(pa.array(keep))
     if exclude_pairs is not None and exclude_pairs.num_rows and pairs.num_rows:
-        from ml.baselines import _rows_in, _table_pair_keys
+        from ml.interactions import _rows_in, _table_pair_keys
 
         pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), _table_pair_keys(exclude_pairs))))
     if pairs.num_rows > max_pairs:

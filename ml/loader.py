@@ -1,6 +1,6 @@
 """Asynchronous, deterministic training batches: worker processes build keyed steps while the device trains.
 
-    source = make_batch_iterator_factory(data, builder, ...)        # ml.example_loader.StepBatches
+    source = make_batch_iterator_factory(data, builder, ...)        # ml.step_sampler.StepBatches
     loader = BatchLoader(source, num_workers=2, prefetch_factor=4, pin_memory=True)
     for step in loader(epoch, start=0): ...                        # what ml.train.Trainer does
 
@@ -13,7 +13,7 @@ The batch of (seed, epoch, global step index) depends on that key alone (``StepB
   at its step without building the batches before it; 0, 1 or N workers give identical batches;
 - workers persist across epochs (``persistent_workers``), keep ``prefetch_factor`` steps each in flight, use
   one torch / numba thread each (the training process keeps the cores it was given), and return numpy
-  batches that become tensors without a copy (``ml.data.tensorize_step``), page-locked by the loader's pin
+  batches that become tensors without a copy (``ml.batches.tensorize_step``), page-locked by the loader's pin
   thread when ``pin_memory`` (CUDA).
 
 ``num_workers=0`` is the synchronous path (same batches, built on the training thread): tests, debugging.
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ml.data import pin_step, tensorize_step
+from ml.batches import pin_step, tensorize_step
 
 
 def default_num_workers(processes_per_node: int = 1) -> int:

@@ -34,17 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ml.batches import FeatureTaskBatch, PairBatch, SequenceBatch
 from ml.config import ModelConfig
 from ml.count_min_sketch import CountMinSketch
-from ml.data import (
-    EntityTensors,
-    FeatureTaskBatch,
-    PairBatch,
-    SequenceBatch,
-    as_entity_tensors,
-    cat_entity_tensors,
-)
 from ml.embedder import EntityEmbedder
+from ml.entity_tensors import EntityTensors, as_entity_tensors, cat_entity_tensors
 from ml.losses import entity_key, sampled_softmax_loss
 from ml.tasks import EntityEntityTask, EntityFeatureTask, UserEntityTask
 
@@ -359,7 +353,7 @@ class OmniSageModel(nn.Module):
 
     def _embed_step(self, batches: Mapping[str, object]) -> None:
         """Every entity batch of the enabled tasks, one embedder call per type: the batches of a step share
-        one feature table per type (``ml.example_loader.share_step_tables``) and random negatives, so each
+        one feature table per type (``ml.step_sampler.share_step_tables``) and random negatives, so each
         entity is encoded once and each shared batch embedded once; the tasks then read the results."""
         entities = []
         for batch in batches.values():

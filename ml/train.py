@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ml.batches import move_step
 from ml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ml.config import ModelConfig, TrainConfig
-from ml.data import move_step
 from ml.model import OmniSageModel
 
 BatchFactory = Callable[..., Iterable[Mapping[str, Any]]]

@@ -461,7 +461,8 @@ def build_training_examples(
     boards_dir: Path | None = None,
 ) -> dict:
     """Write pairs / sequences / feature nodes (train and eval) and the universe as Parquet into ``out_dir``
-    (``OUTPUT_TABLES``; read back with ``ml.example_loader.load_training_examples``); return the manifest.
+    (``OUTPUT_TABLES``; read back with ``ml.training_examples_reader.load_training_examples``); return the
+    manifest.
 
     ``log_files``: the validated logs of the window ending at ``window_end``; ``pins_dir`` / ``boards_dir``:
     the day's validated metadata (``boards_dir`` defaults to ``pins_dir``'s sibling ``boards``);

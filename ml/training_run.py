@@ -224,9 +224,9 @@ def _configs(config: TrainingRunConfig, device, image_dim: int, layout):
 
 
 def make_loader(data, builder, config: TrainingRunConfig, tasks, max_len: int, device):
-    """The run's batches: keyed steps (``ml.example_loader``) built by ``num_workers`` processes."""
-    from ml.example_loader import BatchConfig, make_batch_iterator_factory
+    """The run's batches: keyed steps (``ml.step_sampler``) built by ``num_workers`` processes."""
     from ml.loader import BatchLoader, default_num_workers
+    from ml.step_sampler import BatchConfig, make_batch_iterator_factory
 
     batches = BatchConfig(
         tasks=tuple(tasks),
@@ -249,8 +249,8 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> _Prepared:
     from graph_engine.feature_table import open_features
     from graph_engine.neighbor_sampler import NeighborhoodCache
     from graph_engine.snapshot import GraphSnapshot
-    from ml.example_loader import load_training_examples
     from ml.train import resolve_device
+    from ml.training_examples_reader import load_training_examples
 
     snapshot = GraphSnapshot.open(inputs.graph_dir)
     cache = NeighborhoodCache.open(inputs.graph_dir / NEIGHBORHOODS_DIR, snapshot)

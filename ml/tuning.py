@@ -200,7 +200,7 @@ def split_validation_scorer(inputs, base, sources: list[str]) -> tuple[Callable,
     """The default objective: entity-entity recall@k on the validation split's pairs of ``sources`` (the
     same pairs for every trial). -> (scorer factory ``(prep, config) -> (model -> recall)``, pair count)."""
     from ml.evaluator import Evaluator, model_embedders
-    from ml.example_loader import load_training_examples
+    from ml.training_examples_reader import load_training_examples
     from ml.validation import split_validation
 
     _, validation = split_validation(

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph_engine.batch import NODE_TYPE_CODE
-from ml.example_loader import TrainingData
+from ml.training_examples_reader import TrainingData
 
 _U64 = np.uint64
 

@@ -39,6 +39,14 @@ def window_keys(day: str) -> list[str]:
 #: the same range can be backfilled from the CLI without a daemon (see README, "Backfills").
 DAILY_BACKFILL_POLICY = dg.BackfillPolicy.single_run()
 
+#: Retry policy of the steps that publish atomically (ingest, edges, pruning, snapshot, features, training
+#: examples, embeddings, index): a failed attempt left the published days as they were, so running the step
+#: again after a transient error (I/O, a lost Spark executor, a lock held too long) is safe. Never on
+#: omnisage_model: a retry after its registration could register and gate a second version. A failure that
+#: would repeat (a blocking check, a missing input folder) is retried too unless its ``dg.Failure`` says
+#: ``allow_retries=False``.
+SAFE_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+
 
 def partition_keys(context) -> list[str]:
     """The day(s) an asset invocation materializes, oldest first (one for a daily run, many for a backfill)."""

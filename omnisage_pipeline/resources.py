@@ -1,4 +1,9 @@
-"""Dagster resources: storage paths, Spark, MLflow. Values come from the contract's environment variables."""
+"""Dagster resources: storage paths, Spark, MLflow. Values come from the contract's environment variables.
+
+The code location builds them from its one Settings object, except the MLflow tracking URI when it comes from
+MLFLOW_TRACKING_URI: a tracking server's address may carry credentials (``https://user:token@host``), so it
+is a ``dg.EnvVar`` there (``tracking_uri_field``): Dagster resolves it when a run or a sensor starts, and the
+UI, the run config and the code location's snapshot show the variable's name, never its value."""
 
 from __future__ import annotations
 
@@ -11,6 +16,23 @@ from pydantic import Field
 
 from ml.tracking import MlflowTarget
 from omnisage_pipeline.settings import DEFAULT_WINDOW_DAYS, DEMO_START_DATE, Settings
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def default_tracking_uri(home: Path) -> str:
+    """The tracking store when MLFLOW_TRACKING_URI is unset: sqlite under OMNISAGE_HOME (Settings.from_env)."""
+    return f"sqlite:///{Path(home) / 'mlflow.db'}"
+
+
+def tracking_uri_field(settings: Settings, secrets_from_env: bool) -> str:
+    """What a resource's tracking URI field holds: ``dg.EnvVar(MLFLOW_TRACKING_URI)`` when
+    ``secrets_from_env`` and the URI is not the sqlite default (then it came from that variable: the only
+    other source in Settings.from_env), else the URI itself."""
+    uri = settings.mlflow_tracking_uri
+    if secrets_from_env and uri != default_tracking_uri(settings.home):
+        return dg.EnvVar(TRACKING_URI_ENV)
+    return uri
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -29,7 +51,8 @@ class StorageResource(dg.ConfigurableResource):
     start_date: str = DEMO_START_DATE
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> StorageResource:
+    def from_settings(cls, settings: Settings, *, secrets_from_env: bool = False) -> StorageResource:
+        """The fields of ``settings``; ``secrets_from_env``: see ``tracking_uri_field``."""
         return cls(
             home=str(settings.home),
             data_root=str(settings.data_root),
@@ -37,7 +60,7 @@ class StorageResource(dg.ConfigurableResource):
             engine=settings.engine,
             window_days=settings.window_days,
             retention_days=settings.retention_days,
-            mlflow_tracking_uri=settings.mlflow_tracking_uri,
+            mlflow_tracking_uri=tracking_uri_field(settings, secrets_from_env),
             spark_master=settings.spark_master,
             start_date=settings.start_date,
         )
@@ -49,7 +72,7 @@ class StorageResource(dg.ConfigurableResource):
             home=home,
             data_root=Path(self.data_root),
             data_root_is_default=self.data_root_is_default,
-            mlflow_tracking_uri=self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
+            mlflow_tracking_uri=self.mlflow_tracking_uri or default_tracking_uri(home),
             engine=self.engine,
             spark_master=self.spark_master,
             start_date=self.start_date,
@@ -98,9 +121,10 @@ class MlflowResource(dg.ConfigurableResource):
     registered_model_name: str = "omnisage"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> MlflowResource:
+    def from_settings(cls, settings: Settings, *, secrets_from_env: bool = False) -> MlflowResource:
+        """The tracking store of ``settings``; ``secrets_from_env``: see ``tracking_uri_field``."""
         return cls(
-            tracking_uri=settings.mlflow_tracking_uri,
+            tracking_uri=tracking_uri_field(settings, secrets_from_env),
             artifact_root=str(settings.home / "mlflow-artifacts"),
         )
 

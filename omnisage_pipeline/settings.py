@@ -20,6 +20,8 @@ DEFAULT_WINDOW_DAYS = 30
 #: (omnisage_pipeline.storage.retention); unset = OMNISAGE_WINDOW_DAYS. Must be >= OMNISAGE_WINDOW_DAYS.
 RETENTION_ENV = "OMNISAGE_RETENTION_DAYS"
 ENGINES = ("spark", "duckdb")
+#: OMNISAGE_MLFLOW_UI_URL: where ``mlflow ui`` serves the tracking store (the addresses in Dagster metadata).
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 
 
 class SettingsError(ValueError):
@@ -52,6 +54,8 @@ class Settings:
     retention_days: int | None = None
     #: OMNISAGE_TRAIN_CRON: the weekly training schedule (None = omnisage_pipeline.training_jobs' default).
     train_cron: str | None = None
+    #: OMNISAGE_MLFLOW_UI_URL: base address of the MLflow UI, for links from Dagster metadata.
+    mlflow_ui_url: str = DEFAULT_MLFLOW_UI_URL
 
     def __post_init__(self) -> None:
         if self.retention_days is None:
@@ -84,6 +88,9 @@ class Settings:
             raise SettingsError(f"OMNISAGE_WINDOW_DAYS={window_raw!r} is not an integer") from exc
         if window_days < 1:
             raise SettingsError(f"OMNISAGE_WINDOW_DAYS={window_days} must be >= 1")
+        mlflow_ui_url = env.get("OMNISAGE_MLFLOW_UI_URL") or DEFAULT_MLFLOW_UI_URL
+        if not mlflow_ui_url.startswith(("http://", "https://")):
+            raise SettingsError(f"OMNISAGE_MLFLOW_UI_URL={mlflow_ui_url!r} is not an http(s):// address")
         return cls(
             home=home,
             data_root=data_root,
@@ -95,6 +102,7 @@ class Settings:
             window_days=window_days,
             retention_days=parse_retention_days(env.get(RETENTION_ENV)),
             train_cron=env.get("OMNISAGE_TRAIN_CRON") or None,
+            mlflow_ui_url=mlflow_ui_url,
         )
 
     # Output layout (contract "Outputs"): every writer goes through these.

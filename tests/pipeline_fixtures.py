@@ -2,7 +2,7 @@
 
     art = build_library_pipeline(tmp_path, scale="tiny", days=3, seed=0)
     art.builder.build("pin", art.universe["pin"][:8])       # EntityBatch from the day's graph + feature store
-    art.data.eval_pairs                                      # held-out sets (ml.example_loader.TrainingData)
+    art.data.eval_pairs                                      # held-out sets (a TrainingData)
 
 Chain (the same libraries the assets wrap, in the same order, for the last day D of the generated range):
 
@@ -35,8 +35,8 @@ from graph_engine.featurizer import Featurizer
 from graph_engine.neighbor_sampler import NeighborhoodCache, NeighborSampler, build_neighborhood_cache
 from graph_engine.pruning import PruningParams
 from graph_engine.snapshot import DEFAULT_SUBSETS, GraphSnapshot, build_snapshot
-from ml.example_loader import TrainingData, load_training_examples
 from ml.training_examples import ExampleConfig, build_training_examples, holdout_of
+from ml.training_examples_reader import TrainingData, load_training_examples
 from ml.truth import Truth, load_truth
 from omnisage_pipeline.contract.validation import (
     validate_boards,

@@ -1,4 +1,4 @@
-"""The ablation runner (`omnisage ablate`, omnisage_pipeline/tools/ablations.py).
+"""The ablation runner (`omnisage ablate`, omnisage_pipeline/tools/ablations.py and its ablation_* modules).
 
 The integration test sets up a PRODUCTION home first (data assets + a registered champion), runs two small
 studies through the CLI (pruning alpha: 0.5 vs the default, a data variant; aggregator: transformer vs mean,
@@ -18,7 +18,29 @@ import pytest
 from click.testing import CliRunner
 
 from omnisage_pipeline.settings import Settings
-from omnisage_pipeline.tools import ablations as ab
+from omnisage_pipeline.tools.ablation_data import (
+    PRODUCTION_OUTPUTS,
+    build_base_data,
+    check_root,
+    merge_overrides,
+)
+from omnisage_pipeline.tools.ablation_report import (
+    Row,
+    directions,
+    n_consistency,
+    ours_sign,
+    paper_sign,
+    study_markdown,
+)
+from omnisage_pipeline.tools.ablation_studies import (
+    EE_ENGAGEMENT,
+    NO_EDGES_SUBSET,
+    STUDY_IDS,
+    AblationError,
+    build_studies,
+    empty_layout_supported,
+    parse_selection,
+)
 
 
 # ------------------------------------------------------------------------------------------ no training
@@ -28,8 +50,8 @@ def test_catalogue_matches_the_cli_and_the_asset_defaults():
     from omnisage_pipeline.cli import _ABLATION_STUDIES
 
     for empty_ok in (False, True):
-        studies = ab.build_studies(empty_layout_ok=empty_ok)
-        assert tuple(studies) == ab.STUDY_IDS == _ABLATION_STUDIES
+        studies = build_studies(empty_layout_ok=empty_ok)
+        assert tuple(studies) == STUDY_IDS == _ABLATION_STUDIES
         for s in studies.values():
             ref = s.variant(s.reference)
             if s.id == "negatives":  # Table 12 reports lifts over no random negatives
@@ -43,7 +65,7 @@ def test_catalogue_matches_the_cli_and_the_asset_defaults():
         if empty_ok:
             assert no_graph == {"blocks": [], "min_coverage": 0.0}
         else:  # one padding column over a subset without edges: every neighbourhood is empty
-            assert no_graph["subsets"] == {ab.NO_EDGES_SUBSET: [ab.NO_EDGES_SUBSET]}
+            assert no_graph["subsets"] == {NO_EDGES_SUBSET: [NO_EDGES_SUBSET]}
             assert [b.k for b in parse_blocks(no_graph["blocks"]).blocks] == [1]
     halved = studies["halved_kt"].variant("halved").data["graph_snapshot"]["blocks"]
     assert parse_blocks(halved) == parse_blocks(list(GraphSnapshotConfig().blocks)).halved()
@@ -52,29 +74,49 @@ def test_catalogue_matches_the_cli_and_the_asset_defaults():
     assert studies["pruning_alpha"].reference == "0.86"
 
 
+def test_empty_layout_probe_says_no_only_on_a_torch_shape_error(monkeypatch):
+    """The "no graph" probe: a torch shape error (what a model without zero-width layouts raises) means
+    "not supported"; any other error is a bug of the probe or the model and surfaces instead of quietly
+    switching the "no graph" row to its padding-column fallback."""
+    from ml.model import OmniSageModel
+
+    def shape_error(self, x, *args, **kwargs):
+        raise RuntimeError("cannot reshape tensor of 0 elements into shape [2, 0, -1]")
+
+    monkeypatch.setattr(OmniSageModel, "embed", shape_error)
+    assert empty_layout_supported() is False
+
+    def bug(self, x, *args, **kwargs):
+        raise TypeError("embed() got an unexpected keyword argument 'where'")
+
+    monkeypatch.setattr(OmniSageModel, "embed", bug)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        empty_layout_supported()
+
+
 def test_selection_and_root_guard(tmp_path):
-    studies = ab.build_studies(empty_layout_ok=False)
-    sel = ab.parse_selection(["aggregator", "pruning_alpha"], ["pruning_alpha:0.5"], studies)
+    studies = build_studies(empty_layout_ok=False)
+    sel = parse_selection(["aggregator", "pruning_alpha"], ["pruning_alpha:0.5"], studies)
     # catalogue order; a --variant keeps the study's reference row
     assert [(s.id, [v.id for v in vs]) for s, vs in sel] == [
         ("pruning_alpha", ["0.5", "0.86"]), ("aggregator", ["transformer", "mean"])
     ]  # fmt: skip
-    assert [s.id for s, _ in ab.parse_selection(None, None, studies)] == list(ab.STUDY_IDS)
-    with pytest.raises(ab.AblationError, match="unknown study"):
-        ab.parse_selection(["bogus"], None, studies)
-    with pytest.raises(ab.AblationError, match="has no variant 'x'"):
-        ab.parse_selection(None, ["tasks:x"], studies)
+    assert [s.id for s, _ in parse_selection(None, None, studies)] == list(STUDY_IDS)
+    with pytest.raises(AblationError, match="unknown study"):
+        parse_selection(["bogus"], None, studies)
+    with pytest.raises(AblationError, match="has no variant 'x'"):
+        parse_selection(None, ["tasks:x"], studies)
 
     home = tmp_path / "home"
     prod = Settings.from_env({"OMNISAGE_HOME": str(home)})
     for bad in (home, home / "warehouse" / "x", home / "graph", home / "embeddings" / "a" / "b"):
-        with pytest.raises(ab.AblationError):
-            ab.check_root(prod, bad)
+        with pytest.raises(AblationError):
+            check_root(prod, bad)
     (home / "ablations" / "used").mkdir(parents=True)
     (home / "ablations" / "used" / "f").write_text("x")
-    with pytest.raises(ab.AblationError, match="not empty"):
-        ab.check_root(prod, home / "ablations" / "used")
-    assert ab.check_root(prod, home / "ablations" / "new") == (home / "ablations" / "new").absolute()
+    with pytest.raises(AblationError, match="not empty"):
+        check_root(prod, home / "ablations" / "used")
+    assert check_root(prod, home / "ablations" / "new") == (home / "ablations" / "new").absolute()
 
     from omnisage_pipeline.cli import main
 
@@ -83,50 +125,50 @@ def test_selection_and_root_guard(tmp_path):
 
 
 def test_direction_arithmetic():
-    studies = ab.build_studies(empty_layout_ok=False)
+    studies = build_studies(empty_layout_ok=False)
     g = studies["graph_sources"]
     ref_paper = g.variant(g.reference).paper
     # Table 3: no graph is below the full graph on both tasks
-    assert ab.paper_sign(g.variant("no_graph").paper, ref_paper, "entity_entity") == -1
-    assert ab.paper_sign(g.variant("no_graph").paper, ref_paper, "user_entity") == -1
+    assert paper_sign(g.variant("no_graph").paper, ref_paper, "entity_entity") == -1
+    assert paper_sign(g.variant("no_graph").paper, ref_paper, "user_entity") == -1
     b = studies["push_budget"]
     # Table 4: 0.576 vs 0.580 (-0.7%) is inside the paper's own "no significant" band; Table 10: 0.584 vs
     # 0.576 (+1.4%) is outside it
-    assert ab.paper_sign(b.variant("B_half").paper, b.variant("B").paper, "user_entity") == 0
+    assert paper_sign(b.variant("B_half").paper, b.variant("B").paper, "user_entity") == 0
     a = studies["pruning_alpha"]
-    assert ab.paper_sign(a.variant("0.5").paper, a.variant("0.86").paper, "user_entity") == 1
+    assert paper_sign(a.variant("0.5").paper, a.variant("0.86").paper, "user_entity") == 1
     n = studies["negatives"]
-    assert ab.paper_sign(n.variant("1K").paper, n.variant("0").paper, "user_entity") == 1  # a lift row
-    assert ab.paper_sign(n.variant("1K").paper, n.variant("0").paper, "entity_entity") is None
+    assert paper_sign(n.variant("1K").paper, n.variant("0").paper, "user_entity") == 1  # a lift row
+    assert paper_sign(n.variant("1K").paper, n.variant("0").paper, "entity_entity") is None
 
-    assert ab.ours_sign({"recall": 0.5, "n": 1000}, {"recall": 0.3, "n": 1000}) == 1
-    assert ab.ours_sign({"recall": 0.3, "n": 1000}, {"recall": 0.5, "n": 1000}) == -1
-    assert ab.ours_sign({"recall": 0.5, "n": 12}, {"recall": 0.4, "n": 12}) == 0  # 12 users: noise
-    assert ab.ours_sign({"recall": None, "n": 0}, {"recall": 0.4, "n": 12}) is None
+    assert ours_sign({"recall": 0.5, "n": 1000}, {"recall": 0.3, "n": 1000}) == 1
+    assert ours_sign({"recall": 0.3, "n": 1000}, {"recall": 0.5, "n": 1000}) == -1
+    assert ours_sign({"recall": 0.5, "n": 12}, {"recall": 0.4, "n": 12}) == 0  # 12 users: noise
+    assert ours_sign({"recall": None, "n": 0}, {"recall": 0.4, "n": 12}) is None
 
     rows = [
-        ab.Row("graph_sources", "no_graph", "no graph", "k1",
-               recall={ab.EE_ENGAGEMENT: {"recall": 0.2, "n": 500}, "user_entity": {"recall": 0.45, "n": 500}}),
-        ab.Row("graph_sources", "pin_board+pin_pin", "all", "k2",
-               recall={ab.EE_ENGAGEMENT: {"recall": 0.4, "n": 500}, "user_entity": {"recall": 0.40, "n": 500}}),
+        Row("graph_sources", "no_graph", "no graph", "k1",
+               recall={EE_ENGAGEMENT: {"recall": 0.2, "n": 500}, "user_entity": {"recall": 0.45, "n": 500}}),
+        Row("graph_sources", "pin_board+pin_pin", "all", "k2",
+               recall={EE_ENGAGEMENT: {"recall": 0.4, "n": 500}, "user_entity": {"recall": 0.40, "n": 500}}),
     ]  # fmt: skip
-    ab.directions(g, rows)
-    assert rows[0].directions[ab.EE_ENGAGEMENT] == {"paper": -1, "ours": -1, "agree": "same"}
+    directions(g, rows)
+    assert rows[0].directions[EE_ENGAGEMENT] == {"paper": -1, "ours": -1, "agree": "same"}
     assert rows[0].directions["user_entity"] == {"paper": -1, "ours": 0, "agree": "unresolved"}
     assert rows[1].directions == {}  # the reference row
-    assert ab.n_consistency(g, rows)[ab.EE_ENGAGEMENT] == {"n": [500], "consistent": True}
+    assert n_consistency(g, rows)[EE_ENGAGEMENT] == {"n": [500], "consistent": True}
     rows[1].recall["user_entity"]["n"] = 499
-    assert ab.n_consistency(g, rows)["user_entity"]["consistent"] is False
-    md = ab.study_markdown(g, rows, ab.n_consistency(g, rows))
+    assert n_consistency(g, rows)["user_entity"]["consistent"] is False
+    md = study_markdown(g, rows, n_consistency(g, rows))
     assert "EE eng. − / − ✓" in md and "n differs across variants" in md
 
     # a variant's data overrides go on top of the run's (--blocks) per config field
     base = {"graph_snapshot": {"blocks": ["a:pin:1"]}}
-    assert ab.merge_overrides(base, {"graph_snapshot": {"budget": 5}, "pruned_edges": {"alpha": 0.5}}) == {
+    assert merge_overrides(base, {"graph_snapshot": {"budget": 5}, "pruned_edges": {"alpha": 0.5}}) == {
         "graph_snapshot": {"blocks": ["a:pin:1"], "budget": 5},
         "pruned_edges": {"alpha": 0.5},
     }
-    assert ab.merge_overrides(base, {"graph_snapshot": {"blocks": []}}) == {"graph_snapshot": {"blocks": []}}
+    assert merge_overrides(base, {"graph_snapshot": {"blocks": []}}) == {"graph_snapshot": {"blocks": []}}
     assert base == {"graph_snapshot": {"blocks": ["a:pin:1"]}}  # not mutated
 
 
@@ -137,7 +179,7 @@ BLOCKS = ["pin_board:pin:4", "pin_board:board:4", "pin_pin:pin:4"]
 def _tree_state(home: Path) -> dict:
     """Every entry (files, dirs, publish symlinks, dot-directories) under the production outputs."""
     state = {}
-    for name in ab.PRODUCTION_OUTPUTS:
+    for name in PRODUCTION_OUTPUTS:
         top = home / name
         state[name] = top.exists()
         if not top.exists():
@@ -181,7 +223,7 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     start = daily_partitions.start.strftime("%Y-%m-%d")
     summary = generate(prod.data_root, start_date=start, days=3, scale="tiny", seed=1)
     days = list(summary["days"])
-    ab.build_base_data(prod, days)
+    build_base_data(prod, days)
     champion = train_and_register(
         prod, MlflowResource.from_settings(prod),
         OmniSageModelConfig(steps=2, batch_size=16, num_random_negatives=8, pool_size=200, pinsage_baseline=False,
@@ -220,13 +262,13 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     assert list(rows) == [("pruning_alpha", "0.5"), ("pruning_alpha", "0.86"),
                           ("aggregator", "transformer"), ("aggregator", "mean")]  # fmt: skip
     for (sid, vid), row in rows.items():
-        for metric in ("entity_entity", "entity_feature", "user_entity", ab.EE_ENGAGEMENT):
+        for metric in ("entity_entity", "entity_feature", "user_entity", EE_ENGAGEMENT):
             r = row["recall"][metric]
             assert 0.0 <= r["recall"] <= 1.0 and r["n"] > 0, (sid, vid, metric)
         assert row["train_seconds"] > 0 and row["run_id"]
     for st in report["studies"]:  # every compared number on the same held-out set
         assert all(c["consistent"] for c in st["n_consistency"].values()), st["id"]
-    assert set(rows[("pruning_alpha", "0.5")]["directions"]) == {ab.EE_ENGAGEMENT, "user_entity"}
+    assert set(rows[("pruning_alpha", "0.5")]["directions"]) == {EE_ENGAGEMENT, "user_entity"}
     assert set(rows[("aggregator", "mean")]["directions"]) == {"entity_entity"}
     assert rows[("aggregator", "transformer")]["shared_with"] == "pruning_alpha/0.86"
     assert rows[("aggregator", "transformer")]["run_id"] == rows[("pruning_alpha", "0.86")]["run_id"]

@@ -190,8 +190,8 @@ def test_sequences_give_user_pin_interactions():
 
 def test_the_evaluator_scores_als_like_any_embedder(planted):
     from ml.evaluator import Evaluator
-    from ml.example_loader import TrainingData
     from ml.training_examples import NODE_SCHEMA, PAIR_SCHEMA, SEQUENCE_SCHEMA
+    from ml.training_examples_reader import TrainingData
 
     _, cluster_of, matrix = planted
     als = AlsEmbedder(matrix, FAST, num_threads=1)

@@ -12,7 +12,8 @@ runs at most one at a time:
   single-run backfill policy makes it ONE run for both days (README, "Backfills"),
 - every run succeeds (a failed run fails the test at once with its event log), no two runs overlapped
   (the daily chain's pool, enforced per run with limit 1), every partition's outputs exist under OMNISAGE_HOME (contract "Outputs"), and a
-  secret in the server's environment appears nowhere in the runs' event logs;
+  secret in the server's environment appears nowhere in the runs' event logs; the MLflow tracking URI is not
+  the sqlite default, so the code location holds it as dg.EnvVar and each run resolves it from its environment;
 - finally the whole process group is killed and the port is closed again.
 """
 
@@ -201,6 +202,9 @@ def champion_home(tmp_path, omnisage_env, monkeypatch) -> dict[str, str]:
     generate(data_root, start_date=DAYS[0], days=len(DAYS), scale="tiny", seed=0)
     monkeypatch.setenv("OMNISAGE_DATA_ROOT", str(data_root))
     monkeypatch.setenv("OMNISAGE_START_DATE", DAYS[0])
+    # Not the sqlite default: the server's code location holds it as dg.EnvVar, resolved by each run.
+    tracking_uri = f"sqlite:///{Path(omnisage_env['OMNISAGE_HOME']) / 'registry.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     settings = Settings.from_env()
     job = defs.resolve_job_def(JOB)
     data_keys = [
@@ -218,7 +222,8 @@ def champion_home(tmp_path, omnisage_env, monkeypatch) -> dict[str, str]:
     )
     assert outcome is not None and outcome.alias == "champion"
     assert ModelRegistry(settings.mlflow_tracking_uri).version_for_alias("champion") == outcome.version
-    return {**omnisage_env, "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_START_DATE": DAYS[0]}
+    return {**omnisage_env, "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_START_DATE": DAYS[0],
+            "MLFLOW_TRACKING_URI": tracking_uri}  # fmt: skip
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from graph_engine.batch import EntityBatch
+from ml.batches import FeatureTaskBatch, PairBatch, SequenceBatch
 from ml.config import small
-from ml.data import FeatureTaskBatch, PairBatch, SequenceBatch, synthetic_task_batches
+from ml.testing import synthetic_task_batches
 from ml.train import ModelSelection, Trainer
 
 IMG = 4

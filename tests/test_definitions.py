@@ -71,8 +71,16 @@ def test_dagster_definitions_validate_cli(tmp_path):
 def test_daily_schedule_tick_targets_the_day_that_just_ended():
     defs = _defs()
     schedule = defs.resolve_schedule_def("daily_pipeline_schedule")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 1 * * *", "UTC")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     tick_time = datetime(2026, 3, 5, 1, 0, tzinfo=UTC)
-    with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
+    # (The schedule reads the instance's runs: it skips a day already started, tests/test_input_arrival.py.)
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=tick_time, repository_def=defs.get_repository_def()
+        ) as context,
+    ):
         requests = schedule.evaluate_tick(context).run_requests
     assert [r.partition_key for r in requests] == ["2026-03-04"]
 
@@ -90,9 +98,10 @@ os.environ.update(OMNISAGE_WINDOW_DAYS="9", OMNISAGE_ENGINE="spark", MLFLOW_TRAC
 settings = resources["storage"].settings
 assert partitions.WINDOW_DAYS == 3 and len(partitions.window_keys("2026-02-10")) == 3
 assert settings.window_days == 3 and settings.engine == "duckdb", settings
-assert settings.mlflow_tracking_uri == "sqlite:///" + os.path.join(os.environ["HOME_AT_LOAD"], "m.db")
+# The tracking URI alone is Dagster's to resolve when a run or sensor starts (it may carry credentials).
+uri = dg.EnvVar("MLFLOW_TRACKING_URI")
+assert resources["mlflow"].tracking_uri == uri and resources["storage"].mlflow_tracking_uri == uri
 assert str(settings.home) == os.environ["HOME_AT_LOAD"] and settings.spark_master == "local[1]"
-assert resources["mlflow"].tracking_uri == settings.mlflow_tracking_uri
 assert defs.resolve_schedule_def("weekly_training_schedule").cron_schedule == "0 4 * * 2"
 print("ok")
 """
@@ -151,3 +160,80 @@ def test_retention_job_and_its_daily_schedule_after_the_daily_pipeline():
     assert request.partition_key is None  # the whole home, not one day
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert set(DATASET_ASSETS) == set(HEAVY_DATASETS) and set(DATASET_ASSETS.values()) <= keys
+
+
+def test_a_tracking_uri_with_credentials_is_an_env_var_the_ui_never_shows(tmp_path):
+    """MLFLOW_TRACKING_URI set: both resources hold dg.EnvVar("MLFLOW_TRACKING_URI"), so the code location's
+    snapshot (what the webserver shows: resource config, run config defaults) names the variable and holds
+    no trace of its value; Dagster resolves it to the value when a run starts."""
+    script = """
+import dagster as dg
+from dagster._core.remote_representation.external_data import RepositorySnap
+from dagster._serdes import serialize_value
+from omnisage_pipeline.definitions import defs
+snap = serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
+assert "s3cr3t-token" not in snap and "MLFLOW_TRACKING_URI" in snap
+with dg.build_resources({"mlflow": defs.resources["mlflow"], "storage": defs.resources["storage"]}) as res:
+    assert res.mlflow.tracking_uri == "https://omnisage:s3cr3t-token@mlflow.example:5000"
+    assert res.storage.settings.mlflow_tracking_uri == res.mlflow.tracking_uri
+print("ok")
+"""
+    env = dict(os.environ, OMNISAGE_HOME=str(tmp_path / "home"),
+               MLFLOW_TRACKING_URI="https://omnisage:s3cr3t-token@mlflow.example:5000")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
+
+
+def test_the_sqlite_default_tracking_store_stays_a_literal(omnisage_env, monkeypatch):
+    """Without MLFLOW_TRACKING_URI the store is a path under OMNISAGE_HOME (no credentials): a literal."""
+    from omnisage_pipeline.definitions import build_resources
+    from omnisage_pipeline.settings import Settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    settings = Settings.from_env()
+    resources = build_resources(settings, secrets_from_env=True)
+    assert resources["mlflow"].tracking_uri == settings.mlflow_tracking_uri
+    assert not isinstance(resources["mlflow"].tracking_uri, dg.EnvVar)
+
+
+def test_lineage_reads_what_the_code_reads():
+    """omnisage_model reads ONE partition of its inputs (the newest: LastPartitionMapping, not all of them);
+    the ingest assets sit below the contract's input folders (source assets, never materialized)."""
+    graph = _defs().resolve_asset_graph()
+    model = dg.AssetKey("omnisage_model")
+    for name in ("training_examples", "graph_snapshot", "feature_store"):
+        mapping = graph.get_partition_mapping(model, dg.AssetKey(name))
+        assert isinstance(mapping, dg.LastPartitionMapping), (name, mapping)
+    sources = {"engagement_logs": "raw_engagement_logs", "entity_metadata": "raw_entity_metadata"}
+    for asset, source in sources.items():
+        assert graph.get(dg.AssetKey(asset)).parent_keys == {dg.AssetKey(source)}
+        node = graph.get(dg.AssetKey(source))
+        assert node.is_observable and not node.is_materializable
+        assert node.partitions_def == graph.get(dg.AssetKey(asset)).partitions_def  # day D reads day D
+
+
+def test_daily_steps_retry_and_carry_a_freshness_policy_training_does_neither():
+    """Every daily step publishes atomically: daily_pipeline and the champion re-embedding job retry a
+    failed step; training (registration and the gate) is never retried. Every daily asset carries the
+    daily FreshnessPolicy (evaluated by the daemon, no sensor needed)."""
+    from dagster._core.definitions.dependency import NodeHandle
+
+    from omnisage_pipeline.jobs import DAILY_FRESHNESS
+    from omnisage_pipeline.partitions import SAFE_RETRY_POLICY
+
+    defs = _defs()
+    for name in ("daily_pipeline", "champion_reembedding"):
+        job = defs.resolve_job_def(name)
+        assert job.nodes and all(
+            job.get_retry_policy_for_handle(NodeHandle(n.name, None)) == SAFE_RETRY_POLICY for n in job.nodes
+        ), name
+    training = defs.resolve_job_def("train_omnisage_model")
+    assert [training.get_retry_policy_for_handle(NodeHandle(n.name, None)) for n in training.nodes] == [None]
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        daily = node.is_materializable and isinstance(node.partitions_def, dg.DailyPartitionsDefinition)
+        assert node.freshness_policy == (DAILY_FRESHNESS if daily else None), key

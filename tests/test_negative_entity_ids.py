@@ -14,12 +14,13 @@ import torch
 
 from graph_engine.batch import EntityBatch, FeatureArrays
 from ml.config import small
-from ml.data import concat_entity_batches, random_entity_batch, small_layout
-from ml.example_loader import BatchConfig, TrainingData, make_batch_iterator_factory
 from ml.inference import embed_entities, embed_users, exclude_neighbors
 from ml.model import OmniSageModel
 from ml.sequence_ids import dedupe_sequences
+from ml.step_sampler import BatchConfig, make_batch_iterator_factory
+from ml.testing import concat_entity_batches, random_entity_batch, small_layout
 from ml.training_examples import NODE_SCHEMA, PAIR_SCHEMA, SEQUENCE_SCHEMA
+from ml.training_examples_reader import TrainingData
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ml.config import small
-from ml.data import random_entity_batch, small_layout, synthetic_task_batches
 from ml.model import OmniSageModel
 from ml.model_io import CONFIG_FILE, WEIGHTS_FILE, ModelFormatError, load_model_dir, save_model_dir
 from ml.registry import CHALLENGER, CHAMPION, ChampionMissingError, ModelRegistry
+from ml.testing import random_entity_batch, small_layout, synthetic_task_batches
 
 IMAGE_DIM = 4
 MAX_TOKENS = 8
@@ -181,3 +181,40 @@ def test_registry_register_alias_load(tmp_path, omnisage_env, mlflow_template, m
     registry.set_alias(CHAMPION, "2")  # moving an alias is one update; the old holder loses it
     assert registry.version_for_alias(CHAMPION) == "2"
     assert registry.load_champion().version == "2"
+
+
+def test_registry_registers_and_loads_the_mlflow_model_format(tmp_path, mlflow_template, monkeypatch):
+    """A model logged as an MLflow pyfunc model (ml.mlflow_model) registers from its LoggedModel (by the run's
+    artifact name, no model id needed) and loads back exactly, pickle-free, beside an old-format version."""
+    import mlflow
+
+    from ml.mlflow_model import log_pyfunc_model, pyfunc_data_dir
+    from ml.tracking import MlflowTarget
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    target = MlflowTarget(uri, str(tmp_path / "artifacts"))
+    client = target.client()
+    run = client.create_run(target.experiment_id())
+    model, inputs = _model(3), _inputs()
+    local = save_model_dir(model, tmp_path / "model", {}, layout=small_layout(), max_tokens=MAX_TOKENS)
+    info = log_pyfunc_model(uri, run.info.run_id, local, name="model", step=0, tags={"k": "v"})
+    client.set_terminated(run.info.run_id)
+
+    registry = ModelRegistry(uri)
+    version = registry.register(run.info.run_id, "model", tags={"t": "1"})
+    mv = registry.model_version(version)
+    assert mv.source == f"models:/{info.model_id}" and mv.run_id == run.info.run_id and mv.tags["t"] == "1"
+    linked = json.loads(client.get_logged_model(info.model_id).tags["mlflow.modelVersions"])
+    assert linked == [{"name": "omnisage", "version": version}]
+    downloaded = mlflow.artifacts.download_artifacts(
+        info.model_uri, dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    )
+    assert pyfunc_data_dir(downloaded) == Path(downloaded) / "data" / "model"
+    assert pyfunc_data_dir(local) is None  # a bare model directory (older versions)
+
+    _trap_pickle(monkeypatch)
+    loaded = registry.load_version(version)
+    assert (loaded.version, loaded.run_id) == (version, run.info.run_id)
+    for a, b in zip(_embeddings(model, inputs), _embeddings(loaded.model, inputs)):
+        assert torch.equal(a, b)

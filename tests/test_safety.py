@@ -114,11 +114,9 @@ def pickle_violations(source: str, filename: str = "<source>") -> list[str]:
 
 
 def _project_sources() -> list[Path]:
-    skip = {"tests", ".git", ".omnisage", "build", "dist"}
-    return sorted(
-        p for p in REPO.rglob("*.py")
-        if not (set(p.relative_to(REPO).parts[:-1]) & skip) and not any(part.endswith(".egg-info") for part in p.parts)
-    )  # fmt: skip
+    """The project's own Python files: its packages and benchmarks (never an environment, cache or build)."""
+    roots = ("assets", "ml", "graph_engine", "omnisage_pipeline", "benchmarks")
+    return sorted(p for root in roots for p in (REPO / root).rglob("*.py") if "__pycache__" not in p.parts)
 
 
 def test_the_scanner_finds_every_unpickling_construct():

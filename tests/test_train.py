@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from graph_engine.batch import EntityBatch, FeatureArrays
+from ml.batches import PairBatch, UniformNegativeSampler
 from ml.checkpoint import load_checkpoint
 from ml.config import small
-from ml.data import PairBatch, UniformNegativeSampler, small_layout, synthetic_task_batches
 from ml.losses import entity_key
 from ml.metrics import recall_at_k
+from ml.testing import small_layout, synthetic_task_batches
 from ml.train import ModelSelection, Trainer, load_model, warmup_cosine
 
 IMG = 4

@@ -1,5 +1,5 @@
 """Training examples and their held-out sets (paper 3.3, 4.2.1; contract "Evaluation protocol"), and the
-batch iterator the trainer consumes (ml.example_loader)."""
+batch iterator the trainer consumes (ml.training_examples_reader, ml.step_sampler)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ import pytest
 from pipeline_fixtures import build_library_pipeline
 
 from graph_engine.holdout import TYPE_CODE, held_out_pairs, held_out_users
-from ml.data import FeatureTaskBatch, PairBatch, SequenceBatch
-from ml.example_loader import BatchConfig, allocate, load_training_examples, make_batch_iterator_factory
+from ml.batches import FeatureTaskBatch, PairBatch, SequenceBatch
 from ml.inference import exclude_neighbors
+from ml.step_sampler import BatchConfig, allocate, make_batch_iterator_factory
 from ml.training_examples import (
     ExampleConfig,
     build_training_examples,
     drop_held_out_edges,
     held_out_pair_mask,
 )
+from ml.training_examples_reader import load_training_examples
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +354,7 @@ def test_graph_pairs_mask_their_edge_and_engagement_pairs_keep_it(art):
 def test_pairs_are_drawn_in_proportion_to_their_count(art):
     """Each engagement is one example of eq. 2's D_pair: a pair engaged 9 times is drawn 9x as often as one
     engaged once; ``pair_sampling="uniform"`` draws distinct pairs."""
-    from ml.example_loader import _pair_sources
+    from ml.step_sampler import _pair_sources
 
     pairs = pa.table({"query_type": ["pin", "pin"], "query_id": [1, 2], "pos_type": ["pin", "pin"],
                       "pos_id": [3, 4], "source": ["engagement_pin_pin"] * 2, "segment": [None, None],

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from ml.batches import SequenceBatch
 from ml.config import small
-from ml.data import SequenceBatch, random_entity_batch
 from ml.model import OmniSageModel
 from ml.tasks.user_entity import loss_positions
+from ml.testing import random_entity_batch
 
 IMG = 4
 

@@ -13,9 +13,9 @@ import torch
 from pipeline_fixtures import build_library_pipeline
 
 from ml.config import small
-from ml.data import small_layout, synthetic_task_batches
 from ml.model import OmniSageModel
 from ml.model_io import load_model_dir, save_model_dir
+from ml.testing import small_layout, synthetic_task_batches
 from ml.train import ModelSelection, Trainer
 from ml.validation import keep_trained_sources, split_validation, validation_counts
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ml.data import PairBatch
+from ml.batches import PairBatch
 
 
 class EntityEntityTask(nn.Module):

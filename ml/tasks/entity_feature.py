@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ml.batches import FeatureTaskBatch
 from ml.config import ModelConfig
-from ml.data import FeatureTaskBatch
 from ml.encoders import MLP, HashTextEncoder, l2_normalize
 from ml.losses import entity_key
 

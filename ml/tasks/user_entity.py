@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ml.batches import SequenceBatch
 from ml.config import ModelConfig
-from ml.data import SequenceBatch
 from ml.encoders import l2_normalize
 
 

@@ -16,8 +16,10 @@ from ml.layout import NEIGHBORHOODS_DIR
 
 
 def load_champion(tracking_uri: str, model_name: str = "omnisage"):
-    """The registry's champion (ml.registry.ModelRegistry.load_champion). Without one, ml.registry raises
-    ChampionMissingError, whose message says to materialize ``omnisage_model`` first; it propagates as is."""
+    """The registry's champion (ml.registry.ModelRegistry.load_champion), whether it was registered as an
+    MLflow model (``ml.mlflow_model``) or, by an older release, as a bare model directory (no ``MLmodel``: not
+    loadable by ``mlflow.pyfunc``). Without one, ml.registry raises ChampionMissingError, whose message says to
+    materialize ``omnisage_model`` first; it propagates as is."""
     from ml.registry import ModelRegistry
 
     return ModelRegistry(tracking_uri, model_name=model_name).load_champion()

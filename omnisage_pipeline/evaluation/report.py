@@ -63,8 +63,8 @@ def _score_day(
     features_dir: Path,
 ) -> dict:
     from ml.evaluator import Evaluator, model_embedders
-    from ml.example_loader import load_training_examples
     from ml.recall_report import Candidate, build_report
+    from ml.training_examples_reader import load_training_examples
 
     examples_dir = require_published(settings.warehouse_dataset("training_examples"), day)
     data = load_training_examples(examples_dir)
@@ -104,7 +104,7 @@ class _ScoredDay:
     settings: Settings
     day: str
     config: Any
-    data: Any  # ml.example_loader.TrainingExamples
+    data: Any  # ml.training_examples_reader.TrainingData
     universe: Any
     graph_dir: Path
     features_dir: Path

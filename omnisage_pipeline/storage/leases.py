@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnisage_pipeline.storage.publish import check_partition_key, pid_alive, require_published
+from omnisage_pipeline.storage.partition_paths import check_partition_key, pid_alive, require_published
 
 LEASES_DIR = ".leases"
 

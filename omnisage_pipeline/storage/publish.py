@@ -33,13 +33,24 @@ quarantine table) makes the process SIGKILL itself when it reaches that phase.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from omnisage_pipeline.storage.leases import lease_holds
+from omnisage_pipeline.storage.partition_paths import (  # noqa: F401 - the publish API names them too
+    PARTITION_RE,
+    PartitionKeyError,
+    PublishError,
+    check_partition_key,
+    partition_link,
+    pid_alive,
+    published_path,
+    require_published,
+)
 
 #: Publish phases, in order, at which the fault-injection hook can kill the process.
 #: begin     - the staging directory exists and is empty (the build has not started)
@@ -54,15 +65,6 @@ FAULT_DATASET_ENV = "OMNISAGE_FAULT_DATASET"
 _VERSIONS = ".versions"
 _STAGING = ".staging"
 PREVIOUS_DIR = ".previous"
-_PARTITION_RE = re.compile(r"[0-9A-Za-z_\-]+")
-
-
-class PublishError(RuntimeError):
-    pass
-
-
-class PartitionKeyError(PublishError, ValueError):
-    """A partition key that is not a plain name (it could name a path outside the dataset)."""
 
 
 def fault_point(phase: str, dataset: str | None = None) -> None:
@@ -82,31 +84,6 @@ def dataset_label(dataset_dir: Path) -> str:
     if dataset_dir.parent.name == "quarantine":
         return f"quarantine/{dataset_dir.name}"
     return dataset_dir.name
-
-
-def check_partition_key(partition_key: str) -> str:
-    """``partition_key`` when it is a plain name (letters, digits, ``-`` and ``_``: e.g. ``2026-01-05``),
-    else a ``PartitionKeyError`` (a ``ValueError``) naming it. Call it on every key from outside (run config,
-    command line) before it becomes part of a path."""
-    if not isinstance(partition_key, str) or not _PARTITION_RE.fullmatch(partition_key):
-        raise PartitionKeyError(
-            f"partition key {partition_key!r} is not a plain name (letters, digits, '-' and '_' only, e.g. "
-            "'2026-01-05'): refusing to use it in a path"
-        )
-    return partition_key
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (signal 0; EPERM means it exists but is not ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):  # not a pid at all
-        return False
-    return True
 
 
 def _remove_dead_staging(dataset_dir: Path, partition_key: str) -> None:
@@ -140,29 +117,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def partition_link(dataset_dir: Path, partition_key: str) -> Path:
-    """The ``dt=<partition_key>`` symlink of a dataset (the key is checked: ``check_partition_key``)."""
-    return Path(dataset_dir) / f"dt={check_partition_key(partition_key)}"
-
-
-def published_path(dataset_dir: Path, partition_key: str) -> Path | None:
-    """The published version directory of a partition, or None when it was never published."""
-    link = partition_link(dataset_dir, partition_key)
-    if not link.exists():
-        return None
-    return link.resolve()
-
-
-def require_published(dataset_dir: Path, partition_key: str) -> Path:
-    """The published version directory of a partition; FileNotFoundError when it was never published."""
-    path = published_path(dataset_dir, partition_key)
-    if path is None:
-        raise FileNotFoundError(
-            f"partition dt={partition_key} of {dataset_dir} has not been published; materialize it first"
-        )
-    return path
-
-
 def list_published(dataset_dir: Path) -> list[str]:
     """Partition keys with a published version, sorted. A ``dt=`` entry whose key is not a plain name (a
     ``dt=D.bak`` copy made by hand) is not a partition: publish never makes one, and no reader can open it."""
@@ -170,7 +124,7 @@ def list_published(dataset_dir: Path) -> list[str]:
     if not dataset_dir.is_dir():
         return []
     keys = [p.name[3:] for p in dataset_dir.glob("dt=*") if p.exists()]
-    return sorted(k for k in keys if _PARTITION_RE.fullmatch(k))
+    return sorted(k for k in keys if PARTITION_RE.fullmatch(k))
 
 
 @contextmanager
@@ -251,8 +205,6 @@ def _cleanup_versions(
     A version of another live writer (renamed into ``.versions``, its swap still to come) is never touched,
     nor one a live reader lease holds (read after the swap: a reader leases before it resolves ``dt=D``).
     """
-    from omnisage_pipeline.storage.leases import lease_holds  # leases builds on this module
-
     current = current.resolve()
     others = [
         v

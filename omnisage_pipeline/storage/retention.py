@@ -436,11 +436,3 @@ def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Itera
         if log is not None and days[0] <= own_cutoff:
             log(f"{name}/: this range is longer than {RETENTION_ENV}={settings.retention_days}: days up to "
                 f"{own_cutoff} are removed by the next retention pass")  # fmt: skip
-
-
-def retention_metadata(context, settings: Settings, datasets: Iterable[str], days: Iterable[str]) -> dict:
-    """The assets' hook (``assets.daily.materialize_days``): one pass over ``datasets`` from an asset step,
-    returning its materialization metadata (``omnisage_pipeline.storage.retention_home.retention_metadata``)."""
-    from omnisage_pipeline.storage.retention_home import retention_metadata as in_step
-
-    return in_step(context, settings, datasets, days)

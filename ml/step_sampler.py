@@ -1,6 +1,7 @@
-"""Training examples (``ml.training_examples`` output) -> training batches for ``ml.train.Trainer``.
+"""Sampling the training steps: training examples (``ml.training_examples``) -> each step's batches for
+``ml.train.Trainer``.
 
-    data = load_training_examples(published_dir)
+    data = load_training_examples(published_dir)                     # ml.training_examples_reader
     factory = make_batch_iterator_factory(data, builder, BatchConfig(batch_size=256, num_random_negatives=256))
     model, result = ml.train.train(model_config, train_config, factory)
 
@@ -25,7 +26,7 @@ same names, in the same order, at every step (DDP needs every rank to run the sa
 
 Random negatives: ``num_random_negatives`` entities of the positive's type drawn uniformly (with
 replacement) from ALL entities of that type in the day's universe (graph nodes + metadata), with the
-sampler's log Q = log(M / N) (``ml.data.UniformNegativeSampler``) for the logQ correction of eq. 1.
+sampler's log Q = log(M / N) (``ml.batches.UniformNegativeSampler``) for the logQ correction of eq. 1.
 
 Pair neighbourhoods: with ``exclude_pair_edges`` (default) the positive of a GRAPH pair is masked out of
 the query's neighbourhood and the query out of the positive's (``ml.inference.exclude_neighbors``), exactly
@@ -38,125 +39,29 @@ test pairs were engaged before), and masking it taught the model to ignore co-en
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dc_fields
 from dataclasses import replace as dc_replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from graph_engine.batch import CompactEntityBatch, share_tables
-from ml.config import TASK_NAMES
-from ml.data import (
+from ml.batches import (
     FeatureTaskBatch,
     PairBatch,
     SequenceBatch,
     UniformNegativeSampler,
     build_entities,
 )
+from ml.config import TASK_NAMES
+from ml.inference import exclude_neighbors
 from ml.sequence_ids import dedupe_sequences
-from ml.training_examples import (
-    NODE_SCHEMA,
-    OUTPUT_TABLES,
-    PAIR_SCHEMA,
-    SEQUENCE_SCHEMA,
-)
-
-_SCHEMAS = {
-    "pairs": PAIR_SCHEMA,
-    "eval_pairs": PAIR_SCHEMA,
-    "sequences": SEQUENCE_SCHEMA,
-    "eval_sequences": SEQUENCE_SCHEMA,
-    "feature_nodes": NODE_SCHEMA,
-    "eval_feature_nodes": NODE_SCHEMA,
-    "universe": NODE_SCHEMA,
-}
-
-
-@dataclass
-class TrainingData:
-    """One ``training_examples`` partition in memory (Arrow tables; schemas of ml.training_examples)."""
-
-    pairs: pa.Table
-    eval_pairs: pa.Table
-    sequences: pa.Table
-    eval_sequences: pa.Table
-    feature_nodes: pa.Table
-    eval_feature_nodes: pa.Table
-    manifest: dict = field(default_factory=dict)
-    universe_table: pa.Table | None = None  # entity_type, entity_id: every pin and board of the day
-    path: Path | None = None
-
-    def universe(self) -> dict[str, np.ndarray]:
-        """Entity ids per type (sorted) of the day's universe; falls back to every id the tables mention
-        when the partition has no ``universe.parquet``."""
-        t = self.universe_table
-        if t is None or t.num_rows == 0:
-            parts = [
-                pa.table({"entity_type": x["query_type"], "entity_id": x["query_id"]})
-                for x in (self.pairs, self.eval_pairs)
-            ]
-            parts += [
-                pa.table({"entity_type": x["pos_type"], "entity_id": x["pos_id"]})
-                for x in (self.pairs, self.eval_pairs)
-            ]
-            parts += [
-                x.select(["entity_type", "entity_id"]) for x in (self.feature_nodes, self.eval_feature_nodes)
-            ]
-            t = pa.concat_tables([p.cast(NODE_SCHEMA) for p in parts])
-        out = {}
-        for name in ("pin", "board"):
-            ids = t.filter(pc.equal(t["entity_type"], name))["entity_id"].to_numpy()
-            out[name] = np.unique(np.asarray(ids, dtype=np.int64))
-        return out
-
-    @property
-    def day(self) -> str | None:
-        return self.manifest.get("window_end")
-
-
-def _read(path: Path, name: str, required: bool) -> pa.Table | None:
-    f = path / f"{name}.parquet"
-    if not f.is_file():
-        if required:
-            raise FileNotFoundError(f"{f} not found: {path} is not a training_examples partition")
-        return None
-    t = pq.read_table(f)
-    want = _SCHEMAS[name]
-    missing = [c for c in want.names if c not in t.column_names]
-    if missing:
-        raise ValueError(f"{f}: column(s) {missing} missing (expected {want.names})")
-    try:
-        return t.select(want.names).cast(want)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{f}: columns do not cast to {want}: {exc}") from exc
-
-
-def load_training_examples(path: Path | str) -> TrainingData:
-    """Read a directory written by ``ml.training_examples.build_training_examples``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"training examples directory {path} does not exist")
-    tables = {name: _read(path, name, name != "universe") for name in OUTPUT_TABLES}
-    mpath = path / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
-    return TrainingData(
-        pairs=tables["pairs"],
-        eval_pairs=tables["eval_pairs"],
-        sequences=tables["sequences"],
-        eval_sequences=tables["eval_sequences"],
-        feature_nodes=tables["feature_nodes"],
-        eval_feature_nodes=tables["eval_feature_nodes"],
-        manifest=manifest,
-        universe_table=tables["universe"],
-        path=path,
-    )
+from ml.train import dist_info
+from ml.training_examples_reader import TrainingData, list_column
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,18 +78,6 @@ def allocate(total: int, weights: np.ndarray) -> np.ndarray:
     order = np.lexsort((np.arange(w.size), -(exact - base)))
     base[order[:rest]] += 1
     return base
-
-
-def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int64> column -> (offsets int64 [n+1], values int64) with nulls as empty lists."""
-    col = table[name].combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
-    col = pc.fill_null(col, pa.scalar([], pa.list_(pa.int64()))) if col.null_count else col
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    offsets = np.asarray(col.offsets.to_numpy(), dtype=np.int64)
-    values = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.int64)
-    # a sliced list array has offsets not starting at 0
-    return offsets - offsets[0], values[offsets[0] : offsets[-1]] if offsets.size else values
 
 
 def padded_histories(
@@ -345,7 +238,7 @@ def make_batch_iterator_factory(
 
 @dataclass
 class _StepPlan:
-    """What one step draws (sources, allocations, sequences); the draws themselves are in ``draw``."""
+    """What each step draws (sources, allocations, sequences); ``StepBatches`` makes the draws."""
 
     samplers: dict[str, UniformNegativeSampler]
     num_random_negatives: int
@@ -420,8 +313,6 @@ class StepBatches:
         self.batch_names = plan.batch_names()
 
     def shard(self) -> tuple[int, int]:
-        from ml.train import dist_info  # local: ml.train imports this module's users
-
         rank, world, _ = dist_info()
         return rank, world
 
@@ -462,8 +353,6 @@ class StepBatches:
         return build_entities(self.builder, t, ids, self.plan.compact)
 
     def _pair_batches(self, rng, negatives: dict) -> dict:
-        from ml.inference import exclude_neighbors  # local: inference imports this module's helpers
-
         p, out = self.plan, {}
         if not p.type_pairs:
             return out
