@@ -12,7 +12,7 @@ export PATH := $(if $(VENV),$(VENV)/bin:,)$(PATH)
 export OMNISAGE_HOME ?= $(CURDIR)/.omnisage
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test demo dev lint lock
+.PHONY: install test test-fast demo dev lint lock
 
 install: $(VENV)
 	$(PIP) -c constraints.txt torch==2.13.0
@@ -20,6 +20,11 @@ install: $(VENV)
 
 test: install
 	$(PYTHON) -m pytest -q --durations=15 tests
+
+# The quick loop: unit tests only. Leaves out `system` (tests/system/: kills, concurrency, the UI, end to end)
+# and `slow` tests; `make test` (CI) still runs everything.
+test-fast: install
+	$(PYTHON) -m pytest -q --durations=15 -m "not slow and not system" tests
 
 lint: install
 	$(PYTHON) -m ruff check .

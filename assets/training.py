@@ -242,7 +242,7 @@ def to_run_config(config: "OmniSageModelConfig") -> TrainingRunConfig:
     return config.replace()
 
 
-def train_and_register(
+def train_from_asset_config(
     settings: Settings, mlflow_resource: MlflowResource, config: "OmniSageModelConfig", **kwargs
 ):
     """``omnisage_pipeline.training.runner.run_training`` with this asset's config (Dagster-free apart from the
@@ -274,7 +274,7 @@ def omnisage_model(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    outcome = train_and_register(
+    outcome = train_from_asset_config(
         settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id
     )
     assert outcome is not None

@@ -28,9 +28,14 @@ the same recall@k rule, with per-pair hits:
 Systems: model, pinsage, cooccurrence (the graph's common neighbours), window_cooccurrence (counts within w
 events of a user's sequence), ease (Steck 2019), als (``implicit``; its grid includes cosine item factors),
 content_tfidf (title and description only), popularity, random. Every baseline is fitted on the same training
-events (the logs less the evaluation pairs' events and the evaluation users) and the tuned ones (window w,
-EASE lambda, ALS) are chosen on the SAME validation split carved from them (``ml.item_baselines``), never on
-the test pairs: ``"selection": "validation"``, and ``tuning`` holds each choice and its validation recall.
+events (the logs less the evaluation pairs' events and the evaluation users).
+
+Nothing is chosen on the test pairs (``"selection": "validation"``): validation is the test protocol one period
+earlier (``quality_tuning``): the last days of the training logs are the validation period, the pipeline runs
+again on the days before it, and the tuned baselines (window w, EASE lambda, ALS grid) are fitted before the
+cutoff and scored on the validation period's pairs; ``--tune-trials N`` runs Optuna studies of the model and of
+the PinSage-like baseline (N trials each, the same budget) on that run and writes their best settings to
+``benchmarks/profiles/<dataset>.json``, which later runs read (``--defaults``: the asset's defaults instead).
 
 The model and the PinSage-like baseline are trained once per ``--seeds`` seed (default 0,1,2: one run's
 recall moves by about 0.005 with the seed on MovieLens); the table shows their mean with the range, and the

@@ -17,7 +17,7 @@ Averaging (Algorithm 1, line 10 vs eq. 1's mean): Algorithm 1 averages per-chunk
 chunk it would over-weight the small chunk. We weight chunk c by |c| / B instead, i.e. sum the per-example
 losses (and their gradients) over all chunks and divide by B once; for equal chunks this IS 1 / n_chunks times
 the sum of chunk means, so eq. 1's mean and Algorithm 1's averaging coincide and the chunked loss and
-gradients equal the unchunked ones (tests/test_chunked_softmax.py: allclose at 1e-5 in fp32).
+gradients equal the unchunked ones (tests/ml/test_chunked_softmax.py: allclose at 1e-5 in fp32).
 
 The math is that of ``ml.losses`` (logit = lambda * q.c - log Q(c), accidental hits and duplicate
 candidate columns -> -inf, the same mask as the naive path's, loss =

@@ -48,8 +48,9 @@ def promotion_lock(lock_dir: Path, tracking_uri: str, model_name: str) -> Iterat
 
 
 def compare_and_set(registry, gate: dict) -> dict:
-    """``gate`` (``ml.training_run._gate``'s dict) if the champion is still ``gate["previous"]``; else the
-    same gate demoted to challenger (only a promotion can overwrite another run's decision)."""
+    """``gate`` (the 3-key dict ``ml.promotion_gate.GateDecision.rechecked`` builds) if the champion is still
+    ``gate["previous"]``; else the same gate demoted to challenger (only a promotion can overwrite another run's
+    decision)."""
     if gate["alias"] != CHAMPION:
         return gate
     current = registry.version_for_alias(CHAMPION)

@@ -1,29 +1,23 @@
 """The ``omnisage`` console script (pyproject: ``omnisage = "omnisage_pipeline.cli:main"``).
 
-A click group: add a command with ``@main.command()``. Commands import their heavy modules lazily so that
+A click group: add a command with ``@main.command()`` here, or in a module of ``omnisage_pipeline.commands``
+registered below with ``main.add_command``. Commands import their heavy modules lazily so that
 ``omnisage --help`` stays fast.
 """
 
 from __future__ import annotations
 
-from datetime import date
 from pathlib import Path
 
 import click
 
-from omnisage_pipeline.retention_cli import retention
+from omnisage_pipeline.commands.ablate import ablate
+from omnisage_pipeline.commands.options import iso_date
+from omnisage_pipeline.commands.retention import retention
+from omnisage_pipeline.commands.serving import neighbors, serve
+from omnisage_pipeline.commands.train import train
+from omnisage_pipeline.commands.tune import tune
 from omnisage_pipeline.settings import DEMO_START_DATE
-from omnisage_pipeline.tune_cli import tune
-
-
-def _iso_date(ctx, param, value):
-    if value is None:
-        return value
-    try:
-        date.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not YYYY-MM-DD") from exc
-    return value
 
 
 @click.group()
@@ -31,8 +25,8 @@ def main() -> None:
     """OmniSage pipeline: synthetic data and pipeline utilities."""
 
 
-main.add_command(retention)
-main.add_command(tune)
+for command in (ablate, neighbors, retention, serve, train, tune):
+    main.add_command(command)
 
 
 @main.command()
@@ -46,7 +40,7 @@ main.add_command(tune)
     "--start-date",
     default=DEMO_START_DATE,
     show_default=True,
-    callback=_iso_date,
+    callback=iso_date,
     help="First UTC day (YYYY-MM-DD).",
 )
 @click.option("--days", type=click.IntRange(min=1), default=3, show_default=True, help="Number of days.")
@@ -130,160 +124,6 @@ def demo(days: int, scale: str, seed: int, train_steps: int) -> None:
     click.echo(where_to_look(Settings.from_env()))
 
 
-_ABLATION_STUDIES = (
-    "graph_sources",
-    "tasks",
-    "pruning_alpha",
-    "push_budget",
-    "halved_kt",
-    "aggregator",
-    "negatives",
-)
-
-
-def _study_list(ctx, param, value):
-    if not value or value == "all":
-        return None
-    chosen = [s.strip() for s in value.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in _ABLATION_STUDIES]
-    if unknown:
-        raise click.BadParameter(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-                                 f"choose from {', '.join(_ABLATION_STUDIES)} or 'all'")  # fmt: skip
-    return chosen
-
-
-@main.command()
-@click.option(
-    "--studies",
-    default="all",
-    show_default=True,
-    callback=_study_list,
-    help=f"Comma-separated studies: {', '.join(_ABLATION_STUDIES)}.",
-)
-@click.option(
-    "--variant",
-    "variants",
-    multiple=True,
-    metavar="STUDY:VARIANT",
-    help="Keep only these rows of a study (repeatable; the study's reference row is always kept).",
-)
-@click.option(
-    "--scale",
-    type=click.Choice(["tiny", "small", "medium", "large"]),
-    default="tiny",
-    show_default=True,
-    help="Scale of the synthetic input generated when --data-root is not given.",
-)
-@click.option(
-    "--days",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Days of input; the models train and are evaluated on the last one.",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=0),
-    default=300,
-    show_default=True,
-    help="Optimizer steps per variant (at tiny scale 80 steps leave the joint model at its untrained "
-    "entity-entity recall; 300 learn every task).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--negatives",
-    type=click.IntRange(min=0),
-    default=64,
-    show_default=True,
-    help="Random negatives per task and step (every study but 'negatives').",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of the synthetic data and of every variant's training.",
-)
-@click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Contract input to use [default: generate synthetic input into the ablation root].",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Ablation root [default: $OMNISAGE_HOME/ablations/<UTC timestamp>].",
-)
-@click.option("--experiment", default="omnisage-ablations", show_default=True, help="MLflow experiment.")
-@click.option(
-    "--engine",
-    type=click.Choice(["spark", "duckdb"]),
-    default=None,
-    help="Edge engine of the scratch runs [default: OMNISAGE_ENGINE].",
-)
-@click.option(
-    "--torch-threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="torch intra-op threads (1 is fastest on a small shared CPU box) [default: torch's].",
-)
-@click.option(
-    "--blocks",
-    default=None,
-    metavar="SUBSET:TYPE:K,...",
-    help="Neighbourhood layout of the run's default data, e.g. pin_board:pin:8,pin_board:board:8,"
-    "pin_pin:pin:8 (k_t sized to a small graph) [default: the graph_snapshot asset's, 25/75/50].",
-)
-def ablate(
-    studies,
-    variants,
-    scale,
-    days,
-    steps,
-    batch_size,
-    negatives,
-    seed,
-    preset,
-    device,
-    data_root,
-    out,
-    experiment,
-    engine,
-    torch_threads,
-    blocks,
-) -> None:
-    """Re-run the paper's ablations (Tables 3, 4, 5, 10, 12, 13, A.2.4) in scratch homes and print the tables.
-
-    Every variant is one MLflow run (never registered) under one parent run of EXPERIMENT in the production
-    tracking store; the tables go to ablations.md / ablations.json in the ablation root and to the parent run.
-    """
-    from omnisage_pipeline.tools.ablations import AblationConfig, AblationError, run_ablations
-
-    config = AblationConfig(
-        studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
-        negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
-        experiment=experiment, engine=engine, torch_threads=torch_threads,
-        blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
-    )  # fmt: skip
-    try:
-        result = run_ablations(config, echo=click.echo)
-    except AblationError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo("")
-    click.echo(result.markdown)
-    click.echo(
-        f"tables: {result.markdown_path} and {result.json_path}; MLflow parent run {result.parent_run_id}"
-    )
-    if result.summary["failed"]:
-        raise click.ClickException(
-            f"{len(result.summary['failed'])} variant(s) failed: " + "; ".join(result.summary["failed"])
-        )
-
-
 @main.command(
     name="dagster",
     context_settings={
@@ -315,198 +155,9 @@ def dagster_cli(args: tuple[str, ...]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "dagster", *args])
 
 
-@main.command()
-@click.option(
-    "--partition",
-    default=None,
-    callback=_iso_date,
-    help="training_examples partition to train on [default: the newest published].",
-)
-@click.option(
-    "--steps", type=click.IntRange(min=0), default=None, help="Optimizer steps [default: the preset's]."
-)
-@click.option(
-    "--nproc-per-node",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Training processes on this machine; > 1 launches torchrun (DDP: NCCL on GPUs, gloo on CPU).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto", show_default=True)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Entity-entity pairs per step and rank."
-)
-@click.option(
-    "--negatives", type=click.IntRange(min=0), default=None, help="Random negatives per type and step."
-)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Batch-building processes per rank [default: half of the rank's cores]; 0 = synchronous.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="JSON (or YAML) object of omnisage_model config fields; the options above override it.",
-)
-@click.option("--nnodes", default=None, help="torchrun: number of nodes (or MIN:MAX).")
-@click.option("--node-rank", type=click.IntRange(min=0), default=None, help="torchrun: this node's rank.")
-@click.option("--rdzv-backend", default=None, help="torchrun: rendezvous backend (c10d).")
-@click.option("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous.")
-@click.option("--rdzv-id", default=None, help="torchrun: job id shared by all nodes.")
-@click.option("--master-addr", default=None, help="torchrun: master address (static rendezvous).")
-@click.option("--master-port", type=int, default=None, help="torchrun: master port (static rendezvous).")
-def train(
-    partition, steps, nproc_per_node, device, preset, batch_size, negatives, num_workers, config_file, **rdzv
-) -> None:
-    """Train, evaluate, register and gate a model exactly as the omnisage_model asset does."""
-    import json
-
-    import yaml
-
-    from ml.run_config import TrainingRunConfig
-    from omnisage_pipeline.resources import MlflowResource
-    from omnisage_pipeline.settings import Settings
-    from omnisage_pipeline.training.runner import run_training
-
-    values = {}
-    if config_file is not None:
-        text = config_file.read_text()
-        values = json.loads(text) if config_file.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(values, dict):
-            raise click.ClickException(f"{config_file}: expected an object of omnisage_model config fields")
-    overrides = {
-        "training_partition": partition,
-        "steps": steps,
-        "nproc_per_node": nproc_per_node,
-        "device": device,
-        "preset": preset,
-        "batch_size": batch_size,
-        "num_random_negatives": negatives,
-        "num_workers": num_workers,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = TrainingRunConfig(**values)
-    except Exception as exc:  # pydantic's ValidationError names the field
-        raise click.ClickException(f"omnisage_model config: {exc}") from exc
-    settings = Settings.from_env()
-    try:
-        outcome = run_training(
-            settings,
-            MlflowResource.from_settings(settings).target(),
-            config,
-            rdzv={k: v for k, v in rdzv.items() if v is not None} or None,
-            log=lambda m: click.echo(m),
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    if outcome is None:
-        click.echo("this node's ranks finished; rank 0 (another node) registers the model")
-        return
-    click.echo(
-        f"model version {outcome.version} -> {outcome.alias} ({outcome.decision}); trained on "
-        f"dt={outcome.training_partition}, {outcome.steps} steps in {outcome.train_seconds:.1f}s on "
-        f"{outcome.device}; MLflow run {outcome.run_id}"
-    )
-
-
-@main.command()
-@click.option(
-    "--type",
-    "source_type",
-    type=click.Choice(["pin", "board"]),
-    default=None,
-    help="Type of the query entity (with --id).",
-)
-@click.option(
-    "--id", "entity_id", type=int, default=None, help="The query entity's id (the contract's int64 id)."
-)
-@click.option(
-    "--user",
-    "user_id",
-    type=int,
-    default=None,
-    help="Instead of --type/--id: homefeed pin candidates from this user's sequence embedding.",
-)
-@click.option(
-    "--target-type",
-    type=click.Choice(["pin", "board"]),
-    default=None,
-    help="Type of the answers [default: the query's type; pin for --user].",
-)
-@click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Number of answers.")
-@click.option(
-    "--partition",
-    default=None,
-    callback=_iso_date,
-    help="Day of the published index (indexes/dt=D) [default: the newest published].",
-)
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON line: a list of {id, type, score}.")
-def neighbors(source_type, entity_id, user_id, target_type, k, partition, as_json) -> None:
-    """The k nearest pins or boards of a pin, a board or a user, from a published ann_index partition."""
-    import json
-
-    from omnisage_pipeline.serving.neighbors import NoIndexError, UnknownEntityError, nearest, open_index
-    from omnisage_pipeline.settings import Settings
-
-    if user_id is not None and (source_type is not None or entity_id is not None):
-        raise click.UsageError("give either --user or --type with --id, not both")
-    if user_id is None and (source_type is None or entity_id is None):
-        raise click.UsageError("give --type and --id (or --user)")
-    source, query_id = ("user", user_id) if user_id is not None else (source_type, entity_id)
-    target = target_type or ("pin" if source == "user" else source)
-    try:
-        loaded = open_index(Settings.from_env().indexes_dir, partition)
-        items = nearest(loaded, source, query_id, target, k)
-    except (NoIndexError, UnknownEntityError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"dt={loaded.partition} model {loaded.model_version}: {len(items)} nearest {target}s of {source} "
-               f"{query_id}")  # fmt: skip
-    for rank, item in enumerate(items, 1):
-        click.echo(f"{rank:>4}  {item.id:>20d}  {item.score:.4f}")
-    if as_json:
-        click.echo(json.dumps([item.to_dict() for item in items]))
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option(
-    "--poll-seconds",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="How often the newest indexes/dt=D link is checked for a new day.",
-)
-@click.option(
-    "--faiss-threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="OpenMP threads per search (concurrency comes from concurrent requests).",
-)
-def serve(host: str, port: int, poll_seconds: float, faiss_threads: int) -> None:
-    """Serve the newest published ann_index over HTTP (OpenAPI at /docs); switches days without downtime."""
-    import os
-
-    # Before FAISS (and its OpenMP runtime) is loaded: the default for every thread, not only this one.
-    os.environ["OMP_NUM_THREADS"] = str(faiss_threads)
-    from omnisage_pipeline.serving.service import serve as run_server
-    from omnisage_pipeline.settings import Settings
-
-    indexes_dir = Settings.from_env().indexes_dir
-    click.echo(f"serving {indexes_dir} on http://{host}:{port} (OpenAPI: /docs)")
-    run_server(indexes_dir, host=host, port=port, poll_seconds=poll_seconds, faiss_threads=faiss_threads)
-
-
 @main.group(name="import")
 def import_group() -> None:
-    """Convert a public data set into contract input (see README, "Real data: MovieLens-100k")."""
+    """Convert a public data set into contract input (see docs/datasets.md, "Real data: MovieLens-100k")."""
 
 
 @import_group.command(name="movielens-100k")
@@ -542,7 +193,7 @@ def import_group() -> None:
 @click.option(
     "--start-date",
     default=None,
-    callback=_iso_date,
+    callback=iso_date,
     help="First partition of the compressed timeline [default: the first rating's day, 1997-09-20].",
 )
 @click.option(

@@ -36,7 +36,7 @@ def window_keys(day: str) -> list[str]:
 #: loops over ``partition_keys(context)`` and publishes each day atomically). Why single-run: pruned_edges of
 #: day D reads daily_edges of the days before it, so a range must be built in date order, not as concurrent
 #: per-day runs; and ``dagster asset materialize --partition-range`` accepts only single-run policies, so
-#: the same range can be backfilled from the CLI without a daemon (see README, "Backfills").
+#: the same range can be backfilled from the CLI without a daemon (see docs/operations.md, "Backfills").
 DAILY_BACKFILL_POLICY = dg.BackfillPolicy.single_run()
 
 #: Retry policy of the steps that publish atomically (ingest, edges, pruning, snapshot, features, training

@@ -430,7 +430,7 @@ def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Itera
                     f"{name}/: dt={', dt='.join(expired)} is at or before the retention cutoff {cutoff} (newest "
                     f"published day {newest}, {RETENTION_ENV}={settings.retention_days}): the next retention pass "
                     f"would delete it. Backfill only days after {cutoff}, or raise {RETENTION_ENV} to keep older "
-                    "days (README, Retention)"
+                    "days (docs/operations.md, Retention)"
                 )
         own_cutoff = expiry_cutoff(days[-1], settings.retention_days)
         if log is not None and days[0] <= own_cutoff:

@@ -3,7 +3,7 @@
     omnisage ablate --studies graph_sources,pruning_alpha --scale tiny --steps 80
 
 A **study** is one of the paper's ablation tables; its **variants** are the table's rows. Every variant is
-trained with ``assets.training.train_and_register(register=False)`` into ONE MLflow experiment (default
+trained with ``assets.training.train_from_asset_config(register=False)`` into ONE MLflow experiment (default
 ``omnisage-ablations``) of the production tracking store (``MLFLOW_TRACKING_URI``), as a child of one parent
 run that carries the resulting tables (``ablations.md``, ``ablations.json``) as artifacts. The registry is
 never touched: no registered version, no alias.
@@ -46,7 +46,7 @@ Layering: the ablation modules sit above the assets and the definitions (``omnis
 nothing below imports them): ``ablation_studies`` (the catalogue, from the asset configs' defaults: the
 reference rows), ``ablation_data`` (scratch homes; materialization through ``omnisage_pipeline.definitions``,
 the only use of Dagster), ``ablation_report`` (rows, directions, tables) and this runner, which trains
-through the asset's ``train_and_register``.
+through the asset's ``train_from_asset_config``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from assets.training import OmniSageModelConfig, train_and_register
+from assets.training import OmniSageModelConfig, train_from_asset_config
 from graph_engine.batch import parse_blocks
 from omnisage_pipeline.resources import MlflowResource
 from omnisage_pipeline.settings import Settings
@@ -198,7 +198,7 @@ def _train_variant(
         "mlflow.parentRunId": run.parent_id,
         "ablation.home": str(home),
     }
-    outcome = train_and_register(
+    outcome = train_from_asset_config(
         vs,
         run.mlflow,
         OmniSageModelConfig(**cfg),

@@ -28,15 +28,11 @@ from datetime import date
 from pathlib import Path
 
 from ml.launch import launch_training
+from ml.layout import NEIGHBORHOODS_DIR
+from ml.run_config import TrainingRunConfig
+from ml.run_types import TrainingInputs, TrainingOutcome
 from ml.tracking import MlflowTarget
-from ml.training_run import (
-    NEIGHBORHOODS_DIR,
-    TrainingInputs,
-    TrainingOutcome,
-    TrainingRunConfig,
-    train_and_register,
-    write_request,
-)
+from ml.training_run import train_and_register, write_request
 from omnisage_pipeline.settings import Settings
 from omnisage_pipeline.storage.leases import read_lease
 from omnisage_pipeline.storage.publish import list_published, require_published
