@@ -232,9 +232,9 @@ class World:
         owner = next(a for a, ds in PUBLISHED.items() if rel in ds)
         return DAYS if owner in DATA_ASSETS else [DAY]
 
-    def start(self, steps: list, fault: tuple[str, str] | None = None) -> Child:
+    def start(self, steps: list, fault: tuple[str, str] | None = None, env_over: dict | None = None) -> Child:
         self.counter += 1
-        env = dict(self.env)
+        env = {**self.env, **(env_over or {})}
         if fault is not None:
             env[FAULT_PHASE_ENV], env[FAULT_DATASET_ENV] = fault
         log = self.logs / f"{self.counter:03d}.log"
@@ -656,3 +656,28 @@ def test_two_writers_of_the_same_day_leave_one_complete_version(world, asset):
                 f"{rel}: {version.name} differs from the clean run in {_diff(world.baseline[rel], _content(version))}"
             )
     _check_visible(world, asset)
+
+
+@pytest.mark.parametrize(("asset", "phase"), [("daily_edges", "staged"), ("pruned_edges", "versioned")])
+def test_spark_engine_killed_mid_publish_leaves_the_day_and_a_rerun_recovers(world, asset, phase):
+    """The same faults with OMNISAGE_ENGINE=spark (a local Spark in the child): Spark writes into the staging
+    folder that publishing owns, so a kill before the swap leaves the published day as it was, and a re-run
+    (the DuckDB engine: both engines publish identical rows) recovers it whole."""
+    rel = PUBLISHED[asset][-1]
+    target = world.dataset(rel)
+    before = {rel: published_path(target, DAY)}
+    child = world.start(
+        _asset_steps(asset), fault=(phase, dataset_label(target)), env_over={"OMNISAGE_ENGINE": "spark"}
+    )
+    code = child.finish()
+    assert code == -signal.SIGKILL, f"spark {asset} with fault {phase}: exit {code}\n{child.log_tail()}"
+    # the dead writer's files are Spark's (its committer names them part-*-c000*.parquet)
+    left = [
+        *(target / ".staging").glob(f"dt={DAY}.{child.pid}.*"),
+        *(target / ".versions").glob(f"dt={DAY}.{child.pid}.*"),
+    ]
+    assert left and any("-c000" in f.name for d in left for f in d.rglob("*.parquet")), child.log_tail()
+    assert published_path(target, DAY) == before[rel]
+    _check_previous_intact(world, asset, before)
+    _check_visible(world, asset)
+    _rerun_and_check(world, asset, child.pid)
