@@ -34,7 +34,7 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
     settings = Settings.from_env()
     assets = list(defs.assets)
     resources = build_resources(settings)
-    daily = [a for a in assets if a.partitions_def is not None]
+    daily = [a for a in assets if isinstance(a, dg.AssetsDefinition) and a.partitions_def is not None]
     from omnisage_pipeline.tools.demo import MODEL_CONSUMERS
 
     data_keys = [k for a in daily for k in a.keys if k.to_user_string() not in MODEL_CONSUMERS]
