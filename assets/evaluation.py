@@ -21,6 +21,7 @@ from omnisage_pipeline.evaluation.report import (
     log_to_mlflow,
     previous_report,
     publish_report,
+    report_inputs,
 )
 from omnisage_pipeline.partitions import DAILY_BACKFILL_POLICY, DAILY_CHAIN_POOL, daily_partitions
 from omnisage_pipeline.resources import MlflowResource, StorageResource
@@ -123,11 +124,22 @@ def recall_report(
         previous = previous_report(settings, day)
         md, png = publish_report(settings, day, report, config.history_days)
         published = require_published(settings.reports_dir, day)
-        if report.get("model_run_id"):
-            log_to_mlflow(mlflow.client(), report, day, published)
+        experiment = mlflow.experiment_id(f"{mlflow.experiment_name}-evaluation")
+        tags = {"dagster_run_id": context.run_id}
+        run_id = log_to_mlflow(
+            mlflow.client(),
+            experiment,
+            mlflow.registered_model_name,
+            report,
+            day,
+            published,
+            report_inputs(settings, day),
+            tags,
+        )
         drops = regressions(report, previous, config.max_recall_drop)
         metadata = _report_metadata(report, config.k, md, png)
         metadata["path"] = dg.MetadataValue.path(str(published / REPORT_FILE))
+        metadata["mlflow_evaluation_run_id"] = run_id
         return DayResult(metadata, [_regression_check(drops, previous, config.max_recall_drop)])
 
     yield from materialize_days(context, one_day)

@@ -244,30 +244,105 @@ def publish_report(settings: Settings, day: str, report: dict, history_days: int
     return md, png
 
 
-def log_to_mlflow(client, report: dict, day: str, published: Path) -> None:
-    """recall.json and the plot as artifacts of the champion's run, the recalls as metrics (step = the day)."""
-    from mlflow.entities import Metric
+def log_to_mlflow(
+    client,
+    experiment_id: str,
+    model_name: str,
+    report: dict,
+    day: str,
+    published: Path,
+    inputs: dict,
+    tags=None,
+) -> str:
+    """The day's report as an MLflow evaluation run of its own (experiment ``<experiment>-evaluation``; the
+    champion's training run is left as it finished): the recalls as metrics (step = the day) linked to the
+    champion's LoggedModel and to the evaluated dataset, the day's inputs as ``log_inputs`` datasets (the
+    published versions read), the model as a model input, recall.json and the plot as artifacts.
+    -> the run id."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric
 
-    run_id = report.get("model_run_id")
-    if not run_id:
-        return
-    k = report.get("k", 10)
-    step = (date.fromisoformat(day) - date(1970, 1, 1)).days
-    ts = int(time.time() * 1000)
-    metrics = []
+    model_id = champion_model_id(client, model_name, report.get("model_version"))
+    run_tags = {"omnisage.kind": "evaluation", "partition": day, **(tags or {})}
+    run_tags["model_version"] = str(report.get("model_version"))
+    run_tags["model_run_id"] = str(report.get("model_run_id") or "")
+    if model_id:
+        run_tags["model_id"] = model_id
+    run_id = client.create_run(experiment_id, run_name=f"recall_report dt={day}", tags=run_tags).info.run_id
+    datasets = [_dataset(name, day, path) for name, path in inputs.items()]
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "evaluation")])
+            for d in datasets
+        ],
+        models=[LoggedModelInput(model_id)] if model_id else None,
+    )
+    evaluated = next((d for d, name in zip(datasets, inputs) if name == "training_examples"), None)
+    link = (
+        {"model_id": model_id, "dataset_name": evaluated.name, "dataset_digest": evaluated.digest}
+        if evaluated
+        else {}
+    )
+    k, step, ts = (
+        report.get("k", 10),
+        (date.fromisoformat(day) - date(1970, 1, 1)).days,
+        int(time.time() * 1000),
+    )
+    metrics = [Metric(name, value, ts, step, **link) for name, value in _report_metrics(report, k)]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_artifact(run_id, str(published / REPORT_FILE), artifact_path=f"reports/dt={day}")
+    client.log_artifact(run_id, str(published / PLOT_FILE), artifact_path=f"reports/dt={day}")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def report_inputs(settings, day: str) -> dict[str, Path]:
+    """The published versions of the day's datasets a report reads (the evaluation run's inputs)."""
+    from omnisage_pipeline.storage.publish import published_path
+
+    datasets = {"training_examples": settings.warehouse_dataset("training_examples")}
+    datasets.update(
+        graph=settings.graph_dir, features=settings.features_dir, embeddings=settings.embeddings_dir
+    )
+    paths = {name: published_path(ds, day) for name, ds in datasets.items()}
+    return {name: path.resolve() for name, path in paths.items() if path is not None}
+
+
+def _report_metrics(report: dict, k: int) -> list[tuple[str, float]]:
+    out = []
     for system, tasks in [("model", report["tasks"]), *report.get("baselines", {}).items()]:
         for task, entry in tasks.items():
             value = entry.get(f"recall@{k}")
             if value is not None:
-                name = (
-                    f"report/recall_at_{k}/{task}"
-                    if system == "model"
-                    else f"report/{system}/recall_at_{k}/{task}"
-                )
-                metrics.append(Metric(name, float(value), ts, step))
-    client.log_batch(run_id, metrics=metrics)
-    client.log_artifact(run_id, str(published / REPORT_FILE), artifact_path=f"reports/dt={day}")
-    client.log_artifact(run_id, str(published / PLOT_FILE), artifact_path=f"reports/dt={day}")
+                prefix = "report" if system == "model" else f"report/{system}"
+                out.append((f"{prefix}/recall_at_{k}/{task}", float(value)))
+    return out
+
+
+def _dataset(name: str, day: str, path: Path):
+    """An MLflow dataset for a published version folder: its source the folder, its digest the version's name
+    (a new publish is a new version)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    return MetaDataset(
+        resolve_dataset_source(str(path)), name=f"{name} dt={day}", digest=Path(path).name[-16:]
+    )
+
+
+def champion_model_id(client, name: str, version) -> str | None:
+    """The LoggedModel id of registered version ``version`` of ``name`` (MLflow 3: the version's ``model_id``,
+    or its ``models:/<model_id>`` source where the store does not return the field); None for an older one."""
+    from mlflow.exceptions import MlflowException
+
+    if not name or version in (None, ""):
+        return None
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:  # an unregistered or removed version: the run is still logged, unlinked
+        return None
+    source = mv.source or ""
+    return mv.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
 
 def baselines_markdown(report: dict, k: int) -> str:

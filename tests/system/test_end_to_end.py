@@ -202,15 +202,25 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     assert meta["model_version"].value == "1"
 
     client = mlflow.MlflowClient()
-    run = client.get_run(first["mlflow_run_id"].value)
+    # the daily report is an evaluation run of its own: the champion's training run is left as it finished
+    training_run = client.get_run(first["mlflow_run_id"].value)
+    assert not [m for m in training_run.data.metrics if m.startswith("report/")]
+    assert [a.path for a in client.list_artifacts(training_run.info.run_id, "baselines")] == [
+        "baselines/pinsage"
+    ]
+    run = client.get_run(meta["mlflow_evaluation_run_id"].value)
+    assert run.info.status == "FINISHED" and run.data.tags["omnisage.kind"] == "evaluation"
+    assert run.data.tags["partition"] == day and run.data.tags["model_version"] == "1"
+    assert run.data.tags["model_run_id"] == training_run.info.run_id and run.data.tags["model_id"]
     assert run.data.metrics["report/recall_at_10/entity_entity"] == pytest.approx(
         report["tasks"]["entity_entity"]["recall@10"]
     )
     assert "report/oracle/recall_at_10/entity_entity" in run.data.metrics
-    assert [a.path for a in client.list_artifacts(run.info.run_id, f"reports/dt={day}")] == [
-        f"reports/dt={day}/recall.json", f"reports/dt={day}/recall.png",
-    ]  # fmt: skip
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "baselines")] == ["baselines/pinsage"]
+    reports = [a.path for a in client.list_artifacts(run.info.run_id, f"reports/dt={day}")]
+    assert reports == [f"reports/dt={day}/recall.json", f"reports/dt={day}/recall.png"]
+    inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {f"training_examples dt={day}", f"graph dt={day}", f"features dt={day}"} <= inputs
+    assert [m.model_id for m in run.inputs.model_inputs] == [run.data.tags["model_id"]]
 
     first_check = [c for c in rr["checks"] if c.check_name == REGRESSION_CHECK]
     assert len(first_check) == 1 and first_check[0].passed  # no previous report
