@@ -109,25 +109,32 @@ def no_empty_replacement(
             "(set allow_empty_replacement to empty the day on purpose)"
         )
     return result(
-        asset, "no_empty_replacement", not emptied or allow, text,
-        staged_rows=dg.MetadataValue.json(dict(staged)), published_rows=dg.MetadataValue.json(dict(published)),
-        emptied_tables=dg.MetadataValue.json(emptied), allow_empty_replacement=bool(allow),
-    )  # fmt: skip
+        asset,
+        "no_empty_replacement",
+        not emptied or allow,
+        text,
+        staged_rows=dg.MetadataValue.json(dict(staged)),
+        published_rows=dg.MetadataValue.json(dict(published)),
+        emptied_tables=dg.MetadataValue.json(emptied),
+        allow_empty_replacement=bool(allow),
+    )
 
 
 # ------------------------------------------------------------------------------------------ engagement_logs
-def quarantine_share(
-    asset: str, rows_read: int, rows_quarantined: int, max_fraction: float
-) -> dg.AssetCheckResult:
+def quarantine_share(asset: str, rows_read: int, rows_quarantined: int, max_fraction: float) -> dg.AssetCheckResult:
     """The quarantined share of a day's rows is at most ``max_fraction`` (an empty day passes)."""
     share = rows_quarantined / rows_read if rows_read else 0.0
     return result(
-        asset, "quarantine_share", share <= max_fraction,
+        asset,
+        "quarantine_share",
+        share <= max_fraction,
         f"quarantined share {share:.3f} ({rows_quarantined} of {rows_read} rows) "
         f"{'<=' if share <= max_fraction else '>'} max_quarantine_fraction {max_fraction}",
-        quarantined_share=float(share), rows_read=int(rows_read), rows_quarantined=int(rows_quarantined),
+        quarantined_share=float(share),
+        rows_read=int(rows_read),
+        rows_quarantined=int(rows_quarantined),
         max_quarantine_fraction=float(max_fraction),
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------ graph_snapshot
@@ -138,10 +145,15 @@ def graph_coverage(neighborhoods_dir: Path, min_coverage: float) -> dg.AssetChec
     covered = int((np.asarray(index) >= 0).any(axis=1).sum()) if nodes else 0
     share = covered / nodes if nodes else 1.0
     return result(
-        "graph_snapshot", "graph_coverage", share >= min_coverage,
+        "graph_snapshot",
+        "graph_coverage",
+        share >= min_coverage,
         f"{covered} of {nodes} nodes ({share:.3f}) have a non-empty neighbourhood; min_coverage {min_coverage}",
-        coverage=float(share), nodes=nodes, nodes_with_neighbours=covered, min_coverage=float(min_coverage),
-    )  # fmt: skip
+        coverage=float(share),
+        nodes=nodes,
+        nodes_with_neighbours=covered,
+        min_coverage=float(min_coverage),
+    )
 
 
 # ------------------------------------------------------------------------------------------- feature_store
@@ -160,11 +172,14 @@ def features_complete(store_dir: Path, entities: dict[str, np.ndarray]) -> dg.As
                 chunk = keys[start : start + 4096]
                 missing += [k for k, v in zip(chunk, store.multi_get(chunk)) if v is None]
     return result(
-        "feature_store", "every_entity_has_features", not missing,
+        "feature_store",
+        "every_entity_has_features",
+        not missing,
         f"{len(missing)} of {expected} entities (metadata and graph nodes) have no record"
         + (f", e.g. {', '.join(describe_key(k) for k in missing[:3])}" if missing else ""),
-        entities_expected=expected, entities_missing=len(missing),
-    )  # fmt: skip
+        entities_expected=expected,
+        entities_missing=len(missing),
+    )
 
 
 # --------------------------------------------------------------------------------------- training_examples
@@ -176,9 +191,7 @@ def examples_per_task(examples_dir: Path, required: Sequence[str]) -> dg.AssetCh
     """Every task has training rows. An empty ``required`` task fails with severity ERROR (blocking); an
     empty task that is not required is flagged with severity WARN (e.g. user_entity on the first days, when
     the window is not longer than the evaluation horizon and no training sequence exists yet)."""
-    rows = {
-        task: parquet_rows([Path(examples_dir) / f"{table}.parquet"]) for task, table in TASK_TABLES.items()
-    }
+    rows = {task: parquet_rows([Path(examples_dir) / f"{table}.parquet"]) for task, table in TASK_TABLES.items()}
     empty = [task for task, n in rows.items() if n == 0]
     blocking = [task for task in empty if task in required]
     return dg.AssetCheckResult(
@@ -210,11 +223,7 @@ def embeddings_valid(
     dim = flat.size // n if n else 0
     vectors = flat.reshape(n, dim) if n and dim and flat.size == n * dim else None
     finite = np.isfinite(vectors).all(axis=1) if vectors is not None else np.zeros(n, bool)
-    norms = (
-        np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1)
-        if vectors is not None
-        else np.zeros(n)
-    )
+    norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0.0), axis=1) if vectors is not None else np.zeros(n)
     off_norm = int((np.abs(norms - 1.0) > norm_tolerance).sum())
     keys = table.select(["entity_type", "entity_id"]).group_by(["entity_type", "entity_id"]).aggregate([])
     duplicates = n - keys.num_rows
@@ -228,9 +237,14 @@ def embeddings_valid(
     }
     bad = {k: v for k, v in problems.items() if v}
     return result(
-        "entity_embeddings", "embeddings_valid", not bad,
+        "entity_embeddings",
+        "embeddings_valid",
+        not bad,
         f"{n} embeddings for {expected_entities} entities of model version {model_version}: "
         + (", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "all finite, unit norm, one per entity"),
-        rows=n, expected_entities=int(expected_entities), model_version=str(model_version),
-        versions_found=dg.MetadataValue.json(versions), **problems,
-    )  # fmt: skip
+        rows=n,
+        expected_entities=int(expected_entities),
+        model_version=str(model_version),
+        versions_found=dg.MetadataValue.json(versions),
+        **problems,
+    )

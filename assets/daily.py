@@ -74,9 +74,7 @@ def materialize_days(
     is published, OMNISAGE_RETENTION_DAYS retention removes their expired partitions, never one that a
     reader leased or a running job reads, and reports what it removed in the last day's metadata."""
     if retain and settings is None:
-        raise ValueError(
-            "materialize_days: retain= needs settings= (OMNISAGE_RETENTION_DAYS, the dataset folders)"
-        )
+        raise ValueError("materialize_days: retain= needs settings= (OMNISAGE_RETENTION_DAYS, the dataset folders)")
     days = partition_keys(context)
     if retain:
         from omnisage_pipeline.storage.retention import refuse_expired_days
@@ -90,16 +88,12 @@ def materialize_days(
         except BlockingCheckFailed as exc:
             yield from merge_check_results({**results, day: DayResult(check_results=exc.results)})
             # a refused check fails the same way on a retry: never retried
-            raise dg.Failure(
-                description=f"{context.asset_key.to_user_string()}: {exc}", allow_retries=False
-            ) from exc
+            raise dg.Failure(description=f"{context.asset_key.to_user_string()}: {exc}", allow_retries=False) from exc
         result = results[day]
         if not result.published:
             yield dg.AssetObservation(asset_key=context.asset_key, partition=day, metadata=result.metadata)
         elif len(days) > 1:
-            yield dg.AssetMaterialization(
-                asset_key=context.asset_key, partition=day, metadata=result.metadata
-            )
+            yield dg.AssetMaterialization(asset_key=context.asset_key, partition=day, metadata=result.metadata)
     if retain:
         from omnisage_pipeline.storage.retention_home import retention_metadata
 

@@ -36,12 +36,8 @@ class RecallReportConfig(dg.Config):
         default=10_000,
         description="random negatives of the positive's type per query (all entities when fewer)",
     )
-    seed: int = Field(
-        default=0, description="seed of the negative pool (the training gate uses the same default)"
-    )
-    max_queries: int | None = Field(
-        default=None, description="cap on queries per task (seeded subset); None = all"
-    )
+    seed: int = Field(default=0, description="seed of the negative pool (the training gate uses the same default)")
+    max_queries: int | None = Field(default=None, description="cap on queries per task (seeded subset); None = all")
     baselines: list[str] = Field(
         default=[
             "random",
@@ -159,10 +155,7 @@ def _report_metadata(report: dict, k: int, md: str, png: bytes) -> dict:
         },
         "baselines": dg.MetadataValue.md(baselines_markdown(report, k)),
         "report": dg.MetadataValue.md(
-            md
-            + "\n\n![recall over recent days](data:image/png;base64,"
-            + base64.b64encode(png).decode()
-            + ")"
+            md + "\n\n![recall over recent days](data:image/png;base64," + base64.b64encode(png).decode() + ")"
         ),
     }
 

@@ -117,9 +117,7 @@ def table1_markdown(before: dict[str, Any], after: dict[str, Any] | None = None)
     for t in sorted(set(before["node_types"]) | set(after["node_types"])):
         b = before["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
         a = after["node_types"].get(t, {"nodes": 0, "avg_degree": 0.0})
-        lines.append(
-            f"| {t} | {b['nodes']:,} | {b['avg_degree']:.2f} | {a['nodes']:,} | {a['avg_degree']:.2f} |"
-        )
+        lines.append(f"| {t} | {b['nodes']:,} | {b['avg_degree']:.2f} | {a['nodes']:,} | {a['avg_degree']:.2f} |")
     lines += [
         "",
         "| edge type | undirected edges before | entries before | entries kept |",
@@ -222,9 +220,7 @@ def pruned_edges(
                 dirs.append(path)
         missing = [k for k in window if k not in present]
         if missing:
-            context.log.info(
-                f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: {missing}"
-            )
+            context.log.info(f"dt={day}: {len(missing)} day(s) of the window have no published daily_edges: {missing}")
         holdout = config.holdout()
         with publish_partition(dataset, day) as staging:
             stats = engine.prune_window(dirs, staging, params, holdout)

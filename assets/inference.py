@@ -26,21 +26,18 @@ from omnisage_pipeline.settings import Settings
 
 
 class EmbeddingsConfig(dg.Config):
-    num_shards: int = Field(
-        default=1, ge=1, description="workers splitting one day (see the module docstring)"
-    )
+    num_shards: int = Field(default=1, ge=1, description="workers splitting one day (see the module docstring)")
     shard_index: int = Field(default=0, description="this worker's shard, 0 <= shard_index < num_shards")
     batch_size: int = Field(default=512, description="entities per forward pass")
     user_batch_size: int = Field(default=256, description="user sequences per forward pass")
-    user_embeddings: bool = Field(
-        default=True, description="also write user_embeddings/dt=D (beyond the paper)"
-    )
+    user_embeddings: bool = Field(default=True, description="also write user_embeddings/dt=D (beyond the paper)")
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
     log_every: int = Field(default=50_000, description="log progress (entities/s) every this many entities")
     norm_tolerance: float = Field(
-        default=1e-3, gt=0.0,
+        default=1e-3,
+        gt=0.0,
         description="blocking check embeddings_valid: largest allowed | ||e|| - 1 | of an entity embedding",
-    )  # fmt: skip
+    )
 
     def options(self) -> EmbedOptions:
         return EmbedOptions(
@@ -62,9 +59,7 @@ def run_day(settings: Settings, loaded, day: str, *, log=None, **options) -> dic
     gates: list[StagedGate] = []
 
     def validate_for(expected: int, version: str) -> StagedGate:
-        gates.append(
-            StagedGate(day, lambda staged: [embeddings_valid(staged, expected, version, opts.norm_tolerance)])
-        )
+        gates.append(StagedGate(day, lambda staged: [embeddings_valid(staged, expected, version, opts.norm_tolerance)]))
         return gates[-1]
 
     figures = embed_and_publish(settings, loaded, day, opts, validate_for, log=log)
@@ -74,12 +69,17 @@ def run_day(settings: Settings, loaded, day: str, *, log=None, **options) -> dic
 def _not_evaluated(config: EmbeddingsConfig, publish: str) -> list[dg.AssetCheckResult]:
     """Nothing of this day was published by this worker, so there was nothing to check; Dagster still takes
     one result per check and step."""
-    return [dg.AssetCheckResult(
-        asset_key="entity_embeddings", check_name="embeddings_valid", passed=True,
-        severity=dg.AssetCheckSeverity.WARN, metadata={"evaluated": False, "publish": publish},
-        description=f"not evaluated: shard {config.shard_index} {publish}; the worker that publishes the "
-        "partition checks it",
-    )]  # fmt: skip
+    return [
+        dg.AssetCheckResult(
+            asset_key="entity_embeddings",
+            check_name="embeddings_valid",
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"evaluated": False, "publish": publish},
+            description=f"not evaluated: shard {config.shard_index} {publish}; the worker that publishes the "
+            "partition checks it",
+        )
+    ]
 
 
 def _day_metadata(settings: Settings, day: str, figures: dict) -> dict:

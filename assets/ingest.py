@@ -82,9 +82,11 @@ _ALLOW_EMPTY = (
 
 class EngagementLogsConfig(dg.Config):
     max_quarantine_fraction: float = Field(
-        default=0.2, ge=0.0, le=1.0,
+        default=0.2,
+        ge=0.0,
+        le=1.0,
         description="blocking check quarantine_share: refuse a day whose quarantined share of rows is above this",
-    )  # fmt: skip
+    )
     allow_missing_day: bool = Field(
         default=False,
         description="a missing engagement_logs/dt=D folder is an error (nothing is published); True "
@@ -181,9 +183,7 @@ def _missing_day(folder: Path, day: str) -> dg.Failure:
     code_version=INGEST_CODE_VERSION,
     description="The day's engagement events, validated against the data contract; bad rows quarantined.",
 )
-def engagement_logs(
-    context: dg.AssetExecutionContext, config: EngagementLogsConfig, storage: StorageResource
-):
+def engagement_logs(context: dg.AssetExecutionContext, config: EngagementLogsConfig, storage: StorageResource):
     settings = storage.settings
     root = settings.require_data_root()
     yield from materialize_days(context, lambda day: _ingest_logs_day(context, config, settings, root, day))
@@ -205,13 +205,21 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     valid_ds = settings.warehouse_dataset("engagement_logs")
     quarantine_ds = settings.quarantine_dataset("engagement_logs")
     emptied = no_empty_replacement(
-        "engagement_logs", {"": result.rows_kept}, published_rows(valid_ds, day, [""]),
+        "engagement_logs",
+        {"": result.rows_kept},
+        published_rows(valid_ds, day, [""]),
         config.allow_empty_replacement,
-    )  # fmt: skip
-    gate = StagedGate(day, lambda staged: [
-        _accounting_check("engagement_logs", result.rows_read, [staged, quarantine_dir]),
-        quarantine_share("engagement_logs", result.rows_read, result.rows_quarantined, config.max_quarantine_fraction),
-    ], early=[emptied])  # fmt: skip
+    )
+    gate = StagedGate(
+        day,
+        lambda staged: [
+            _accounting_check("engagement_logs", result.rows_read, [staged, quarantine_dir]),
+            quarantine_share(
+                "engagement_logs", result.rows_read, result.rows_quarantined, config.max_quarantine_fraction
+            ),
+        ],
+        early=[emptied],
+    )
     gate.refuse_early()
     # Quarantine next and unconditionally (it explains a refused day); the valid table, which downstream
     # assets read, is checked in staging and swapped last.
@@ -242,14 +250,10 @@ def _ingest_logs_day(context, config: EngagementLogsConfig, settings, root: Path
     code_version=INGEST_CODE_VERSION,
     description="Pin and board metadata snapshot, validated against the data contract; bad rows quarantined.",
 )
-def entity_metadata(
-    context: dg.AssetExecutionContext, config: EntityMetadataConfig, storage: StorageResource
-):
+def entity_metadata(context: dg.AssetExecutionContext, config: EntityMetadataConfig, storage: StorageResource):
     settings = storage.settings
     root = settings.require_data_root()
-    yield from materialize_days(
-        context, lambda day: _ingest_metadata_day(context, config, settings, root, day)
-    )
+    yield from materialize_days(context, lambda day: _ingest_metadata_day(context, config, settings, root, day))
 
 
 def _ingest_metadata_day(context, config: EntityMetadataConfig, settings, root: Path, day: str) -> DayResult:
@@ -266,23 +270,30 @@ def _ingest_metadata_day(context, config: EntityMetadataConfig, settings, root: 
     quarantine_ds = settings.quarantine_dataset("entity_metadata")
     reuse = config.reuse_identical_versions
     emptied = no_empty_replacement(
-        "entity_metadata", {"pins": pins.rows_kept, "boards": boards.rows_kept},
-        published_rows(valid_ds, day, ["pins", "boards"]), config.allow_empty_replacement,
-    )  # fmt: skip
+        "entity_metadata",
+        {"pins": pins.rows_kept, "boards": boards.rows_kept},
+        published_rows(valid_ds, day, ["pins", "boards"]),
+        config.allow_empty_replacement,
+    )
     rows_read = pins.rows_read + boards.rows_read
-    gate = StagedGate(day, lambda staged: [_accounting_check(
-        "entity_metadata", rows_read,
-        [staged / "pins", staged / "boards", quarantine.version / "pins", quarantine.version / "boards"],
-    )], early=[emptied])  # fmt: skip
+    gate = StagedGate(
+        day,
+        lambda staged: [
+            _accounting_check(
+                "entity_metadata",
+                rows_read,
+                [staged / "pins", staged / "boards", quarantine.version / "pins", quarantine.version / "boards"],
+            )
+        ],
+        early=[emptied],
+    )
     gate.refuse_early()
     write_quarantine = _pins_and_boards_writer(pins.quarantine, boards.quarantine)
     quarantine = publish_shared(quarantine_ds, day, digest, write_quarantine, reuse=reuse)
     write_valid = _pins_and_boards_writer(pins.valid, boards.valid)
     valid = publish_shared(valid_ds, day, digest, write_valid, validate=gate, reuse=reuse)
     if valid.reused:
-        context.log.info(
-            f"dt={day}: catalogue unchanged, linked to the published version {valid.version.name}"
-        )
+        context.log.info(f"dt={day}: catalogue unchanged, linked to the published version {valid.version.name}")
 
     metadata: dict = {}
     metadata.update(_counts_metadata(pins, "pins."))

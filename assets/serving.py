@@ -30,15 +30,11 @@ class AnnIndexConfig(dg.Config):
         default=IndexParams.flat_max_vectors, ge=1, description="largest type indexed exactly (IndexFlatIP)"
     )
     hnsw_m: int = Field(default=IndexParams.hnsw_m, ge=4, le=256, description="HNSW links per node (M)")
-    hnsw_ef_construction: int = Field(
-        default=IndexParams.hnsw_ef_construction, ge=8, description="HNSW efConstruction"
-    )
+    hnsw_ef_construction: int = Field(default=IndexParams.hnsw_ef_construction, ge=8, description="HNSW efConstruction")
     hnsw_ef_search: int = Field(
         default=IndexParams.hnsw_ef_search, ge=1, description="HNSW efSearch (the start of the tuning)"
     )
-    ivf_nlist: int = Field(
-        default=IndexParams.ivf_nlist, ge=0, description="IVF lists; 0 = 4 sqrt(n), at most n / 39"
-    )
+    ivf_nlist: int = Field(default=IndexParams.ivf_nlist, ge=0, description="IVF lists; 0 = 4 sqrt(n), at most n / 39")
     ivf_nprobe: int = Field(
         default=IndexParams.ivf_nprobe, ge=1, description="IVF lists probed (the start of the tuning)"
     )
@@ -68,9 +64,7 @@ class AnnIndexConfig(dg.Config):
     tune_search: bool = Field(
         default=CheckParams.tune, description="double efSearch / nprobe until the tuning sample passes"
     )
-    max_ef_search: int = Field(
-        default=CheckParams.max_ef_search, ge=1, description="cap of the efSearch tuning"
-    )
+    max_ef_search: int = Field(default=CheckParams.max_ef_search, ge=1, description="cap of the efSearch tuning")
     faiss_threads: int = Field(default=2, ge=1, description="OpenMP threads of FAISS while building")
     seed: int = Field(default=IndexParams.seed, description="seed of the samples (training, tuning, check)")
 
@@ -79,8 +73,13 @@ class AnnIndexConfig(dg.Config):
         return IndexParams(**{k: v for k, v in self.model_dump().items() if k in names})
 
     def check_params(self) -> CheckParams:
-        return CheckParams(queries=self.check_queries, min_recall=self.min_recall, tune=self.tune_search,
-                           max_ef_search=self.max_ef_search, seed=self.seed)  # fmt: skip
+        return CheckParams(
+            queries=self.check_queries,
+            min_recall=self.min_recall,
+            tune=self.tune_search,
+            max_ef_search=self.max_ef_search,
+            seed=self.seed,
+        )
 
 
 @dg.asset(
@@ -113,12 +112,23 @@ def ann_index(context: dg.AssetExecutionContext, config: AnnIndexConfig, storage
 
     def one_day(day: str) -> DayResult:
         try:
-            manifest = build_day_index(settings.embeddings_dir, settings.user_embeddings_dir, settings.indexes_dir,
-                                       day, params, check, log=lambda msg: context.log.info(f"ann_index {msg}"))  # fmt: skip
+            manifest = build_day_index(
+                settings.embeddings_dir,
+                settings.user_embeddings_dir,
+                settings.indexes_dir,
+                day,
+                params,
+                check,
+                log=lambda msg: context.log.info(f"ann_index {msg}"),
+            )
         except IndexCheckError as exc:  # recorded as a failed check, then the step fails (assets.daily)
-            failed = dg.AssetCheckResult(check_name=CHECK_NAME, asset_key=dg.AssetKey("ann_index"), passed=False,
-                                         metadata={"recall": dg.MetadataValue.json(exc.recall),
-                                                   "min_recall": check.min_recall}, description=str(exc))  # fmt: skip
+            failed = dg.AssetCheckResult(
+                check_name=CHECK_NAME,
+                asset_key=dg.AssetKey("ann_index"),
+                passed=False,
+                metadata={"recall": dg.MetadataValue.json(exc.recall), "min_recall": check.min_recall},
+                description=str(exc),
+            )
             raise BlockingCheckFailed(day, [failed]) from exc
         recall = manifest["check"]["recall"]
         types = manifest["types"]

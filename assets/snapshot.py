@@ -48,9 +48,11 @@ class GraphSnapshotConfig(dg.Config):
     )
     batch_size: int = Field(default=8192, description="nodes per sampling batch while building the cache")
     min_coverage: float = Field(
-        default=0.9, ge=0.0, le=1.0,
+        default=0.9,
+        ge=0.0,
+        le=1.0,
         description="blocking check graph_coverage: least share of nodes with a non-empty neighbourhood",
-    )  # fmt: skip
+    )
 
 
 @dg.asset(
@@ -96,9 +98,7 @@ def _build_day(context, config: GraphSnapshotConfig, settings, day: str) -> DayR
         snapshot = GraphSnapshot.open(staging)
         sampler = NeighborSampler(snapshot, layout, restart_prob=config.restart_prob, budget=config.budget)
         t0 = time.perf_counter()
-        cache = build_neighborhood_cache(
-            snapshot, sampler, staging / NEIGHBORHOODS_DIR, batch_size=config.batch_size
-        )
+        cache = build_neighborhood_cache(snapshot, sampler, staging / NEIGHBORHOODS_DIR, batch_size=config.batch_size)
         sampling_seconds = time.perf_counter() - t0
         del snapshot, sampler  # drop the maps before the directory moves
 

@@ -105,9 +105,7 @@ def changed(instance: dg.DagsterInstance, events: Iterable[dg.AssetObservation])
     """The observations whose data version differs from the newest recorded one (the others would only
     repeat what the instance already knows)."""
     return [
-        e
-        for e in events
-        if latest_data_version(instance, e.asset_key, e.partition) != e.tags.get(DATA_VERSION_TAG)
+        e for e in events if latest_data_version(instance, e.asset_key, e.partition) != e.tags.get(DATA_VERSION_TAG)
     ]
 
 

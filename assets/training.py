@@ -78,9 +78,7 @@ _EXAMPLE_DEFAULTS = ExampleConfig()
 # training_examples
 # ==========================================================================================================
 class TrainingExamplesConfig(dg.Config):
-    t_max: int = Field(
-        default=_EXAMPLE_DEFAULTS.t_max, ge=1, description="t_max of 3.3.3: history length per user"
-    )
+    t_max: int = Field(default=_EXAMPLE_DEFAULTS.t_max, ge=1, description="t_max of 3.3.3: history length per user")
     future_delta: int = Field(
         default=_EXAMPLE_DEFAULTS.future_delta,
         ge=1,
@@ -97,9 +95,7 @@ class TrainingExamplesConfig(dg.Config):
         ge=1,
         description="user-entity evaluation (4.2.1): engagement in the window's last N days is the future",
     )
-    sample_seed: int = Field(
-        default=_EXAMPLE_DEFAULTS.sample_seed, description="seed of the graph-pair draws"
-    )
+    sample_seed: int = Field(default=_EXAMPLE_DEFAULTS.sample_seed, description="seed of the graph-pair draws")
     graph_pairs_per_node: int = Field(
         default=_EXAMPLE_DEFAULTS.graph_pairs_per_node,
         ge=1,
@@ -162,9 +158,7 @@ def _examples_metadata(settings: Settings, day: str, built: ExamplesDay) -> dict
     counts, per_source = built.manifest["counts"], built.manifest["per_source"]
     return {
         ROW_COUNT: int(counts.get("pairs", 0)),  # the main table: entity-entity training pairs
-        "path": dg.MetadataValue.path(
-            str(partition_link(settings.warehouse_dataset("training_examples"), day))
-        ),
+        "path": dg.MetadataValue.path(str(partition_link(settings.warehouse_dataset("training_examples"), day))),
         **{f"rows_{name}": int(n) for name, n in counts.items()},
         "held_out_pairs": int(counts.get("eval_pairs", 0)),
         "held_out_users": int(counts.get("eval_sequences", 0)),
@@ -204,9 +198,7 @@ def _examples_metadata(settings: Settings, day: str, built: ExamplesDay) -> dict
     "and from engagement (tagged with source and segment, weights w_i of eq. 2), user sequences (t_max + Delta), "
     "entity-feature nodes, and the day's entity universe; held out by a stateless hash.",
 )
-def training_examples(
-    context: dg.AssetExecutionContext, config: TrainingExamplesConfig, storage: StorageResource
-):
+def training_examples(context: dg.AssetExecutionContext, config: TrainingExamplesConfig, storage: StorageResource):
     settings = storage.settings
     example_config = config.example_config()
     yield from materialize_days(
@@ -274,9 +266,7 @@ def omnisage_model(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     settings = storage.settings
-    outcome = train_from_asset_config(
-        settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id
-    )
+    outcome = train_from_asset_config(settings, mlflow, config, log=context.log.info, dagster_run_id=context.run_id)
     assert outcome is not None
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or ""
     urls = link_run(

@@ -82,15 +82,12 @@ def tokenize_before(*fields, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
 def edge_type_columns(entries: int, files: int, rng) -> list[pa.ChunkedArray]:
     names = np.array(["pin_board", "pin_pin"])
     return [
-        pa.chunked_array([pa.array(names[rng.integers(0, 2, entries // files)], pa.string())])
-        for _ in range(files)
+        pa.chunked_array([pa.array(names[rng.integers(0, 2, entries // files)], pa.string())]) for _ in range(files)
     ]
 
 
 def text_columns(entities: int, rng) -> tuple[pa.Array, pa.Array]:
-    words = np.array(
-        ["Red", "running", "shoes", "chocolate", "CAKE", "recipe", "garden", "ideas", "Café", "été"]
-    )
+    words = np.array(["Red", "running", "shoes", "chocolate", "CAKE", "recipe", "garden", "ideas", "Café", "été"])
     title = [" ".join(words[rng.integers(0, 10, 4)]) if i % 11 else None for i in range(entities)]
     desc = [" ".join(words[rng.integers(0, 10, 12)]) for i in range(entities)]
     return pa.array(title, pa.large_string()), pa.array(desc, pa.large_string())
@@ -153,9 +150,7 @@ def main() -> None:
     }
     for name, f in figures.items():
         print(f"{name}: before {f['before_s']:.3f} s, now {f['now_s']:.3f} s")
-    print(
-        json.dumps({"benchmark": "builders", "machine": f"{platform.node()} {os.cpu_count()} cpu", **figures})
-    )
+    print(json.dumps({"benchmark": "builders", "machine": f"{platform.node()} {os.cpu_count()} cpu", **figures}))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,7 @@ def write_inline_metadata(root: Path, n_pins: int, n_boards: int, dim: int, seed
     vec = rng.standard_normal((n_pins, dim)).astype(np.float32)
     offsets = np.arange(n_pins + 1, dtype=np.int32) * dim
     img = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vec.reshape(-1)), mask=pa.array(~has_img))
-    segments = np.array(["organic", "promoted", "shopping", "video"], dtype=object)[
-        rng.integers(0, 4, n_pins)
-    ]
+    segments = np.array(["organic", "promoted", "shopping", "video"], dtype=object)[rng.integers(0, 4, n_pins)]
     pins = pa.table(
         {
             "pin_id": pin_ids,
@@ -158,9 +156,7 @@ class SyntheticNeighborhoods:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--scale", default="large", help="synthetic generator scale, or 'inline' (numpy, --pins ...)"
-    )
+    ap.add_argument("--scale", default="large", help="synthetic generator scale, or 'inline' (numpy, --pins ...)")
     ap.add_argument("--pins", type=int, default=200_000)
     ap.add_argument("--boards", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=32)
@@ -168,9 +164,7 @@ def main() -> None:
     ap.add_argument("--fetch-batches", type=int, default=40)
     ap.add_argument("--builder-batch", type=int, default=512)
     ap.add_argument("--builder-batches", type=int, default=8)
-    ap.add_argument(
-        "--zipf", type=float, default=1.5, help="neighbour popularity exponent (a second run is uniform)"
-    )
+    ap.add_argument("--zipf", type=float, default=1.5, help="neighbour popularity exponent (a second run is uniform)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

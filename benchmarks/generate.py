@@ -50,12 +50,7 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             table = syn.generate_day(u, i, start + timedelta(days=i))
             t1 = time.perf_counter()
-            path = (
-                out
-                / "engagement_logs"
-                / f"dt={(start + timedelta(days=i)).isoformat()}"
-                / "part-00000.parquet"
-            )
+            path = out / "engagement_logs" / f"dt={(start + timedelta(days=i)).isoformat()}" / "part-00000.parquet"
             syn.write_parquet(table, path)
             day_s.append(time.perf_counter() - t0)
             cpu_s.append(time.process_time() - c0)

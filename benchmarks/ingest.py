@@ -66,9 +66,7 @@ def write_inline_day(root: Path, events: int, bad_fraction: float, seed: int) ->
         part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
         if i == 1:  # an accepted widening in one file: int32 pin ids, ms timestamps
             part = part.set_column(4, "pin_id", part.column("pin_id").cast(pa.int32()))
-            part = part.set_column(
-                0, "event_ts", part.column("event_ts").cast(pa.timestamp("ms"), safe=False)
-            )
+            part = part.set_column(0, "event_ts", part.column("event_ts").cast(pa.timestamp("ms"), safe=False))
         pq.write_table(part, out / f"part-{i:05d}.parquet")
 
 

@@ -85,9 +85,7 @@ class PeakRss:
 
     def stop(self) -> float:
         if self._proc is None:  # lifetime peaks (KB on Linux), self and waited-for children
-            kb = max(
-                resource.getrusage(k).ru_maxrss for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-            )
+            kb = max(resource.getrusage(k).ru_maxrss for k in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
             return round(kb / 1024, 1)
         self._stop.set()
         self._thread.join()
@@ -172,8 +170,7 @@ def _one_scale(scale: str, days: int, steps: int, work: Path, engine: str, engin
         if mats:
             meta[name] = {k: getattr(v, "value", v) for k, v in mats[-1].metadata.items()}
         print(
-            f"[{scale}/{engine}] {name} dt={partition}: {wall[name]:.1f}s (cumulative), peak RSS "
-            f"{rss[name]:.0f} MB",
+            f"[{scale}/{engine}] {name} dt={partition}: {wall[name]:.1f}s (cumulative), peak RSS {rss[name]:.0f} MB",
             file=sys.stderr,
             flush=True,
         )
@@ -295,9 +292,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.one_scale:  # child process: one scale, one JSON line
-        result = _one_scale(
-            args.one_scale, args.days, args.steps, Path(args.work), args.engine, args.engine_only
-        )
+        result = _one_scale(args.one_scale, args.days, args.steps, Path(args.work), args.engine, args.engine_only)
         print(json.dumps(result))
         return
 
@@ -317,13 +312,11 @@ def main() -> None:
     }
     if spark_pass:
         summary["spark_local2"] = {
-            r["scale"]: {"asset_s": r["asset_s"], "asset_peak_rss_mb": r["asset_peak_rss_mb"]}
-            for r in spark_pass
+            r["scale"]: {"asset_s": r["asset_s"], "asset_peak_rss_mb": r["asset_peak_rss_mb"]} for r in spark_pass
         }
         summary["spark_growth"] = growth(spark_pass)
         summary["engines_agree"] = {
-            a["scale"]: a["pruned_edges_sha256"] == b["pruned_edges_sha256"]
-            for a, b in zip(results, spark_pass)
+            a["scale"]: a["pruned_edges_sha256"] == b["pruned_edges_sha256"] for a, b in zip(results, spark_pass)
         }
     print(json.dumps(summary))
 

@@ -147,9 +147,7 @@ def bench_vs_pyg(args) -> dict:
         acl_ids, acl_scores = forward_push(*push, credit_residual=False)  # PyG's estimate p
         acl_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out_index, out_weight = get_ppr(
-            edge_index, alpha=args.restart_prob, eps=args.eps, target=target, num_nodes=n
-        )
+        out_index, out_weight = get_ppr(edge_index, alpha=args.restart_prob, eps=args.eps, target=target, num_nodes=n)
         pyg_times.append(time.perf_counter() - t0)
         print(
             f"rep {rep}: ours {ours_times[-1]:.2f}s ({args.sources / ours_times[-1]:.1f} sources/s, "

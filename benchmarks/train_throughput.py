@@ -66,9 +66,7 @@ def build_day(root: Path, scale: str):
     from tests.pipeline_fixtures import build_library_pipeline
 
     t0 = time.perf_counter()
-    art = build_library_pipeline(
-        root, scale=scale, days=3, layout=NeighborhoodLayout.paper_default(), budget=10_000
-    )
+    art = build_library_pipeline(root, scale=scale, days=3, layout=NeighborhoodLayout.paper_default(), budget=10_000)
     print(
         f"day built: {scale} scale in {time.perf_counter() - t0:.1f}s, {art.data.pairs.num_rows} training pairs, "
         f"{len(art.universe['pin'])} pins, {len(art.universe['board'])} boards",
@@ -170,9 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="omnisage-throughput-") as tmp:
         art = build_day(Path(tmp), args.scale)
         mc, tc = preset(args.preset, image_dim=art.image_dim)
-        tc = tc.replace(
-            device=args.device, total_steps=10_000, warmup_steps=10, log_every=10_000, checkpoint_dir=None
-        )
+        tc = tc.replace(device=args.device, total_steps=10_000, warmup_steps=10, log_every=10_000, checkpoint_dir=None)
         cuda = args.device.startswith("cuda")
         table = open_features(art.features_dir, snapshot=art.snapshot)
         rocks = open_features(art.features_dir, memory_budget_mb=0)

@@ -82,9 +82,7 @@ class NeighborhoodLayout:
 
     def halved(self) -> NeighborhoodLayout:
         """Table 13's ablation: every k_t halved."""
-        return NeighborhoodLayout(
-            tuple(NeighborBlock(b.subset, b.node_type, max(1, b.k // 2)) for b in self.blocks)
-        )
+        return NeighborhoodLayout(tuple(NeighborBlock(b.subset, b.node_type, max(1, b.k // 2)) for b in self.blocks))
 
 
 @dataclass

@@ -107,9 +107,7 @@ class BatchBuilder:
         }
         if compact:
             safe = np.maximum(uniq, 0)
-            keys = np.stack(
-                [np.where(uniq >= 0, node_type[safe], -1), np.where(uniq >= 0, node_id[safe], -1)], 1
-            )
+            keys = np.stack([np.where(uniq >= 0, node_type[safe], -1), np.where(uniq >= 0, node_id[safe], -1)], 1)
             out_keys = np.stack([np.full(uniq_out.size, code), uniq_out], 1)
             return CompactEntityBatch(
                 table=feats,
@@ -138,9 +136,7 @@ class BatchBuilder:
                 }
             )
         safe = np.maximum(uniq, 0)
-        fetch_codes = np.concatenate(
-            [node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)]
-        )
+        fetch_codes = np.concatenate([node_type[safe].astype(np.int64), np.full(uniq_out.size, code, np.int64)])
         fetch_ids = np.concatenate([node_id[safe], uniq_out])
         fetch_valid = np.concatenate([uniq >= 0, np.ones(uniq_out.size, dtype=bool)])
         return self.featurizer.fetch(fetch_codes, fetch_ids, valid=fetch_valid)

@@ -53,9 +53,7 @@ def _file_list(files: Sequence[Path]) -> str:
 class DuckDBEdgeEngine:
     name = "duckdb"
 
-    def __init__(
-        self, scratch_dir: Path | None = None, threads: int | None = None, memory_limit: str | None = None
-    ):
+    def __init__(self, scratch_dir: Path | None = None, threads: int | None = None, memory_limit: str | None = None):
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self.threads = threads
         self.memory_limit = memory_limit
@@ -88,8 +86,7 @@ class DuckDBEdgeEngine:
             if files:
                 cols = ", ".join(f"CAST({c} AS {_SQL_TYPES[t]}) AS {c}" for c, t in EVENT_COLUMNS.items())
                 con.execute(
-                    f"CREATE VIEW ev AS SELECT {cols} FROM read_parquet({_file_list(files)}, "
-                    "union_by_name = true)"
+                    f"CREATE VIEW ev AS SELECT {cols} FROM read_parquet({_file_list(files)}, union_by_name = true)"
                 )
             else:
                 cols = ", ".join(f"CAST(NULL AS {_SQL_TYPES[t]}) AS {c}" for c, t in EVENT_COLUMNS.items())
@@ -229,9 +226,7 @@ class DuckDBEdgeEngine:
             nodes_before, nodes_after = nodes_before_after(hist, params)
             con.execute(f"CREATE VIEW pruned AS SELECT * FROM read_parquet({_lit(str(out))})")
             edges_after, checks = summarize_edge_types(_edge_summary(con, "pruned"), undirected=False)
-            stats = prune_stats(
-                len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks
-            )
+            stats = prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks)
             return {**stats, "held_out_edges": held_out_edges}
         finally:
             con.close()
@@ -248,9 +243,7 @@ def _drop_held_out_users(con, holdout: Holdout | None) -> int:
     con.execute(f"CREATE TEMP TABLE ev_flagged AS {flagged}")
     dropped = int(con.execute(f"SELECT COUNT(*) FROM ev_flagged WHERE coalesce({flag}, false)").fetchone()[0])
     cols = ", ".join(EVENT_COLUMNS)
-    con.execute(
-        f"CREATE OR REPLACE VIEW ev AS SELECT {cols} FROM ev_flagged WHERE NOT coalesce({flag}, false)"
-    )
+    con.execute(f"CREATE OR REPLACE VIEW ev AS SELECT {cols} FROM ev_flagged WHERE NOT coalesce({flag}, false)")
     return dropped
 
 

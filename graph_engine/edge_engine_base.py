@@ -104,12 +104,7 @@ def window_edge_types(rows, dirs) -> dict[str, dict]:
     the input directories."""
     edges: dict[str, dict] = {}
     for edge_type, src_type, dst_type, n, w, nulls in rows:
-        if (
-            edge_type not in EDGE_TYPES
-            or src_type not in KEY_TYPE_CODE
-            or dst_type not in KEY_TYPE_CODE
-            or nulls
-        ):
+        if edge_type not in EDGE_TYPES or src_type not in KEY_TYPE_CODE or dst_type not in KEY_TYPE_CODE or nulls:
             raise EdgeInputError(
                 f"daily edges in {[str(d) for d in dirs]}: {int(n)} row(s) with edge_type={edge_type!r}, "
                 f"src_type={src_type!r}, dst_type={dst_type!r} ({int(nulls or 0)} with a null id or "
@@ -140,8 +135,7 @@ def table1(nodes: dict[str, tuple[int, int]], edges: dict[str, dict[str, float]]
     return {
         "node_types": node_types,
         "edge_types": {
-            e: {k: (int(v) if k != "weight" else float(v)) for k, v in edges[e].items()}
-            for e in sorted(edges)
+            e: {k: (int(v) if k != "weight" else float(v)) for k, v in edges[e].items()} for e in sorted(edges)
         },
         "total_nodes": int(sum(n for n, _ in nodes.values())),
         "total_entries": int(sum(e for _, e in nodes.values())),

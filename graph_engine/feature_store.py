@@ -158,9 +158,7 @@ def encode_records(
     # Token bytes: record r's tokens go to starts[r] + 12 + [0, 4 * n_tok[r]).
     tok_bytes = np.ascontiguousarray(tokens, dtype="<u4").view(np.uint8)
     if tok_bytes.size:
-        dest = np.repeat(starts + HEADER_BYTES - 4 * token_offsets[:-1], 4 * n_tok) + np.arange(
-            tok_bytes.size
-        )
+        dest = np.repeat(starts + HEADER_BYTES - 4 * token_offsets[:-1], 4 * n_tok) + np.arange(tok_bytes.size)
         buf[dest] = tok_bytes
     if d and has_image.any():
         rows = np.flatnonzero(has_image)
@@ -224,9 +222,7 @@ def read_manifest(db: Rdict, path: Path | str = "") -> dict:
         raise FeatureStoreError(f"feature store {path}: manifest key missing (not a finished feature store)")
     manifest = json.loads(raw)
     if manifest.get("format") != FORMAT:
-        raise FeatureStoreError(
-            f"feature store {path}: manifest field 'format' is {manifest.get('format')!r}"
-        )
+        raise FeatureStoreError(f"feature store {path}: manifest field 'format' is {manifest.get('format')!r}")
     if manifest.get("record_version") != RECORD_VERSION:
         raise FeatureStoreError(
             f"feature store {path}: manifest field 'record_version' is {manifest.get('record_version')!r}, "
@@ -248,9 +244,7 @@ def _parquet_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_table(
-    folder: Path, id_column: str, text_columns: tuple[str, ...], optional: tuple[str, ...]
-) -> pa.Table:
+def _read_table(folder: Path, id_column: str, text_columns: tuple[str, ...], optional: tuple[str, ...]) -> pa.Table:
     """Concatenate ``folder/*.parquet`` (file-name order) with the needed columns; errors name file + field."""
     tables = []
     for path in _parquet_files(folder):
@@ -282,11 +276,7 @@ def _read_table(
             if "image_embedding" in table.schema.names:
                 col = table.column("image_embedding")
                 vtype = col.type
-                if not (
-                    pa.types.is_list(vtype)
-                    or pa.types.is_large_list(vtype)
-                    or pa.types.is_fixed_size_list(vtype)
-                ):
+                if not (pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype)):
                     raise FeatureStoreError(
                         f"{path}: column 'image_embedding' has type {vtype}, expected list<float32>"
                     )
@@ -305,9 +295,7 @@ def _read_table(
     out = pa.concat_tables([t for _, t in tables])
     ids = np.asarray(out.column(id_column))
     if np.unique(ids).size != ids.size:
-        raise FeatureStoreError(
-            f"{folder}: column {id_column!r} holds duplicate ids (entity_metadata must be unique)"
-        )
+        raise FeatureStoreError(f"{folder}: column {id_column!r} holds duplicate ids (entity_metadata must be unique)")
     return out
 
 
@@ -316,11 +304,7 @@ def _image_matrix(col: pa.ChunkedArray, folder: Path) -> tuple[np.ndarray, np.nd
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n = len(arr)
     valid = np.asarray(arr.is_valid()) if n else np.zeros(0, bool)
-    lengths = (
-        np.asarray(pc.fill_null(pc.list_value_length(arr), 0)).astype(np.int64)
-        if n
-        else np.zeros(0, np.int64)
-    )
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(arr), 0)).astype(np.int64) if n else np.zeros(0, np.int64)
     present_lengths = np.unique(lengths[valid])
     if present_lengths.size == 0 or (present_lengths.size == 1 and present_lengths[0] == 0):
         return np.zeros((n, 0), dtype=np.float32), np.zeros(n, dtype=bool)
@@ -359,24 +343,18 @@ class _MetadataFeatures:
 
 def _metadata_features(metadata_dir: Path, max_tokens: int) -> _MetadataFeatures:
     """Read the day's pins and boards and compute their tokens, image vectors and segment codes."""
-    pins = _read_table(
-        metadata_dir / "pins", "pin_id", ("title", "description"), ("image_embedding", "segment")
-    )
+    pins = _read_table(metadata_dir / "pins", "pin_id", ("title", "description"), ("image_embedding", "segment"))
     boards = _read_table(metadata_dir / "boards", "board_id", ("name", "description"), ())
     n_pins, n_boards = pins.num_rows, boards.num_rows
 
     # Text tokens (vectorised over all pins, then all boards).
     pin_off, pin_tok = tokenize_batch(pins.column("title"), pins.column("description"), max_tokens=max_tokens)
-    board_off, board_tok = tokenize_batch(
-        boards.column("name"), boards.column("description"), max_tokens=max_tokens
-    )
+    board_off, board_tok = tokenize_batch(boards.column("name"), boards.column("description"), max_tokens=max_tokens)
     image_meta, has_image_meta = _image_matrix(pins.column("image_embedding"), metadata_dir / "pins")
     segments_col = pins.column("segment")
     seg_vocab = sorted(set(pc.unique(segments_col.drop_null()).to_pylist())) if n_pins else []
     if len(seg_vocab) >= np.iinfo(np.uint16).max:
-        raise FeatureStoreError(
-            f"{metadata_dir / 'pins'}: column 'segment' holds {len(seg_vocab)} distinct values"
-        )
+        raise FeatureStoreError(f"{metadata_dir / 'pins'}: column 'segment' holds {len(seg_vocab)} distinct values")
     seg_code_meta = np.zeros(n_pins, dtype=np.uint16)
     if seg_vocab:
         idx = pc.index_in(segments_col, value_set=pa.array(seg_vocab, pa.large_string()))
@@ -396,9 +374,7 @@ def _metadata_features(metadata_dir: Path, max_tokens: int) -> _MetadataFeatures
             [np.asarray(pins.column("pin_id"), np.int64), np.asarray(boards.column("board_id"), np.int64)]
         ),
         tok_off=(
-            np.concatenate([pin_off[:-1], board_off[:-1] + pin_off[-1]])
-            if n_pins + n_boards
-            else np.zeros(0, np.int64)
+            np.concatenate([pin_off[:-1], board_off[:-1] + pin_off[-1]]) if n_pins + n_boards else np.zeros(0, np.int64)
         ),
         tok_len=np.concatenate([np.diff(pin_off), np.diff(board_off)]),
         tokens=np.concatenate([pin_tok, board_tok]),
@@ -485,9 +461,7 @@ def _records(meta: _MetadataFeatures, codes, meta_row, g_row, g_deg) -> _Records
     return _Records(flags, segment, degree, tok_off, tokens, image)
 
 
-def _manifest(
-    meta: _MetadataFeatures, codes, meta_row, g_row, rec: _Records, buf, max_tokens, source_partition
-):
+def _manifest(meta: _MetadataFeatures, codes, meta_row, g_row, rec: _Records, buf, max_tokens, source_partition):
     in_meta, in_graph = meta_row >= 0, g_row >= 0
     names = {v: k for k, v in NODE_TYPE_CODE.items()}
     count_by_type = {names[c]: int(np.count_nonzero(codes == c)) for c in NODE_TYPE_CODE.values()}
@@ -546,9 +520,7 @@ def build_feature_store(
     keys = encode_keys(codes, ids)
     manifest = _manifest(meta, codes, meta_row, g_row, rec, buf, max_tokens, source_partition)
     t_encode = time.perf_counter()
-    sizes = write_store(
-        Path(out_dir), keys, buf, offsets, manifest, writer_processes, min_records_per_process
-    )
+    sizes = write_store(Path(out_dir), keys, buf, offsets, manifest, writer_processes, min_records_per_process)
     t_write = time.perf_counter() - t_encode
     manifest.update(
         sizes,

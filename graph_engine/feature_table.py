@@ -99,9 +99,7 @@ class FeatureTable:
         if valid is not None:
             bad &= np.asarray(valid, dtype=bool).reshape(-1)
         if bad.any():
-            raise ValueError(
-                f"FeatureTable.fetch: type code {codes[bad][0]} not in NODE_TYPE_CODE {NODE_TYPE_CODE}"
-            )
+            raise ValueError(f"FeatureTable.fetch: type code {codes[bad][0]} not in NODE_TYPE_CODE {NODE_TYPE_CODE}")
         rows = self.rows(codes, ids)
         if valid is not None:
             rows = np.where(np.asarray(valid, dtype=bool).reshape(-1), rows, self.missing_row)
@@ -110,9 +108,7 @@ class FeatureTable:
     def fetch_nodes(self, dense: np.ndarray) -> FeatureArrays:
         """Features of snapshot nodes by dense index (-1 = padding: an all-zero row)."""
         if self.node_row is None:
-            raise ValueError(
-                "FeatureTable.fetch_nodes: call index_nodes(snapshot.node_type, snapshot.node_id) first"
-            )
+            raise ValueError("FeatureTable.fetch_nodes: call index_nodes(snapshot.node_type, snapshot.node_id) first")
         dense = np.asarray(dense, dtype=np.int64)
         rows = np.where(dense >= 0, self.node_row[np.maximum(dense, 0)], self.missing_row)
         return self.arrays.take(rows)

@@ -238,9 +238,7 @@ class Featurizer:
         if bad >= 0:
             flag = np.zeros(flen.size, dtype=bool)
             flag[bad] = True
-            self._corrupt(
-                values, keys, found, flag, _REASONS[reason].format(v=RECORD_VERSION, d=self.image_dim)
-            )
+            self._corrupt(values, keys, found, flag, _REASONS[reason].format(v=RECORD_VERSION, d=self.image_dim))
         if self.image_dim:
             out.image[:] = img16.view(np.float16)
 

@@ -80,9 +80,7 @@ class Holdout:
     def sql_stages(self, dialect: str, prefix: str = "_h") -> tuple[list[tuple[str, str]], str]:
         """Projections computing the held-out flag of canonical edge rows (columns src_type, src_id,
         dst_type, dst_id), and the name of the boolean flag column (the last projection)."""
-        stages = sampling_key_sql(
-            dialect, self.seed, "src_type", "src_id", "dst_type", "dst_id", prefix=prefix
-        )
+        stages = sampling_key_sql(dialect, self.seed, "src_type", "src_id", "dst_type", "dst_id", prefix=prefix)
         flag = f"{prefix}_held_out"
         stages.append((flag, f"(({stages[-1][0]} % {BUCKETS}) < {_threshold(self.fraction)})"))
         return stages, flag

@@ -111,14 +111,10 @@ class NeighborSampler:
                 raise ValueError(f"NeighborhoodLayout block {block}: k must be >= 0")
             by_subset.setdefault(block.subset, []).append(b)
         for subset, blocks in by_subset.items():
-            types = np.array(
-                [NODE_TYPE_CODE[self.layout.blocks[b].node_type] for b in blocks], dtype=np.int64
-            )
+            types = np.array([NODE_TYPE_CODE[self.layout.blocks[b].node_type] for b in blocks], dtype=np.int64)
             ks = np.array([self.layout.blocks[b].k for b in blocks], dtype=np.int64)
             # output columns of these blocks in the layout (the kernel writes them side by side)
-            cols = np.concatenate(
-                [np.arange(offsets[b], offsets[b] + self.layout.blocks[b].k) for b in blocks]
-            )
+            cols = np.concatenate([np.arange(offsets[b], offsets[b] + self.layout.blocks[b].k) for b in blocks])
             self._plan.append((subset, types, ks, cols.astype(np.int64)))
         self._graphs: dict[str, PushGraph] = {}  # built on first use: one per subset for the sampler's life
         self._node_type: np.ndarray | None = None  # read per touched node: copied out of the mapping once

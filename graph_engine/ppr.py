@@ -293,9 +293,7 @@ class PushGraph:
     def push(self, sources, restart_prob, eps, topk, return_visits=False, credit_residual=True):
         """Top ``topk`` over all nodes of every source; see ``forward_push``."""
         # one block of "any type" (-1): node_type is never read
-        return self.push_typed(
-            sources, restart_prob, eps, None, [-1], [int(topk)], return_visits, credit_residual
-        )
+        return self.push_typed(sources, restart_prob, eps, None, [-1], [int(topk)], return_visits, credit_residual)
 
 
 def forward_push_typed(

@@ -45,9 +45,7 @@ def _prefetch(typingctx, arr, i):
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
         )
-        builder.call(
-            fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
-        )
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -171,9 +169,7 @@ def _sift_down(heap_s, heap_i, size, xs, xi):
 
 
 @njit(cache=True, nogil=True)
-def _select(
-    rt, credit, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i
-):
+def _select(rt, credit, touched, nt, s, node_type, want_type, k, out_ids, out_scores, row, col0, heap_s, heap_i):
     """Write the k best touched nodes (excluding s; of type want_type unless it is -1) into
     out_ids[row, col0:col0+k] / out_scores[...] by (score desc, index asc). Returns how many were written.
 

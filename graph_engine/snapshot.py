@@ -88,9 +88,7 @@ def _read_edge_file(path: Path) -> dict[str, np.ndarray]:
         raise SnapshotError(f"{path}: required column(s) {missing} missing (have {table.column_names})")
     for name in EDGE_COLUMNS:
         if table.column(name).null_count:
-            raise SnapshotError(
-                f"{path}: column {name!r} holds {table.column(name).null_count} null value(s)"
-            )
+            raise SnapshotError(f"{path}: column {name!r} holds {table.column(name).null_count} null value(s)")
 
     out: dict[str, np.ndarray] = {}
     for side in ("src", "dst"):
@@ -141,9 +139,7 @@ def _save(out_dir: Path, rel: str, arr: np.ndarray, arrays: dict[str, dict]) -> 
     arrays[rel] = {"dtype": str(arr.dtype), "shape": list(arr.shape), "sha256": _sha256(path)}
 
 
-def _csr(
-    src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _csr(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """CSR rows sorted by (src, dst); repeated (src, dst) entries merged by summing weights."""
     order = np.lexsort((dst, src))
     src, dst, w = src[order], dst[order], w[order]
@@ -167,8 +163,7 @@ def _global_edge_type_codes(parts: list[dict[str, np.ndarray]]) -> tuple[list[st
     names = sorted({str(t) for d in parts for t in d["edge_type_names"]})
     index = {t: i for i, t in enumerate(names)}
     codes = [
-        np.array([index[str(t)] for t in d["edge_type_names"]], dtype=np.int32)[d["edge_type_code"]]
-        for d in parts
+        np.array([index[str(t)] for t in d["edge_type_names"]], dtype=np.int32)[d["edge_type_code"]] for d in parts
     ]
     return names, (np.concatenate(codes) if codes else np.zeros(0, np.int32))
 
@@ -377,9 +372,7 @@ class GraphSnapshot:
     def csr(self, subset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(indptr int64 [n+1], indices int32|int64 [m], weights float32 [m]) of relation subset R_i."""
         if subset not in self.manifest["subsets"]:
-            raise KeyError(
-                f"relation subset {subset!r} not in snapshot {self.path} (has {sorted(self.subsets)})"
-            )
+            raise KeyError(f"relation subset {subset!r} not in snapshot {self.path} (has {sorted(self.subsets)})")
         base = f"csr/{subset}/"
         return (
             self._arrays[base + "indptr.npy"],

@@ -107,9 +107,7 @@ def write_parquet(df, uri: str) -> None:
     df.write.mode("append").option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false").parquet(uri)
 
 
-def shuffle_partitions_for(
-    rows: int, parallelism: int, rows_per_partition: int = ROWS_PER_SHUFFLE_PARTITION
-) -> int:
+def shuffle_partitions_for(rows: int, parallelism: int, rows_per_partition: int = ROWS_PER_SHUFFLE_PARTITION) -> int:
     """Shuffle partitions for ``rows`` input rows: enough that one holds about ``rows_per_partition`` rows,
     and at least one per core (``parallelism``) so every executor core has work."""
     if rows_per_partition < 1:
@@ -205,9 +203,7 @@ class SparkEdgeEngine:
         # a save or click on related_pins with a known query pin different from the engaged pin,
         # canonical src_id < dst_id so both orientations are one edge.
         pin_board = (
-            ev.where(
-                (F.col("action") == "save") & F.col("board_id").isNotNull() & F.col("pin_id").isNotNull()
-            )
+            ev.where((F.col("action") == "save") & F.col("board_id").isNotNull() & F.col("pin_id").isNotNull())
             .groupBy(F.col("pin_id").alias("src_id"), F.col("board_id").alias("dst_id"))
             .agg(F.count(one).cast("double").alias("weight"))
             .select(
@@ -310,9 +306,9 @@ class SparkEdgeEngine:
             )
             # Degree histogram: small (distinct degrees per node type), the only per-node figure the
             # driver sees.
-            endpoints = und.select(
-                F.col("src_type").alias("node_type"), F.col("src_id").alias("node_id")
-            ).unionByName(und.select(F.col("dst_type").alias("node_type"), F.col("dst_id").alias("node_id")))
+            endpoints = und.select(F.col("src_type").alias("node_type"), F.col("src_id").alias("node_id")).unionByName(
+                und.select(F.col("dst_type").alias("node_type"), F.col("dst_id").alias("node_id"))
+            )
             hist = [
                 (r[0], int(r[1]), int(r[2]))
                 for r in endpoints.groupBy("node_type", "node_id")
@@ -343,9 +339,7 @@ class SparkEdgeEngine:
                     "weight",
                 )
             )
-            for col, expr in sampling_key_sql(
-                "spark", params.seed, "src_type", "src_id", "dst_type", "dst_id"
-            ):
+            for col, expr in sampling_key_sql("spark", params.seed, "src_type", "src_id", "dst_type", "dst_id"):
                 ent = ent.withColumn(col, F.expr(expr))
             key_col = "_k"
             if self.partitions:
@@ -356,9 +350,7 @@ class SparkEdgeEngine:
             ranked = ent.select(
                 *EDGE_COLUMNS,
                 F.row_number().over(w).alias("_rn"),
-                F.count(F.lit(1))
-                .over(w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
-                .alias("_d"),
+                F.count(F.lit(1)).over(w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)).alias("_d"),
             )
             kept = ranked.join(F.broadcast(dt_df), on="_d").where(F.col("_rn") <= F.col("_d_target"))
             write_parquet(_cast_edges(kept), out_uri)
@@ -369,9 +361,7 @@ class SparkEdgeEngine:
 
         written = self._read_written(out_uri)
         edges_after, checks = summarize_edge_types(_edge_summary(written), undirected=False)
-        stats = prune_stats(
-            len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks
-        )
+        stats = prune_stats(len(dirs), table1(nodes_before, edges_before), table1(nodes_after, edges_after), checks)
         return {**stats, "held_out_edges": held_out_edges}
 
 

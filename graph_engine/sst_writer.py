@@ -37,18 +37,14 @@ def store_options() -> Options:
 
 def default_processes() -> int:
     """min(2, cores this process may run on)."""
-    return max(
-        1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    )
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def record_ranges(n: int, processes: int, min_records_per_process: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) ranges of n records, one per writer: at most ``processes`` of them, each of at
     least ``min_records_per_process`` records (one range, possibly empty, when n is small)."""
     if processes < 1 or min_records_per_process < 1:
-        raise ValueError(
-            f"processes={processes} and min_records_per_process={min_records_per_process} must be >= 1"
-        )
+        raise ValueError(f"processes={processes} and min_records_per_process={min_records_per_process} must be >= 1")
     k = max(1, min(processes, n // min_records_per_process))
     return list(itertools.pairwise(i * n // k for i in range(k + 1)))
 
@@ -154,9 +150,7 @@ def write_ssts(
         first = ranges[1][0]
         _save_arrays(sst_dir / "arrays", keys, values, offsets, first, trailer)
         writers = [
-            _start_writer(
-                sst_dir / "arrays", paths[i], lo - first, hi - first, i == last and trailer is not None
-            )
+            _start_writer(sst_dir / "arrays", paths[i], lo - first, hi - first, i == last and trailer is not None)
             for i, (lo, hi) in enumerate(ranges[1:], start=1)
         ]
     try:
@@ -166,9 +160,7 @@ def write_ssts(
         for path, proc in zip(paths[1:], writers):
             _, err = proc.communicate()
             if proc.returncode != 0:
-                failures.append(
-                    f"{path.name}: exit code {proc.returncode}: {err.decode(errors='replace')[-2000:]}"
-                )
+                failures.append(f"{path.name}: exit code {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
     if failures:
         raise RuntimeError("SST writer process(es) failed: " + "; ".join(failures))
     return paths

@@ -289,9 +289,7 @@ def word_char_table() -> np.ndarray:
     global _WORD_TABLE
     if _WORD_TABLE is None:
         category = unicodedata.category
-        table = np.fromiter(
-            (category(chr(i))[0] in "LMN" for i in range(0x110000)), dtype=bool, count=0x110000
-        )
+        table = np.fromiter((category(chr(i))[0] in "LMN" for i in range(0x110000)), dtype=bool, count=0x110000)
         table[ord("_")] = True
         _WORD_TABLE = table
     return _WORD_TABLE
@@ -324,9 +322,7 @@ def _normalized_bytes(joined: pa.Array) -> np.ndarray:
     ASCII text (the common case) is lower-cased in numpy: casefold of ASCII is ASCII lower case and NFKC
     leaves ASCII alone. Otherwise the whole buffer is decoded once and normalised by two C calls (Arrow has
     no case folding; its lower-casing differs, e.g. for "ß")."""
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[
-        joined.offset : joined.offset + len(joined) + 1
-    ]
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset : joined.offset + len(joined) + 1]
     data_buffer = joined.buffers()[2]
     if data_buffer is None or offsets[-1] == offsets[0]:
         return np.zeros(0, dtype=np.uint8)
@@ -340,16 +336,12 @@ def _normalized_bytes(joined: pa.Array) -> np.ndarray:
     )
 
 
-def _tokenize_chunk(
-    columns: list[pa.ChunkedArray], lo: int, hi: int, max_tokens: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_chunk(columns: list[pa.ChunkedArray], lo: int, hi: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Entities [lo, hi): each entity's fields joined in Arrow as "f0 NUL f1 NUL ... NUL" (entity-major,
     the kernel's input), normalised, then split and hashed by one numba pass."""
     n_fields = len(columns)
     parts = [c.slice(lo, hi - lo).combine_chunks() for c in columns]
-    joined = pc.binary_join_element_wise(
-        *parts, pa.scalar("", pa.large_string()), pa.scalar("\x00", pa.large_string())
-    )
+    joined = pc.binary_join_element_wise(*parts, pa.scalar("", pa.large_string()), pa.scalar("\x00", pa.large_string()))
     data = _normalized_bytes(joined)
     # Bytes of one entity's text (its n_fields segments and their NULs) bound the kernel's buffers.
     bounds = np.concatenate(([-1], np.flatnonzero(data == 0)))[::n_fields]

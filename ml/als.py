@@ -108,9 +108,14 @@ class AlsEmbedder:
         threads = default_als_threads() if num_threads is None else int(num_threads)
         with threadpool_limits(1, "blas"):
             self.model = AlternatingLeastSquares(
-                factors=p.factors, regularization=p.regularization, alpha=p.alpha, iterations=p.iterations,
-                num_threads=threads, random_state=seed, calculate_training_loss=False,
-            )  # fmt: skip
+                factors=p.factors,
+                regularization=p.regularization,
+                alpha=p.alpha,
+                iterations=p.iterations,
+                num_threads=threads,
+                random_state=seed,
+                calculate_training_loss=False,
+            )
             self.model.fit(_confidence(interactions.matrix, p.weighting), show_progress=False)
         items = np.asarray(self.model.item_factors, dtype=np.float32)
         if p.normalize:
@@ -138,9 +143,7 @@ class AlsEmbedder:
         return np.asarray(users, dtype=np.float32).reshape(len(histories), self.dim)
 
 
-def pair_recall(
-    embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.ndarray] | None = None
-) -> float | None:
+def pair_recall(embedder, pairs: pa.Table, k: int = 10, pools: Mapping[str, np.ndarray] | None = None) -> float | None:
     """recall@k of ``pairs`` (pair columns) with ``ml.metrics.recall_at_k``, the evaluator's own rule: each
     positive against ``pools[pos_type]`` (default: every column of that type), query and positive left out."""
     import torch
@@ -153,9 +156,7 @@ def pair_recall(
     qt, qid, pt, pid = (np.asarray(pairs.column(c).to_numpy(zero_copy_only=False)) for c in PAIR_COLUMNS)
     hits = []
     for t in np.unique(pt):
-        pool = np.array(
-            pools[t] if pools is not None else embedder.index.item_ids[t], dtype=np.int64
-        )  # writable
+        pool = np.array(pools[t] if pools is not None else embedder.index.item_ids[t], dtype=np.int64)  # writable
         neg = embedder.embed(t, pool)
         for q_type in np.unique(qt[pt == t]):
             rows = np.flatnonzero((pt == t) & (qt == q_type))
@@ -163,12 +164,14 @@ def pair_recall(
             query, positive = embedder.embed(str(q_type), q_ids), embedder.embed(str(t), p_ids)
             sparse = sp.issparse(query)  # count-valued baselines (co-occurrence)
             r = (recall_at_k_sparse if sparse else recall_at_k)(
-                query if sparse else torch.as_tensor(query), positive if sparse else torch.as_tensor(positive),
-                neg if sparse else torch.as_tensor(neg), k=k,
+                query if sparse else torch.as_tensor(query),
+                positive if sparse else torch.as_tensor(positive),
+                neg if sparse else torch.as_tensor(neg),
+                k=k,
                 query_keys=entity_key(NODE_TYPE_CODE[str(q_type)], torch.as_tensor(q_ids)),
                 positive_keys=entity_key(NODE_TYPE_CODE[str(t)], torch.as_tensor(p_ids)),
                 negative_keys=entity_key(NODE_TYPE_CODE[str(t)], torch.as_tensor(pool)),
-            )  # fmt: skip
+            )
             hits.append(r.hits.numpy())
     return float(np.concatenate(hits).mean())
 
@@ -242,9 +245,7 @@ def carve_validation_pairs(
     if excluded.shape[0] and pairs.num_rows:
         pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), excluded)))
     n = min(round(fraction * pairs.num_rows), max_pairs)
-    rows = (
-        np.sort(np.random.default_rng([seed, 31]).choice(pairs.num_rows, size=n, replace=False)) if n else []
-    )
+    rows = np.sort(np.random.default_rng([seed, 31]).choice(pairs.num_rows, size=n, replace=False)) if n else []
     return pairs.take(pa.array(rows, pa.int64()))
 
 
@@ -277,8 +278,9 @@ def fit_als_baseline(
     validation = carve_validation_pairs(
         logs, c.validation_fraction, c.max_validation_pairs, c.seed, exclude_pairs, c.validation_types
     )
-    both = pa.concat_tables([t.select(list(PAIR_COLUMNS)).cast(validation.schema)
-                             for t in (exclude_pairs, validation) if t is not None])  # fmt: skip
+    both = pa.concat_tables(
+        [t.select(list(PAIR_COLUMNS)).cast(validation.schema) for t in (exclude_pairs, validation) if t is not None]
+    )
     tuning_matrix = build_interaction_matrix(interactions_from_logs(logs, both, exclude_users), universe)
     tuning = tune_als(tuning_matrix, validation, c.grid, k=c.k, seed=c.seed, num_threads=c.num_threads)
     matrix = build_interaction_matrix(interactions_from_logs(logs, exclude_pairs, exclude_users), universe)

@@ -44,21 +44,14 @@ class PairBatch:
 
     def __post_init__(self) -> None:
         if len(self.query) != len(self.positive):
-            raise ValueError(
-                f"PairBatch: query has {len(self.query)} rows but positive has {len(self.positive)}"
-            )
-        if (
-            self.random_negatives is not None
-            and self.random_negatives.entity_type != self.positive.entity_type
-        ):
+            raise ValueError(f"PairBatch: query has {len(self.query)} rows but positive has {len(self.positive)}")
+        if self.random_negatives is not None and self.random_negatives.entity_type != self.positive.entity_type:
             raise ValueError(
                 f"PairBatch.random_negatives: type {self.random_negatives.entity_type!r} must be the positive's "
                 f"type {self.positive.entity_type!r} (eq. 2 samples negatives of type t_p)"
             )
         if self.weights is not None and tuple(np.shape(self.weights)) != (len(self.query),):
-            raise ValueError(
-                f"PairBatch.weights has shape {np.shape(self.weights)}, expected ({len(self.query)},)"
-            )
+            raise ValueError(f"PairBatch.weights has shape {np.shape(self.weights)}, expected ({len(self.query)},)")
 
     def __len__(self) -> int:
         return len(self.query)
@@ -88,12 +81,8 @@ class SequenceBatch:
     """User-entity sequences (eqs. 4-5); ``entities`` holds each entity of the batch once."""
 
     entities: EntityLike  # E unique entities
-    sequence_index: (
-        np.ndarray | torch.Tensor
-    )  # int64 [U, T] rows of ``entities``; -1 = padding (after the valid part)
-    future_index: np.ndarray | torch.Tensor | None = (
-        None  # int64 [U] the future positive u_t' (eq. 5); -1 = none
-    )
+    sequence_index: np.ndarray | torch.Tensor  # int64 [U, T] rows of ``entities``; -1 = padding (after the valid part)
+    future_index: np.ndarray | torch.Tensor | None = None  # int64 [U] the future positive u_t' (eq. 5); -1 = none
     random_negatives: EntityLike | None = None
     random_negative_log_q: np.ndarray | torch.Tensor | float | None = None
     user_ids: np.ndarray | torch.Tensor | None = None  # int64 [U] (for user embeddings at inference)
@@ -114,9 +103,7 @@ class SequenceBatch:
         valid = seq >= 0
         # valid entries first: a -1 followed by a valid entry would break the causal model's positions
         if valid.shape[1] > 1 and np.any(~valid[:, :-1] & valid[:, 1:]):
-            raise ValueError(
-                "SequenceBatch.sequence_index: padding (-1) must come after the valid entries of a row"
-            )
+            raise ValueError("SequenceBatch.sequence_index: padding (-1) must come after the valid entries of a row")
         if self.future_index is not None:
             fut = (
                 np.asarray(self.future_index)
@@ -124,15 +111,10 @@ class SequenceBatch:
                 else self.future_index.cpu().numpy()
             )
             if fut.shape != (seq.shape[0],):
-                raise ValueError(
-                    f"SequenceBatch.future_index has shape {fut.shape}, expected ({seq.shape[0]},)"
-                )
+                raise ValueError(f"SequenceBatch.future_index has shape {fut.shape}, expected ({seq.shape[0]},)")
             if fut.size and (fut.max() >= e or fut.min() < -1):
                 raise ValueError(f"SequenceBatch.future_index: values must be in [-1, {e})")
-        if (
-            self.random_negatives is not None
-            and self.random_negatives.entity_type != self.entities.entity_type
-        ):
+        if self.random_negatives is not None and self.random_negatives.entity_type != self.entities.entity_type:
             raise ValueError("SequenceBatch.random_negatives must have the entities' type")
 
     def __len__(self) -> int:
@@ -173,9 +155,7 @@ def _map_step(step: Mapping[str, TrainingBatch], entity_fn, tensor_fn) -> dict:
             return memoized(memo, v, lambda: entity_fn(v, memo))
         return tensor_fn(v) if isinstance(v, torch.Tensor) else v
 
-    return {
-        name: replace(b, **{f.name: one(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()
-    }
+    return {name: replace(b, **{f.name: one(getattr(b, f.name)) for f in fields(b)}) for name, b in step.items()}
 
 
 def move_step(step: Mapping[str, TrainingBatch], device: torch.device, non_blocking: bool = True) -> dict:
@@ -259,9 +239,7 @@ def make_feature_batch(
 ) -> FeatureTaskBatch:
     return FeatureTaskBatch(
         nodes=builder.build(node_type, np.asarray(node_ids, dtype=np.int64)),
-        random_negatives=None
-        if negative_ids is None
-        else builder.build(node_type, np.asarray(negative_ids, np.int64)),
+        random_negatives=None if negative_ids is None else builder.build(node_type, np.asarray(negative_ids, np.int64)),
         random_negative_log_q=negative_log_q,
     )
 

@@ -150,9 +150,7 @@ def claimed_run_dir(base: Path, resume: bool, owner: bool = True) -> Iterator[Ru
     unless ``remove`` was called)."""
     claim = claim_run_dir(base.parent, base.name, resume) if owner else None
     try:
-        mine = (
-            None if claim is None else {"path": str(claim.path), "resume": claim.resume and str(claim.resume)}
-        )
+        mine = None if claim is None else {"path": str(claim.path), "resume": claim.resume and str(claim.resume)}
         shared = _from_rank0(mine)
         yield claim or RunDir(Path(shared["path"]), shared["resume"] and Path(shared["resume"]))
     finally:

@@ -243,9 +243,7 @@ def chunked_softmax_loss(x: SoftmaxInputs, *, chunk_size: int) -> torch.Tensor:
     """Algorithm 1 on validated inputs (``ml.softmax_base.prepare_inputs``); same value and gradients as
     the naive loss."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(
-            f"sampled_softmax_loss: chunk_size must be a positive int or None, got {chunk_size!r}"
-        )
+        raise ValueError(f"sampled_softmax_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     fn = _function_for(x.query.device.type)
     return fn.apply(
         x.query,

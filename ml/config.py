@@ -36,9 +36,7 @@ class TextHashConfig:
 class EmbedderConfig:
     """One per-type embedder f_t (3.2, A.3.1)."""
 
-    aggregator: str = (
-        "transformer"  # "transformer" (the paper) or "mean" (PinSage-like baseline / A.2.4 ablation)
-    )
+    aggregator: str = "transformer"  # "transformer" (the paper) or "mean" (PinSage-like baseline / A.2.4 ablation)
     d_model: int = 768
     n_heads: int = 12
     n_layers: int = 1
@@ -49,9 +47,7 @@ class EmbedderConfig:
     neighbor_hidden: int = 768  # neighbour-feature MLP hidden width (not in the paper)
     head_hidden: int = 768  # "transformer head" MLP hidden width (not in the paper)
     max_blocks: int = 8  # capacity of the neighbour block embedding (layout blocks must fit)
-    max_rank: int = (
-        128  # capacity of the within-block proximity-rank embedding (ranks beyond share the last row)
-    )
+    max_rank: int = 128  # capacity of the within-block proximity-rank embedding (ranks beyond share the last row)
     # learned entity-identity token (ml.encoders.IdHashEncoder) for u and every neighbour; 0 = content only
     # (the paper's f_t). Not in the paper: see the encoder's docstring for why.
     id_buckets: int = 0

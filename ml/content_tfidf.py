@@ -37,9 +37,7 @@ def tokenize_words(*fields: Sequence[str | None] | pa.Array) -> tuple[np.ndarray
     docstring); empty and null texts have no words."""
     columns = [
         pc.fill_null(
-            pa.array(f, pa.string())
-            if not isinstance(f, pa.Array | pa.ChunkedArray)
-            else f.cast(pa.string()),
+            pa.array(f, pa.string()) if not isinstance(f, pa.Array | pa.ChunkedArray) else f.cast(pa.string()),
             "",
         )
         for f in fields
@@ -90,9 +88,7 @@ class ContentTfidfScorer:
             self._index[t] = (ids[order], start + order)
 
     @classmethod
-    def from_metadata(
-        cls, data_root: str | Path, types: Sequence[str] = ("pin", "board")
-    ) -> ContentTfidfScorer:
+    def from_metadata(cls, data_root: str | Path, types: Sequence[str] = ("pin", "board")) -> ContentTfidfScorer:
         """From the contract input's ``pins/*.parquet`` and ``boards/*.parquet`` (a type without files is
         skipped; a folder whose tables lack a column is an error naming it)."""
         import pyarrow.parquet as pq
@@ -118,9 +114,7 @@ class ContentTfidfScorer:
         pos = np.clip(np.searchsorted(known, ids), 0, known.size - 1)
         return np.where(known[pos] == ids, where[pos], -1)
 
-    def _select(
-        self, rows: np.ndarray, owner: np.ndarray | None = None, n: int | None = None
-    ) -> sp.csr_matrix:
+    def _select(self, rows: np.ndarray, owner: np.ndarray | None = None, n: int | None = None) -> sp.csr_matrix:
         """Sum of the vectors of ``rows`` per ``owner`` (default: one output row per input row)."""
         owner = np.arange(rows.size) if owner is None else owner
         found = rows >= 0
@@ -138,15 +132,9 @@ class ContentTfidfScorer:
     def score_users(self, histories, cand_type, cand_ids, user_ids=None) -> sp.csr_matrix:
         """[n_u, n_c] cosine of each candidate with the sum of the history's vectors."""
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        flat = (
-            np.concatenate([np.asarray(h, np.int64) for h in histories])
-            if len(histories)
-            else np.zeros(0, np.int64)
-        )
+        flat = np.concatenate([np.asarray(h, np.int64) for h in histories]) if len(histories) else np.zeros(0, np.int64)
         users = _unit_rows(
-            self._select(
-                self._rows("pin", flat), np.repeat(np.arange(len(histories)), lengths), len(histories)
-            )
+            self._select(self._rows("pin", flat), np.repeat(np.arange(len(histories)), lengths), len(histories))
         )
         return (users @ self._select(self._rows(cand_type, cand_ids)).T).tocsr()
 

@@ -57,25 +57,19 @@ class CountMinSketch:
     seed: seeds the hash parameters (same seed -> same hashes, so a checkpoint stays meaningful).
     """
 
-    def __init__(
-        self, width: int = 1 << 20, depth: int = 4, seed: int = 0, device: str | torch.device = "cpu"
-    ):
+    def __init__(self, width: int = 1 << 20, depth: int = 4, seed: int = 0, device: str | torch.device = "cpu"):
         if int(width) < 1 or int(depth) < 1:
-            raise ValueError(
-                f"CountMinSketch: width and depth must be >= 1, got width={width}, depth={depth}"
-            )
+            raise ValueError(f"CountMinSketch: width and depth must be >= 1, got width={width}, depth={depth}")
         self.width = int(width)
         self.depth = int(depth)
         self.seed = int(seed)
         self.device = torch.device(device)
         gen = torch.Generator().manual_seed(self.seed)
         # a: [depth, 3] multipliers, b: [depth] offsets, uniform in [0, p).
-        self.hash_a = torch.randint(
-            0, MERSENNE_P, (self.depth, _N_DIGITS), generator=gen, dtype=torch.int64
-        ).to(self.device)
-        self.hash_b = torch.randint(0, MERSENNE_P, (self.depth,), generator=gen, dtype=torch.int64).to(
+        self.hash_a = torch.randint(0, MERSENNE_P, (self.depth, _N_DIGITS), generator=gen, dtype=torch.int64).to(
             self.device
         )
+        self.hash_b = torch.randint(0, MERSENNE_P, (self.depth,), generator=gen, dtype=torch.int64).to(self.device)
         self.table = torch.zeros((self.depth, self.width), dtype=torch.int64, device=self.device)
         self._total = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -122,13 +116,9 @@ class CountMinSketch:
         else:
             c = _as_keys(counts, self.device)
             if c.shape[0] != n:
-                raise ValueError(
-                    f"CountMinSketch.update: counts must have one entry per key ({n}), got {c.shape[0]}"
-                )
+                raise ValueError(f"CountMinSketch.update: counts must have one entry per key ({n}), got {c.shape[0]}")
             if int(c.min()) < 0:
-                raise ValueError(
-                    "CountMinSketch.update: counts must be >= 0 (the estimate's lower bound needs it)"
-                )
+                raise ValueError("CountMinSketch.update: counts must be >= 0 (the estimate's lower bound needs it)")
         flat = (torch.arange(self.depth, device=self.device)[:, None] * self.width + cols).reshape(-1)
         self.table.view(-1).index_add_(0, flat, c.repeat(self.depth))
         self._total += c.sum()
@@ -189,9 +179,7 @@ class CountMinSketch:
         if tuple(state["hash_a"].shape) != tuple(self.hash_a.shape):
             raise ValueError("CountMinSketch.load_state_dict: hash_a shape does not match depth")
         self.table = table.to(device=self.device, dtype=torch.int64).clone()
-        self._total = (
-            torch.as_tensor(state["total"]).to(device=self.device, dtype=torch.int64).reshape(()).clone()
-        )
+        self._total = torch.as_tensor(state["total"]).to(device=self.device, dtype=torch.int64).reshape(()).clone()
         # The hashes travel with the counts: counters are meaningless under other hash functions.
         self.hash_a = state["hash_a"].to(device=self.device, dtype=torch.int64).clone()
         self.hash_b = state["hash_b"].to(device=self.device, dtype=torch.int64).clone()

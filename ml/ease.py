@@ -108,11 +108,7 @@ class EaseScorer:
         """[n_u, n_c] (x_h B)[c] of each binary history x_h."""
         cols = self._cols(cand_type, cand_ids)
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        flat = (
-            np.concatenate([np.asarray(h, np.int64) for h in histories])
-            if len(histories)
-            else np.zeros(0, np.int64)
-        )
+        flat = np.concatenate([np.asarray(h, np.int64) for h in histories]) if len(histories) else np.zeros(0, np.int64)
         hist = self._cols("pin", flat)
         owner = np.repeat(np.arange(len(histories)), lengths)
         found = hist >= 0

@@ -106,17 +106,13 @@ class EntityEmbedder(nn.Module):
             )
         # raw features are encoded once per distinct entity of the batch (the table), then gathered per slot
         enc = self.features(x.table) if encoded is None else encoded
-        own = {
-            name: enc[name].index_select(0, x.own_row) for name in ("text", "image", "degree") if name in enc
-        }
+        own = {name: enc[name].index_select(0, x.own_row) for name in ("text", "image", "degree") if name in enc}
         toks = [self.text_proj(own["text"])]
         if self.has_image:
             toks.append(self.image_proj(own["image"]))
         toks.append(self.degree_proj(own["degree"]))
         if self.identity is not None:
-            toks.append(
-                self.identity(entity_key(x.type_code, x.entity_ids))
-            )  # last own token: read by forward
+            toks.append(self.identity(entity_key(x.type_code, x.entity_ids)))  # last own token: read by forward
         own_tok = torch.stack(toks, dim=1) + self.own_kind  # [B, n_own, d]
 
         mask = x.neighbor_mask

@@ -75,16 +75,12 @@ class HashTextEncoder(nn.Module):
             uniq, inverse = torch.unique(tokens, return_inverse=True)
             tok_vec = self.token_vectors(uniq)
             row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)
-            vec = F.embedding_bag(
-                inverse, tok_vec, offsets, mode="sum", per_sample_weights=inv_len[row_of_token]
-            )
+            vec = F.embedding_bag(inverse, tok_vec, offsets, mode="sum", per_sample_weights=inv_len[row_of_token])
             return vec, lengths > 0
         rows, imp_rows = self._hash(tokens)  # [N, k], [N]
         row_of_token = torch.repeat_interleave(torch.arange(r, device=token_ids.device), lengths)
         psw = self.importance(imp_rows) * inv_len[row_of_token][:, None]  # [N, k] mean over tokens
-        vec = self.table(
-            rows.reshape(-1), offsets * k, per_sample_weights=psw.reshape(-1).to(self.table.weight.dtype)
-        )
+        vec = self.table(rows.reshape(-1), offsets * k, per_sample_weights=psw.reshape(-1).to(self.table.weight.dtype))
         return vec, lengths > 0
 
     def token_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -184,9 +180,7 @@ class EntityFeatureEncoder(nn.Module):
                     f"{self.image_dim}"
                 )
             has_image = f.image_mask & present
-            img_in = torch.where(
-                has_image[..., None], f.image, torch.zeros_like(f.image)
-            )  # NaN-safe for padding
+            img_in = torch.where(has_image[..., None], f.image, torch.zeros_like(f.image))  # NaN-safe for padding
             img = self.image(img_in)
             no_image = missing_vector(self.missing_image, present).to(img.dtype)
             out["image"] = torch.where(has_image[..., None], img, no_image)

@@ -124,9 +124,7 @@ class EntityTensors:
                 }
             )
             own_row = np.arange(b, dtype=np.int64)
-            neighbor_row = np.where(
-                batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1
-            )
+            neighbor_row = np.where(batch.neighbor_mask, b + np.arange(b * k, dtype=np.int64).reshape(b, k), -1)
             nodes = None
         elif isinstance(batch, CompactEntityBatch):
             table, own_row, neighbor_row = batch.table, batch.own_row, batch.neighbor_row
@@ -168,9 +166,7 @@ class EntityTensors:
             out[f.name] = v
         return EntityTensors(**out)
 
-    def to(
-        self, device: torch.device | str, non_blocking: bool = False, memo: dict | None = None
-    ) -> EntityTensors:
+    def to(self, device: torch.device | str, non_blocking: bool = False, memo: dict | None = None) -> EntityTensors:
         return self._map(lambda v: v.to(device, non_blocking=non_blocking), memo)
 
     def pin_memory(self, memo: dict | None = None) -> EntityTensors:
@@ -207,9 +203,7 @@ def cat_entity_tensors(ts: list[EntityTensors]) -> EntityTensors:
         table=table,
         own_row=torch.cat([t.own_row + o for t, o in zip(ts, offsets)]),
         # padding stays -1 whatever the offset
-        neighbor_row=torch.cat(
-            [torch.where(t.neighbor_row >= 0, t.neighbor_row + o, -1) for t, o in zip(ts, offsets)]
-        ),
+        neighbor_row=torch.cat([torch.where(t.neighbor_row >= 0, t.neighbor_row + o, -1) for t, o in zip(ts, offsets)]),
         neighbor_ids=torch.cat([t.neighbor_ids for t in ts]),
         neighbor_scores=torch.cat([t.neighbor_scores for t in ts]),
         neighbor_mask=torch.cat([t.neighbor_mask for t in ts]),
@@ -230,9 +224,7 @@ def _cat_table_nodes(ts: list[EntityTensors], shared: bool) -> torch.Tensor | No
 EntityLike = EntityBatch | CompactEntityBatch | EntityTensors
 
 
-def as_entity_tensors(
-    x: EntityLike, device: torch.device | str | None = None, where: str = "batch"
-) -> EntityTensors:
+def as_entity_tensors(x: EntityLike, device: torch.device | str | None = None, where: str = "batch") -> EntityTensors:
     """Tensors on ``device``; an ``EntityTensors`` already there is returned as is (identity matters: the
     model embeds a batch object shared by several tasks once per step)."""
     t = x if isinstance(x, EntityTensors) else EntityTensors.from_batch(x, where)

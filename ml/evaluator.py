@@ -58,9 +58,7 @@ ENGAGEMENT_PREFIX = "engagement_"
 
 @runtime_checkable
 class EntityEmbedder(Protocol):
-    def embed(
-        self, entity_type: str, ids: np.ndarray, exclude_neighbor_ids: np.ndarray | None = None
-    ) -> np.ndarray:
+    def embed(self, entity_type: str, ids: np.ndarray, exclude_neighbor_ids: np.ndarray | None = None) -> np.ndarray:
         """float32 [len(ids), d]; ``exclude_neighbor_ids[i]`` (if given) must not influence row i."""
         ...
 
@@ -162,9 +160,7 @@ class Evaluator:
         def cap(n: int, stream: int) -> np.ndarray:
             rows = np.arange(n)
             if max_queries is not None and n > max_queries:
-                rows = np.sort(
-                    np.random.default_rng([self.seed, stream]).choice(n, max_queries, replace=False)
-                )
+                rows = np.sort(np.random.default_rng([self.seed, stream]).choice(n, max_queries, replace=False))
             return rows
 
         # entity-entity pairs
@@ -202,12 +198,8 @@ class Evaluator:
         self.next_ids = f_val[f_off[ok]] if ok.size else np.zeros(0, np.int64)
         # future action: one of the later engagements (index >= 1) when there is one, else the only one
         later = np.maximum(n_fut - 1, 0)
-        draw = 1 + (np.random.default_rng([self.seed, 4]).random(ok.size) * np.maximum(later, 1)).astype(
-            np.int64
-        )
-        self.future_ids = (
-            f_val[f_off[ok] + np.where(later > 0, draw, 0)] if ok.size else np.zeros(0, np.int64)
-        )
+        draw = 1 + (np.random.default_rng([self.seed, 4]).random(ok.size) * np.maximum(later, 1)).astype(np.int64)
+        self.future_ids = f_val[f_off[ok] + np.where(later > 0, draw, 0)] if ok.size else np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------------------------------------
     def _recall(self, query, positive, pos_type: str, pool_emb, query_keys, positive_keys) -> np.ndarray:
@@ -324,17 +316,13 @@ class Evaluator:
                 avail = np.asarray(avail, dtype=bool)
                 if not avail.any():
                     continue
-                h = self._recall(
-                    q[avail], pos[avail], t, self._pool(embedder, t, cache), keys[avail], keys[avail]
-                )
+                h = self._recall(q[avail], pos[avail], t, self._pool(embedder, t, cache), keys[avail], keys[avail])
                 per_feature.setdefault(x, []).append(h)
         details = {x: _summary(np.concatenate(h)) for x, h in per_feature.items()}
         n = int(sum(d["n"] for d in details.values()))
         return TaskResult(_mean_of([d["recall"] for d in details.values()]), n, {"per_feature": details})
 
-    def _user_entity(
-        self, emb: EntityEmbedder, user_embedder: UserEmbedder | None, cache: dict
-    ) -> TaskResult:
+    def _user_entity(self, emb: EntityEmbedder, user_embedder: UserEmbedder | None, cache: dict) -> TaskResult:
         if user_embedder is None or len(self.histories) == 0:
             return TaskResult(
                 None, 0, {"reason": "no user embedder" if user_embedder is None else "no evaluation users"}
@@ -416,14 +404,10 @@ class ModelUserEmbedder:
         # an empty item table: every distinct history item is embedded once (one ``embed_entities`` pass
         # with its feature cache), not once per batch of users that holds it
         no_items = (np.zeros(0, np.int64), np.zeros((0, self.model.config.out_dim), np.float32))
-        return embed_users(
-            self.model, self.builder, histories, batch_size=self.batch_size, item_table=no_items
-        )
+        return embed_users(self.model, self.builder, histories, batch_size=self.batch_size, item_table=no_items)
 
 
-def model_embedders(
-    model, builder, batch_size: int = 512
-) -> tuple[ModelEntityEmbedder, ModelUserEmbedder | None]:
+def model_embedders(model, builder, batch_size: int = 512) -> tuple[ModelEntityEmbedder, ModelUserEmbedder | None]:
     """(EntityEmbedder, UserEmbedder or None when the model has no user-entity task) of a trained model."""
     ent = ModelEntityEmbedder(model, builder, batch_size)
     usr = ModelUserEmbedder(model, builder, batch_size) if "user_entity" in model.tasks else None

@@ -123,9 +123,7 @@ def train_model(
     plan = FitPlan(prep.ckpt_dir, prep.resume, loader=loader, selection=selection)
     trainer, _, _ = fit(prep, model_config or prep.model_config, log, plan)
     if selection is not None and log is not None:
-        log(
-            f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})"
-        )
+        log(f"model selection: step {selection.best_step} of {trainer.step} (validation {selection.best_score})")
     return trainer.model.eval()
 
 
@@ -153,11 +151,7 @@ def train_pinsage_baseline(prep: PreparedRun, config: TrainingRunConfig, log, se
 
 def wants_pinsage_baseline(prep: PreparedRun, config: TrainingRunConfig) -> bool:
     """Whether the run trains the PinSage-like baseline beside the model (it needs the entity-entity task)."""
-    return (
-        config.pinsage_baseline
-        and "entity_entity" in prep.model_config.tasks
-        and prep.train_config.total_steps > 0
-    )
+    return config.pinsage_baseline and "entity_entity" in prep.model_config.tasks and prep.train_config.total_steps > 0
 
 
 @dataclass
@@ -183,13 +177,7 @@ def evaluate_on_test_sets(prep: PreparedRun, config: TrainingRunConfig, ev: Eval
     ev.evaluator = Evaluator(
         prep.data, prep.universe, k=config.eval_k, pool_size=config.pool_size, seed=config.eval_seed
     )
-    ev.new_report = ev.evaluator.evaluate(
-        *model_embedders(ev.model, prep.builder), list(prep.model_config.tasks)
-    )
+    ev.new_report = ev.evaluator.evaluate(*model_embedders(ev.model, prep.builder), list(prep.model_config.tasks))
     if ev.pinsage is not None:
-        ev.pinsage_report = ev.evaluator.evaluate(
-            *model_embedders(ev.pinsage, prep.builder), ["entity_entity"]
-        )
-        log(
-            f"pinsage baseline: recall@{config.eval_k} entity_entity = {ev.pinsage_report.recall('entity_entity')}"
-        )
+        ev.pinsage_report = ev.evaluator.evaluate(*model_embedders(ev.pinsage, prep.builder), ["entity_entity"])
+        log(f"pinsage baseline: recall@{config.eval_k} entity_entity = {ev.pinsage_report.recall('entity_entity')}")

@@ -164,9 +164,7 @@ class EncodedFeatureCache:
             self._tables[entity_type] = (encoder, values, filled)
         owner, values, filled = self._tables[entity_type]
         if owner is not encoder:
-            raise ValueError(
-                f"EncodedFeatureCache: the {entity_type!r} rows were encoded by another model's encoder"
-            )
+            raise ValueError(f"EncodedFeatureCache: the {entity_type!r} rows were encoded by another model's encoder")
         return values, filled
 
 
@@ -189,9 +187,7 @@ def embed_entities(
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ex = None if exclude_neighbor_ids is None else np.asarray(exclude_neighbor_ids, np.int64).reshape(-1)
     if ex is not None and ex.shape != ids.shape:
-        raise ValueError(
-            f"embed_entities: exclude_neighbor_ids has {ex.shape[0]} entries for {ids.shape[0]} ids"
-        )
+        raise ValueError(f"embed_entities: exclude_neighbor_ids has {ex.shape[0]} entries for {ids.shape[0]} ids")
     if batch_size < 1:
         raise ValueError(f"embed_entities: batch_size must be >= 1, got {batch_size}")
     out = np.zeros((ids.size, model.config.out_dim), dtype=np.float32)

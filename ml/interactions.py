@@ -20,9 +20,7 @@ from ml.training_examples_reader import list_column
 
 #: Item types of the interaction matrix (its columns: the pins, then the boards).
 ALS_ITEM_TYPES = ("pin", "board")
-INTERACTION_SCHEMA = pa.schema(
-    [("user_id", pa.int64()), ("entity_type", pa.string()), ("entity_id", pa.int64())]
-)
+INTERACTION_SCHEMA = pa.schema([("user_id", pa.int64()), ("entity_type", pa.string()), ("entity_id", pa.int64())])
 PAIR_COLUMNS = ("query_type", "query_id", "pos_type", "pos_id")
 
 
@@ -32,8 +30,10 @@ def _pair_keys(types_a, ids_a, types_b, ids_b) -> np.ndarray:
     cb = np.array([NODE_TYPE_CODE[t] for t in np.asarray(types_b, dtype=object)], dtype=np.int64).reshape(-1)
     ia, ib = np.asarray(ids_a, np.int64).reshape(-1), np.asarray(ids_b, np.int64).reshape(-1)
     a_first = (ca < cb) | ((ca == cb) & (ia <= ib))
-    return np.stack([np.where(a_first, ca, cb), np.where(a_first, ia, ib),
-                     np.where(a_first, cb, ca), np.where(a_first, ib, ia)], axis=1)  # fmt: skip
+    return np.stack(
+        [np.where(a_first, ca, cb), np.where(a_first, ia, ib), np.where(a_first, cb, ca), np.where(a_first, ib, ia)],
+        axis=1,
+    )
 
 
 def _rows_in(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
@@ -71,8 +71,7 @@ def _event_pairs(logs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     pp = (surface == "related_pins") & np.isin(action, ["save", "click"]) & has_query & (query != pin)
     pb = (action == "save") & has_board
     pins = np.full(n, "pin", dtype=object)
-    return (_pair_keys(pins, query, pins, pin), pp,
-            _pair_keys(np.full(n, "board", dtype=object), board, pins, pin), pb)  # fmt: skip
+    return (_pair_keys(pins, query, pins, pin), pp, _pair_keys(np.full(n, "board", dtype=object), board, pins, pin), pb)
 
 
 def engagement_pairs_from_logs(logs: pa.Table) -> pa.Table:
@@ -116,11 +115,13 @@ def interactions_from_logs(
     is_save = np.asarray(logs.column("action").to_numpy(zero_copy_only=False), dtype=object)[keep] == "save"
     user = user[keep]
     saved = is_save & has_board
-    return pa.table({
-        "user_id": pa.array(np.concatenate([user, user[saved]]), pa.int64()),
-        "entity_type": pa.array(["pin"] * user.size + ["board"] * int(saved.sum()), pa.string()),
-        "entity_id": pa.array(np.concatenate([pin, board[saved]]), pa.int64()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "user_id": pa.array(np.concatenate([user, user[saved]]), pa.int64()),
+            "entity_type": pa.array(["pin"] * user.size + ["board"] * int(saved.sum()), pa.string()),
+            "entity_id": pa.array(np.concatenate([pin, board[saved]]), pa.int64()),
+        }
+    )
 
 
 def interactions_from_sequences(sequences: pa.Table) -> pa.Table:
@@ -131,8 +132,13 @@ def interactions_from_sequences(sequences: pa.Table) -> pa.Table:
         rows_user.append(np.repeat(sequences.column("user_id").to_numpy().astype(np.int64), np.diff(offsets)))
         rows_pin.append(np.asarray(values, np.int64))
     user, pin = np.concatenate(rows_user), np.concatenate(rows_pin)
-    return pa.table({"user_id": pa.array(user, pa.int64()), "entity_type": pa.array(["pin"] * user.size, pa.string()),
-                     "entity_id": pa.array(pin, pa.int64())})  # fmt: skip
+    return pa.table(
+        {
+            "user_id": pa.array(user, pa.int64()),
+            "entity_type": pa.array(["pin"] * user.size, pa.string()),
+            "entity_id": pa.array(pin, pa.int64()),
+        }
+    )
 
 
 @dataclass
@@ -160,8 +166,9 @@ class InteractionMatrix:
         """[len(ids) is one row] a single row of counts over the columns (for a user's history)."""
         cols = self.columns(entity_type, ids)
         cols = cols[cols >= 0]
-        return sp.csr_matrix((np.ones(cols.size, np.float32), (np.zeros(cols.size, np.int64), cols)),
-                             shape=(1, self.matrix.shape[1]))  # fmt: skip
+        return sp.csr_matrix(
+            (np.ones(cols.size, np.float32), (np.zeros(cols.size, np.int64), cols)), shape=(1, self.matrix.shape[1])
+        )
 
 
 def build_interaction_matrix(
@@ -174,9 +181,7 @@ def build_interaction_matrix(
     users = interactions.column("user_id").to_numpy(zero_copy_only=False).astype(np.int64)
     unknown = set(np.unique(types).tolist()) - set(ALS_ITEM_TYPES)
     if unknown:
-        raise ValueError(
-            f"build_interaction_matrix: entity types {sorted(unknown)}; expected {ALS_ITEM_TYPES}"
-        )
+        raise ValueError(f"build_interaction_matrix: entity types {sorted(unknown)}; expected {ALS_ITEM_TYPES}")
     item_ids = {}
     for t in ALS_ITEM_TYPES:
         extra = np.asarray((universe or {}).get(t, np.zeros(0)), dtype=np.int64)
@@ -188,8 +193,9 @@ def build_interaction_matrix(
         sel = types == t
         cols[sel] = index.columns(t, ids[sel])
     n_items = sum(v.size for v in item_ids.values())
-    matrix = sp.coo_matrix((np.ones(ids.size, np.float32), (np.searchsorted(user_ids, users), cols)),
-                           shape=(user_ids.size, n_items)).tocsr()  # fmt: skip
+    matrix = sp.coo_matrix(
+        (np.ones(ids.size, np.float32), (np.searchsorted(user_ids, users), cols)), shape=(user_ids.size, n_items)
+    ).tocsr()
     matrix.sum_duplicates()
     matrix.sort_indices()
     index.matrix = matrix

@@ -58,9 +58,7 @@ REPORT_EASE_GRID = (50.0, 250.0, 1000.0)
 REPORT_EASE_MAX_ITEMS = 2_500
 
 
-def training_event_rows(
-    logs: pa.Table, exclude_pairs: pa.Table | None = None, exclude_users=None
-) -> np.ndarray:
+def training_event_rows(logs: pa.Table, exclude_pairs: pa.Table | None = None, exclude_users=None) -> np.ndarray:
     """Sorted row indices of the events ``interactions_from_logs(logs, exclude_pairs, exclude_users)`` keeps:
     it is run with each event's row index in place of its user, so the rule stays ``ml.baselines``' own."""
     rows = np.arange(logs.num_rows, dtype=np.int64)
@@ -127,9 +125,7 @@ def time_validation_pairs(
 
         pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), _table_pair_keys(exclude_pairs))))
     if pairs.num_rows > max_pairs:
-        rows = np.sort(
-            np.random.default_rng([seed, 37]).choice(pairs.num_rows, size=max_pairs, replace=False)
-        )
+        rows = np.sort(np.random.default_rng([seed, 37]).choice(pairs.num_rows, size=max_pairs, replace=False))
         pairs = pairs.take(pa.array(rows, pa.int64()))
     return pairs
 
@@ -168,9 +164,7 @@ class TrainingSplit:
         return self.logs.filter(pa.array(event_micros(self.logs) < self.cutoff_us))
 
     @classmethod
-    def carve(
-        cls, logs: pa.Table, exclude_pairs=None, exclude_users=None, config: AlsFitConfig | None = None
-    ):
+    def carve(cls, logs: pa.Table, exclude_pairs=None, exclude_users=None, config: AlsFitConfig | None = None):
         """Carve the validation split from ``logs`` as ``fit_als_baseline`` does with ``config``: the
         evaluation pairs left out of it; ``exclude_users``: the evaluation users (never fitted)."""
         c = config or AlsFitConfig()
@@ -295,9 +289,7 @@ def fit_ease_baseline(
     grid = [float(x) for x in grid]
     tuning_matrix = build_interaction_matrix(split.interactions(True))
     opts = {"item_types": item_types, "max_items": max_items, "restrict": restrict}
-    best, tuning = _search(
-        "lambda", grid, lambda lam: EaseScorer(tuning_matrix, lam, **opts), split, pools, k
-    )
+    best, tuning = _search("lambda", grid, lambda lam: EaseScorer(tuning_matrix, lam, **opts), split, pools, k)
     ease = EaseScorer(build_interaction_matrix(split.interactions(False)), best, **opts)
     tuning.notes = {"items": ease.n_items, "item_types": list(item_types)}
     if ease.restricted_from is not None:

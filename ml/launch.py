@@ -34,9 +34,7 @@ RDZV_OPTIONS = (
 )
 
 
-def torchrun_command(
-    request: Path, nproc_per_node: int, rdzv: Mapping[str, object] | None = None
-) -> list[str]:
+def torchrun_command(request: Path, nproc_per_node: int, rdzv: Mapping[str, object] | None = None) -> list[str]:
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     rdzv = {k: v for k, v in (rdzv or {}).items() if v is not None}
@@ -100,6 +98,5 @@ def launch_training(
         raise
     if rc != 0:
         raise RuntimeError(
-            f"torchrun exited with status {rc} ({nproc_per_node} process(es) per node); last lines:\n"
-            + "\n".join(tail)
+            f"torchrun exited with status {rc} ({nproc_per_node} process(es) per node); last lines:\n" + "\n".join(tail)
         )

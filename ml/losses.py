@@ -126,9 +126,7 @@ def _naive(x: SoftmaxInputs) -> torch.Tensor:
         )
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
-        per_example = F.cross_entropy(
-            logits, target_rows(x.targets, slice(0, n), logits.device), reduction="none"
-        )
+        per_example = F.cross_entropy(logits, target_rows(x.targets, slice(0, n), logits.device), reduction="none")
         if x.weights is not None:
             per_example = per_example * x.weights.to(dt)
         return per_example.sum() / n

@@ -225,9 +225,7 @@ class OmniSageModel(nn.Module):
             else:
                 dropped.append(name)
         if dropped:
-            warnings.warn(
-                f"count-min sketches {sorted(dropped)} are not per positive type; not loaded", stacklevel=2
-            )
+            warnings.warn(f"count-min sketches {sorted(dropped)} are not per positive type; not loaded", stacklevel=2)
 
     def candidates(
         self,
@@ -291,16 +289,12 @@ class OmniSageModel(nn.Module):
         if neg_parts:
             negs = torch.cat(neg_parts)
             key_parts = [
-                x
-                for x, y in ((others_keys, others), (all_neg_keys, all_neg))
-                if y is not None and y.shape[0] > 0
+                x for x, y in ((others_keys, others), (all_neg_keys, all_neg)) if y is not None and y.shape[0] > 0
             ]
             neg_keys = torch.cat(key_parts)
             if self.config.loss.logq_correction:
                 lq_parts = [
-                    x
-                    for x, y in ((others_lq, others), (all_neg_lq, all_neg))
-                    if y is not None and y.shape[0] > 0
+                    x for x, y in ((others_lq, others), (all_neg_lq, all_neg)) if y is not None and y.shape[0] > 0
                 ]
                 neg_lq = torch.cat(lq_parts)
             else:

@@ -88,9 +88,7 @@ def _sketch_tensors(model: OmniSageModel) -> dict[str, torch.Tensor]:
     out = {}
     for name, state in model.sketch_state_dict().items():
         for key, value in state.items():
-            out[f"{SKETCH_PREFIX}{name}/{key}"] = (
-                torch.as_tensor(value).detach().to("cpu").contiguous().clone()
-            )
+            out[f"{SKETCH_PREFIX}{name}/{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous().clone()
     return out
 
 
@@ -124,9 +122,7 @@ def save_model_dir(
     extra = dict(extra or {})
     layout = layout if layout is not None else extra.pop("layout", None)
     max_tokens = max_tokens if max_tokens is not None else extra.pop("max_tokens", None)
-    training_partition = (
-        training_partition if training_partition is not None else extra.pop("training_partition", None)
-    )
+    training_partition = training_partition if training_partition is not None else extra.pop("training_partition", None)
     for key in TOP_LEVEL_KEYS:
         extra.pop(key, None)
     if isinstance(layout, NeighborhoodLayout):
@@ -147,8 +143,7 @@ def save_model_dir(
         "image_dim": int(model.config.image_dim),
         "training_partition": training_partition,
         "tensors": {
-            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-            for k, v in state.items()
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in state.items()
         },
         "sketches": sorted(model.sketches),
         "extra": extra,
@@ -220,9 +215,7 @@ def load_model_dir(directory: str | Path, map_location: str | torch.device = "cp
         )
     model.load_state_dict(state, strict=True)
     model = model.to(map_location).eval()
-    layout = (
-        None if raw.get("layout") is None else layout_from_json(raw["layout"], f"{cfg_path}: field 'layout'")
-    )
+    layout = None if raw.get("layout") is None else layout_from_json(raw["layout"], f"{cfg_path}: field 'layout'")
     return LoadedModel(
         model=model,
         config=config,

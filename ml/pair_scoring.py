@@ -148,13 +148,7 @@ class EmbeddingScorer:
         pos = (q64 * p64).sum(axis=1)
         # recall_at_k's bound uses max(|p|, max |n|): the pool's maximum alone may be below |p|
         d = q.shape[1]
-        tol = (
-            2.0
-            * d
-            * _U
-            * np.linalg.norm(q64, axis=1)
-            * np.maximum(np.linalg.norm(p64, axis=1), _max_norm(pool_emb))
-        )
+        tol = 2.0 * d * _U * np.linalg.norm(q64, axis=1) * np.maximum(np.linalg.norm(p64, axis=1), _max_norm(pool_emb))
         return Scores(scores.values, tol), pos
 
 
@@ -236,9 +230,7 @@ def pair_hits(
             step = _block_step(pool.size)
             for lo in range(0, rows.size, step):
                 r = rows[lo : lo + step]
-                scores, pos = _pair_block(
-                    scorer, str(q_type), qid[r], str(t), pid[r], pool, exclude_pair_edge
-                )
+                scores, pos = _pair_block(scorer, str(q_type), qid[r], str(t), pid[r], pool, exclude_pair_edge)
                 outscored[r], negatives[r] = _count(
                     scores, pos, _rows_tol(scores.tol), pool, q_type == t, qid[r], pid[r]
                 )

@@ -133,20 +133,14 @@ def decide_gate(
     """The promotion decision (module docstring) on ``evaluator``'s split."""
     from ml.registry import ModelRegistry
 
-    registry = ModelRegistry(
-        target.tracking_uri, model_name=config.model_name or target.registered_model_name
-    )
+    registry = ModelRegistry(target.tracking_uri, model_name=config.model_name or target.registered_model_name)
     new_recall = task_recalls(new_report)
     gate_tasks = list(prep.model_config.tasks)
     previous = registry.version_for_alias(CHAMPION) if register else None
     champion_recall, champion_note = {}, ""
     if previous is not None:
-        gate_tasks, champion_recall, champion_note = _champion_on_split(
-            registry, prep, evaluator, previous, gate_tasks
-        )
-    champion_mean = (
-        _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
-    )
+        gate_tasks, champion_recall, champion_note = _champion_on_split(registry, prep, evaluator, previous, gate_tasks)
+    champion_mean = _mean([champion_recall.get(t, {}).get("recall") for t in gate_tasks]) if champion_recall else None
     new_mean = _mean([new_recall.get(t, {}).get("recall") for t in gate_tasks])
     k = config.eval_k
     on = "" if split == "validation" else " (held-out test sets: the validation split is empty)"
@@ -166,9 +160,7 @@ def decide_gate(
         )
     else:
         promote = False
-        decision = (
-            f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}{on}"
-        )
+        decision = f"challenger: mean recall@{k} {new_mean:.4f} < champion v{previous}'s {champion_mean:.4f}{on}"
     return GateDecision(
         split=split,
         registry=registry,

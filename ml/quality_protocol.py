@@ -66,9 +66,7 @@ class EvaluationSets:
             p = evaluator.pairs
             pairs = {c: p[c] for c in ("query_type", "query_id", "pos_type", "pos_id")}
             users, weights, exclude_edge = None, source_weights(p["source"], p["query_id"].size), True
-        pairs["query_type"], pairs["pos_type"] = (
-            np.asarray(pairs[c]).astype(str) for c in ("query_type", "pos_type")
-        )
+        pairs["query_type"], pairs["pos_type"] = (np.asarray(pairs[c]).astype(str) for c in ("query_type", "pos_type"))
         pairs["query_id"], pairs["pos_id"] = (np.asarray(pairs[c], np.int64) for c in ("query_id", "pos_id"))
         return cls(
             k=evaluator.k,
@@ -117,9 +115,7 @@ class SystemScores:
     user_future: PairHits | None = None
 
 
-def score_system(
-    sets: EvaluationSets, system, tasks: Sequence[str] = ("entity_entity", "user_entity")
-) -> SystemScores:
+def score_system(sets: EvaluationSets, system, tasks: Sequence[str] = ("entity_entity", "user_entity")) -> SystemScores:
     """Per-row hits of ``system`` (``ml.pair_scoring.as_scorer``'s input) on the sets."""
     out = SystemScores()
     if "entity_entity" in tasks and sets.pairs["query_id"].size:
@@ -163,9 +159,7 @@ def entity_entity_recall(sets: EvaluationSets, hits) -> float | None:
 def recalls(sets: EvaluationSets, scores: SystemScores) -> dict[str, float | None]:
     """{"entity_entity", "user_entity"} of one system's scores."""
     ee = None if scores.entity_entity is None else entity_entity_recall(sets, scores.entity_entity.hits)
-    parts = [
-        s.recall for s in (scores.user_next, scores.user_future) if s is not None and s.recall is not None
-    ]
+    parts = [s.recall for s in (scores.user_next, scores.user_future) if s is not None and s.recall is not None]
     return {"entity_entity": ee, "user_entity": float(np.mean(parts)) if parts else None}
 
 

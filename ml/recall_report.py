@@ -24,8 +24,15 @@ from ml.pair_scoring import ItemScorer, evaluate_on
 #: Baselines in the order the report lists them (``ml.baselines``, the item-item scorers
 #: ``ml.window_cooccurrence`` and ``ml.ease``, and the PinSage-like model).
 BASELINE_ORDER = (
-    "random", "popularity", "cooccurrence", "window_cooccurrence", "ease", "als", "pinsage", "oracle",
-)  # fmt: skip
+    "random",
+    "popularity",
+    "cooccurrence",
+    "window_cooccurrence",
+    "ease",
+    "als",
+    "pinsage",
+    "oracle",
+)
 
 
 @dataclass
@@ -180,9 +187,7 @@ def plot_png(history: Sequence[Mapping]) -> bytes:
     for ax, task in zip(axes[0], TASK_NAMES):
         for name in systems:
             values = [
-                recall_of(
-                    (h["tasks"] if name == "model" else h.get("baselines", {}).get(name, {})).get(task), k
-                )
+                recall_of((h["tasks"] if name == "model" else h.get("baselines", {}).get(name, {})).get(task), k)
                 for h in history
             ]
             if all(v is None for v in values):

@@ -136,9 +136,7 @@ class ModelRegistry:
     def model_version(self, version: str):
         return self.client.get_model_version(self.model_name, str(version))
 
-    def load_version(
-        self, version: str, map_location="cpu", dst_dir: str | Path | None = None
-    ) -> LoadedModel:
+    def load_version(self, version: str, map_location="cpu", dst_dir: str | Path | None = None) -> LoadedModel:
         """Download version ``version`` (into ``dst_dir`` or a temporary directory that is removed after
         loading: the weights are in memory by then) and load its model directory, whether the version is an
         MLflow model (``MLmodel`` + ``data/model``) or a bare model directory of an older release."""
@@ -186,7 +184,5 @@ class ModelRegistry:
     def load_champion(self, map_location="cpu") -> LoadedModel:
         version = self.version_for_alias(CHAMPION)
         if version is None:
-            raise ChampionMissingError(
-                f"no model version holds alias '{CHAMPION}': materialize omnisage_model first"
-            )
+            raise ChampionMissingError(f"no model version holds alias '{CHAMPION}': materialize omnisage_model first")
         return self.load_version(version, map_location=map_location)

@@ -53,13 +53,9 @@ class TrainingRunConfig(BaseModel):
         description="optimizer steps (cosine horizon); default: the preset's total_steps; 0 = no training",
     )
     epochs: int | None = Field(default=None, ge=1, description="stop after this many passes over the pairs")
-    warmup_steps: int | None = Field(
-        default=None, ge=0, description="linear warm-up steps; default: the preset's"
-    )
+    warmup_steps: int | None = Field(default=None, ge=0, description="linear warm-up steps; default: the preset's")
     batch_size: int = Field(default=128, ge=1, description="entity-entity pairs per step (other tasks scale)")
-    num_random_negatives: int = Field(
-        default=128, ge=0, description="uniform random negatives per task and step"
-    )
+    num_random_negatives: int = Field(default=128, ge=0, description="uniform random negatives per task and step")
     source_weights: dict[str, float] | None = Field(
         default=None,
         description="eq. 2's w_i per pair source (engagement_pin_pin, engagement_board_pin, graph_pin_pin, "
@@ -70,9 +66,7 @@ class TrainingRunConfig(BaseModel):
         description="draws of a pair source: uniform over its distinct pairs, or in proportion to their "
         "engagement count",
     )
-    lr: float | None = Field(
-        default=None, gt=0, description="peak AdamW learning rate; default: the preset's"
-    )
+    lr: float | None = Field(default=None, gt=0, description="peak AdamW learning rate; default: the preset's")
     tasks: list[str] = Field(default=list(TASK_NAMES), description="enabled tasks (eq. 6 terms)")
     aggregator: Literal["transformer", "mean"] = Field(
         default="transformer",
@@ -107,9 +101,7 @@ class TrainingRunConfig(BaseModel):
     )
     seed: int = Field(default=0, description="seed of initialisation and batch sampling")
     log_every: int = Field(default=10, ge=1, description="steps between logged (averaged) loss metrics")
-    checkpoint_every: int = Field(
-        default=50, ge=0, description="steps between resumable checkpoints (0 = end)"
-    )
+    checkpoint_every: int = Field(default=50, ge=0, description="steps between resumable checkpoints (0 = end)")
     resume: bool = Field(default=True, description="resume from this config's checkpoint a killed run left")
     eval_k: int = Field(default=10, ge=1, description="k of recall@k (4.2.1)")
     pool_size: int = Field(default=10_000, ge=1, description="negative pool of the evaluator (gate, report)")
@@ -141,9 +133,7 @@ class TrainingRunConfig(BaseModel):
         description="evaluations on the validation split at evenly spaced steps; the run keeps the best step's "
         "weights (0: the last step only)",
     )
-    validation_max_queries: int = Field(
-        default=2000, ge=1, description="validation queries per task and check"
-    )
+    validation_max_queries: int = Field(default=2000, ge=1, description="validation queries per task and check")
     selection_tasks: list[str] = Field(
         default=["entity_entity"],
         description="tasks whose mean validation recall picks the step kept (the PinSage-like baseline is "

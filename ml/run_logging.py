@@ -59,9 +59,7 @@ def start_run(prep: PreparedRun, target: MlflowTarget, inputs: TrainingInputs, o
     return client, run.info.run_id, previous_run
 
 
-def log_params(
-    client, run_id: str, prep: PreparedRun, config: TrainingRunConfig, inputs: TrainingInputs
-) -> None:
+def log_params(client, run_id: str, prep: PreparedRun, config: TrainingRunConfig, inputs: TrainingInputs) -> None:
     """Every config value, the resolved model/train configs and the data's counts as run params."""
     from mlflow.entities import Param
 
@@ -217,9 +215,7 @@ def log_models(
         }
         local = save_model_dir(ev.model, Path(tmp) / MODEL_ARTIFACT_PATH, extra, **common)
         # at the run's last step: the eval/* and gate/* metrics logged there are linked to the LoggedModel
-        info = log_pyfunc_model(
-            tracking_uri, run_id, local, name=MODEL_ARTIFACT_PATH, step=step, tags=lineage
-        )
+        info = log_pyfunc_model(tracking_uri, run_id, local, name=MODEL_ARTIFACT_PATH, step=step, tags=lineage)
         if ev.pinsage is not None:
             extra = {
                 "steps": step,
@@ -251,9 +247,7 @@ def record_decision(
     }
     version = ""
     if register:
-        version = gate.registry.register(
-            run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, **lineage}, model_id=model_id
-        )
+        version = gate.registry.register(run_id, MODEL_ARTIFACT_PATH, tags={**gate_tags, **lineage}, model_id=model_id)
         gate.registry.set_alias(gate.alias, version)
     run_tags = {**gate_tags, "model_version": version, "model_id": model_id}
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])

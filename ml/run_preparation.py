@@ -71,12 +71,8 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _configs(
-    config: TrainingRunConfig, device, image_dim: int, layout
-) -> tuple[str, ModelConfig, TrainConfig]:
-    preset_name = (
-        config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
-    )
+def _configs(config: TrainingRunConfig, device, image_dim: int, layout) -> tuple[str, ModelConfig, TrainConfig]:
+    preset_name = config.preset if config.preset != "auto" else ("paper" if device.type == "cuda" else "small")
     model_config, train_config = make_preset(preset_name, image_dim=image_dim)
     if config.width is not None:
         model_config = with_width(model_config, config.width)
@@ -175,11 +171,7 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> PreparedRun:
             **({"source_weights": config.source_weights} if config.source_weights else {}),
             **({"pair_sampling": config.pair_sampling} if config.pair_sampling != "uniform" else {}),
             **({"world_size": world} if world > 1 else {}),
-            **(
-                {"validation": [config.validation_fraction, config.eval_seed]}
-                if config.validation_fraction
-                else {}
-            ),
+            **({"validation": [config.validation_fraction, config.eval_seed]} if config.validation_fraction else {}),
         }
     )
     # the trajectory's name: train_and_register claims a folder of its own named after it (ml.checkpoint_dirs)

@@ -26,10 +26,7 @@ class TrainingInputs:
     def from_json(cls, d: dict) -> TrainingInputs:
         return cls(
             d["partition"],
-            *(
-                Path(d[k])
-                for k in ("examples_dir", "graph_dir", "features_dir", "checkpoint_root", "scratch_dir")
-            ),
+            *(Path(d[k]) for k in ("examples_dir", "graph_dir", "features_dir", "checkpoint_root", "scratch_dir")),
         )
 
 

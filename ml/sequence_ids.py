@@ -37,9 +37,7 @@ def id_mask(name: str, ids: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """``valid`` as a bool mask of ``ids``' shape; without one, ids != -1 (other negatives are refused)."""
     if valid is None:
         if (ids < -1).any():
-            raise ValueError(
-                f"{name}: holds negative entity ids; pass the padding as a mask (valid=), -1 is an id too"
-            )
+            raise ValueError(f"{name}: holds negative entity ids; pass the padding as a mask (valid=), -1 is an id too")
         return ids != -1
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != ids.shape:

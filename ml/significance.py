@@ -88,9 +88,7 @@ def paired_bootstrap(
         counts = rng.multinomial(m, np.full(m, 1.0 / m), size=min(step, n_boot - lo)).astype(np.float64)
         total = counts @ sum_w
         # a replicate that drew only zero-weight units has no mean: it counts as no difference
-        stats[lo : lo + counts.shape[0]] = np.divide(
-            counts @ sum_d, total, out=np.zeros_like(total), where=total > 0
-        )
+        stats[lo : lo + counts.shape[0]] = np.divide(counts @ sum_d, total, out=np.zeros_like(total), where=total > 0)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(stats, [tail, 1.0 - tail])
     return BootstrapResult(diff, float(low), float(high), level, resampled, m, n, int(n_boot), int(seed))

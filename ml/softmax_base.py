@@ -66,9 +66,7 @@ def entity_key(type_code: Any, ids: Any) -> torch.Tensor:
         raise TypeError(f"entity_key: type_code must be integers, got dtype {tc_t.dtype}")
     tc_t = tc_t.to(torch.int64)
     if on_host and tc_t.numel() and (int(tc_t.min()) < 0 or int(tc_t.max()) >= NUM_TYPE_CODES):
-        raise ValueError(
-            f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}"
-        )
+        raise ValueError(f"entity_key: type_code must lie in [0, {NUM_TYPE_CODES}), got {tc_t.unique().tolist()[:8]}")
     return _fold_id(ids_t) * NUM_TYPE_CODES + tc_t
 
 
@@ -101,9 +99,7 @@ class SoftmaxInputs:
             setattr(self, k, kw[k])
 
 
-def _check_vec(
-    name: str, t: Any, n: int, device: torch.device, *, integer: bool = False
-) -> torch.Tensor | None:
+def _check_vec(name: str, t: Any, n: int, device: torch.device, *, integer: bool = False) -> torch.Tensor | None:
     if t is None:
         return None
     t = torch.as_tensor(t, device=device)
@@ -142,9 +138,7 @@ def prepare_inputs(
             f"sampled_softmax_loss: positive must have the query's shape {tuple(query.shape)}, got {tuple(positive.shape)}"
         )
     if targets is not None and (positive.dim() != 2 or positive.shape[1] != query.shape[1]):
-        raise ValueError(
-            f"sampled_softmax_loss: positive must be [B, {query.shape[1]}], got {tuple(positive.shape)}"
-        )
+        raise ValueError(f"sampled_softmax_loss: positive must be [B, {query.shape[1]}], got {tuple(positive.shape)}")
     if query_keys is not None and positive_keys is None:
         raise ValueError("sampled_softmax_loss: query_keys need positive_keys (the candidates' keys)")
     n, d = query.shape
@@ -158,9 +152,7 @@ def prepare_inputs(
     m = negatives.shape[0]
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
-            raise ValueError(
-                f"sampled_softmax_loss: scale (lambda) must be a scalar, got shape {tuple(scale.shape)}"
-            )
+            raise ValueError(f"sampled_softmax_loss: scale (lambda) must be a scalar, got shape {tuple(scale.shape)}")
         scale_t = scale.reshape(())
     else:
         scale_t = torch.tensor(float(scale), device=dev)
@@ -186,9 +178,7 @@ def prepare_inputs(
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (never half: see module docstring)."""
-    return (
-        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    )
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def candidate_log_q(

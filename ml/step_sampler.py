@@ -117,9 +117,7 @@ class _PairSource:
         if self.cumulative_counts is None:
             pick = rng.integers(0, self.query_ids.size, size=n)
         else:
-            pick = np.searchsorted(
-                self.cumulative_counts, rng.random(n) * self.cumulative_counts[-1], side="right"
-            )
+            pick = np.searchsorted(self.cumulative_counts, rng.random(n) * self.cumulative_counts[-1], side="right")
         return self.query_ids[pick], self.pos_ids[pick]
 
 
@@ -130,9 +128,7 @@ def _cumulative_counts(t: pa.Table) -> np.ndarray:
     return np.cumsum(np.maximum(counts, 0.0) if counts.sum() > 0 else np.ones_like(counts))
 
 
-def _pair_sources(
-    pairs: pa.Table, weights: dict[str, float] | None, by_count: bool = True
-) -> list[_PairSource]:
+def _pair_sources(pairs: pa.Table, weights: dict[str, float] | None, by_count: bool = True) -> list[_PairSource]:
     out = []
     if pairs.num_rows == 0:
         return out
@@ -196,9 +192,7 @@ class BatchConfig:
         if self.batch_size < 1 or self.num_random_negatives < 0:
             raise ValueError("BatchConfig: batch_size must be >= 1 and num_random_negatives >= 0")
         if self.pair_sampling not in ("count", "uniform"):
-            raise ValueError(
-                f"BatchConfig: pair_sampling must be 'count' or 'uniform', got {self.pair_sampling!r}"
-            )
+            raise ValueError(f"BatchConfig: pair_sampling must be 'count' or 'uniform', got {self.pair_sampling!r}")
 
 
 def make_batch_iterator_factory(
@@ -224,9 +218,7 @@ def make_batch_iterator_factory(
         compact=c.compact,
     )
     by_count = c.pair_sampling == "count"
-    plan.add_pairs(
-        _pair_sources(data.pairs, c.source_weights, by_count) if "entity_entity" in c.tasks else []
-    )
+    plan.add_pairs(_pair_sources(data.pairs, c.source_weights, by_count) if "entity_entity" in c.tasks else [])
     fnodes = data.feature_nodes if "entity_feature" in c.tasks else data.feature_nodes.slice(0, 0)
     plan.add_feature_nodes(fnodes, c.feature_batch_size or c.batch_size)
     seqs = data.sequences if "user_entity" in c.tasks else data.sequences.slice(0, 0)
@@ -251,9 +243,7 @@ class _StepPlan:
     type_pairs: list = field(default_factory=list)
     feat_ids: dict = field(default_factory=dict)
     feat_alloc: dict = field(default_factory=dict)
-    seq: tuple | None = (
-        None  # (history offsets, values, future offsets, values, kept rows, user ids, users/step)
-    )
+    seq: tuple | None = None  # (history offsets, values, future offsets, values, kept rows, user ids, users/step)
 
     def add_pairs(self, sources: list[_PairSource]) -> None:
         self.sources = sources
@@ -428,9 +418,7 @@ def share_step_tables(step: dict) -> dict:
     out = {}
     for name, batch in step.items():
         changes = {
-            f.name: new[id(getattr(batch, f.name))]
-            for f in dc_fields(batch)
-            if id(getattr(batch, f.name)) in new
+            f.name: new[id(getattr(batch, f.name))] for f in dc_fields(batch) if id(getattr(batch, f.name)) in new
         }
         out[name] = dc_replace(batch, **changes)
     return out

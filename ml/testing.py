@@ -72,9 +72,7 @@ def random_entity_batch(
         f.token_ids[...] = np.where(np.arange(ell) < f.token_lengths[..., None], ids, 0)
         if d:
             f.image_mask[...] = f.present & (rng.random(shape) < 0.8)
-            f.image[...] = np.where(
-                f.image_mask[..., None], rng.standard_normal(shape + (d,)).astype(np.float32), 0
-            )
+            f.image[...] = np.where(f.image_mask[..., None], rng.standard_normal(shape + (d,)).astype(np.float32), 0)
         f.degree[...] = np.where(live, rng.integers(0, 50, size=shape), 0).astype(np.float32)
         return f
 
@@ -86,11 +84,7 @@ def random_entity_batch(
         s = -np.sort(-rng.random((b, blk.k)).astype(np.float32), axis=1)
         scores[:, off : off + blk.k] = np.where(mask[:, off : off + blk.k], s, 0)
     nb_ids = np.where(mask, rng.integers(0, 10**6, size=(b, k)), -1)
-    ids = (
-        np.asarray(entity_ids, dtype=np.int64)
-        if entity_ids is not None
-        else rng.choice(10**6, size=b, replace=False)
-    )
+    ids = np.asarray(entity_ids, dtype=np.int64) if entity_ids is not None else rng.choice(10**6, size=b, replace=False)
     return EntityBatch(
         entity_type=entity_type,
         entity_ids=ids,
@@ -135,9 +129,7 @@ def synthetic_task_batches(
     seq = np.where(np.arange(seq_len) < lengths[:, None], seq, -1)
     fut = np.where(rng.random(num_users) < 0.8, rng.integers(0, n_ent, num_users), -1)
     sequence = SequenceBatch(
-        entities=random_entity_batch(
-            rng, "pin", n_ent, entity_ids=rng.choice(10**6, n_ent, replace=False), **kw
-        ),
+        entities=random_entity_batch(rng, "pin", n_ent, entity_ids=rng.choice(10**6, n_ent, replace=False), **kw),
         sequence_index=seq,
         future_index=fut,
         random_negatives=random_entity_batch(rng, "pin", num_negatives, **kw),

@@ -100,9 +100,7 @@ class MlflowTarget:
                 return experiment.experiment_id
             Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
             try:
-                return client.create_experiment(
-                    name, artifact_location=Path(self.artifact_root, name).as_uri()
-                )
+                return client.create_experiment(name, artifact_location=Path(self.artifact_root, name).as_uri())
             except MlflowException as exc:  # a tracking server (no file lock) and another client won
                 if "RESOURCE_ALREADY_EXISTS" not in f"{getattr(exc, 'error_code', '')} {exc}":
                     raise

@@ -357,9 +357,7 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         if window_steps:
-            last = self._log(
-                window_losses, window_steps, window_examples, time.perf_counter() - window_t0, None
-            )
+            last = self._log(window_losses, window_steps, window_examples, time.perf_counter() - window_t0, None)
         finished = stop_after is None or stop_after >= tc.total_steps
         if selects and finished and self.step > 0:
             self._validate(selecting)
@@ -387,9 +385,7 @@ class Trainer:
 
     def _log(self, sums: dict[str, float], steps: int, examples: int, seconds: float, r) -> dict[str, float]:
         names = sorted(sums)
-        vals = torch.tensor(
-            [float(sums[n]) / max(1, steps) for n in names] + [float(examples)], dtype=torch.float64
-        )
+        vals = torch.tensor([float(sums[n]) / max(1, steps) for n in names] + [float(examples)], dtype=torch.float64)
         if self.distributed:  # mean losses over ranks, total examples
             dist.all_reduce(vals)
             vals[:-1] /= self.world
@@ -445,9 +441,7 @@ class Trainer:
             int(state["epoch"]),
             int(state["batch_in_epoch"]),
         )
-        if self.world == int(
-            state.get("world_size", 1)
-        ):  # per-rank RNG streams only mean something at equal world
+        if self.world == int(state.get("world_size", 1)):  # per-rank RNG streams only mean something at equal world
             set_rng_state(state["rng"])
 
     def warm_start(self, weights: Mapping[str, torch.Tensor], sketches: Mapping[str, dict]) -> None:

@@ -493,12 +493,8 @@ def build_training_examples(
     every = pa.concat_tables([engagement_pairs(con, config), coengagement_pairs(con, config), graph])
     _, eval_pairs = _split_pairs(_attach_segments(every, pin_segments), config)
     pair_logs = pair_logs_view(con, config, cutoff_ts)
-    no_future = pa.concat_tables(
-        [engagement_pairs(con, config, pair_logs), coengagement_pairs(con, config, pair_logs)]
-    )
-    train_pairs, _ = _split_pairs(
-        _attach_segments(pa.concat_tables([no_future, graph]), pin_segments), config
-    )
+    no_future = pa.concat_tables([engagement_pairs(con, config, pair_logs), coengagement_pairs(con, config, pair_logs)])
+    train_pairs, _ = _split_pairs(_attach_segments(pa.concat_tables([no_future, graph]), pin_segments), config)
     train_seq, eval_seq = user_sequences(con, config, cutoff_ts)
     train_nodes, eval_nodes = feature_nodes(snapshot, config)
     if boards_dir is None and pins_dir is not None and (Path(pins_dir).parent / "boards").is_dir():

@@ -56,9 +56,7 @@ class TrainingData:
                 pa.table({"entity_type": x["pos_type"], "entity_id": x["pos_id"]})
                 for x in (self.pairs, self.eval_pairs)
             ]
-            parts += [
-                x.select(["entity_type", "entity_id"]) for x in (self.feature_nodes, self.eval_feature_nodes)
-            ]
+            parts += [x.select(["entity_type", "entity_id"]) for x in (self.feature_nodes, self.eval_feature_nodes)]
             t = pa.concat_tables([p.cast(NODE_SCHEMA) for p in parts])
         out = {}
         for name in ("pin", "board"):

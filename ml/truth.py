@@ -39,9 +39,7 @@ class Truth:
 
     def user_latents_on_day(self, day: str | date) -> np.ndarray:
         d = (date.fromisoformat(str(day)) - date.fromisoformat(self.meta["start_date"])).days
-        return user_latents_on_day(
-            self.user_latent, self.centroids[self.user_drift_topic], self.meta["drift_rate"], d
-        )
+        return user_latents_on_day(self.user_latent, self.centroids[self.user_drift_topic], self.meta["drift_rate"], d)
 
 
 def load_truth(data_root: str | Path) -> Truth:
@@ -53,9 +51,7 @@ def load_truth(data_root: str | Path) -> Truth:
     def vec(t, col="latent"):
         return np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
 
-    pins, boards, users, topics = (
-        pq.read_table(base / f"{n}.parquet") for n in ("pins", "boards", "users", "topics")
-    )
+    pins, boards, users, topics = (pq.read_table(base / f"{n}.parquet") for n in ("pins", "boards", "users", "topics"))
     return Truth(
         meta=meta,
         pin_id=pins["pin_id"].to_numpy(),

@@ -136,9 +136,7 @@ class _StudyLog:
         tags = {"mlflow.parentRunId": self.parent, "omnisage.kind": "trial"}
         run = self.client.create_run(self.experiment, run_name=f"trial-{number}", tags=tags)
         for key, value in params.items():
-            self.client.log_param(
-                run.info.run_id, key, json.dumps(value) if isinstance(value, dict) else value
-            )
+            self.client.log_param(run.info.run_id, key, json.dumps(value) if isinstance(value, dict) else value)
         return run.info.run_id
 
     def finish_trial(self, run_id: str, state: str, history: list[dict], value: float | None) -> None:
@@ -170,14 +168,10 @@ def _objective(inputs, base, tune: TuneConfig, scorer_factory, log, study_log):
         config = base.replace(
             **settings, steps=tune.steps, resume=False, checkpoint_every=0, validation_checks=tune.checks
         )
-        trial_inputs = dataclasses.replace(
-            inputs, checkpoint_root=inputs.checkpoint_root / f"trial-{trial.number}"
-        )
+        trial_inputs = dataclasses.replace(inputs, checkpoint_root=inputs.checkpoint_root / f"trial-{trial.number}")
         run_id = study_log.trial(trial.number, settings) if study_log else None
         prep = prepare(trial_inputs, config)
-        selection = ModelSelection(
-            _pruning_score(trial, scorer_factory(prep, config), []), checks=tune.checks
-        )
+        selection = ModelSelection(_pruning_score(trial, scorer_factory(prep, config), []), checks=tune.checks)
         state = "COMPLETE"
         try:
             if tune.system == "model":
@@ -223,9 +217,7 @@ def split_validation_scorer(inputs, base, sources: list[str]) -> tuple[Callable,
     return factory, validation.eval_pairs.num_rows
 
 
-def run_study(
-    inputs, base, tune: TuneConfig, log: Callable[[str], None], target=None, scorer=None
-) -> StudyResult:
+def run_study(inputs, base, tune: TuneConfig, log: Callable[[str], None], target=None, scorer=None) -> StudyResult:
     """Run the study on the partition ``inputs`` (``ml.training_run.TrainingInputs``) from the ``base``
     ``TrainingRunConfig``; ``target`` (an ``ml.tracking.MlflowTarget``) logs it to MLflow. ``scorer``:
     (factory, validation pair count) of another objective (default ``split_validation_scorer``; the quality

@@ -61,9 +61,7 @@ class TableUserEmbedder:
 
 def oracle_baseline(truth, day: str):
     """(EntityEmbedder, UserEmbedder) of the planted latent vectors (``ml.truth.Truth``)."""
-    entities = TableEmbedder(
-        {"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)}
-    )
+    entities = TableEmbedder({"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)})
     return entities, TableUserEmbedder(truth.user_id, truth.user_latents_on_day(day))
 
 

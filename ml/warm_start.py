@@ -36,9 +36,7 @@ def _shape_mismatch(weights: dict[str, torch.Tensor], model_config) -> str:
     return f"tensor {bad[0]!r} has shape {got[bad[0]]}, this config builds {expected[bad[0]]}" if bad else ""
 
 
-def champion_warm_start(
-    tracking_uri: str, model_name: str, model_config, layout
-) -> tuple[WarmStart | None, str]:
+def champion_warm_start(tracking_uri: str, model_name: str, model_config, layout) -> tuple[WarmStart | None, str]:
     """-> (the champion's weights and sketches, or None; a note saying what was used or why not)."""
     from ml.model_io import ModelFormatError
     from ml.registry import ModelRegistry

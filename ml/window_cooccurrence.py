@@ -30,9 +30,7 @@ def pin_sequences(logs: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     """(user, pin) of the events ``rows`` of ``logs``, ordered by user, then event time, then row."""
     rows = np.asarray(rows, dtype=np.int64)
     user = logs.column("user_id").to_numpy(zero_copy_only=False).astype(np.int64)[rows]
-    ts = (
-        logs.column("event_ts").to_numpy(zero_copy_only=False).astype("datetime64[us]").astype(np.int64)[rows]
-    )
+    ts = logs.column("event_ts").to_numpy(zero_copy_only=False).astype("datetime64[us]").astype(np.int64)[rows]
     pin = logs.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)[rows]
     order = np.lexsort((rows, ts, user))
     return user[order], pin[order]
@@ -108,11 +106,7 @@ class WindowCooccurrenceScorer:
         """[n_u, n_c] sum over each history of C[h_i, c], plus the tie-break."""
         cols = self._cols(cand_type, cand_ids)
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        flat = (
-            np.concatenate([np.asarray(h, np.int64) for h in histories])
-            if len(histories)
-            else np.zeros(0, np.int64)
-        )
+        flat = np.concatenate([np.asarray(h, np.int64) for h in histories]) if len(histories) else np.zeros(0, np.int64)
         hist_cols = self._cols("pin", flat)
         owner = np.repeat(np.arange(len(histories)), lengths)
         found = hist_cols >= 0

@@ -52,13 +52,9 @@ for command in (ablate, neighbors, retention, serve, train, tune):
     help="tiny ~2K, small ~20K, medium ~200K, large ~1M events/day.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--no-images", is_flag=True, help="A data set without image vectors (image_embedding all null)."
-)
+@click.option("--no-images", is_flag=True, help="A data set without image vectors (image_embedding all null).")
 @click.option("--force", is_flag=True, help="Replace a different synthetic data set already in --out.")
-def generate(
-    out: Path | None, start_date: str, days: int, scale: str, seed: int, no_images: bool, force: bool
-) -> None:
+def generate(out: Path | None, start_date: str, days: int, scale: str, seed: int, no_images: bool, force: bool) -> None:
     """Write synthetic input in the data contract's format, with the planted truth under OUT/_truth/."""
     from omnisage_pipeline.settings import Settings
     from omnisage_pipeline.tools import synthetic
@@ -117,9 +113,7 @@ def demo(days: int, scale: str, seed: int, train_steps: int) -> None:
     click.echo("held-out recall@10 of the trained model:")
     click.echo(recall_table(outcome["model"]))
     if outcome.get("report"):
-        click.echo(
-            "recall_report of the last day (the champion and its baselines on the same held-out sets):"
-        )
+        click.echo("recall_report of the last day (the champion and its baselines on the same held-out sets):")
         click.echo(outcome["report"])
     click.echo(where_to_look(Settings.from_env()))
 
@@ -187,9 +181,7 @@ def import_group() -> None:
     show_default=True,
     help="Compress the training period into this many daily partitions (keep the window >= this).",
 )
-@click.option(
-    "--real-time", is_flag=True, help="Keep the real timestamps (a ~186-day window) instead of --days."
-)
+@click.option("--real-time", is_flag=True, help="Keep the real timestamps (a ~186-day window) instead of --days.")
 @click.option(
     "--start-date",
     default=None,
@@ -230,9 +222,15 @@ def import_movielens_100k(
     cache = cache or Settings.from_env().home / "cache" / "movielens"
     try:
         summary = movielens.import_movielens(
-            out, source, cache_dir=cache, days=None if real_time else days, start_date=start_date,
-            heldout_days=heldout_days, test_period=test_period, force=force,
-        )  # fmt: skip
+            out,
+            source,
+            cache_dir=cache,
+            days=None if real_time else days,
+            start_date=start_date,
+            heldout_days=heldout_days,
+            test_period=test_period,
+            force=force,
+        )
     except movielens.MovieLensError as exc:
         raise click.ClickException(str(exc)) from exc
     counts = summary["counts"]

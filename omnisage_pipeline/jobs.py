@@ -41,9 +41,7 @@ _STARTED = [
 def is_daily(asset) -> bool:
     """A materializable asset on the daily partitions (all but ``omnisage_model``, contract "Asset keys")."""
     return (
-        isinstance(asset, dg.AssetsDefinition)
-        and asset.is_materializable
-        and asset.partitions_def == daily_partitions
+        isinstance(asset, dg.AssetsDefinition) and asset.is_materializable and asset.partitions_def == daily_partitions
     )
 
 
@@ -55,9 +53,7 @@ def daily_asset_keys(asset_defs: Sequence) -> list[dg.AssetKey]:
 def with_daily_freshness(asset_defs: Sequence) -> list:
     """``asset_defs`` with ``DAILY_FRESHNESS`` on every daily asset."""
     return [
-        dg.map_asset_specs(lambda spec: dg.apply_freshness_policy(spec, DAILY_FRESHNESS), [a])[0]
-        if is_daily(a)
-        else a
+        dg.map_asset_specs(lambda spec: dg.apply_freshness_policy(spec, DAILY_FRESHNESS), [a])[0] if is_daily(a) else a
         for a in asset_defs
     ]
 

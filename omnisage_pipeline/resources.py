@@ -130,9 +130,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     def target(self) -> MlflowTarget:
         """The Dagster-free handle the training library uses (ml.tracking)."""
-        return MlflowTarget(
-            self.tracking_uri, self.artifact_root, self.experiment_name, self.registered_model_name
-        )
+        return MlflowTarget(self.tracking_uri, self.artifact_root, self.experiment_name, self.registered_model_name)
 
     def client(self):
         return self.target().client()

@@ -111,9 +111,7 @@ def embeddings_request(settings: Settings, champion: str | None) -> dg.RunReques
     "entity_embeddings (and what depends on them) when the alias points to a version other than the one "
     "that embedded it.",
 )
-def champion_embeddings_sensor(
-    context: dg.SensorEvaluationContext, storage: StorageResource, mlflow: MlflowResource
-):
+def champion_embeddings_sensor(context: dg.SensorEvaluationContext, storage: StorageResource, mlflow: MlflowResource):
     champion = champion_version(mlflow)
     events = changed(context.instance, [champion_observation(champion, mlflow.registered_model_name)])
     if events:
@@ -138,9 +136,7 @@ class ArrivalPlan:
     unexpected: list[Path] = field(default_factory=list)
 
 
-def plan_arrivals(
-    data_root: Path, cursor: str | None, now: float, started: Callable[[str], bool]
-) -> ArrivalPlan:
+def plan_arrivals(data_root: Path, cursor: str | None, now: float, started: Callable[[str], bool]) -> ArrivalPlan:
     """The days after ``cursor`` whose folder has arrived (the newest one only when there is no cursor), in
     date order, up to the first that must wait. Days before the first partition are never pipeline days."""
     days, unexpected = delivered_days(data_root)
@@ -153,9 +149,7 @@ def plan_arrivals(
             break
         state = folder_state(engagement_day_folder(data_root, day))
         if now - state.newest_mtime < QUIET_SECONDS:
-            plan.waiting = (
-                f"dt={day} changed {now - state.newest_mtime:.0f} s ago (waits for {QUIET_SECONDS} s)"
-            )
+            plan.waiting = f"dt={day} changed {now - state.newest_mtime:.0f} s ago (waits for {QUIET_SECONDS} s)"
             break
         if started(day):
             plan.already_started.append(day)
@@ -169,9 +163,7 @@ def arrival_result(context: dg.SensorEvaluationContext, settings: Settings) -> d
     root = settings.data_root
     if not root.is_dir():
         return dg.SensorResult(skip_reason=f"OMNISAGE_DATA_ROOT {root} does not exist: nothing has arrived")
-    plan = plan_arrivals(
-        root, context.cursor, time.time(), lambda day: day_started(context.instance, day) is not None
-    )
+    plan = plan_arrivals(root, context.cursor, time.time(), lambda day: day_started(context.instance, day) is not None)
     for entry in plan.unexpected:
         context.log.warning(f"{entry}: not a day folder dt=YYYY-MM-DD of the contract; not read")
     for day in plan.already_started:
@@ -250,6 +242,4 @@ def failure_summary(run: dg.DagsterRun, failure_event, step_failures) -> str:
     "the first line of the error.",
 )
 def omnisage_run_failure_sensor(context: dg.RunFailureSensorContext):
-    context.log.error(
-        failure_summary(context.dagster_run, context.failure_event, context.get_step_failure_events())
-    )
+    context.log.error(failure_summary(context.dagster_run, context.failure_event, context.get_step_failure_events()))

@@ -97,9 +97,7 @@ def entity_universe(snapshot: GraphSnapshot, metadata_dir: Path) -> dict[str, np
     out = {}
     for name, column in (("pin", "pin_id"), ("board", "board_id")):
         meta = pq.read_table(Path(metadata_dir) / f"{name}s", columns=[column])[column].to_numpy()
-        out[name] = np.unique(
-            np.concatenate([node_id[node_type == NODE_TYPE_CODE[name]], meta.astype(np.int64)])
-        )
+        out[name] = np.unique(np.concatenate([node_id[node_type == NODE_TYPE_CODE[name]], meta.astype(np.int64)]))
     return out
 
 
@@ -144,9 +142,7 @@ def build_library_pipeline(
         write_table(result.valid, out)
         log_dirs.append(out)
     metadata_dir = wh / "entity_metadata" / f"dt={day}"
-    write_table(
-        validate_pins(sorted((data_root / "pins").glob("*.parquet")), data_root).valid, metadata_dir / "pins"
-    )
+    write_table(validate_pins(sorted((data_root / "pins").glob("*.parquet")), data_root).valid, metadata_dir / "pins")
     write_table(
         validate_boards(sorted((data_root / "boards").glob("*.parquet")), data_root).valid,
         metadata_dir / "boards",
@@ -187,9 +183,7 @@ def build_library_pipeline(
     examples_dir = wh / "training_examples" / f"dt={day}"
     examples_dir.mkdir(parents=True, exist_ok=True)
     log_files = [p for d in log_dirs for p in sorted(d.glob("*.parquet"))]
-    build_training_examples(
-        log_files, metadata_dir / "pins", snapshot, neighborhoods, examples_dir, day, config
-    )
+    build_training_examples(log_files, metadata_dir / "pins", snapshot, neighborhoods, examples_dir, day, config)
     data = load_training_examples(examples_dir)
     stats["total_s"] = time.perf_counter() - t0
     return PipelineArtifacts(

@@ -78,16 +78,12 @@ class UserEntityTask(nn.Module):
         # positions and targets are computed where the indices live (the host, for loader batches), then
         # copied: boolean-mask indexing on the device would synchronise the host every step
         seq_host = torch.as_tensor(batch.sequence_index, dtype=torch.int64)
-        fut_host = (
-            None if batch.future_index is None else torch.as_tensor(batch.future_index, dtype=torch.int64)
-        )
+        fut_host = None if batch.future_index is None else torch.as_tensor(batch.future_index, dtype=torch.int64)
         pos = loss_positions(seq_host, fut_host, model.config.next_action, model.config.future_action)
         seq = seq_host.to(dev, non_blocking=True)
         valid = seq >= 0
         u, t = seq.shape
-        seq_emb = p.index_select(0, seq.clamp_min(0).reshape(-1)).reshape(u, t, -1) * valid[..., None].to(
-            p.dtype
-        )
+        seq_emb = p.index_select(0, seq.clamp_min(0).reshape(-1)).reshape(u, t, -1) * valid[..., None].to(p.dtype)
         states = self.user_states(seq_emb, valid).reshape(u * t, -1)  # [U * T, d]
         out: dict[str, torch.Tensor] = {}
         for part, (where, target, query_target) in pos.items():

@@ -24,8 +24,10 @@ def _study_list(ctx, param, value):
     chosen = [s.strip() for s in value.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in ABLATION_STUDIES]
     if unknown:
-        raise click.BadParameter(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-                                 f"choose from {', '.join(ABLATION_STUDIES)} or 'all'")  # fmt: skip
+        raise click.BadParameter(
+            f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+            f"choose from {', '.join(ABLATION_STUDIES)} or 'all'"
+        )
     return chosen
 
 
@@ -141,20 +143,30 @@ def ablate(
     from omnisage_pipeline.tools.ablations import AblationConfig, AblationError, run_ablations
 
     config = AblationConfig(
-        studies, variants=list(variants), scale=scale, days=days, steps=steps, seed=seed, batch_size=batch_size,
-        negatives=negatives, preset=preset, device=device, data_root=data_root, root=out,
-        experiment=experiment, engine=engine, torch_threads=torch_threads,
+        studies,
+        variants=list(variants),
+        scale=scale,
+        days=days,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        negatives=negatives,
+        preset=preset,
+        device=device,
+        data_root=data_root,
+        root=out,
+        experiment=experiment,
+        engine=engine,
+        torch_threads=torch_threads,
         blocks=[b.strip() for b in blocks.split(",") if b.strip()] if blocks else None,
-    )  # fmt: skip
+    )
     try:
         result = run_ablations(config, echo=click.echo)
     except AblationError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")
     click.echo(result.markdown)
-    click.echo(
-        f"tables: {result.markdown_path} and {result.json_path}; MLflow parent run {result.parent_run_id}"
-    )
+    click.echo(f"tables: {result.markdown_path} and {result.json_path}; MLflow parent run {result.parent_run_id}")
     if result.summary["failed"]:
         raise click.ClickException(
             f"{len(result.summary['failed'])} variant(s) failed: " + "; ".join(result.summary["failed"])

@@ -7,9 +7,7 @@ import click
 
 
 @click.command(name="retention")
-@click.option(
-    "--apply", "apply_", is_flag=True, help="Remove what has expired [default: a dry run, nothing removed]."
-)
+@click.option("--apply", "apply_", is_flag=True, help="Remove what has expired [default: a dry run, nothing removed].")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-dataset reports as JSON.")
 def retention(apply_: bool, as_json: bool) -> None:
     """Remove the days of graph/, features/, embeddings/, user_embeddings/ and indexes/ that are
@@ -34,9 +32,7 @@ def retention(apply_: bool, as_json: bool) -> None:
         with retention_home.open_instance(settings) as instance:
             protected = retention_home.protected_days(settings, instance)
     except Exception as exc:  # without the running runs no day is provably unread
-        raise click.ClickException(
-            f"could not list the running Dagster runs, nothing removed: {exc}"
-        ) from exc
+        raise click.ClickException(f"could not list the running Dagster runs, nothing removed: {exc}") from exc
     reports = retention_home.retain_home(settings, protected, apply=apply_)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in reports], indent=2))
@@ -51,9 +47,7 @@ def _echo_reports(reports, retention_days: int, applied: bool) -> None:
     from omnisage_pipeline.settings import RETENTION_ENV
     from omnisage_pipeline.storage.retention_home import removal_rows
 
-    click.echo(
-        f"{RETENTION_ENV}={retention_days}: each folder keeps the days after (its newest - {retention_days})"
-    )
+    click.echo(f"{RETENTION_ENV}={retention_days}: each folder keeps the days after (its newest - {retention_days})")
     for report in reports:
         if report.newest is None:
             click.echo(f"{report.dataset}/: nothing published")

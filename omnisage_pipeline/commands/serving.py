@@ -16,9 +16,7 @@ from omnisage_pipeline.commands.options import iso_date
     default=None,
     help="Type of the query entity (with --id).",
 )
-@click.option(
-    "--id", "entity_id", type=int, default=None, help="The query entity's id (the contract's int64 id)."
-)
+@click.option("--id", "entity_id", type=int, default=None, help="The query entity's id (the contract's int64 id).")
 @click.option(
     "--user",
     "user_id",
@@ -58,8 +56,9 @@ def neighbors(source_type, entity_id, user_id, target_type, k, partition, as_jso
         items = nearest(loaded, source, query_id, target, k)
     except (NoIndexError, UnknownEntityError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"dt={loaded.partition} model {loaded.model_version}: {len(items)} nearest {target}s of {source} "
-               f"{query_id}")  # fmt: skip
+    click.echo(
+        f"dt={loaded.partition} model {loaded.model_version}: {len(items)} nearest {target}s of {source} {query_id}"
+    )
     for rank, item in enumerate(items, 1):
         click.echo(f"{rank:>4}  {item.id:>20d}  {item.score:.4f}")
     if as_json:

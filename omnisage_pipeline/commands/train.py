@@ -17,9 +17,7 @@ from omnisage_pipeline.commands.options import iso_date
     callback=iso_date,
     help="training_examples partition to train on [default: the newest published].",
 )
-@click.option(
-    "--steps", type=click.IntRange(min=0), default=None, help="Optimizer steps [default: the preset's]."
-)
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Optimizer steps [default: the preset's].")
 @click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
@@ -29,12 +27,8 @@ from omnisage_pipeline.commands.options import iso_date
 )
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto", show_default=True)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Entity-entity pairs per step and rank."
-)
-@click.option(
-    "--negatives", type=click.IntRange(min=0), default=None, help="Random negatives per type and step."
-)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Entity-entity pairs per step and rank.")
+@click.option("--negatives", type=click.IntRange(min=0), default=None, help="Random negatives per type and step.")
 @click.option(
     "--num-workers",
     type=click.IntRange(min=0),

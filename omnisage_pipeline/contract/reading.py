@@ -280,9 +280,7 @@ class _FileTable:
     cuts: dict[str, Cuts]  # text values over MAX_TEXT_BYTES that were cut, per text column read
 
 
-def _read_columns(
-    path: Path, spec: Sequence[Column]
-) -> tuple[dict[str, pa.ChunkedArray], dict[str, Cuts], int]:
+def _read_columns(path: Path, spec: Sequence[Column]) -> tuple[dict[str, pa.ChunkedArray], dict[str, Cuts], int]:
     """The file's contract columns as read (text cut and decoded), row group by row group, within budget."""
     pf, size = _open(path)
     schema = pf.schema_arrow
@@ -320,8 +318,7 @@ def _read_columns(
     if rows != footer_rows:
         raise ContractError(path, f"footer says {footer_rows} rows but {rows} were decoded")
     columns = {
-        name: pa.chunked_array(pieces[name], type=None if pieces[name] else schema.field(name).type)
-        for name in wanted
+        name: pa.chunked_array(pieces[name], type=None if pieces[name] else schema.field(name).type) for name in wanted
     }
     return columns, {name: Cuts.concat(parts) for name, parts in cuts.items()}, rows
 
@@ -344,9 +341,7 @@ def _read_file(path: Path, spec: Sequence[Column], day: date | None) -> _FileTab
             else:
                 columns[col.name] = _normalise(col, arr)
         except (pa.ArrowException, ValueError) as exc:
-            raise ContractError(
-                path, f"cannot be converted to {_TARGET[col.kind]}: {exc}", col.name
-            ) from None
+            raise ContractError(path, f"cannot be converted to {_TARGET[col.kind]}: {exc}", col.name) from None
     cuts.update({c.name: Cuts.none() for c in spec if c.kind == "string" and c.name not in cuts})
     return _FileTable(columns, timestamps, n, cuts)
 

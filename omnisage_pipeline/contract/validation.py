@@ -379,9 +379,7 @@ def _as_date(day: date | str) -> date:
     return day if isinstance(day, date) else date.fromisoformat(day)
 
 
-def validate_engagement_logs(
-    files: Sequence[Path], day: date | str, root: Path | None = None
-) -> ValidationResult:
+def validate_engagement_logs(files: Sequence[Path], day: date | str, root: Path | None = None) -> ValidationResult:
     """Validate one day folder's files (already sorted) against the contract's log rules."""
     day = _as_date(day)
     inp = read_all(files, LOG_COLUMNS, LOG_SCHEMA, root, day)
@@ -435,9 +433,7 @@ def _validate_entities(
 
 
 def validate_pins(files: Sequence[Path], root: Path | None = None) -> ValidationResult:
-    return _validate_entities(
-        "pin", files, root, PIN_COLUMNS, PIN_SCHEMA, PIN_QUARANTINE_SCHEMA, PIN_TEXT, PIN_REASONS
-    )
+    return _validate_entities("pin", files, root, PIN_COLUMNS, PIN_SCHEMA, PIN_QUARANTINE_SCHEMA, PIN_TEXT, PIN_REASONS)
 
 
 def validate_boards(files: Sequence[Path], root: Path | None = None) -> ValidationResult:

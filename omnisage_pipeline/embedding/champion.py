@@ -79,9 +79,7 @@ def champion_builder(loaded, graph_dir: Path, features_dir: Path, log=None) -> B
         # The champion was trained with another layout: sample this day's neighbourhoods on the fly with the
         # champion's layout and the cache's random-walk settings (slower, but the model sees what it expects).
         log(f"champion layout {layout} differs from the cached {cache.layout}: sampling on the fly")
-        neighborhoods = NeighborSampler(
-            snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget
-        )
+        neighborhoods = NeighborSampler(snapshot, layout, restart_prob=cache.restart_prob, budget=cache.budget)
     # in memory when the day's decoded features fit the default budget (graph_engine.feature_table)
     featurizer = open_features(features_dir, max_tokens=champion_max_tokens(loaded), snapshot=snapshot)
     model_image_dim = int(getattr(getattr(model, "config", None), "image_dim", 0) or 0)

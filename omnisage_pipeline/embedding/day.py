@@ -143,9 +143,7 @@ def read_user_histories(examples_dir: Path) -> tuple[np.ndarray, list[np.ndarray
         try:
             table = pq.read_table(path, columns=["user_id", "history"])
         except (pa.ArrowInvalid, KeyError) as exc:
-            raise ValueError(
-                f"{path}: fields 'user_id' (int64) and 'history' (list<int64>) required: {exc}"
-            ) from exc
+            raise ValueError(f"{path}: fields 'user_id' (int64) and 'history' (list<int64>) required: {exc}") from exc
         hist = table.column("history")
         if not (pa.types.is_list(hist.type) or pa.types.is_large_list(hist.type)):
             raise ValueError(f"{path}: field 'history' is {hist.type}, expected list<int64>")
@@ -230,11 +228,7 @@ class DayInputs:
 
     def fingerprint(self, with_users: bool) -> str:
         """Names of the published versions (each publish makes a new one) + the options that change content."""
-        parts = [
-            str(p.name)
-            for p in (self.metadata_dir, self.graph_dir, self.features_dir, self.examples_dir)
-            if p
-        ]
+        parts = [str(p.name) for p in (self.metadata_dir, self.graph_dir, self.features_dir, self.examples_dir) if p]
         return hashlib.sha1(json.dumps([parts, with_users]).encode()).hexdigest()[:12]
 
 
@@ -268,9 +262,7 @@ def _no_log(msg: str) -> None:
 def _shard_entities(entities: dict[str, np.ndarray], options: EmbedOptions) -> dict[str, np.ndarray]:
     if options.num_shards <= 1:
         return entities
-    return {
-        t: ids[shard_of(t, ids, options.num_shards) == options.shard_index] for t, ids in entities.items()
-    }
+    return {t: ids[shard_of(t, ids, options.num_shards) == options.shard_index] for t, ids in entities.items()}
 
 
 def _embed_entities(model, builder, entities, options: EmbedOptions, version: str, stats: dict, log):
@@ -349,9 +341,7 @@ def _shard_users(users: tuple[np.ndarray, list[np.ndarray]], options: EmbedOptio
     return user_ids, histories
 
 
-def _embed_users(
-    model, builder, user_ids, histories, pin_table, options: EmbedOptions, stats, log
-) -> np.ndarray:
+def _embed_users(model, builder, user_ids, histories, pin_table, options: EmbedOptions, stats, log) -> np.ndarray:
     """The window's active users of this shard (U_t from the day's pin table); fills ``stats``."""
     from ml.inference import embed_users
 

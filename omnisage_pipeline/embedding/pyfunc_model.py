@@ -57,8 +57,7 @@ def _rows(model_input) -> tuple[np.ndarray, np.ndarray]:
     types, ids = model_input["entity_type"], model_input["entity_id"]
     if types.isna().any() or ids.isna().any():
         raise ValueError(
-            f"model input: {int(types.isna().sum())} null entity_type and {int(ids.isna().sum())} null "
-            "entity_id values"
+            f"model input: {int(types.isna().sum())} null entity_type and {int(ids.isna().sum())} null entity_id values"
         )
     if not pd.api.types.is_integer_dtype(ids):
         raise ValueError(f"model input field 'entity_id' is {ids.dtype}, expected integers (long)")
@@ -86,9 +85,7 @@ def embed_rows(
         try:
             known = day_entities(inputs.metadata_dir, builder.snapshot)
             unknown = [
-                (t, int(i))
-                for t in NODE_TYPES
-                for i in np.unique(ids[types == t][~np.isin(ids[types == t], known[t])])
+                (t, int(i)) for t in NODE_TYPES for i in np.unique(ids[types == t][~np.isin(ids[types == t], known[t])])
             ]
             if unknown:
                 shown = f"{unknown[:SHOWN]}{' ...' if len(unknown) > SHOWN else ''}"

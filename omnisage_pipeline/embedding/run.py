@@ -58,9 +58,7 @@ def embed_and_publish(
     manifest["embedding_dim"] = result.stats.get("embedding_dim", 0)
     validate = validate_for(result.stats["entities_total_day"], version) if validate_for else None
     if options.num_shards == 1:
-        publish_unsharded(
-            settings, day, result, {**manifest, **count_fields(result.stats)}, validate=validate
-        )
+        publish_unsharded(settings, day, result, {**manifest, **count_fields(result.stats)}, validate=validate)
         outcome = "published"
     else:
         stage = shard_stage_dir(settings, day, stage_key)

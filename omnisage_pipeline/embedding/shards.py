@@ -45,9 +45,7 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def publish_unsharded(
-    settings: Settings, day: str, result: DayEmbeddings, manifest: dict, validate=None
-) -> None:
+def publish_unsharded(settings: Settings, day: str, result: DayEmbeddings, manifest: dict, validate=None) -> None:
     """num_shards = 1: publish both datasets directly (users first: the entity partition is the one that
     marks the day as embedded). ``validate(staged entities)`` runs before either is swapped in: when it
     raises, neither dataset changes."""

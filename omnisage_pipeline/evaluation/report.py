@@ -149,9 +149,7 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
     if name == "pinsage":
         if pinsage is None:
             return Candidate(None, unavailable="the champion's run has no PinSage-like baseline")
-        entity, _ = model_embedders(
-            pinsage.model, champion_builder(pinsage, d.graph_dir, d.features_dir, d.log)
-        )
+        entity, _ = model_embedders(pinsage.model, champion_builder(pinsage, d.graph_dir, d.features_dir, d.log))
         return Candidate(entity, tasks=("entity_entity",))
     if name == "oracle":
         if (d.settings.data_root / "_truth" / "meta.json").is_file():
@@ -169,8 +167,12 @@ def window_logs(settings: Settings, day: str):
     from omnisage_pipeline.partitions import window_keys
 
     logs_ds = settings.warehouse_dataset("engagement_logs")
-    tables = [pq.read_table(f) for key in window_keys(day) if (path := published_path(logs_ds, key)) is not None
-              for f in sorted(path.glob("*.parquet"))]  # fmt: skip
+    tables = [
+        pq.read_table(f)
+        for key in window_keys(day)
+        if (path := published_path(logs_ds, key)) is not None
+        for f in sorted(path.glob("*.parquet"))
+    ]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
@@ -201,8 +203,10 @@ def item_candidate(name: str, d: _ScoredDay):
             d.log(reason)
             return Candidate(None, unavailable=reason)
         scorer, tuning = fit_ease_baseline(split, d.universe, REPORT_EASE_GRID, k)
-    d.log(f"{name}: tuned on {tuning.validation_pairs} validation pairs: {tuning.param} = {tuning.best} "
-          f"(recall@{k} {tuning.best_recall})")  # fmt: skip
+    d.log(
+        f"{name}: tuned on {tuning.validation_pairs} validation pairs: {tuning.param} = {tuning.best} "
+        f"(recall@{k} {tuning.best_recall})"
+    )
     return Candidate(scorer, scorer, tasks=("entity_entity", "user_entity"))
 
 
@@ -217,9 +221,12 @@ def als_candidate(settings: Settings, day: str, data, universe, config, log):
         return Candidate(None, unavailable="no validated engagement logs in the window")
     grid = DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID
     als, tuning = fit_als_baseline(
-        logs, exclude_pairs=data.eval_pairs, exclude_users=data.eval_sequences["user_id"].to_numpy(),
-        universe=universe, config=AlsFitConfig(grid=grid, k=config.k, seed=config.seed),
-    )  # fmt: skip
+        logs,
+        exclude_pairs=data.eval_pairs,
+        exclude_users=data.eval_sequences["user_id"].to_numpy(),
+        universe=universe,
+        config=AlsFitConfig(grid=grid, k=config.k, seed=config.seed),
+    )
     log(
         f"als: {als.index.matrix.shape[0]} users x {als.index.matrix.shape[1]} items, {als.index.matrix.nnz} "
         f"interactions; tuned on {tuning.validation_pairs} validation pairs: {tuning.best} "
@@ -272,16 +279,13 @@ def log_to_mlflow(
     client.log_inputs(
         run_id,
         datasets=[
-            DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "evaluation")])
-            for d in datasets
+            DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "evaluation")]) for d in datasets
         ],
         models=[LoggedModelInput(model_id)] if model_id else None,
     )
     evaluated = next((d for d, name in zip(datasets, inputs) if name == "training_examples"), None)
     link = (
-        {"model_id": model_id, "dataset_name": evaluated.name, "dataset_digest": evaluated.digest}
-        if evaluated
-        else {}
+        {"model_id": model_id, "dataset_name": evaluated.name, "dataset_digest": evaluated.digest} if evaluated else {}
     )
     k, step, ts = (
         report.get("k", 10),
@@ -301,9 +305,7 @@ def report_inputs(settings, day: str) -> dict[str, Path]:
     from omnisage_pipeline.storage.publish import published_path
 
     datasets = {"training_examples": settings.warehouse_dataset("training_examples")}
-    datasets.update(
-        graph=settings.graph_dir, features=settings.features_dir, embeddings=settings.embeddings_dir
-    )
+    datasets.update(graph=settings.graph_dir, features=settings.features_dir, embeddings=settings.embeddings_dir)
     paths = {name: published_path(ds, day) for name, ds in datasets.items()}
     return {name: path.resolve() for name, path in paths.items() if path is not None}
 
@@ -325,9 +327,7 @@ def _dataset(name: str, day: str, path: Path):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    return MetaDataset(
-        resolve_dataset_source(str(path)), name=f"{name} dt={day}", digest=Path(path).name[-16:]
-    )
+    return MetaDataset(resolve_dataset_source(str(path)), name=f"{name} dt={day}", digest=Path(path).name[-16:])
 
 
 def champion_model_id(client, name: str, version) -> str | None:

@@ -126,20 +126,23 @@ def tune_search(index: TypeIndex, source: Vectors, check: CheckParams) -> dict:
         settings.update({key: min(int(settings[key]) * 2, int(cap)) for key, cap in caps.items()})
 
 
-def stage_type(folder: Path, entity_type: str, vectors: Vectors, kind: str, params: IndexParams,
-               check: CheckParams) -> dict:  # fmt: skip
+def stage_type(
+    folder: Path, entity_type: str, vectors: Vectors, kind: str, params: IndexParams, check: CheckParams
+) -> dict:
     """Build, tune and write one type's index files into ``folder``; returns its manifest entry."""
     t0 = time.perf_counter()
     index, settings = build_faiss_index(kind, vectors.matrix, params)
     apply_search_settings(index, kind, settings)
-    settings = tune_search(
-        TypeIndex(entity_type, kind, index, vectors.ids, vectors.matrix, settings), vectors, check
-    )
+    settings = tune_search(TypeIndex(entity_type, kind, index, vectors.ids, vectors.matrix, settings), vectors, check)
     faiss.write_index(index, str(folder / f"{entity_type}.faiss"))
     np.save(folder / f"{entity_type}.ids.npy", vectors.ids)
     np.save(folder / f"{entity_type}.vectors.npy", vectors.matrix)
-    return {"index_type": kind, "count": len(vectors), "params": settings,
-            "build_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return {
+        "index_type": kind,
+        "count": len(vectors),
+        "params": settings,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def staged_recall(staging: Path, source: dict[str, Vectors], check: CheckParams) -> dict[str, float]:
@@ -173,9 +176,7 @@ def publish_index(
     counts = {t: len(v) for t, v in source.items() if len(v)}
     dims = {source[t].dim for t in counts} | ({users.dim} if users is not None and len(users) else set())
     if len(dims) != 1:
-        raise EmbeddingsError(
-            f"dt={day}: embeddings of dimensions {sorted(dims)} (none or several); cannot index"
-        )
+        raise EmbeddingsError(f"dt={day}: embeddings of dimensions {sorted(dims)} (none or several); cannot index")
     dim = dims.pop()
     plan = plan_index_types(counts, dim, params)
     log(f"dt={day}: index plan {plan} for {counts} vectors of dimension {dim}")
@@ -184,14 +185,25 @@ def publish_index(
         if users is not None and len(users):
             write_user_vectors(staging, users)
         manifest = {
-            "partition": day, "model_version": model_version, "metric": METRIC, "dimension": dim,
+            "partition": day,
+            "model_version": model_version,
+            "metric": METRIC,
+            "dimension": dim,
             "counts": {**{t: len(v) for t, v in source.items()}, "user": len(users) if users is not None else 0},
-            "types": entries, "config": asdict(params), **(extra or {}),
-        }  # fmt: skip
+            "types": entries,
+            "config": asdict(params),
+            **(extra or {}),
+        }
         write_manifest(staging, manifest)
         recall = staged_recall(staging, source, check)
-        manifest["check"] = {"name": CHECK_NAME, "recall": recall, "k": check.k, "min_recall": check.min_recall,
-                             "queries_per_type": check.queries, "passed": True}  # fmt: skip
+        manifest["check"] = {
+            "name": CHECK_NAME,
+            "recall": recall,
+            "k": check.k,
+            "min_recall": check.min_recall,
+            "queries_per_type": check.queries,
+            "passed": True,
+        }
         failing = {t: r for t, r in recall.items() if r < check.min_recall}
         if failing:
             raise IndexCheckError(
@@ -231,7 +243,5 @@ def build_day_index(
                 users = read_user_vectors(path)
                 inputs["user_embeddings"] = os.fspath(path)
             elif log is not None:  # e.g. entities re-embedded with user_embeddings off: another model's space
-                log(
-                    f"dt={day}: user embeddings are from model {user_version}, entities from {version}: no users"
-                )
+                log(f"dt={day}: user embeddings are from model {user_version}, entities from {version}: no users")
     return publish_index(indexes_dir, day, source, users, params, check, version, {"inputs": inputs}, log)

@@ -83,9 +83,7 @@ def plan_index_types(counts: dict[str, int], d: int, params: IndexParams) -> dic
     types switch to ivfpq until the plan fits (an error naming the field when even that does not)."""
     if params.index_type != "auto":
         if params.index_type not in INDEX_TYPES:
-            raise ValueError(
-                f"ann_index config field 'index_type'={params.index_type!r}: one of auto, {INDEX_TYPES}"
-            )
+            raise ValueError(f"ann_index config field 'index_type'={params.index_type!r}: one of auto, {INDEX_TYPES}")
         return {t: params.index_type for t in counts}
     plan = {t: "flat" if n <= params.flat_max_vectors else "hnsw" for t, n in counts.items()}
     if params.memory_budget_mb is None:
@@ -118,20 +116,26 @@ def build_faiss_index(kind: str, matrix: np.ndarray, params: IndexParams) -> tup
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params.hnsw_ef_construction
-        settings = {"m": params.hnsw_m, "ef_construction": params.hnsw_ef_construction,
-                    "ef_search": params.hnsw_ef_search}  # fmt: skip
+        settings = {
+            "m": params.hnsw_m,
+            "ef_construction": params.hnsw_ef_construction,
+            "ef_search": params.hnsw_ef_search,
+        }
     elif kind == "ivfpq":
         nlist, pq_m = nlist_for(n, params), pq_m_for(d, params)
-        index = faiss.IndexIVFPQ(
-            faiss.IndexFlatIP(d), d, nlist, pq_m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT
-        )
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT)
         # FAISS warns below 39 points a centroid; small days are expected, and the check measures the result
         index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
         rng = np.random.default_rng(params.seed)
         sample = matrix[np.sort(rng.choice(n, min(n, params.train_sample), replace=False))]
         index.train(sample)
-        settings = {"nlist": nlist, "nprobe": min(params.ivf_nprobe, nlist), "pq_m": pq_m,
-                    "pq_nbits": params.pq_nbits, "rerank_factor": params.rerank_factor}  # fmt: skip
+        settings = {
+            "nlist": nlist,
+            "nprobe": min(params.ivf_nprobe, nlist),
+            "pq_m": pq_m,
+            "pq_nbits": params.pq_nbits,
+            "rerank_factor": params.rerank_factor,
+        }
     else:
         raise ValueError(f"unknown index type {kind!r}; expected one of {INDEX_TYPES}")
     index.add(matrix)

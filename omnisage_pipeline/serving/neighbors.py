@@ -98,8 +98,11 @@ def _reader_lease(indexes_dir: Path, day: str) -> Iterator[Path]:
                 raise
             if str(indexes_dir) not in _warned_unleased:
                 _warned_unleased.add(str(indexes_dir))
-                log.warning("cannot write a reader lease under %s (%s): loading indexes without one "
-                            "(a read-only store)", indexes_dir, exc)  # fmt: skip
+                log.warning(
+                    "cannot write a reader lease under %s (%s): loading indexes without one (a read-only store)",
+                    indexes_dir,
+                    exc,
+                )
             path = require_published(indexes_dir, day)
         yield path
 
@@ -125,15 +128,11 @@ def _query_vector(loaded: LoadedIndex, source_type: str, source_id: int) -> np.n
     index = loaded.types.get(source_type)
     row = int(index.rows_of(np.array([source_id]))[0]) if index is not None else -1
     if row < 0:
-        raise UnknownEntityError(
-            f"unknown {source_type} id {source_id} in the index of dt={loaded.partition}"
-        )
+        raise UnknownEntityError(f"unknown {source_type} id {source_id} in the index of dt={loaded.partition}")
     return np.asarray(index.vectors[row : row + 1], dtype=np.float32)
 
 
-def nearest(
-    loaded: LoadedIndex, source_type: str, source_id: int, target_type: str, k: int = 10
-) -> list[Neighbor]:
+def nearest(loaded: LoadedIndex, source_type: str, source_id: int, target_type: str, k: int = 10) -> list[Neighbor]:
     """The ``k`` nearest ``target_type`` entities of one pin, board or user (the query itself excluded)."""
     _check_k(k)
     if target_type not in ENTITY_TYPES:

@@ -125,8 +125,12 @@ class IndexHolder:
                         log.error("skipping index dt=%s (%s): cannot load it: %s", day, target[1], exc)
                     else:
                         self.current, self._target = loaded, target  # the swap: one reference assignment
-                        log.info("serving index dt=%s (model %s) from %s", loaded.partition,
-                                 loaded.model_version, loaded.path)  # fmt: skip
+                        log.info(
+                            "serving index dt=%s (model %s) from %s",
+                            loaded.partition,
+                            loaded.model_version,
+                            loaded.path,
+                        )
                         return True
                 bad[target] = self._bad[target]
                 skipped.append({"day": day, "reason": bad[target]})
@@ -193,8 +197,9 @@ def create_app(holder: IndexHolder, start_polling: bool = True, faiss_threads: i
             items = nearest(loaded, source, entity_id, target, k)
         except UnknownEntityError as exc:
             raise HTTPException(404, str(exc)) from exc
-        return Answer(partition=loaded.partition, model_version=loaded.model_version,
-                      items=[Item(**n.to_dict()) for n in items])  # fmt: skip
+        return Answer(
+            partition=loaded.partition, model_version=loaded.model_version, items=[Item(**n.to_dict()) for n in items]
+        )
 
     @app.get("/v1/related/pin/{id}", response_model=Answer, summary="pins near a pin")
     def related_pin(id: EntityId, k: K = 10) -> Answer:
@@ -216,18 +221,22 @@ def create_app(holder: IndexHolder, start_polling: bool = True, faiss_threads: i
     def healthz():
         loaded, skipped = holder.current, list(holder.skipped)
         if loaded is None:
-            return JSONResponse(
-                {"status": "unavailable", "detail": "no index loaded", "skipped": skipped}, 503
-            )
-        return {"status": "degraded" if skipped else "ok", "partition": loaded.partition,
-                "model_version": loaded.model_version, "version": loaded.path.name,
-                "counts": loaded.manifest.get("counts", {}), "skipped": skipped}  # fmt: skip
+            return JSONResponse({"status": "unavailable", "detail": "no index loaded", "skipped": skipped}, 503)
+        return {
+            "status": "degraded" if skipped else "ok",
+            "partition": loaded.partition,
+            "model_version": loaded.model_version,
+            "version": loaded.path.name,
+            "counts": loaded.manifest.get("counts", {}),
+            "skipped": skipped,
+        }
 
     return app
 
 
-def serve(indexes_dir: Path, host: str = "127.0.0.1", port: int = 8080, poll_seconds: float = 10.0,
-          faiss_threads: int = 1) -> None:  # fmt: skip
+def serve(
+    indexes_dir: Path, host: str = "127.0.0.1", port: int = 8080, poll_seconds: float = 10.0, faiss_threads: int = 1
+) -> None:
     """Run the app with uvicorn (one process; FastAPI runs the handlers in its thread pool, and FAISS
     releases the GIL while it searches)."""
     import faiss

@@ -82,17 +82,17 @@ def _collect(parts: list[tuple[np.ndarray, np.ndarray, Path]], what: str) -> Vec
         return Vectors(np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
     dims = {m.shape[1] for _, m, _ in parts}
     if len(dims) > 1:
-        raise EmbeddingsError(
-            f"{what}: field 'embedding' has dimensions {sorted(dims)} across {parts[0][2].parent}"
-        )
+        raise EmbeddingsError(f"{what}: field 'embedding' has dimensions {sorted(dims)} across {parts[0][2].parent}")
     ids = np.concatenate([i for i, _, _ in parts])
     matrix = np.concatenate([m for _, m, _ in parts])
     order = np.argsort(ids, kind="stable")
     ids, matrix = ids[order], matrix[order]
     dup = np.flatnonzero(np.diff(ids) == 0)
     if dup.size:
-        raise EmbeddingsError(f"{what}: field '{'user_id' if what == USER else 'entity_id'}' repeats id "
-                              f"{int(ids[dup[0]])} ({dup.size} duplicates) in {parts[0][2].parent}")  # fmt: skip
+        raise EmbeddingsError(
+            f"{what}: field '{'user_id' if what == USER else 'entity_id'}' repeats id "
+            f"{int(ids[dup[0]])} ({dup.size} duplicates) in {parts[0][2].parent}"
+        )
     return Vectors(ids, np.ascontiguousarray(matrix))
 
 
@@ -104,9 +104,7 @@ def read_entity_vectors(folder: Path) -> dict[str, Vectors]:
         types = table.column("entity_type").to_numpy(zero_copy_only=False)
         unknown = sorted(set(types.tolist()) - set(ENTITY_TYPES))
         if unknown:
-            raise EmbeddingsError(
-                f"{path}: field 'entity_type' holds {unknown}; expected {list(ENTITY_TYPES)}"
-            )
+            raise EmbeddingsError(f"{path}: field 'entity_type' holds {unknown}; expected {list(ENTITY_TYPES)}")
         if table.column("entity_id").null_count:
             raise EmbeddingsError(f"{path}: field 'entity_id' holds null ids")
         ids = table.column("entity_id").to_numpy().astype(np.int64)

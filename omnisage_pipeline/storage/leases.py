@@ -123,9 +123,13 @@ def _read_lease_file(path: Path) -> Lease | None:
         body = json.loads(path.read_text())
         version = body.get("version")
         return Lease(
-            path, key, int(body["pid"]), str(body.get("host", "")), body.get("start"),
+            path,
+            key,
+            int(body["pid"]),
+            str(body.get("host", "")),
+            body.get("start"),
             str(version) if version else None,
-        )  # fmt: skip
+        )
     except FileNotFoundError:
         return None  # released meanwhile
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

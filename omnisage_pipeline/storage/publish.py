@@ -181,9 +181,7 @@ def publish_partition(
     _fsync_dir(dataset_dir)
     fault_point("swapped", dataset)
 
-    _cleanup_versions(
-        dataset_dir, partition_key, current=version, previous=previous, keep_previous=keep_previous
-    )
+    _cleanup_versions(dataset_dir, partition_key, current=version, previous=previous, keep_previous=keep_previous)
 
 
 def referenced_versions(dataset_dir: Path, exclude: Iterable[str] = ()) -> set[Path]:

@@ -82,8 +82,13 @@ RETIRED_PREFIX = "retired."
 
 
 def heavy_dataset_dirs(settings: Settings) -> list[Path]:
-    return [settings.graph_dir, settings.features_dir, settings.embeddings_dir, settings.user_embeddings_dir,
-            settings.indexes_dir]  # fmt: skip
+    return [
+        settings.graph_dir,
+        settings.features_dir,
+        settings.embeddings_dir,
+        settings.user_embeddings_dir,
+        settings.indexes_dir,
+    ]
 
 
 # ==========================================================================================================
@@ -342,9 +347,7 @@ def apply_retention(
     return report
 
 
-def _remove_day(
-    dataset_dir: Path, key: str, scan: _Scan, report: RetentionReport, log: Callable[[str], None]
-) -> None:
+def _remove_day(dataset_dir: Path, key: str, scan: _Scan, report: RetentionReport, log: Callable[[str], None]) -> None:
     """Unpublish and delete one expired, unprotected day (or, ``report.dry_run``, only count it)."""
     link = partition_link(dataset_dir, key)
     if link.exists() and not link.is_symlink():
@@ -434,5 +437,7 @@ def refuse_expired_days(settings: Settings, datasets: Iterable[str], days: Itera
                 )
         own_cutoff = expiry_cutoff(days[-1], settings.retention_days)
         if log is not None and days[0] <= own_cutoff:
-            log(f"{name}/: this range is longer than {RETENTION_ENV}={settings.retention_days}: days up to "
-                f"{own_cutoff} are removed by the next retention pass")  # fmt: skip
+            log(
+                f"{name}/: this range is longer than {RETENTION_ENV}={settings.retention_days}: days up to "
+                f"{own_cutoff} are removed by the next retention pass"
+            )

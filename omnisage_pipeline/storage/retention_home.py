@@ -169,8 +169,15 @@ def removal_rows(reports: Iterable[RetentionReport]) -> list[dict]:
             reason = expired if key in r.removed else f"leftovers of an expired day (no dt= link); {expired}"
             if key in r.targets_kept_outside:
                 reason += f"; only its link goes: the target {r.targets_kept_outside[key]} is outside the home, kept"
-            rows.append({"action": "remove", "dataset": r.dataset, "partition": key, "reason": reason,
-                         "bytes": r.partition_bytes.get(key, 0)})  # fmt: skip
+            rows.append(
+                {
+                    "action": "remove",
+                    "dataset": r.dataset,
+                    "partition": key,
+                    "reason": reason,
+                    "bytes": r.partition_bytes.get(key, 0),
+                }
+            )
         for key, why in r.kept.items():
             rows.append({"action": "keep", "dataset": r.dataset, "partition": key, "reason": why, "bytes": 0})
     return rows

@@ -28,9 +28,7 @@ UPSTREAM_DATASETS = ("engagement_logs", "daily_edges", "entity_metadata")
 PRODUCTION_OUTPUTS = ("warehouse", "graph", "features", "embeddings", "user_embeddings", "reports")
 
 
-def scratch_settings(
-    production: Settings, home: Path, data_root: Path, engine: str | None = None
-) -> Settings:
+def scratch_settings(production: Settings, home: Path, data_root: Path, engine: str | None = None) -> Settings:
     """Settings of a scratch OMNISAGE_HOME: same engine (unless given), Spark master, start date, window and
     MLflow tracking URI as production; everything written goes under ``home``."""
     return dataclasses.replace(

@@ -130,9 +130,7 @@ def study_markdown(study: Study, rows: list[Row], consistency: dict[str, Any]) -
     """One study's table: our numbers beside the paper's, the directions, the n check and the notes."""
     lines = [f"## {study.title}", "", f"**Paper:** {study.statement}", ""]
     compared = ", ".join(metric_label(m) for m in study.compare)
-    lines.append(
-        f"Compared with the paper: {compared}, each variant against the reference row `{study.reference}`."
-    )
+    lines.append(f"Compared with the paper: {compared}, each variant against the reference row `{study.reference}`.")
     lines += [
         "",
         (
@@ -156,16 +154,12 @@ def study_markdown(study: Study, rows: list[Row], consistency: dict[str, Any]) -
             )
         label = r.label + (f" (same run as {r.shared_with})" if r.shared_with else "")
         data_s = f"{r.data_seconds:.1f}" if r.data_seconds else "–"
-        lines.append(
-            f"| {label} | {' | '.join(vals)} | {ns} | {data_s} | {r.train_seconds:.1f} | {r.paper} | {dirs} |"
-        )
+        lines.append(f"| {label} | {' | '.join(vals)} | {ns} | {data_s} | {r.train_seconds:.1f} | {r.paper} | {dirs} |")
     lines.append("")
     bad = {m: c["n"] for m, c in consistency.items() if not c["consistent"]}
     if bad:
         which = ", ".join(f"{metric_label(m)} {n}" for m, n in bad.items())
-        lines.append(
-            f"**n differs across variants** for {which}: these numbers are not on the same held-out set."
-        )
+        lines.append(f"**n differs across variants** for {which}: these numbers are not on the same held-out set.")
     else:
         lines.append("Same held-out set for every compared number (n equal across variants).")
     notes = [f"`{r.variant}`: {n}" for r in rows for n in r.notes]
@@ -212,11 +206,7 @@ def report_markdown(summary: dict, sections: list[str]) -> str:
             f"negatives study), seed {s['seed']}, preset {s['preset']}, device {s['device']}; engine {s['engine']}"
         ),
         f"- neighbourhood layout (subset:node_type:k_t): {', '.join(s['layout'])}"
-        + (
-            " (--blocks; the graph_snapshot default is the paper's 25/75/50)"
-            if s.get("blocks")
-            else " (the default)"
-        ),
+        + (" (--blocks; the graph_snapshot default is the paper's 25/75/50)" if s.get("blocks") else " (the default)"),
         (
             f"- universe: {s['universe'].get('pin', 0)} pins, {s['universe'].get('board', 0)} boards; MLflow experiment "
             f"`{s['experiment']}`, parent run `{s['parent_run_id']}`"

@@ -230,9 +230,7 @@ def _tasks_study() -> Study:
         ("entity_entity", "entity_feature", "user_entity"),
         (
             Variant("EE", "EE", model={"tasks": ["entity_entity"]}, paper=PaperRow({"entity_entity": 0.623})),
-            Variant(
-                "EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})
-            ),
+            Variant("EF", "EF", model={"tasks": ["entity_feature"]}, paper=PaperRow({"entity_feature": 0.373})),
             Variant("UE", "UE", model={"tasks": ["user_entity"]}, paper=PaperRow({"user_entity": 0.564})),
             Variant(
                 "EE+EF",
@@ -365,8 +363,7 @@ def _negatives_study() -> Study:
     return Study(
         "negatives",
         "Random negatives (paper Table 12)",
-        "Random negatives are crucial for UE and more help, with a plateau: +31.2% (1K) and +43.5% (10K) over "
-        "none.",
+        "Random negatives are crucial for UE and more help, with a plateau: +31.2% (1K) and +43.5% (10K) over none.",
         "0",
         ("user_entity",),
         (

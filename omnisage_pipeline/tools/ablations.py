@@ -173,9 +173,7 @@ class _Run:
     echo: Callable[[str], None]
 
 
-def _train_variant(
-    row: Row, study: Study, v: Variant, home: Path, cfg: dict, model_over: dict, run: _Run
-) -> None:
+def _train_variant(row: Row, study: Study, v: Variant, home: Path, cfg: dict, model_over: dict, run: _Run) -> None:
     """Materialize the variant's data (or link the default data) in its own scratch home and train it."""
     echo = run.echo
     home.mkdir(parents=True, exist_ok=False)
@@ -284,9 +282,7 @@ def _variant_row(study: Study, v: Variant, run: _Run, negative_cap: int) -> tupl
     cfg.update(model_over)
     config = {"data": v.data, "model": cfg}
     paper = v.paper.describe() if v.paper else ""
-    row = Row(
-        study.id, v.id, v.label, json.dumps(config, sort_keys=True), config=config, paper=paper, notes=notes
-    )
+    row = Row(study.id, v.id, v.label, json.dumps(config, sort_keys=True), config=config, paper=paper, notes=notes)
     return row, cfg, model_over
 
 
@@ -310,9 +306,7 @@ def _run_studies(run: _Run, selection, root: Path, negative_cap: int) -> tuple[d
             if row.run_key in runs:
                 _reuse(row, runs[row.run_key])
                 run.client.set_tag(row.run_id, f"ablation.member.{study.id}", v.id)
-                run.echo(
-                    f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}"
-                )
+                run.echo(f"[{study.id}/{v.id}] same configuration as {row.shared_with}: reusing run {row.run_id}")
                 continue
             try:
                 _train_variant(row, study, v, root / study.id / v.id, cfg, model_over, run)
@@ -429,9 +423,7 @@ def run_ablations(
     }
     client = mlflow_res.client()
     experiment_id, parent_id = _open_parent_run(mlflow_res, client, config, stamp, params)
-    run = _Run(
-        config, production, stamp, data_root, day, base, base_overrides, mlflow_res, client, parent_id, echo
-    )
+    run = _Run(config, production, stamp, data_root, day, base, base_overrides, mlflow_res, client, parent_id, echo)
     try:
         with _torch_threads(config.torch_threads):
             runs, rows_by_study = _run_studies(run, selection, root, negative_cap)

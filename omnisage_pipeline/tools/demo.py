@@ -67,11 +67,7 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
         "omnisage_model",
         # A CPU-sized run: the small preset's full 500 steps at batch 128 take ~30 min on 2 cores.
         run_config={
-            "ops": {
-                "omnisage_model": {
-                    "config": {"steps": train_steps, "batch_size": 64, "num_random_negatives": 64}
-                }
-            }
+            "ops": {"omnisage_model": {"config": {"steps": train_steps, "batch_size": 64, "num_random_negatives": 64}}}
         },
     )
     for key in keys:

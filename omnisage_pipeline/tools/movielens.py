@@ -224,10 +224,7 @@ def import_movielens(
             "test_ratings": test_ratings.num_rows,
             "heldout_pairs": heldout.num_rows,
             "heldout_pairs_cold": int(
-                (
-                    ~np.isin(heldout["query_id"].to_numpy(), seen)
-                    | ~np.isin(heldout["pos_id"].to_numpy(), seen)
-                ).sum()
+                (~np.isin(heldout["query_id"].to_numpy(), seen) | ~np.isin(heldout["pos_id"].to_numpy(), seen)).sum()
             ),
             "days_with_events": len(rows),
         },

@@ -17,14 +17,27 @@ from omnisage_pipeline.tools.movielens_sources import MovieLensError
 
 EVAL_DIR = "_eval"
 
-HELDOUT_SCHEMA = pa.schema([
-    ("user_id", pa.int64()), ("query_type", pa.string()), ("query_id", pa.int64()), ("pos_type", pa.string()),
-    ("pos_id", pa.int64()), ("rating", pa.int8()), ("real_ts", TS_TYPE), ("event_ts", TS_TYPE),
-])  # fmt: skip
-TEST_RATINGS_SCHEMA = pa.schema([
-    ("user_id", pa.int64()), ("pin_id", pa.int64()), ("rating", pa.int8()), ("real_ts", TS_TYPE),
-    ("event_ts", TS_TYPE),
-])  # fmt: skip
+HELDOUT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("query_type", pa.string()),
+        ("query_id", pa.int64()),
+        ("pos_type", pa.string()),
+        ("pos_id", pa.int64()),
+        ("rating", pa.int8()),
+        ("real_ts", TS_TYPE),
+        ("event_ts", TS_TYPE),
+    ]
+)
+TEST_RATINGS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("pin_id", pa.int64()),
+        ("rating", pa.int8()),
+        ("real_ts", TS_TYPE),
+        ("event_ts", TS_TYPE),
+    ]
+)
 
 
 def heldout_tables(ev: Events, timeline: Timeline) -> tuple[pa.Table, pa.Table]:
@@ -33,22 +46,32 @@ def heldout_tables(ev: Events, timeline: Timeline) -> tuple[pa.Table, pa.Table]:
     pairs = test[ev.query_pin[test] >= 0]
 
     def ts(rows, real):
-        return pa.array(ev.ts[rows] * 1_000_000 if real else timeline.to_us(ev.ts[rows]), pa.int64()).view(
-            TS_TYPE
-        )
+        return pa.array(ev.ts[rows] * 1_000_000 if real else timeline.to_us(ev.ts[rows]), pa.int64()).view(TS_TYPE)
 
     n = pairs.size
     heldout = pa.Table.from_arrays(
-        [pa.array(ev.user[pairs]), pa.array(["pin"] * n, pa.string()), pa.array(ev.query_pin[pairs]),
-         pa.array(["pin"] * n, pa.string()), pa.array(ev.pin[pairs]), pa.array(ev.rating[pairs].astype(np.int8)),
-         ts(pairs, True), ts(pairs, False)],
+        [
+            pa.array(ev.user[pairs]),
+            pa.array(["pin"] * n, pa.string()),
+            pa.array(ev.query_pin[pairs]),
+            pa.array(["pin"] * n, pa.string()),
+            pa.array(ev.pin[pairs]),
+            pa.array(ev.rating[pairs].astype(np.int8)),
+            ts(pairs, True),
+            ts(pairs, False),
+        ],
         schema=HELDOUT_SCHEMA,
-    )  # fmt: skip
+    )
     ratings = pa.Table.from_arrays(
-        [pa.array(ev.user[test]), pa.array(ev.pin[test]), pa.array(ev.rating[test].astype(np.int8)),
-         ts(test, True), ts(test, False)],
+        [
+            pa.array(ev.user[test]),
+            pa.array(ev.pin[test]),
+            pa.array(ev.rating[test].astype(np.int8)),
+            ts(test, True),
+            ts(test, False),
+        ],
         schema=TEST_RATINGS_SCHEMA,
-    )  # fmt: skip
+    )
     return heldout, ratings
 
 
@@ -61,8 +84,9 @@ def read_heldout_pairs(data_root: str | Path, unique: bool = False) -> pa.Table:
     table = pq.read_table(path).cast(HELDOUT_SCHEMA)
     if not unique or table.num_rows == 0:
         return table
-    order = np.lexsort((table["real_ts"].cast(pa.int64()).to_numpy(), table["pos_id"].to_numpy(),
-                        table["query_id"].to_numpy()))  # fmt: skip
+    order = np.lexsort(
+        (table["real_ts"].cast(pa.int64()).to_numpy(), table["pos_id"].to_numpy(), table["query_id"].to_numpy())
+    )
     q, p = table["query_id"].to_numpy()[order], table["pos_id"].to_numpy()[order]
     keep = np.ones(order.size, dtype=bool)
     keep[1:] = (q[1:] != q[:-1]) | (p[1:] != p[:-1])
@@ -89,9 +113,7 @@ def heldout_sequences(data_root: str | Path, t_max: int = 32, future: int = 8) -
         uid, pin = table["user_id"].to_numpy(), table["pin_id"].to_numpy()
         starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
         ends = np.r_[starts[1:], uid.size]
-        rows[name] = {
-            int(uid[s]): (pin[s:e][take:] if take < 0 else pin[s:e][:take]) for s, e in zip(starts, ends)
-        }
+        rows[name] = {int(uid[s]): (pin[s:e][take:] if take < 0 else pin[s:e][:take]) for s, e in zip(starts, ends)}
     users = sorted(set(rows["history"]) & set(rows["future"]))
     return pa.table(
         {

@@ -33,9 +33,7 @@ def validate_raw(raw: RawMovieLens) -> None:
         raise MovieLensError(f"{src}: timestamps must be positive unix seconds")
     # ids stay inside the generator's disjoint ranges (pins < boards < users), boards included
     if raw.user.min() < 0 or raw.user.max() >= (USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE:
-        raise MovieLensError(
-            f"{src}: user ids must be in [0, {(USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE})"
-        )
+        raise MovieLensError(f"{src}: user ids must be in [0, {(USER_ID_BASE - BOARD_ID_BASE) // BOARD_USER_STRIDE})")
     if raw.movie_id.min() < 0 or raw.movie_id.max() >= BOARD_ID_BASE - PIN_ID_BASE:
         raise MovieLensError(f"{src}: item ids must be in [0, {BOARD_ID_BASE - PIN_ID_BASE})")
     if np.unique(raw.movie_id).size != raw.movie_id.size:
@@ -78,12 +76,9 @@ class Timeline:
         if self.days is None:
             return ts * 1_000_000
         start_us = (
-            int((datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)).timestamp())
-            * 1_000_000
+            int((datetime(self.start.year, self.start.month, self.start.day, tzinfo=UTC)).timestamp()) * 1_000_000
         )
-        scale = (
-            self.days * 86_400e6 / (self.t_last - self.t_first + 1)
-        )  # < 1 day per (span + 1 s): stays inside
+        scale = self.days * 86_400e6 / (self.t_last - self.t_first + 1)  # < 1 day per (span + 1 s): stays inside
         return start_us + np.floor((ts - self.t_first) * scale).astype(np.int64)
 
     def partitions(self) -> tuple[str, str, int]:
@@ -137,9 +132,7 @@ def build_events(raw: RawMovieLens, heldout_days: int = DEFAULT_HELDOUT_DAYS) ->
     )
 
 
-def log_table(
-    ev: Events, rows: np.ndarray, timeline: Timeline, unlinked: np.ndarray | None = None
-) -> pa.Table:
+def log_table(ev: Events, rows: np.ndarray, timeline: Timeline, unlinked: np.ndarray | None = None) -> pa.Table:
     """Contract log rows (LOG_SCHEMA) for ``ev[rows]``, sorted by event time (stable: the time order of
     ``build_events`` breaks ties). ``unlinked`` rows lose their related-pins context."""
     us = timeline.to_us(ev.ts[rows])
@@ -172,10 +165,15 @@ def metadata(raw: RawMovieLens, boards: np.ndarray) -> tuple[pa.Table, pa.Table]
         desc.append(f"{genres}; {year}" if year else genres)
     n = raw.movie_id.size
     pins = pa.Table.from_arrays(
-        [pa.array(PIN_ID_BASE + raw.movie_id, pa.int64()), pa.array(raw.title, pa.string()),
-         pa.array(desc, pa.string()), pa.nulls(n, PIN_SCHEMA.field("image_embedding").type), pa.nulls(n, pa.string())],
+        [
+            pa.array(PIN_ID_BASE + raw.movie_id, pa.int64()),
+            pa.array(raw.title, pa.string()),
+            pa.array(desc, pa.string()),
+            pa.nulls(n, PIN_SCHEMA.field("image_embedding").type),
+            pa.nulls(n, pa.string()),
+        ],
         schema=PIN_SCHEMA,
-    )  # fmt: skip
+    )
     boards = np.unique(boards)
     rel = boards - BOARD_ID_BASE
     owner, genre = rel // BOARD_USER_STRIDE, rel % BOARD_USER_STRIDE
@@ -185,8 +183,11 @@ def metadata(raw: RawMovieLens, boards: np.ndarray) -> tuple[pa.Table, pa.Table]
         who = f" by a {age}-year-old {occupation}" if occupation else ""
         board_desc.append(f"{GENRES[g]} movies rated 4 or 5{who}")
     table = pa.Table.from_arrays(
-        [pa.array(boards, pa.int64()), pa.array([GENRES[g] for g in genre.tolist()], pa.string()),
-         pa.array(board_desc, pa.string())],
+        [
+            pa.array(boards, pa.int64()),
+            pa.array([GENRES[g] for g in genre.tolist()], pa.string()),
+            pa.array(board_desc, pa.string()),
+        ],
         schema=BOARD_SCHEMA,
-    )  # fmt: skip
+    )
     return pins, table

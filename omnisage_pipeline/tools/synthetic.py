@@ -163,8 +163,7 @@ def generate(
     if not meta_path.exists() and any((out / sub).exists() for sub in ("engagement_logs", "pins", "boards")):
         # Never overwrite input that the generator did not write (a real export, a converted data set).
         raise GeneratorError(
-            f"{out} already holds input that is not a synthetic data set (no _truth/meta.json);"
-            " choose another --out"
+            f"{out} already holds input that is not a synthetic data set (no _truth/meta.json); choose another --out"
         )
     done_days: list[str] = []
     if meta_path.exists():
@@ -172,9 +171,7 @@ def generate(
         clash = {k: (old.get(k), meta[k]) for k in _IDENTITY_KEYS if old.get(k) != meta[k]}
         if clash and not force:
             detail = ", ".join(f"{k}: {a!r} there vs {b!r} asked" for k, (a, b) in clash.items())
-            raise GeneratorError(
-                f"{out} holds another synthetic data set ({detail}); pass --force to replace it"
-            )
+            raise GeneratorError(f"{out} holds another synthetic data set ({detail}); pass --force to replace it")
         if clash:
             for sub in ("engagement_logs", "pins", "boards", "_truth"):
                 shutil.rmtree(out / sub, ignore_errors=True)

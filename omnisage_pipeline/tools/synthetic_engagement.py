@@ -128,9 +128,7 @@ def generate_day(u: Universe, day_index: int, day: date) -> pa.Table:
     # Query vector per event: the user (homefeed, related query), topic + user (search), the board (board).
     query = user_lat.take(user, axis=0)  # ndarray.take: much faster than fancy indexing here
     is_search = surface == SURFACES.index("search")
-    query[is_search] = unit_rows(0.6 * u.centroids[topic[is_search]] + 0.4 * query[is_search]).astype(
-        np.float32
-    )
+    query[is_search] = unit_rows(0.6 * u.centroids[topic[is_search]] + 0.4 * query[is_search]).astype(np.float32)
     query[is_board] = u.board_latent[browsed]
 
     # Rows are processed in topic order (locality of the pool searches and latent gathers, see

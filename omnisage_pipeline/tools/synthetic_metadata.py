@@ -39,9 +39,7 @@ def _make_vocab(rng: np.random.Generator, n: int) -> list[str]:
             for _ in range(k)
         ]
         if rng.random() < 0.1:
-            parts.insert(
-                int(rng.integers(0, k + 1)), _UNICODE_SYLLABLES[rng.integers(len(_UNICODE_SYLLABLES))]
-            )
+            parts.insert(int(rng.integers(0, k + 1)), _UNICODE_SYLLABLES[rng.integers(len(_UNICODE_SYLLABLES))])
         word = "".join(parts)
         if word not in seen:
             seen.add(word)
@@ -153,9 +151,7 @@ def truth_tables(u: Universe) -> dict[str, pa.Table]:
     d = u.params.latent_dim
 
     def vecs(x):
-        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d).cast(
-            pa.list_(pa.float32())
-        )
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d).cast(pa.list_(pa.float32()))
 
     return {
         "pins": pa.table(

@@ -41,15 +41,9 @@ class ScaleConfig:
 
 SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig(pins=500, boards=200, users=100, events_per_day=2_000, topics=8, subtopics=4),
-    "small": ScaleConfig(
-        pins=5_000, boards=2_000, users=1_000, events_per_day=20_000, topics=16, subtopics=8
-    ),
-    "medium": ScaleConfig(
-        pins=50_000, boards=25_000, users=12_500, events_per_day=200_000, topics=32, subtopics=8
-    ),
-    "large": ScaleConfig(
-        pins=200_000, boards=100_000, users=50_000, events_per_day=1_000_000, topics=64, subtopics=16
-    ),
+    "small": ScaleConfig(pins=5_000, boards=2_000, users=1_000, events_per_day=20_000, topics=16, subtopics=8),
+    "medium": ScaleConfig(pins=50_000, boards=25_000, users=12_500, events_per_day=200_000, topics=32, subtopics=8),
+    "large": ScaleConfig(pins=200_000, boards=100_000, users=50_000, events_per_day=1_000_000, topics=64, subtopics=16),
 }
 
 
@@ -116,9 +110,7 @@ class Universe:
     user_activity: np.ndarray
     image_projection: np.ndarray  # [D, image_dim]
     # derived samplers
-    pool_tickets: np.ndarray = field(
-        repr=False, default=None
-    )  # pool positions, repeated by exposure (_pin_pools)
+    pool_tickets: np.ndarray = field(repr=False, default=None)  # pool positions, repeated by exposure (_pin_pools)
     ticket_start: np.ndarray = field(repr=False, default=None)  # [K*S] first ticket of each cluster
     ticket_count: np.ndarray = field(repr=False, default=None)  # [K*S]
     pool_order: np.ndarray = field(repr=False, default=None)  # pool position -> pin index
@@ -150,11 +142,7 @@ class Universe:
 def _mixture_latents(rng, centroids, primary, secondary, mix_a, mix_b, noise):
     n, d = len(primary), centroids.shape[1]
     w = rng.beta(mix_a, mix_b, n)[:, None]
-    x = (
-        (1 - w) * centroids[primary]
-        + w * centroids[secondary]
-        + noise / np.sqrt(d) * rng.standard_normal((n, d))
-    )
+    x = (1 - w) * centroids[primary] + w * centroids[secondary] + noise / np.sqrt(d) * rng.standard_normal((n, d))
     return unit_rows(x)
 
 
@@ -185,8 +173,7 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
     # Sub-topics (clusters): finer structure inside a topic, what related-pins engagement follows.
     n_sub = cfg.subtopics
     subcentroids = unit_rows(
-        np.repeat(centroids, n_sub, axis=0)
-        + p.subtopic_spread / np.sqrt(d) * rng.standard_normal((k * n_sub, d))
+        np.repeat(centroids, n_sub, axis=0) + p.subtopic_spread / np.sqrt(d) * rng.standard_normal((k * n_sub, d))
     )
     pin_topic = topics(cfg.pins)
     pin_cluster = pin_topic * n_sub + rng.integers(0, n_sub, cfg.pins)
@@ -201,9 +188,7 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
         + p.pin_noise / np.sqrt(d) * rng.standard_normal((cfg.pins, d))
     )
     pin_popularity = rng.lognormal(0.0, 1.2, cfg.pins)
-    pin_segment = rng.choice(
-        len(SEGMENTS) + 1, size=cfg.pins, p=np.asarray(p.segment_probs) / sum(p.segment_probs)
-    )
+    pin_segment = rng.choice(len(SEGMENTS) + 1, size=cfg.pins, p=np.asarray(p.segment_probs) / sum(p.segment_probs))
 
     user_topic = topics(cfg.users)
     user_topic2 = other_topic(rng, user_topic, k)
@@ -217,12 +202,8 @@ def build_universe(scale: str, seed: int, params: ModelParams | None = None) -> 
         raise GeneratorError(f"scale {scale}: needs at least one board per user")
     extra_owner = rng.choice(cfg.users, size=cfg.boards - cfg.users, p=user_activity / user_activity.sum())
     board_owner = np.concatenate([np.arange(cfg.users), extra_owner])
-    which = np.concatenate(
-        [np.zeros(cfg.users, np.int64), rng.choice(3, size=len(extra_owner), p=[0.45, 0.35, 0.20])]
-    )
-    board_topic = np.choose(
-        which, [user_topic[board_owner], user_topic2[board_owner], user_drift_topic[board_owner]]
-    )
+    which = np.concatenate([np.zeros(cfg.users, np.int64), rng.choice(3, size=len(extra_owner), p=[0.45, 0.35, 0.20])])
+    board_topic = np.choose(which, [user_topic[board_owner], user_topic2[board_owner], user_drift_topic[board_owner]])
     board_topic2 = other_topic(rng, board_topic, k)
     board_latent = _mixture_latents(rng, centroids, board_topic, board_topic2, 1.0, 6.0, p.board_noise)
     # Shuffle board rows so board ids do not reveal the owner order.

@@ -84,9 +84,7 @@ def build_examples_day(
         snapshot = GraphSnapshot.open(graph)
         cache = NeighborhoodCache.open(graph / NEIGHBORHOODS_DIR, snapshot)
         t0 = time.perf_counter()
-        with publish_partition(
-            settings.warehouse_dataset("training_examples"), day, validate=validate
-        ) as staging:
+        with publish_partition(settings.warehouse_dataset("training_examples"), day, validate=validate) as staging:
             manifest = build_training_examples(
                 logs.files,
                 metadata_dir / "pins",

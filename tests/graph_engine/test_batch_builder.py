@@ -70,9 +70,7 @@ def _write(tmp: Path) -> tuple[GraphSnapshot, Featurizer]:
                 "pin_id": pa.array([1, 2, 3, 4], pa.int64()),
                 "title": ["one", "two two", "three", "four outside"],
                 "description": ["pin", "pin", "pin", "pin"],
-                "image_embedding": pa.array(
-                    [[1.0, 0.0], [0.0, 2.0], None, [4.0, 4.0]], pa.list_(pa.float32())
-                ),
+                "image_embedding": pa.array([[1.0, 0.0], [0.0, 2.0], None, [4.0, 4.0]], pa.list_(pa.float32())),
                 "segment": ["organic"] * 4,
             }
         ),
@@ -176,9 +174,7 @@ def test_hand_made_batch(world):
     # neighbour features are the store's features of those entities
     want = feat.fetch(np.array([BOARD, BOARD, PIN, PIN, PIN]), np.array([50, 51, 2, 2, 3]))
     for name in ("token_ids", "token_lengths", "image", "image_mask", "degree", "present"):
-        np.testing.assert_array_equal(
-            getattr(batch.neighbor_features, name)[0], getattr(want, name), err_msg=name
-        )
+        np.testing.assert_array_equal(getattr(batch.neighbor_features, name)[0], getattr(want, name), err_msg=name)
     # own features: pin 4 is outside the graph but present in the store; pin 777 is nowhere
     own = feat.fetch(np.zeros(5, np.int8), np.array([1, 4, 2, 1, 777]))
     for name in ("token_ids", "image", "degree", "present"):

@@ -228,9 +228,7 @@ def test_held_out_users_make_no_edges(engine, request, tmp_path):
     pq.write_table(table, events / "part-0.parquet")
     out = tmp_path / "out"
     out.mkdir()
-    stats = make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(
-        events, out, held_out_users=holdout
-    )
+    stats = make_engine(engine, request, tmp_path / "scratch").extract_daily_edges(events, out, held_out_users=holdout)
     kept = {i for i in range(users.size) if not held[i]}
     expected = {("pin", 1000 + i, "board", 5000 + i, "pin_board", 1.0) for i in kept}
     expected |= {("pin", 1000 + i, "pin", 2000 + i, "pin_pin", 1.0) for i in kept}

@@ -49,9 +49,7 @@ def write_edges(directory, pin_board, pin_pin) -> None:
         rows += [("pin", a, "pin", c, "pin_pin", w), ("pin", c, "pin", a, "pin_pin", w)]
     names = ("src_type", "src_id", "dst_type", "dst_id", "edge_type", "weight")
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({k: [r[i] for r in rows] for i, k in enumerate(names)}), directory / "part-0.parquet"
-    )
+    pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(names)}), directory / "part-0.parquet")
 
 
 @pytest.fixture
@@ -127,9 +125,7 @@ def test_padding_absent_nodes_and_nodes_without_a_subset(snap):
         m = nb.mask[:, lo:hi].astype(int)
         assert np.all(np.diff(m, axis=1) <= 0)
     # board 202 in pin_board: only two pins (103, 104) within reach... and board 201 via 103
-    assert set(nb.index[2, 0:3][nb.mask[2, 0:3]].tolist()) <= set(
-        dense(snap, "pin", [101, 102, 103, 104, 106])
-    )
+    assert set(nb.index[2, 0:3][nb.mask[2, 0:3]].tolist()) <= set(dense(snap, "pin", [101, 102, 103, 104, 106]))
     assert nb.index[2, 0] == dense(snap, "pin", [104])[0]  # the weight-2 edge
 
 
@@ -145,11 +141,7 @@ def test_bad_layout_is_rejected(snap):
 def test_cache_serves_the_sampler_results(snap, tmp_path):
     sampler = NeighborSampler(snap, LAYOUT, restart_prob=RESTART, budget=1000)
     config = build_neighborhood_cache(snap, sampler, tmp_path / "nb", batch_size=4)  # several batches
-    assert (
-        config["restart_prob"] == RESTART
-        and config["budget"] == 1000
-        and config["num_nodes"] == snap.num_nodes
-    )
+    assert config["restart_prob"] == RESTART and config["budget"] == 1000 and config["num_nodes"] == snap.num_nodes
     cache = NeighborhoodCache.open(tmp_path / "nb", snapshot=snap)
     assert cache.layout == LAYOUT
     assert isinstance(cache._index, np.memmap) and isinstance(cache._scores, np.memmap)

@@ -173,9 +173,7 @@ def test_per_type_topk_matches_exact_ranking_within_each_type():
 
 def test_weighted_out_degree_and_bad_input():
     m = random_graph(30, 0.2, seed=7, undirected=False)
-    np.testing.assert_allclose(
-        weighted_out_degree(m.indptr, m.data), np.asarray(m.sum(axis=1)).ravel(), rtol=1e-6
-    )
+    np.testing.assert_allclose(weighted_out_degree(m.indptr, m.data), np.asarray(m.sum(axis=1)).ravel(), rtol=1e-6)
     with pytest.raises(ValueError, match="eps"):
         push(m, [0], 0.0, 5)
     with pytest.raises(ValueError, match="restart_prob"):
@@ -279,9 +277,7 @@ def test_acl_estimate_is_the_pushed_mass_and_p_hat_is_closer_to_exact(undirected
     pi = exact_ppr(m)
     bound = 1e-3 * (pi @ np.diff(m.indptr).astype(np.float64))
     hat_ids, hat = push(m, np.arange(n), 1e-3, topk=n)
-    acl_ids, acl = forward_push(
-        m.indptr, m.indices, m.data, np.arange(n), RESTART, 1e-3, n, credit_residual=False
-    )
+    acl_ids, acl = forward_push(m.indptr, m.indices, m.data, np.arange(n), RESTART, 1e-3, n, credit_residual=False)
     for s in range(n):
         got = acl_ids[s][acl_ids[s] >= 0]
         assert set(got.tolist()) <= set(hat_ids[s].tolist())  # pushed nodes are a subset of the touched ones
@@ -309,9 +305,7 @@ def test_push_graph_reuses_clean_scratch_across_calls():
     assert not rt[:, :, [0, 2]].any()  # only touched entries were used, all reset
     np.testing.assert_array_equal(rt[:, :, 1], np.broadcast_to(np.diff(m.indptr), rt.shape[:2]))
     w_out = np.asarray(m.sum(axis=1)).ravel()
-    inv_w = np.divide(
-        1.0, w_out, out=np.zeros_like(w_out), where=w_out > 0
-    )  # 1 / W(v), 0 without out-entries
+    inv_w = np.divide(1.0, w_out, out=np.zeros_like(w_out), where=w_out > 0)  # 1 / W(v), 0 without out-entries
     np.testing.assert_allclose(rt[:, :, 3], np.broadcast_to(inv_w, rt.shape[:2]), rtol=1e-6)
     ids_fn, _ = forward_push(m.indptr, m.indices, m.data, np.arange(300), RESTART, 1e-4, 15)
     np.testing.assert_array_equal(ids_fn, everything[0])

@@ -28,9 +28,7 @@ VOLATILE = ("build_seconds", "source_dir")
 
 def _edges(part: int, rows: int) -> dict[str, list]:
     """Deterministic entries (arithmetic, no RNG): three edge types, repeated (src, dst) pairs, sparse ids."""
-    cols: dict[str, list] = {
-        k: [] for k in ("src_type", "src_id", "dst_type", "dst_id", "edge_type", "weight")
-    }
+    cols: dict[str, list] = {k: [] for k in ("src_type", "src_id", "dst_type", "dst_id", "edge_type", "weight")}
     kinds = (
         ("pin", "board", "pin_board"),
         ("pin", "pin", "pin_pin"),
@@ -73,9 +71,7 @@ def content(manifest: dict) -> dict:
 
 def test_snapshot_matches_the_golden_build(tmp_path):
     write_fixture(tmp_path / "edges")
-    manifest = build_snapshot(
-        tmp_path / "edges", tmp_path / "snap", subsets=SUBSETS, source_partition="2026-01-01"
-    )
+    manifest = build_snapshot(tmp_path / "edges", tmp_path / "snap", subsets=SUBSETS, source_partition="2026-01-01")
     golden = json.loads(GOLDEN.read_text())
     assert golden["subsets"]["all"]["duplicate_entries_merged"] > 0  # the fixture exercises the merge
     assert set(golden["entries_by_edge_type"]) == {"pin_board", "pin_pin", "pin_like"}
@@ -87,8 +83,6 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         write_fixture(Path(tmp) / "edges")
-        built = build_snapshot(
-            Path(tmp) / "edges", Path(tmp) / "snap", subsets=SUBSETS, source_partition="2026-01-01"
-        )
+        built = build_snapshot(Path(tmp) / "edges", Path(tmp) / "snap", subsets=SUBSETS, source_partition="2026-01-01")
     GOLDEN.write_text(json.dumps(content(built), indent=2, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}", file=sys.stderr)

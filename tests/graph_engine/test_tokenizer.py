@@ -139,17 +139,12 @@ def test_arrow_input_nulls_non_ascii_and_chunks_match_the_reference():
     # Mixed ASCII-only and non-ASCII stretches so kernel chunks take both normalisation paths; the Arrow
     # columns have several chunks (and a sliced one with a non-zero offset) that do not line up with
     # each other nor with the kernel's chunk_rows.
-    titles = (
-        (["Plain ASCII title", None, "UPPER lower", ""] * 5) + UNICODE_TEXTS + ["ＡＢＣ Straße", None, "x"]
-    )
+    titles = (["Plain ASCII title", None, "UPPER lower", ""] * 5) + UNICODE_TEXTS + ["ＡＢＣ Straße", None, "x"]
     descs = [
-        None if i % 3 == 0 else f"Desc {i} café ΣΊΣΥΦΟΣ" if i % 4 == 0 else f"desc {i}"
-        for i in range(len(titles))
+        None if i % 3 == 0 else f"Desc {i} café ΣΊΣΥΦΟΣ" if i % 4 == 0 else f"desc {i}" for i in range(len(titles))
     ]
     cut = 7
-    title_col = pa.chunked_array(
-        [pa.array(titles[:cut], pa.large_string()), pa.array(titles[cut:], pa.large_string())]
-    )
+    title_col = pa.chunked_array([pa.array(titles[:cut], pa.large_string()), pa.array(titles[cut:], pa.large_string())])
     padded = pa.array(["padding", *descs], pa.string()).slice(1)  # offset 1 into its buffers
     desc_col = pa.chunked_array([padded.slice(0, 11), padded.slice(11, 2), padded.slice(13)])
     want_off, want_ids = _reference_csr(titles, descs, max_tokens=24)

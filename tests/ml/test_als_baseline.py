@@ -43,12 +43,17 @@ def planted_logs(seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         prev = None
         for i, p in enumerate(pins):
             save = i % 2 == 0
-            rows.append({
-                "event_ts": 1_700_000_000_000_000 + u * 1_000 + i, "user_id": USER0 + u,
-                "action": "save" if save else "click", "surface": "related_pins" if prev is not None else "homefeed",
-                "pin_id": PIN0 + p, "board_id": BOARD0 + u if save else None,
-                "query_pin_id": None if prev is None else PIN0 + prev,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "event_ts": 1_700_000_000_000_000 + u * 1_000 + i,
+                    "user_id": USER0 + u,
+                    "action": "save" if save else "click",
+                    "surface": "related_pins" if prev is not None else "homefeed",
+                    "pin_id": PIN0 + p,
+                    "board_id": BOARD0 + u if save else None,
+                    "query_pin_id": None if prev is None else PIN0 + prev,
+                }
+            )
             prev = p
     for r in rows:
         r["event_ts"] = datetime.fromtimestamp(r["event_ts"] / 1e6, tz=UTC)
@@ -59,14 +64,9 @@ def same_cluster_pairs(cluster_of: np.ndarray, n: int = 300, seed: int = 1) -> p
     rng = np.random.default_rng(seed)
     q = rng.integers(cluster_of.size, size=n)
     p = np.array(
-        [
-            rng.choice(np.flatnonzero((cluster_of == cluster_of[i]) & (np.arange(cluster_of.size) != i)))
-            for i in q
-        ]
+        [rng.choice(np.flatnonzero((cluster_of == cluster_of[i]) & (np.arange(cluster_of.size) != i))) for i in q]
     )
-    return pa.table(
-        {"query_type": ["pin"] * n, "query_id": PIN0 + q, "pos_type": ["pin"] * n, "pos_id": PIN0 + p}
-    )
+    return pa.table({"query_type": ["pin"] * n, "query_id": PIN0 + q, "pos_type": ["pin"] * n, "pos_id": PIN0 + p})
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,10 @@ def test_embedder_api_shapes_ids_and_unknowns(planted):
     assert als.embed("pin", np.zeros(0, np.int64)).shape == (0, 16)
     # exclude_neighbor_ids changes nothing: held-out pairs are removed from the matrix before fitting
     assert np.array_equal(als.embed("pin", [PIN0 + 3], exclude_neighbor_ids=[PIN0 + 4]), pins[:1])
-    users = als.embed_users([np.array([PIN0 + 1, PIN0 + 2]), np.zeros(0, np.int64), np.array([PIN0 + 999_999])],
-                            user_ids=np.array([1, 2, 3]))  # fmt: skip
+    users = als.embed_users(
+        [np.array([PIN0 + 1, PIN0 + 2]), np.zeros(0, np.int64), np.array([PIN0 + 999_999])],
+        user_ids=np.array([1, 2, 3]),
+    )
     assert users.shape == (3, 16) and users.dtype == np.float32
     assert users[0].any() and not users[1].any() and not users[2].any()  # empty / unknown history: zero
     assert als.embed_users([]).shape == (0, 16)
@@ -117,11 +119,13 @@ def test_embedder_api_shapes_ids_and_unknowns(planted):
 def test_heldout_pairs_and_users_are_kept_out_of_the_matrix(planted):
     logs, _, _ = planted
     first = logs.slice(1, 1).to_pylist()[0]  # user 0's second event: related-pins, query = its first pin
-    pin_pin = pa.table({"query_type": ["pin"], "query_id": [first["query_pin_id"]], "pos_type": ["pin"],
-                        "pos_id": [first["pin_id"]]})  # fmt: skip
+    pin_pin = pa.table(
+        {"query_type": ["pin"], "query_id": [first["query_pin_id"]], "pos_type": ["pin"], "pos_id": [first["pin_id"]]}
+    )
     save = logs.slice(0, 1).to_pylist()[0]
-    board_pin = pa.table({"query_type": ["board"], "query_id": [save["board_id"]], "pos_type": ["pin"],
-                          "pos_id": [save["pin_id"]]})  # fmt: skip
+    board_pin = pa.table(
+        {"query_type": ["board"], "query_id": [save["board_id"]], "pos_type": ["pin"], "pos_id": [save["pin_id"]]}
+    )
     full = interactions_from_logs(logs)
     events = logs.to_pylist()
     assert full.num_rows == len(events) + sum(e["action"] == "save" for e in events)
@@ -170,8 +174,9 @@ def test_tune_als_picks_on_validation_and_the_protocol_refits(planted):
     assert [r["factors"] for r in tuning.results] == [1, 16]
     assert tuning.best["factors"] == 16 and tuning.best_recall == max(r["recall@10"] for r in tuning.results)
     heldout = same_cluster_pairs(cluster_of, n=100, seed=9)
-    fit = AlsFitConfig(grid=grid, validation_fraction=0.2, max_validation_pairs=200,
-                       validation_types=[("pin", "pin")], num_threads=1)  # fmt: skip
+    fit = AlsFitConfig(
+        grid=grid, validation_fraction=0.2, max_validation_pairs=200, validation_types=[("pin", "pin")], num_threads=1
+    )
     als, fitted = fit_als_baseline(logs, exclude_pairs=heldout, config=fit)
     assert 0 < fitted.validation_pairs <= 200 and fitted.best["factors"] == 16
     assert als.params["factors"] == 16 and als.index.matrix.nnz > 0
@@ -179,9 +184,13 @@ def test_tune_als_picks_on_validation_and_the_protocol_refits(planted):
 
 
 def test_sequences_give_user_pin_interactions():
-    seq = pa.table({"user_id": pa.array([USER0, USER0 + 1], pa.int64()),
-                    "history": pa.array([[PIN0, PIN0 + 1], [PIN0 + 2]], pa.list_(pa.int64())),
-                    "future": pa.array([[PIN0 + 1], []], pa.list_(pa.int64()))})  # fmt: skip
+    seq = pa.table(
+        {
+            "user_id": pa.array([USER0, USER0 + 1], pa.int64()),
+            "history": pa.array([[PIN0, PIN0 + 1], [PIN0 + 2]], pa.list_(pa.int64())),
+            "future": pa.array([[PIN0 + 1], []], pa.list_(pa.int64())),
+        }
+    )
     m = build_interaction_matrix(interactions_from_sequences(seq), universe={"pin": np.array([PIN0 + 7])})
     assert m.matrix.shape == (2, 4)  # pins 0, 1, 2 and the universe's 7; no boards
     assert m.matrix[0, m.columns("pin", [PIN0 + 1])[0]] == 2  # history + future: counts add up
@@ -197,24 +206,46 @@ def test_the_evaluator_scores_als_like_any_embedder(planted):
     als = AlsEmbedder(matrix, FAST, num_threads=1)
     pairs = same_cluster_pairs(cluster_of, n=200, seed=11)
     n = pairs.num_rows
-    eval_pairs = pa.table({**{c: pairs[c] for c in pairs.column_names}, "source": ["engagement_pin_pin"] * n,
-                           "segment": pa.nulls(n, pa.string()), "weight": pa.array([1.0] * n, pa.float32()),
-                           "count": pa.array([1] * n, pa.int64())}, schema=PAIR_SCHEMA)  # fmt: skip
+    eval_pairs = pa.table(
+        {
+            **{c: pairs[c] for c in pairs.column_names},
+            "source": ["engagement_pin_pin"] * n,
+            "segment": pa.nulls(n, pa.string()),
+            "weight": pa.array([1.0] * n, pa.float32()),
+            "count": pa.array([1] * n, pa.int64()),
+        },
+        schema=PAIR_SCHEMA,
+    )
     members = [PIN0 + np.flatnonzero(cluster_of == c) for c in range(CLUSTERS)]
-    sequences = pa.table({"user_id": pa.array(USER0 + 10_000 + np.arange(CLUSTERS), pa.int64()),
-                          "history": pa.array([m[:5].tolist() for m in members], pa.list_(pa.int64())),
-                          "future": pa.array([m[5:7].tolist() for m in members], pa.list_(pa.int64()))},
-                         schema=SEQUENCE_SCHEMA)  # fmt: skip
-    universe = pa.table({"entity_type": ["pin"] * cluster_of.size + ["board"] * USERS,
-                         "entity_id": np.concatenate([PIN0 + np.arange(cluster_of.size), BOARD0 + np.arange(USERS)])},
-                        schema=NODE_SCHEMA)  # fmt: skip
+    sequences = pa.table(
+        {
+            "user_id": pa.array(USER0 + 10_000 + np.arange(CLUSTERS), pa.int64()),
+            "history": pa.array([m[:5].tolist() for m in members], pa.list_(pa.int64())),
+            "future": pa.array([m[5:7].tolist() for m in members], pa.list_(pa.int64())),
+        },
+        schema=SEQUENCE_SCHEMA,
+    )
+    universe = pa.table(
+        {
+            "entity_type": ["pin"] * cluster_of.size + ["board"] * USERS,
+            "entity_id": np.concatenate([PIN0 + np.arange(cluster_of.size), BOARD0 + np.arange(USERS)]),
+        },
+        schema=NODE_SCHEMA,
+    )
     empty_pairs, empty_seq, empty_nodes = (
         PAIR_SCHEMA.empty_table(),
         SEQUENCE_SCHEMA.empty_table(),
         NODE_SCHEMA.empty_table(),
     )
-    data = TrainingData(pairs=empty_pairs, eval_pairs=eval_pairs, sequences=empty_seq, eval_sequences=sequences,
-                        feature_nodes=empty_nodes, eval_feature_nodes=empty_nodes, universe_table=universe)  # fmt: skip
+    data = TrainingData(
+        pairs=empty_pairs,
+        eval_pairs=eval_pairs,
+        sequences=empty_seq,
+        eval_sequences=sequences,
+        feature_nodes=empty_nodes,
+        eval_feature_nodes=empty_nodes,
+        universe_table=universe,
+    )
     report = Evaluator(data, k=10, pool_size=10_000).evaluate(als, als, ("entity_entity", "user_entity"))
     ee, ue = report.tasks["entity_entity"], report.tasks["user_entity"]
     assert ee.n == n and ee.recall > 0.6
@@ -233,17 +264,20 @@ def test_recall_report_als_row_on_the_pipeline_evaluation_sets(tmp_path, monkeyp
     from omnisage_pipeline.settings import Settings
 
     art = build_library_pipeline(tmp_path, scale="tiny", days=3, seed=0)
-    settings = Settings(home=art.root, data_root=art.data_root, data_root_is_default=False,
-                        mlflow_tracking_uri="sqlite:///unused.db", engine="duckdb", spark_master="local[1]",
-                        start_date=art.days[0], window_days=30)  # fmt: skip
+    settings = Settings(
+        home=art.root,
+        data_root=art.data_root,
+        data_root_is_default=False,
+        mlflow_tracking_uri="sqlite:///unused.db",
+        engine="duckdb",
+        spark_master="local[1]",
+        start_date=art.days[0],
+        window_days=30,
+    )
     # the fixture's days precede the definitions' partitions (OMNISAGE_START_DATE): its window is its days
-    monkeypatch.setattr(
-        "omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day]
-    )
+    monkeypatch.setattr("omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day])
     messages: list[str] = []
-    candidate = _als_candidate(
-        settings, art.day, art.data, art.universe, RecallReportConfig(), messages.append
-    )
+    candidate = _als_candidate(settings, art.day, art.data, art.universe, RecallReportConfig(), messages.append)
     als = candidate.entity
     assert isinstance(als, AlsEmbedder) and candidate.user is als
     assert set(candidate.tasks) == {"entity_entity", "user_entity"}

@@ -34,26 +34,33 @@ def logs_table(rows: list[tuple]) -> pa.Table:
     return pa.Table.from_pylist([{"event_ts": ts, **dict(zip(keys, r))} for r in rows], schema=LOG_SCHEMA)
 
 
-LOGS = logs_table([
-    (-3, "save", "related_pins", -5, -2, -1),  # pin -> pin (-5, -1) and board -2 -> pin -5
-    (-3, "click", "related_pins", MAX, None, MIN),  # pin -> pin (MIN, MAX); no board
-    (MIN, "save", "homefeed", -1, MIN, None),  # board MIN -> pin -1; no query pin
-    (7, "save", "related_pins", 4, None, None),  # neither: nulls are the only "missing"
-])  # fmt: skip
+LOGS = logs_table(
+    [
+        (-3, "save", "related_pins", -5, -2, -1),  # pin -> pin (-5, -1) and board -2 -> pin -5
+        (-3, "click", "related_pins", MAX, None, MIN),  # pin -> pin (MIN, MAX); no board
+        (MIN, "save", "homefeed", -1, MIN, None),  # board MIN -> pin -1; no query pin
+        (7, "save", "related_pins", 4, None, None),  # neither: nulls are the only "missing"
+    ]
+)
 
 
 def test_engagement_pairs_keep_negative_and_extreme_ids():
     pairs = engagement_pairs_from_logs(LOGS).to_pylist()
     got = {(p["query_type"], p["query_id"], p["pos_type"], p["pos_id"]) for p in pairs}
-    assert got == {("pin", -5, "pin", -1), ("pin", MIN, "pin", MAX), ("board", -2, "pin", -5),
-                   ("board", MIN, "pin", -1)}  # fmt: skip
+    assert got == {
+        ("pin", -5, "pin", -1),
+        ("pin", MIN, "pin", MAX),
+        ("board", -2, "pin", -5),
+        ("board", MIN, "pin", -1),
+    }
 
 
 def test_interactions_and_the_als_matrix_keep_negative_boards():
     rows = interactions_from_logs(LOGS).to_pylist()
     got = sorted((r["user_id"], r["entity_type"], r["entity_id"]) for r in rows)
-    assert got == sorted([(-3, "pin", -5), (-3, "pin", MAX), (MIN, "pin", -1), (7, "pin", 4),
-                          (-3, "board", -2), (MIN, "board", MIN)])  # fmt: skip
+    assert got == sorted(
+        [(-3, "pin", -5), (-3, "pin", MAX), (MIN, "pin", -1), (7, "pin", 4), (-3, "board", -2), (MIN, "board", MIN)]
+    )
     matrix = build_interaction_matrix(interactions_from_logs(LOGS))
     cols = matrix.columns("board", [-2, MIN, -1])
     assert cols[0] >= 0 and cols[1] >= 0 and cols[2] == -1  # -1 is no board of these logs
@@ -67,8 +74,14 @@ def test_interactions_and_the_als_matrix_keep_negative_boards():
 @pytest.fixture
 def snapshot(tmp_path) -> GraphSnapshot:
     """pins MIN, -5, -1, 0, MAX and boards MIN, -2: -5 and -1 share boards -2 and MIN; MAX - MIN (pin-pin)."""
-    edges = [("pin", -5, "board", -2), ("pin", -1, "board", -2), ("pin", -5, "board", MIN),
-             ("pin", -1, "board", MIN), ("pin", 0, "board", MIN), ("pin", MAX, "pin", MIN)]  # fmt: skip
+    edges = [
+        ("pin", -5, "board", -2),
+        ("pin", -1, "board", -2),
+        ("pin", -5, "board", MIN),
+        ("pin", -1, "board", MIN),
+        ("pin", 0, "board", MIN),
+        ("pin", MAX, "pin", MIN),
+    ]
     cols = {k: [] for k in ("src_type", "src_id", "dst_type", "dst_id", "edge_type", "weight")}
     for st, si, dt, di in edges:
         for a, b, c, d in ((st, si, dt, di), (dt, di, st, si)):

@@ -20,9 +20,7 @@ def make_inputs(seed, *, features=True, negatives=True):
         kw = {
             "positive_log_q": -torch.rand(B, generator=g) * 4,
             "negative_log_q": -torch.rand(M, generator=g) * 4 if negatives else None,
-            "positive_keys": torch.randint(
-                0, 20, (B,), generator=g
-            ),  # duplicates -> in-batch accidental hits
+            "positive_keys": torch.randint(0, 20, (B,), generator=g),  # duplicates -> in-batch accidental hits
             "negative_keys": torch.randint(0, 20, (M,), generator=g) if negatives else None,
             "weights": torch.rand(B, generator=g) * 2,
         }

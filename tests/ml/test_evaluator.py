@@ -51,9 +51,7 @@ def test_random_embeddings_score_at_chance(art):
     """Many random embedders: mean recall@k close to k / (pool + 1) for every pair type."""
     ev = Evaluator(art.data, art.universe, k=10, pool_size=150, seed=0)
     assert {t: v.size for t, v in ev.pools.items()} == {"pin": 150, "board": 150}
-    recalls = [
-        ev.evaluate(random_embedder(art.universe, dim=16, seed=s)).recall("entity_entity") for s in range(20)
-    ]
+    recalls = [ev.evaluate(random_embedder(art.universe, dim=16, seed=s)).recall("entity_entity") for s in range(20)]
     chance = 10 / 151  # query/positive are excluded from the pool by key, so the pool is ~150 for everyone
     assert abs(np.mean(recalls) - chance) < 0.02, (np.mean(recalls), chance)
 

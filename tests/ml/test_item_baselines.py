@@ -26,18 +26,29 @@ def logs_of(events: list[tuple[int, int, int, int | None, int | None]]) -> pa.Ta
     """(user, time in seconds, pin, query pin or None, board or None) -> contract log rows."""
     rows = []
     for user, t, pin, query, board in events:
-        rows.append({
-            "event_ts": datetime.fromtimestamp(1_700_000_000 + t, tz=UTC), "user_id": user,
-            "action": "save" if board is not None else "click",
-            "surface": "related_pins" if query is not None else "homefeed", "pin_id": pin, "board_id": board,
-            "query_pin_id": query,
-        })  # fmt: skip
+        rows.append(
+            {
+                "event_ts": datetime.fromtimestamp(1_700_000_000 + t, tz=UTC),
+                "user_id": user,
+                "action": "save" if board is not None else "click",
+                "surface": "related_pins" if query is not None else "homefeed",
+                "pin_id": pin,
+                "board_id": board,
+                "query_pin_id": query,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=LOG_SCHEMA)
 
 
 # user U: A, B, C, A (time order; the log rows are shuffled); user U+1: B, C
-EVENTS = [(U, 3, A, C, None), (U, 0, A, None, None), (U + 1, 0, Bp, None, None), (U, 1, Bp, A, B),
-          (U + 1, 5, C, Bp, None), (U, 2, C, Bp, None)]  # fmt: skip
+EVENTS = [
+    (U, 3, A, C, None),
+    (U, 0, A, None, None),
+    (U + 1, 0, Bp, None, None),
+    (U, 1, Bp, A, B),
+    (U + 1, 5, C, Bp, None),
+    (U, 2, C, Bp, None),
+]
 
 
 def test_pin_sequences_follow_time_then_row_order():
@@ -138,13 +149,16 @@ def test_tokenizer_words():
 
 def test_tfidf_cosine_by_hand():
     ids = np.array([P + 1, P + 2, P + 3, P + 4])
-    scorer = ContentTfidfScorer({
-        "pin": (ids, [["red apple", "red car", "green apple pie", None]]),
-        "board": (np.array([B]), [["apple"]]),
-    })  # fmt: skip
+    scorer = ContentTfidfScorer(
+        {
+            "pin": (ids, [["red apple", "red car", "green apple pie", None]]),
+            "board": (np.array([B]), [["apple"]]),
+        }
+    )
     n = 5  # documents of both types
-    idf = {w: np.log((1 + n) / (1 + df)) + 1 for w, df in
-           {"red": 2, "apple": 3, "car": 1, "green": 1, "pie": 1}.items()}  # fmt: skip
+    idf = {
+        w: np.log((1 + n) / (1 + df)) + 1 for w, df in {"red": 2, "apple": 3, "car": 1, "green": 1, "pie": 1}.items()
+    }
 
     def unit(words):
         v = np.array([idf[w] for w in words])
@@ -157,9 +171,7 @@ def test_tfidf_cosine_by_hand():
     np.testing.assert_allclose(s.toarray()[0], expected)
     assert expected[1] > expected[2]  # "red" is rarer than "apple": the car outranks the pie
     # a board query in the same vocabulary; an unknown id scores 0
-    np.testing.assert_allclose(
-        scorer.score("board", [B], "pin", [P + 2, P + 3]).toarray(), [[0.0, d3["apple"]]]
-    )
+    np.testing.assert_allclose(scorer.score("board", [B], "pin", [P + 2, P + 3]).toarray(), [[0.0, d3["apple"]]])
     assert scorer.score("pin", [P + 99], "pin", ids).toarray().sum() == 0
     # a user is the normalised sum of the history's vectors
     users = scorer.score_users([np.array([P + 1, P + 2])], "pin", [P + 3]).toarray()
@@ -188,17 +200,12 @@ def chain_logs(users: int = 60, seed: int = 0) -> pa.Table:
 
 def test_the_split_is_carved_once_and_its_events_leave_the_tuning_fit():
     logs = chain_logs()
-    test_pairs = pa.table(
-        {"query_type": ["pin"], "query_id": [P + 0], "pos_type": ["pin"], "pos_id": [P + 1]}
-    )
+    test_pairs = pa.table({"query_type": ["pin"], "query_id": [P + 0], "pos_type": ["pin"], "pos_id": [P + 1]})
     config = AlsFitConfig(validation_fraction=0.2, validation_types=[("pin", "pin")])
     split = TrainingSplit.carve(logs, test_pairs, [U + 59], config)
     again = TrainingSplit.carve(logs, test_pairs, [U + 59], config)
     assert split.validation.equals(again.validation) and split.validation.num_rows > 0
-    val = {
-        tuple(r)
-        for r in zip(split.validation["query_id"].to_pylist(), split.validation["pos_id"].to_pylist())
-    }
+    val = {tuple(r) for r in zip(split.validation["query_id"].to_pylist(), split.validation["pos_id"].to_pylist())}
     assert (P + 0, P + 1) not in val  # never a test pair
     pin, query = logs["pin_id"].to_numpy(), logs["query_pin_id"].fill_null(0).to_numpy()
     key = {tuple(sorted((q, p))) for q, p in val}
@@ -271,9 +278,7 @@ def test_the_time_split_validates_on_later_pairs_and_tunes_on_earlier_events():
     logs = chain_logs()
     ts = logs["event_ts"].cast(pa.int64()).to_numpy()
     cutoff = int(np.quantile(ts, 0.7))
-    test_pairs = pa.table(
-        {"query_type": ["pin"], "query_id": [P + 0], "pos_type": ["pin"], "pos_id": [P + 1]}
-    )
+    test_pairs = pa.table({"query_type": ["pin"], "query_id": [P + 0], "pos_type": ["pin"], "pos_id": [P + 1]})
     split = TrainingSplit.by_time(logs, cutoff, test_pairs, [U + 59], [("pin", "pin")])
     v = split.validation
     assert v.num_rows > 0 and set(v.column_names) >= {"query_id", "pos_id", "user_id"}
@@ -285,6 +290,4 @@ def test_the_time_split_validates_on_later_pairs_and_tunes_on_earlier_events():
     tuning, full = split.rows(True), split.rows(False)
     assert (ts[tuning] < cutoff).all() and (ts[full] >= cutoff).any() and set(tuning) < set(full)
     inter_ts = split._before_cutoff()["event_ts"].cast(pa.int64()).to_numpy()
-    assert (inter_ts < cutoff).all() and split.interactions(True).num_rows < split.interactions(
-        False
-    ).num_rows
+    assert (inter_ts < cutoff).all() and split.interactions(True).num_rows < split.interactions(False).num_rows

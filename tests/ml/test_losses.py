@@ -280,9 +280,7 @@ def test_query_entity_is_masked_as_a_candidate(chunk_size):
     # query 1's positive is pin 5, so negative 0 (pin 5) is an accidental hit for it already
     l1 = -s(q[1], p[1]) + math.log(sum(math.exp(s(q[1], c)) for c in (p[0], p[1], n[1])))
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
-    unmasked = sampled_softmax_loss(
-        q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, chunk_size=chunk_size
-    )
+    unmasked = sampled_softmax_loss(q, p, n, scale=3.0, positive_keys=pk, negative_keys=nk, chunk_size=chunk_size)
     assert unmasked.item() > loss.item() + 0.1
 
 

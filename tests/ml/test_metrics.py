@@ -13,9 +13,7 @@ def brute_force(q, p, n, k, qk=None, pk=None, nk=None):
         pos = sum(a * b for a, b in zip(q[i], p[i]))
         beat = 0
         for j in range(len(n)):
-            if nk is not None and (
-                (qk is not None and nk[j] == qk[i]) or (pk is not None and nk[j] == pk[i])
-            ):
+            if nk is not None and ((qk is not None and nk[j] == qk[i]) or (pk is not None and nk[j] == pk[i])):
                 continue  # the pool excludes the query and the positive
             if sum(a * b for a, b in zip(q[i], n[j])) >= pos:  # ties count against the positive
                 beat += 1

@@ -128,9 +128,7 @@ def _with_padding_and_garbage(
     # ... then the real neighbours' values copied into their columns (tokens past their length stay garbage)
     for name in ("token_lengths", "image", "image_mask", "degree", "present"):
         getattr(nf, name)[:, cols] = np.where(
-            b.neighbor_mask.reshape(
-                b.neighbor_mask.shape + (1,) * (getattr(b.neighbor_features, name).ndim - 2)
-            ),
+            b.neighbor_mask.reshape(b.neighbor_mask.shape + (1,) * (getattr(b.neighbor_features, name).ndim - 2)),
             getattr(b.neighbor_features, name),
             getattr(nf, name)[:, cols],
         )
@@ -143,9 +141,7 @@ def _with_padding_and_garbage(
     for name in ("token_lengths", "image", "image_mask", "degree", "present"):
         getattr(own, name)[...] = getattr(b.features, name)
     own_live = np.arange(b.max_tokens) < b.features.token_lengths[:, None]
-    own.token_ids[:, : b.max_tokens] = np.where(
-        own_live, b.features.token_ids, own.token_ids[:, : b.max_tokens]
-    )
+    own.token_ids[:, : b.max_tokens] = np.where(own_live, b.features.token_ids, own.token_ids[:, : b.max_tokens])
     mask = np.zeros((n, k_new), dtype=bool)
     mask[:, cols] = b.neighbor_mask
     scores = rng.random((n, k_new)).astype(np.float32) * 1e3  # garbage scores in padding slots
@@ -258,9 +254,7 @@ def test_switching_tasks_off_and_eq6_weights():
     l = out_w.losses
     torch.testing.assert_close(
         out_w.loss,
-        0.5 * l["entity_entity"]
-        + 2.0 * l["entity_feature"]
-        + 3.0 * (l["user_entity/next"] + l["user_entity/future"]),
+        0.5 * l["entity_entity"] + 2.0 * l["entity_feature"] + 3.0 * (l["user_entity/next"] + l["user_entity/future"]),
     )
     only_pair = _model(tasks=("entity_entity",)).eval()
     assert "entity_feature" not in only_pair.tasks and "user_entity" not in only_pair.tasks
@@ -275,9 +269,7 @@ def test_switching_tasks_off_and_eq6_weights():
 
 def test_sketch_updates_in_training_only_and_corrects_logits():
     model = _model(tasks=("entity_entity",))
-    batches = {
-        "entity_entity": synthetic_task_batches(np.random.default_rng(9), image_dim=IMG)["entity_entity"]
-    }
+    batches = {"entity_entity": synthetic_task_batches(np.random.default_rng(9), image_dim=IMG)["entity_entity"]}
     model.eval()
     with torch.no_grad():
         l_eval = model(batches).loss
@@ -401,17 +393,20 @@ def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
     cfg, _ = small(image_dim=0)
     model = OmniSageModel(cfg).eval()
     batch = EntityBatch(
-        "pin", np.arange(3, dtype=np.int64), FeatureArrays.empty((3,), 4, 0), np.zeros((3, 0), np.int64),
-        FeatureArrays.empty((3, 0), 4, 0), np.zeros((3, 0), np.float32), np.zeros((3, 0), bool),
+        "pin",
+        np.arange(3, dtype=np.int64),
+        FeatureArrays.empty((3,), 4, 0),
+        np.zeros((3, 0), np.int64),
+        FeatureArrays.empty((3, 0), 4, 0),
+        np.zeros((3, 0), np.float32),
+        np.zeros((3, 0), bool),
         NeighborhoodLayout(()),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         emb = model.embed(batch)
         queries = model.tasks["entity_feature"].queries(as_entity_tensors(batch, "cpu", "zero-width"))
     assert emb.shape == (3, cfg.out_dim) and torch.isfinite(emb).all()
-    assert queries and all(
-        q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values()
-    )
+    assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
 
 
 def test_the_identity_token_tells_apart_entities_with_the_same_content():
@@ -423,16 +418,20 @@ def test_the_identity_token_tells_apart_entities_with_the_same_content():
         n = len(ids)
         layout = NeighborhoodLayout((NeighborBlock("pin_pin", "pin", 1),))
         return EntityBatch(
-            "pin", np.asarray(ids, np.int64), FeatureArrays.empty((n,), 4, 0), np.full((n, 1), neighbour, np.int64),
-            FeatureArrays.empty((n, 1), 4, 0), np.ones((n, 1), np.float32), np.ones((n, 1), bool), layout,
-        )  # fmt: skip
+            "pin",
+            np.asarray(ids, np.int64),
+            FeatureArrays.empty((n,), 4, 0),
+            np.full((n, 1), neighbour, np.int64),
+            FeatureArrays.empty((n, 1), 4, 0),
+            np.ones((n, 1), np.float32),
+            np.ones((n, 1), bool),
+            layout,
+        )
 
     for buckets in (0, 64):
         cfg, _ = small(image_dim=0)
         torch.manual_seed(0)
-        model = OmniSageModel(
-            cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))
-        ).eval()
+        model = OmniSageModel(cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))).eval()
         with torch.no_grad():
             a, b = model.embed(batch([11, 12], 7))
             c = model.embed(batch([11], 8))[0]
@@ -445,9 +444,7 @@ def test_the_query_entity_is_never_its_own_negative():
     is the query itself or its positive again, so eq. 1 has nothing left to contrast and the loss is 0."""
     rng = np.random.default_rng(3)
     model = _model(tasks=("entity_entity",)).eval()
-    pins = lambda ids: random_entity_batch(
-        rng, "pin", len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG
-    )
+    pins = lambda ids: random_entity_batch(rng, "pin", len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
     batch = PairBatch(query=pins([1, 2]), positive=pins([2, 1]), random_negatives=pins([1, 2]))
     with torch.no_grad():
         loss = model({"entity_entity": batch}).loss
@@ -460,9 +457,7 @@ def test_log_q_comes_from_one_sketch_per_positive_type():
     draws (one shared sketch gives the second sub-batch p = 1/16)."""
     rng = np.random.default_rng(4)
     model = _model(tasks=("entity_entity",)).train()
-    ent = lambda t, ids: random_entity_batch(
-        rng, t, len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG
-    )
+    ent = lambda t, ids: random_entity_batch(rng, t, len(ids), entity_ids=np.asarray(ids, np.int64), image_dim=IMG)
     batches = {
         "pp": PairBatch(query=ent("pin", range(8)), positive=ent("pin", range(100, 108))),
         "pb": PairBatch(query=ent("pin", range(8)), positive=ent("board", range(200, 208))),

@@ -45,11 +45,16 @@ class MirrorBuilder:
         self.built.extend(ids.tolist())
         one = [
             random_entity_batch(
-                np.random.default_rng([7, mirror(int(i))]), entity_type, 1, layout=LAYOUT,
-                image_dim=IMG, max_tokens=6, entity_ids=np.array([i]),
+                np.random.default_rng([7, mirror(int(i))]),
+                entity_type,
+                1,
+                layout=LAYOUT,
+                image_dim=IMG,
+                max_tokens=6,
+                entity_ids=np.array([i]),
             )
             for i in ids
-        ]  # fmt: skip
+        ]
         batch = concat_entity_batches(one)
         nb = np.full((ids.size, LAYOUT.width), -1, dtype=np.int64)
         mask = np.zeros(nb.shape, dtype=bool)
@@ -90,9 +95,7 @@ def test_user_history_with_negative_ids_is_embedded_from_all_its_items(model):
 def test_dedupe_sequences_needs_a_mask_for_negative_ids():
     seq = np.array([[-5, 7, -1], [-1, 0, 0]])
     valid = np.array([[True, True, True], [True, True, False]])
-    uniq, index, fut = dedupe_sequences(
-        seq, np.array([-9, 0]), valid=valid, future_valid=np.array([True, False])
-    )
+    uniq, index, fut = dedupe_sequences(seq, np.array([-9, 0]), valid=valid, future_valid=np.array([True, False]))
     assert uniq.tolist() == [-9, -5, -1, 0, 7]
     assert uniq[index[0]].tolist() == [-5, 7, -1] and index[1].tolist() == [2, 3, -1]
     assert fut.tolist() == [0, -1]
@@ -113,13 +116,13 @@ def _data(pairs: list[dict] | None = None, sequences: list[dict] | None = None) 
 
 
 def test_training_sequences_keep_negative_ids():
-    data = _data(sequences=[
-        {"user_id": -7, "history": [-1, 5, -5], "future": [-9]},
-        {"user_id": 8, "history": [-2, -1], "future": []},
-    ])  # fmt: skip
-    config = BatchConfig(
-        tasks=("user_entity",), num_random_negatives=0, sequence_batch_size=6, max_sequence_length=8
+    data = _data(
+        sequences=[
+            {"user_id": -7, "history": [-1, 5, -5], "future": [-9]},
+            {"user_id": 8, "history": [-2, -1], "future": []},
+        ]
     )
+    config = BatchConfig(tasks=("user_entity",), num_random_negatives=0, sequence_batch_size=6, max_sequence_length=8)
     step = next(iter(make_batch_iterator_factory(data, MirrorBuilder(), config)(0)))
     sb = step["user_entity"]
     ids = sb.entities.entity_ids
@@ -151,10 +154,12 @@ def test_embedding_without_a_negative_neighbour(model):
 
 def test_training_pairs_mask_negative_ids_out_of_graph_pairs_only():
     pair = {"query_type": "pin", "pos_type": "pin", "segment": None, "weight": 1.0, "count": 1}
-    data = _data(pairs=[
-        {**pair, "query_id": 10, "pos_id": -5, "source": "graph_pin_pin"},
-        {**pair, "query_id": 11, "pos_id": -1, "source": "engagement_pin_pin"},
-    ])  # fmt: skip
+    data = _data(
+        pairs=[
+            {**pair, "query_id": 10, "pos_id": -5, "source": "graph_pin_pin"},
+            {**pair, "query_id": 11, "pos_id": -1, "source": "engagement_pin_pin"},
+        ]
+    )
     builder = MirrorBuilder({10: [-5, 3], -5: [10], 11: [-1, 4], -1: [11]})
     config = BatchConfig(tasks=("entity_entity",), batch_size=4, num_random_negatives=0)
     pb = next(iter(make_batch_iterator_factory(data, builder, config)(0)))["entity_entity/pin_pin"]

@@ -51,16 +51,24 @@ def test_pair_hits_follow_recall_at_k_ties_included():
     pool = np.arange(60)
     got = pair_hits(Table(v), ["pin"] * 400, q, ["pin"] * 400, p, {"pin": pool}, k=10)
     key = lambda ids: torch.as_tensor(np.asarray(ids, np.int64) * 4)
-    ref = recall_at_k(torch.as_tensor(v[q]), torch.as_tensor(v[p]), torch.as_tensor(v), k=10,
-                      query_keys=key(q), positive_keys=key(p), negative_keys=key(pool))  # fmt: skip
+    ref = recall_at_k(
+        torch.as_tensor(v[q]),
+        torch.as_tensor(v[p]),
+        torch.as_tensor(v),
+        k=10,
+        query_keys=key(q),
+        positive_keys=key(p),
+        negative_keys=key(pool),
+    )
     assert np.array_equal(got.hits, ref.hits.numpy()) and np.array_equal(got.outscored, ref.outscored.numpy())
     # the negatives: the pool less the query and the positive (one entity when they are the same)
     assert np.array_equal(got.negatives, 60 - 1 - (q != p))
     counts = sp.random(60, 30, density=0.2, random_state=1, format="csr")
     counts.data = np.round(counts.data * 3) + 1
     got = pair_hits(Table(counts), ["pin"] * 400, q, ["pin"] * 400, p, {"pin": pool}, k=10)
-    ref = recall_at_k_sparse(counts[q], counts[p], counts, k=10, query_keys=key(q), positive_keys=key(p),
-                             negative_keys=key(pool))  # fmt: skip
+    ref = recall_at_k_sparse(
+        counts[q], counts[p], counts, k=10, query_keys=key(q), positive_keys=key(p), negative_keys=key(pool)
+    )
     assert np.array_equal(got.outscored, ref.outscored.numpy())
 
 
@@ -92,14 +100,27 @@ def test_exclude_history_leaves_engaged_items_out_but_never_the_positive():
 
 
 def test_cold_mask_and_the_comparison():
-    pairs = {"query_type": np.array(["pin", "pin", "board"]), "query_id": np.array([1, 5, 1]),
-             "pos_type": np.array(["pin"] * 3), "pos_id": np.array([2, 2, 9])}  # fmt: skip
+    pairs = {
+        "query_type": np.array(["pin", "pin", "board"]),
+        "query_id": np.array([1, 5, 1]),
+        "pos_type": np.array(["pin"] * 3),
+        "pos_id": np.array([2, 2, 9]),
+    }
     assert cold_mask(pairs, {"pin": np.array([1, 2]), "board": np.array([1])}).tolist() == [False, True, True]
-    sets = EvaluationSets(k=10, pools={"pin": np.arange(10)}, pairs=pairs, pair_users=np.array([7, 7, 8]),
-                          pair_weights=np.ones(3), exclude_pair_edge=False, cold=np.array([False, True, True]),
-                          histories=[], user_ids=np.zeros(0), next_ids=np.zeros(0), future_ids=np.zeros(0))  # fmt: skip
-    out = compare(sets, np.array([1.0, 1.0, 1.0]), {"a": np.array([1, 0, 0]), "b": np.array([1, 1, 0])},
-                  n_boot=100)  # fmt: skip
+    sets = EvaluationSets(
+        k=10,
+        pools={"pin": np.arange(10)},
+        pairs=pairs,
+        pair_users=np.array([7, 7, 8]),
+        pair_weights=np.ones(3),
+        exclude_pair_edge=False,
+        cold=np.array([False, True, True]),
+        histories=[],
+        user_ids=np.zeros(0),
+        next_ids=np.zeros(0),
+        future_ids=np.zeros(0),
+    )
+    out = compare(sets, np.array([1.0, 1.0, 1.0]), {"a": np.array([1, 0, 0]), "b": np.array([1, 1, 0])}, n_boot=100)
     assert out["best_baseline"] == "b" and out["diff"] == pytest.approx(1 / 3)
     assert out["resampled"] == "users" and out["units"] == 2 and len(out["ci95"]) == 2
 
@@ -160,8 +181,9 @@ def systems(art):
     from ml.window_cooccurrence import WindowCooccurrenceScorer, pin_sequences
 
     logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
-    split = TrainingSplit.carve(logs, art.data.eval_pairs, art.data.eval_sequences["user_id"].to_numpy(),
-                                AlsFitConfig())  # fmt: skip
+    split = TrainingSplit.carve(
+        logs, art.data.eval_pairs, art.data.eval_sequences["user_id"].to_numpy(), AlsFitConfig()
+    )
     matrix = build_interaction_matrix(split.interactions(False), art.universe)
     co, pop = CooccurrenceEmbedder(art.snapshot), PopularityEmbedder(art.snapshot)
     als = AlsEmbedder(matrix, AlsParams(factors=16, iterations=5), num_threads=1)
@@ -170,20 +192,22 @@ def systems(art):
         random_baseline(art.universe, dim=16, seed=5)[1],
     )
     return split, {
-        "model": fake_model, "popularity": (pop, pop), "cooccurrence": (co, co), "als": (als, als),
-        "random": random_baseline(art.universe), "window_cooccurrence": WindowCooccurrenceScorer(
-            *pin_sequences(logs, split.rows(False)), window=5),
-        "ease": EaseScorer(matrix, 100.0), "content_tfidf": ContentTfidfScorer.from_metadata(art.data_root),
-    }  # fmt: skip
+        "model": fake_model,
+        "popularity": (pop, pop),
+        "cooccurrence": (co, co),
+        "als": (als, als),
+        "random": random_baseline(art.universe),
+        "window_cooccurrence": WindowCooccurrenceScorer(*pin_sequences(logs, split.rows(False)), window=5),
+        "ease": EaseScorer(matrix, 100.0),
+        "content_tfidf": ContentTfidfScorer.from_metadata(art.data_root),
+    }
 
 
 def test_every_system_is_scored_on_the_same_queries_and_pool(art, evaluator, systems):
     split, named = systems
     sets = EvaluationSets.from_evaluator(evaluator, split.seen(), exclude_history=True)
     assert sets.pairs["query_id"].size > 0 and sets.histories
-    pool = {
-        (t, int(i)) for t, ids in evaluator.pools.items() for i in ids if t in set(sets.pairs["pos_type"])
-    }
+    pool = {(t, int(i)) for t, ids in evaluator.pools.items() for i in ids if t in set(sets.pairs["pos_type"])}
     queries = {(str(t), int(i)) for t, i in zip(sets.pairs["query_type"], sets.pairs["query_id"])}
     scored = {}
     for name, system in named.items():
@@ -233,17 +257,23 @@ def test_the_daily_report_lists_window_cooccurrence_and_ease(art, evaluator, mon
     from omnisage_pipeline.evaluation import report as day_report
     from omnisage_pipeline.settings import Settings
 
-    settings = Settings(home=art.root, data_root=art.data_root, data_root_is_default=False,
-                        mlflow_tracking_uri="sqlite:///unused.db", engine="duckdb", spark_master="local[1]",
-                        start_date=art.days[0], window_days=30)  # fmt: skip
-    monkeypatch.setattr(
-        "omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day]
+    settings = Settings(
+        home=art.root,
+        data_root=art.data_root,
+        data_root_is_default=False,
+        mlflow_tracking_uri="sqlite:///unused.db",
+        engine="duckdb",
+        spark_master="local[1]",
+        start_date=art.days[0],
+        window_days=30,
     )
+    monkeypatch.setattr("omnisage_pipeline.partitions.window_keys", lambda day: [d for d in art.days if d <= day])
     config = RecallReportConfig()
     assert {"window_cooccurrence", "ease"} <= set(config.baselines)
     messages: list[str] = []
-    day = day_report._ScoredDay(settings, art.day, config, art.data, art.universe, art.graph_dir,
-                                art.features_dir, messages.append)  # fmt: skip
+    day = day_report._ScoredDay(
+        settings, art.day, config, art.data, art.universe, art.graph_dir, art.features_dir, messages.append
+    )
     window = day_report._baseline("window_cooccurrence", day, None)
     ease = day_report._baseline("ease", day, None)
     assert any(m.startswith("window_cooccurrence: tuned on") for m in messages)
@@ -253,8 +283,13 @@ def test_the_daily_report_lists_window_cooccurrence_and_ease(art, evaluator, mon
     als_split = carve_validation_pairs(day.split().logs, 0.1, 2000, config.seed, art.data.eval_pairs)
     assert day.split().validation.equals(als_split) and AlsFitConfig().validation_fraction == 0.1
     model = Candidate(*random_baseline(art.universe))
-    report = build_report(art.day, "1", evaluator, model, {"ease": ease, "window_cooccurrence": window,
-                                                           "random": Candidate(*random_baseline(art.universe))})  # fmt: skip
+    report = build_report(
+        art.day,
+        "1",
+        evaluator,
+        model,
+        {"ease": ease, "window_cooccurrence": window, "random": Candidate(*random_baseline(art.universe))},
+    )
     assert list(report["baselines"]) == ["random", "window_cooccurrence", "ease"]
     n_pairs = report["tasks"]["entity_entity"]["n"]
     for name in ("window_cooccurrence", "ease"):

@@ -147,9 +147,7 @@ def test_random_weight_model_knows_nothing_about_the_positive(art):
         rows = ev.pairs["pos_type"] == t
         ev.pairs["pos_id"][rows] = rng.choice(art.universe[t], size=int(rows.sum()))
     n = ev.pairs["pos_id"].size
-    model_recall = ev.evaluate(*model_embedders(model, art.builder), ["entity_entity"]).recall(
-        "entity_entity"
-    )
+    model_recall = ev.evaluate(*model_embedders(model, art.builder), ["entity_entity"]).recall("entity_entity")
     random_recalls = [
         ev.evaluate(random_baseline(art.universe, seed=s)[0], tasks=["entity_entity"]).recall("entity_entity")
         for s in range(5)

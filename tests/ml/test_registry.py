@@ -34,9 +34,7 @@ def _inputs():
     kw = {"layout": small_layout(), "max_tokens": MAX_TOKENS, "image_dim": IMAGE_DIM}
     pins = random_entity_batch(rng, "pin", 16, **kw)
     boards = random_entity_batch(rng, "board", 16, **kw)
-    seq = synthetic_task_batches(rng, image_dim=IMAGE_DIM, max_tokens=MAX_TOKENS, layout=small_layout())[
-        "user_entity"
-    ]
+    seq = synthetic_task_batches(rng, image_dim=IMAGE_DIM, max_tokens=MAX_TOKENS, layout=small_layout())["user_entity"]
     return pins, boards, seq
 
 
@@ -52,9 +50,7 @@ def mlflow_template(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(
-        tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}"
-    ).search_experiments()
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -85,10 +81,7 @@ def test_model_dir_round_trip_is_exact_and_pickle_free(tmp_path, monkeypatch):
     assert head[:2] != b"PK" and head[0] != 0x80  # not torch.save's zip nor a raw pickle
     header_len = int.from_bytes(head[:8], "little")
     header = json.loads((out / WEIGHTS_FILE).read_bytes()[8 : 8 + header_len])  # safetensors: JSON header
-    assert (
-        any(k.startswith("embedders.pin.") for k in header)
-        and header["__metadata__"]["format"] == "omnisage-model"
-    )
+    assert any(k.startswith("embedders.pin.") for k in header) and header["__metadata__"]["format"] == "omnisage-model"
 
     _trap_pickle(monkeypatch)
     loaded = load_model_dir(out)
@@ -209,9 +202,7 @@ def test_registry_registers_and_loads_the_mlflow_model_format(tmp_path, mlflow_t
     assert mv.source == f"models:/{info.model_id}" and mv.run_id == run.info.run_id and mv.tags["t"] == "1"
     linked = json.loads(client.get_logged_model(info.model_id).tags["mlflow.modelVersions"])
     assert linked == [{"name": "omnisage", "version": version}]
-    downloaded = mlflow.artifacts.download_artifacts(
-        info.model_uri, dst_path=str(tmp_path / "dl"), tracking_uri=uri
-    )
+    downloaded = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl"), tracking_uri=uri)
     assert pyfunc_data_dir(downloaded) == Path(downloaded) / "data" / "model"
     assert pyfunc_data_dir(local) is None  # a bare model directory (older versions)
 

@@ -14,12 +14,7 @@ def test_a_always_hits_b_never():
     r = paired_bootstrap(np.ones(120), np.zeros(120), users, n_boot=500)
     assert r.diff == 1.0 and (r.low, r.high) == (1.0, 1.0)
     out = r.to_json()
-    assert (
-        out["ci95"] == [1.0, 1.0]
-        and out["resampled"] == "users"
-        and out["units"] == 30
-        and out["pairs"] == 120
-    )
+    assert out["ci95"] == [1.0, 1.0] and out["resampled"] == "users" and out["units"] == 30 and out["pairs"] == 120
     assert paired_bootstrap(np.ones(5), np.zeros(5)).resampled == "queries"
 
 

@@ -39,9 +39,7 @@ def _factory(epoch_len: int = 4, seed: int = 0):
     def factory(epoch: int):
         rng = np.random.default_rng([seed, epoch])  # deterministic per epoch: what resume relies on
         for _ in range(epoch_len):
-            yield synthetic_task_batches(
-                rng, image_dim=IMG, batch_size=6, num_negatives=6, num_users=3, seq_len=4
-            )
+            yield synthetic_task_batches(rng, image_dim=IMG, batch_size=6, num_negatives=6, num_users=3, seq_len=4)
 
     return factory
 
@@ -110,9 +108,7 @@ def test_logging_progress_line_and_checkpoint_dir(tmp_path):
     result = trainer.fit()
     assert result.steps == 4 and [s for s, _ in logs] == [2, 4]
     m = logs[-1][1]
-    assert {"loss", "entity_entity", "user_entity/next", "user_entity/future", "lr", "examples_per_s"} <= set(
-        m
-    )
+    assert {"loss", "entity_entity", "user_entity/next", "user_entity/future", "lr", "examples_per_s"} <= set(m)
     assert "entity_feature" not in m  # switched off
     assert m["examples_per_s"] > 0 and all(math.isfinite(v) for v in m.values())
     assert "examples/s" in lines[-1] and "entity_entity" in lines[-1]
@@ -130,9 +126,7 @@ def test_model_selection_restores_the_best_steps_sketches(tmp_path):
     scores = iter([0.1, 0.4, 0.2, 0.3])
 
     def score(model):
-        snaps.append(
-            {n: {k: v.clone() for k, v in st.items()} for n, st in model.sketch_state_dict().items()}
-        )
+        snaps.append({n: {k: v.clone() for k, v in st.items()} for n, st in model.sketch_state_dict().items()})
         return next(scores)
 
     trainer = Trainer(mc, tc, _factory(), progress=None, selection=ModelSelection(score, checks=4))
@@ -255,9 +249,7 @@ def test_learning_on_a_planted_problem():
 
     mc, tc = small(image_dim=0)
     mc = mc.replace(tasks=("entity_entity",))
-    tc = tc.replace(
-        device="cpu", precision="fp32", lr=3e-3, warmup_steps=10, total_steps=150, log_every=50, seed=0
-    )
+    tc = tc.replace(device="cpu", precision="fp32", lr=3e-3, warmup_steps=10, total_steps=150, log_every=50, seed=0)
     trainer = Trainer(mc, tc, factory, progress=None)
     before = _recall(trainer.model, world, eval_q, eval_p)
     t0 = time.perf_counter()
@@ -265,8 +257,6 @@ def test_learning_on_a_planted_problem():
     seconds = time.perf_counter() - t0
     after = _recall(trainer.model, world, eval_q, eval_p)
     random_level = 10 / (world.n - 2)
-    print(
-        f"planted recall@10: before {before:.3f} after {after:.3f} random {random_level:.3f} ({seconds:.1f} s)"
-    )
+    print(f"planted recall@10: before {before:.3f} after {after:.3f} random {random_level:.3f} ({seconds:.1f} s)")
     assert after >= max(5 * random_level, 0.5) and after > before + 0.2
     assert trainer.history[-1]["loss"] < trainer.history[0]["loss"]

@@ -89,9 +89,7 @@ def test_drop_held_out_edges_is_the_unordered_pair_hash():
     )
     kept = drop_held_out_edges(edges, cfg)
     # the board -> pin orientation of the same pairs (how engagement pairs are written)
-    held = held_out_pairs(
-        cfg.holdout_seed, cfg.eval_fraction, TYPE_CODE["board"], boards, TYPE_CODE["pin"], pins
-    )
+    held = held_out_pairs(cfg.holdout_seed, cfg.eval_fraction, TYPE_CODE["board"], boards, TYPE_CODE["pin"], pins)
     assert kept.num_rows == n - held.sum()
     assert set(kept["src_id"].to_pylist()) == set(pins[~held].tolist())
 
@@ -128,9 +126,9 @@ def test_held_out_users_engagement_is_not_in_the_graph(art):
     logs = pa.concat_tables([pq.read_table(d) for d in art.log_dirs])
     users = logs["user_id"].to_numpy()
     held = held_out_users(cfg.holdout_seed, cfg.eval_fraction, users)
-    saves = (logs["action"].to_numpy(zero_copy_only=False) == "save") & ~pc.is_null(
-        logs["board_id"]
-    ).to_numpy(zero_copy_only=False)
+    saves = (logs["action"].to_numpy(zero_copy_only=False) == "save") & ~pc.is_null(logs["board_id"]).to_numpy(
+        zero_copy_only=False
+    )
     pin, board = (
         logs["pin_id"].to_numpy(),
         np.nan_to_num(logs["board_id"].to_numpy(zero_copy_only=False)).astype(np.int64),
@@ -170,9 +168,7 @@ def test_held_out_users_future_never_becomes_a_training_pair(art):
     only_future = _engaged_pairs(logs, future) - _engaged_pairs(logs, ~future)
     assert only_future, "the fixture must have pairs that only held-out users' future made"
     train = art.data.pairs
-    trained = set(
-        zip(train["source"].to_pylist(), train["query_id"].to_pylist(), train["pos_id"].to_pylist())
-    )
+    trained = set(zip(train["source"].to_pylist(), train["query_id"].to_pylist(), train["pos_id"].to_pylist()))
     assert not (only_future & trained)
 
 
@@ -202,9 +198,7 @@ def test_same_hash_on_every_day(art, tmp_path):
     logs = sorted(art.log_dirs[-2].glob("*.parquet")) + sorted(art.log_dirs[0].glob("*.parquet"))
     # a 1-day horizon: a 2-day window ending at day2 with the default 2 would be all horizon, no training users
     config = dataclasses.replace(art.example_config, eval_horizon_days=1)
-    build_training_examples(
-        logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, out, day2, config
-    )
+    build_training_examples(logs, art.metadata_dir / "pins", art.snapshot, art.neighborhoods, out, day2, config)
     d2 = load_training_examples(out)
     d3 = art.data
     tr2, ev2, tr3, ev3 = (_unordered(t) for t in (d2.pairs, d2.eval_pairs, d3.pairs, d3.eval_pairs))
@@ -309,9 +303,7 @@ def test_batch_iterator_contract(art):
     p = step["entity_entity/pin_pin"].positive.entity_ids
     pairs = art.data.pairs
     src_of = {}
-    for s, qi, pi in zip(
-        pairs["source"].to_pylist(), pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()
-    ):
+    for s, qi, pi in zip(pairs["source"].to_pylist(), pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()):
         src_of.setdefault((qi, pi), set()).add(s)
     n_eng = sum("engagement_pin_pin" in src_of[(int(a), int(b))] for a, b in zip(q, p))
     assert n_eng >= 40  # 2/3 of 60 drawn from the weight-2 source
@@ -330,9 +322,16 @@ SOURCES = (
 
 def _pin_pin_steps(art, source: str, steps: int = 3):
     fac = make_batch_iterator_factory(
-        art.data, art.builder, BatchConfig(tasks=("entity_entity",), batch_size=64, num_random_negatives=0,
-        steps_per_epoch=steps, source_weights={s: float(s == source) for s in SOURCES}),
-    )  # fmt: skip
+        art.data,
+        art.builder,
+        BatchConfig(
+            tasks=("entity_entity",),
+            batch_size=64,
+            num_random_negatives=0,
+            steps_per_epoch=steps,
+            source_weights={s: float(s == source) for s in SOURCES},
+        ),
+    )
     return [step["entity_entity/pin_pin"] for step in fac(0)]
 
 
@@ -356,9 +355,18 @@ def test_pairs_are_drawn_in_proportion_to_their_count(art):
     engaged once; ``pair_sampling="uniform"`` draws distinct pairs."""
     from ml.step_sampler import _pair_sources
 
-    pairs = pa.table({"query_type": ["pin", "pin"], "query_id": [1, 2], "pos_type": ["pin", "pin"],
-                      "pos_id": [3, 4], "source": ["engagement_pin_pin"] * 2, "segment": [None, None],
-                      "weight": pa.array([1.0, 1.0], pa.float32()), "count": [1, 9]})  # fmt: skip
+    pairs = pa.table(
+        {
+            "query_type": ["pin", "pin"],
+            "query_id": [1, 2],
+            "pos_type": ["pin", "pin"],
+            "pos_id": [3, 4],
+            "source": ["engagement_pin_pin"] * 2,
+            "segment": [None, None],
+            "weight": pa.array([1.0, 1.0], pa.float32()),
+            "count": [1, 9],
+        }
+    )
     rng = np.random.default_rng(0)
     (by_count,), (uniform,) = _pair_sources(pairs, None), _pair_sources(pairs, None, by_count=False)
     assert np.mean(by_count.draw(20_000, rng)[0] == 2) == pytest.approx(0.9, abs=0.01)
@@ -399,13 +407,18 @@ def _training_user(config: ExampleConfig, n_events: int) -> tuple[int, pa.Table]
     users = np.arange(1, 200, dtype=np.int64)
     user = int(users[~held_out_users(config.holdout_seed, config.eval_fraction, users)][0])
     ts = pa.array(
-        (np.datetime64("2026-01-01T00:00") + np.arange(n_events).astype("timedelta64[m]")).astype(
-            "datetime64[us]"
-        ),
+        (np.datetime64("2026-01-01T00:00") + np.arange(n_events).astype("timedelta64[m]")).astype("datetime64[us]"),
         pa.timestamp("us", tz="UTC"),
     )
-    logs = pa.table({"user_id": pa.array([user] * n_events, pa.int64()), "pin_id": pa.array(1000 + np.arange(n_events), pa.int64()),
-                     "event_ts": ts, "action": pa.array(["save"] * n_events), "surface": pa.array(["home"] * n_events)})  # fmt: skip
+    logs = pa.table(
+        {
+            "user_id": pa.array([user] * n_events, pa.int64()),
+            "pin_id": pa.array(1000 + np.arange(n_events), pa.int64()),
+            "event_ts": ts,
+            "action": pa.array(["save"] * n_events),
+            "surface": pa.array(["home"] * n_events),
+        }
+    )
     return user, logs
 
 
@@ -456,9 +469,7 @@ def test_coengagement_pairs_count_pins_within_the_window_both_ways():
     )
     con.register("logs", logs)
     pairs = coengagement_pairs(con, dataclasses.replace(ExampleConfig(), coengagement_window=2))
-    got = dict(
-        zip(zip(pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()), pairs["count"].to_pylist())
-    )
+    got = dict(zip(zip(pairs["query_id"].to_pylist(), pairs["pos_id"].to_pylist()), pairs["count"].to_pylist()))
     assert got == {(10, 20): 2, (20, 10): 2, (10, 30): 2, (30, 10): 2, (20, 30): 1, (30, 20): 1}
     assert set(pairs["source"].to_pylist()) == {"coengagement_pin_pin"}
     off = coengagement_pairs(con, dataclasses.replace(ExampleConfig(), coengagement_window=0))

@@ -57,9 +57,7 @@ def test_future_action_loss_equals_hand_computed():
         got = model({"s": batch}).losses["s/future"]
         p = model.embed(ents)
         n = model.embed(negs)
-        states = model.tasks["user_entity"].user_states(
-            p[torch.as_tensor(seq)], torch.ones(3, 2, dtype=torch.bool)
-        )
+        states = model.tasks["user_entity"].user_states(p[torch.as_tensor(seq)], torch.ones(3, 2, dtype=torch.bool))
     (c,) = seen
     assert c.positive.shape[0] == 3 and c.num_candidates == 3 + 2  # one future positive per user
     assert model.sketch("user_entity/future/pin").total == 3

@@ -41,19 +41,11 @@ def test_validation_rows_are_never_trained_on(data):
     # a pair goes to one side with both directions and every source
     assert not (_unordered(train.pairs) & _unordered(val.eval_pairs))
     assert not set(train.sequences["user_id"].to_pylist()) & set(val.eval_sequences["user_id"].to_pylist())
-    tn = set(
-        zip(train.feature_nodes["entity_type"].to_pylist(), train.feature_nodes["entity_id"].to_pylist())
-    )
-    vn = set(
-        zip(
-            val.eval_feature_nodes["entity_type"].to_pylist(), val.eval_feature_nodes["entity_id"].to_pylist()
-        )
-    )
+    tn = set(zip(train.feature_nodes["entity_type"].to_pylist(), train.feature_nodes["entity_id"].to_pylist()))
+    vn = set(zip(val.eval_feature_nodes["entity_type"].to_pylist(), val.eval_feature_nodes["entity_id"].to_pylist()))
     assert vn and not (tn & vn)
     # the test sets are untouched and nothing of validation is left to train on
-    assert (
-        train.eval_pairs.equals(data.eval_pairs) and val.pairs.num_rows == 0 and val.sequences.num_rows == 0
-    )
+    assert train.eval_pairs.equals(data.eval_pairs) and val.pairs.num_rows == 0 and val.sequences.num_rows == 0
     assert abs(val.eval_pairs.num_rows / data.pairs.num_rows - 0.2) < 0.1
 
 
@@ -74,9 +66,7 @@ def test_the_split_does_not_depend_on_the_other_rows(data):
 def _factory(epoch: int):
     rng = np.random.default_rng([0, epoch])
     for _ in range(4):
-        yield synthetic_task_batches(
-            rng, image_dim=IMG, batch_size=6, num_negatives=6, num_users=3, seq_len=4
-        )
+        yield synthetic_task_batches(rng, image_dim=IMG, batch_size=6, num_negatives=6, num_users=3, seq_len=4)
 
 
 def _trainer(tmp_path, scores: list[float], steps: int = 8, checks: int = 4):

@@ -99,8 +99,9 @@ def test_selection_and_root_guard(tmp_path):
     sel = parse_selection(["aggregator", "pruning_alpha"], ["pruning_alpha:0.5"], studies)
     # catalogue order; a --variant keeps the study's reference row
     assert [(s.id, [v.id for v in vs]) for s, vs in sel] == [
-        ("pruning_alpha", ["0.5", "0.86"]), ("aggregator", ["transformer", "mean"])
-    ]  # fmt: skip
+        ("pruning_alpha", ["0.5", "0.86"]),
+        ("aggregator", ["transformer", "mean"]),
+    ]
     assert [s.id for s, _ in parse_selection(None, None, studies)] == list(STUDY_IDS)
     with pytest.raises(AblationError, match="unknown study"):
         parse_selection(["bogus"], None, studies)
@@ -147,11 +148,21 @@ def test_direction_arithmetic():
     assert ours_sign({"recall": None, "n": 0}, {"recall": 0.4, "n": 12}) is None
 
     rows = [
-        Row("graph_sources", "no_graph", "no graph", "k1",
-               recall={EE_ENGAGEMENT: {"recall": 0.2, "n": 500}, "user_entity": {"recall": 0.45, "n": 500}}),
-        Row("graph_sources", "pin_board+pin_pin", "all", "k2",
-               recall={EE_ENGAGEMENT: {"recall": 0.4, "n": 500}, "user_entity": {"recall": 0.40, "n": 500}}),
-    ]  # fmt: skip
+        Row(
+            "graph_sources",
+            "no_graph",
+            "no graph",
+            "k1",
+            recall={EE_ENGAGEMENT: {"recall": 0.2, "n": 500}, "user_entity": {"recall": 0.45, "n": 500}},
+        ),
+        Row(
+            "graph_sources",
+            "pin_board+pin_pin",
+            "all",
+            "k2",
+            recall={EE_ENGAGEMENT: {"recall": 0.4, "n": 500}, "user_entity": {"recall": 0.40, "n": 500}},
+        ),
+    ]
     directions(g, rows)
     assert rows[0].directions[EE_ENGAGEMENT] == {"paper": -1, "ours": -1, "agree": "same"}
     assert rows[0].directions["user_entity"] == {"paper": -1, "ours": 0, "agree": "unresolved"}
@@ -226,11 +237,19 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     days = list(summary["days"])
     build_base_data(prod, days)
     champion = train_from_asset_config(
-        prod, MlflowResource.from_settings(prod),
-        OmniSageModelConfig(steps=2, batch_size=16, num_random_negatives=8, pool_size=200, pinsage_baseline=False,
-                            device="cpu", preset="small"),
+        prod,
+        MlflowResource.from_settings(prod),
+        OmniSageModelConfig(
+            steps=2,
+            batch_size=16,
+            num_random_negatives=8,
+            pool_size=200,
+            pinsage_baseline=False,
+            device="cpu",
+            preset="small",
+        ),
         log=lambda m: None,
-    )  # fmt: skip
+    )
     assert champion.alias == "champion" and champion.version == "1"
     outputs_before = _tree_state(prod.home)
     registry_before = _registry_state(prod.mlflow_tracking_uri)
@@ -239,9 +258,27 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     prod_runs_before = {r.info.run_id for r in client.search_runs([prod_exp])}
 
     # ---- the ablation: alpha 0.5 vs 0.86 (data variant) + transformer vs mean (model-only variant)
-    args = ["ablate", "--studies", "pruning_alpha,aggregator", "--variant", "pruning_alpha:0.5", "--steps", "2",
-            "--batch-size", "16", "--negatives", "8", "--seed", "0", "--device", "cpu", "--preset", "small",
-            "--blocks", ",".join(BLOCKS)]  # fmt: skip
+    args = [
+        "ablate",
+        "--studies",
+        "pruning_alpha,aggregator",
+        "--variant",
+        "pruning_alpha:0.5",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--negatives",
+        "8",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--preset",
+        "small",
+        "--blocks",
+        ",".join(BLOCKS),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
 
@@ -251,17 +288,19 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     markdown = (root / "ablations.md").read_text()
     assert markdown.strip() in result.output  # printed at the end
     s = report["summary"]
-    assert (
-        s["experiment"] == "omnisage-ablations" and s["days"] == days and s["training_partition"] == days[-1]
-    )
+    assert s["experiment"] == "omnisage-ablations" and s["days"] == days and s["training_partition"] == days[-1]
     assert s["unique_runs"] == 3 and s["rows"] == 4 and s["failed"] == []
     assert Path(s["data_root"]) == root / "input" and (root / "input" / "engagement_logs").is_dir()
 
     # ---- tables: one per study, one row per variant, the paper's numbers beside ours
     assert [st["id"] for st in report["studies"]] == ["pruning_alpha", "aggregator"]
     rows = {(st["id"], v["variant"]): v for st in report["studies"] for v in st["variants"]}
-    assert list(rows) == [("pruning_alpha", "0.5"), ("pruning_alpha", "0.86"),
-                          ("aggregator", "transformer"), ("aggregator", "mean")]  # fmt: skip
+    assert list(rows) == [
+        ("pruning_alpha", "0.5"),
+        ("pruning_alpha", "0.86"),
+        ("aggregator", "transformer"),
+        ("aggregator", "mean"),
+    ]
     for (sid, vid), row in rows.items():
         for metric in ("entity_entity", "entity_feature", "user_entity", EE_ENGAGEMENT):
             r = row["recall"][metric]
@@ -274,10 +313,7 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     assert rows[("aggregator", "transformer")]["shared_with"] == "pruning_alpha/0.86"
     assert rows[("aggregator", "transformer")]["run_id"] == rows[("pruning_alpha", "0.86")]["run_id"]
     assert rows[("pruning_alpha", "0.5")]["data_seconds"] > 0
-    assert (
-        "## Pruning alpha (paper Table 10)" in markdown
-        and "## Neighbour aggregator (paper A.2.4)" in markdown
-    )
+    assert "## Pruning alpha (paper Table 10)" in markdown and "## Neighbour aggregator (paper A.2.4)" in markdown
     assert markdown.count("| variant | recall@10 EE | EE eng. | EF | UE | n (EE / eng. / EF / UE) |") == 2
     assert "| alpha 0.5 |" in markdown and "EE 0.584, UE 0.584" in markdown
     assert "(same run as pruning_alpha/0.86)" in markdown
@@ -293,12 +329,10 @@ def test_ablate_two_studies_in_scratch_homes(omnisage_env, one_torch_thread):
     # the data variant built its own graph (fewer kept entries at alpha 0.5) and read the upstream from _base
     assert not (a05 / "warehouse" / "pruned_edges").is_symlink()
     assert (a05 / "warehouse" / "engagement_logs").is_symlink()
-    assert os.path.realpath(a05 / "warehouse" / "engagement_logs") == str((root / "_base" / "warehouse" /
-                                                                           "engagement_logs").resolve())  # fmt: skip
-    kept = {
-        h: pq.read_table(require_published(h / "warehouse" / "pruned_edges", day)).num_rows
-        for h in (a05, a086)
-    }
+    assert os.path.realpath(a05 / "warehouse" / "engagement_logs") == str(
+        (root / "_base" / "warehouse" / "engagement_logs").resolve()
+    )
+    kept = {h: pq.read_table(require_published(h / "warehouse" / "pruned_edges", day)).num_rows for h in (a05, a086)}
     assert kept[a05] < kept[a086]
     assert rows[("pruning_alpha", "0.5")]["graph_entries"] == kept[a05]
     assert rows[("pruning_alpha", "0.86")]["graph_entries"] == kept[a086]

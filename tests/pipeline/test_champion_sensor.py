@@ -60,8 +60,12 @@ def test_alias_change_requests_the_served_day_once(omnisage_env, monkeypatch):
     settings = Settings.from_env()
     instance = dg.DagsterInstance.ephemeral()
     for day in ("2026-03-01", "2026-03-02"):
-        for folder in (settings.warehouse_dataset("entity_metadata"), settings.graph_dir, settings.features_dir,
-                       settings.warehouse_dataset("training_examples")):  # fmt: skip
+        for folder in (
+            settings.warehouse_dataset("entity_metadata"),
+            settings.graph_dir,
+            settings.features_dir,
+            settings.warehouse_dataset("training_examples"),
+        ):
             _publish(folder, day)
     _publish(settings.graph_dir, "2026-03-03")  # inputs incomplete: not the served day
     _publish(settings.embeddings_dir, "2026-03-02", {"model_version": "3"})
@@ -138,9 +142,12 @@ def _embed(instance, settings, day):
 
     others = [a for a in defs.assets if not (isinstance(a, dg.AssetsDefinition) and EMBEDDINGS in a.keys)]
     result = dg.materialize(
-        [entity_embeddings, *others], selection=[EMBEDDINGS], partition_key=day, instance=instance,
+        [entity_embeddings, *others],
+        selection=[EMBEDDINGS],
+        partition_key=day,
+        instance=instance,
         resources=build_resources(settings),
-    )  # fmt: skip
+    )
     assert result.success
 
 

@@ -49,14 +49,19 @@ def test_cli_backfill_of_three_partitions(tmp_path):
         MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
     )
     cmd = [
-        sys.executable, "-m", "dagster", "asset", "materialize",
-        "-m", "omnisage_pipeline.definitions",
-        "--select", ",".join(DAILY_DATA_ASSETS),
-        "--partition-range", f"{DAYS[0]}...{DAYS[-1]}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
+        sys.executable,
+        "-m",
+        "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "omnisage_pipeline.definitions",
+        "--select",
+        ",".join(DAILY_DATA_ASSETS),
+        "--partition-range",
+        f"{DAYS[0]}...{DAYS[-1]}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     for dataset in ("engagement_logs", "daily_edges", "pruned_edges", "training_examples"):

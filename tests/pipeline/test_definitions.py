@@ -107,15 +107,19 @@ print("ok")
 """
     home = tmp_path / "home"
     env = dict(
-        os.environ, OMNISAGE_HOME=str(home), HOME_AT_LOAD=str(home), OMNISAGE_WINDOW_DAYS="3",
-        OMNISAGE_ENGINE="duckdb", MLFLOW_TRACKING_URI=f"sqlite:///{home / 'm.db'}", OMNISAGE_SPARK_MASTER="local[1]",
+        os.environ,
+        OMNISAGE_HOME=str(home),
+        HOME_AT_LOAD=str(home),
+        OMNISAGE_WINDOW_DAYS="3",
+        OMNISAGE_ENGINE="duckdb",
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'm.db'}",
+        OMNISAGE_SPARK_MASTER="local[1]",
         OMNISAGE_TRAIN_CRON="0 4 * * 2",
-    )  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
-        proc.stdout[-2000:] + proc.stderr[-3000:]
     )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_path):
@@ -127,9 +131,7 @@ def test_daily_chain_is_one_pool_and_the_instance_runs_it_one_run_at_a_time(tmp_
 
     graph = _defs().resolve_asset_graph()
     pools = {
-        k.to_user_string(): graph.get(k).pools
-        for k in graph.get_all_asset_keys()
-        if graph.get(k).is_materializable
+        k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys() if graph.get(k).is_materializable
     }
     outside = {"entity_embeddings", "ann_index"}  # read one day of their inputs: beside the chain
     assert pools.pop("omnisage_model") == {MODEL_TRAINING_POOL}
@@ -178,13 +180,15 @@ with dg.build_resources({"mlflow": defs.resources["mlflow"], "storage": defs.res
     assert res.storage.settings.mlflow_tracking_uri == res.mlflow.tracking_uri
 print("ok")
 """
-    env = dict(os.environ, OMNISAGE_HOME=str(tmp_path / "home"),
-               MLFLOW_TRACKING_URI="https://omnisage:s3cr3t-token@mlflow.example:5000")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
-        proc.stdout[-2000:] + proc.stderr[-3000:]
+    env = dict(
+        os.environ,
+        OMNISAGE_HOME=str(tmp_path / "home"),
+        MLFLOW_TRACKING_URI="https://omnisage:s3cr3t-token@mlflow.example:5000",
     )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def test_the_sqlite_default_tracking_store_stays_a_literal(omnisage_env, monkeypatch):

@@ -79,9 +79,7 @@ def write_metadata(
         pq.write_table(pa.table(cols), root / "pins" / "part-0.parquet")
     if boards is not None:
         pq.write_table(
-            pa.table(
-                {k: pa.array(v, pa.int64() if k == "board_id" else pa.string()) for k, v in boards.items()}
-            ),
+            pa.table({k: pa.array(v, pa.int64() if k == "board_id" else pa.string()) for k, v in boards.items()}),
             root / "boards" / "part-0.parquet",
         )
     return root
@@ -255,9 +253,7 @@ def test_rebuild_gives_same_keys_and_values(tmp_path, store):
     assert items_a == items_b and len(items_a) == 10  # 9 records + the manifest
     keys = [k for k, _ in items_a if k != MANIFEST_KEY]
     # keys sort as (type code, id as unsigned big-endian): pins first, then boards
-    assert keys == key_list(
-        encode_keys(np.array([0] * 6 + [1] * 3), np.array([10, 11, 12, 13, 99, -5, 100, 101, 102]))
-    )
+    assert keys == key_list(encode_keys(np.array([0] * 6 + [1] * 3), np.array([10, 11, 12, 13, 99, -5, 100, 101, 102])))
 
 
 def _all_items(path: Path) -> list[tuple[bytes, bytes]]:
@@ -326,9 +322,7 @@ def test_writer_ranges_are_contiguous_and_keys_must_increase(tmp_path):
 
 def test_bad_input_names_file_and_field(tmp_path):
     meta = write_metadata(tmp_path / "meta")
-    pq.write_table(
-        pa.table({"board_id": pa.array([1], pa.int64()), "name": ["x"]}), meta / "boards" / "part-1.parquet"
-    )
+    pq.write_table(pa.table({"board_id": pa.array([1], pa.int64()), "name": ["x"]}), meta / "boards" / "part-1.parquet")
     with pytest.raises(FeatureStoreError, match=r"part-1\.parquet.*'description'"):
         build_feature_store(meta, None, tmp_path / "f1")
     meta2 = write_metadata(tmp_path / "meta2")
@@ -384,9 +378,7 @@ def test_asset_publishes_atomically(omnisage_env):
     assert link.is_symlink() and ".versions" in os.readlink(link)
     mats = result.asset_materializations_for_node("feature_store")
     md = mats[0].metadata
-    assert (
-        md["entities"].value == 9 and md["entities_outside_graph"].value == 4 and md["image_dim"].value == 4
-    )
+    assert md["entities"].value == 9 and md["entities_outside_graph"].value == 4 and md["image_dim"].value == 4
     first = published_path(settings.features_dir, DAY)
     with Featurizer(link) as feat:
         before = feat.fetch(np.zeros(2, np.int8), np.array([10, 12]))

@@ -818,9 +818,7 @@ def test_any_int64_id_is_kept_exactly(case: Case, data_root: Path):
     for f in _schemas(case.table)[0]:
         if f.name.endswith("_id"):
             written = table.column(f.name).cast(pa.int64()).to_pylist()
-            assert result.valid.column(f.name).to_pylist() == [
-                v for i, v in enumerate(written) if i not in dropped
-            ]
+            assert result.valid.column(f.name).to_pylist() == [v for i, v in enumerate(written) if i not in dropped]
 
 
 def test_nonfinite_check_ignores_null_vectors_that_span_child_values():

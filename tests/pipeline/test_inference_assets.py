@@ -86,9 +86,7 @@ def home(world, omnisage_env, monkeypatch) -> Path:
     return home
 
 
-def _materialize(
-    day: str, run_config: dict | None = None, raise_on_error: bool = True, model_name: str = "omnisage"
-):
+def _materialize(day: str, run_config: dict | None = None, raise_on_error: bool = True, model_name: str = "omnisage"):
     settings = Settings.from_env()
     base = MlflowResource.from_settings(settings)
     mlflow = MlflowResource(
@@ -157,9 +155,7 @@ def test_embeds_exactly_the_days_entities_and_the_champion_reproduces_them(world
 
     assert meta["model_version"] == world["version"]
     assert meta["entities"] == len(expected)
-    assert meta["entities_pin"] == len(art.universe["pin"]) and meta["entities_board"] == len(
-        art.universe["board"]
-    )
+    assert meta["entities_pin"] == len(art.universe["pin"]) and meta["entities_board"] == len(art.universe["board"])
     assert meta["entities_per_second"] > 0
     assert meta["before_training_cutoff"] is False and meta["training_partition"] == day
     assert meta["publish"] == "published" and meta["partition_complete"] is True
@@ -181,10 +177,7 @@ def test_embeds_exactly_the_days_entities_and_the_champion_reproduces_them(world
     loaded = ModelRegistry(world["uri"]).load_champion()
     assert loaded.version == world["version"]
     builder = _fresh_builder(art)
-    rows = {
-        (t, i): r
-        for r, (t, i) in enumerate(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))
-    }
+    rows = {(t, i): r for r, (t, i) in enumerate(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))}
     for t in ("pin", "board"):
         inside = np.setdiff1d(art.universe[t], outside[t])
         ids = np.concatenate([inside[:6], outside[t][:3]])
@@ -292,10 +285,7 @@ def test_two_finishing_workers_cannot_both_publish(tmp_path):
     assert len(list((settings.user_embeddings_dir / ".versions").iterdir())) == 1
     table = pq.read_table(published_path(settings.embeddings_dir, day))
     assert sorted(table["entity_id"].to_pylist()) == list(range(20))
-    assert (
-        json.loads((published_path(settings.embeddings_dir, day) / "_manifest.json").read_text())["entities"]
-        == 20
-    )
+    assert json.loads((published_path(settings.embeddings_dir, day) / "_manifest.json").read_text())["entities"] == 20
     # A late re-run of one shard restages it; alone it only waits (the published partition stays).
     stage_shard(stage, result, 1, 2)
     assert publish_if_complete(settings, day, stage, 2, 1, True, manifest) == "waiting"
@@ -303,9 +293,7 @@ def test_two_finishing_workers_cannot_both_publish(tmp_path):
     # Shard 0 alone (before shard 1 exists) only waits.
     stage2 = shard_stage_dir(settings, "2026-01-03", "v1-test")
     stage_shard(stage2, result, 0, 2)
-    outcome = publish_if_complete(
-        settings, "2026-01-03", stage2, 2, 0, True, {**manifest, "partition": "2026-01-03"}
-    )
+    outcome = publish_if_complete(settings, "2026-01-03", stage2, 2, 0, True, {**manifest, "partition": "2026-01-03"})
     assert outcome == "waiting"
     assert published_path(settings.embeddings_dir, "2026-01-03") is None
 
@@ -316,9 +304,7 @@ def test_backfill_before_training_cutoff_is_flagged_and_bad_shard_config_fails(w
     later = dataclasses.replace(loaded, training_partition="2999-01-01")
     figures = run_day(Settings.from_env(), later, art.day, with_users=False, batch_size=256)
     assert figures["before_training_cutoff"] is True and figures["training_partition"] == "2999-01-01"
-    manifest = json.loads(
-        (published_path(Settings.from_env().embeddings_dir, art.day) / "_manifest.json").read_text()
-    )
+    manifest = json.loads((published_path(Settings.from_env().embeddings_dir, art.day) / "_manifest.json").read_text())
     assert manifest["before_training_cutoff"] is True
     assert published_path(Settings.from_env().user_embeddings_dir, art.day) is None  # users switched off
 
@@ -375,14 +361,17 @@ def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, 
     day = world["art"].day
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
-    dg.DagsterInstance.from_config(
-        str(dagster_home)
-    ).dispose()  # create the storage before two processes share it
+    dg.DagsterInstance.from_config(str(dagster_home)).dispose()  # create the storage before two processes share it
     procs = [
-        subprocess.Popen([sys.executable, "-c", _SHARD_RUN, str(dagster_home), day, str(i)], env=dict(os.environ),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARD_RUN, str(dagster_home), day, str(i)],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in (0, 1)
-    ]  # fmt: skip
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
@@ -390,8 +379,9 @@ def test_two_shard_runs_at_once_record_only_the_complete_partition(world, home, 
     settings = Settings.from_env()
     published = published_path(settings.embeddings_dir, day)
     assert sorted(p.name for p in published.glob("*.parquet")) == [
-        "part-00000-of-00002.parquet", "part-00001-of-00002.parquet",
-    ]  # fmt: skip
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+    ]
     table = pq.read_table(published)
     keys = set(zip(table["entity_type"].to_pylist(), table["entity_id"].to_pylist()))
     assert len(keys) == table.num_rows > 0

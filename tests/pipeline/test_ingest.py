@@ -67,9 +67,7 @@ def pin_table(ids, vectors=None, titles=None, vec_type=F32_LIST) -> pa.Table:
     return pa.table(
         {
             "pin_id": pa.array(ids, pa.int64()),
-            "title": pa.array(
-                titles if titles is not None else [f"title {i}" for i in range(n)], pa.string()
-            ),
+            "title": pa.array(titles if titles is not None else [f"title {i}" for i in range(n)], pa.string()),
             "description": pa.array([f"desc {i}" for i in range(n)], pa.string()),
             "image_embedding": pa.array(vectors if vectors is not None else [[0.5, 1.5, 2.5]] * n, vec_type),
             "segment": pa.array(["organic"] * n, pa.string()),
@@ -218,9 +216,7 @@ def test_reason_precedence_is_the_first_failing_rule(tmp_path):
     rows["pin_id"][3] = None  # null_event_ts wins over null_pin_id (column order)
     result = validate_logs_table(tmp_path, log_table(rows))
     reasons = dict(
-        zip(
-            result.quarantine.column("source_row").to_pylist(), result.quarantine.column("reason").to_pylist()
-        )
+        zip(result.quarantine.column("source_row").to_pylist(), result.quarantine.column("reason").to_pylist())
     )
     assert reasons == {0: "null_user_id", 1: "unknown_action", 2: "unknown_surface", 3: "null_event_ts"}
     assert list(C.LOG_REASONS[:5]) == [f"null_{c}" for c in C.LOG_REQUIRED]
@@ -578,9 +574,7 @@ def test_each_bad_pin_kind_is_quarantined_with_its_reason(tmp_path, kind):
     else:
         title = pa.array(["t"])
     bad = pin_table(ids, vectors=vectors, vec_type=vec_type).set_column(1, "title", title)
-    result = validate_pins_tables(
-        tmp_path, {"a.parquet": pa.concat_tables([good.slice(0, 2), bad, good.slice(2)])}
-    )
+    result = validate_pins_tables(tmp_path, {"a.parquet": pa.concat_tables([good.slice(0, 2), bad, good.slice(2)])})
     reason = PIN_REASON.get(kind, "nonfinite_image_embedding")
     assert (result.rows_read, result.rows_kept, result.rows_quarantined) == (5, 4, 1)
     assert result.reason_counts[reason] == 1
@@ -618,9 +612,7 @@ def test_a_bad_last_duplicate_does_not_erase_the_valid_earlier_row(tmp_path):
 
 
 def test_vector_length_is_the_most_common_length():
-    vectors = pa.array(
-        [[1.0] * 4, [1.0] * 4, [1.0] * 2, None, [], [1.0] * 2, [1.0] * 4], pa.list_(pa.float32())
-    )
+    vectors = pa.array([[1.0] * 4, [1.0] * 4, [1.0] * 2, None, [], [1.0] * 2, [1.0] * 4], pa.list_(pa.float32()))
     assert C.vector_length(vectors) == 4
     assert C.vector_length(pa.array([[1.0] * 3, [1.0] * 2], pa.list_(pa.float32()))) == 2  # tie: shorter
     assert C.vector_length(pa.array([None, []], pa.list_(pa.float32()))) == 0
@@ -638,9 +630,7 @@ def test_data_set_without_image_vectors_is_valid(tmp_path):
     absent = pin_table([1, 2]).drop_columns(["image_embedding", "segment"])
     all_null = pin_table([3, 4], vectors=[None, None])
     null_typed = pin_table([5]).set_column(3, "image_embedding", pa.nulls(1))
-    result = validate_pins_tables(
-        tmp_path, {"a.parquet": absent, "b.parquet": all_null, "c.parquet": null_typed}
-    )
+    result = validate_pins_tables(tmp_path, {"a.parquet": absent, "b.parquet": all_null, "c.parquet": null_typed})
     assert result.rows_kept == 5 and result.rows_quarantined == 0
     assert result.extra["image_dim"] == 0
     assert result.valid.schema == C.PIN_SCHEMA
@@ -698,9 +688,7 @@ def test_entity_metadata_asset_layout_counts_and_check(data_root):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert set(checks) == {"rows_accounted", "no_empty_replacement"}
     check = checks["rows_accounted"]
-    assert (
-        check.passed and check.metadata["rows_published"].value == 8 and checks["no_empty_replacement"].passed
-    )
+    assert check.passed and check.metadata["rows_published"].value == 8 and checks["no_empty_replacement"].passed
     settings = Settings.from_env()
     out = published_path(settings.warehouse_dataset("entity_metadata"), DAY)
     pins = pq.read_table(out / "pins")
@@ -717,9 +705,7 @@ def test_entity_metadata_asset_layout_counts_and_check(data_root):
 def test_utf8_checker_agrees_with_python_decoder():
     rng = np.random.default_rng(7)
     # ASCII, continuation bytes, every lead-byte class and the boundary bytes of the special second-byte ranges
-    alphabet = np.frombuffer(
-        b"\x41\x7f\x80\xbf\xc0\xc2\xdf\xe0\xa0\xed\x9f\xef\xf0\x90\xf4\x8f\xf5\xff", np.uint8
-    )
+    alphabet = np.frombuffer(b"\x41\x7f\x80\xbf\xc0\xc2\xdf\xe0\xa0\xed\x9f\xef\xf0\x90\xf4\x8f\xf5\xff", np.uint8)
     values = [bytes(rng.choice(alphabet, size=rng.integers(0, 6))) for _ in range(4000)]
     values += [
         "é".encode(),
@@ -750,9 +736,7 @@ def test_utf8_checker_agrees_with_python_decoder():
 def test_log_with_non_utf8_or_huge_action_is_unknown_action(tmp_path):
     rows = log_rows(4)
     t = log_table(rows)
-    action = pa.array([b"save", b"cl\xffick", b"x" * (2 * C.MAX_TEXT_BYTES), b"closeup"], pa.binary()).view(
-        pa.string()
-    )
+    action = pa.array([b"save", b"cl\xffick", b"x" * (2 * C.MAX_TEXT_BYTES), b"closeup"], pa.binary()).view(pa.string())
     t = t.set_column(2, "action", action)
     result = validate_logs_table(tmp_path, t)
     assert result.quarantine.column("reason").to_pylist() == ["unknown_action", "unknown_action"]

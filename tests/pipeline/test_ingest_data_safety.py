@@ -145,13 +145,8 @@ def test_a_lost_pins_folder_does_not_empty_the_published_catalogue_unless_allowe
 
     result = run_assets([entity_metadata], config={"entity_metadata": {"allow_empty_replacement": True}})
     meta = materialization_metadata(result, "entity_metadata")
-    assert (
-        meta["pins_folder_present"] is False and meta["pins.rows_read"] == 0 and meta["boards.rows_kept"] == 2
-    )
-    assert (
-        pq.read_table(published_path(settings.warehouse_dataset("entity_metadata"), DAY) / "pins").num_rows
-        == 0
-    )
+    assert meta["pins_folder_present"] is False and meta["pins.rows_read"] == 0 and meta["boards.rows_kept"] == 2
+    assert pq.read_table(published_path(settings.warehouse_dataset("entity_metadata"), DAY) / "pins").num_rows == 0
 
 
 def test_an_empty_day_is_published_when_nothing_was_published_before(data_root):
@@ -206,9 +201,7 @@ def test_a_cut_value_is_judged_whole_and_cut_at_a_character_boundary(tmp_path):
     assert result.valid.column("pin_id").to_pylist() == [3]
     assert len(result.valid.column("title")[0].as_py().encode()) == MAX_TEXT_BYTES
     q = {r["pin_id"]: r for r in result.quarantine.to_pylist()}
-    assert q[1]["reason"] == "text_too_long_title" and q[1]["title"] == "a" + "é" * (
-        (CUT_TEXT_BYTES - 1) // 2
-    )
+    assert q[1]["reason"] == "text_too_long_title" and q[1]["title"] == "a" + "é" * ((CUT_TEXT_BYTES - 1) // 2)
     assert q[1]["original_bytes"] == [("title", 1 + 2 * MAX_TEXT_BYTES)]
     assert q[2]["reason"] == "invalid_utf8_title" and q[2]["title"] == "x" * CUT_TEXT_BYTES
     assert q[2]["original_bytes"] == [("title", MAX_TEXT_BYTES + 1)]
@@ -235,11 +228,7 @@ def test_a_text_compression_bomb_is_refused_naming_file_and_column(tmp_path, sma
     path = _write_pins(tmp_path, _repeated_titles(400, 100 * 1024))
     with pytest.raises(ContractError) as err:
         C.validate_pins([path], tmp_path / "root")
-    assert (
-        str(path) in str(err.value)
-        and err.value.column == "title"
-        and "decodes to more than" in str(err.value)
-    )
+    assert str(path) in str(err.value) and err.value.column == "title" and "decodes to more than" in str(err.value)
     # within the budget the same kind of file is read as usual
     C.validate_pins([_write_pins(tmp_path, _repeated_titles(20, 100 * 1024))], tmp_path / "root")
 
@@ -255,9 +244,7 @@ def test_a_row_count_bomb_is_refused_from_the_footer(tmp_path, small_budget):
 def test_huge_log_text_is_cut_in_the_published_quarantine(data_root):
     rows = log_rows(4)
     t = log_table(rows)
-    surface = pa.DictionaryArray.from_arrays(
-        pa.array([0, 1, 0, 0], pa.int32()), pa.array(["search", "s" * 3 * MiB])
-    )
+    surface = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0, 0], pa.int32()), pa.array(["search", "s" * 3 * MiB]))
     pq.write_table(t.set_column(3, "surface", surface), day_dir(data_root) / "a.parquet")
     result = run_assets([engagement_logs], config={"engagement_logs": {"max_quarantine_fraction": 1.0}})
     assert result.success

@@ -52,8 +52,11 @@ def _tick(instance, cursor: str | None) -> dg.SensorResult:
 
 
 def _run(instance, day: str, status: dg.DagsterRunStatus) -> None:
-    instance.add_run(dg.DagsterRun(job_name="daily_pipeline", run_id=str(uuid.uuid4()), status=status,
-                                   tags={"dagster/partition": day}))  # fmt: skip
+    instance.add_run(
+        dg.DagsterRun(
+            job_name="daily_pipeline", run_id=str(uuid.uuid4()), status=status, tags={"dagster/partition": day}
+        )
+    )
 
 
 def test_a_new_day_folder_starts_that_days_chain_once(data_root):
@@ -114,11 +117,13 @@ def test_a_day_already_started_is_passed_over_and_a_stray_entry_is_reported(data
     (data_root / "engagement_logs" / "dt=2026-13-40").mkdir()
     _run(instance, "2026-03-02", dg.DagsterRunStatus.SUCCESS)
     storage = StorageResource.from_settings(Settings.from_env())
-    with dg.build_sensor_context(
-        instance=instance, cursor="2026-03-01", resources={"storage": storage}
-    ) as ctx:
-        plan = sensors.plan_arrivals(storage.settings.data_root, ctx.cursor, time.time(),
-                                     lambda day: sensors.day_started(instance, day) is not None)  # fmt: skip
+    with dg.build_sensor_context(instance=instance, cursor="2026-03-01", resources={"storage": storage}) as ctx:
+        plan = sensors.plan_arrivals(
+            storage.settings.data_root,
+            ctx.cursor,
+            time.time(),
+            lambda day: sensors.day_started(instance, day) is not None,
+        )
     assert plan.start == [] and plan.already_started == ["2026-03-02"] and plan.cursor == "2026-03-02"
     assert [p.name for p in plan.unexpected] == ["dt=2026-13-40"]
 
@@ -139,9 +144,7 @@ def test_the_schedule_is_a_fallback_for_days_the_sensor_did_not_start():
         _run(instance, "2026-03-04", dg.DagsterRunStatus.STARTED)  # the sensor's run of the day
         started = tick(instance, "2026-03-05")
         assert not started.run_requests and "dt=2026-03-04 already started" in started.skip_message
-        _run(
-            instance, "2026-03-05", dg.DagsterRunStatus.FAILURE
-        )  # a failed run leaves the day to the fallback
+        _run(instance, "2026-03-05", dg.DagsterRunStatus.FAILURE)  # a failed run leaves the day to the fallback
         assert [r.partition_key for r in tick(instance, "2026-03-06").run_requests] == ["2026-03-05"]
         assert [r.partition_key for r in tick(instance, "2026-03-07").run_requests] == ["2026-03-06"]
 
@@ -152,9 +155,7 @@ def test_observing_the_inputs_reports_every_delivered_day_and_the_snapshot(data_
     _deliver(data_root, "2026-03-01", files=1)
     _deliver(data_root, "2026-03-03", files=2)
     observe = dg.define_asset_job("observe_inputs", selection=[RAW_ENGAGEMENT_LOGS, RAW_ENTITY_METADATA])
-    local = dg.Definitions(
-        assets=list(defs.assets), jobs=[observe], resources=build_resources(Settings.from_env())
-    )
+    local = dg.Definitions(assets=list(defs.assets), jobs=[observe], resources=build_resources(Settings.from_env()))
     instance = dg.DagsterInstance.ephemeral()
     assert local.resolve_job_def("observe_inputs").execute_in_process(instance=instance).success
     assert latest_data_version(instance, RAW_ENGAGEMENT_LOGS, "2026-03-01")

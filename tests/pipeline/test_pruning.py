@@ -163,9 +163,7 @@ def test_sampling_key_sql_equals_numpy_without_overflow(engine, seed, request):
     types, ids, dtypes, dst = _extreme_ids()
     expected = sampling_key_numpy(seed, types, ids, dtypes, dst)
     assert expected.min() >= 0 and expected.max() < 2**31
-    table = pa.table(
-        {"src_type": types, "src_id": ids, "dst_type": dtypes, "dst_id": dst, "i": np.arange(len(ids))}
-    )
+    table = pa.table({"src_type": types, "src_id": ids, "dst_type": dtypes, "dst_id": dst, "i": np.arange(len(ids))})
     stages = sampling_key_sql(engine, seed, "src_type", "src_id", "dst_type", "dst_id")
     if engine == "duckdb":
         import duckdb
@@ -264,11 +262,7 @@ def test_d_max_cap_binds_and_seed_changes_the_kept_set(engine, pruned, window_di
     assert len(hub) == 50  # floor(1000 ** 0.86) = 380 capped by d_max
     assert len(kept_of(rows, "board", BIG_BOARD)) == 33  # below the cap: unchanged
     seed0 = prune_reference(edges, PruningParams(d_max=50, seed=0))
-    hub0 = {
-        int(i)
-        for t, s, i in zip(seed0["src_type"], seed0["src_id"], seed0["dst_id"])
-        if t == "pin" and s == HUB
-    }
+    hub0 = {int(i) for t, s, i in zip(seed0["src_type"], seed0["src_id"], seed0["dst_id"]) if t == "pin" and s == HUB}
     assert len(hub0) == 50 and hub0 != hub
 
 
@@ -366,12 +360,8 @@ def test_window_sums_days_and_drops_days_outside(omnisage_env):
     settings = Settings.from_env()
     assert settings.engine == "duckdb" and WINDOW_DAYS == 30
     old, inside, empty, day = "2026-01-01", "2026-01-15", "2026-01-20", "2026-02-10"  # window: 01-12..02-10
-    _publish_events(
-        settings, old, [("save", "homefeed", 1, 1, None)] * 5 + [("save", "homefeed", 9, 9, None)]
-    )
-    _publish_events(
-        settings, inside, [("save", "homefeed", 1, 1, None)] * 2 + [("click", "related_pins", 3, None, 2)]
-    )
+    _publish_events(settings, old, [("save", "homefeed", 1, 1, None)] * 5 + [("save", "homefeed", 9, 9, None)])
+    _publish_events(settings, inside, [("save", "homefeed", 1, 1, None)] * 2 + [("click", "related_pins", 3, None, 2)])
     _publish_events(settings, empty, None)  # a published, empty day
     _publish_events(settings, day, [("save", "homefeed", 1, 1, None)] * 3 + [("save", "board", 2, 1, None)])
     resources = {"storage": StorageResource.from_settings(settings), "pyspark": lazy_pyspark(settings)}

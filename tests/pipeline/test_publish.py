@@ -180,9 +180,7 @@ def test_every_staged_file_is_fsynced_before_the_rename_and_the_swap(tmp_path, m
 
     kinds = [e[0] for e in events]
     rename_at = events.index(("rename", os.fspath(staging), os.fspath(dataset / ".versions" / version.name)))
-    swap_at = next(
-        i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.fspath(dataset / f"dt={KEY}")
-    )
+    swap_at = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.fspath(dataset / f"dt={KEY}"))
     assert rename_at < swap_at, kinds
     synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}
     for rel in files:

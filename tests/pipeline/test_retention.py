@@ -66,18 +66,14 @@ def test_invalid_retention_is_an_error_naming_the_variable():
         expired_partitions(TEN, retention_days=2, window_days=3)
     with pytest.raises(SettingsError, match="OMNISAGE_RETENTION_DAYS"):
         apply_retention(Path("/nonexistent"), 1, 30)
-    with pytest.raises(
-        SettingsError, match=r"OMNISAGE_RETENTION_DAYS=29 is less than OMNISAGE_WINDOW_DAYS=30"
-    ):
+    with pytest.raises(SettingsError, match=r"OMNISAGE_RETENTION_DAYS=29 is less than OMNISAGE_WINDOW_DAYS=30"):
         Settings.from_env({"OMNISAGE_RETENTION_DAYS": "29"})
     with pytest.raises(SettingsError, match=r"OMNISAGE_RETENTION_DAYS='a week' is not an integer"):
         Settings.from_env({"OMNISAGE_RETENTION_DAYS": "a week"})
     # The default is the window; an explicit value at least the window is taken as is.
     assert Settings.from_env({}).retention_days == 30
     assert Settings.from_env({"OMNISAGE_WINDOW_DAYS": "7"}).retention_days == 7
-    assert (
-        Settings.from_env({"OMNISAGE_WINDOW_DAYS": "7", "OMNISAGE_RETENTION_DAYS": "45"}).retention_days == 45
-    )
+    assert Settings.from_env({"OMNISAGE_WINDOW_DAYS": "7", "OMNISAGE_RETENTION_DAYS": "45"}).retention_days == 45
 
 
 def test_storage_resource_settings_read_the_retention_variable(omnisage_env, monkeypatch):
@@ -326,23 +322,22 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
     assert settings.retention_days == 2
     resources = {"storage": StorageResource.from_settings(settings), "pyspark": lazy_pyspark(settings)}
     assets = _storage_assets()
-    config = dg.RunConfig({"graph_snapshot": {"config": {"blocks": ["pin_board:pin:4", "pin_board:board:4",
-                                                                    "pin_pin:pin:4"]}}})  # fmt: skip
+    config = dg.RunConfig(
+        {"graph_snapshot": {"config": {"blocks": ["pin_board:pin:4", "pin_board:board:4", "pin_pin:pin:4"]}}}
+    )
 
     # A single-run backfill of days 0-3: its own range is read by its later steps, so nothing goes yet.
     result = dg.materialize(
-        assets, resources=resources, run_config=config,
+        assets,
+        resources=resources,
+        run_config=config,
         tags={"dagster/asset_partition_range_start": five[0], "dagster/asset_partition_range_end": five[3]},
-    )  # fmt: skip
-    assert result.success
-    assert (
-        list_published(settings.graph_dir) == five[:4] and list_published(settings.features_dir) == five[:4]
     )
+    assert result.success
+    assert list_published(settings.graph_dir) == five[:4] and list_published(settings.features_dir) == five[:4]
     meta = result.asset_materializations_for_node("graph_snapshot")[-1].metadata
     assert meta["retention_days"].value == 2 and meta["retention_removed"].value == {"graph": []}
-    assert meta["retention_kept"].value == {
-        "graph": {five[0]: "read by this run", five[1]: "read by this run"}
-    }
+    assert meta["retention_kept"].value == {"graph": {five[0]: "read by this run", five[1]: "read by this run"}}
 
     # Day 4 alone, while a reader (this test) holds a lease on graph day 2.
     lease = acquire_lease(settings.graph_dir, five[2])
@@ -355,9 +350,7 @@ def test_assets_apply_retention_after_publishing(tmp_path, omnisage_env, monkeyp
     assert graph_meta["retention_bytes_freed"].value > graph_bytes > 0  # days 0 and 1
     # Each removed partition of the step's asset carries a note: its data is gone.
     notes = result.asset_observations_for_node("graph_snapshot")
-    assert [(o.asset_key.to_user_string(), o.partition) for o in notes] == [
-        ("graph_snapshot", d) for d in five[:2]
-    ]
+    assert [(o.asset_key.to_user_string(), o.partition) for o in notes] == [("graph_snapshot", d) for d in five[:2]]
     assert all(o.metadata["removed_by_retention"].value is True for o in notes)
     feat_meta = result.asset_materializations_for_node("feature_store")[-1].metadata
     assert feat_meta["retention_removed"].value == {"features": five[:3]}
@@ -401,15 +394,17 @@ def test_backfill_older_than_the_horizon_is_refused_before_any_work(omnisage_env
     monkeypatch.setenv("OMNISAGE_RETENTION_DAYS", "3")
     settings = Settings.from_env()
     publish_days(settings.graph_dir, TEN[5:])  # graph/ holds days 5..9: cutoff = day 6
-    with pytest.raises(
-        ExpiredBackfillError, match=rf"dt={TEN[6]} is at or before the retention cutoff {TEN[6]}"
-    ):
+    with pytest.raises(ExpiredBackfillError, match=rf"dt={TEN[6]} is at or before the retention cutoff {TEN[6]}"):
         refuse_expired_days(settings, ["graph"], [TEN[6], TEN[7]])
     refuse_expired_days(settings, ["graph"], [TEN[7]])  # inside the horizon: allowed
     refuse_expired_days(settings, ["features"], [TEN[0]])  # nothing published there yet: allowed
 
-    result = dg.materialize([graph_snapshot], partition_key=TEN[2], raise_on_error=False,
-                            resources={"storage": StorageResource.from_settings(settings)})  # fmt: skip
+    result = dg.materialize(
+        [graph_snapshot],
+        partition_key=TEN[2],
+        raise_on_error=False,
+        resources={"storage": StorageResource.from_settings(settings)},
+    )
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.cause.message

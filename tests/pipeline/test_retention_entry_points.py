@@ -66,8 +66,7 @@ def test_cli_dry_run_prints_what_and_why_and_removes_nothing(home):
     out = result.output
     assert "OMNISAGE_RETENTION_DAYS=3" in out and "dry run" in out and "--apply" in out
     assert (
-        f"would remove dt={TEN[3]}: older than retention_days=3 (cutoff {TEN[6]}, newest {TEN[9]}) [2,000 bytes]"
-        in out
+        f"would remove dt={TEN[3]}: older than retention_days=3 (cutoff {TEN[6]}, newest {TEN[9]}) [2,000 bytes]" in out
     )
     assert f"kept dt={TEN[1]}: leased by pid {os.getpid()}" in out
     assert f"kept dt={TEN[2]}: read by running job {run_id[:8]}" in out
@@ -102,14 +101,17 @@ def test_cli_apply_with_a_subprocess_and_omnisage_home(home, tmp_path):
     import sys
 
     settings, backup = home["settings"], home["backup"]
-    env = dict(
-        os.environ, OMNISAGE_HOME=str(settings.home), OMNISAGE_WINDOW_DAYS="3", OMNISAGE_RETENTION_DAYS="3"
-    )
+    env = dict(os.environ, OMNISAGE_HOME=str(settings.home), OMNISAGE_WINDOW_DAYS="3", OMNISAGE_RETENTION_DAYS="3")
     env.pop("DAGSTER_HOME", None)
     proc = subprocess.run(
         [sys.executable, "-m", "omnisage_pipeline.cli", "retention", "--apply"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list_published(settings.graph_dir) == TEN[7:]
     assert (backup / "data.bin").read_bytes() == b"b" * 100
@@ -141,8 +143,13 @@ def test_retention_job_removes_notes_each_removed_partition_and_keeps_running_da
 
     (output,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     meta = output.step_output_data.metadata
-    assert meta["retention_removed"].value == {"graph": removed, "features": removed, "embeddings": [],
-                                               "user_embeddings": [], "indexes": []}  # fmt: skip
+    assert meta["retention_removed"].value == {
+        "graph": removed,
+        "features": removed,
+        "embeddings": [],
+        "user_embeddings": [],
+        "indexes": [],
+    }
     assert meta["retention_kept"].value == {
         "graph": {TEN[5]: f"read by running job {run_id[:8]}"},
         "features": {TEN[5]: f"read by running job {run_id[:8]}"},

@@ -25,22 +25,23 @@ def _failure_context(instance, run_id: str) -> dg.RunFailureSensorContext:
     ).for_run_failure()
 
 
-def test_a_missing_input_day_is_summarised_with_job_partition_step_and_reason(
-    omnisage_env, tmp_path, monkeypatch
-):
+def test_a_missing_input_day_is_summarised_with_job_partition_step_and_reason(omnisage_env, tmp_path, monkeypatch):
     from assets.ingest import engagement_logs
 
     (tmp_path / "data").mkdir()
     monkeypatch.setenv("OMNISAGE_DATA_ROOT", str(tmp_path / "data"))
     storage = StorageResource.from_settings(Settings.from_env())
     with dg.instance_for_test() as instance:
-        result = dg.materialize([engagement_logs], partition_key="2026-03-02", instance=instance,
-                                resources={"storage": storage}, raise_on_error=False)  # fmt: skip
+        result = dg.materialize(
+            [engagement_logs],
+            partition_key="2026-03-02",
+            instance=instance,
+            resources={"storage": storage},
+            raise_on_error=False,
+        )
         assert not result.success
         context = _failure_context(instance, result.run_id)
-        summary = sensors.failure_summary(
-            context.dagster_run, context.failure_event, context.get_step_failure_events()
-        )
+        summary = sensors.failure_summary(context.dagster_run, context.failure_event, context.get_step_failure_events())
         job = result.dagster_run.job_name  # dg.materialize's job
         assert summary.startswith(f"run {result.run_id} of job {job} failed: partition 2026-03-02;")
         assert "failed step(s) engagement_logs;" in summary
@@ -54,8 +55,9 @@ def test_an_exception_is_reported_by_its_own_first_line_and_the_sensor_logs_it(c
     def explode():
         raise ValueError("feature store dt=2026-03-03 is corrupt\nsecond line with details")
 
-    @dg.job(tags={"dagster/asset_partition_range_start": "2026-03-01",
-                  "dagster/asset_partition_range_end": "2026-03-03"})  # fmt: skip
+    @dg.job(
+        tags={"dagster/asset_partition_range_start": "2026-03-01", "dagster/asset_partition_range_end": "2026-03-03"}
+    )
     def range_job():
         explode()
 

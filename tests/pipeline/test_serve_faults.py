@@ -29,16 +29,15 @@ ROUTES = ["/v1/related/pin/{}", "/v1/related/board/{}", "/v1/boards/pin/{}", "/v
 def build_days(home: Path, *days: str) -> None:
     for i, day in enumerate(days):
         publish_embeddings(home, day, random_source(i, pins=300, boards=60), random_users(i), str(i + 1))
-        build_day_index(home / "embeddings", home / "user_embeddings", home / "indexes", day, IndexParams(),
-                        CheckParams())  # fmt: skip
+        build_day_index(
+            home / "embeddings", home / "user_embeddings", home / "indexes", day, IndexParams(), CheckParams()
+        )
 
 
 def assert_no_server_path(text: str, *paths: Path) -> None:
     for p in (*paths, tempfile.gettempdir(), os.getcwd()):
         assert str(p) not in text, (p, text)
-    assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", text), (
-        text
-    )  # no absolute file path at all (a route may be)
+    assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", text), text  # no absolute file path at all (a route may be)
 
 
 def patch_lease_acquisition(monkeypatch, acquire) -> None:
@@ -93,9 +92,7 @@ def _break_manifest(version: Path) -> None:
     (version / "manifest.json").write_text('{"partition": ')
 
 
-@pytest.mark.parametrize(
-    "corrupt", [_truncate_pin_index, _break_manifest], ids=["truncated_index", "manifest"]
-)
+@pytest.mark.parametrize("corrupt", [_truncate_pin_index, _break_manifest], ids=["truncated_index", "manifest"])
 def test_a_corrupt_newest_day_serves_the_older_one_degraded(tmp_path, caplog, corrupt):
     home = tmp_path / "home"
     build_days(home, DAY, NEXT_DAY)
@@ -209,9 +206,7 @@ def test_a_chmod_read_only_store_is_served(tmp_path):
 def test_public_reason_cuts_paths():
     from omnisage_pipeline.serving.service import public_reason
 
-    exc = RuntimeError(
-        "Error in f at /project/faiss/io.cpp:68: read error in /tmp/x/.versions/dt=1/pin.faiss"
-    )
+    exc = RuntimeError("Error in f at /project/faiss/io.cpp:68: read error in /tmp/x/.versions/dt=1/pin.faiss")
     reason = public_reason(exc)
     assert "pin.faiss" in reason and "/tmp" not in reason and "/project" not in reason
     assert reason.startswith("RuntimeError: Error in f at io.cpp:68")

@@ -79,9 +79,7 @@ def test_index_type_is_chosen_by_size_and_memory_budget():
 @pytest.mark.parametrize("flat_max", [10**6, 1000], ids=["flat", "hnsw"])
 def test_index_search_matches_exact_search(tmp_path, flat_max):
     source = random_source()
-    manifest = publish_index(
-        tmp_path, DAY, source, None, IndexParams(flat_max_vectors=flat_max), CheckParams(), "7"
-    )
+    manifest = publish_index(tmp_path, DAY, source, None, IndexParams(flat_max_vectors=flat_max), CheckParams(), "7")
     assert manifest["types"]["pin"]["index_type"] == ("flat" if flat_max > 3000 else "hnsw")
     loaded = LoadedIndex.open(published_path(tmp_path, DAY))
     queries = unit(np.random.default_rng(5), 200)
@@ -94,9 +92,7 @@ def test_index_search_matches_exact_search(tmp_path, flat_max):
         else:
             assert overlap(ids, want) >= 0.95
         rows = np.searchsorted(source[t].ids, ids)  # scores are the inner products of the unit vectors
-        np.testing.assert_allclose(
-            scores, np.einsum("qkd,qd->qk", source[t].matrix[rows], queries), atol=1e-5
-        )
+        np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", source[t].matrix[rows], queries), atol=1e-5)
 
 
 def test_search_parameters_are_tuned_up_to_the_check(tmp_path):
@@ -106,14 +102,8 @@ def test_search_parameters_are_tuned_up_to_the_check(tmp_path):
         publish_index(tmp_path, DAY, source, None, low, CheckParams(tune=False), "7")
     manifest = publish_index(tmp_path, DAY, source, None, low, CheckParams(), "7")
     tuned = manifest["types"]["pin"]["params"]
-    assert (
-        tuned["ef_search"] > 1
-        and tuned["tuning_recall"] >= 0.95
-        and manifest["check"]["recall"]["pin"] >= 0.95
-    )
-    assert (
-        LoadedIndex.open(published_path(tmp_path, DAY)).types["pin"].index.hnsw.efSearch == tuned["ef_search"]
-    )
+    assert tuned["ef_search"] > 1 and tuned["tuning_recall"] >= 0.95 and manifest["check"]["recall"]["pin"] >= 0.95
+    assert LoadedIndex.open(published_path(tmp_path, DAY)).types["pin"].index.hnsw.efSearch == tuned["ef_search"]
 
 
 def test_ivfpq_reranks_candidates_exactly(tmp_path):
@@ -145,9 +135,7 @@ def _corrupt_vectors(folder: Path, entity_type: str) -> None:
     faiss.write_index(other, str(folder / f"{entity_type}.faiss"))
 
 
-@pytest.mark.parametrize(
-    "corrupt", [_corrupt_ids, _corrupt_vectors], ids=["ids_permuted", "vectors_replaced"]
-)
+@pytest.mark.parametrize("corrupt", [_corrupt_ids, _corrupt_vectors], ids=["ids_permuted", "vectors_replaced"])
 def test_check_refuses_to_publish_a_corrupted_index(tmp_path, monkeypatch, corrupt):
     source = random_source()
     good = publish_index(tmp_path, DAY, source, None, IndexParams(), CheckParams(), "7")
@@ -195,9 +183,7 @@ def publish_embeddings(home: Path, day: str, source: dict[str, Vectors], users: 
         (staging / "_manifest.json").write_text(json.dumps({"model_version": version}))
     if users is not None:
         with publish_partition(home / "user_embeddings", day) as staging:
-            pq.write_table(
-                user_table(users.ids, users.matrix, version), staging / "part-00000-of-00001.parquet"
-            )
+            pq.write_table(user_table(users.ids, users.matrix, version), staging / "part-00000-of-00001.parquet")
 
 
 def test_user_embeddings_of_another_model_are_left_out(tmp_path):
@@ -208,8 +194,15 @@ def test_user_embeddings_of_another_model_are_left_out(tmp_path):
     with publish_partition(tmp_path / "user_embeddings", DAY) as staging:  # an older model's users
         pq.write_table(user_table(users.ids, users.matrix, "4"), staging / "part-00000-of-00001.parquet")
     logs: list[str] = []
-    manifest = build_day_index(tmp_path / "embeddings", tmp_path / "user_embeddings", tmp_path / "indexes", DAY,
-                               IndexParams(), CheckParams(), log=logs.append)  # fmt: skip
+    manifest = build_day_index(
+        tmp_path / "embeddings",
+        tmp_path / "user_embeddings",
+        tmp_path / "indexes",
+        DAY,
+        IndexParams(),
+        CheckParams(),
+        log=logs.append,
+    )
     assert manifest["counts"]["user"] == 0 and "user_embeddings" not in manifest["inputs"]
     assert any("model 4" in line for line in logs)
     with pytest.raises(LookupError, match="no user embeddings"):
@@ -221,8 +214,14 @@ def served_home(tmp_path_factory) -> Path:
     """A home whose indexes/dt=DAY was built (HNSW pins, flat boards) from published embeddings."""
     home = tmp_path_factory.mktemp("served") / "home"
     publish_embeddings(home, DAY, random_source(), random_users(), "3")
-    build_day_index(home / "embeddings", home / "user_embeddings", home / "indexes", DAY,
-                    IndexParams(flat_max_vectors=1000), CheckParams())  # fmt: skip
+    build_day_index(
+        home / "embeddings",
+        home / "user_embeddings",
+        home / "indexes",
+        DAY,
+        IndexParams(flat_max_vectors=1000),
+        CheckParams(),
+    )
     return home
 
 
@@ -249,8 +248,9 @@ def test_cli_neighbors_json_excludes_the_query_and_matches_exact_search(served_h
         assert all(isinstance(i["id"], int) and isinstance(i["score"], float) for i in items)
     assert np.mean(overlaps) >= 0.95
 
-    boards = _neighbors(served_home, "--type", "pin", "--id", str(pins.ids[0]), "--target-type", "board", "--k",
-                        "5", "--json")  # fmt: skip
+    boards = _neighbors(
+        served_home, "--type", "pin", "--id", str(pins.ids[0]), "--target-type", "board", "--k", "5", "--json"
+    )
     items = json.loads(boards.output.strip().splitlines()[-1])
     assert [i["id"] for i in items] == exact_ids(source["board"], pins.matrix[:1], 5)[0].tolist()
     user = _neighbors(served_home, "--user", "100", "--partition", DAY, "--json")
@@ -277,8 +277,12 @@ def test_service_answers_404_422_and_healthz(served_home):
         assert client.get(f"/v1/related/pin/{PIN_BASE}").status_code == 503
         assert holder.refresh()
         assert client.get("/healthz").json()["partition"] == DAY
-        for path, want in [(f"/v1/related/pin/{PIN_BASE}", "pin"), (f"/v1/related/board/{BOARD_BASE}", "board"),
-                           (f"/v1/boards/pin/{PIN_BASE}", "board"), ("/v1/homefeed/user/100", "pin")]:  # fmt: skip
+        for path, want in [
+            (f"/v1/related/pin/{PIN_BASE}", "pin"),
+            (f"/v1/related/board/{BOARD_BASE}", "board"),
+            (f"/v1/boards/pin/{PIN_BASE}", "board"),
+            ("/v1/homefeed/user/100", "pin"),
+        ]:
             body = client.get(path, params={"k": 7}).json()
             assert body["partition"] == DAY and body["model_version"] == "3"
             assert len(body["items"]) == 7 and {i["type"] for i in body["items"]} == {want}
@@ -308,12 +312,16 @@ def test_day_switch_under_load_loses_no_request(tmp_path):
     home = tmp_path / "home"
     for day, seed in ((DAY, 0), (NEXT_DAY, 1)):
         publish_embeddings(home, day, random_source(seed, pins=1500, boards=300), random_users(seed), day[-1])
-    build_day_index(
-        home / "embeddings", home / "user_embeddings", home / "indexes", DAY, IndexParams(), CheckParams()
-    )
+    build_day_index(home / "embeddings", home / "user_embeddings", home / "indexes", DAY, IndexParams(), CheckParams())
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(IndexHolder(home / "indexes", poll_seconds=0.05)),
-                                           host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(IndexHolder(home / "indexes", poll_seconds=0.05)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -340,8 +348,9 @@ def test_day_switch_under_load_loses_no_request(tmp_path):
         for w in workers:
             w.start()
         time.sleep(0.5)
-        build_day_index(home / "embeddings", home / "user_embeddings", home / "indexes", NEXT_DAY, IndexParams(),
-                        CheckParams())  # fmt: skip
+        build_day_index(
+            home / "embeddings", home / "user_embeddings", home / "indexes", NEXT_DAY, IndexParams(), CheckParams()
+        )
         deadline = time.monotonic() + 60
         while NEXT_DAY not in seen[-20:] and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -363,8 +372,13 @@ def _materialize(day: str, run_config: dict | None = None, raise_on_error: bool 
     from omnisage_pipeline.resources import StorageResource
     from omnisage_pipeline.settings import Settings
 
-    return dg.materialize([ann_index], partition_key=day, resources={"storage": StorageResource.from_settings(
-        Settings.from_env())}, run_config=run_config, raise_on_error=raise_on_error)  # fmt: skip
+    return dg.materialize(
+        [ann_index],
+        partition_key=day,
+        resources={"storage": StorageResource.from_settings(Settings.from_env())},
+        run_config=run_config,
+        raise_on_error=raise_on_error,
+    )
 
 
 def test_ann_index_asset_publishes_the_day_with_its_manifest_and_retention(omnisage_env):

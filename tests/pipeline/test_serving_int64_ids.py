@@ -45,8 +45,9 @@ def int64_users() -> Vectors:
 
 
 def exact_neighbours(source: Vectors, query: np.ndarray, k: int, exclude: int | None = None) -> list[int]:
-    _, rows = faiss.knn(np.ascontiguousarray(query[None]), source.matrix, len(source),
-                        metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+    _, rows = faiss.knn(
+        np.ascontiguousarray(query[None]), source.matrix, len(source), metric=faiss.METRIC_INNER_PRODUCT
+    )
     return [int(i) for i in source.ids[rows[0]] if exclude is None or i != exclude][:k]
 
 
@@ -71,9 +72,7 @@ def test_a_tiny_index_with_negative_ids_passes_the_check(tmp_path):
     rng = np.random.default_rng(0)
     pins = Vectors(np.array([-9, -1, 1, 2, 3, 4, 5, 6], dtype=np.int64), unit(rng, 8))
     boards = Vectors(np.array([I64.min, I64.max], dtype=np.int64), unit(rng, 2))
-    manifest = publish_index(
-        tmp_path, DAY, {"pin": pins, "board": boards}, None, IndexParams(), CheckParams(), "1"
-    )
+    manifest = publish_index(tmp_path, DAY, {"pin": pins, "board": boards}, None, IndexParams(), CheckParams(), "1")
     assert manifest["check"]["recall"] == {"pin": 1.0, "board": 1.0}
 
 
@@ -105,8 +104,9 @@ def int64_home(tmp_path_factory) -> Path:
     """A home whose indexes/dt=DAY (flat) was built from published embeddings with int64-range ids."""
     home = tmp_path_factory.mktemp("int64") / "home"
     publish_embeddings(home, DAY, int64_source(), int64_users(), "2")
-    manifest = build_day_index(home / "embeddings", home / "user_embeddings", home / "indexes", DAY,
-                               IndexParams(), CheckParams())  # fmt: skip
+    manifest = build_day_index(
+        home / "embeddings", home / "user_embeddings", home / "indexes", DAY, IndexParams(), CheckParams()
+    )
     assert manifest["check"]["recall"] == {"pin": 1.0, "board": 1.0}
     return home
 

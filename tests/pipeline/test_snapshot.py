@@ -37,9 +37,7 @@ def edge_rows(seed: int = 0, pins: int = 40, boards: int = 12) -> dict[str, list
     pb = {(int(p), int(b)) for p, b in zip(rng.integers(0, pins, 120), rng.integers(0, boards, 120))}
     for p, b in sorted(pb):
         add("pin", pin_ids[p], "board", board_ids[b], "pin_board", rng.integers(1, 5))
-    pp = {
-        (min(a, b), max(a, b)) for a, b in zip(rng.integers(0, pins, 50), rng.integers(0, pins, 50)) if a != b
-    }
+    pp = {(min(a, b), max(a, b)) for a, b in zip(rng.integers(0, pins, 50), rng.integers(0, pins, 50)) if a != b}
     for a, b in sorted(pp):
         add("pin", pin_ids[a], "pin", pin_ids[b], "pin_pin", rng.integers(1, 3))
     return cols
@@ -110,12 +108,8 @@ def test_id_round_trip_and_memmap(built):
 
 def test_csr_holds_exactly_the_entries_of_each_subset(built):
     cols, manifest, snap = built
-    src = snap.lookup(
-        np.array([NODE_TYPE_CODE[t] for t in cols["src_type"]], np.int8), np.array(cols["src_id"])
-    )
-    dst = snap.lookup(
-        np.array([NODE_TYPE_CODE[t] for t in cols["dst_type"]], np.int8), np.array(cols["dst_id"])
-    )
+    src = snap.lookup(np.array([NODE_TYPE_CODE[t] for t in cols["src_type"]], np.int8), np.array(cols["src_id"]))
+    dst = snap.lookup(np.array([NODE_TYPE_CODE[t] for t in cols["dst_type"]], np.int8), np.array(cols["dst_id"]))
     et = np.array(cols["edge_type"])
     w = np.array(cols["weight"])
     for subset in ("pin_board", "pin_pin"):
@@ -148,9 +142,7 @@ def test_same_input_gives_same_arrays_whatever_the_file_and_row_order(tmp_path):
     write_edges(tmp_path / "b", cols, parts=3, shuffle_seed=9)
     ma = build_snapshot(tmp_path / "a", tmp_path / "sa", None, "2026-01-01")
     mb = build_snapshot(tmp_path / "b", tmp_path / "sb", None, "2026-01-01")
-    assert {k: v["sha256"] for k, v in ma["arrays"].items()} == {
-        k: v["sha256"] for k, v in mb["arrays"].items()
-    }
+    assert {k: v["sha256"] for k, v in ma["arrays"].items()} == {k: v["sha256"] for k, v in mb["arrays"].items()}
     for rel in ma["arrays"]:
         np.testing.assert_array_equal(np.load(tmp_path / "sa" / rel), np.load(tmp_path / "sb" / rel))
     # checksums in the manifest are real: verify passes, then fails after corruption
@@ -240,9 +232,7 @@ def test_asset_publishes_snapshot_and_cache_atomically(omnisage_env, tmp_path):
     with publish_partition(settings.warehouse_dataset("pruned_edges"), day) as staging:
         write_edges(staging, cols)
 
-    result = _materialize(
-        day, {"budget": 100000, "blocks": ["pin_board:pin:3", "pin_board:board:2", "pin_pin:pin:4"]}
-    )
+    result = _materialize(day, {"budget": 100000, "blocks": ["pin_board:pin:3", "pin_board:board:2", "pin_pin:pin:4"]})
     assert result.success
     link = settings.graph_dir / f"dt={day}"
     assert link.is_symlink()

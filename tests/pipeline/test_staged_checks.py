@@ -63,9 +63,7 @@ def _make_mostly_invalid(root, share: float) -> int:
     n = table.num_rows
     surface = np.array(table.column("surface").to_pylist(), dtype=object)
     surface[: round(share * n)] = "nowhere"
-    table = table.set_column(
-        table.schema.get_field_index("surface"), "surface", pa.array(surface, pa.string())
-    )
+    table = table.set_column(table.schema.get_field_index("surface"), "surface", pa.array(surface, pa.string()))
     pq.write_table(table, folder / "part-0.parquet")
     return n
 
@@ -128,9 +126,7 @@ def test_no_empty_replacement_keeps_a_published_day_with_rows(data_root):
     check = _check(result, "no_empty_replacement")
     assert not check.passed and check.metadata["published_rows"].value == {"": rows}
     message = _failure_message(result)
-    assert (
-        "no_empty_replacement" in message and f"dt={DAY}" in message and f"{rows} rows published" in message
-    )
+    assert "no_empty_replacement" in message and f"dt={DAY}" in message and f"{rows} rows published" in message
     assert (published_path(valid_ds, DAY), published_path(quarantine_ds, DAY)) == before  # neither replaced
 
 
@@ -148,8 +144,12 @@ def test_graph_coverage_refuses_a_layout_that_leaves_nodes_without_neighbours(da
 
     # Only pin_pin blocks: boards (and pins without related-pins edges) get no neighbours at all.
     pins_only = {"blocks": ["pin_pin:pin:4"], "min_coverage": 0.9}
-    result = _run(every, selection=[graph_snapshot], run_config={"ops": {"graph_snapshot": {"config": pins_only}}},
-                  raise_on_error=False)  # fmt: skip
+    result = _run(
+        every,
+        selection=[graph_snapshot],
+        run_config={"ops": {"graph_snapshot": {"config": pins_only}}},
+        raise_on_error=False,
+    )
     assert not result.success
     check = _check(result, "graph_coverage")
     assert not check.passed and check.metadata["coverage"].value < 0.9
@@ -173,8 +173,10 @@ def test_features_complete_fails_on_a_missing_entity(data_root):
     assert _check(result, "every_entity_has_features").passed
     settings = Settings.from_env()
     store = published_path(settings.features_dir, DAY)
-    entities = day_entities(published_path(settings.warehouse_dataset("entity_metadata"), DAY),
-                            GraphSnapshot.open(published_path(settings.graph_dir, DAY)))  # fmt: skip
+    entities = day_entities(
+        published_path(settings.warehouse_dataset("entity_metadata"), DAY),
+        GraphSnapshot.open(published_path(settings.graph_dir, DAY)),
+    )
     assert features_complete(store, entities).passed
     entities["board"] = np.append(entities["board"], 987_654_321)
     check = features_complete(store, entities)

@@ -245,9 +245,7 @@ def test_saves_go_to_matching_boards(small_data):
     assert len(pin) > 1000
     rng = np.random.default_rng(0)
     saved = _cos(truth.pin_latent[pin], truth.board_latent[board]).mean()
-    random = _cos(
-        truth.pin_latent[pin], truth.board_latent[rng.integers(0, len(truth.board_id), len(pin))]
-    ).mean()
+    random = _cos(truth.pin_latent[pin], truth.board_latent[rng.integers(0, len(truth.board_id), len(pin))]).mean()
     assert saved > random + 0.4, (saved, random)
     k = truth.meta["K"]
     assert (truth.pin_topic[pin] == truth.board_topic[board]).mean() > 0.7 > 3 / k
@@ -380,9 +378,7 @@ def test_cli_generate(tmp_path, monkeypatch):
 
     # A different data set in the same folder: a clear error, exit code 1, nothing changed.
     before = _hashes(out)
-    res = runner.invoke(
-        main, ["generate", "--out", str(out), "--scale", "tiny", "--seed", "5", "--days", "1"]
-    )
+    res = runner.invoke(main, ["generate", "--out", str(out), "--scale", "tiny", "--seed", "5", "--days", "1"])
     assert res.exit_code == 1 and "--force" in res.output and _hashes(out) == before
 
     res = runner.invoke(main, ["generate", "--out", str(out), "--start-date", "2026-02-30"])
@@ -397,9 +393,7 @@ def test_cli_generate(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     from omnisage_pipeline.settings import DEMO_START_DATE
 
-    assert (
-        tmp_path / "home/synthetic/engagement_logs" / f"dt={DEMO_START_DATE}/part-00000.parquet"
-    ).is_file()
+    assert (tmp_path / "home/synthetic/engagement_logs" / f"dt={DEMO_START_DATE}/part-00000.parquet").is_file()
     monkeypatch.setenv("OMNISAGE_DATA_ROOT", str(tmp_path / "root"))
     assert runner.invoke(main, ["generate", "--scale", "tiny", "--days", "1"]).exit_code == 0
     assert (tmp_path / "root/pins/part-00000.parquet").is_file()

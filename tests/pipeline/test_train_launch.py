@@ -24,9 +24,7 @@ def _publish_examples(settings, day: str) -> None:
 def _versions(settings) -> list[int]:
     import mlflow
 
-    client = mlflow.MlflowClient(
-        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
-    )
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     return sorted(int(v.version) for v in client.search_model_versions("name='omnisage'"))
 
 
@@ -78,9 +76,7 @@ def test_train_command_on_two_gloo_ranks_registers_a_version(published, omnisage
     assert "step 4/4" in out.stdout  # rank 0's progress lines reach the launcher's log
     assert _versions(settings) == [1]
     # a second run with one process: the same function, a new version
-    out = subprocess.run(
-        cmd[:5] + ["1"] + cmd[6:], check=False, env=env, capture_output=True, text=True, timeout=600
-    )
+    out = subprocess.run(cmd[:5] + ["1"] + cmd[6:], check=False, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _versions(settings) == [1, 2]
 
@@ -154,15 +150,11 @@ def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omn
         pinsage_baseline=False,
         num_workers=0,
     )
-    first = train_from_asset_config(
-        settings, MlflowResource.from_settings(settings), config, log=lambda m: None
-    )
+    first = train_from_asset_config(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
     for path in (settings.home / "mlflow-artifacts").rglob("config.json"):  # as an older release wrote it
         raw = json.loads(path.read_text())
         path.write_text(json.dumps({**raw, "format_version": 1}))
-    second = train_from_asset_config(
-        settings, MlflowResource.from_settings(settings), config, log=lambda m: None
-    )
+    second = train_from_asset_config(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
     assert (first.version, second.version) == ("1", "2")
     assert second.alias == "champion" and "cannot be loaded by this release" in second.decision
 

@@ -28,9 +28,7 @@ def mlflow_template(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(
-        tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}"
-    ).search_experiments()
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -147,25 +145,19 @@ def test_training_examples_model_and_gate(published):
     assert m1["gate_split"].value == "validation" and 1 <= m1["selected_step"].value <= TRAIN["steps"]
     gate_recalls = [r["recall"] for r in m1["gate_new_recall"].value.values() if r["recall"] is not None]
     assert first_recall == pytest.approx(sum(gate_recalls) / len(gate_recalls), abs=1e-6)
-    assert not list(
-        (settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt")
-    )  # removed once registered
+    assert not list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))  # removed once registered
     from ml.promotion_lock import promotion_lock_path
 
     # the gate took the promotion lock under OMNISAGE_HOME (any store, not only sqlite)
     lock_dir = settings.home / "checkpoints" / "omnisage_model"
     assert promotion_lock_path(lock_dir, settings.mlflow_tracking_uri, "omnisage").is_file()
 
-    client = mlflow.MlflowClient(
-        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
-    )
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     run = client.get_run(m1["mlflow_run_id"].value)
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert (
-        p["training_partition"] == day
-        and p["config.steps"] == str(TRAIN["steps"])
-        and p["preset_resolved"] == "small"
+        p["training_partition"] == day and p["config.steps"] == str(TRAIN["steps"]) and p["preset_resolved"] == "small"
     )
     assert p["model.out_dim"] == "32" and "train.lr" in p and "layout" in p
     assert run.data.tags["resumed_from_step"] == "10" and run.data.tags["gate.alias"] == "champion"

@@ -71,9 +71,7 @@ def run_with(monkeypatch):
                 return SimpleNamespace(write=lambda *paths: None)
 
             monkeypatch.setattr(tune, "run_study", study)
-            tune.tune_partition(
-                settings, None, TrainingRunConfig(), TuneConfig(), settings.home / "best.json"
-            )
+            tune.tune_partition(settings, None, TrainingRunConfig(), TuneConfig(), settings.home / "best.json")
 
     return run
 
@@ -131,8 +129,7 @@ def _leased_reads(inputs: dict[str, Path], metadata_dir: Path, graph_dir: Path) 
     _republish(inputs)  # another writer re-publishes the day while it is being built
     read = {"metadata": Path(metadata_dir), "graph": Path(graph_dir)}
     return {
-        name: (_content(path), path.name in leases.lease_holds(inputs[name]).versions)
-        for name, path in read.items()
+        name: (_content(path), path.name in leases.lease_holds(inputs[name]).versions) for name, path in read.items()
     }
 
 
@@ -156,9 +153,7 @@ def test_training_examples_read_metadata_and_graph_under_leases(tmp_path, monkey
         raise _Stop
 
     monkeypatch.setattr(graph_engine.snapshot.GraphSnapshot, "open", staticmethod(lambda path: path))
-    monkeypatch.setattr(
-        graph_engine.neighbor_sampler.NeighborhoodCache, "open", staticmethod(lambda *a: None)
-    )
+    monkeypatch.setattr(graph_engine.neighbor_sampler.NeighborhoodCache, "open", staticmethod(lambda *a: None))
     monkeypatch.setattr(ml.training_examples, "build_training_examples", build)
     with pytest.raises(_Stop):
         build_examples_day(settings, KEY, ExampleConfig(), [KEY])

@@ -42,9 +42,16 @@ REPO = Path(__file__).resolve().parents[2]
 DAYS = ["2026-01-01", "2026-01-02"]
 CHILD_TIMEOUT_S = 600
 TINY_TRAIN = {
-    "preset": "small", "steps": 4, "warmup_steps": 1, "batch_size": 16, "num_random_negatives": 16,
-    "pool_size": 200, "log_every": 2, "checkpoint_every": 0, "device": "cpu",
-}  # fmt: skip
+    "preset": "small",
+    "steps": 4,
+    "warmup_steps": 1,
+    "batch_size": 16,
+    "num_random_negatives": 16,
+    "pool_size": 200,
+    "log_every": 2,
+    "checkpoint_every": 0,
+    "device": "cpu",
+}
 
 #: Data asset -> the datasets it publishes (relative to OMNISAGE_HOME), contract "Outputs".
 DATASETS = {
@@ -93,9 +100,7 @@ say("done")
 def _env(tmp_path: Path, name: str, data_root: Path) -> dict[str, str]:
     home, dagster_home = tmp_path / name / "home", tmp_path / name / "dagster_home"
     prepare_dagster_home(dagster_home)  # the project's instance config: telemetry off (else ~/.dagster)
-    inherited = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_"))
-    }
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_"))}
     return {
         **inherited,
         # One numba cache for the three children: the sequential run compiles, the concurrent ones load.
@@ -119,9 +124,13 @@ class Child:
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115 (closed by finish/kill)
         self.proc = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, *args],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=self._stderr,
-        )  # fmt: skip
+        )
         self.results: list[dict] = []
         self._buffer = b""
         self._deadline = time.monotonic() + CHILD_TIMEOUT_S
@@ -336,14 +345,19 @@ def test_two_partitions_at_the_same_time_equal_a_sequential_run(tmp_path):
 
     # The sequential reference runs first, alone (and fills the numba cache); then the two children, which
     # imported everything meanwhile, are released together for the data assets, then for the training.
-    reference = Child.pipeline(
-        sequential, [{"kind": "data", "days": DAYS}], sync=False, log=tmp_path / "seq.stderr"
-    )
+    reference = Child.pipeline(sequential, [{"kind": "data", "days": DAYS}], sync=False, log=tmp_path / "seq.stderr")
     children = [
-        Child.pipeline(concurrent, [{"kind": "data", "days": [DAYS[i]]}, {"kind": "train", "config": {
-            **TINY_TRAIN, "training_partition": DAYS[i], "seed": i}}], sync=True, log=tmp_path / f"day{i + 1}.stderr")
+        Child.pipeline(
+            concurrent,
+            [
+                {"kind": "data", "days": [DAYS[i]]},
+                {"kind": "train", "config": {**TINY_TRAIN, "training_partition": DAYS[i], "seed": i}},
+            ],
+            sync=True,
+            log=tmp_path / f"day{i + 1}.stderr",
+        )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     try:
         reference.finish()
         _release_together(children)  # data assets: day 1 and day 2 at the same time

@@ -47,9 +47,16 @@ JOB = "daily_pipeline"
 MODEL_CONSUMERS = {"entity_embeddings", "recall_report", "ann_index"}  # ann_index: from the embeddings
 SECRET = "omnisage-dev-secret-5b1f0c2e"
 TINY_TRAIN = {
-    "preset": "small", "steps": 4, "warmup_steps": 1, "batch_size": 16, "num_random_negatives": 16,
-    "pool_size": 200, "log_every": 2, "checkpoint_every": 0, "device": "cpu",
-}  # fmt: skip
+    "preset": "small",
+    "steps": 4,
+    "warmup_steps": 1,
+    "batch_size": 16,
+    "num_random_negatives": 16,
+    "pool_size": 200,
+    "log_every": 2,
+    "checkpoint_every": 0,
+    "device": "cpu",
+}
 
 DAGSTER_YAML = """\
 run_coordinator:
@@ -207,9 +214,7 @@ def champion_home(tmp_path, omnisage_env, monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     settings = Settings.from_env()
     job = defs.resolve_job_def(JOB)
-    data_keys = [
-        k for k in job.asset_layer.executable_asset_keys if k.to_user_string() not in MODEL_CONSUMERS
-    ]
+    data_keys = [k for k in job.asset_layer.executable_asset_keys if k.to_user_string() not in MODEL_CONSUMERS]
     result = dg.materialize(
         list(defs.assets), selection=data_keys, partition_key=TRAIN_DAY, resources=build_resources(settings)
     )
@@ -222,8 +227,12 @@ def champion_home(tmp_path, omnisage_env, monkeypatch) -> dict[str, str]:
     )
     assert outcome is not None and outcome.alias == "champion"
     assert ModelRegistry(settings.mlflow_tracking_uri).version_for_alias("champion") == outcome.version
-    return {**omnisage_env, "OMNISAGE_DATA_ROOT": str(data_root), "OMNISAGE_START_DATE": DAYS[0],
-            "MLFLOW_TRACKING_URI": tracking_uri}  # fmt: skip
+    return {
+        **omnisage_env,
+        "OMNISAGE_DATA_ROOT": str(data_root),
+        "OMNISAGE_START_DATE": DAYS[0],
+        "MLFLOW_TRACKING_URI": tracking_uri,
+    }
 
 
 @pytest.fixture
@@ -250,13 +259,19 @@ def dagster_dev(tmp_path, champion_home):
     }
     log_path = tmp_path / "dagster_dev.log"
     cmd = [
-        sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"),
-        "-h", "127.0.0.1", "-p", str(port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(REPO / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield port, log_path, proc
         assert not any(cwd.iterdir()), f"dagster dev wrote into its working directory: {list(cwd.iterdir())}"
@@ -382,9 +397,7 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
     assert all(_is_loopback(addr) for addr, _ in listening), listening
 
     # The job's assets, as the server sees them.
-    repo = next(
-        n for n in gql(WORKSPACE_QUERY)["repositoriesOrError"]["nodes"] if n["location"]["name"] == LOCATION
-    )
+    repo = next(n for n in gql(WORKSPACE_QUERY)["repositoriesOrError"]["nodes"] if n["location"]["name"] == LOCATION)
     selector = {"pipelineName": JOB, "repositoryName": repo["name"], "repositoryLocationName": LOCATION}
     assets = sorted(
         "/".join(a["assetKey"]["path"]) for a in gql(JOB_ASSETS_QUERY, {"selector": selector})["assetNodes"]
@@ -394,9 +407,7 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
     # One partition through the public client, then a two-day backfill of the same job. Both ask for the
     # in-process executor: on 2 cores a subprocess per step costs more than the tiny steps themselves.
     client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
-    single_run = client.submit_job_execution(
-        JOB, run_config=IN_PROCESS, tags={"dagster/partition": SINGLE_DAY}
-    )
+    single_run = client.submit_job_execution(JOB, run_config=IN_PROCESS, tags={"dagster/partition": SINGLE_DAY})
     launched = gql(
         BACKFILL_MUTATION,
         {
@@ -462,9 +473,7 @@ def test_dagster_dev_runs_a_partition_and_a_backfill_over_graphql(dagster_dev, c
             for path in _outputs(home, asset, day):
                 assert path.exists(), f"{asset} dt={day}: {path} missing"
                 assert path.is_file() or any(path.iterdir()), f"{asset} dt={day}: {path} is empty"
-        assert pq_rows(_outputs(home, "entity_embeddings", day)[0]) > 0, (
-            f"entity_embeddings dt={day}: no rows"
-        )
+        assert pq_rows(_outputs(home, "entity_embeddings", day)[0]) > 0, f"entity_embeddings dt={day}: no rows"
 
     # Each run recorded one materialization per (asset, day) it covered; the secret in the server's
     # environment appears nowhere in the event logs (messages, metadata).

@@ -184,9 +184,10 @@ def test_gloo_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, 
         mean_loss = (r0["loss"][step] + r1["loss"][step]) / 2
         assert mean_loss == pytest.approx(ref["loss"][step], rel=1e-5, abs=1e-5), step
         for k, v in ref["losses"][step].items():
-            assert (r0["losses"][step][k] + r1["losses"][step][k]) / 2 == pytest.approx(
-                v, rel=1e-5, abs=1e-5
-            ), (step, k)
+            assert (r0["losses"][step][k] + r1["losses"][step][k]) / 2 == pytest.approx(v, rel=1e-5, abs=1e-5), (
+                step,
+                k,
+            )
     # the averaged DDP gradient == the gradient of the global-batch loss (cross-rank negatives included)
     assert r0["grads"].keys() == ref["grads"].keys()
     for n, g in ref["grads"].items():

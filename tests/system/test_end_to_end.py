@@ -54,9 +54,11 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
             **extra,
         )
         result = dg.materialize(
-            assets, selection=["omnisage_model"], resources=resources,
+            assets,
+            selection=["omnisage_model"],
+            resources=resources,
             run_config=dg.RunConfig({"omnisage_model": config}),
-        )  # fmt: skip
+        )
         assert result.success
         return result.asset_materializations_for_node("omnisage_model")[-1].metadata
 
@@ -142,9 +144,7 @@ def test_whole_asset_graph_end_to_end(pipeline):
     train_pairs = pq.read_table(examples / "pairs.parquet").to_pydict()
     eval_pairs = pq.read_table(examples / "eval_pairs.parquet").to_pydict()
     assert len(eval_pairs["query_id"]) > 0
-    held = _unordered(
-        eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"]
-    )
+    held = _unordered(eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"])
     trained = _unordered(
         train_pairs["query_type"], train_pairs["query_id"], train_pairs["pos_type"], train_pairs["pos_id"]
     )
@@ -154,12 +154,16 @@ def test_whole_asset_graph_end_to_end(pipeline):
     engagement_held = {
         pair
         for pair, source in zip(
-            [tuple(sorted([(a, b), (c, d)])) for a, b, c, d in zip(
-                eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"])],
+            [
+                tuple(sorted([(a, b), (c, d)]))
+                for a, b, c, d in zip(
+                    eval_pairs["query_type"], eval_pairs["query_id"], eval_pairs["pos_type"], eval_pairs["pos_id"]
+                )
+            ],
             eval_pairs["source"],
         )
         if source in ENGAGEMENT_SOURCES
-    }  # fmt: skip
+    }
     assert engagement_held, "the tiny data set should hold out some engagement pairs"
     assert not engagement_held & graph_edges
 
@@ -182,8 +186,15 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
         assert set(entry) >= {"recall@10", "n"}, task
         assert entry["n"] > 0 and 0.0 <= entry["recall@10"] <= 1.0, (task, entry)
     assert list(report["baselines"]) == [
-        "random", "popularity", "cooccurrence", "window_cooccurrence", "ease", "als", "pinsage", "oracle"
-    ]  # fmt: skip
+        "random",
+        "popularity",
+        "cooccurrence",
+        "window_cooccurrence",
+        "ease",
+        "als",
+        "pinsage",
+        "oracle",
+    ]
     for name, tasks in report["baselines"].items():
         ee = tasks["entity_entity"]
         assert ee["n"] == report["tasks"]["entity_entity"]["n"], name  # the same evaluation pairs
@@ -205,9 +216,7 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     # the daily report is an evaluation run of its own: the champion's training run is left as it finished
     training_run = client.get_run(first["mlflow_run_id"].value)
     assert not [m for m in training_run.data.metrics if m.startswith("report/")]
-    assert [a.path for a in client.list_artifacts(training_run.info.run_id, "baselines")] == [
-        "baselines/pinsage"
-    ]
+    assert [a.path for a in client.list_artifacts(training_run.info.run_id, "baselines")] == ["baselines/pinsage"]
     run = client.get_run(meta["mlflow_evaluation_run_id"].value)
     assert run.info.status == "FINISHED" and run.data.tags["omnisage.kind"] == "evaluation"
     assert run.data.tags["partition"] == day and run.data.tags["model_version"] == "1"
@@ -232,9 +241,7 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     )
     with publish_partition(settings.reports_dir, DAYS[-2]) as staging:
         (staging / "recall.json").write_text(json.dumps(previous))
-    result = dg.materialize(
-        rr["assets"], selection=["recall_report"], partition_key=day, resources=rr["resources"]
-    )
+    result = dg.materialize(rr["assets"], selection=["recall_report"], partition_key=day, resources=rr["resources"])
     assert result.success  # a failed check flags; it does not fail the run
     fired = [c for c in result.get_asset_check_evaluations() if c.check_name == REGRESSION_CHECK]
     assert len(fired) == 1 and not fired[0].passed

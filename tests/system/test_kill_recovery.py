@@ -250,9 +250,7 @@ class World:
         return json.loads(child.result.read_text())
 
     def staging_of(self, asset: str, pid: int) -> list[Path]:
-        return [
-            p for rel in PUBLISHED[asset] for p in (self.dataset(rel) / ".staging").glob(f"dt={DAY}.{pid}.*")
-        ]
+        return [p for rel in PUBLISHED[asset] for p in (self.dataset(rel) / ".staging").glob(f"dt={DAY}.{pid}.*")]
 
     def publishing(self, asset: str, pid: int) -> bool:
         """Whether writer ``pid`` has begun publishing one of ``asset``'s datasets (staging or version)."""
@@ -264,9 +262,7 @@ class World:
 #: entity_metadata links a day whose catalogue did not change to the version already published (both days
 #: here have the same one), so a re-run would publish nothing new: the cases make it write a fresh copy, so
 #: that every publish phase is reached (the shared-version path: tests/test_metadata_versions.py).
-_RUN_CONFIG = {
-    "entity_metadata": {"ops": {"entity_metadata": {"config": {"reuse_identical_versions": False}}}}
-}
+_RUN_CONFIG = {"entity_metadata": {"ops": {"entity_metadata": {"config": {"reuse_identical_versions": False}}}}}
 
 
 def _asset_steps(asset: str, day: str = DAY) -> list:
@@ -280,9 +276,7 @@ def _watch(world: World, asset: str, child: Child, kill_after: float | None = No
     Returns (exit code, where the kill landed)."""
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     while child.proc.is_alive() and not world.publishing(asset, child.pid):
-        assert time.monotonic() < deadline, (
-            f"{asset}: no staging after {CHILD_TIMEOUT_S}s:\n{child.log_tail()}"
-        )
+        assert time.monotonic() < deadline, f"{asset}: no staging after {CHILD_TIMEOUT_S}s:\n{child.log_tail()}"
         child.proc.join(0.002)
     seen = time.monotonic()
     landed = "none"
@@ -291,9 +285,7 @@ def _watch(world: World, asset: str, child: Child, kill_after: float | None = No
         if child.proc.is_alive():
             building = bool(world.staging_of(asset, child.pid))
             os.kill(child.pid, signal.SIGKILL)
-            landed = (
-                "mid-build (its staging existed)" if building else "after its build (publishing or later)"
-            )
+            landed = "mid-build (its staging existed)" if building else "after its build (publishing or later)"
     code = child.finish()
     if kill_after is not None and code != -signal.SIGKILL:
         landed = "none: it finished first"
@@ -321,11 +313,7 @@ def _canon(value):
         return tuple(_canon(v) for v in value)
     if isinstance(value, dict):
         return tuple(
-            sorted(
-                (k, _canon(v))
-                for k, v in value.items()
-                if not _TIMING_KEY.search(k) and k not in _VOLATILE_KEYS
-            )
+            sorted((k, _canon(v)) for k, v in value.items() if not _TIMING_KEY.search(k) and k not in _VOLATILE_KEYS)
         )
     return value
 
@@ -397,14 +385,10 @@ def _check_visible(world: World, asset: str) -> None:
         for entry in ds.iterdir():
             if entry.name.startswith("."):
                 continue  # .staging, .versions, .leases, .shards: no reader lists dot-directories
-            assert entry.name.startswith("dt=") and entry.is_symlink(), (
-                f"{entry}: visible and not a dt= symlink"
-            )
+            assert entry.name.startswith("dt=") and entry.is_symlink(), f"{entry}: visible and not a dt= symlink"
             target = entry.resolve()
             assert target.is_dir(), f"{entry} -> {os.readlink(entry)}: points at nothing"
-            assert target.parent == (ds / ".versions").resolve(), (
-                f"{entry} -> {target}: not a published version"
-            )
+            assert target.parent == (ds / ".versions").resolve(), f"{entry} -> {target}: not a published version"
             assert any(target.iterdir()), f"{entry} -> {target}: empty"
         assert list_published(ds) == world.expected_days(rel), (rel, list_published(ds))
         if rel in PUBLISHED[asset]:
@@ -422,9 +406,7 @@ def _check_visible(world: World, asset: str) -> None:
             )
             assert got == {d: n for d, n in expected.items() if n}, (rel, got, expected)
             dataset = pads.dataset(ds, format="parquet", partitioning="hive")
-            assert all(Path(f).relative_to(ds).parts[0].startswith("dt=") for f in dataset.files), (
-                dataset.files
-            )
+            assert all(Path(f).relative_to(ds).parts[0].startswith("dt=") for f in dataset.files), dataset.files
             assert dataset.count_rows() == sum(expected.values()), rel
 
 
@@ -522,9 +504,7 @@ def world(tmp_path_factory) -> World:
             mp.setenv(key, value)
         for key in (FAULT_PHASE_ENV, FAULT_DATASET_ENV):
             mp.delenv(key, raising=False)
-        _CTX.set_forkserver_preload(
-            ["dagster", "torch", "mlflow", "omnisage_pipeline.definitions", _child.__module__]
-        )
+        _CTX.set_forkserver_preload(["dagster", "torch", "mlflow", "omnisage_pipeline.definitions", _child.__module__])
         # Clean runs: the first day in one child, then each asset of DAY on its own (timing its build).
         w.run_ok([step for asset in DATA_ASSETS for step in _asset_steps(asset, DAYS[0])])
         for asset in DATA_ASSETS:
@@ -631,9 +611,7 @@ def test_two_writers_of_the_same_day_leave_one_complete_version(world, asset):
     before = {rel: published_path(world.dataset(rel), DAY) for rel in PUBLISHED[asset]}
     writers = [world.start(_asset_steps(asset)) for _ in range(2)]
     deadline = time.monotonic() + CHILD_TIMEOUT_S
-    while all(w.proc.is_alive() for w in writers) and not any(
-        world.publishing(asset, w.pid) for w in writers
-    ):
+    while all(w.proc.is_alive() for w in writers) and not any(world.publishing(asset, w.pid) for w in writers):
         assert time.monotonic() < deadline, writers[0].log_tail()
         time.sleep(0.002)
     overlapped = all(w.proc.is_alive() for w in writers)
@@ -648,9 +626,7 @@ def test_two_writers_of_the_same_day_leave_one_complete_version(world, asset):
         now = published_path(ds, DAY)
         assert now != before[rel] and now.name.split(".")[1] in pids, f"{rel}: {now} is neither writer's"
         leftovers = [p.name for p in (ds / ".staging").iterdir() if not p.name.startswith(".")]
-        assert not [n for n in leftovers if n.startswith(("dt=", "link."))], (
-            f"{rel}: staging left: {leftovers}"
-        )
+        assert not [n for n in leftovers if n.startswith(("dt=", "link."))], f"{rel}: staging left: {leftovers}"
         for version in (ds / ".versions").glob(f"dt={DAY}.*"):  # whatever stays is one whole version
             assert _content(version) == world.baseline[rel], (
                 f"{rel}: {version.name} differs from the clean run in {_diff(world.baseline[rel], _content(version))}"

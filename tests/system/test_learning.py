@@ -39,15 +39,11 @@ def test_training_raises_entity_entity_recall(tmp_path, one_torch_thread):
     assert ev.pairs["query_id"].size > 200
 
     rand = float(
-        np.mean(
-            [ev.evaluate(random_embedder(art.universe, seed=s)).recall("entity_entity") for s in range(5)]
-        )
+        np.mean([ev.evaluate(random_embedder(art.universe, seed=s)).recall("entity_entity") for s in range(5)])
     )
     truth = art.truth
     oracle = ev.evaluate(
-        TableEmbedder(
-            {"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)}
-        )
+        TableEmbedder({"pin": (truth.pin_id, truth.pin_latent), "board": (truth.board_id, truth.board_latent)})
     ).recall("entity_entity")
 
     model_cfg, train_cfg = small(image_dim=art.image_dim)

@@ -37,15 +37,27 @@ from omnisage_pipeline.tools.synthetic import generate
 REPO = Path(__file__).resolve().parents[2]
 DAY = "2026-01-01"
 DATA_ASSETS = [
-    "engagement_logs", "entity_metadata", "daily_edges", "pruned_edges", "graph_snapshot", "feature_store",
+    "engagement_logs",
+    "entity_metadata",
+    "daily_edges",
+    "pruned_edges",
+    "graph_snapshot",
+    "feature_store",
     "training_examples",
-]  # fmt: skip
+]
 SECRET = "omnisage-test-secret-8d41e27a9c"
 MARKER = "omnisage-env-marker-3f6b0a15d2"
 TINY_TRAIN = {
-    "preset": "small", "steps": 4, "warmup_steps": 1, "batch_size": 16, "num_random_negatives": 16,
-    "pool_size": 200, "log_every": 2, "checkpoint_every": 2, "device": "cpu",
-}  # fmt: skip
+    "preset": "small",
+    "steps": 4,
+    "warmup_steps": 1,
+    "batch_size": 16,
+    "num_random_negatives": 16,
+    "pool_size": 200,
+    "log_every": 2,
+    "checkpoint_every": 2,
+    "device": "cpu",
+}
 
 
 # ============================================================================================== (a) static
@@ -198,9 +210,7 @@ def pipeline(tmp_path_factory):
                     {"run_config": dg.RunConfig({"omnisage_model": OmniSageModelConfig(**TINY_TRAIN)})},
                 ),
             ):
-                result = dg.materialize(
-                    assets, selection=selection, resources=resources, instance=instance, **kwargs
-                )
+                result = dg.materialize(assets, selection=selection, resources=resources, instance=instance, **kwargs)
                 assert result.success
                 run_ids.append(result.run_id)
             model_meta = result.asset_materializations_for_node("omnisage_model")[-1].metadata
@@ -211,8 +221,14 @@ def pipeline(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return {"settings": settings, "assets": assets, "resources": resources, "run_ids": run_ids, "env": env,
-            "model_run_id": model_meta["mlflow_run_id"].value}  # fmt: skip
+    return {
+        "settings": settings,
+        "assets": assets,
+        "resources": resources,
+        "run_ids": run_ids,
+        "env": env,
+        "model_run_id": model_meta["mlflow_run_id"].value,
+    }
 
 
 # ============================================================================================= (a) dynamic
@@ -306,25 +322,44 @@ def test_a_partition_writes_nothing_outside_omnisage_home_and_tmp(tmp_path):
     before = {name: _tree(folder) for name, folder in watched.items()}
 
     env = {
-        **{k: v for k, v in os.environ.items()
-           if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_", "NUMBA_", "MPLCONFIGDIR", "PYTHON"))},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OMNISAGE_", "DAGSTER_", "MLFLOW_", "NUMBA_", "MPLCONFIGDIR", "PYTHON"))
+        },
         "HOME": str(fake_home),
         "PYTHONPATH": str(src),  # the read-only copy is imported, not the repository
         "OMNISAGE_HOME": str(home),
         "OMNISAGE_DATA_ROOT": str(tmp_path / "data"),
         "OMNISAGE_ENGINE": "duckdb",
         "OMNISAGE_START_DATE": DAY,
-    }  # fmt: skip
+    }
     cmd = [
-        sys.executable, "-m", "omnisage_pipeline.cli", "dagster", "asset", "materialize",
-        "-m", "omnisage_pipeline.definitions", "--select", ",".join(DATA_ASSETS), "--partition", DAY,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "omnisage_pipeline.cli",
+        "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "omnisage_pipeline.definitions",
+        "--select",
+        ",".join(DATA_ASSETS),
+        "--partition",
+        DAY,
+    ]
     drop = _drop_dac_capabilities if os.geteuid() == 0 else None
     try:
         imported = subprocess.run(
             [sys.executable, "-c", "import omnisage_pipeline.cli as m; print(m.__file__)"],
-            cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=True, preexec_fn=drop,
-        ).stdout.strip()  # fmt: skip
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            preexec_fn=drop,
+        ).stdout.strip()
         proc = subprocess.run(
             cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False, preexec_fn=drop
         )
@@ -338,9 +373,7 @@ def test_a_partition_writes_nothing_outside_omnisage_home_and_tmp(tmp_path):
 
     after = {name: _tree(folder) for name, folder in watched.items()}
     for name in watched:
-        changed = sorted(
-            k for k in set(before[name]) | set(after[name]) if before[name].get(k) != after[name].get(k)
-        )
+        changed = sorted(k for k in set(before[name]) | set(after[name]) if before[name].get(k) != after[name].get(k))
         assert changed == [], f"the run wrote into the {name}: {changed}"
 
     # Everything it wrote is under OMNISAGE_HOME: the outputs and, DAGSTER_HOME being unset, the Dagster run.
@@ -377,9 +410,14 @@ def test_the_uis_bind_to_localhost(tmp_path):
     from omnisage_pipeline.tools.demo import where_to_look
 
     made = subprocess.run(
-        ["make", "-n", "dev"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        ["make", "-n", "dev"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "OMNISAGE_HOME": str(tmp_path / "home")},
-    )  # fmt: skip
+    )
     assert made.returncode == 0, made.stderr
     printed = where_to_look(Settings.from_env({"OMNISAGE_HOME": str(tmp_path / "home")}))
     docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -396,8 +434,7 @@ def test_the_uis_bind_to_localhost(tmp_path):
             if command.startswith(("dagster dev", "DAGSTER_HOME")) or " dagster dev " in f" {command} ":
                 assert _binds_loopback(command.split("dagster dev", 1)[1], ("-h", "--host")), (name, command)
     mlflow_commands = {
-        name: _commands(text, "mlflow ui") + _commands(text, "mlflow server")
-        for name, text in sources.items()
+        name: _commands(text, "mlflow ui") + _commands(text, "mlflow server") for name, text in sources.items()
     }
     assert mlflow_commands["demo.where_to_look"], printed
     for name, commands in mlflow_commands.items():
@@ -428,9 +465,7 @@ def _mlflow_leaks(client, values: tuple[str, ...]) -> list[str]:
     found = []
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id]):
-            logged = json.dumps(
-                {"params": run.data.params, "tags": run.data.tags, "metrics": list(run.data.metrics)}
-            )
+            logged = json.dumps({"params": run.data.params, "tags": run.data.tags, "metrics": list(run.data.metrics)})
             found += [run.info.run_id] if any(v in logged for v in values) else []
     for version in client.search_model_versions("name='omnisage'"):
         found += [f"version {version.version}"] if any(v in json.dumps(version.tags) for v in values) else []
@@ -447,9 +482,7 @@ def test_no_secret_or_environment_in_logs_metadata_or_mlflow(pipeline, tmp_path)
         assert {r.run_id for r in instance.get_runs()} >= set(pipeline["run_ids"])
         assert _dagster_leaks(instance, values) == {}
 
-    client = mlflow.MlflowClient(
-        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
-    )
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     params = client.get_run(pipeline["model_run_id"]).data.params
     assert params["training_partition"] == DAY and len(params) > 20  # the whole configuration was logged ...
     assert _mlflow_leaks(client, values) == []  # ... and nothing of the environment
