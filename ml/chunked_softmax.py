@@ -190,38 +190,9 @@ def _function_for(device_type: str) -> type[torch.autograd.Function]:
         class _ChunkedSoftmax(torch.autograd.Function):
             @staticmethod
             @torch.amp.custom_fwd(device_type=device_type, cast_inputs=torch.float32)
-            def forward(
-                ctx,
-                q,
-                p,
-                n,
-                scale,
-                pos_lq,
-                neg_lq,
-                weights,
-                pos_keys,
-                neg_keys,
-                q_keys,
-                targets,
-                dup,
-                chunk_size,
-            ):
-                return _chunked_forward(
-                    ctx,
-                    q,
-                    p,
-                    n,
-                    scale,
-                    pos_lq,
-                    neg_lq,
-                    weights,
-                    pos_keys,
-                    neg_keys,
-                    q_keys,
-                    targets,
-                    dup,
-                    chunk_size,
-                )
+            def forward(ctx, *inputs):
+                # (q, p, n, scale, pos_lq, neg_lq, weights, pos_keys, neg_keys, q_keys, targets, dup, chunk_size)
+                return _chunked_forward(ctx, *inputs)
 
             @staticmethod
             @once_differentiable

@@ -34,6 +34,7 @@ from ml.baselines import (
     interactions_from_logs,
 )
 from ml.ease import EASE_MAX_ITEMS, EaseScorer
+from ml.interactions import _ids_and_mask, _rows_in, _table_pair_keys
 from ml.pair_scoring import pair_hits
 from ml.window_cooccurrence import WindowCooccurrenceScorer, pin_sequences, window_counts
 
@@ -98,10 +99,8 @@ def time_validation_pairs(
     action = np.asarray(tail.column("action").to_numpy(zero_copy_only=False), dtype=object)
     surface = np.asarray(tail.column("surface").to_numpy(zero_copy_only=False), dtype=object)
     pin = tail.column("pin_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    query_ok = pc.is_valid(tail.column("query_pin_id")).to_numpy(zero_copy_only=False)
-    board_ok = pc.is_valid(tail.column("board_id")).to_numpy(zero_copy_only=False)
-    query = pc.fill_null(tail.column("query_pin_id"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    board = pc.fill_null(tail.column("board_id"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    query, query_ok = _ids_and_mask(tail.column("query_pin_id"))
+    board, board_ok = _ids_and_mask(tail.column("board_id"))
     pp = (surface == "related_pins") & np.isin(action, ["save", "click"]) & query_ok & (query != pin)
     pb = (action == "save") & board_ok
     user = tail.column("user_id").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -121,8 +120,6 @@ def time_validation_pairs(
             keep |= (qt == q) & (p == "pin")
         pairs = pairs.filter(pa.array(keep))
     if exclude_pairs is not None and exclude_pairs.num_rows and pairs.num_rows:
-        from ml.interactions import _rows_in, _table_pair_keys
-
         pairs = pairs.filter(pa.array(~_rows_in(_table_pair_keys(pairs), _table_pair_keys(exclude_pairs))))
     if pairs.num_rows > max_pairs:
         rows = np.sort(np.random.default_rng([seed, 37]).choice(pairs.num_rows, size=max_pairs, replace=False))

@@ -19,14 +19,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import TINY_TRAIN
-from test_training_assets import _copy_into, _resources
+from test_training_assets import _resources, publish_library_day
 
 import tests.pipeline_fixtures as pf
-from ml.layout import HOLDOUT_FILE
 from ml.mlflow_model import PYFUNC_LOADER_MODULE
-from ml.training_examples import ExampleConfig, holdout_of
 from omnisage_pipeline.settings import Settings, SettingsError
-from omnisage_pipeline.storage.publish import publish_partition, published_path
+from omnisage_pipeline.storage.publish import published_path
 
 pytestmark = pytest.mark.slow
 
@@ -38,25 +36,6 @@ TRAIN = {
     "pinsage_baseline": False,
     "num_workers": 0,
 }
-
-
-def _publish_inputs(settings: Settings, art) -> None:
-    """The library chain's tiny artifacts, published into OMNISAGE_HOME as the upstream assets would."""
-    for key, logs in zip(art.days, art.log_dirs):
-        with publish_partition(settings.warehouse_dataset("engagement_logs"), key) as staging:
-            _copy_into(logs, staging)
-    for dataset, src in (
-        (settings.warehouse_dataset("entity_metadata"), art.metadata_dir),
-        (settings.graph_dir, art.graph_dir),
-        (settings.features_dir, art.features_dir),
-        (settings.warehouse_dataset("pruned_edges"), art.pruned_dir),
-    ):
-        with publish_partition(dataset, art.day) as staging:
-            _copy_into(src, staging)
-    holdout = holdout_of(ExampleConfig())
-    (published_path(settings.warehouse_dataset("pruned_edges"), art.day) / HOLDOUT_FILE).write_text(
-        json.dumps({"fraction": holdout.fraction, "seed": holdout.seed})
-    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +63,7 @@ def world(tmp_path_factory):
         mp.setattr(pf, "START_DATE", daily_partitions.start.strftime("%Y-%m-%d"))
         art = pf.build_library_pipeline(root / "lib", scale="tiny", days=3, seed=0)
         settings = Settings.from_env()
-        _publish_inputs(settings, art)
+        publish_library_day(settings, art)
         resources = _resources(settings)
         assert dg.materialize([training_examples], partition_key=art.day, resources=resources).success
         result = dg.materialize(

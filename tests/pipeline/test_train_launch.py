@@ -48,35 +48,27 @@ def test_torchrun_command_passes_rendezvous_options_through(tmp_path):
         torchrun_command(tmp_path / "r.json", 2, {"nproc": 3})
 
 
+def _train_cmd(nproc: int, steps: int) -> list[str]:
+    """``omnisage train`` on the CPU with a tiny batch, ``nproc`` ranks, ``steps`` steps."""
+    options = ["--nproc-per-node", nproc, "--device", "cpu", "--steps", steps, "--batch-size", 16]
+    options += ["--negatives", 8, "--num-workers", 0]
+    return [sys.executable, "-m", "omnisage_pipeline.cli", "train", *map(str, options)]
+
+
 def test_train_command_on_two_gloo_ranks_registers_a_version(published, omnisage_env):  # noqa: F811
     settings, art = published
     _publish_examples(settings, art.day)
     env = {**os.environ, **omnisage_env, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "omnisage_pipeline.cli",
-        "train",
-        "--nproc-per-node",
-        "2",
-        "--device",
-        "cpu",
-        "--steps",
-        "4",
-        "--batch-size",
-        "16",
-        "--negatives",
-        "8",
-        "--num-workers",
-        "0",
-    ]
+    cmd = _train_cmd(nproc=2, steps=4)
     out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "model version 1 -> champion" in out.stdout
     assert "step 4/4" in out.stdout  # rank 0's progress lines reach the launcher's log
     assert _versions(settings) == [1]
     # a second run with one process: the same function, a new version
-    out = subprocess.run(cmd[:5] + ["1"] + cmd[6:], check=False, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        _train_cmd(nproc=1, steps=4), check=False, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert _versions(settings) == [1, 2]
 
@@ -94,24 +86,7 @@ def test_killing_the_launching_process_stops_every_rank(published, omnisage_env,
     settings, art = published
     _publish_examples(settings, art.day)
     env = {**os.environ, **omnisage_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "omnisage_pipeline.cli",
-        "train",
-        "--nproc-per-node",
-        "2",
-        "--device",
-        "cpu",
-        "--steps",
-        "100000",
-        "--batch-size",
-        "16",
-        "--negatives",
-        "8",
-        "--num-workers",
-        "0",
-    ]
+    cmd = _train_cmd(nproc=2, steps=100_000)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = str(settings.scratch_dir)  # the request file lives under this home's scratch folder
     try:

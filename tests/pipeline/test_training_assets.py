@@ -37,16 +37,9 @@ def _copy_into(src: Path, dst: Path) -> None:
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name)
 
 
-@pytest.fixture
-def published(tmp_path, omnisage_env, mlflow_template, monkeypatch):
-    """The library chain's tiny artifacts, published into OMNISAGE_HOME as the upstream assets would."""
-    from omnisage_pipeline.partitions import daily_partitions
-
-    monkeypatch.setattr(pf, "START_DATE", daily_partitions.start.strftime("%Y-%m-%d"))
-    art = pf.build_library_pipeline(tmp_path / "lib", scale="tiny", days=3, seed=0)
-    settings = Settings.from_env()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(mlflow_template, settings.home / "mlflow.db")
+def publish_library_day(settings: Settings, art) -> None:
+    """Publish the library chain's tiny artifacts into OMNISAGE_HOME as the upstream assets would: every
+    day's logs, the last day's metadata, graph, features and pruned edges with its held-out choice."""
     for key, logs in zip(art.days, art.log_dirs):
         with publish_partition(settings.warehouse_dataset("engagement_logs"), key) as staging:
             _copy_into(logs, staging)
@@ -63,6 +56,19 @@ def published(tmp_path, omnisage_env, mlflow_template, monkeypatch):
     (published_path(settings.warehouse_dataset("pruned_edges"), art.day) / HOLDOUT_FILE).write_text(
         json.dumps({"fraction": holdout.fraction, "seed": holdout.seed})
     )
+
+
+@pytest.fixture
+def published(tmp_path, omnisage_env, mlflow_template, monkeypatch):
+    """The library chain's tiny artifacts, published into OMNISAGE_HOME as the upstream assets would."""
+    from omnisage_pipeline.partitions import daily_partitions
+
+    monkeypatch.setattr(pf, "START_DATE", daily_partitions.start.strftime("%Y-%m-%d"))
+    art = pf.build_library_pipeline(tmp_path / "lib", scale="tiny", days=3, seed=0)
+    settings = Settings.from_env()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mlflow_template, settings.home / "mlflow.db")
+    publish_library_day(settings, art)
     return settings, art
 
 
