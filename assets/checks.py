@@ -25,8 +25,13 @@ from omnisage_pipeline.storage.publish import published_path
 ERROR = dg.AssetCheckSeverity.ERROR
 
 
-def blocking_spec(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+def blocking_spec(
+    name: str, asset: str, description: str, *, partitions_def: dg.PartitionsDefinition | None
+) -> dg.AssetCheckSpec:
+    """A blocking check. ``partitions_def``: the asset's (Dagster requires the same) when the result belongs
+    to one day, so that ``assets.daily.materialize_days`` records each day's result for that day's partition;
+    None for a check of a whole unpartitioned asset."""
+    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description, partitions_def=partitions_def)
 
 
 class StagedGate:

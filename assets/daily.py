@@ -11,8 +11,13 @@ Events (what the Dagster UI and the instance's event log show):
   since Dagster copies its metadata onto every partition of the range), so the newest materialization of
   every day holds that day's figures only;
 - blocking checks run on the staged output before it is published (``assets.checks``): a failure leaves
-  the previous published version in place, records the failed ``AssetCheckResult`` and fails the step with
-  a message naming the check, the day and the figure.
+  the previous published version in place, records the failed check result and fails the step with
+  a message naming the check, the day and the figure;
+- a check whose spec has the asset's ``partitions_def`` (a result that belongs to one day) is recorded once
+  per day, as an ``AssetCheckEvaluation`` for that day's partition that targets the day's newest
+  materialization, in a single-day run and in a range alike (Dagster would record an ``AssetCheckResult``
+  of a range run for no partition); a check without one reports one result per step
+  (``merge_check_results``).
 
 A single-day run emits only the end-of-step materialization (nothing to record early: one day is all or
 nothing). A day the step did not publish (``DayResult.published=False``: a sharded ``entity_embeddings``
@@ -27,6 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
+
+# Not exported by dagster 1.13: the record an AssetCheckEvaluation points at its materialization with.
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData as TargetMaterialization,
+)
 
 from omnisage_pipeline.partitions import partition_keys
 
@@ -86,7 +96,7 @@ def materialize_days(
         try:
             results[day] = run_day(day)
         except BlockingCheckFailed as exc:
-            yield from merge_check_results({**results, day: DayResult(check_results=exc.results)})
+            yield from check_events(context, {**results, day: DayResult(check_results=exc.results)})
             # a refused check fails the same way on a retry: never retried
             raise dg.Failure(description=f"{context.asset_key.to_user_string()}: {exc}", allow_retries=False) from exc
         result = results[day]
@@ -98,20 +108,92 @@ def materialize_days(
         from omnisage_pipeline.storage.retention_home import retention_metadata
 
         results[days[-1]].metadata.update(retention_metadata(context, settings, retain, days))
-    checks = merge_check_results(results)
     unpublished = [day for day, r in results.items() if not r.published]
     if unpublished:
         context.log.info(f"not materialized (nothing published by this step): dt={', dt='.join(unpublished)}")
-        yield from checks
+        yield from check_events(context, results)
         return
     for day, result in results.items():
         context.add_asset_metadata(result.metadata, partition_key=day)
-    yield dg.MaterializeResult(check_results=checks)
+    per_day, per_step = _split_by_partitioning(context, results)
+    yield dg.MaterializeResult(check_results=merge_check_results(per_step))
+    # after the materializations, so that each day's evaluation targets the day's newest one
+    yield from day_check_evaluations(context, per_day)
+
+
+def check_events(context: dg.AssetExecutionContext, results: dict[str, DayResult]) -> Iterator:
+    """The check events of a step that yields no MaterializeResult: the per-step results of the checks
+    without a partitions_def, then one evaluation per day of the partitioned ones (``day_check_evaluations``)."""
+    per_day, per_step = _split_by_partitioning(context, results)
+    yield from merge_check_results(per_step)
+    yield from day_check_evaluations(context, per_day)
+
+
+def _check_key(context: dg.AssetExecutionContext, result: dg.AssetCheckResult) -> dg.AssetCheckKey:
+    if result.check_name is None:
+        raise ValueError(f"{context.asset_key.to_user_string()}: an AssetCheckResult without check_name: {result}")
+    return dg.AssetCheckKey(result.asset_key or context.asset_key, result.check_name)
+
+
+def _split_by_partitioning(
+    context: dg.AssetExecutionContext, results: dict[str, DayResult]
+) -> tuple[dict[str, list[dg.AssetCheckResult]], dict[str, DayResult]]:
+    """(each day's results of the checks with a partitions_def, each day's results of those without)."""
+    spec = context.assets_def.get_spec_for_check_key
+    per_day: dict[str, list[dg.AssetCheckResult]] = {}
+    per_step: dict[str, DayResult] = {}
+    for day, r in results.items():
+        partitioned = [spec(_check_key(context, c)).partitions_def is not None for c in r.check_results]
+        per_day[day] = [c for c, p in zip(r.check_results, partitioned) if p]
+        per_step[day] = DayResult(check_results=[c for c, p in zip(r.check_results, partitioned) if not p])
+    return per_day, per_step
+
+
+def day_check_evaluations(context: dg.AssetExecutionContext, per_day: dict[str, list[dg.AssetCheckResult]]) -> Iterator:
+    """One ``AssetCheckEvaluation`` per day and check, for the day's partition, targeting the day's newest
+    materialization (as Dagster does for a single-partition step), then one output per selected check: what
+    Dagster yields for an ``AssetCheckResult``, and what the assets downstream of a blocking check wait for.
+    A failed blocking evaluation fails the step like a failed ``AssetCheckResult``."""
+    evaluated: set[dg.AssetCheckKey] = set()
+    for day, checks in per_day.items():
+        targets: dict[dg.AssetKey, TargetMaterialization | None] = {}
+        for c in checks:
+            key = _check_key(context, c)
+            if key.asset_key not in targets:
+                targets[key.asset_key] = _newest_materialization(context, key.asset_key, day)
+            yield dg.AssetCheckEvaluation(
+                asset_key=key.asset_key,
+                check_name=key.name,
+                passed=c.passed,
+                metadata=c.metadata,
+                target_materialization_data=targets[key.asset_key],
+                severity=c.severity,
+                description=c.description,
+                blocking=context.assets_def.get_spec_for_check_key(key).blocking,
+                partition=day,
+            )
+            evaluated.add(key)
+    for key in sorted(evaluated & set(context.selected_asset_check_keys), key=lambda k: k.to_user_string()):
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
+
+
+def _newest_materialization(
+    context: dg.AssetExecutionContext, asset_key: dg.AssetKey, day: str
+) -> TargetMaterialization | None:
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[day]), limit=1
+    ).records
+    if not records:
+        return None
+    return TargetMaterialization(
+        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
+    )
 
 
 def merge_check_results(results: dict[str, DayResult]) -> list[dg.AssetCheckResult]:
-    """One result per check (Dagster takes one per check and step): a single day's as it is; over a range,
-    failed if any day failed, with the failed days and every day's figures in the metadata."""
+    """One result per check (Dagster takes one AssetCheckResult per check and step), for the checks without
+    a partitions_def: a single day's as it is; over a range, failed if any day failed, with the failed days
+    and every day's figures in the metadata."""
     per_check: dict[tuple, list[tuple[str, dg.AssetCheckResult]]] = {}
     for day, r in results.items():
         for check in r.check_results:

@@ -81,6 +81,7 @@ class RecallReportConfig(dg.Config):
             REGRESSION_CHECK,
             asset="recall_report",
             description="no task's recall@10 fell by more than max_recall_drop against the previous report",
+            partitions_def=daily_partitions,
         )
     ],
     group_name="evaluation",

@@ -37,7 +37,12 @@ class FeatureStoreConfig(dg.Config):
     backfill_policy=DAILY_BACKFILL_POLICY,
     pool=DAILY_CHAIN_POOL,
     check_specs=[
-        blocking_spec("every_entity_has_features", "feature_store", "every metadata entity and graph node has a record")
+        blocking_spec(
+            "every_entity_has_features",
+            "feature_store",
+            "every metadata entity and graph node has a record",
+            partitions_def=daily_partitions,
+        )
     ],
     group_name="graph",
     kinds={"rocksdb"},

@@ -111,6 +111,7 @@ def _day_metadata(settings: Settings, day: str, figures: dict) -> dict:
             asset="entity_embeddings",
             blocking=True,
             description="finite, unit-norm, one per entity of the day, all from the champion version the run resolved",
+            partitions_def=daily_partitions,
         )
     ],
     # A shard that waits for the others publishes nothing: no output, no materialization (assets.daily).

@@ -141,6 +141,7 @@ def _accounting_spec(asset: str) -> dg.AssetCheckSpec:
         ACCOUNTING_CHECK,
         asset,
         "rows read from the input == rows kept + rows quarantined in the staged partition",
+        partitions_def=daily_partitions,
     )
 
 
@@ -149,6 +150,7 @@ def _empty_spec(asset: str) -> dg.AssetCheckSpec:
         EMPTY_CHECK,
         asset,
         "a published day with rows is not replaced by an empty one (allow_empty_replacement)",
+        partitions_def=daily_partitions,
     )
 
 
@@ -171,6 +173,7 @@ def _missing_day(folder: Path, day: str) -> dg.Failure:
             QUARANTINE_CHECK,
             "engagement_logs",
             "quarantined share of the day's rows <= max_quarantine_fraction",
+            partitions_def=daily_partitions,
         ),
         _empty_spec("engagement_logs"),
     ],

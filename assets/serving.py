@@ -93,6 +93,7 @@ class AnnIndexConfig(dg.Config):
             blocking=True,
             description="recall@10 of the staged index against exact search on sampled queries >= min_recall "
             "(evaluated before publishing; a failure publishes nothing)",
+            partitions_def=daily_partitions,
         )
     ],
     group_name="serving",

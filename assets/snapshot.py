@@ -65,6 +65,7 @@ class GraphSnapshotConfig(dg.Config):
             "graph_coverage",
             "graph_snapshot",
             "share of nodes with a non-empty neighbourhood >= min_coverage",
+            partitions_def=daily_partitions,
         )
     ],
     group_name="graph",

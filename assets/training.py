@@ -187,6 +187,7 @@ def _examples_metadata(settings: Settings, day: str, built: ExamplesDay) -> dict
             "examples_for_every_task",
             "training_examples",
             "every task has training examples (a required one blocks)",
+            partitions_def=daily_partitions,
         )
     ],
     group_name="training",

@@ -32,6 +32,15 @@ DAILY_DATA_ASSETS = [
     "training_examples",
 ]
 
+#: The checks of those assets: each one's result belongs to a day (a partitioned check).
+DAILY_CHECKS = {
+    "engagement_logs": ["rows_accounted", "quarantine_share", "no_empty_replacement"],
+    "entity_metadata": ["rows_accounted", "no_empty_replacement"],
+    "graph_snapshot": ["graph_coverage"],
+    "feature_store": ["every_entity_has_features"],
+    "training_examples": ["examples_for_every_task"],
+}
+
 
 def test_cli_backfill_of_three_partitions(tmp_path):
     data_root = tmp_path / "data"
@@ -77,5 +86,13 @@ def test_cli_backfill_of_three_partitions(tmp_path):
     for asset in DAILY_DATA_ASSETS:
         keys = instance.get_materialized_partitions(dg.AssetKey(asset))
         assert set(keys) == set(DAYS), (asset, keys)
+    # Every check of those assets was evaluated for each day's own partition, on that day's newest
+    # materialization (what the UI shows as the day's current result), and no result went to no partition.
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [dg.AssetCheckKey(dg.AssetKey(asset), name) for asset, names in DAILY_CHECKS.items() for name in names]
+    )
+    evaluated = {(i.check_key.asset_key.path[-1], i.check_key.name, i.partition_key) for i in infos}
+    assert evaluated == {(a, n, d) for a, names in DAILY_CHECKS.items() for n in names for d in DAYS}
+    assert all(i.is_current and i.latest_execution_status.value != "PLANNED" for i in infos)
     # Nothing was written into the working directory or outside OMNISAGE_HOME / DAGSTER_HOME.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dagster_home", "data", "home"]
