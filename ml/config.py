@@ -52,6 +52,9 @@ class EmbedderConfig:
     # (the paper's f_t). Not in the paper: see the encoder's docstring for why.
     id_buckets: int = 0
     id_hashes: int = 2
+    # share of training rows whose identity tokens are zeroed (not in the paper): trains the content + graph
+    # path of f_t to stand alone, which is all an entity unseen in training has
+    id_dropout: float = 0.0
 
 
 @dataclass

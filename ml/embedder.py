@@ -111,11 +111,13 @@ class EntityEmbedder(nn.Module):
         if self.has_image:
             toks.append(self.image_proj(own["image"]))
         toks.append(self.degree_proj(own["degree"]))
-        if self.identity is not None:
-            toks.append(self.identity(entity_key(x.type_code, x.entity_ids)))  # last own token: read by forward
+        mask = x.neighbor_mask
+        if self.identity is not None:  # last own token: read by forward
+            toks.append(
+                self.identity(entity_key(x.type_code, x.entity_ids)) * self.identity_kept(own["degree"][:, 0] > 0)
+            )
         own_tok = torch.stack(toks, dim=1) + self.own_kind  # [B, n_own, d]
 
-        mask = x.neighbor_mask
         b, k = mask.shape
         slot = x.neighbor_row.clamp_min(0).reshape(-1)
         nf = {
@@ -137,12 +139,24 @@ class EntityEmbedder(nn.Module):
             + self.rank_emb(rank)[None]
         )  # [B, K, d]
         if self.identity is not None:
-            nb_tok = nb_tok + self.identity(entity_key(x.column_node_type[None], x.neighbor_ids.clamp_min(0)))
+            nb_id = self.identity(entity_key(x.column_node_type[None], x.neighbor_ids.clamp_min(0)))
+            nb_tok = nb_tok + nb_id * self.identity_kept(mask)
         # zero padding tokens: with the key-padding mask they are unseen anyway; zeros keep the mean path exact
         nb_tok = nb_tok * mask[..., None].to(nb_tok.dtype)
         tokens = torch.cat([own_tok, nb_tok.to(own_tok.dtype)], dim=1)
         valid = torch.cat([torch.ones(own_tok.shape[:2], dtype=torch.bool, device=mask.device), mask], dim=1)
         return tokens, valid
+
+    def identity_kept(self, present: torch.Tensor) -> torch.Tensor:
+        """Float [..., 1]: 1 where an identity token is used. An entity of degree 0 in the day's graph (never
+        engaged in the window: cold) gets none - its ID row was only ever pushed away as a random
+        negative - and in training ``id_dropout`` of the rest lose theirs, so that the content + graph path
+        learns to stand alone (the paper's content-only f_t for the entities training never saw)."""
+        keep = present
+        p = self.cfg.embedder.id_dropout
+        if self.training and p > 0:
+            keep = keep & (torch.rand(keep.shape, device=keep.device) >= p)
+        return keep[..., None].to(self.identity.table.weight.dtype)
 
     def forward(self, x: EntityTensors, encoded=None) -> torch.Tensor:
         """-> f_t(u): float32 [B, out_dim], unit L2 norm (``encoded``: as in ``tokens``)."""

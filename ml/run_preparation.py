@@ -82,6 +82,12 @@ def _configs(config: TrainingRunConfig, device, image_dim: int, layout) -> tuple
             model_config.embedder,
             aggregator=config.aggregator,
             id_buckets=model_config.embedder.id_buckets if config.id_buckets is None else config.id_buckets,
+            id_dropout=config.id_dropout,
+        ),
+        loss=dataclasses.replace(
+            model_config.loss,
+            scale=model_config.loss.scale if config.softmax_scale is None else config.softmax_scale,
+            learn_scale=config.learn_scale,
         ),
         lambda_p=config.lambda_p,
         lambda_f=config.lambda_f,

@@ -222,6 +222,11 @@ TINY_TRAIN = {
     "warmup_steps": 3,
     "batch_size": 16,
     "num_random_negatives": 16,
+    # the settings this margin was measured with (the asset's defaults before they were tuned)
+    "pair_sampling": "uniform",
+    "id_buckets": 0,
+    "lambda_f": 1.0,
+    "lambda_s": 1.0,
     "lr": 0.003,
     "pool_size": 400,
     "log_every": 5,

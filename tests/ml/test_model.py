@@ -13,7 +13,7 @@ from graph_engine.batch import EntityBatch, FeatureArrays, NeighborBlock, Neighb
 from ml.batches import PairBatch, SequenceBatch, make_pair_batch, make_sequence_batch
 from ml.config import ModelConfig, TextHashConfig, paper, small
 from ml.encoders import HashTextEncoder
-from ml.entity_tensors import EntityTensors
+from ml.entity_tensors import EntityTensors, as_entity_tensors
 from ml.model import OmniSageModel
 from ml.sequence_ids import dedupe_sequences
 from ml.testing import random_entity_batch, synthetic_task_batches
@@ -409,34 +409,64 @@ def test_a_zero_width_neighbourhood_layout_embeds_and_encodes_features():
     assert queries and all(q.shape == (3, cfg.out_dim) and torch.isfinite(q).all() for q, _ in queries.values())
 
 
+def _same_content_batch(ids, neighbour, degree=3.0) -> EntityBatch:
+    """Pins ``ids`` with identical features (of ``degree`` in the day's graph) and one neighbour each."""
+    n = len(ids)
+    own = FeatureArrays.empty((n,), 4, 0)
+    own.degree[:] = degree
+    return EntityBatch(
+        "pin",
+        np.asarray(ids, np.int64),
+        own,
+        np.full((n, 1), neighbour, np.int64),
+        FeatureArrays.empty((n, 1), 4, 0),
+        np.ones((n, 1), np.float32),
+        np.ones((n, 1), bool),
+        NeighborhoodLayout((NeighborBlock("pin_pin", "pin", 1),)),
+    )
+
+
+def _identity_model(buckets: int, id_dropout: float = 0.0) -> OmniSageModel:
+    cfg, _ = small(image_dim=0)
+    torch.manual_seed(0)
+    embedder = dataclasses.replace(cfg.embedder, id_buckets=buckets, id_dropout=id_dropout)
+    return OmniSageModel(cfg.replace(embedder=embedder)).eval()
+
+
 def test_the_identity_token_tells_apart_entities_with_the_same_content():
     """Two pins with the same features and neighbours are one point for a content-only f_t (the paper's),
     two points with the identity token (``EmbedderConfig.id_buckets``); a neighbour's identity changes u's
     embedding too. Without the token the neighbour ids are never read."""
-
-    def batch(ids, neighbour):
-        n = len(ids)
-        layout = NeighborhoodLayout((NeighborBlock("pin_pin", "pin", 1),))
-        return EntityBatch(
-            "pin",
-            np.asarray(ids, np.int64),
-            FeatureArrays.empty((n,), 4, 0),
-            np.full((n, 1), neighbour, np.int64),
-            FeatureArrays.empty((n, 1), 4, 0),
-            np.ones((n, 1), np.float32),
-            np.ones((n, 1), bool),
-            layout,
-        )
-
     for buckets in (0, 64):
-        cfg, _ = small(image_dim=0)
-        torch.manual_seed(0)
-        model = OmniSageModel(cfg.replace(embedder=dataclasses.replace(cfg.embedder, id_buckets=buckets))).eval()
+        model = _identity_model(buckets)
         with torch.no_grad():
-            a, b = model.embed(batch([11, 12], 7))
-            c = model.embed(batch([11], 8))[0]
-        assert torch.allclose(a, b) == (buckets == 0)
-        assert torch.allclose(a, c) == (buckets == 0)
+            a, b = model.embed(_same_content_batch([11, 12], 7))
+            c = model.embed(_same_content_batch([11], 8))[0]
+        assert torch.allclose(a, b, atol=1e-5) == (buckets == 0)
+        assert torch.allclose(a, c, atol=1e-5) == (buckets == 0)
+
+
+def test_a_cold_entity_is_embedded_from_content_and_graph_alone():
+    """An entity of degree 0 (no engagement in the window: its ID row was only ever a random negative) gets no
+    identity token: two cold pins with the same content are one point, whatever their ids."""
+    model = _identity_model(64)
+    with torch.no_grad():
+        a, b = model.embed(_same_content_batch([11, 12], 7, degree=0.0))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_id_dropout_zeroes_identity_tokens_in_training_only():
+    """``id_dropout``: in training a share of rows lose their identity tokens (the content + graph path
+    trains alone on them); in eval every warm entity keeps its token."""
+    model = _identity_model(64, id_dropout=0.5)
+    x = as_entity_tensors(_same_content_batch(list(range(400)), 7), "cpu")
+    emb = model.embedders["pin"]
+    ident = lambda: emb.tokens(x)[0][:, emb.num_own - 1] - emb.own_kind[emb.num_own - 1]
+    with torch.no_grad():
+        assert (ident().abs().sum(1) > 0).all()
+        emb.train()
+        kept = (ident().abs().sum(1) > 0).float().mean().item()
+    assert 0.35 < kept < 0.65
 
 
 def test_the_query_entity_is_never_its_own_negative():

@@ -51,7 +51,11 @@ def pipeline(tmp_path, omnisage_env, monkeypatch):
             num_random_negatives=32,
             pool_size=2000,
             validation_fraction=0.0,
-            **extra,
+            # the settings this gate scenario was measured with: content-only f_t (the identity token sends
+            # entity-feature recall, the task gated on below, to chance) and distinct pairs drawn uniformly
+            id_buckets=0,
+            pair_sampling="uniform",
+            **{"lambda_f": 1.0, **extra},
         )
         result = dg.materialize(
             assets,
