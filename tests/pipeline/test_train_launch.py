@@ -107,16 +107,11 @@ def test_killing_the_launching_process_stops_every_rank(published, omnisage_env,
             proc.kill()
 
 
-def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omnisage_env):  # noqa: F811
-    """After an upgrade of the model format the daily training still registers and promotes."""
-    import json
+def _two_step_config():
+    """Two CPU steps in process: enough for a registered version and its gate."""
+    from assets.training import OmniSageModelConfig
 
-    from assets.training import OmniSageModelConfig, train_from_asset_config
-    from omnisage_pipeline.resources import MlflowResource
-
-    settings, art = published
-    _publish_examples(settings, art.day)
-    config = OmniSageModelConfig(
+    return OmniSageModelConfig(
         steps=2,
         batch_size=16,
         num_random_negatives=8,
@@ -125,6 +120,18 @@ def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omn
         pinsage_baseline=False,
         num_workers=0,
     )
+
+
+def test_a_champion_saved_in_an_older_model_format_loses_the_gate(published, omnisage_env):  # noqa: F811
+    """After an upgrade of the model format the daily training still registers and promotes."""
+    import json
+
+    from assets.training import train_from_asset_config
+    from omnisage_pipeline.resources import MlflowResource
+
+    settings, art = published
+    _publish_examples(settings, art.day)
+    config = _two_step_config()
     first = train_from_asset_config(settings, MlflowResource.from_settings(settings), config, log=lambda m: None)
     for path in (settings.home / "mlflow-artifacts").rglob("config.json"):  # as an older release wrote it
         raw = json.loads(path.read_text())
@@ -141,22 +148,14 @@ def test_a_champion_moved_by_another_training_during_the_gate_is_not_overwritten
 ):
     """Another host's training promotes while this one gates (no local lock sees it): this one re-reads the
     champion right before moving the alias and does not replace a model it was never compared with."""
-    from assets.training import OmniSageModelConfig, train_from_asset_config
+    from assets.training import train_from_asset_config
     from ml import training_run
     from ml.registry import ModelRegistry
     from omnisage_pipeline.resources import MlflowResource
 
     settings, art = published
     _publish_examples(settings, art.day)
-    config = OmniSageModelConfig(
-        steps=2,
-        batch_size=16,
-        num_random_negatives=8,
-        pool_size=200,
-        device="cpu",
-        pinsage_baseline=False,
-        num_workers=0,
-    )
+    config = _two_step_config()
     mlflow_res = MlflowResource.from_settings(settings)
     first = train_from_asset_config(settings, mlflow_res, config, log=lambda m: None)
     registry = ModelRegistry(settings.mlflow_tracking_uri)
