@@ -145,15 +145,14 @@ def recall_report(
 def _report_metadata(report: dict, k: int, md: str, png: bytes) -> dict:
     from ml.recall_report import recall_of
 
+    time_split = (report.get("time_split") or {}).get("entity_entity", {})
+    value = lambda v: dg.MetadataValue.text("null") if v is None else dg.MetadataValue.float(v)
     return {
         "model_version": report["model_version"],
         "negatives": report["negatives"],
-        **{
-            f"recall_at_{k}.{task}": dg.MetadataValue.float(v)
-            if (v := recall_of(entry, k)) is not None
-            else dg.MetadataValue.text("null")
-            for task, entry in report["tasks"].items()
-        },
+        **{f"recall_at_{k}.{task}": value(recall_of(entry, k)) for task, entry in report["tasks"].items()},
+        # what predicts the next engagement (ml.time_split), where the day has pairs first engaged late
+        **({f"recall_at_{k}.time_split.entity_entity": value(recall_of(time_split["model"], k))} if time_split else {}),
         "baselines": dg.MetadataValue.md(baselines_markdown(report, k)),
         "report": dg.MetadataValue.md(
             md + "\n\n![recall over recent days](data:image/png;base64," + base64.b64encode(png).decode() + ")"

@@ -293,6 +293,7 @@ def omnisage_model(
         "previous_champion_version": outcome.previous_champion or "",
         "gate_tasks": dg.MetadataValue.json(outcome.gate_tasks),
         "gate_split": outcome.gate_split,
+        "validation_split": outcome.validation_split,
         "gate_new_recall": dg.MetadataValue.json(outcome.gate_new_recall),
         "selected_step": outcome.selected_step if outcome.selected_step is not None else -1,
         "warm_start": outcome.warm_start or "off",

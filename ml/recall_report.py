@@ -161,6 +161,7 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
     )
     if ee_model is not None and ee_oracle:
         lines += ["", f"entity_entity model / oracle = {ee_model / ee_oracle:.3f}"]
+    lines += _time_split_lines(report, k)
     if previous:
         deltas = []
         for t in TASK_NAMES:
@@ -170,6 +171,24 @@ def markdown(report: Mapping, previous: Mapping | None = None) -> str:
         if deltas:
             lines += ["", f"change vs dt={previous.get('partition')}: " + ", ".join(deltas)]
     return "\n".join(lines)
+
+
+def _time_split_lines(report: Mapping, k: int) -> list[str]:
+    """The time split's table (``report["time_split"]``, ``ml.time_split``); nothing without one."""
+    split = report.get("time_split")
+    if not split:
+        return []
+    lines = [
+        "",
+        f"entity_entity recall@{k} on the time split: {split['pairs']} pairs first engaged after {split['cutoff']}",
+        "",
+        "| system | entity_entity (n) |",
+        "| --- | --- |",
+    ]
+    for name, entry in split["entity_entity"].items():
+        label = "**model**" if name == "model" else name
+        lines.append(f"| {label} | {_fmt(recall_of(entry, k))} ({entry.get('n', 0)}) |")
+    return lines
 
 
 def plot_png(history: Sequence[Mapping]) -> bytes:

@@ -149,6 +149,12 @@ class TrainingRunConfig(BaseModel):
         description="share of the training pairs, users and feature nodes carved out (stateless hash, the same "
         "rows every day) for model selection and the promotion gate; never trained on (ml.validation)",
     )
+    validation_split: Literal["time", "hash"] = Field(
+        default="time",
+        description="entity-entity validation pairs (model selection and the promotion gate): 'time' = the pairs "
+        "first engaged in the window's last eval_horizon_days (training_examples' future_pairs, dropped from "
+        "training; the hash split when there are none), 'hash' = the hash-carved share of every pair",
+    )
     validation_checks: int = Field(
         default=4,
         ge=0,

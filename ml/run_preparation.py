@@ -152,7 +152,10 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> PreparedRun:
     )
     builder = BatchBuilder(snapshot, cache, features, cache.layout)
     data, validation = split_validation(
-        load_training_examples(inputs.examples_dir), config.validation_fraction, seed=config.eval_seed
+        load_training_examples(inputs.examples_dir),
+        config.validation_fraction,
+        seed=config.eval_seed,
+        split=config.validation_split,
     )
     validation = keep_trained_sources(validation, config.source_weights)
     device = resolve_device(config.device)
@@ -178,6 +181,7 @@ def prepare(inputs: TrainingInputs, config: TrainingRunConfig) -> PreparedRun:
             **({"pair_sampling": config.pair_sampling} if config.pair_sampling != "uniform" else {}),
             **({"world_size": world} if world > 1 else {}),
             **({"validation": [config.validation_fraction, config.eval_seed]} if config.validation_fraction else {}),
+            **({"validation_split": "time"} if validation.manifest.get("validation_split") == "time" else {}),
         }
     )
     # the trajectory's name: train_and_register claims a folder of its own named after it (ml.checkpoint_dirs)

@@ -67,6 +67,7 @@ class TrainingOutcome:
     last_metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     gate_split: str = "validation"
+    validation_split: str = "none"  # ml.validation: "time", "hash" or "none" (no validation split)
     gate_new_recall: dict[str, Any] = field(default_factory=dict)  # the new model on the gate's split
     selected_step: int | None = None
     warm_start: str = ""

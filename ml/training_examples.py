@@ -57,6 +57,7 @@ from graph_engine.holdout import (
     held_out_pairs,
     held_out_users,
 )
+from ml.time_split import without_pairs
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -86,6 +87,7 @@ OUTPUT_TABLES = (
     "feature_nodes",
     "eval_feature_nodes",
     "universe",
+    "future_pairs",
 )
 
 #: Pair sources, their query/positive types.
@@ -223,6 +225,16 @@ def coengagement_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig, lo
         config.source_weights.get(COENGAGEMENT_SOURCE, 1.0),
         rows["n"].to_numpy(zero_copy_only=False),
     )
+
+
+def future_pairs(con: duckdb.DuckDBPyConnection, config: ExampleConfig, logs: str, cutoff_ts: str) -> pa.Table:
+    """Engagement and co-engagement pairs of ``logs`` first engaged at or after ``cutoff_ts``: none of their
+    events, in either direction, before it (the time split, ``ml.time_split``)."""
+    at = f"TIMESTAMPTZ '{cutoff_ts}'"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW logs_before AS SELECT * FROM {logs} WHERE event_ts < {at}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW logs_after AS SELECT * FROM {logs} WHERE event_ts >= {at}")
+    of = lambda view: pa.concat_tables([engagement_pairs(con, config, view), coengagement_pairs(con, config, view)])
+    return without_pairs(of("logs_after"), of("logs_before"))
 
 
 def graph_pairs(snapshot, neighborhoods, config: ExampleConfig, partition_seed: int) -> pa.Table:
@@ -495,6 +507,10 @@ def build_training_examples(
     pair_logs = pair_logs_view(con, config, cutoff_ts)
     no_future = pa.concat_tables([engagement_pairs(con, config, pair_logs), coengagement_pairs(con, config, pair_logs)])
     train_pairs, _ = _split_pairs(_attach_segments(pa.concat_tables([no_future, graph]), pin_segments), config)
+    # (a held-out test pair stays a test pair: the time split takes only pairs training may see)
+    time_split, _ = _split_pairs(
+        _attach_segments(future_pairs(con, config, pair_logs, cutoff_ts), pin_segments), config
+    )
     train_seq, eval_seq = user_sequences(con, config, cutoff_ts)
     train_nodes, eval_nodes = feature_nodes(snapshot, config)
     if boards_dir is None and pins_dir is not None and (Path(pins_dir).parent / "boards").is_dir():
@@ -509,13 +525,14 @@ def build_training_examples(
         "feature_nodes": train_nodes,
         "eval_feature_nodes": eval_nodes,
         "universe": universe,
+        "future_pairs": time_split,
     }
     counts = {}
     for name, table in outputs.items():
         pq.write_table(table, out_dir / f"{name}.parquet")
         counts[name] = table.num_rows
     per_source = {}
-    for name in ("pairs", "eval_pairs"):
+    for name in ("pairs", "eval_pairs", "future_pairs"):
         vc = pc.value_counts(outputs[name]["source"]).to_pylist() if outputs[name].num_rows else []
         per_source[name] = {d["values"]: int(d["counts"]) for d in sorted(vc, key=lambda d: d["values"])}
     manifest = {

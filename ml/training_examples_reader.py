@@ -26,7 +26,10 @@ _SCHEMAS = {
     "feature_nodes": NODE_SCHEMA,
     "eval_feature_nodes": NODE_SCHEMA,
     "universe": NODE_SCHEMA,
+    "future_pairs": PAIR_SCHEMA,
 }
+#: Tables a partition written before they existed lacks (read as empty / None).
+_OPTIONAL = ("universe", "future_pairs")
 
 
 @dataclass
@@ -42,6 +45,8 @@ class TrainingData:
     manifest: dict = field(default_factory=dict)
     universe_table: pa.Table | None = None  # entity_type, entity_id: every pin and board of the day
     path: Path | None = None
+    # the time split (ml.time_split): pairs first engaged in the window's last days; empty when not written
+    future_pairs: pa.Table = field(default_factory=PAIR_SCHEMA.empty_table)
 
     def universe(self) -> dict[str, np.ndarray]:
         """Entity ids per type (sorted) of the day's universe; falls back to every id the tables mention
@@ -91,7 +96,7 @@ def load_training_examples(path: Path | str) -> TrainingData:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"training examples directory {path} does not exist")
-    tables = {name: _read(path, name, name != "universe") for name in OUTPUT_TABLES}
+    tables = {name: _read(path, name, name not in _OPTIONAL) for name in OUTPUT_TABLES}
     mpath = path / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
     return TrainingData(
@@ -104,6 +109,7 @@ def load_training_examples(path: Path | str) -> TrainingData:
         manifest=manifest,
         universe_table=tables["universe"],
         path=path,
+        future_pairs=PAIR_SCHEMA.empty_table() if tables["future_pairs"] is None else tables["future_pairs"],
     )
 
 

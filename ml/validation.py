@@ -11,6 +11,13 @@ entities, the user, the entity - seeded and compared with ``fraction``, so
   out every day, so yesterday's champion never trained on today's validation rows (given the same
   ``fraction`` and ``seed``) and the gate compares both models on data neither has fitted.
 
+The time split (``split="time"``, the default of a training run; ``ml.time_split``) takes the entity-entity
+validation pairs from the partition's ``future_pairs`` instead - pairs first engaged in the window's last
+days - and drops every training pair with the same unordered ends, so the step kept and the champion promoted
+are the ones that predict the next engagement best; users and feature nodes are carved by hash as above.
+It falls back to the hash split when the partition has no future pair (``validation.manifest
+["validation_split"]`` says which was used).
+
 Validation pairs keep their graph edge (only the test pairs are dropped from the graph); the evaluator
 removes the positive from the query's neighbourhood (and the query from the positive's) when it embeds a
 pair, as it does for the test pairs.
@@ -19,12 +26,14 @@ pair, as it does for the test pairs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from graph_engine.batch import NODE_TYPE_CODE
+from ml.time_split import without_pairs
 from ml.training_examples_reader import TrainingData
 
 _U64 = np.uint64
@@ -68,25 +77,32 @@ def _split(table: pa.Table, mask: np.ndarray) -> tuple[pa.Table, pa.Table]:
     return table.filter(keep), table.filter(pa.array(mask))
 
 
-def split_validation(data: TrainingData, fraction: float, seed: int = 0) -> tuple[TrainingData, TrainingData]:
+def split_validation(
+    data: TrainingData, fraction: float, seed: int = 0, split: Literal["hash", "time"] = "hash"
+) -> tuple[TrainingData, TrainingData]:
     """-> (training data without the validation rows, validation data).
 
     The validation ``TrainingData`` holds the carved rows in its ``eval_*`` tables (what ``ml.evaluator``
-    reads) and nothing to train on; both keep the partition's universe and manifest. ``fraction`` 0 carves
-    nothing (the validation tables are empty)."""
+    reads) and nothing to train on; both keep the partition's universe, and the manifest says which
+    ``validation_split`` was used ("none" for ``fraction`` 0, which carves nothing with either split: the
+    validation tables are empty)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction {fraction}: need 0 <= fraction < 1")
-    pair_mask = _pair_mask(data.pairs, fraction, seed)
+    by_time = split == "time" and fraction > 0 and data.future_pairs.num_rows > 0
     users = np.asarray(data.sequences["user_id"].to_numpy(), dtype=np.int64).view(_U64)
     seq_mask = _chosen(_mix(users), fraction, seed + 1)
     fnodes = data.feature_nodes
     node_mask = _chosen(_node_hash(fnodes["entity_type"], fnodes["entity_id"]), fraction, seed + 2)
-    train_pairs, val_pairs = _split(data.pairs, pair_mask)
+    if by_time:
+        train_pairs, val_pairs = without_pairs(data.pairs, data.future_pairs), data.future_pairs
+    else:
+        train_pairs, val_pairs = _split(data.pairs, _pair_mask(data.pairs, fraction, seed))
     train_seqs, val_seqs = _split(data.sequences, seq_mask)
     train_nodes, val_nodes = _split(fnodes, node_mask)
     train = dataclasses.replace(data, pairs=train_pairs, sequences=train_seqs, feature_nodes=train_nodes)
     validation = dataclasses.replace(
         data,
+        manifest={**data.manifest, "validation_split": "time" if by_time else "hash" if fraction else "none"},
         pairs=data.pairs.slice(0, 0),
         sequences=data.sequences.slice(0, 0),
         feature_nodes=fnodes.slice(0, 0),

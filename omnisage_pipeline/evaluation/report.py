@@ -1,12 +1,14 @@
 """The recall report of day D, Dagster-free: the champion's recall@10 on the day's held-out sets (paper
 4.2.1) beside its baselines - random, popularity, item co-occurrence, windowed co-occurrence and EASE
-(``ml.item_baselines``), ALS (implicit) - the last three fitted on the window's logs less the evaluation's
-pairs and users and tuned on ONE validation split carved from them - the PinSage-like model trained with it
-(Table 2) and, on generator input, the oracle - all scored by one evaluator's sets and rule
-(``ml.recall_report``); published as ``reports/dt=D/{recall.json, recall.md, recall.png}`` and logged to the
-champion's MLflow run. EASE inverts a dense items x items matrix: above ``REPORT_EASE_MAX_ITEMS`` (pins and
-boards with an interaction) it is skipped, its row null with the reason. ``config`` is the
-``recall_report`` asset's config (k, pool_size, seed, max_queries, baselines, als_grid)."""
+(``ml.item_baselines``), ALS (implicit) - the last three fitted on the window's logs less the scored pairs
+and users and tuned on ONE validation split carved from them - the PinSage-like model trained with it (Table
+2) and, on generator input, the oracle - all scored by one evaluator's sets and rule (``ml.recall_report``).
+The same systems are scored again on the time split (``ml.time_split``: pairs first engaged in the window's
+last days; ``report["time_split"]``, entity-entity), what predicts the next engagement. Published as
+``reports/dt=D/{recall.json, recall.md, recall.png}`` and logged to the champion's MLflow run. EASE inverts a
+dense items x items matrix: above ``REPORT_EASE_MAX_ITEMS`` (pins and boards with an interaction) it is
+skipped, its row null with the reason. ``config`` is the ``recall_report`` asset's config (k, pool_size,
+seed, max_queries, baselines, als_grid)."""
 
 from __future__ import annotations
 
@@ -87,14 +89,41 @@ def _score_day(
         candidate = _baseline(name, day_data, pinsage)
         if candidate is not None:
             baselines[name] = candidate
-    return build_report(
-        day,
-        champion_version(loaded),
-        evaluator,
-        model,
-        baselines,
-        extra={"model_run_id": loaded.run_id, "training_partition": loaded.training_partition},
+    version = champion_version(loaded)
+    extra = {"model_run_id": loaded.run_id, "training_partition": loaded.training_partition}
+    report = build_report(day, version, evaluator, model, baselines, extra=extra)
+    if data.future_pairs.num_rows:
+        limits = {"k": config.k, "pool_size": config.pool_size, "seed": config.seed, "max_queries": config.max_queries}
+        on_future = Evaluator(future_pairs_only(data), universe, **limits)
+        report["time_split"] = time_split_section(build_report(day, version, on_future, model, baselines), data)
+        report["time_split"]["champion_validation_split"] = loaded.extra.get("validation_split", "hash")
+    return report
+
+
+def future_pairs_only(data):
+    """``data`` with the time split's pairs (``ml.time_split``) as its only evaluation set."""
+    import dataclasses
+
+    empty = lambda t: t.slice(0, 0)
+    return dataclasses.replace(
+        data,
+        eval_pairs=data.future_pairs,
+        eval_sequences=empty(data.eval_sequences),
+        eval_feature_nodes=empty(data.eval_feature_nodes),
     )
+
+
+def time_split_section(scored: dict, data) -> dict:
+    """The entity-entity rows of a report scored on the time split, and what the split is."""
+    return {
+        "cutoff": data.manifest.get("user_eval_cutoff"),
+        "pairs": data.future_pairs.num_rows,
+        "pool_sizes": scored["pool_sizes"],
+        "entity_entity": {
+            "model": scored["tasks"]["entity_entity"],
+            **{name: tasks["entity_entity"] for name, tasks in scored["baselines"].items()},
+        },
+    }
 
 
 @dataclass
@@ -123,7 +152,7 @@ class _ScoredDay:
                 return None
             users = self.data.eval_sequences["user_id"].to_numpy()
             config = AlsFitConfig(k=self.config.k, seed=self.config.seed)
-            self._split = TrainingSplit.carve(logs, self.data.eval_pairs, users, config)
+            self._split = TrainingSplit.carve(logs, scored_pairs(self.data), users, config)
         return self._split
 
 
@@ -157,6 +186,14 @@ def _baseline(name: str, d: _ScoredDay, pinsage):
         d.log("oracle skipped: the input has no _truth/ (not generator output)")
         return None
     raise ValueError(f"recall_report config field 'baselines': unknown baseline {name!r}")
+
+
+def scored_pairs(data):
+    """Every pair the report scores (the held-out pairs and the time split's): the baselines fitted on the
+    window's logs never see their events."""
+    import pyarrow as pa
+
+    return pa.concat_tables([data.eval_pairs, data.future_pairs.cast(data.eval_pairs.schema)])
 
 
 def window_logs(settings: Settings, day: str):
@@ -222,7 +259,7 @@ def als_candidate(settings: Settings, day: str, data, universe, config, log):
     grid = DEFAULT_ALS_GRID if config.als_grid == "full" else REPORT_ALS_GRID
     als, tuning = fit_als_baseline(
         logs,
-        exclude_pairs=data.eval_pairs,
+        exclude_pairs=scored_pairs(data),
         exclude_users=data.eval_sequences["user_id"].to_numpy(),
         universe=universe,
         config=AlsFitConfig(grid=grid, k=config.k, seed=config.seed),
@@ -318,6 +355,10 @@ def _report_metrics(report: dict, k: int) -> list[tuple[str, float]]:
             if value is not None:
                 prefix = "report" if system == "model" else f"report/{system}"
                 out.append((f"{prefix}/recall_at_{k}/{task}", float(value)))
+    for system, entry in (report.get("time_split") or {}).get("entity_entity", {}).items():
+        if (value := entry.get(f"recall@{k}")) is not None:
+            prefix = "report" if system == "model" else f"report/{system}"
+            out.append((f"{prefix}/recall_at_{k}/time_split/entity_entity", float(value)))
     return out
 
 

@@ -149,6 +149,8 @@ def test_training_examples_model_and_gate(published):
     assert 0.0 < first_recall <= 1.0
     # selected and gated on the validation split carved from training rows, not on the held-out test sets
     assert m1["gate_split"].value == "validation" and 1 <= m1["selected_step"].value <= TRAIN["steps"]
+    # ... the time split's pairs (first engaged in the window's last days), held out of training
+    assert m1["validation_split"].value == "time" and meta["rows_future_pairs"].value > 0
     gate_recalls = [r["recall"] for r in m1["gate_new_recall"].value.values() if r["recall"] is not None]
     assert first_recall == pytest.approx(sum(gate_recalls) / len(gate_recalls), abs=1e-6)
     assert not list((settings.home / "checkpoints" / "omnisage_model").glob("*/last.pt"))  # removed once registered

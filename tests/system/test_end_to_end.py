@@ -209,6 +209,13 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     assert report["baselines"]["pinsage"]["user_entity"]["n"] == 0  # entity-entity task only (Table 2)
     # per-source and per-segment breakdowns inside the task
     assert {"graph", "engagement", "per_source", "per_segment"} <= set(report["tasks"]["entity_entity"])
+    # the time split: every system again on the pairs first engaged in the window's last days
+    split = report["time_split"]
+    assert split["pairs"] > 0 and split["champion_validation_split"] == "none"  # validation_fraction 0
+    assert list(split["entity_entity"]) == ["model", *report["baselines"]]
+    n = split["entity_entity"]["model"]["n"]
+    assert n > 0 and all(entry["n"] == n for entry in split["entity_entity"].values())
+    assert rr["meta"]["recall_at_10.time_split.entity_entity"].value == split["entity_entity"]["model"]["recall@10"]
 
     published = require_published(settings.reports_dir, day)
     assert (published / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -229,6 +236,7 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
         report["tasks"]["entity_entity"]["recall@10"]
     )
     assert "report/oracle/recall_at_10/entity_entity" in run.data.metrics
+    assert "report/recall_at_10/time_split/entity_entity" in run.data.metrics
     reports = [a.path for a in client.list_artifacts(run.info.run_id, f"reports/dt={day}")]
     assert reports == [f"reports/dt={day}/recall.json", f"reports/dt={day}/recall.png"]
     inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
