@@ -13,7 +13,8 @@ entities, the user, the entity - seeded and compared with ``fraction``, so
 
 The time split (``split="time"``, the default of a training run; ``ml.time_split``) takes the entity-entity
 validation pairs from the partition's ``future_pairs`` instead - pairs first engaged in the window's last
-days - and drops every training pair with the same unordered ends, so the step kept and the champion promoted
+days, at most ``fraction`` of the pairs (``time_split_pairs``) - and drops every training pair with the same
+unordered ends, so the step kept and the champion promoted
 are the ones that predict the next engagement best; users and feature nodes are carved by hash as above.
 It falls back to the hash split when the partition has no future pair (``validation.manifest
 ["validation_split"]`` says which was used).
@@ -77,6 +78,19 @@ def _split(table: pa.Table, mask: np.ndarray) -> tuple[pa.Table, pa.Table]:
     return table.filter(keep), table.filter(pa.array(mask))
 
 
+def time_split_pairs(data: TrainingData, fraction: float, seed: int = 0) -> pa.Table:
+    """The time split's validation pairs: the partition's ``future_pairs``, at most ``fraction`` of the pairs
+    of their sources (engagement, co-engagement) - where there are more (a short window, whose last days hold
+    most first engagements), a stateless hash of the unordered pair keeps each with probability ``fraction *
+    pairs / future_pairs``, so the split never costs those sources more than the hash split would."""
+    future = data.future_pairs
+    sources = pc.unique(future["source"])
+    total = pc.sum(pc.is_in(data.pairs["source"], value_set=sources).cast(pa.int64())).as_py() or 0
+    if future.num_rows <= fraction * total:
+        return future
+    return future.filter(pa.array(_pair_mask(future, fraction * total / future.num_rows, seed)))
+
+
 def split_validation(
     data: TrainingData, fraction: float, seed: int = 0, split: Literal["hash", "time"] = "hash"
 ) -> tuple[TrainingData, TrainingData]:
@@ -94,7 +108,8 @@ def split_validation(
     fnodes = data.feature_nodes
     node_mask = _chosen(_node_hash(fnodes["entity_type"], fnodes["entity_id"]), fraction, seed + 2)
     if by_time:
-        train_pairs, val_pairs = without_pairs(data.pairs, data.future_pairs), data.future_pairs
+        val_pairs = time_split_pairs(data, fraction, seed)
+        train_pairs = without_pairs(data.pairs, val_pairs)
     else:
         train_pairs, val_pairs = _split(data.pairs, _pair_mask(data.pairs, fraction, seed))
     train_seqs, val_seqs = _split(data.sequences, seq_mask)

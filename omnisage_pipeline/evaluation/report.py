@@ -69,7 +69,7 @@ def _score_day(
     from ml.training_examples_reader import load_training_examples
 
     examples_dir = require_published(settings.warehouse_dataset("training_examples"), day)
-    data = load_training_examples(examples_dir)
+    data = champions_time_split(load_training_examples(examples_dir), loaded)
     universe = data.universe()
     evaluator = Evaluator(
         data,
@@ -96,8 +96,25 @@ def _score_day(
         limits = {"k": config.k, "pool_size": config.pool_size, "seed": config.seed, "max_queries": config.max_queries}
         on_future = Evaluator(future_pairs_only(data), universe, **limits)
         report["time_split"] = time_split_section(build_report(day, version, on_future, model, baselines), data)
-        report["time_split"]["champion_validation_split"] = loaded.extra.get("validation_split", "hash")
+        split = loaded.extra.get("validation_split", "hash")
+        report["time_split"]["champion_validation_split"] = split
+        # the champion's validation pairs are these only when it was trained on this day's examples
+        report["time_split"]["champion_held_out"] = split == "time" and loaded.training_partition == day
     return report
+
+
+def champions_time_split(data, loaded):
+    """``data`` whose ``future_pairs`` are the ones the champion's run would validate on for this day
+    (``ml.validation.time_split_pairs`` with its ``validation_fraction`` and seed): the pairs scored."""
+    import dataclasses
+
+    from ml.validation import time_split_pairs
+
+    fraction = float(loaded.extra.get("validation_fraction", 0.0))
+    if fraction <= 0:
+        return data
+    seed = int(loaded.extra.get("eval", {}).get("seed", 0))
+    return dataclasses.replace(data, future_pairs=time_split_pairs(data, fraction, seed))
 
 
 def future_pairs_only(data):

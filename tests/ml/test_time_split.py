@@ -16,7 +16,7 @@ from ml.time_split import without_pairs
 from ml.training_examples import PAIR_SCHEMA, ExampleConfig, future_pairs
 from ml.training_examples_reader import load_training_examples
 from ml.validation import split_validation
-from omnisage_pipeline.evaluation.report import future_pairs_only, scored_pairs
+from omnisage_pipeline.evaluation.report import champions_time_split, future_pairs_only, scored_pairs
 
 
 def _pairs(rows: list[tuple[str, int, str, int, str]]) -> pa.Table:
@@ -107,18 +107,33 @@ def test_training_examples_write_the_time_split_apart_from_the_test_pairs(art):
 
 
 def test_the_time_split_selects_on_future_pairs_never_trained_on(art):
-    train, val = split_validation(art.data, 0.05, seed=0, split="time")
+    train, val = split_validation(art.data, 0.5, seed=0, split="time")
     assert val.manifest["validation_split"] == "time"
-    assert val.eval_pairs.equals(art.data.future_pairs)
+    assert val.eval_pairs.equals(art.data.future_pairs)  # under half of the pairs: every future pair
     assert not _unordered(train.pairs) & _unordered(art.data.future_pairs)
     # only pairs of the time split leave training (every source, both directions)
     assert train.pairs.num_rows == without_pairs(art.data.pairs, art.data.future_pairs).num_rows
     assert train.pairs.num_rows < art.data.pairs.num_rows
     # users and feature nodes are carved by hash as with the hash split
-    _, by_hash = split_validation(art.data, 0.05, seed=0, split="hash")
+    _, by_hash = split_validation(art.data, 0.5, seed=0, split="hash")
     assert by_hash.manifest["validation_split"] == "hash"
     assert val.eval_sequences.equals(by_hash.eval_sequences)
     assert not by_hash.eval_pairs.equals(val.eval_pairs)
+
+
+def test_the_time_split_costs_training_at_most_its_fraction_of_the_pairs(art):
+    """More future pairs than 5 % of the engagement and co-engagement pairs: a stateless hash keeps that many;
+    the other future pairs stay in training."""
+    sources = set(art.data.future_pairs["source"].to_pylist())
+    same_sources = sum(s in sources for s in art.data.pairs["source"].to_pylist())
+    assert art.data.future_pairs.num_rows > 0.05 * same_sources  # the tiny window's last days hold many
+    train, val = split_validation(art.data, 0.05, seed=0, split="time")
+    assert 0 < val.eval_pairs.num_rows <= 1.5 * 0.05 * same_sources
+    assert _unordered(val.eval_pairs) < _unordered(art.data.future_pairs)
+    assert not _unordered(train.pairs) & _unordered(val.eval_pairs)
+    assert _unordered(train.pairs) & (_unordered(art.data.future_pairs) - _unordered(val.eval_pairs))
+    _, again = split_validation(art.data, 0.05, seed=0, split="time")
+    assert again.eval_pairs.equals(val.eval_pairs)
 
 
 def test_the_time_split_falls_back_to_the_hash_split_without_future_pairs(art):
@@ -147,6 +162,21 @@ def test_the_report_scores_the_time_split_and_fits_baselines_without_it(art):
     assert only.eval_sequences.num_rows == 0 and only.eval_feature_nodes.num_rows == 0
     excluded = _unordered(scored_pairs(art.data))
     assert _unordered(art.data.future_pairs) <= excluded and _unordered(art.data.eval_pairs) <= excluded
+
+
+def test_the_report_scores_the_pairs_the_champions_run_held_out(art):
+    from types import SimpleNamespace
+
+    from ml.validation import time_split_pairs
+
+    champion = SimpleNamespace(extra={"validation_split": "time", "validation_fraction": 0.05, "eval": {"seed": 0}})
+    scored = champions_time_split(art.data, champion).future_pairs
+    _, val = split_validation(art.data, 0.05, seed=0, split="time")
+    assert scored.equals(val.eval_pairs) and scored.equals(time_split_pairs(art.data, 0.05, 0))
+    assert scored.num_rows < art.data.future_pairs.num_rows
+    # a champion that held nothing out (validation_fraction 0, or an older model): every future pair
+    older = SimpleNamespace(extra={})
+    assert champions_time_split(art.data, older).future_pairs.equals(art.data.future_pairs)
 
 
 def test_the_report_markdown_has_the_time_split_table():

@@ -212,6 +212,7 @@ def test_recall_report_on_the_champion_with_baselines_mlflow_and_regression_chec
     # the time split: every system again on the pairs first engaged in the window's last days
     split = report["time_split"]
     assert split["pairs"] > 0 and split["champion_validation_split"] == "none"  # validation_fraction 0
+    assert split["champion_held_out"] is False
     assert list(split["entity_entity"]) == ["model", *report["baselines"]]
     n = split["entity_entity"]["model"]["n"]
     assert n > 0 and all(entry["n"] == n for entry in split["entity_entity"].values())
