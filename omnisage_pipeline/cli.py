@@ -97,9 +97,9 @@ def generate(out: Path | None, start_date: str, days: int, scale: str, seed: int
 @click.option(
     "--train-steps",
     type=click.IntRange(min=0),
-    default=200,
+    default=100,
     show_default=True,
-    help="Optimizer steps of the demo's omnisage_model (the asset's defaults otherwise).",
+    help="Optimizer steps of the demo's omnisage_model.",
 )
 def demo(days: int, scale: str, seed: int, train_steps: int) -> None:
     """Run the whole pipeline on the embedded defaults and print where to look."""

@@ -65,8 +65,10 @@ def run_demo(days: int, scale: str, seed: int, train_steps: int, echo=print) -> 
     trained = run(
         defs.resolve_job_def("train_omnisage_model"),
         "omnisage_model",
-        # The asset's defaults with a shorter cosine horizon: the small preset's 500 steps take ~5 min on 2 cores.
-        run_config={"ops": {"omnisage_model": {"config": {"steps": train_steps}}}},
+        # A CPU-sized run: the small preset's full 500 steps at batch 128 take ~30 min on 2 cores.
+        run_config={
+            "ops": {"omnisage_model": {"config": {"steps": train_steps, "batch_size": 64, "num_random_negatives": 64}}}
+        },
     )
     for key in keys:
         if needs_model:
