@@ -280,7 +280,8 @@ def test_the_daily_report_lists_window_cooccurrence_and_ease(art, evaluator, mon
     eval_users = set(art.data.eval_sequences["user_id"].to_pylist())
     logs_users = day.split().logs["user_id"].to_numpy()[day.split().rows(False)]
     assert eval_users and not eval_users & set(logs_users.tolist())
-    als_split = carve_validation_pairs(day.split().logs, 0.1, 2000, config.seed, art.data.eval_pairs)
+    # the split leaves out every pair the report scores: the held-out pairs and the time split's
+    als_split = carve_validation_pairs(day.split().logs, 0.1, 2000, config.seed, day_report.scored_pairs(art.data))
     assert day.split().validation.equals(als_split) and AlsFitConfig().validation_fraction == 0.1
     model = Candidate(*random_baseline(art.universe))
     report = build_report(
