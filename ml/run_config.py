@@ -152,8 +152,8 @@ class TrainingRunConfig(BaseModel):
     validation_split: Literal["time", "hash"] = Field(
         default="time",
         description="entity-entity validation pairs (model selection and the promotion gate): 'time' = the pairs "
-        "first engaged in the window's last eval_horizon_days (training_examples' future_pairs, dropped from "
-        "training; the hash split when there are none), 'hash' = the hash-carved share of every pair",
+        "first engaged in the window's last eval_horizon_days (training_examples' future_pairs, at most "
+        "validation_fraction of their sources' pairs, dropped from training; the hash split when there are none), 'hash' = the hash-carved share of every pair",
     )
     validation_checks: int = Field(
         default=4,

@@ -213,7 +213,7 @@ def log_models(
             "tasks": list(prep.model_config.tasks),
             "eval": {"k": config.eval_k, "pool_size": config.pool_size, "seed": config.eval_seed},
             # "time": the time split's pairs (ml.time_split) were held out of training
-            "validation_split": (prep.validation.manifest if prep.validation else {}).get("validation_split", "hash"),
+            "validation_split": prep.validation_split,
             "validation_fraction": config.validation_fraction,
         }
         local = save_model_dir(ev.model, Path(tmp) / MODEL_ARTIFACT_PATH, extra, **common)

@@ -65,6 +65,11 @@ class PreparedRun:
     warm: WarmStart | None = None
     warm_note: str = ""
 
+    @property
+    def validation_split(self) -> str:
+        """Which validation split the run carved: "time", "hash" or "none" (``ml.validation``)."""
+        return (self.validation.manifest if self.validation else {}).get("validation_split", "none")
+
 
 def fingerprint(parts: dict) -> str:
     """A short stable hash of ``parts`` (JSON, keys sorted)."""

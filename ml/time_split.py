@@ -4,9 +4,10 @@ The hash-held-out sets of paper 4.2.1 (``graph_engine.holdout``) ask a model to 
 period as its training data, which rewards reconstructing the graph. What the product needs is the next
 engagement: ``training_examples`` therefore also writes ``future_pairs`` - the engagement and co-engagement
 pairs whose first event of the window falls in its last ``eval_horizon_days`` (none before, in either
-direction). With ``validation_split = "time"`` a training run drops every pair with the same unordered ends
-from its training pairs (every source: a graph pair drawn over the same edge included) and selects its step,
-and the promotion gate compares candidate and champion, on these pairs (``ml.validation``); the recall report
+direction). With ``validation_split = "time"`` a training run takes its validation pairs from them (at most
+``validation_fraction`` of their sources' pairs: ``ml.validation.time_split_pairs``), drops every training
+pair with the same unordered ends (every source: a graph pair drawn over the same edge included), and
+selects its step, and the promotion gate compares candidate and champion, on those pairs; the recall report
 scores them beside the held-out sets (``omnisage_pipeline.evaluation.report``).
 
 A pair is unordered here as in ``graph_engine.holdout``: (u, v) and (v, u) are one pair.
@@ -14,6 +15,7 @@ A pair is unordered here as in ``graph_engine.holdout``: (u, v) and (v, u) are o
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -37,7 +39,7 @@ def without_pairs(pairs: pa.Table, drop: pa.Table) -> pa.Table:
     if pairs.num_rows == 0 or drop.num_rows == 0:
         return pairs
     keys = _keyed(drop).select(list(_KEY)).group_by(list(_KEY)).aggregate([])
-    keyed = _keyed(pairs).append_column("_row", pa.array(range(pairs.num_rows), pa.int64()))
+    keyed = _keyed(pairs).append_column("_row", pa.array(np.arange(pairs.num_rows, dtype=np.int64)))
     kept = keyed.join(keys, keys=list(_KEY), join_type="left anti")
     rows = pc.sort_indices(kept["_row"])
     return pairs.take(pc.take(kept["_row"], rows))

@@ -216,7 +216,7 @@ def _run_rank0(
         last_metrics=dict(result.last_metrics),
         evaluation=evaluation,
         gate_split=gate.split,
-        validation_split=(prep.validation.manifest if prep.validation else {}).get("validation_split", "none"),
+        validation_split=prep.validation_split,
         gate_new_recall=gate.new_recall,
         selected_step=None if selection is None else selection.best_step,
         warm_start=prep.warm_note,

@@ -197,10 +197,12 @@ def split_validation_scorer(inputs, base, sources: list[str]) -> tuple[Callable,
     from ml.training_examples_reader import load_training_examples
     from ml.validation import split_validation
 
-    examples = load_training_examples(inputs.examples_dir)
     # the split every trial's prepare() carves: its validation pairs are never trained on
     _, validation = split_validation(
-        examples, base.validation_fraction, seed=base.eval_seed, split=base.validation_split
+        load_training_examples(inputs.examples_dir),
+        base.validation_fraction,
+        seed=base.eval_seed,
+        split=base.validation_split,
     )
     validation = fixed_validation_of(validation, sources)
     if validation.eval_pairs.num_rows == 0:

@@ -14,8 +14,8 @@ entities, the user, the entity - seeded and compared with ``fraction``, so
 The time split (``split="time"``, the default of a training run; ``ml.time_split``) takes the entity-entity
 validation pairs from the partition's ``future_pairs`` instead - pairs first engaged in the window's last
 days, at most ``fraction`` of the pairs (``time_split_pairs``) - and drops every training pair with the same
-unordered ends, so the step kept and the champion promoted
-are the ones that predict the next engagement best; users and feature nodes are carved by hash as above.
+unordered ends, so the step kept and the champion promoted are the ones that predict the next engagement
+best; users and feature nodes are carved by hash as above.
 It falls back to the hash split when the partition has no future pair (``validation.manifest
 ["validation_split"]`` says which was used).
 

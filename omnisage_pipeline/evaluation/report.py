@@ -71,14 +71,8 @@ def _score_day(
     examples_dir = require_published(settings.warehouse_dataset("training_examples"), day)
     data = champions_time_split(load_training_examples(examples_dir), loaded)
     universe = data.universe()
-    evaluator = Evaluator(
-        data,
-        universe,
-        k=config.k,
-        pool_size=config.pool_size,
-        seed=config.seed,
-        max_queries=config.max_queries,
-    )
+    limits = {"k": config.k, "pool_size": config.pool_size, "seed": config.seed, "max_queries": config.max_queries}
+    evaluator = Evaluator(data, universe, **limits)
     model = Candidate(
         *model_embedders(loaded.model, champion_builder(loaded, graph_dir, features_dir, log)),
         tasks=tuple(loaded.config.tasks),
@@ -93,7 +87,6 @@ def _score_day(
     extra = {"model_run_id": loaded.run_id, "training_partition": loaded.training_partition}
     report = build_report(day, version, evaluator, model, baselines, extra=extra)
     if data.future_pairs.num_rows:
-        limits = {"k": config.k, "pool_size": config.pool_size, "seed": config.seed, "max_queries": config.max_queries}
         on_future = Evaluator(future_pairs_only(data), universe, **limits)
         report["time_split"] = time_split_section(build_report(day, version, on_future, model, baselines), data)
         split = loaded.extra.get("validation_split", "hash")
@@ -365,17 +358,19 @@ def report_inputs(settings, day: str) -> dict[str, Path]:
 
 
 def _report_metrics(report: dict, k: int) -> list[tuple[str, float]]:
+    rows = [
+        (system, task, entry)
+        for system, tasks in [("model", report["tasks"]), *report.get("baselines", {}).items()]
+        for task, entry in tasks.items()
+    ]
+    time_split = (report.get("time_split") or {}).get("entity_entity", {})
+    rows += [(system, "time_split/entity_entity", entry) for system, entry in time_split.items()]
     out = []
-    for system, tasks in [("model", report["tasks"]), *report.get("baselines", {}).items()]:
-        for task, entry in tasks.items():
-            value = entry.get(f"recall@{k}")
-            if value is not None:
-                prefix = "report" if system == "model" else f"report/{system}"
-                out.append((f"{prefix}/recall_at_{k}/{task}", float(value)))
-    for system, entry in (report.get("time_split") or {}).get("entity_entity", {}).items():
-        if (value := entry.get(f"recall@{k}")) is not None:
+    for system, task, entry in rows:
+        value = entry.get(f"recall@{k}")
+        if value is not None:
             prefix = "report" if system == "model" else f"report/{system}"
-            out.append((f"{prefix}/recall_at_{k}/time_split/entity_entity", float(value)))
+            out.append((f"{prefix}/recall_at_{k}/{task}", float(value)))
     return out
 
 
